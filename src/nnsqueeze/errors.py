@@ -1,0 +1,45 @@
+"""Typed errors. Every error a user can cause derives from :class:`NnsqueezeError`.
+
+The CLI turns any ``NnsqueezeError`` into a one-paragraph message and exit code 2;
+anything else is a bug and keeps its traceback.
+
+    >>> from nnsqueeze.errors import RecipeError
+    >>> raise RecipeError("steps[0].prune.sparsity", "must be in [0, 1)", fix="use e.g. 0.5")
+"""
+
+from __future__ import annotations
+
+
+class NnsqueezeError(Exception):
+    """Base class: a problem with the user's input, with where it is and how to fix it."""
+
+    def __init__(self, where: str, problem: str, fix: str | None = None):
+        self.where, self.problem, self.fix = where, problem, fix
+        msg = f"{where}: {problem}" if where else problem
+        if fix:
+            msg += f"\n  fix: {fix}"
+        super().__init__(msg)
+
+
+class RecipeError(NnsqueezeError):
+    """The recipe is malformed: bad YAML, unknown step or key, wrong type or value."""
+
+
+class DataError(NnsqueezeError):
+    """Data is missing, empty, of the wrong shape, or produces non-finite values."""
+
+
+class ModelError(NnsqueezeError):
+    """The model cannot be loaded, has non-finite weights, or does not fit the recipe."""
+
+
+class TargetError(RecipeError):
+    """A ``targets``/``ignore`` selection matched nothing or is malformed."""
+
+
+class ExportError(NnsqueezeError):
+    """Export failed or the exported model disagrees with the torch simulation."""
+
+
+class ArtifactError(NnsqueezeError):
+    """An artifact directory is missing, corrupt, or of an unsupported format version."""

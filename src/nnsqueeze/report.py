@@ -1,0 +1,153 @@
+"""The compression report: baseline vs compressed figures, per step and per layer.
+
+``ReportBuilder`` is filled during a run (steps call ``ctx.report.layer(...)`` etc.);
+``Report`` is the finished, JSON-able result with Markdown and rich-table renderings::
+
+    report = Report.from_json(open("out/report.json").read())
+    print(report.to_markdown())
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+SUMMARY_KEYS = ("accuracy", "params", "nonzero_params", "size_bytes", "archive_bytes", "latency_ms")
+
+
+@dataclass
+class ReportBuilder:
+    baseline: dict[str, Any] = field(default_factory=dict)
+    compressed: dict[str, Any] = field(default_factory=dict)
+    steps: list[dict[str, Any]] = field(default_factory=list)
+    layers: dict[str, dict[str, Any]] = field(default_factory=dict)
+    skipped: list[dict[str, str]] = field(default_factory=list)
+    notes: list[dict[str, str]] = field(default_factory=list)
+    export: dict[str, Any] = field(default_factory=dict)
+    environment: dict[str, Any] = field(default_factory=dict)
+    _current: dict[str, Any] | None = None
+
+    def begin_step(self, name: str, config: dict[str, Any]) -> None:
+        self._current = {"name": name, "config": config, "figures": {}}
+        self.steps.append(self._current)
+
+    def step(self, **figures: Any) -> None:
+        """Figures of the running step (e.g. ``sparsity=0.6``, ``calibration_samples=512``)."""
+        if self._current is None:
+            raise RuntimeError("report.step() called outside a step")
+        self._current["figures"].update(figures)
+
+    def end_step(self, **fields: Any) -> None:
+        if self._current is not None:
+            self._current.update(fields)
+        self._current = None
+
+    def layer(self, name: str, **fields: Any) -> None:
+        """Per-layer figures (sparsity, bits, scheme, error...), merged across steps."""
+        self.layers.setdefault(name, {}).update(fields)
+
+    def skip(self, step: str, layer: str, reason: str) -> None:
+        self.skipped.append({"step": step, "layer": layer, "reason": reason})
+
+    def note(self, step: str, text: str) -> None:
+        self.notes.append({"step": step, "note": text})
+
+    def build(self) -> "Report":
+        return Report(dict(baseline=self.baseline, compressed=self.compressed, steps=self.steps,
+                           layers=self.layers, skipped=self.skipped, notes=self.notes,
+                           export=self.export, environment=self.environment))
+
+
+def _fmt(key: str, v: Any) -> str:
+    if v is None:
+        return "-"
+    if key == "accuracy" and isinstance(v, float):
+        return f"{100 * v:.2f}%" if v <= 1 else f"{v:.4g}"
+    if key in ("size_bytes", "archive_bytes") and isinstance(v, (int, float)):
+        return f"{v / 1024:.1f} KiB"
+    if isinstance(v, dict):
+        return ", ".join(f"{k} {_fmt(key, x)}" for k, x in v.items())
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    if isinstance(v, int):
+        return f"{v:,}"
+    return str(v)
+
+
+def _ratio(key: str, b: Any, c: Any) -> str:
+    if isinstance(b, dict) and isinstance(c, dict):
+        parts = [f"{k} {_ratio(key, b[k], c[k])}" for k in b if k in c]
+        return ", ".join(parts) or "-"
+    if not isinstance(b, (int, float)) or not isinstance(c, (int, float)) or isinstance(b, bool):
+        return "-"
+    if key == "accuracy":
+        d = (c - b) * (100 if max(abs(b), abs(c)) <= 1 else 1)
+        return f"{d:+.2f} pt"
+    if c == 0:
+        return "-"
+    return f"{b / c:.2f}x smaller" if key != "latency_ms" else f"{b / c:.2f}x faster"
+
+
+class Report(dict):
+    """A finished report; a plain dict with renderers."""
+
+    def to_json(self) -> str:
+        return json.dumps(self, indent=2, sort_keys=False, default=str)
+
+    @classmethod
+    def from_json(cls, text: str) -> "Report":
+        return cls(json.loads(text))
+
+    def summary_rows(self) -> list[tuple[str, str, str, str]]:
+        b, c = self.get("baseline", {}), self.get("compressed", {})
+        rows = []
+        for k in SUMMARY_KEYS:
+            if k in b or k in c:
+                rows.append((k, _fmt(k, b.get(k)), _fmt(k, c.get(k)), _ratio(k, b.get(k), c.get(k))))
+        return rows
+
+    def to_markdown(self) -> str:
+        out = ["# nnsqueeze report", "", "| figure | baseline | compressed | change |", "|---|---|---|---|"]
+        out += [f"| {k} | {b} | {c} | {r} |" for k, b, c, r in self.summary_rows()]
+        meas = self.get("compressed", {}).get("measured", {}) or self.get("baseline", {}).get("measured", {})
+        if meas:
+            out += ["", "Measured: " + ", ".join(f"{k}={v}" for k, v in meas.items())]
+        if self.get("export"):
+            out += ["", "## Export", ""] + [f"- {k}: {v}" for k, v in self["export"].items()]
+        if self.get("steps"):
+            out += ["", "## Steps", "", "| # | step | seconds | figures |", "|---|---|---|---|"]
+            for i, s in enumerate(self["steps"]):
+                figs = ", ".join(f"{k}={_fmt(k, v)}" for k, v in s.get("figures", {}).items())
+                out.append(f"| {i} | {s['name']} | {s.get('seconds', 0):.2f} | {figs} |")
+        layers = self.get("layers", {})
+        if layers:
+            cols = sorted({k for v in layers.values() for k in v})
+            out += ["", "## Layers", "", "| layer | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
+            for name, v in layers.items():
+                out.append(f"| {name} | " + " | ".join(_fmt(c, v.get(c)) for c in cols) + " |")
+        if self.get("skipped"):
+            out += ["", "## Skipped layers", ""] + [f"- {s['step']}: `{s['layer']}`: {s['reason']}"
+                                                    for s in self["skipped"]]
+        if self.get("notes"):
+            out += ["", "## Notes", ""] + [f"- {n['step']}: {n['note']}" for n in self["notes"]]
+        env = self.get("environment", {})
+        if env:
+            out += ["", "## Environment", ""] + [f"- {k}: {v}" for k, v in env.items()]
+        return "\n".join(out) + "\n"
+
+    def print(self, console=None) -> None:
+        from rich.console import Console
+        from rich.table import Table
+
+        console = console or Console()
+        t = Table(title="nnsqueeze: baseline vs compressed")
+        for col in ("figure", "baseline", "compressed", "change"):
+            t.add_column(col)
+        for row in self.summary_rows():
+            t.add_row(*row)
+        console.print(t)
+        for s in self.get("skipped", []):
+            console.print(f"[yellow]skipped[/] {s['step']}: {s['layer']} ({s['reason']})")
+        for n in self.get("notes", []):
+            console.print(f"[yellow]note[/] {n['step']}: {n['note']}")

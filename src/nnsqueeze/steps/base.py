@@ -1,0 +1,83 @@
+"""The :class:`Step` plug-in contract. One technique per file in this package, registered by name.
+
+A step is a config (pydantic, ``extra="forbid"``: config is data) plus a class that holds run
+state. The runner calls :meth:`Step.run`; :meth:`Step.record` returns the JSON-able facts needed to
+rebuild the structure on a fresh model (``nsq.load``), which :meth:`Step.rebuild` replays without
+any data (the weights then come from ``model.safetensors``)::
+
+    from nnsqueeze.registry import STEPS
+    from nnsqueeze.steps.base import Step, StepConfig
+
+    class ScaleConfig(StepConfig):
+        factor: float = 1.0
+
+    @STEPS.register("scale")
+    class Scale(Step):
+        Config = ScaleConfig
+        def run(self, model, ctx):
+            for name, layer in self.select(model, ctx, supported=(nn.Linear,)).layers:
+                layer.weight.data *= self.config.factor
+            return model
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, ClassVar
+
+from pydantic import BaseModel, ConfigDict, Field
+from torch import nn
+
+from ..errors import TargetError
+from ..targets import Selection, select
+
+if TYPE_CHECKING:
+    from ..context import Context
+
+
+class StepConfig(BaseModel):
+    """Base config: every step accepts ``targets`` and ``ignore`` (see :mod:`nnsqueeze.targets`)."""
+
+    model_config = ConfigDict(extra="forbid")
+    targets: list[str] = Field(default_factory=list, description="class names, module names or 're:' regexes; "
+                               "empty means the step's default layer types")
+    ignore: list[str] = Field(default_factory=list)
+
+
+class Step:
+    Config: ClassVar[type[StepConfig]] = StepConfig
+    registered_name: ClassVar[str] = "step"
+    # Default targets when the recipe gives none: class names of the layers this step handles.
+    default_targets: ClassVar[list[str]] = []
+
+    def __init__(self, config: StepConfig, index: int = 0):
+        self.config = config
+        self.index = index  # position in the recipe, for error locations
+
+    @property
+    def where(self) -> str:
+        return f"steps[{self.index}].{self.registered_name}"
+
+    def select(self, model: nn.Module, ctx: "Context | None", supported: tuple[type, ...]) -> Selection:
+        """Layers this step acts on; logs and reports skipped ones; errors when nothing is left."""
+        targets = self.config.targets or list(self.default_targets)
+        sel = select(model, targets, self.config.ignore, supported, where=f"{self.where}.targets")
+        for name, reason in sel.skipped:
+            if ctx is not None:
+                ctx.skip(self.registered_name, name, reason)
+        if not sel.layers:
+            raise TargetError(f"{self.where}.targets", f"no supported layer selected by {targets} "
+                              f"(ignore={self.config.ignore})",
+                              fix=f"this step handles {', '.join(t.__name__ for t in supported)}")
+        return sel
+
+    def run(self, model: nn.Module, ctx: "Context") -> nn.Module:  # pragma: no cover - interface
+        raise NotImplementedError
+
+    def record(self) -> dict[str, Any]:
+        """JSON-able facts that :meth:`rebuild` needs (e.g. which layers were wrapped)."""
+        return {}
+
+    @classmethod
+    def rebuild(cls, model: nn.Module, config: StepConfig, record: dict[str, Any]) -> nn.Module:
+        """Recreate this step's structural changes on a fresh fp32 model, without data."""
+        return model
