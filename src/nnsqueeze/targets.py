@@ -55,6 +55,7 @@ def select(
     ignore: list[str] | None = None,
     supported: tuple[type, ...] = (),
     where: str = "targets",
+    strict: bool = True,
 ) -> Selection:
     """Modules matched by ``targets``, minus ``ignore``, restricted to ``supported`` types.
 
@@ -65,7 +66,7 @@ def select(
     _check_patterns(targets, where)
     _check_patterns(ignore, where.replace("targets", "ignore"))
     modules = [(n, m) for n, m in model.named_modules() if n]
-    for p in targets:
+    for p in targets if strict else ():
         if not any(_matches(p, n, m) for n, m in modules):
             names = ", ".join(n for n, _ in modules[:8])
             raise TargetError(

@@ -60,7 +60,8 @@ class Step:
     def select(self, model: nn.Module, ctx: "Context | None", supported: tuple[type, ...]) -> Selection:
         """Layers this step acts on; logs and reports skipped ones; errors when nothing is left."""
         targets = self.config.targets or list(self.default_targets)
-        sel = select(model, targets, self.config.ignore, supported, where=f"{self.where}.targets")
+        sel = select(model, targets, self.config.ignore, supported, where=f"{self.where}.targets",
+                     strict=bool(self.config.targets))
         for name, reason in sel.skipped:
             if ctx is not None:
                 ctx.skip(self.registered_name, name, reason)

@@ -1,0 +1,59 @@
+"""nnsqueeze: make trained PyTorch models smaller and faster, and prove it.
+
+    import nnsqueeze as nsq
+    result = nsq.compress(model, "prune-int8", train_data=train, calib_data=calib, eval_data=test)
+    result.save("out/")                                # atomic artifact directory, no pickle
+    model = nsq.load("out/", model=MyNet())            # restore onto a fresh fp32 model
+    nsq.export_onnx(result, "model.onnx")              # the verified int8 ONNX model
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+__version__ = "0.1.0"
+
+from .artifact import load
+from .errors import (ArtifactError, DataError, ExportError, ModelError, NnsqueezeError, RecipeError,
+                     TargetError)
+from .pipeline import CompressionResult, compress
+from .recipe import Recipe, load_recipe, presets
+
+__all__ = [
+    "compress", "load", "export_onnx", "CompressionResult", "Recipe", "load_recipe", "presets",
+    "NnsqueezeError", "RecipeError", "DataError", "ModelError", "ExportError", "ArtifactError", "TargetError",
+    "__version__",
+]
+
+
+def export_onnx(obj: Any, path: str | os.PathLike, example_inputs: Any = None, opset: int | None = None,
+                verify: bool = True) -> dict:
+    """Export a :class:`CompressionResult` or a plain ``nn.Module`` to ONNX, verified in ONNX Runtime.
+
+    Returns the export figures (parity against torch, file size). A result already holding an
+    ONNX model of the requested opset is written as is (it was verified when it was made).
+    """
+    from torch import nn
+
+    from .registry import EXPORTERS
+
+    if isinstance(obj, CompressionResult):
+        same_opset = opset is None or (obj.recipe.export.onnx and obj.recipe.export.onnx.opset == opset)
+        if obj.onnx is not None and same_opset and example_inputs is None:
+            tmp = Path(path).with_name(f".{Path(path).name}.tmp")
+            tmp.write_bytes(obj.onnx)
+            os.replace(tmp, path)
+            return dict(obj.report.get("export", {}).get("compressed", {}), size_bytes=len(obj.onnx))
+        model, example_inputs = obj.model, example_inputs if example_inputs is not None else obj.example_inputs
+        opset = opset or (obj.recipe.export.onnx.opset if obj.recipe.export.onnx else 17)
+    elif isinstance(obj, nn.Module):
+        model = obj
+        if example_inputs is None:
+            raise ExportError("example_inputs", "exporting a plain model needs example inputs",
+                              fix="pass example_inputs=torch.randn(batch, ...) shaped like real inputs")
+    else:
+        raise ExportError("export_onnx", f"cannot export a {type(obj).__name__}",
+                          fix="pass a CompressionResult or a torch.nn.Module")
+    return EXPORTERS.get("onnx")(model, str(path), example_inputs, opset=opset or 17, verify=verify)

@@ -1,0 +1,209 @@
+"""The ``nnsqueeze`` command line.
+
+    nnsqueeze demo --out nnsqueeze-demo
+    nnsqueeze compress --model mypkg.models:build --weights w.safetensors --recipe int8 --data mypkg.data:load --out out/
+    nnsqueeze report out/
+    nnsqueeze recipes
+
+User errors exit with code 2 and a short message naming the problem and the fix (``--debug``
+shows the traceback); success exits 0.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import logging
+import sys
+from pathlib import Path
+from typing import Any, Optional
+
+import typer
+from rich.console import Console
+
+from .errors import DataError, ModelError, NnsqueezeError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Make trained PyTorch models smaller and faster, measured and verified in ONNX Runtime.")
+console = Console(stderr=True)
+_state = {"debug": False}
+
+
+@app.callback()
+def _main(debug: bool = typer.Option(False, "--debug", help="show tracebacks"),
+          quiet: bool = typer.Option(False, "--quiet", "-q", help="only warnings and the result")) -> None:
+    _state["debug"] = debug
+    from rich.logging import RichHandler
+
+    logging.basicConfig(level=logging.WARNING if quiet else logging.INFO, format="%(message)s",
+                        handlers=[RichHandler(console=console, show_path=False, show_time=False)], force=True)
+
+
+def _import_object(spec: str, what: str, error: type[NnsqueezeError]) -> Any:
+    """Resolve ``module.path:name`` or ``path/to/file.py:name``."""
+    if ":" not in spec:
+        raise error(what, f"{spec!r} is not of the form MODULE:NAME", fix="e.g. mypkg.models:build_model")
+    mod_name, _, attr = spec.rpartition(":")
+    try:
+        if mod_name.endswith(".py"):
+            path = Path(mod_name)
+            if not path.is_file():
+                raise error(what, f"file {mod_name} not found", fix="check the path")
+            s = importlib.util.spec_from_file_location(path.stem, path)
+            module = importlib.util.module_from_spec(s)
+            sys.modules[path.stem] = module
+            s.loader.exec_module(module)
+        else:
+            sys.path.insert(0, ".")
+            module = importlib.import_module(mod_name)
+    except ImportError as e:
+        raise error(what, f"cannot import {mod_name!r}: {e}", fix="check the module path and PYTHONPATH") from None
+    if not hasattr(module, attr):
+        raise error(what, f"{mod_name!r} has no attribute {attr!r}", fix="check the factory name")
+    return getattr(module, attr)
+
+
+def _load_weights(model: Any, path: Path) -> None:
+    import torch
+
+    if not path.is_file():
+        raise ModelError("--weights", f"file {path} not found", fix="check the path")
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            sd = load_file(str(path))
+        else:  # weights_only: tensors and containers only, never arbitrary objects
+            sd = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - any reader failure is a bad file for the user
+        raise ModelError("--weights", f"cannot read {path}: {str(e)[:200]}",
+                         fix="give a .safetensors file or a state_dict saved with torch.save") from None
+    try:
+        model.load_state_dict(sd)
+    except RuntimeError as e:
+        raise ModelError("--weights", f"{path} does not fit the model: {str(e)[:300]}",
+                         fix="check that --model builds the architecture these weights came from") from None
+
+
+def _load_data(spec: str) -> dict[str, Any]:
+    if spec == "mnist1d":
+        from .zoo import mnist1d
+
+        d = mnist1d.load_data()
+        return {"train": d["train"], "calib": d["calib"], "eval": d["test"]}
+    data = _import_object(spec, "--data", DataError)()
+    if not isinstance(data, dict) or not ({"train", "calib", "eval", "test"} & set(data)):
+        raise DataError("--data", f"{spec} must return a dict with keys among train, calib, eval (or test)",
+                        fix="return {'train': batches, 'calib': batches, 'eval': batches}")
+    if "eval" not in data and "test" in data:
+        data["eval"] = data["test"]
+    return data
+
+
+def _run(fn) -> None:
+    try:
+        fn()
+    except NnsqueezeError as e:
+        if _state["debug"]:
+            raise
+        console.print(f"[bold red]error:[/] {e}")
+        raise typer.Exit(2) from None
+    except KeyboardInterrupt:
+        console.print("[red]interrupted[/]: nothing was written")
+        raise typer.Exit(130) from None
+
+
+@app.command()
+def compress(
+    model: str = typer.Option(..., help="MODULE:FACTORY returning the fp32 torch model"),
+    recipe: str = typer.Option(..., help="recipe YAML file or preset name (see `nnsqueeze recipes`)"),
+    data: str = typer.Option(..., help="'mnist1d' or MODULE:FACTORY returning {'train','calib','eval'} batches"),
+    out: Path = typer.Option(..., help="artifact directory to write (atomically)"),
+    weights: Optional[Path] = typer.Option(None, help=".safetensors (or torch state_dict) for the model"),
+    metric: str = typer.Option("accuracy", help="metric name"),
+) -> None:
+    """Compress a model with a recipe, verify the ONNX export, write the artifact and print the report."""
+
+    def go() -> None:
+        from .pipeline import compress as run
+        from .recipe import load_recipe
+
+        r = load_recipe(recipe)  # fail fast on a bad recipe, before the model is even built
+        factory = _import_object(model, "--model", ModelError)
+        m = factory()
+        if weights is not None:
+            _load_weights(m, weights)
+        d = _load_data(data)
+        result = run(m, r, train_data=d.get("train"), calib_data=d.get("calib"), eval_data=d.get("eval"),
+                     metric=metric)
+        result.report.print(Console())
+        path = result.save(out)
+        Console().print(f"artifact written to [bold]{path}[/]")
+
+    _run(go)
+
+
+@app.command()
+def demo(out: Path = typer.Option(Path("nnsqueeze-demo"), help="artifact directory to write"),
+         retrain: bool = typer.Option(False, help="retrain the baseline instead of using the cache")) -> None:
+    """Train (or load the cached) MNIST-1D CNN, apply `prune-int8`, check the targets, write the artifact."""
+
+    def go() -> None:
+        from .demo import run_demo
+
+        ok = run_demo(out, retrain=retrain, console=Console())
+        if not ok:
+            raise typer.Exit(1)
+
+    _run(go)
+
+
+@app.command()
+def report(path: Path = typer.Argument(..., help="artifact directory"),
+           markdown: bool = typer.Option(False, "--markdown", help="print report.md instead of a table")) -> None:
+    """Print the report of an artifact directory."""
+
+    def go() -> None:
+        from .artifact import read_manifest
+        from .errors import ArtifactError
+        from .report import Report
+
+        read_manifest(path)
+        rp = path / "report.json"
+        if not rp.is_file():
+            raise ArtifactError(str(path), "missing report.json", fix="re-create the artifact")
+        try:
+            r = Report.from_json(rp.read_text())
+        except ValueError as e:
+            raise ArtifactError(str(rp), f"corrupt report: {e}", fix="re-create the artifact") from None
+        if markdown:
+            print(r.to_markdown())
+        else:
+            r.print(Console())
+
+    _run(go)
+
+
+@app.command()
+def recipes(show: Optional[str] = typer.Argument(None, help="preset name to print as YAML")) -> None:
+    """List the shipped presets, or print one as a resolved YAML recipe."""
+
+    def go() -> None:
+        from .recipe import load_recipe, presets
+
+        if show:
+            print(load_recipe(show).to_yaml(), end="")
+            return
+        c = Console()
+        for name, desc in presets().items():
+            c.print(f"[bold]{name}[/]: {desc}")
+
+    _run(go)
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,115 @@
+"""Measure a model the way the report states it: metric, parameters, bytes, latency.
+
+Latency is the median of ``runs`` timed calls after ``warmup`` calls, at a stated batch size and
+thread count, in torch and in ONNX Runtime. Bytes are those of real files: the ONNX model and the
+safetensors weight archive.
+
+    >>> figs = measure(model, eval_data, metric, inputs, onnx_path="m.onnx", threads=2)
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from contextlib import contextmanager
+from typing import Any, Callable, Iterable
+
+import torch
+from torch import nn
+
+from .data import call_model
+
+
+def count_params(model: nn.Module) -> tuple[int, int]:
+    """(parameters, non-zero parameters); shared tensors are counted once."""
+    seen, total, nonzero = set(), 0, 0
+    for p in model.parameters():
+        if id(p) in seen:
+            continue
+        seen.add(id(p))
+        total += p.numel()
+        nonzero += int(torch.count_nonzero(p.detach()))
+    return total, nonzero
+
+
+@contextmanager
+def torch_threads(n: int):
+    old = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
+
+
+def _median_ms(fn: Callable[[], Any], warmup: int, runs: int) -> float:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(runs):
+        t = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t) * 1e3)
+    return statistics.median(times)
+
+
+@torch.inference_mode()
+def torch_latency_ms(model: nn.Module, inputs: Any, threads: int, warmup: int = 5, runs: int = 20) -> float:
+    model.eval()
+    with torch_threads(threads):
+        return _median_ms(lambda: call_model(model, inputs), warmup, runs)
+
+
+def measure(
+    model: nn.Module,
+    *,
+    eval_data: Iterable | None,
+    metric: Callable | None,
+    latency_inputs: Any,
+    threads: int,
+    warmup: int,
+    runs: int,
+    onnx_path: str | None = None,
+    archive_bytes: int | None = None,
+) -> dict[str, Any]:
+    """Figures for one model; ONNX figures (size, ORT latency, ORT metric) when ``onnx_path`` is given."""
+    import os
+
+    params, nonzero = count_params(model)
+    out: dict[str, Any] = {"params": params, "nonzero_params": nonzero}
+    if metric is not None and eval_data is not None:
+        with torch.inference_mode():
+            out["accuracy_torch"] = float(metric(model, eval_data))
+        out["accuracy"] = out["accuracy_torch"]
+    latency = {"torch": torch_latency_ms(model, latency_inputs, threads, warmup, runs)}
+    if onnx_path is not None:
+        from .export.ort import OrtModule, ort_latency_ms
+
+        out["size_bytes"] = os.path.getsize(onnx_path)
+        latency["onnxruntime"] = ort_latency_ms(onnx_path, latency_inputs, threads=threads, warmup=warmup, runs=runs)
+        if metric is not None and eval_data is not None:
+            # The deployable figure: the metric of the exported model run by ONNX Runtime.
+            out["accuracy_onnxruntime"] = float(metric(OrtModule(onnx_path, threads=threads), eval_data))
+            out["accuracy"] = out["accuracy_onnxruntime"]
+    if archive_bytes is not None:
+        out["archive_bytes"] = archive_bytes
+    out["latency_ms"] = latency
+    return out
+
+
+def latency_batch(data: Iterable, size: int | None) -> Any:
+    """Inputs of exactly ``size`` examples built from the first batches (first batch if None)."""
+    from .data import split
+
+    first_inputs, _ = split(next(iter(data)))
+    if size is None or not isinstance(first_inputs, torch.Tensor):
+        return first_inputs
+    parts, n = [], 0
+    while n < size:
+        for batch in data:
+            x, _ = split(batch)
+            parts.append(x)
+            n += x.shape[0]
+            if n >= size:
+                break
+    return torch.cat(parts)[:size]

@@ -1,0 +1,157 @@
+"""Run exported ONNX models in ONNX Runtime as if they were torch modules, and time them.
+
+``OrtModule`` takes torch tensors (positional, or keyword/dict by input name) and returns torch
+tensors, so metrics written for the torch model work on the exported one unchanged::
+
+    >>> import torch, tempfile, os
+    >>> from torch import nn
+    >>> from nnsqueeze.export.onnx import export_onnx
+    >>> from nnsqueeze.export.ort import OrtModule, ort_latency_ms
+    >>> model, x = nn.Sequential(nn.Linear(4, 3)).eval(), torch.randn(2, 4)
+    >>> path = os.path.join(tempfile.mkdtemp(), "m.onnx")
+    >>> _ = export_onnx(model, path, x)
+    >>> ort_model = OrtModule(path, threads=1)
+    >>> torch.allclose(ort_model(x), model(x), atol=1e-5)
+    True
+    >>> ort_latency_ms(path, x, threads=1, warmup=1, runs=3) > 0
+    True
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..errors import DataError, ExportError
+
+Tensor = torch.Tensor
+
+
+def session_options(threads: int | None = None, optimized_model_path: str | None = None):
+    """CPU session options: ``threads`` intra-op threads (None: ORT's default), sequential execution."""
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    if threads is not None:
+        so.intra_op_num_threads = int(threads)
+    so.inter_op_num_threads = 1
+    so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    so.log_severity_level = 3  # errors only: no warning about serialising hardware-specific graphs
+    if optimized_model_path is not None:
+        so.optimized_model_filepath = str(optimized_model_path)
+    return so
+
+
+def make_session(path_or_bytes: str | os.PathLike | bytes, threads: int | None = None,
+                 optimized_model_path: str | None = None):
+    import onnxruntime as ort
+
+    src = path_or_bytes if isinstance(path_or_bytes, (bytes, bytearray)) else str(path_or_bytes)
+    try:
+        return ort.InferenceSession(src, session_options(threads, optimized_model_path),
+                                    providers=["CPUExecutionProvider"])
+    except Exception as e:  # onnxruntime raises its own Fail/InvalidGraph/NoSuchFile types
+        where = "ONNX bytes" if isinstance(src, (bytes, bytearray)) else src
+        raise ExportError(where, f"ONNX Runtime cannot load the model: {e}",
+                          fix="re-export with nnsqueeze.export.onnx.export_onnx") from None
+
+
+def _numpy(t: Any) -> np.ndarray:
+    if isinstance(t, Tensor):
+        return t.detach().cpu().contiguous().numpy()
+    return np.asarray(t)
+
+
+def _flat_tensors(obj: Any) -> list:
+    if isinstance(obj, (tuple, list)):
+        return [t for o in obj for t in _flat_tensors(o)]
+    return [obj]
+
+
+class OrtModule:
+    """An ONNX model in an ONNX Runtime CPU session, called like the torch model it came from.
+
+    ``OrtModule(path)(x)`` / ``(x1, x2)`` / ``(input_ids=..., attention_mask=...)``. Returns one
+    tensor, or a tuple when the model has several outputs. ``eval()``/``to()`` are no-ops so code
+    that prepares a torch model accepts it too.
+    """
+
+    def __init__(self, path_or_bytes: str | os.PathLike | bytes, threads: int | None = None):
+        self.session = make_session(path_or_bytes, threads)
+        self.input_names = [i.name for i in self.session.get_inputs()]
+        self.output_names = [o.name for o in self.session.get_outputs()]
+        self.training = False
+
+    def feeds(self, *args: Any, **kwargs: Any) -> dict[str, np.ndarray]:
+        """ORT input dict from positional tensors or keyword tensors (a single dict also works)."""
+        if len(args) == 1 and isinstance(args[0], dict) and not kwargs:
+            kwargs, args = dict(args[0]), ()
+        if args and kwargs:
+            raise DataError("OrtModule", "mixing positional and keyword inputs",
+                            fix="pass either tensors in order or a dict of named tensors")
+        if kwargs:
+            missing = [n for n in self.input_names if n not in kwargs]
+            if missing:
+                raise DataError("OrtModule", f"missing inputs {missing} (model inputs: {self.input_names})",
+                                fix="pass every model input by name")
+            # Inputs the exporter pruned (unused by the graph) are dropped silently.
+            return {n: _numpy(kwargs[n]) for n in self.input_names}
+        flat = _flat_tensors(list(args))
+        if len(flat) != len(self.input_names):
+            raise DataError("OrtModule", f"got {len(flat)} inputs, the model takes {len(self.input_names)} "
+                            f"({self.input_names})", fix="pass the same inputs as to the torch model")
+        return {n: _numpy(t) for n, t in zip(self.input_names, flat)}
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Tensor | tuple[Tensor, ...]:
+        outs = self.session.run(None, self.feeds(*args, **kwargs))
+        tensors = tuple(torch.from_numpy(np.ascontiguousarray(o)) for o in outs)
+        return tensors[0] if len(tensors) == 1 else tensors
+
+    forward = __call__
+
+    def eval(self) -> "OrtModule":
+        return self
+
+    def train(self, mode: bool = True) -> "OrtModule":
+        return self
+
+    def to(self, *args: Any, **kwargs: Any) -> "OrtModule":
+        return self
+
+    def __repr__(self) -> str:
+        return f"OrtModule(inputs={self.input_names}, outputs={self.output_names})"
+
+
+def optimized_op_types(path_or_bytes: str | os.PathLike | bytes, threads: int | None = 1) -> list[str]:
+    """Op types of the graph ONNX Runtime actually runs (after its fusions), in graph order."""
+    import onnx
+
+    with tempfile.TemporaryDirectory() as d:
+        opt = os.path.join(d, "optimized.onnx")
+        make_session(path_or_bytes, threads, optimized_model_path=opt)
+        return [n.op_type for n in onnx.load(opt).graph.node]
+
+
+def ort_latency_ms(path: str | os.PathLike | bytes, inputs: Any, threads: int | None = None,
+                   warmup: int = 5, runs: int = 20) -> float:
+    """Median wall time of one ``session.run`` on ``inputs`` (tensor, tuple or dict), in ms."""
+    if runs < 1:
+        raise DataError("ort_latency_ms", "runs must be >= 1", fix="use e.g. runs=20")
+    m = OrtModule(path if isinstance(path, (bytes, bytearray)) else Path(path), threads=threads)
+    feeds = m.feeds(**inputs) if isinstance(inputs, dict) else m.feeds(*_flat_tensors([inputs]))
+    for _ in range(warmup):
+        m.session.run(None, feeds)
+    times = []
+    for _ in range(runs):
+        t0 = time.perf_counter()
+        m.session.run(None, feeds)
+        times.append((time.perf_counter() - t0) * 1e3)
+    return float(statistics.median(times))

@@ -1,0 +1,1 @@
+"""Pure tensor operations shared by the steps (no module walking, no I/O)."""

@@ -1,0 +1,228 @@
+"""The pipeline runner: recipe -> steps -> measured, exported :class:`CompressionResult`.
+
+    import nnsqueeze as nsq
+    result = nsq.compress(model, "prune-int8", train_data=train, calib_data=calib,
+                          eval_data=test, metric="accuracy")
+    result.report.print()
+    result.save("out/")
+
+The runner knows no technique: it validates inputs, measures the baseline, runs each registered
+step with an explicit :class:`Context`, exports, verifies, and measures again.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+import torch
+from torch import nn
+
+from . import artifact
+from .context import Context
+from .data import as_batches, call_model, split, take, to_device
+from .env import environment
+from .errors import DataError, ModelError, RecipeError
+from .evaluate import latency_batch, measure
+from .metrics import get_metric
+from .recipe import FORMAT_VERSION, Recipe, load_recipe
+from .registry import EXPORTERS, STEPS
+from .report import Report, ReportBuilder
+from .steps.base import Step
+
+log = logging.getLogger("nnsqueeze")
+
+
+@dataclass
+class CompressionResult:
+    model: nn.Module
+    report: Report
+    recipe: Recipe
+    records: list[dict[str, Any]] = field(default_factory=list)
+    onnx: bytes | None = None
+    example_inputs: Any = None
+
+    def manifest(self) -> dict[str, Any]:
+        from . import __version__
+
+        return {
+            "format_version": FORMAT_VERSION, "nnsqueeze_version": __version__,
+            "recipe": self.recipe.to_dict(), "steps": self.records, "layers": self.report.get("layers", {}),
+            "files": {"weights": artifact.WEIGHTS, "onnx": "model.onnx" if self.onnx else None},
+        }
+
+    def save(self, out: str | Path) -> Path:
+        """Write the artifact directory atomically (see :mod:`nnsqueeze.artifact`)."""
+        import json
+
+        files: dict[str, bytes | str] = {
+            artifact.WEIGHTS: artifact.weights_bytes(self.model),
+            artifact.MANIFEST: json.dumps(self.manifest(), indent=2),
+            "recipe.yaml": self.recipe.to_yaml(),
+            "report.json": self.report.to_json(),
+            "report.md": self.report.to_markdown(),
+        }
+        if self.onnx is not None:
+            files["model.onnx"] = self.onnx
+        return artifact.write_dir(out, files)
+
+
+def _check_model(model: Any) -> None:
+    if not isinstance(model, nn.Module):
+        raise ModelError("model", f"expected a torch.nn.Module, got {type(model).__name__}",
+                         fix="pass the model instance, e.g. MyNet() with its weights loaded")
+    for name, p in list(model.named_parameters()) + list(model.named_buffers()):
+        if p.is_floating_point() and not torch.isfinite(p).all():
+            raise ModelError(f"model.{name}", "holds NaN or inf values",
+                             fix="check the training run or the weights file that produced it")
+
+
+def _first_inputs(*datas: Iterable | None) -> Any:
+    for d in datas:
+        if d is not None:
+            return split(next(iter(d)))[0]
+    return None
+
+
+def _probe(model: nn.Module, inputs: Any, where: str) -> None:
+    """Run the model once so that shape mismatches fail now, with a clear message."""
+    model.eval()
+    try:
+        with torch.inference_mode():
+            out = call_model(model, inputs)
+    except (RuntimeError, TypeError, ValueError, IndexError) as e:
+        shapes = {k: tuple(v.shape) for k, v in inputs.items()} if isinstance(inputs, dict) else (
+            tuple(inputs.shape) if isinstance(inputs, torch.Tensor) else [tuple(t.shape) for t in inputs])
+        raise DataError(where, f"the model fails on inputs of shape {shapes}: {str(e).splitlines()[0][:300]}",
+                        fix="check that the data matches the model's expected input shape") from None
+    from .data import logits
+
+    try:
+        t = logits(out)
+    except DataError:
+        return
+    if t.is_floating_point() and not torch.isfinite(t).all():
+        raise ModelError("model output", "the model produces NaN or inf on the example inputs",
+                         fix="check the weights and the input normalisation")
+
+
+def _make_steps(recipe: Recipe) -> list[Step]:
+    steps = [STEPS.get(e.name)(e.config, i) for i, e in enumerate(recipe.steps)]
+    for i, s in enumerate(steps):
+        if getattr(s, "requires_training", False) and not any(getattr(t, "trains", False) for t in steps[i + 1:]):
+            raise RecipeError(f"steps[{i}].{s.registered_name}", "needs a training step after it "
+                              "(e.g. a gradual schedule runs during fine-tuning)",
+                              fix="add '- finetune: {...}' after it or use schedule: oneshot")
+    return steps
+
+
+def compress(
+    model: nn.Module,
+    recipe: Recipe | str | Path | dict | list,
+    *,
+    train_data: Iterable | None = None,
+    calib_data: Iterable | None = None,
+    eval_data: Iterable | None = None,
+    metric: str | Callable | None = "accuracy",
+    example_inputs: Any = None,
+    loss_fn: Callable | None = None,
+    teacher: nn.Module | None = None,
+    device: str | torch.device = "cpu",
+    progress: bool = True,
+) -> CompressionResult:
+    """Run ``recipe`` on a copy of ``model`` (the original is left untouched) and measure both."""
+    recipe = load_recipe(recipe)
+    train_data = as_batches(train_data, "train_data")
+    calib_data = as_batches(calib_data, "calib_data")
+    eval_data = as_batches(eval_data, "eval_data")
+    metric_fn, metric_name = get_metric(metric if eval_data is not None else None)
+    steps = _make_steps(recipe)
+    if any(getattr(s, "trains", False) for s in steps) and train_data is None:
+        i = next(i for i, s in enumerate(steps) if getattr(s, "trains", False))
+        raise DataError("train_data", f"steps[{i}].{steps[i].registered_name} trains but no train_data was given",
+                        fix="pass train_data=... (batches of (inputs, targets)) or remove the training step")
+    _check_model(model)
+    if example_inputs is None:
+        example_inputs = _first_inputs(calib_data, train_data, eval_data)
+    if example_inputs is None:
+        raise DataError("example_inputs", "no example inputs and no data to take them from",
+                        fix="pass example_inputs=... or calib_data=...")
+    device = torch.device(device)
+    example_inputs = to_device(example_inputs, device)
+    original = model
+    work = copy.deepcopy(model).to(device)
+    _probe(work, example_inputs, "example_inputs")
+
+    torch.manual_seed(recipe.seed)
+    ev = recipe.evaluate
+    rb = ReportBuilder()
+    rb.environment = environment(ev.threads)
+    ctx = Context(train_data=train_data, calib_data=calib_data, eval_data=eval_data,
+                  example_inputs=example_inputs, metric=metric_fn, metric_name=metric_name, loss_fn=loss_fn,
+                  device=device, seed=recipe.seed, teacher=teacher or original, report=rb, progress=progress)
+    lat_inputs = latency_batch(eval_data or calib_data or train_data, ev.latency_batch) \
+        if (eval_data or calib_data or train_data) is not None else example_inputs
+    samples = [split(b)[0] for b in take(eval_data or calib_data or [example_inputs], 256)][:4]
+    onnx_cfg = recipe.export.onnx
+    measured = {"latency_batch": _batch_size(lat_inputs), "threads": ev.threads, "runs": ev.runs,
+                "warmup": ev.warmup, "metric": metric_name}
+
+    with tempfile.TemporaryDirectory(prefix="nnsqueeze-") as tmp:
+        exporter = EXPORTERS.get("onnx") if onnx_cfg is not None else None
+        base_onnx = None
+        if exporter is not None:
+            base_onnx = str(Path(tmp) / "baseline.onnx")
+            rb.export["baseline"] = exporter(work, base_onnx, example_inputs, opset=onnx_cfg.opset,
+                                             verify=onnx_cfg.verify, samples=samples)
+        rb.baseline = measure(work, eval_data=eval_data, metric=metric_fn, latency_inputs=lat_inputs,
+                              threads=ev.threads, warmup=ev.warmup, runs=ev.runs, onnx_path=base_onnx,
+                              archive_bytes=len(artifact.weights_bytes(work)))
+        rb.baseline["measured"] = measured
+        records = []
+        for step, entry in zip(steps, recipe.steps):
+            log.info("step %d: %s", step.index, entry.name)
+            rb.begin_step(entry.name, entry.config.model_dump(mode="json"))
+            t0 = time.perf_counter()
+            work = step.run(work, ctx)
+            fields: dict[str, Any] = {"seconds": time.perf_counter() - t0}
+            _check_model(work)
+            if metric_fn is not None and ev.per_step:
+                with torch.inference_mode():
+                    fields["accuracy"] = float(metric_fn(work, eval_data))
+                rb.step(accuracy=fields["accuracy"])
+            rb.end_step(**fields)
+            records.append({"name": entry.name, "config": entry.config.model_dump(mode="json"),
+                            "record": step.record()})
+        work.eval()
+        onnx_bytes, comp_onnx = None, None
+        if exporter is not None:
+            comp_onnx = str(Path(tmp) / "model.onnx")
+            rb.export["compressed"] = exporter(work, comp_onnx, example_inputs, opset=onnx_cfg.opset,
+                                               verify=onnx_cfg.verify, samples=samples, atol=onnx_cfg.atol)
+            onnx_bytes = Path(comp_onnx).read_bytes()
+        else:
+            rb.note("export", "ONNX export disabled by the recipe (export.onnx: null)")
+        rb.compressed = measure(work, eval_data=eval_data, metric=metric_fn, latency_inputs=lat_inputs,
+                                threads=ev.threads, warmup=ev.warmup, runs=ev.runs, onnx_path=comp_onnx,
+                                archive_bytes=len(artifact.weights_bytes(work)))
+        rb.compressed["measured"] = measured
+    report = rb.build()
+    _log_summary(report)
+    return CompressionResult(model=work, report=report, recipe=recipe, records=records, onnx=onnx_bytes,
+                             example_inputs=example_inputs)
+
+
+def _batch_size(inputs: Any) -> int | None:
+    t = next(iter(inputs.values())) if isinstance(inputs, dict) else (
+        inputs[0] if isinstance(inputs, (tuple, list)) else inputs)
+    return int(t.shape[0]) if isinstance(t, torch.Tensor) and t.dim() else None
+
+
+def _log_summary(report: Report) -> None:
+    for key, b, c, r in report.summary_rows():
+        log.info("%s: %s -> %s (%s)", key, b, c, r)

@@ -1,0 +1,200 @@
+"""Recipes: an ordered, validated, versioned list of steps, written in YAML or built in Python.
+
+```yaml
+version: 1
+name: prune-int8
+steps:
+  - prune:    {method: magnitude, sparsity: 0.6, scope: global, schedule: gradual}
+  - finetune: {epochs: 3, lr: 1.0e-3, optimizer: adamw}
+  - quantize: {weights: {bits: 8}, activations: {bits: 8}, calibration: {method: minmax, samples: 512}}
+export: {onnx: {opset: 17}}
+```
+
+``load_recipe`` accepts a path to YAML, a preset name (``nnsqueeze recipes`` lists them), a
+:class:`Recipe`, a dict of the whole recipe, or a list of step dicts. Unknown keys, unknown steps
+and wrong types raise :class:`RecipeError` naming the key, where it is, and the accepted values.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from .errors import RecipeError
+from .registry import STEPS
+from .steps.base import StepConfig
+
+FORMAT_VERSION = 1
+PRESETS_DIR = Path(__file__).parent / "presets"
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class OnnxExportConfig(_Strict):
+    opset: int = Field(17, ge=13, le=21, description="ONNX opset (13+ for per-channel int8)")
+    verify: bool = Field(True, description="check ONNX Runtime's outputs against the torch model")
+    atol: float | None = Field(None, gt=0, description="parity tolerance; default depends on the model")
+
+
+class ExportConfig(_Strict):
+    onnx: OnnxExportConfig | None = Field(default_factory=OnnxExportConfig)
+
+
+class EvaluateConfig(_Strict):
+    latency_batch: int | None = Field(None, ge=1, description="batch for latency; default: first eval batch")
+    threads: int = Field(2, ge=1, description="intra-op threads for torch and ONNX Runtime timing")
+    warmup: int = Field(5, ge=0)
+    runs: int = Field(20, ge=1, description="timed runs; the median is reported")
+    per_step: bool = Field(True, description="evaluate the metric after every step")
+
+
+class _RecipeFile(_Strict):
+    version: int = FORMAT_VERSION
+    name: str | None = None
+    description: str | None = None
+    seed: int = 0
+    steps: list[dict[str, Any]] = Field(min_length=1)
+    export: ExportConfig = Field(default_factory=ExportConfig)
+    evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
+
+
+@dataclass
+class StepEntry:
+    name: str
+    config: StepConfig
+
+
+@dataclass
+class Recipe:
+    steps: list[StepEntry]
+    export: ExportConfig
+    evaluate: EvaluateConfig
+    name: str | None = None
+    description: str | None = None
+    seed: int = 0
+    version: int = FORMAT_VERSION
+
+    def to_dict(self) -> dict[str, Any]:
+        """The resolved recipe (every default filled in), as plain data."""
+        return {
+            "version": self.version, "name": self.name, "description": self.description, "seed": self.seed,
+            "steps": [{s.name: s.config.model_dump(mode="json")} for s in self.steps],
+            "export": self.export.model_dump(mode="json"), "evaluate": self.evaluate.model_dump(mode="json"),
+        }
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    @classmethod
+    def from_dict(cls, data: Any, source: str = "recipe") -> "Recipe":
+        if isinstance(data, list):
+            data = {"steps": data}
+        if not isinstance(data, dict):
+            raise RecipeError(source, f"a recipe is a mapping with 'steps', got {type(data).__name__}",
+                              fix="start the file with 'version: 1' and 'steps:'")
+        version = data.get("version", FORMAT_VERSION)
+        if isinstance(version, int) and version > FORMAT_VERSION:
+            raise RecipeError(f"{source}: version", f"recipe format version {version} is newer than this "
+                              f"nnsqueeze supports ({FORMAT_VERSION})", fix="upgrade nnsqueeze")
+        try:
+            top = _RecipeFile.model_validate(data)
+        except ValidationError as e:
+            raise _recipe_error(e, source) from None
+        if top.version < 1:
+            raise RecipeError(f"{source}: version", f"unknown recipe version {top.version}", fix="use version: 1")
+        steps = []
+        for i, item in enumerate(top.steps):
+            where = f"{source}: steps[{i}]"
+            if len(item) != 1:
+                raise RecipeError(where, f"each step is a one-key mapping like '- prune: {{...}}', got keys "
+                                  f"{sorted(item)}", fix=f"step names: {', '.join(STEPS.names())}")
+            (name, cfg), = item.items()
+            step_cls = STEPS.get(name, where=where)
+            if cfg is None:
+                cfg = {}
+            if not isinstance(cfg, dict):
+                raise RecipeError(f"{where}.{name}", f"step options must be a mapping, got {cfg!r}",
+                                  fix=f"write '- {name}: {{}}' for defaults")
+            try:
+                config = step_cls.Config.model_validate(cfg)
+            except ValidationError as e:
+                raise _recipe_error(e, f"{where}.{name}", step_cls.Config) from None
+            steps.append(StepEntry(name, config))
+        return cls(steps=steps, export=top.export, evaluate=top.evaluate, name=top.name,
+                   description=top.description, seed=top.seed, version=top.version)
+
+
+def _accepted(model: type[BaseModel] | None, loc: tuple) -> str:
+    """Accepted keys at a location of a pydantic model, for 'extra key' errors."""
+    cur: Any = model
+    for part in loc[:-1]:
+        if cur is None or not isinstance(part, str) or part not in getattr(cur, "model_fields", {}):
+            return ""
+        ann = cur.model_fields[part].annotation
+        cur = next((a for a in getattr(ann, "__args__", (ann,)) if isinstance(a, type) and issubclass(a, BaseModel)),
+                   ann if isinstance(ann, type) and issubclass(ann, BaseModel) else None)
+    if cur is None:
+        return ""
+    return ", ".join(cur.model_fields)
+
+
+def _recipe_error(e: ValidationError, source: str, model: type[BaseModel] | None = _RecipeFile) -> RecipeError:
+    err = e.errors()[0]
+    loc = tuple(err["loc"])
+    path = source + "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in loc)
+    if err["type"] == "extra_forbidden":
+        keys = _accepted(model, loc)
+        return RecipeError(path, f"unknown key {loc[-1]!r}", fix=f"accepted keys: {keys}" if keys else None)
+    ctx = err.get("ctx") or {}
+    fix = f"expected one of {ctx['expected']}" if "expected" in ctx else None
+    more = f" (and {len(e.errors()) - 1} more problems)" if len(e.errors()) > 1 else ""
+    return RecipeError(path, f"{err['msg']}, got {err.get('input')!r}{more}", fix=fix)
+
+
+def presets() -> dict[str, str]:
+    """Preset name -> one-line description."""
+    out = {}
+    for p in sorted(PRESETS_DIR.glob("*.yaml")):
+        data = yaml.safe_load(p.read_text())
+        out[p.stem] = data.get("description", "")
+    return out
+
+
+def parse_yaml(text: str, source: str) -> Any:
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"{source}:{mark.line + 1}:{mark.column + 1}" if mark else source
+        raise RecipeError(where, f"malformed YAML: {getattr(e, 'problem', e)}", fix="check indentation and colons") from None
+
+
+def load_recipe(recipe: "Recipe | str | Path | dict | list") -> Recipe:
+    if isinstance(recipe, Recipe):
+        return recipe
+    if isinstance(recipe, (dict, list)):
+        return Recipe.from_dict(recipe)
+    if isinstance(recipe, (str, Path)):
+        path = Path(recipe)
+        if path.suffix in (".yaml", ".yml") or path.exists():
+            if not path.is_file():
+                raise RecipeError(str(path), "recipe file not found",
+                                  fix=f"give an existing YAML file or a preset: {', '.join(presets())}")
+            try:
+                text = path.read_text()
+            except OSError as e:
+                raise RecipeError(str(path), f"cannot read recipe: {e.strerror}") from None
+            return Recipe.from_dict(parse_yaml(text, str(path)), str(path))
+        preset = PRESETS_DIR / f"{recipe}.yaml"
+        if preset.is_file():
+            return Recipe.from_dict(parse_yaml(preset.read_text(), f"preset {recipe}"), f"preset {recipe}")
+        raise RecipeError(str(recipe), "neither a recipe file nor a preset name",
+                          fix=f"presets: {', '.join(presets())}")
+    raise RecipeError("recipe", f"cannot use a {type(recipe).__name__} as a recipe",
+                      fix="pass a YAML path, a preset name, a Recipe, or a list of step dicts")
