@@ -19,9 +19,13 @@ int32 requantization rounding. The export is then checked in ONNX Runtime on the
     >>> from torch import nn
     >>> from nnsqueeze.export.onnx import export_onnx
     >>> model = nn.Sequential(nn.Linear(8, 4), nn.ReLU(), nn.Linear(4, 3)).eval()
-    >>> figures = export_onnx(model, os.path.join(tempfile.mkdtemp(), "m.onnx"), torch.randn(5, 8))
+    >>> with tempfile.TemporaryDirectory() as d:
+    ...     figures = export_onnx(model, os.path.join(d, "m.onnx"), torch.randn(5, 8))
     >>> figures["quantized"], figures["max_abs_diff"] < 1e-5
     (False, True)
+
+A quantized model (after the ``quantize`` step) exports the same way; ``figures["ort_int8_ops"]``
+then lists the int8 kernels ONNX Runtime fused, e.g. ``{"QGemm": 2, "QLinearConv": 3}``.
 """
 
 from __future__ import annotations
@@ -38,7 +42,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..data import as_tuple, split
+from ..data import as_tuple
 from ..errors import ExportError
 from ..quant.modules import export_mode, fake_quant_modules
 from ..registry import EXPORTERS
@@ -321,9 +325,10 @@ def _tolerance(ref: torch.Tensor, quantized: bool, atol: float | None) -> float:
     ref = ref.detach().double()
     if not ref.is_floating_point() or ref.numel() == 0:
         return 0.0
+    fp32_tol = FP32_RTOL * max(1.0, float(ref.abs().max()))
     if quantized:
-        return QUANT_TOLERANCE_STEPS * max(float(ref.max() - ref.min()), 1e-12) / 255.0
-    return FP32_RTOL * max(1.0, float(ref.abs().max()))
+        return max(QUANT_TOLERANCE_STEPS * float(ref.max() - ref.min()) / 255.0, fp32_tol)
+    return fp32_tol
 
 
 def verify_onnx(model: nn.Module, onnx_bytes: bytes, batches: list, quantized: bool,
@@ -356,8 +361,9 @@ def verify_onnx(model: nn.Module, onnx_bytes: bytes, batches: list, quantized: b
             if d > tol or d != d:
                 fix = ("check custom ops in forward; compare with verify=False and inspect the graph")
                 if quantized:
-                    fix = ("on x86 CPUs without AVX-VNNI, ORT's u8s8 kernels can saturate int16 sums: quantize "
-                           "with weights.bits: 7; otherwise pass atol=... if the difference is acceptable")
+                    fix = ("on x86 CPUs without VNNI, ORT's u8s8 kernels saturate int16 sums with 8-bit weights: "
+                           "quantize on this machine with weights.reduce_range: auto (the default) or true; "
+                           "otherwise pass atol=... if the difference is acceptable")
                 raise ExportError(where, f"ONNX Runtime output {oi} differs from the torch model by {d:.4g} "
                                   f"(tolerance {tol:.4g}) on verification batch {bi}", fix=fix)
             if tol > 0:
@@ -397,8 +403,8 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, example_inputs: Any, 
     """Export ``model`` to ``path`` (int8 QDQ if it holds fake-quant layers) and check it in ORT.
 
     ``example_inputs``: a tensor, a tuple of positional tensors, or a dict of keyword tensors; the
-    batch dimension (dim 0 of every input and output) is dynamic. ``samples``: more batches to verify
-    on, in the nnsqueeze batch convention ((inputs, targets), dict, or tensor). Tolerance: ``atol`` if
+    batch dimension (dim 0 of every input and output) is dynamic. ``samples``: more model inputs to
+    verify on (each like ``example_inputs``; targets already split off). Tolerance: ``atol`` if
     given, else 1e-4 relative for float models and 4 steps of an 8-bit grid over each output's range
     for quantized ones. Returns JSON-able figures (sizes, max_abs_diff, top1_agreement, ORT op types).
     """
@@ -435,11 +441,11 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, example_inputs: Any, 
         except Exception as e:
             raise ExportError(where, f"the exported graph is invalid: {e}", fix="report this as a bug") from e
         data = proto.SerializeToString()
-        figures: dict[str, Any] = {"format": "onnx", "path": str(path), "opset": opset, "quantized": quantized,
+        figures: dict[str, Any] = {"format": "onnx", "opset": opset, "quantized": quantized,
                                    "size_bytes": len(data), "fp32_size_bytes": len(raw),
                                    "size_ratio": round(len(data) / len(raw), 4), **stats}
         if verify:
-            batches = [example_inputs] + [split(b)[0] for b in (samples or [])]
+            batches = [example_inputs] + list(samples or [])
             figures.update(verify_onnx(model, data, batches, quantized, atol, where))
             if quantized and not figures["ort_int8_ops"]:
                 figures["warning"] = "ONNX Runtime fused no int8 kernel: the model runs in float"

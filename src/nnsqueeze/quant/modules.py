@@ -17,7 +17,7 @@ same values are produced with straight-through gradients (quantization-aware fin
 
     >>> import torch
     >>> from torch import nn
-    >>> from nnsqueeze.quant.modules import convert_, MODULE_MAP
+    >>> from nnsqueeze.quant.modules import convert_
     >>> from nnsqueeze.quant.observers import MinMaxObserver
     >>> layer = nn.Conv1d(2, 3, 3)
     >>> q = convert_(layer, act="relu", quant_output=True)      # same object, now a QuantConv1d
@@ -28,7 +28,8 @@ same values are produced with straight-through gradients (quantization-aware fin
     torch.int8
 
 ``pack_state`` / ``unpack_state`` store the weight as int8 codes in a state dict and restore it
-(dequantized, bit-exact to the fake-quantized weight), for ~4x smaller artifacts.
+(dequantized, bit-exact to the fake-quantized weight), for ~4x smaller artifacts; a bool
+``weight_mask`` left by pruning is stored as bits.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ from __future__ import annotations
 import contextlib
 from typing import Callable, Iterator
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -60,6 +62,7 @@ class FakeQuantMixin:
     quant_output: bool = False
     _float_class: type | None = None
     _observers: tuple | None = None  # (input observer, output observer or None) while calibrating
+    _input_sum: list | None = None   # [per-input-channel sum (float64), count] while calibrating
     _export_cache: dict | None = None
 
     # -- setup -------------------------------------------------------------------------------
@@ -68,7 +71,7 @@ class FakeQuantMixin:
             raise ValueError(f"act must be None or 'relu', got {act!r}")
         qrange(weight_bits, signed=True)  # validates bits
         self.weight_bits, self.act, self.quant_output = weight_bits, act, bool(quant_output)
-        self._observers, self._export_cache = None, None
+        self._observers, self._export_cache, self._input_sum = None, None, None
         dev, c_out = self.weight.device, self.weight.shape[0]
         self.register_buffer("weight_scale_", torch.ones(c_out, device=dev))
         self.register_buffer("input_scale_", torch.ones((), device=dev))
@@ -86,7 +89,7 @@ class FakeQuantMixin:
         """Back to the plain float layer (same object); qparam buffers are dropped."""
         for b in ("weight_scale_", "input_scale_", "input_zero_point_", "output_scale_", "output_zero_point_"):
             self._buffers.pop(b, None)
-        for a in ("weight_bits", "act", "quant_output", "_observers", "_export_cache"):
+        for a in ("weight_bits", "act", "quant_output", "_observers", "_export_cache", "_input_sum"):
             self.__dict__.pop(a, None)
         cls = self._float_class
         self.__dict__.pop("_float_class", None)
@@ -136,14 +139,33 @@ class FakeQuantMixin:
         """Until :meth:`finish_calibration`, forward runs in float and observes input/output ranges."""
         out = make_observer(name=f"{name} output") if self.quant_output else None
         self._observers = (make_observer(name=f"{name} input"), out)
+        self._input_sum = [None, 0]
+
+    def _observe_input_mean(self, x: Tensor) -> None:
+        """Accumulate per-input-channel sums (channel dim 1 for convs, last dim for Linear)."""
+        x = x.detach().double()
+        flat = x.reshape(-1, x.shape[-1]) if isinstance(self, nn.Linear) else x.transpose(0, 1).reshape(x.shape[1], -1)
+        if isinstance(self, nn.Linear):
+            total, n = flat.sum(0), flat.shape[0]
+        else:
+            total, n = flat.sum(1), flat.shape[1]
+        acc = self._input_sum
+        acc[0] = total if acc[0] is None else acc[0] + total
+        acc[1] += n
 
     @property
     def calibrated_batches(self) -> int:
         return 0 if self._observers is None else self._observers[0].count_
 
     @torch.no_grad()
-    def finish_calibration(self) -> None:
-        """Turn the observed ranges into ``input_*`` / ``output_*`` qparams (asymmetric uint8)."""
+    def finish_calibration(self, bias_correction: bool = False) -> float | None:
+        """Turn the observed ranges into ``input_*`` / ``output_*`` qparams (asymmetric uint8).
+
+        ``bias_correction``: shift the bias by ``-(Q(W) - W) @ E[x]`` so that the weight rounding
+        error has zero mean on the calibration inputs (Nagel et al. 2019, "Data-free quantization",
+        empirical variant; for convs the kernel taps share the channel mean, padding ignored).
+        Returns the largest absolute bias shift, or None when not applied.
+        """
         obs_in, obs_out = self._observers
         s, z = obs_in.qparams(bits=8, symmetric=False)
         self.input_scale_.copy_(s)
@@ -154,6 +176,19 @@ class FakeQuantMixin:
             self.output_zero_point_.copy_(z)
         self._observers = None
         self.refresh_weight_scale_()
+        total, n = self._input_sum or (None, 0)
+        self._input_sum = None
+        if not bias_correction or self.bias is None or total is None or n == 0:
+            return None
+        mean = total / n                                                     # (C_in,)
+        err = (self.fake_quant_weight() - self.masked_weight()).double()     # (C_out, C_in/groups, *k)
+        err = err.reshape(err.shape[0], err.shape[1], -1).sum(-1)            # (C_out, C_in/groups)
+        groups = getattr(self, "groups", 1)
+        # Output channel o reads the input channels of its group.
+        mean_per_out = mean.reshape(groups, -1).repeat_interleave(err.shape[0] // groups, dim=0)
+        shift = (err * mean_per_out).sum(1)                                  # (C_out,)
+        self.bias.sub_(shift.to(self.bias.dtype))
+        return float(shift.abs().max())
 
     # -- forward -----------------------------------------------------------------------------
     def _layer(self, x: Tensor, w: Tensor, b: Tensor | None) -> Tensor:  # pragma: no cover - abstract
@@ -166,6 +201,7 @@ class FakeQuantMixin:
         if self._observers is not None:  # calibration: float model, record ranges
             obs_in, obs_out = self._observers
             obs_in.observe(x)
+            self._observe_input_mean(x)
             y = self._act(self._layer(x, self.masked_weight(), self.bias))
             if obs_out is not None:
                 obs_out.observe(y)
@@ -188,7 +224,7 @@ class FakeQuantMixin:
         post-processing stores the weight as int8 and the bias as int32 (see export/onnx.py)."""
         cache = self._export_cache or self.export_constants()
         x = torch.fake_quantize_per_tensor_affine(x, self.input_scale_, self.input_zero_point_, ACT_QMIN, ACT_QMAX)
-        zp = torch.zeros(self.weight.shape[0], dtype=torch.int32)
+        zp = torch.zeros(self.weight.shape[0], dtype=torch.int32, device=self.weight.device)
         # Codes are within the (possibly narrower) weight range already; ONNX only knows int8.
         w = torch.fake_quantize_per_channel_affine(cache["weight"], self.weight_scale_, zp, 0, -128, 127)
         y = self._act(self._layer(x, w, cache["bias"]))
@@ -207,26 +243,32 @@ class FakeQuantMixin:
 
     # -- artifact packing --------------------------------------------------------------------
     def pack_state(self, sd: dict, prefix: str) -> None:
-        """Replace ``sd[prefix + "weight"]`` (float) by its int8 codes, in place."""
-        key = prefix + "weight"
-        w = sd.get(key)
-        if w is None or not w.is_floating_point():
-            return
-        mask = sd.get(prefix + "weight_mask")
-        if mask is not None:
-            w = torch.where(mask.to(torch.bool), w, torch.zeros((), dtype=w.dtype, device=w.device))
-        scale = sd[prefix + "weight_scale_"]
-        qmin, qmax = self.weight_qrange
-        sd[key] = quantize(w, scale, torch.zeros_like(scale, dtype=torch.int32), qmin, qmax, axis=0).to(torch.int8)
+        """In place: ``sd[prefix + "weight"]`` (float) becomes its int8 codes, and a bool
+        ``weight_mask`` (from pruning) becomes 8 mask entries per byte (uint8, flattened)."""
+        key, mkey = prefix + "weight", prefix + "weight_mask"
+        w, mask = sd.get(key), sd.get(mkey)
+        if w is not None and w.is_floating_point():
+            if mask is not None:
+                w = torch.where(mask.to(torch.bool), w, torch.zeros((), dtype=w.dtype, device=w.device))
+            scale = sd[prefix + "weight_scale_"]
+            qmin, qmax = self.weight_qrange
+            zp = torch.zeros_like(scale, dtype=torch.int32)
+            sd[key] = quantize(w, scale, zp, qmin, qmax, axis=0).to(torch.int8)
+        if mask is not None and mask.dtype == torch.bool:
+            sd[mkey] = torch.from_numpy(np.packbits(mask.detach().cpu().numpy().reshape(-1)))
 
     def unpack_state(self, sd: dict, prefix: str) -> None:
-        """Replace int8 ``sd[prefix + "weight"]`` by the float weight ``codes * weight_scale_``, in place."""
-        key = prefix + "weight"
-        q = sd.get(key)
-        if q is None or q.dtype != torch.int8:
-            return
-        scale = sd[prefix + "weight_scale_"]
-        sd[key] = dequantize(q, scale, torch.zeros_like(scale, dtype=torch.int32), axis=0).to(self.weight.dtype)
+        """In place: int8 ``sd[prefix + "weight"]`` becomes the float weight ``codes * weight_scale_``
+        (bit-exact to the fake-quantized weight); a packed mask becomes the bool mask again."""
+        key, mkey = prefix + "weight", prefix + "weight_mask"
+        q, mask = sd.get(key), sd.get(mkey)
+        if q is not None and q.dtype == torch.int8:
+            scale = sd[prefix + "weight_scale_"]
+            sd[key] = dequantize(q, scale, torch.zeros_like(scale, dtype=torch.int32), axis=0).to(self.weight.dtype)
+        if mask is not None and mask.dtype == torch.uint8:
+            shape = tuple(self.weight.shape)
+            bits = np.unpackbits(mask.cpu().numpy(), count=int(np.prod(shape)))
+            sd[mkey] = torch.from_numpy(bits.reshape(shape).astype(np.bool_))
 
     def extra_repr(self) -> str:
         parts = [super().extra_repr(), f"w{self.weight_bits} per-channel sym, a8 per-tensor asym"]

@@ -66,8 +66,8 @@ class MinMaxObserver:
             self.min_, self.max_ = lo.cpu(), hi.cpu()
         else:
             if lo.shape != self.min_.shape:
-                raise DataError(f"calibration at layer {self.name}",
-                                f"channel count changed between batches ({tuple(self.min_.shape)} -> {tuple(lo.shape)})",
+                raise DataError(f"calibration at layer {self.name}", "channel count changed between batches "
+                                f"({tuple(self.min_.shape)} -> {tuple(lo.shape)})",
                                 fix="per-channel observation needs the same channel count in every batch")
             self.min_ = torch.minimum(self.min_, lo.cpu())
             self.max_ = torch.maximum(self.max_, hi.cpu())
