@@ -84,11 +84,15 @@ def main() -> None:
         for s in sessions.values():  # warm-up
             for _ in range(5):
                 s.run(None, {s.get_inputs()[0].name: feed})
-        for _ in range(args.runs):  # interleaved, so load changes hit every model alike
+        # Rounds of blocks: each model runs 10 calls in a row (an idle ORT pool stops spinning between
+        # blocks, so sessions don't steal each other's cores); rounds spread load changes over all.
+        for _ in range(max(1, args.runs // 10)):
             for k, s in sessions.items():
-                t = time.perf_counter()
-                s.run(None, {s.get_inputs()[0].name: feed})
-                times[k].append((time.perf_counter() - t) * 1e3)
+                for _ in range(10):
+                    t = time.perf_counter()
+                    s.run(None, {s.get_inputs()[0].name: feed})
+                    times[k].append((time.perf_counter() - t) * 1e3)
+                time.sleep(0.05)
 
         base_ms = statistics.median(times["fp32 (ONNX Runtime)"])
         base_size = os.path.getsize(paths["fp32 (ONNX Runtime)"])
