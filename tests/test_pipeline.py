@@ -130,3 +130,19 @@ def test_non_finite_weights_are_a_model_error(tiny_cnn):
 def test_not_a_model():
     with pytest.raises(ModelError, match="torch.nn.Module"):
         nsq.compress("model.pt", "int8", calib_data=make_data(1))
+
+
+def test_slower_or_larger_compressed_model_is_flagged():
+    from nnsqueeze.pipeline import _flag_regressions
+    from nnsqueeze.report import ReportBuilder
+
+    rb = ReportBuilder()
+    rb.baseline = {"latency_ms": {"onnxruntime": 1.0}, "size_bytes": 100, "measured": {"latency_batch": 8}}
+    rb.compressed = {"latency_ms": {"onnxruntime": 2.0}, "size_bytes": 150}
+    _flag_regressions(rb)
+    notes = " ".join(n["note"] for n in rb.notes)
+    assert "slower than the baseline" in notes and "2 ms vs 1 ms" in notes and "larger than the baseline" in notes
+    rb2 = ReportBuilder()
+    rb2.baseline, rb2.compressed = rb.compressed | {"measured": {"latency_batch": 8}}, rb.baseline
+    _flag_regressions(rb2)
+    assert rb2.notes == []

@@ -20,7 +20,7 @@ def test_summary_ratios_are_computed_from_the_figures():
     assert rows["accuracy"][2] == "-0.20 pt"
     assert rows["size_bytes"][2] == "4.00x smaller"
     assert rows["nonzero_params"][2] == "2.50x smaller"
-    assert rows["latency_ms"][2] == "torch 0.80x faster, onnxruntime 2.00x faster"
+    assert rows["latency_ms"][2] == "torch 1.25x slower, onnxruntime 2.00x faster"
 
 
 def test_markdown_and_json_round_trip():

@@ -136,6 +136,10 @@ def compress(
         d = _load_data(data)
         result = run(m, r, train_data=d.get("train"), calib_data=d.get("calib"), eval_data=d.get("eval"),
                      metric=metric)
+        from . import distributed
+
+        if not distributed.is_main():  # under torchrun, every rank computes; rank 0 alone writes
+            return
         result.report.print(Console())
         path = result.save(out)
         Console().print(f"artifact written to [bold]{path}[/]")

@@ -211,10 +211,27 @@ def compress(
                                 threads=ev.threads, warmup=ev.warmup, runs=ev.runs, onnx_path=comp_onnx,
                                 archive_bytes=len(artifact.weights_bytes(work)))
         rb.compressed["measured"] = measured
+    _flag_regressions(rb)
     report = rb.build()
     _log_summary(report)
     return CompressionResult(model=work, report=report, recipe=recipe, records=records, onnx=onnx_bytes,
                              example_inputs=example_inputs)
+
+
+def _flag_regressions(rb: ReportBuilder) -> None:
+    """A compressed model that is slower or larger than the baseline is said so, never hidden."""
+    b, c = rb.baseline, rb.compressed
+    bl, cl = b["latency_ms"].get("onnxruntime"), c["latency_ms"].get("onnxruntime")
+    if bl is not None and cl is not None and cl > bl:
+        rb.note("evaluate", f"the compressed ONNX model is slower than the baseline in ONNX Runtime "
+                f"({cl:.4g} ms vs {bl:.4g} ms at batch {b['measured']['latency_batch']}); small layers gain "
+                "little from int8 and pay for quantize/dequantize: consider leaving them in float (ignore:)")
+    if "size_bytes" in b and "size_bytes" in c and c["size_bytes"] > b["size_bytes"]:
+        rb.note("evaluate", f"the compressed ONNX file is larger than the baseline ({c['size_bytes']} vs "
+                f"{b['size_bytes']} bytes): quantization parameters outweigh the savings on a model this small")
+    for n in rb.notes:
+        if n["step"] == "evaluate":
+            log.warning(n["note"])
 
 
 def _batch_size(inputs: Any) -> int | None:

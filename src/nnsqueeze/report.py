@@ -84,9 +84,10 @@ def _ratio(key: str, b: Any, c: Any) -> str:
     if key == "accuracy":
         d = (c - b) * (100 if max(abs(b), abs(c)) <= 1 else 1)
         return f"{d:+.2f} pt"
-    if c == 0:
+    if c == 0 or b == 0:
         return "-"
-    return f"{b / c:.2f}x smaller" if key != "latency_ms" else f"{b / c:.2f}x faster"
+    better, worse = ("faster", "slower") if key == "latency_ms" else ("smaller", "larger")
+    return f"{b / c:.2f}x {better}" if b >= c else f"{c / b:.2f}x {worse}"
 
 
 class Report(dict):
