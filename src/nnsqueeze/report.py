@@ -86,6 +86,8 @@ def _ratio(key: str, b: Any, c: Any) -> str:
         return f"{d:+.2f} pt"
     if c == 0 or b == 0:
         return "-"
+    if b == c:
+        return "same"
     better, worse = ("faster", "slower") if key == "latency_ms" else ("smaller", "larger")
     return f"{b / c:.2f}x {better}" if b >= c else f"{c / b:.2f}x {worse}"
 
