@@ -56,16 +56,17 @@ def weights_bytes(model: nn.Module) -> bytes:
     return st_save(pack_state(model))
 
 
-def write_dir(out: str | os.PathLike, files: dict[str, bytes | str]) -> Path:
+def write_dir(out: str | os.PathLike, files: dict[str, bytes | str], marker: str = MANIFEST) -> Path:
     """Write ``files`` into ``out`` atomically: a temporary sibling directory, then a rename.
 
-    An existing nnsqueeze artifact at ``out`` is replaced; any other non-empty directory is refused.
+    A directory at ``out`` holding ``marker`` (one we wrote) is replaced; any other non-empty
+    directory is refused.
     """
     out = Path(out)
     if out.exists():
         if not out.is_dir():
             raise ArtifactError(str(out), "exists and is not a directory", fix="choose another --out path")
-        if any(out.iterdir()) and not (out / MANIFEST).exists():
+        if any(out.iterdir()) and not (out / marker).exists():
             raise ArtifactError(str(out), "is a non-empty directory that is not an nnsqueeze artifact",
                                 fix="choose a new or empty output directory")
     out.parent.mkdir(parents=True, exist_ok=True)

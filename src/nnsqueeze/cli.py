@@ -189,6 +189,19 @@ def report(path: Path = typer.Argument(..., help="artifact directory"),
 
 
 @app.command()
+def plot(path: Path = typer.Argument(..., help="artifact directory")) -> None:
+    """Draw weight-code histograms with their grid, activation ranges and per-layer error (PNG, in DIR/plots)."""
+
+    def go() -> None:
+        from .plot import plot_artifact
+
+        for p in plot_artifact(path):
+            print(p)
+
+    _run(go)
+
+
+@app.command()
 def recipes(show: Optional[str] = typer.Argument(None, help="preset name to print as YAML")) -> None:
     """List the shipped presets, or print one as a resolved YAML recipe."""
 
