@@ -21,8 +21,17 @@ from .data import call_model
 
 
 def count_params(model: nn.Module) -> tuple[int, int]:
-    """(parameters, non-zero parameters); shared tensors are counted once."""
+    """(parameters, non-zero parameters) of the model as deployed; shared tensors are counted once.
+
+    A module whose stored parameters differ from the weights it computes with (e.g. a clustered
+    layer holding k centroids for a whole weight tensor) reports its own via ``param_counts()``.
+    """
     seen, total, nonzero = set(), 0, 0
+    for m in model.modules():
+        if hasattr(m, "param_counts"):
+            t, nz = m.param_counts()
+            total, nonzero = total + t, nonzero + nz
+            seen.update(id(p) for p in m.parameters(recurse=False))
     for p in model.parameters():
         if id(p) in seen:
             continue

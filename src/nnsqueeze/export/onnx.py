@@ -48,7 +48,7 @@ from ..quant.modules import export_mode, fake_quant_modules
 from ..registry import EXPORTERS
 
 INT8_OPS = {"QLinearConv", "QLinearMatMul", "QGemm", "ConvInteger", "MatMulInteger", "MatMulIntegerToFloat",
-            "DynamicQuantizeMatMul", "QLinearAdd", "QLinearMul", "QLinearGlobalAveragePool",
+            "DynamicQuantizeMatMul", "MatMulNBits", "QLinearAdd", "QLinearMul", "QLinearGlobalAveragePool",
             "QLinearAveragePool", "QLinearConcat", "QLinearSigmoid", "QLinearLeakyRelu", "QLinearSoftmax"}
 FLOAT_COMPUTE_OPS = {"Conv", "Gemm", "MatMul", "FusedConv", "FusedGemm", "FusedMatMul", "NchwcConv"}
 # A quantized model agrees with its torch simulation up to ORT's requantization rounding, which can
@@ -313,6 +313,17 @@ def _input_names(model: nn.Module, example: Any) -> list[str]:
     return ["input"] if n == 1 else [f"input_{i}" for i in range(n)]
 
 
+class _KwargsAdapter(nn.Module):
+    """``forward(*tensors)`` calling ``model(**dict(zip(names, tensors)))``."""
+
+    def __init__(self, model: nn.Module, names: list[str]):
+        super().__init__()
+        self.model, self.names = model, list(names)
+
+    def forward(self, *args: Any) -> Any:
+        return self.model(**dict(zip(self.names, args)))
+
+
 def _call(model: Any, inputs: Any) -> Any:
     if isinstance(inputs, dict):
         return model(**inputs)
@@ -332,13 +343,19 @@ def _tolerance(ref: torch.Tensor, quantized: bool, atol: float | None) -> float:
 
 
 def verify_onnx(model: nn.Module, onnx_bytes: bytes, batches: list, quantized: bool,
-                atol: float | None = None, where: str = "export") -> dict[str, Any]:
-    """Compare ONNX Runtime with the torch model on ``batches`` (model inputs). Raises ExportError."""
+                atol: float | None = None, where: str = "export", statistic: str = "max") -> dict[str, Any]:
+    """Compare ONNX Runtime with the torch model on ``batches`` (model inputs). Raises ExportError.
+
+    ``statistic="mean"`` checks the mean absolute difference against the tolerance instead of the
+    maximum: for run-time (dynamic) activation quantization, float differences of 1e-7 between torch
+    and ORT upstream flip a few activation codes, and deep models amplify those flips into
+    differences as large as the quantization noise itself on some elements, with the same accuracy.
+    """
     from .ort import OrtModule, optimized_op_types
 
     ort_model = OrtModule(onnx_bytes)
     max_diff, worst_ratio, agree, total, n_samples = 0.0, 0.0, 0, 0, 0
-    tol_used = 0.0
+    tol_used, mean_diff, max_seen = 0.0, 0.0, 0.0
     for bi, inputs in enumerate(batches):
         with torch.no_grad():
             ref = _flatten_outputs(_call(model, inputs))
@@ -355,7 +372,12 @@ def verify_onnx(model: nn.Module, onnx_bytes: bytes, batches: list, quantized: b
             if not r.is_floating_point():
                 d = float((r.long() != g.long()).any())
             else:
-                d = float((r.double() - g.double()).abs().max()) if r.numel() else 0.0
+                dd = (r.double() - g.double()).abs()
+                d = float(dd.max()) if r.numel() else 0.0
+                mean_diff = max(mean_diff, float(dd.mean()) if r.numel() else 0.0)
+                if statistic == "mean":
+                    max_seen = max(max_seen, d)
+                    d = float(dd.mean()) if r.numel() else 0.0
             tol = _tolerance(r, quantized, atol)
             max_diff, tol_used = max(max_diff, d), max(tol_used, tol)
             if d > tol or d != d:
@@ -365,6 +387,7 @@ def verify_onnx(model: nn.Module, onnx_bytes: bytes, batches: list, quantized: b
                            "quantize on this machine with weights.reduce_range: auto (the default) or true; "
                            "otherwise pass atol=... if the difference is acceptable")
                 raise ExportError(where, f"ONNX Runtime output {oi} differs from the torch model by {d:.4g} "
+                                  f"({'mean' if statistic == 'mean' else 'max'} abs) "
                                   f"(tolerance {tol:.4g}) on verification batch {bi}", fix=fix)
             if tol > 0:
                 worst_ratio = max(worst_ratio, d / tol)
@@ -375,8 +398,8 @@ def verify_onnx(model: nn.Module, onnx_bytes: bytes, batches: list, quantized: b
         n_samples += int(main.shape[0]) if main.dim() else 1
     ops = Counter(optimized_op_types(onnx_bytes))
     return {
-        "verified_batches": len(batches), "verified_samples": n_samples,
-        "max_abs_diff": max_diff, "tolerance": tol_used, "diff_to_tolerance": round(worst_ratio, 4),
+        "verified_batches": len(batches), "verified_samples": n_samples, "check": f"{statistic} abs diff",
+        "max_abs_diff": max(max_diff, max_seen), "mean_abs_diff": mean_diff, "tolerance": tol_used, "diff_to_tolerance": round(worst_ratio, 4),
         "top1_agreement": (agree / total) if total else None,
         "ort_int8_ops": {k: v for k, v in sorted(ops.items()) if k in INT8_OPS},
         "ort_float_ops": {k: v for k, v in sorted(ops.items()) if k in FLOAT_COMPUTE_OPS},
@@ -399,14 +422,16 @@ def _write_atomic(path: Path, data: bytes) -> None:
 
 @EXPORTERS.register("onnx")
 def export_onnx(model: nn.Module, path: str | os.PathLike, example_inputs: Any, opset: int = 17,
-                verify: bool = True, samples: Iterable | None = None, atol: float | None = None) -> dict[str, Any]:
+                verify: bool = True, samples: Iterable | None = None, atol: float | None = None,
+                dynamic_axes: dict[str, dict[int, str]] | None = None) -> dict[str, Any]:
     """Export ``model`` to ``path`` (int8 QDQ if it holds fake-quant layers) and check it in ORT.
 
     ``example_inputs``: a tensor, a tuple of positional tensors, or a dict of keyword tensors; the
     batch dimension (dim 0 of every input and output) is dynamic. ``samples``: more model inputs to
     verify on (each like ``example_inputs``; targets already split off). Tolerance: ``atol`` if
     given, else 1e-4 relative for float models and 4 steps of an 8-bit grid over each output's range
-    for quantized ones. Returns JSON-able figures (sizes, max_abs_diff, top1_agreement, ORT op types).
+    for quantized ones. ``dynamic_axes``: more dynamic axes by input/output name, merged with the batch
+    axis (e.g. ``{"input_ids": {1: "seq"}, "attention_mask": {1: "seq"}}``). Returns JSON-able figures (sizes, max_abs_diff, top1_agreement, ORT op types).
     """
     import onnx
 
@@ -414,7 +439,11 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, example_inputs: Any, 
     where = f"export onnx ({path.name})"
     if opset < 13:
         raise ExportError(where, f"opset {opset} is too old for per-channel QDQ", fix="use opset >= 13 (default 17)")
-    quantized = any(True for _ in fake_quant_modules(model))
+    quantized = any(True for _ in fake_quant_modules(model)) or \
+        any(getattr(m, "onnx_quantized", False) for m in model.modules())
+    custom_opsets = {}
+    for m in model.modules():
+        custom_opsets.update(getattr(m, "onnx_custom_opsets", {}))
     was_training = model.training
     model.eval()
     try:
@@ -423,19 +452,31 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, example_inputs: Any, 
         in_names = _input_names(model, example_inputs)
         out_names = ["output"] if len(ref_out) == 1 else [f"output_{i}" for i in range(len(ref_out))]
         dyn = {n: {0: "batch"} for n in in_names + out_names}
+        for n, axes in (dynamic_axes or {}).items():
+            dyn.setdefault(n, {}).update(axes)
         buf = io.BytesIO()
         args = as_tuple(example_inputs)
+        traced: nn.Module = model
+        if isinstance(example_inputs, dict):
+            # Keyword inputs go in positionally through an adapter: the TorchScript exporter fills
+            # unnamed parameters from the signature, which breaks decorated forwards (transformers).
+            traced, args = _KwargsAdapter(model, in_names).eval(), tuple(example_inputs[n] for n in in_names)
         try:
             with export_mode(model), torch.no_grad(), warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                torch.onnx.export(model, args, buf, dynamo=False, opset_version=opset, input_names=in_names,
-                                  output_names=out_names, dynamic_axes=dyn, do_constant_folding=True)
+                torch.onnx.export(traced, args, buf, dynamo=False, opset_version=opset, input_names=in_names,
+                                  output_names=out_names, dynamic_axes=dyn, do_constant_folding=True,
+                                  custom_opsets=custom_opsets or None)
         except Exception as e:
             raise ExportError(where, f"torch.onnx.export failed: {type(e).__name__}: {e}",
                               fix="make forward traceable (no data-dependent Python control flow)") from e
         raw = buf.getvalue()
         proto = onnx.load_from_string(raw)
         stats = qdq_postprocess(proto) if quantized else {}
+        if any(getattr(m, "onnx_bf16_storage", False) for m in model.modules()):
+            from .half import bf16_storage
+
+            stats["bf16_constants"] = bf16_storage(proto)
         try:
             onnx.checker.check_model(proto)
         except Exception as e:
@@ -446,7 +487,8 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, example_inputs: Any, 
                                    "size_ratio": round(len(data) / len(raw), 4), **stats}
         if verify:
             batches = [example_inputs] + list(samples or [])
-            figures.update(verify_onnx(model, data, batches, quantized, atol, where))
+            statistic = "mean" if any(getattr(m, "onnx_verify_mean", False) for m in model.modules()) else "max"
+            figures.update(verify_onnx(model, data, batches, quantized, atol, where, statistic))
             if quantized and not figures["ort_int8_ops"]:
                 figures["warning"] = "ONNX Runtime fused no int8 kernel: the model runs in float"
         _write_atomic(path, data)

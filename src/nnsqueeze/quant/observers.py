@@ -79,3 +79,7 @@ class MinMaxObserver:
             raise DataError(f"calibration at layer {self.name}", "the observer saw no data",
                             fix="make sure the calibration data reaches this layer")
         return _qparams(self.min_, self.max_, bits=bits, symmetric=symmetric)
+
+
+# Range-search observers, one per file; importing them registers them.
+from . import kl, mse, percentile  # noqa: E402,F401

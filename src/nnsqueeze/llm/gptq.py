@@ -1,0 +1,176 @@
+"""GPTQ (Frantar et al., 2022): quantize a Linear weight column by column, pushing each column's
+rounding error onto the columns not yet quantized, weighted by the inverse Hessian of the layer's
+reconstruction loss ``||X W^T - X Q^T||^2``.
+
+Pure tensor math. Inputs: the weight ``W`` (out, in) and the Hessian ``H = 2/n X^T X`` (in, in),
+accumulated over calibration tokens with :class:`HessianAccumulator`. Output: the fake-quantized
+weight on the same grid as :func:`nnsqueeze.llm.rtn.rtn_quantize`, plus its scales and zero points::
+
+    >>> import torch
+    >>> from nnsqueeze.llm.gptq import HessianAccumulator, gptq_quantize
+    >>> x = torch.randn(256, 16) @ torch.randn(16, 16)       # correlated inputs (tokens, in)
+    >>> acc = HessianAccumulator(16); acc.add(x)
+    >>> r = gptq_quantize(torch.randn(8, 16), acc.hessian, bits=4, group_size=8)
+    >>> r.weight.shape, r.scale.shape, r.damp_percent
+    (torch.Size([8, 16]), torch.Size([8, 2]), 0.01)
+
+Choices (the why):
+- dampening: ``H + λ I`` with ``λ = damp_percent * mean(diag H)`` keeps the inverse well conditioned.
+  If the Cholesky factorization still fails (H not positive definite: too few tokens, duplicated
+  features), ``damp_percent`` is multiplied by 10 (0 becomes 0.001) (up to ``max_damp_percent``), each retry is
+  reported through ``on_note``, and :class:`HessianError` is raised if it still fails.
+- dead inputs (``H[i, i] == 0``: the channel never fired) get ``H[i, i] = 1`` and a zero weight
+  column, as the reference does; they do not influence anything.
+- activation order (``act_order=True``) quantizes columns by decreasing ``H[i, i]``. Group scales are
+  then *static*: computed once from the un-updated weight over contiguous column groups, so the
+  stored layout (contiguous groups) needs no ``g_idx`` permutation. Without act order, a group's
+  scale is computed when its first column is reached, from the already-updated weights (reference).
+- with ``H = c I`` nothing is propagated (the off-diagonal inverse is 0) and GPTQ equals RTN exactly.
+- math in float64 (Hessian, inverse, updates); the quantized values are float32 grid values.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from ..errors import NnsqueezeError
+from .rtn import QuantGrid
+
+Tensor = torch.Tensor
+
+
+class HessianError(NnsqueezeError):
+    """The layer Hessian is not positive definite even after raising the dampening."""
+
+
+class HessianAccumulator:
+    """Running ``H = 2/n sum_t x_t x_t^T`` over ``n`` tokens (float64), fed batch by batch."""
+
+    def __init__(self, columns: int, device: torch.device | str = "cpu"):
+        self.hessian = torch.zeros(columns, columns, dtype=torch.float64, device=device)
+        self.tokens = 0
+
+    def add(self, x: Tensor) -> None:
+        """Add inputs ``x`` (..., in): every leading position is one token."""
+        x = x.detach().reshape(-1, x.shape[-1]).to(self.hessian.device, torch.float64)
+        n = x.shape[0]
+        if n == 0:
+            return
+        # Running mean of 2 x x^T: rescale the old sum so the result never depends on batch order.
+        self.hessian *= self.tokens / (self.tokens + n)
+        self.tokens += n
+        self.hessian += (2.0 / self.tokens) * (x.T @ x)
+
+
+@dataclass
+class GPTQResult:
+    weight: Tensor        # (out, in) fake-quantized weight, float32
+    scale: Tensor         # (out, n_groups) float32, contiguous groups of the original column order
+    zero_point: Tensor    # (out, n_groups) int32
+    perm: Tensor | None   # column order used (act_order), None for the natural order
+    damp_percent: float   # dampening actually used (after any retries)
+    loss: float           # GPTQ's own estimate of the added loss, sum over columns of err^2 / Hinv_ii
+
+
+def _inverse_cholesky(h: Tensor, damp_percent: float, max_damp_percent: float,
+                      on_note: Callable[[str], None] | None, where: str) -> tuple[Tensor, float]:
+    """Upper Cholesky factor of ``(H + λI)^-1``, raising λ tenfold until it factorizes."""
+    mean_diag = float(torch.diagonal(h).mean())
+    eye = torch.eye(h.shape[0], dtype=h.dtype, device=h.device)
+    p = damp_percent
+    while True:
+        damped = h + (p * mean_diag) * eye
+        lower, info = torch.linalg.cholesky_ex(damped)
+        if int(info) == 0:
+            hinv = torch.cholesky_inverse(lower)
+            upper, info = torch.linalg.cholesky_ex(hinv, upper=True)
+            if int(info) == 0 and torch.isfinite(upper).all():
+                return upper, p
+        nxt = p * 10 if p > 0 else 1e-3  # from no dampening at all, start small
+        if nxt > max_damp_percent + 1e-12:
+            raise HessianError(where, f"Hessian is not positive definite even with damp_percent={p:g} "
+                               f"(mean diagonal {mean_diag:.3g})",
+                               fix="give more (and more varied) calibration tokens, raise max_damp_percent, "
+                               "or ignore this layer")
+        if on_note is not None:
+            on_note(f"{where}: Hessian not positive definite with damp_percent={p:g}; retrying with {nxt:g}")
+        p = nxt
+
+
+@torch.no_grad()
+def gptq_quantize(w: Tensor, hessian: Tensor, bits: int = 4, group_size: int | None = 128,
+                  symmetric: bool = True, damp_percent: float = 0.01, act_order: bool = False,
+                  block_size: int = 128, max_damp_percent: float = 10.0,
+                  on_note: Callable[[str], None] | None = None, where: str = "gptq",
+                  mask: Tensor | None = None) -> GPTQResult:
+    """Quantize ``w`` (out, in) with GPTQ given the layer Hessian (in, in). See the module docstring.
+
+    ``mask`` (out, in) bool, ``True`` = keep: pruned weights stay exactly 0 (a pruned model's zeros
+    would otherwise be revived by the error feedback); their drift is compensated like rounding error.
+    """
+    if w.dim() != 2 or hessian.shape != (w.shape[1], w.shape[1]):
+        raise ValueError(f"gptq_quantize: weight {tuple(w.shape)} and Hessian {tuple(hessian.shape)} do not match")
+    if not torch.isfinite(hessian).all():
+        raise HessianError(where, "the Hessian has non-finite entries", fix="check the calibration data")
+    grid = QuantGrid(bits, group_size, symmetric)
+    rows, cols = w.shape
+    W = w.detach().to(torch.float64).clone()
+    H = hessian.detach().to(torch.float64).clone()
+    keep = None if mask is None else mask.to(W.device, torch.bool)
+    if keep is not None and keep.shape != W.shape:
+        raise ValueError(f"gptq_quantize: mask {tuple(keep.shape)} does not match weight {tuple(W.shape)}")
+    dead = torch.diagonal(H) == 0
+    H[dead, dead] = 1.0
+    W[:, dead] = 0.0
+
+    groups = grid.groups(cols)
+    gsize = groups[0][1] - groups[0][0]
+    scale = torch.empty(rows, len(groups), dtype=torch.float32, device=W.device)
+    zero = torch.empty(rows, len(groups), dtype=torch.int32, device=W.device)
+    perm = None
+    if act_order:
+        # Static groups: params from the un-updated weight, then columns in decreasing H_ii order.
+        for g, (a, b) in enumerate(groups):
+            scale[:, g], zero[:, g] = grid.params(W[:, a:b].float())
+        perm = torch.argsort(torch.diagonal(H), descending=True, stable=True)
+        W, H = W[:, perm], H[perm][:, perm]
+        keep = None if keep is None else keep[:, perm]
+    order = perm if perm is not None else torch.arange(cols, device=W.device)
+    group_of = (order // gsize).tolist()  # group (original columns) of the column at each position
+
+    U, used = _inverse_cholesky(H, damp_percent, max_damp_percent, on_note, where)  # (in, in) upper
+    Q = torch.zeros_like(W)
+    loss = 0.0
+    for i1 in range(0, cols, block_size):
+        i2 = min(i1 + block_size, cols)
+        W1 = W[:, i1:i2].clone()          # (out, B) block being quantized, updated in place
+        Err1 = torch.zeros_like(W1)       # (out, B) scaled errors, propagated to later blocks at the end
+        U1 = U[i1:i2, i1:i2]
+        for i in range(i2 - i1):
+            col, g = i1 + i, group_of[i1 + i]
+            if not act_order and col % gsize == 0:
+                # Dynamic group params from the current (error-compensated) weights of this group.
+                # The group may run past this block: its tail comes from W (not yet updated by this block).
+                cur = W1[:, i:i + gsize]
+                if cur.shape[1] < gsize:
+                    cur = torch.cat([cur, W[:, i2:i2 + gsize - cur.shape[1]]], 1)
+                scale[:, g], zero[:, g] = grid.params(cur.float())
+            wcol = W1[:, i]
+            q = grid.fake(wcol.float().unsqueeze(1), scale[:, g], zero[:, g]).squeeze(1).double()
+            if keep is not None:
+                q = torch.where(keep[:, col], q, torch.zeros_like(q))
+            Q[:, col] = q
+            d = U1[i, i]
+            err = (wcol - q) / d
+            loss += float((err * err).sum()) / 2
+            # Push this column's error onto the block's remaining columns (row i of the factor).
+            W1[:, i:] -= err.unsqueeze(1) * U1[i, i:].unsqueeze(0)
+            Err1[:, i] = err
+        # Lazy batch update of all later columns at once: (out, B) @ (B, rest).
+        W[:, i2:] -= Err1 @ U[i1:i2, i2:]
+    if perm is not None:
+        Q = Q[:, torch.argsort(perm)]
+    return GPTQResult(Q.to(torch.float32), scale, zero, perm, used, loss)

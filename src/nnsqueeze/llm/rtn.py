@@ -1,0 +1,93 @@
+"""Group-wise round-to-nearest (RTN) weight quantization: the baseline every LLM algorithm beats.
+
+Pure tensor math, no module walking. A Linear weight ``W`` is ``(out, in)``; its columns are cut
+into contiguous groups of ``group_size`` input channels (the last group may be shorter: odd shapes
+are fine) and every (row, group) gets its own scale / zero point, computed by
+:func:`nnsqueeze.ops.quant.qparams` and applied with :func:`nnsqueeze.ops.quant.fake_quantize`, so
+the grid and the rounding (half to even, fp32 division) are exactly ONNX Runtime's:
+
+- ``symmetric=True``: signed codes ``[-2**(b-1), 2**(b-1)-1]``, zero point 0;
+- ``symmetric=False``: unsigned codes ``[0, 2**b - 1]``, integer zero point, range widened to 0.
+
+``group_size=None`` (or -1) means one group per row (per-channel)::
+
+    >>> import torch
+    >>> from nnsqueeze.llm.rtn import rtn_quantize
+    >>> w = torch.randn(5, 11)
+    >>> r = rtn_quantize(w, bits=4, group_size=4, symmetric=False)
+    >>> r.weight.shape, r.scale.shape, r.zero_point.shape      # 11 columns -> 3 groups (4, 4, 3)
+    (torch.Size([5, 11]), torch.Size([5, 3]), torch.Size([5, 3]))
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..ops.quant import fake_quantize, qparams, qrange
+
+Tensor = torch.Tensor
+
+
+@dataclass
+class QuantGrid:
+    """A weight quantization scheme: ``bits`` in 2..8, ``group_size`` input channels (None: per row)."""
+
+    bits: int = 4
+    group_size: int | None = 128
+    symmetric: bool = True
+
+    def __post_init__(self) -> None:
+        qrange(self.bits, self.symmetric)  # validates bits
+        if self.group_size is not None and self.group_size == -1:
+            self.group_size = None
+        if self.group_size is not None and self.group_size < 1:
+            raise ValueError(f"group_size must be >= 1, -1 or None, got {self.group_size}")
+
+    @property
+    def qmin_qmax(self) -> tuple[int, int]:
+        return qrange(self.bits, signed=self.symmetric)
+
+    def groups(self, columns: int) -> list[tuple[int, int]]:
+        """``[(start, stop), ...]`` column ranges of the groups of a row of ``columns`` values."""
+        g = self.group_size or columns
+        return [(s, min(s + g, columns)) for s in range(0, columns, g)]
+
+    def params(self, w: Tensor) -> tuple[Tensor, Tensor]:
+        """Per-row scale / zero point, shape ``(rows,)``, covering all columns of ``w`` (rows, cols)."""
+        return qparams(w.amin(dim=1), w.amax(dim=1), bits=self.bits, symmetric=self.symmetric)
+
+    def fake(self, w: Tensor, scale: Tensor, zero_point: Tensor) -> Tensor:
+        """Quantize-dequantize ``w`` (rows, cols) with per-row ``scale``/``zero_point`` (rows,), float32."""
+        qmin, qmax = self.qmin_qmax
+        return fake_quantize(w, scale, zero_point, qmin, qmax, axis=0)
+
+
+@dataclass
+class QuantResult:
+    weight: Tensor       # (out, in) fake-quantized weight, float32 values on the grid
+    scale: Tensor        # (out, n_groups) float32
+    zero_point: Tensor   # (out, n_groups) int32
+
+
+def rtn_quantize(w: Tensor, bits: int = 4, group_size: int | None = 128, symmetric: bool = True) -> QuantResult:
+    """Round-to-nearest quantization of ``w`` (out, in), group-wise along the input dimension."""
+    if w.dim() != 2:
+        raise ValueError(f"rtn_quantize expects a 2-d (out, in) weight, got shape {tuple(w.shape)}")
+    grid = QuantGrid(bits, group_size, symmetric)
+    w32 = w.detach().to(torch.float32)
+    out = torch.empty_like(w32)
+    scales, zps = [], []
+    for a, b in grid.groups(w32.shape[1]):
+        s, z = grid.params(w32[:, a:b])
+        out[:, a:b] = grid.fake(w32[:, a:b], s, z)
+        scales.append(s)
+        zps.append(z)
+    return QuantResult(out, torch.stack(scales, 1), torch.stack(zps, 1))
+
+
+def output_error(x: Tensor, w: Tensor, w_hat: Tensor) -> float:
+    """Layer reconstruction error ``||X W^T - X W_hat^T||_F`` (float64); ``x`` is (tokens, in)."""
+    x64 = x.reshape(-1, x.shape[-1]).double()
+    return float(torch.linalg.matrix_norm(x64 @ (w.double() - w_hat.double()).T))

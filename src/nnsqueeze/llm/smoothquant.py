@@ -1,0 +1,62 @@
+"""SmoothQuant (Xiao et al., 2023): migrate activation outliers into the weights before W8A8.
+
+For a Linear ``y = x W^T`` the per-input-channel scale ``s_j = max|x_j|^alpha / max|W_:,j|^(1-alpha)``
+turns it into ``y = (x / s) (W * s)^T``: mathematically the same output, but the activation's
+outlier channels shrink (easier per-tensor int8) while the weights grow a little (per-channel int8
+absorbs it). ``1/s`` is folded into the op that produces ``x`` (the preceding LayerNorm/RMSNorm),
+``s`` into every Linear that reads ``x`` (q/k/v share one ``s``: their weights are pooled).
+
+Pure tensor math::
+
+    >>> import torch
+    >>> from nnsqueeze.llm.smoothquant import smooth_scales, smooth_weight, smooth_activation
+    >>> x = torch.randn(64, 8, dtype=torch.float64); x[:, 2] *= 50
+    >>> w = torch.randn(4, 8, dtype=torch.float64)
+    >>> s = smooth_scales(x.abs().amax(0), [w], alpha=0.5)
+    >>> torch.allclose(smooth_activation(x, s) @ smooth_weight(w, s).T, x @ w.T)
+    True
+"""
+
+from __future__ import annotations
+
+import torch
+
+Tensor = torch.Tensor
+
+EPS = 1e-5  # floor for both maxima: a dead channel must not give s = 0 or inf
+
+
+class AbsMaxAccumulator:
+    """Running per-channel ``max |x_j|`` over all calibration tokens (float64, (in,))."""
+
+    def __init__(self, columns: int, device: torch.device | str = "cpu"):
+        self.absmax = torch.zeros(columns, dtype=torch.float64, device=device)
+        self.tokens = 0
+
+    def add(self, x: Tensor) -> None:
+        x = x.detach().reshape(-1, x.shape[-1])
+        self.absmax = torch.maximum(self.absmax, x.abs().amax(0).to(self.absmax.device, torch.float64))
+        self.tokens += x.shape[0]
+
+
+def smooth_scales(act_absmax: Tensor, weights: list[Tensor], alpha: float = 0.5) -> Tensor:
+    """Scales ``s`` (in,) for activations with per-channel ``act_absmax`` (in,) feeding ``weights``
+    (each (out_k, in)); same dtype as ``act_absmax`` (float64 for the accumulator's)."""
+    if not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"alpha must be in [0, 1], got {alpha}")
+    cols = act_absmax.shape[0]
+    if not weights or any(w.shape[1] != cols for w in weights):
+        raise ValueError(f"smooth_scales: every weight must have {cols} input columns")
+    w_absmax = torch.stack([w.detach().abs().amax(0).to(act_absmax.dtype) for w in weights]).amax(0)
+    a = act_absmax.clamp(min=EPS)
+    return (a ** alpha / w_absmax.clamp(min=EPS) ** (1 - alpha)).clamp(min=EPS)
+
+
+def smooth_weight(w: Tensor, s: Tensor) -> Tensor:
+    """``W * s`` (each input column ``j`` times ``s_j``), in ``w``'s dtype."""
+    return w * s.to(w.dtype).unsqueeze(0)
+
+
+def smooth_activation(x: Tensor, s: Tensor) -> Tensor:
+    """``x / s`` along the last dimension (what the folded preceding op now produces)."""
+    return x / s.to(x.dtype)

@@ -1,0 +1,54 @@
+"""Distillation losses (Hinton et al. 2015; FitNets hints). Pure torch.
+
+    >>> import torch
+    >>> from nnsqueeze.ops.distill import kd_loss
+    >>> s, t, y = torch.tensor([[1.0, 0.0]]), torch.tensor([[0.0, 1.0]]), torch.tensor([0])
+    >>> round(float(kd_loss(s, t, y, alpha=0.5, temperature=1.0)), 4)
+    0.3877
+
+``kd_loss = alpha * CE(y, s) + (1 - alpha) * T^2 * KL(softmax(t / T) || softmax(s / T))``, the KL
+summed over classes and averaged over samples (``batchmean``); the ``T^2`` keeps the soft term's
+gradient scale independent of ``T``. Without targets (``y is None``) only the soft term is used
+(``alpha`` is then ignored). ``hint_loss`` is the mean squared error between a (projected)
+student feature map and the teacher's.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+Tensor = torch.Tensor
+
+
+def soft_kl(student_logits: Tensor, teacher_logits: Tensor, temperature: float) -> Tensor:
+    """``T^2 * KL(softmax(t/T) || softmax(s/T))``, batch mean; sequence logits are flattened."""
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    s = student_logits.reshape(-1, student_logits.shape[-1]).float()
+    t = teacher_logits.reshape(-1, teacher_logits.shape[-1]).float()
+    if s.shape != t.shape:
+        raise ValueError(f"student logits {tuple(s.shape)} and teacher logits {tuple(t.shape)} differ")
+    log_p_s = F.log_softmax(s / temperature, dim=-1)
+    log_p_t = F.log_softmax(t / temperature, dim=-1)
+    return F.kl_div(log_p_s, log_p_t, reduction="batchmean", log_target=True) * temperature ** 2
+
+
+def kd_loss(student_logits: Tensor, teacher_logits: Tensor, targets: Tensor | None, alpha: float = 0.5,
+            temperature: float = 4.0) -> Tensor:
+    """Hinton's distillation loss; ``alpha`` weighs the hard-label cross-entropy."""
+    if not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"alpha must be in [0, 1], got {alpha}")
+    soft = soft_kl(student_logits, teacher_logits, temperature)
+    if targets is None or alpha == 0.0:
+        return soft
+    z = student_logits.reshape(-1, student_logits.shape[-1])
+    hard = F.cross_entropy(z.float(), targets.reshape(-1))
+    return alpha * hard + (1.0 - alpha) * soft
+
+
+def hint_loss(student_feature: Tensor, teacher_feature: Tensor) -> Tensor:
+    """Mean squared error between feature maps of the same shape (FitNets)."""
+    if student_feature.shape != teacher_feature.shape:
+        raise ValueError(f"feature shapes differ: {tuple(student_feature.shape)} vs {tuple(teacher_feature.shape)}")
+    return F.mse_loss(student_feature.float(), teacher_feature.float())

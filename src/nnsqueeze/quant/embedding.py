@@ -1,0 +1,123 @@
+"""Weight-only int8 ``nn.Embedding``: per-row symmetric int8 codes, one fp32 scale per row.
+
+Lookups gather int8 rows and their scales, then multiply, so the table is ~4x smaller on disk
+and in memory while the looked-up values are exactly ``codes * scale`` in torch and in ONNX
+Runtime (export: ``Gather(codes) -> Cast -> Mul(Gather(scales))``). ::
+
+    >>> import torch
+    >>> from torch import nn
+    >>> from nnsqueeze.quant.embedding import convert_embedding_
+    >>> emb = convert_embedding_(nn.Embedding(10, 4))
+    >>> emb(torch.tensor([[1, 2]])).shape
+    torch.Size([1, 2, 4])
+    >>> sd = emb.state_dict(); emb.pack_state(sd, ""); sd["weight"].dtype
+    torch.int8
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..ops.quant import dequantize, qparams, quantize, sqnr_db
+
+Tensor = torch.Tensor
+
+
+class _GatherInt8Fn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, ids, codes, scales):
+        return F.embedding(ids, codes.to(torch.float32) * scales)
+
+    @staticmethod
+    def symbolic(g, ids, codes, scales):
+        rows = g.op("Cast", g.op("Gather", codes, ids, axis_i=0), to_i=1)
+        return g.op("Mul", rows, g.op("Gather", scales, ids, axis_i=0))
+
+
+class QuantEmbedding(nn.Embedding):
+    onnx_quantized = True
+
+    def _setup(self) -> None:
+        self.register_buffer("weight_scale_", torch.ones(self.num_embeddings, device=self.weight.device))
+        self.refresh_weight_qparams_()
+
+    @torch.no_grad()
+    def refresh_weight_qparams_(self) -> None:
+        w = self.weight.detach().float()
+        self.weight_scale_.copy_(qparams(w.amin(1), w.amax(1), bits=8, symmetric=True)[0])
+
+    def weight_codes(self) -> Tensor:
+        zp = torch.zeros_like(self.weight_scale_, dtype=torch.int32)
+        return quantize(self.weight.detach(), self.weight_scale_, zp, -128, 127, axis=0).to(torch.int8)
+
+    def dequantized_weight(self) -> Tensor:
+        return self.weight_codes().to(torch.float32) * self.weight_scale_.reshape(-1, 1)
+
+    def weight_sqnr_db(self) -> float:
+        return sqnr_db(self.weight.detach(), self.dequantized_weight())
+
+    def forward(self, ids: Tensor) -> Tensor:
+        if torch.onnx.is_in_onnx_export():
+            def const(t):
+                return torch.from_numpy(t.detach().cpu().numpy().copy())
+
+            return _GatherInt8Fn.apply(ids, const(self.weight_codes()), const(self.weight_scale_.reshape(-1, 1)))
+        w = self.dequantized_weight()
+        if self.training:
+            w = self.weight + (w - self.weight).detach()
+        return F.embedding(ids, w, self.padding_idx)
+
+    def pack_state(self, sd: dict, prefix: str) -> None:
+        key = prefix + "weight"
+        w = sd.get(key)
+        if w is not None and w.is_floating_point():
+            s = sd[prefix + "weight_scale_"]
+            sd[key] = quantize(w, s, torch.zeros_like(s, dtype=torch.int32), -128, 127, axis=0).to(torch.int8)
+
+    def unpack_state(self, sd: dict, prefix: str) -> None:
+        key = prefix + "weight"
+        q = sd.get(key)
+        if q is not None and q.dtype == torch.int8:
+            s = sd[prefix + "weight_scale_"]
+            sd[key] = dequantize(q, s, torch.zeros_like(s, dtype=torch.int32), axis=0).to(self.weight.dtype)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, w8 per-row sym"
+
+
+def convert_embedding_(module: nn.Embedding) -> QuantEmbedding:
+    """Turn a plain ``nn.Embedding`` (no ``max_norm``, dense) into a :class:`QuantEmbedding`, in place."""
+    if type(module) is not nn.Embedding:
+        raise TypeError(f"converts plain nn.Embedding, not {type(module).__name__}")
+    if module.max_norm is not None or module.sparse:
+        raise TypeError("an Embedding with max_norm or sparse=True cannot be int8-quantized")
+    module.__class__ = QuantEmbedding
+    module._setup()
+    return module
+
+
+def convert_embeddings(model: nn.Module, ignore: list[str], where: str, ctx, step: str) -> list[str]:
+    """Convert every plain ``nn.Embedding`` not in ``ignore``; report each. Returns their names."""
+    from ..targets import select
+
+    names = []
+    sel = select(model, ["Embedding"], ignore, (nn.Embedding,), where=where, strict=False)
+    for name, mod in sel.layers:
+        if type(mod) is not nn.Embedding or mod.max_norm is not None or mod.sparse:
+            ctx.skip(step, name, "only plain dense nn.Embedding without max_norm is int8-quantized")
+            continue
+        convert_embedding_(mod)
+        names.append(name)
+        sqnr = mod.weight_sqnr_db()
+        ctx.report.layer(name, bits=8, act_bits=None, scheme="w8 per-row sym embedding (weight-only)",
+                         weight_sqnr_db=round(sqnr, 2) if abs(sqnr) != float("inf") and sqnr == sqnr else None)
+    return names
+
+
+def rebuild_embeddings(model: nn.Module, names: list[str]) -> None:
+    for name in names:
+        mod = model.get_submodule(name)
+        if not isinstance(mod, QuantEmbedding):
+            convert_embedding_(mod)

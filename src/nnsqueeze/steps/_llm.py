@@ -1,0 +1,145 @@
+"""Shared plumbing of the block-wise language-model steps (``rtn``, ``gptq``, ``awq``, ``smoothquant``,
+``sparsegpt``, ``wanda``): layer selection inside the decoder blocks, calibration batches, reporting.
+
+Selection: the default targets are every Linear (and transformers' ``Conv1D``) inside the decoder
+blocks found by :func:`nnsqueeze.llm.sequential.find_blocks`; a selected layer outside them (``lm_head``,
+embeddings projections) is skipped with a reason in the report and stays float.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from typing import Any, Callable
+
+import torch
+from pydantic import Field, field_validator
+from torch import nn
+
+from ..data import take
+from ..errors import DataError, TargetError
+from ..llm.sequential import find_blocks, is_linear, run_sequential, set_weight
+from .base import Step, StepConfig
+from .prune import MASK, Prune, ensure_mask
+
+
+class LLMStepConfig(StepConfig):
+    samples: int = Field(128, ge=1, description="calibration sequences: batches of calib_data are taken "
+                         "until at least this many")
+
+
+class QuantScheme(StepConfig):
+    """The weight grid (``rtn`` needs nothing else: no calibration data)."""
+
+    bits: int = Field(4, ge=2, le=8)
+    group_size: int | None = Field(128, description="input channels per scale; null or -1: one per row")
+    symmetric: bool = True
+
+    @field_validator("group_size")
+    @classmethod
+    def _group(cls, v: int | None) -> int | None:
+        if v is None or v == -1:
+            return None
+        if v < 1:
+            raise ValueError(f"group_size must be >= 1, -1 or null, got {v}")
+        return v
+
+
+class QuantFields(QuantScheme, LLMStepConfig):
+    """The grid plus ``samples``: the calibrated quantizers (``gptq``, ``awq``)."""
+
+
+class SparsityFields(LLMStepConfig):
+    sparsity: float = Field(0.5, ge=0.0, lt=1.0, description="unstructured: fraction of zeros per layer")
+    pattern: str = Field("unstructured", description="'unstructured' or 'N:M' (N nonzeros of every M, e.g. '2:4')")
+
+    @field_validator("pattern")
+    @classmethod
+    def _pattern(cls, v: str) -> str:
+        if v == "unstructured":
+            return v
+        m = re.fullmatch(r"(\d+):(\d+)", v)
+        if not m or not 0 < int(m.group(1)) < int(m.group(2)):
+            raise ValueError(f"pattern must be 'unstructured' or 'N:M' with 0 < N < M (e.g. '2:4'), got {v!r}")
+        return v
+
+    def prune_nm(self) -> tuple[int, int]:
+        """``(pruned per group, group size)``: '2:4' keeps 2 of 4, so prunes 2; (0, 0) if unstructured."""
+        if self.pattern == "unstructured":
+            return 0, 0
+        n, m = map(int, self.pattern.split(":"))
+        return m - n, m
+
+
+def relative_error(w: torch.Tensor, w_hat: torch.Tensor, hessian: torch.Tensor) -> float:
+    """``||X (W - W_hat)^T|| / ||X W^T||`` on the calibration tokens, from ``H = 2/n X^T X``."""
+    h = hessian.double()
+    d = w.double() - w_hat.double()
+    num = float(((d @ h) * d).sum())
+    den = float(((w.double() @ h) * w.double()).sum())
+    return math.sqrt(max(num, 0.0) / den) if den > 0 else 0.0
+
+
+class LLMStep(Step):
+    default_targets = ["Linear", "Conv1D"]
+
+    def block_layers(self, model: nn.Module, ctx: Any) -> list[tuple[str, nn.Module]]:
+        """Selected Linear-like layers inside the decoder blocks; the others are skipped (reported)."""
+        prefix, blocks = find_blocks(model)
+        supported = tuple({type(m) for m in model.modules() if is_linear(m)}) or (nn.Linear,)
+        sel = self.select(model, ctx, supported=supported)
+        inside, keep = re.compile(rf"{re.escape(prefix)}\.\d+\..+"), []
+        for name, mod in sel.layers:
+            if inside.fullmatch(name):
+                keep.append((name, mod))
+            else:
+                ctx.skip(self.registered_name, name, "outside the decoder blocks: kept in float")
+        if not keep:
+            raise TargetError(f"{self.where}.targets", f"no selected layer is inside the decoder blocks ({prefix}.*)",
+                              fix=f"target Linear layers under {prefix}")
+        return keep
+
+    def calibrate(self, model: nn.Module, ctx: Any, layers: list[tuple[str, nn.Module]],
+                  make_stats: Callable, apply: Callable, **kw: Any) -> dict[str, Any]:
+        """Run :func:`run_sequential` on the calibration data; per-layer figures go to the report."""
+        if ctx.calib_data is None:
+            raise DataError(f"{self.where}", "needs calibration data",
+                            fix="pass calib_data=... (batches of token ids or dicts with input_ids)")
+        batches = take(ctx.calib_data, self.config.samples)
+
+        def apply_and_report(name, mod, stats):
+            fields = apply(name, mod, stats) or {}
+            ctx.report.layer(name, **fields)
+            return fields
+
+        rep = run_sequential(model, batches, [n for n, _ in layers], make_stats, apply_and_report,
+                             device=ctx.device, **kw)
+        figures = rep.as_dict()
+        try:
+            ctx.report.step(**figures)
+        except RuntimeError:  # called outside a recipe run (no current step)
+            pass
+        ctx.log.info("%s: %d blocks, %d tokens, peak RSS %.0f MiB", self.registered_name, rep.blocks,
+                     rep.tokens, rep.peak_rss_mib)
+        return figures
+
+
+@torch.no_grad()
+def set_masked(mod, w: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """Write ``w`` with ``keep`` intersected with any existing mask; returns the final (out, in) mask."""
+    conv1d = type(mod).__name__ == "Conv1D"
+    old = ensure_mask(mod)
+    old_oi = old.T if conv1d else old
+    final = keep.to(old.device) & old_oi
+    old.copy_(final.T if conv1d else final)
+    set_weight(mod, w * final.to(w.dtype))
+    return final
+
+
+class PruneStep(LLMStep):
+    def record(self):
+        return {"layers": self.layers_, "mask": MASK, "mask_dtype": "bool", "pattern": self.config.pattern}
+
+    @classmethod
+    def rebuild(cls, model, config, record: dict[str, Any]):
+        return Prune.rebuild(model, config, record)  # registers the bool weight_mask buffers

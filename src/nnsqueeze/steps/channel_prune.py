@@ -1,0 +1,300 @@
+"""Step ``structured-prune``: remove whole channels / neurons so the model becomes smaller and dense.
+
+Recipe (iterative prune -> fine-tune: each step removes a fraction of what is left)::
+
+    steps:
+      - structured-prune: {ratio: 0.3, importance: l2, round_to: 8,
+                           overrides: {"re:features\\\\.0": 0.1}, ignore: [classifier.0]}
+      - finetune: {steps: 500, lr: 1.0e-3}
+      - structured-prune: {macs: 0.3, importance: fpgm, scope: global}   # <= 30% of the MACs left
+      - finetune: {steps: 1000, lr: 1.0e-3}
+
+Python::
+
+    >>> import torch
+    >>> from torch import nn
+    >>> from nnsqueeze.context import Context
+    >>> from nnsqueeze.steps.channel_prune import StructuredPrune
+    >>> x = torch.randn(4, 3)
+    >>> ctx = Context(example_inputs=x, progress=False); ctx.report.begin_step("structured-prune", {})
+    >>> m = nn.Sequential(nn.Linear(3, 16), nn.ReLU(), nn.Linear(16, 2))
+    >>> StructuredPrune(StructuredPrune.Config(ratio=0.5)).run(m, ctx)[0]
+    Linear(in_features=3, out_features=8, bias=True)
+
+How: :func:`nnsqueeze.structured.graph.build_graph` traces the model (``ctx.example_inputs``) into
+groups of coupled layer dimensions; an importance criterion (``l1``, ``l2``, ``fpgm``, ``bn-scale``,
+``taylor`` (training batches), ``apoz``/``energy`` (calibration batches)) scores each group's
+channels; the lowest go from every member at once (:mod:`nnsqueeze.structured.pruners`). Targets:
+exactly one of ``ratio`` (fraction of channels removed: per group with ``scope: layer``, ranked
+across groups with ``scope: global``), ``params`` or ``macs`` (an absolute budget if > 1, else a
+fraction of the current model's; found by bisection on the global ratio). A group is pruned when
+all its Conv/Linear/Embedding output layers are selected by ``targets`` and none of its layers is
+ignored; groups the graph cannot prove safe are left intact and listed as skipped with the reason.
+
+Record: the kept indices of every shrunk layer dimension, in order; ``rebuild`` replays them on a
+fresh model without data, so ``nsq.load`` restores the pruned shapes and then loads the weights.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any, ClassVar, Literal
+
+import torch
+from pydantic import Field, model_validator
+from torch import nn
+
+from ..errors import DataError, ModelError
+from ..registry import STEPS
+from ..structured import allocate
+from ..structured.attention import ATTENTION, head_parts, prune_heads, unsupported_reason
+from ..structured.collect import accumulate_grads, activation_parts, activations, taylor_parts, weight_parts
+from ..structured.graph import DependencyGraph, Group, build_graph
+from ..structured.importance import CRITERIA, NEEDS, Part
+from ..structured.macs import count
+from ..structured.pruners import dim_size, shrink
+from ..targets import _matches
+from .base import Step, StepConfig
+
+LAYERS = (nn.modules.conv._ConvNd, nn.Linear, nn.Embedding)
+
+
+class StructuredPruneConfig(StepConfig):
+    importance: Literal["l1", "l2", "fpgm", "bn-scale", "taylor", "apoz", "energy"] = "l2"
+    ratio: float | None = Field(None, ge=0.0, lt=1.0, description="fraction of channels removed")
+    params: float | None = Field(None, gt=0.0, description="parameter budget: count if > 1, else fraction")
+    macs: float | None = Field(None, gt=0.0, description="MACs budget per sample: count if > 1, else fraction")
+    scope: Literal["layer", "global"] = "layer"
+    round_to: int = Field(1, ge=1, description="kept channels are a multiple of this (when wider)")
+    min_channels: int = Field(1, ge=1)
+    max_ratio: float = Field(0.9, gt=0.0, lt=1.0, description="most any group may lose (global / budgets)")
+    overrides: dict[str, float] = Field(default_factory=dict,
+                                        description="layer pattern -> ratio for the groups it produces")
+    batches: int = Field(4, ge=1, description="data batches for taylor / apoz / energy")
+    head_ratio: float | None = Field(None, ge=0.0, lt=1.0, description="fraction of attention heads removed "
+                                     "(nn.MultiheadAttention); default: `ratio`, or none with a budget")
+
+    @model_validator(mode="after")
+    def _one_target(self) -> "StructuredPruneConfig":
+        given = [k for k in ("ratio", "params", "macs") if getattr(self, k) is not None]
+        if len(given) != 1:
+            raise ValueError(f"give exactly one of ratio, params, macs (got {given or 'none'})")
+        for k, v in self.overrides.items():
+            if not 0.0 <= v < 1.0:
+                raise ValueError(f"overrides[{k!r}] = {v} must be in [0, 1)")
+        return self
+
+
+def _group_layers(model: nn.Module, g: Group) -> list[str]:
+    return sorted({m.module for m in g.members if m.role == "out" and isinstance(model.get_submodule(m.module), LAYERS)})
+
+
+def keep_indices(model: nn.Module, groups: list[Group], pruned: list[torch.Tensor]) -> list[tuple[str, str, list[int]]]:
+    """(layer, role, kept indices) for every layer dimension that loses something."""
+    removed: dict[tuple[str, str], set[int]] = {}
+    for g, idx in zip(groups, pruned):
+        if idx.numel() == 0:
+            continue
+        for mb in g.members:
+            pos = (mb.offset + idx[:, None] * mb.expand + torch.arange(mb.expand)[None, :]).flatten().tolist()
+            removed.setdefault((mb.module, mb.role), set()).update(pos)
+    out = []
+    for (name, role), gone in removed.items():
+        n = dim_size(model.get_submodule(name), role)
+        out.append((name, role, [i for i in range(n) if i not in gone]))
+    return out
+
+
+def apply(model: nn.Module, plan: list[tuple[str, str, list[int]]], where: str = "structured-prune") -> nn.Module:
+    for name, role, keep in plan:
+        try:
+            mod = model.get_submodule(name)
+        except AttributeError:
+            raise ModelError(f"{where}: {name}", "layer not found in the model",
+                             fix="load onto the same architecture that was compressed") from None
+        n = dim_size(mod, role)
+        if keep and (max(keep) >= n or min(keep) < 0):
+            raise ModelError(f"{where}: {name}", f"kept index {max(keep)} outside its {role} dimension of {n}",
+                             fix="load onto the same architecture that was compressed")
+        shrink(mod, role, torch.tensor(keep, dtype=torch.long))
+    return model
+
+
+@STEPS.register("structured-prune")
+class StructuredPrune(Step):
+    Config = StructuredPruneConfig
+    default_targets: ClassVar[list[str]] = ["Conv1d", "Conv2d", "Conv3d", "Linear", "Embedding",
+                                            "MultiheadAttention", "PrunedMultiheadAttention"]
+    trains: ClassVar[bool] = False
+
+    def __init__(self, config: StructuredPruneConfig, index: int = 0):
+        super().__init__(config, index)
+        self.plan_: list[tuple[str, str, list[int]]] = []
+        self.heads_: dict[str, list[int]] = {}
+
+    # ---- pieces ---------------------------------------------------------------------------------
+
+    def _groups(self, model: nn.Module, graph: DependencyGraph, ctx: Any, sel: Any) -> list[Group]:
+        chosen = set(sel.names)
+        ignored = {n for n, _ in sel.skipped}
+        name = self.registered_name
+        for layer, reason in graph.skipped.items():
+            ctx.skip(name, layer, reason)
+        for layers, reason in graph.frozen:
+            ctx.skip(name, layers, f"channels kept: {reason}")
+        out = []
+        for g in graph.groups:
+            layers = _group_layers(model, g)
+            if any(m.module in ignored for m in g.members):
+                ctx.skip(name, ", ".join(layers), "channels kept: a coupled layer is ignored by the recipe")
+            elif not layers or not all(n in chosen for n in layers):
+                ctx.skip(name, ", ".join(layers), "channels kept: not all coupled layers are targeted")
+            else:
+                out.append(g)
+        return out
+
+    def _scores(self, model: nn.Module, groups: list[Group], ctx: Any) -> list[torch.Tensor]:
+        c, crit = self.config, CRITERIA[self.config.importance]
+        need = NEEDS.get(c.importance)
+        if need == "gradients":
+            data = ctx.train_data if ctx.train_data is not None else ctx.calib_data
+            accumulate_grads(model, data or [], c.batches, ctx.loss_fn, f"{self.where}.importance")
+            scores = [crit(taylor_parts(model, g)) for g in groups]
+            model.zero_grad(set_to_none=True)
+            return scores
+        if need == "activations":
+            data = ctx.calib_data if ctx.calib_data is not None else ctx.train_data
+            names = sorted({m.module for g in groups for m in g.members if m.role == "out"
+                            and isinstance(model.get_submodule(m.module), LAYERS)})
+            acts = activations(model, names, data or [], c.batches, f"{self.where}.importance")
+            return [crit(activation_parts(g, acts)) for g in groups]
+        return [crit(weight_parts(model, g)) for g in groups]
+
+    def _fixed(self, model: nn.Module, groups: list[Group]) -> list[float | None]:
+        out: list[float | None] = []
+        for g in groups:
+            hit = [r for p, r in self.config.overrides.items()
+                   for n in _group_layers(model, g) if _matches(p, n, model.get_submodule(n))]
+            out.append(min(hit) if hit else None)
+        return out
+
+    def _plan(self, scores: list[torch.Tensor], fixed: list[float | None], ratio: float, scope: str) -> list[torch.Tensor]:
+        c = self.config
+        if scope == "global":
+            return allocate.global_plan(scores, ratio, fixed, c.max_ratio, c.round_to, c.min_channels)
+        return allocate.layer_plan(scores, [ratio if f is None else f for f in fixed], c.round_to, c.min_channels)
+
+    def _search(self, model, groups, scores, fixed, example, budget: float, key: str, ctx: Any) -> float:
+        """Smallest global ratio whose pruned model fits ``budget`` (bisection, 14 rounds)."""
+        def cost(r: float) -> int:
+            trial = apply(copy.deepcopy(model), keep_indices(model, groups, self._plan(scores, fixed, r, "global")))
+            cnt = count(trial, example)
+            return cnt.total_macs if key == "macs" else cnt.total_params
+        lo, hi = 0.0, self.config.max_ratio
+        if cost(hi) > budget:
+            ctx.fallback(self.registered_name, f"{key} budget {budget:,.0f} is out of reach with max_ratio {hi} "
+                         "(channels that must be kept are listed as skipped); pruned at max_ratio")
+            return hi
+        for _ in range(14):
+            mid = (lo + hi) / 2
+            lo, hi = (lo, mid) if cost(mid) <= budget else (mid, hi)
+        return hi
+
+    # ---- step -----------------------------------------------------------------------------------
+
+    def run(self, model: nn.Module, ctx: Any) -> nn.Module:
+        c = self.config
+        example = ctx.example_inputs
+        if example is None:
+            raise DataError(f"{self.where}", "structured pruning traces the model and needs example inputs",
+                            fix="pass example_inputs=... or calib_data=... to compress()")
+        before = count(model, example)
+        sel = self.select(model, ctx, supported=LAYERS + ATTENTION)
+        groups = self._groups(model, build_graph(model, example), ctx, sel)
+        heads = self._prune_heads(model, sel, ctx)
+        if not groups:
+            if not heads:
+                ctx.fallback(self.registered_name, "no prunable channel group; the model is unchanged")
+            ctx.report.step(groups=0, heads_removed=heads)
+            return model
+        scores = self._scores(model, groups, ctx)
+        fixed = self._fixed(model, groups)
+        if c.ratio is not None:
+            ratio, scope = c.ratio, c.scope
+        else:
+            key = "macs" if c.macs is not None else "params"
+            want = getattr(c, key)
+            base = before.total_macs if key == "macs" else before.total_params
+            budget = want if want > 1 else want * base
+            ratio, scope = self._search(model, groups, scores, fixed, example, budget, key, ctx), "global"
+        pruned = self._plan(scores, fixed, ratio, scope)
+        self.plan_ = keep_indices(model, groups, pruned)
+        apply(model, self.plan_, self.where)
+        try:
+            after = count(model, example)
+        except Exception as e:  # a bug in the graph, never the user's fault: say so loudly
+            raise ModelError(self.where, f"the pruned model no longer runs ({type(e).__name__}: {e})",
+                             fix="report this model; meanwhile `ignore` the layers named above") from e
+        for name, fig in before.per_layer.items():
+            a = after.per_layer.get(name, {"macs": 0, "params": 0})
+            if a != fig:
+                ctx.report.layer(name, macs_before=fig["macs"], macs_after=a["macs"],
+                                 params_before=fig["params"], params_after=a["params"])
+        channels = sum(g.size for g in groups)
+        removed = sum(int(p.numel()) for p in pruned)
+        ctx.report.step(groups=len(groups), heads_removed=heads, channels=channels, channels_removed=removed, ratio=round(ratio, 4),
+                        scope=scope, importance=c.importance, params_before=before.total_params,
+                        params_after=after.total_params, macs_before=before.total_macs, macs_after=after.total_macs,
+                        macs_reduction=round(before.total_macs / max(1, after.total_macs), 3))
+        ctx.log.info("structured-prune: %d/%d channels removed in %d groups; MACs %d -> %d, params %d -> %d",
+                     removed, channels, len(groups), before.total_macs, after.total_macs,
+                     before.total_params, after.total_params)
+        return model
+
+    def _prune_heads(self, model: nn.Module, sel: Any, ctx: Any) -> int:
+        """Remove attention heads in place (before the channel plan is applied); returns heads removed."""
+        c = self.config
+        ratio = c.head_ratio if c.head_ratio is not None else (c.ratio or 0.0)
+        crit = c.importance if c.importance in ("l1", "l2", "fpgm") else "l2"
+        removed = 0
+        for name, mod in sel.layers:
+            if not isinstance(mod, ATTENTION):
+                continue
+            reason = unsupported_reason(mod)
+            if reason:
+                ctx.skip(self.registered_name, name, f"heads kept: {reason}")
+                continue
+            r = min([v for p, v in c.overrides.items() if _matches(p, name, mod)] or [ratio])
+            n = mod.num_heads
+            gone = allocate.lowest(CRITERIA[crit]([Part("linear", "out", t) for t in head_parts(mod)]),
+                                   allocate.keep_count(n, r, 1, c.min_channels))
+            if gone.numel() == 0:
+                continue
+            if crit != c.importance:
+                ctx.fallback(self.registered_name, f"{name}: heads ranked by l2 ({c.importance} is for channels)")
+            keep = [i for i in range(n) if i not in set(gone.tolist())]
+            _set(model, name, prune_heads(mod, keep))
+            self.heads_[name] = keep
+            removed += n - len(keep)
+            ctx.report.layer(name, heads_before=n, heads_after=len(keep))
+        return removed
+
+    def record(self) -> dict[str, Any]:
+        return {"shrink": [[n, r, k] for n, r, k in self.plan_], "heads": dict(self.heads_)}
+
+    @classmethod
+    def rebuild(cls, model: nn.Module, config: StructuredPruneConfig, record: dict[str, Any]) -> nn.Module:
+        """Replay the recorded head removal and shrinking on a fresh model; the weights come from the artifact."""
+        for name, keep in record.get("heads", {}).items():
+            try:
+                mod = model.get_submodule(name)
+            except AttributeError:
+                raise ModelError(f"structured-prune record: {name}", "attention layer not found",
+                                 fix="load onto the same architecture that was compressed") from None
+            _set(model, name, prune_heads(mod, list(keep)))
+        return apply(model, [(n, r, list(k)) for n, r, k in record.get("shrink", [])], "structured-prune record")
+
+
+def _set(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent, _, attr = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, attr, new)

@@ -1,0 +1,208 @@
+"""Step ``lowrank``: truncated-SVD factorization of Linear layers, Tucker-2 of Conv1d/Conv2d.
+
+Recipe::
+
+    steps:
+      - lowrank:  {budget: 0.4}                 # each layer keeps <= 40% of its weights
+      - finetune: {epochs: 10, lr: 1.0e-3}
+    # or {energy: 0.9}: the smallest ranks keeping 90% of each weight's squared Frobenius norm
+    # or {rank: 32}: a fixed rank (Linear) / channel ranks (conv), clipped to the layer
+
+Python::
+
+    >>> import torch
+    >>> from torch import nn
+    >>> from nnsqueeze.context import Context
+    >>> from nnsqueeze.steps.lowrank import LowRank
+    >>> ctx = Context(progress=False); ctx.report.begin_step("lowrank", {})
+    >>> model = LowRank(LowRank.Config(rank=4)).run(nn.Sequential(nn.Linear(64, 32)), ctx)
+    >>> model[0]
+    Sequential(
+      (0): Linear(in_features=64, out_features=4, bias=False)
+      (1): Linear(in_features=4, out_features=32, bias=True)
+    )
+
+What it does: a ``Linear(in, out)`` becomes ``Sequential(Linear(in, r, bias=False), Linear(r, out))``
+with the truncated SVD (``W ~ U_r S_r V_r^T``, the root of ``S_r`` on each side); a ``Conv(I, O, k)``
+becomes ``Sequential(Conv(I, r_in, 1), Conv(r_in, r_out, k, stride, padding, dilation), Conv(r_out, O, 1))``
+from the Tucker-2 decomposition (HOSVD of the two channel modes; bias on the last conv). A layer
+is skipped (and reported) when factorizing it would not save parameters, when it is grouped or
+pruned (a ``weight_mask``: factors are dense), or uses a non-zero padding mode. The record holds
+each layer's kind and ranks, so ``nsq.load`` rebuilds the structure without data; the exported
+ONNX model holds the smaller layers. Default targets: Linear, Conv1d, Conv2d.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+import torch
+from pydantic import Field, model_validator
+from torch import nn
+
+from ..errors import ModelError
+from ..ops.svd import (rank_for_budget, rank_for_energy, singular_values, truncated_svd, tucker2,
+                       tucker2_params, tucker2_ranks_for_budget, tucker2_ranks_for_energy)
+from ..registry import STEPS
+from .base import Step, StepConfig
+
+SUPPORTED: tuple[type, ...] = (nn.Linear, nn.Conv1d, nn.Conv2d)
+
+
+class LowRankConfig(StepConfig):
+    rank: int | None = Field(None, ge=1, description="fixed rank (Linear) or channel ranks (conv)")
+    energy: float | None = Field(None, gt=0.0, le=1.0, description="keep this fraction of sum(s**2)")
+    budget: float | None = Field(None, gt=0.0, lt=1.0, description="keep at most this fraction of each "
+                                 "layer's weights")
+
+    @model_validator(mode="after")
+    def _one_rule(self) -> "LowRankConfig":
+        given = [k for k in ("rank", "energy", "budget") if getattr(self, k) is not None]
+        if len(given) > 1:
+            raise ValueError(f"give one of rank, energy, budget (got {', '.join(given)})")
+        if not given:
+            self.energy = 0.9
+        return self
+
+
+def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, child, new)
+
+
+def _linear_factors(m: nn.Linear, r: int) -> nn.Sequential:
+    dev, dt = m.weight.device, m.weight.dtype
+    return nn.Sequential(nn.Linear(m.in_features, r, bias=False, device=dev, dtype=dt),
+                         nn.Linear(r, m.out_features, bias=m.bias is not None, device=dev, dtype=dt))
+
+
+def _conv_factors(m: nn.modules.conv._ConvNd, r_out: int, r_in: int) -> nn.Sequential:
+    conv = type(m)
+    dev, dt = m.weight.device, m.weight.dtype
+    return nn.Sequential(
+        conv(m.in_channels, r_in, 1, bias=False, device=dev, dtype=dt),
+        conv(r_in, r_out, m.kernel_size, stride=m.stride, padding=m.padding, dilation=m.dilation, bias=False,
+             device=dev, dtype=dt),
+        conv(r_out, m.out_channels, 1, bias=m.bias is not None, device=dev, dtype=dt))
+
+
+@STEPS.register("lowrank")
+class LowRank(Step):
+    Config = LowRankConfig
+    default_targets: ClassVar[list[str]] = ["Linear", "Conv1d", "Conv2d"]
+
+    def __init__(self, config: LowRankConfig, index: int = 0):
+        super().__init__(config, index)
+        self.layers_: dict[str, dict[str, Any]] = {}
+
+    def _ranks(self, name: str, m: nn.Module) -> tuple[list[int] | None, int, int]:
+        """(ranks, params before, params after) for layer ``m``; ranks None when the budget cannot be met."""
+        c: LowRankConfig = self.config
+        w = m.weight.detach()
+        before = w.numel()
+        if isinstance(m, nn.Linear):
+            o, i = w.shape
+            if c.rank is not None:
+                r = min(c.rank, o, i)
+            elif c.budget is not None:
+                r = rank_for_budget(o, i, c.budget)
+                if r is None:
+                    return None, before, before
+            else:
+                r = rank_for_energy(singular_values(w), c.energy)
+            return [r], before, r * (o + i)
+        o, i = w.shape[:2]
+        ksize = w[0, 0].numel()
+        if c.rank is not None:
+            ro, ri = min(c.rank, o), min(c.rank, i)
+        elif c.budget is not None:
+            rr = tucker2_ranks_for_budget(o, i, ksize, c.budget)
+            if rr is None:
+                return None, before, before
+            ro, ri = rr
+        else:
+            ro, ri = tucker2_ranks_for_energy(w, c.energy)
+        return [ro, ri], before, tucker2_params(o, i, ksize, ro, ri)
+
+    @torch.no_grad()
+    def run(self, model: nn.Module, ctx: Any) -> nn.Module:
+        total_before = total_after = 0
+        for name, m in self.select(model, ctx, supported=SUPPORTED).layers:
+            why = None
+            if type(m) not in SUPPORTED or not isinstance(getattr(m, "weight", None), nn.Parameter):
+                why = f"{type(m).__name__} is not a plain layer with a weight"
+            elif isinstance(getattr(m, "weight_mask", None), torch.Tensor):
+                why = "pruned (weight_mask): low-rank factors would be dense"
+            elif not isinstance(m, nn.Linear) and (m.groups != 1 or m.padding_mode != "zeros"):
+                why = "grouped convolution or non-zero padding mode"
+            if why:
+                ctx.skip(self.registered_name, name, why)
+                continue
+            if not torch.isfinite(m.weight).all():
+                raise ModelError(f"{self.where}: {name}.weight", "contains NaN or inf",
+                                 fix="check the checkpoint; SVD needs finite weights")
+            ranks, before, after = self._ranks(name, m)
+            if ranks is None:
+                ctx.skip(self.registered_name, name, f"even rank 1 keeps more than {self.config.budget} of its weights")
+                continue
+            if after >= before:
+                ctx.skip(self.registered_name, name, f"rank {ranks} would not save parameters ({after} >= {before})")
+                continue
+            w = m.weight.detach()
+            if isinstance(m, nn.Linear):
+                new = _linear_factors(m, ranks[0])
+                b, a = truncated_svd(w, ranks[0])
+                new[0].weight.copy_(a)
+                new[1].weight.copy_(b)
+                kind = "svd"
+            else:
+                new = _conv_factors(m, *ranks)
+                u_out, core, u_in = tucker2(w, *ranks)
+                extra = (1,) * (w.dim() - 2)
+                new[0].weight.copy_(u_in.reshape(*u_in.shape, *extra))
+                new[1].weight.copy_(core)
+                new[2].weight.copy_(u_out.reshape(*u_out.shape, *extra))
+                kind = "tucker2"
+            if m.bias is not None:
+                new[-1].bias.copy_(m.bias)
+            rel = float(((w - self._dense(new)).norm() / w.norm().clamp(min=1e-12)))
+            _set_submodule(model, name, new.train(m.training))
+            self.layers_[name] = {"kind": kind, "ranks": ranks}
+            total_before, total_after = total_before + before, total_after + after
+            ctx.report.layer(name, lowrank=kind, ranks=ranks, params_before=before, params_after=after,
+                             rel_error=round(rel, 6))
+        ctx.report.step(layers=len(self.layers_), params_before=total_before, params_after=total_after,
+                        ratio=round(total_before / max(1, total_after), 3))
+        return model
+
+    @staticmethod
+    def _dense(seq: nn.Sequential) -> torch.Tensor:
+        """The factors multiplied back (for the reported relative error)."""
+        if isinstance(seq[0], nn.Linear):
+            return seq[1].weight @ seq[0].weight
+        u_in = seq[0].weight.reshape(seq[0].weight.shape[:2])
+        u_out = seq[2].weight.reshape(seq[2].weight.shape[:2])
+        return torch.einsum("or,rs...,si->oi...", u_out, seq[1].weight, u_in)
+
+    def record(self) -> dict[str, Any]:
+        return {"layers": {k: dict(v) for k, v in self.layers_.items()}}
+
+    @classmethod
+    def rebuild(cls, model: nn.Module, config: LowRankConfig, record: dict[str, Any]) -> nn.Module:
+        """Replace the recorded layers by (uninitialised) factor sequences of the recorded ranks."""
+        for name, spec in record.get("layers", {}).items():
+            try:
+                m = model.get_submodule(name)
+            except AttributeError:
+                raise ModelError(f"lowrank record: {name}", "layer not found in the model",
+                                 fix="load onto the same architecture that was compressed") from None
+            kind, ranks = spec.get("kind"), spec.get("ranks", [])
+            if kind == "svd" and isinstance(m, nn.Linear):
+                new = _linear_factors(m, int(ranks[0]))
+            elif kind == "tucker2" and isinstance(m, (nn.Conv1d, nn.Conv2d)):
+                new = _conv_factors(m, int(ranks[0]), int(ranks[1]))
+            else:
+                raise ModelError(f"lowrank record: {name}", f"cannot apply {kind!r} to {type(m).__name__}",
+                                 fix="load onto the same architecture that was compressed")
+            _set_submodule(model, name, new)
+        return model

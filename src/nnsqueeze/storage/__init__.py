@@ -1,0 +1,1 @@
+"""Compact, bit-exact storage formats for compressed weights (entropy coding)."""

@@ -1,0 +1,91 @@
+"""MACs and parameters per layer, counted with forward hooks on one example batch (per sample).
+
+Counted: Conv (``out.numel() * in/groups * kernel``), Linear (``out.numel() * in``), Embedding (0
+MACs), attention (q/k/v and output projections plus ``QK^T`` and ``AV``). Elementwise ops, norms and pools are not counted (they are memory-bound and small)::
+
+    >>> import torch
+    >>> from torch import nn
+    >>> from nnsqueeze.structured.macs import count
+    >>> c = count(nn.Sequential(nn.Conv1d(2, 4, 3), nn.Linear(6, 5)), torch.randn(1, 2, 8))
+    >>> c.total_macs, c.per_layer["0"]["macs"], c.per_layer["1"]["macs"]
+    (264, 144, 120)
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from .attention import ATTENTION
+
+COUNTED = (nn.modules.conv._ConvNd, nn.Linear, nn.Embedding) + ATTENTION
+
+
+@dataclass
+class Counts:
+    total_macs: int = 0
+    total_params: int = 0
+    per_layer: dict[str, dict[str, int]] = field(default_factory=dict)
+
+
+def _batch(x: Any) -> int:
+    if isinstance(x, torch.Tensor):
+        return max(1, x.shape[0]) if x.dim() else 1
+    if isinstance(x, (tuple, list)) and x:
+        return _batch(x[0])
+    if isinstance(x, dict) and x:
+        return _batch(next(iter(x.values())))
+    return 1
+
+
+@torch.no_grad()
+def count(model: nn.Module, example_inputs: Any) -> Counts:
+    """MACs per sample and parameters, total and per counted layer."""
+    n = _batch(example_inputs)
+    c = Counts(total_params=sum(p.numel() for p in model.parameters()))
+    hooks = []
+
+    def hook(name: str):
+        def fn(mod: nn.Module, inp: Any, out: Any) -> None:
+            out = out[0] if isinstance(out, tuple) else out
+            if isinstance(mod, nn.modules.conv._ConvNd):
+                macs = out.numel() * (mod.in_channels // mod.groups) * math.prod(mod.kernel_size)
+            elif isinstance(mod, nn.Linear):
+                macs = out.numel() * mod.in_features
+            elif isinstance(mod, ATTENTION):
+                q, k = inp[0], inp[1]
+                tokens_q, tokens_k = q.numel() // q.shape[-1], k.numel() // k.shape[-1]
+                inner = mod.num_heads * mod.head_dim
+                e = mod.embed_dim
+                # projections (q; k and v) + out_proj, then scores and weighted values per query/key pair
+                pairs = tokens_q * k.shape[0 if not mod.batch_first and k.dim() == 3 else -2]
+                macs = tokens_q * inner * e + 2 * tokens_k * inner * e + tokens_q * e * inner + 2 * pairs * inner
+            else:
+                macs = 0
+            e = c.per_layer.setdefault(name, {"macs": 0, "params": sum(p.numel() for p in mod.parameters())})
+            e["macs"] += macs // n
+            c.total_macs += macs // n
+        return fn
+
+    skip: set[int] = set()
+    for name, mod in model.named_modules():
+        if id(mod) in skip:
+            continue
+        if isinstance(mod, ATTENTION):  # counted as a whole, not its out_proj again
+            skip.update(id(x) for x in mod.modules() if x is not mod)
+        if isinstance(mod, COUNTED):
+            hooks.append(mod.register_forward_hook(hook(name)))
+    was = model.training
+    model.eval()
+    try:
+        args = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
+        model(*args)
+    finally:
+        model.train(was)
+        for h in hooks:
+            h.remove()
+    return c

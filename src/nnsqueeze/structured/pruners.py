@@ -1,0 +1,120 @@
+"""Per-layer-type physical shrinking: keep some indices of a layer's output or input dimension.
+
+One function per role; each slices every parameter and buffer of the layer that has that dimension
+(so an unstructured ``weight_mask`` from the ``prune`` step shrinks with its weight) and updates the
+shape attributes (``out_channels``, ``in_features``, ``num_features``, ``groups``...)::
+
+    >>> import torch
+    >>> from torch import nn
+    >>> from nnsqueeze.structured.pruners import shrink
+    >>> conv = nn.Conv1d(4, 6, 3)
+    >>> shrink(conv, "out", torch.tensor([0, 2, 5])); conv
+    Conv1d(4, 3, kernel_size=(3,), stride=(1,))
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from torch import nn
+
+from ..errors import ModelError
+
+Tensor = torch.Tensor
+
+SHRINKABLE = (nn.modules.conv._ConvNd, nn.Linear, nn.modules.batchnorm._BatchNorm, nn.Embedding)
+
+
+def _slice(module: nn.Module, dim_size: int, dim: int, keep: Tensor, only: set[str] | None = None) -> None:
+    """Index every own parameter/buffer whose ``dim`` has ``dim_size`` entries (``only``: by name)."""
+    for name, t in list(module.named_parameters(recurse=False)) + list(module.named_buffers(recurse=False)):
+        if t is None or t.dim() <= dim or t.shape[dim] != dim_size or (only is not None and name not in only):
+            continue
+        new = t.detach().index_select(dim, keep.to(t.device)).clone()
+        if isinstance(t, nn.Parameter):
+            setattr(module, name, nn.Parameter(new, requires_grad=t.requires_grad))
+        else:
+            module._buffers[name] = new
+
+
+def _weight_names(module: nn.Module) -> set[str]:
+    """``weight`` plus buffers shaped like it (masks)."""
+    w = module.weight
+    return {"weight"} | {n for n, b in module.named_buffers(recurse=False) if b is not None and b.shape == w.shape}
+
+
+@torch.no_grad()
+def shrink(module: nn.Module, role: str, keep: Tensor) -> None:
+    """Keep indices ``keep`` (sorted, int64) of ``module``'s ``out`` or ``in`` dimension."""
+    keep = torch.as_tensor(keep, dtype=torch.long)
+    if isinstance(module, nn.modules.conv._ConvNd):
+        if module.transposed:
+            raise ModelError(type(module).__name__, "transposed convolutions are not shrunk",
+                             fix="ignore this layer")
+        if role == "out":
+            depthwise = module.groups > 1 and module.groups == module.in_channels == module.out_channels
+            if module.groups > 1 and not depthwise:
+                raise ModelError(type(module).__name__, f"grouped conv (groups={module.groups})", fix="ignore it")
+            n = module.out_channels
+            _slice(module, n, 0, keep)
+            module.out_channels = len(keep)
+            if depthwise:
+                module.in_channels = module.groups = len(keep)
+        else:
+            if module.groups != 1:
+                raise ModelError(type(module).__name__, "input pruning of a grouped conv", fix="ignore it")
+            _slice(module, module.in_channels, 1, keep, _weight_names(module))
+            module.in_channels = len(keep)
+    elif isinstance(module, nn.Linear):
+        if role == "out":
+            _slice(module, module.out_features, 0, keep)
+            module.out_features = len(keep)
+        else:
+            _slice(module, module.in_features, 1, keep, _weight_names(module))
+            module.in_features = len(keep)
+    elif isinstance(module, nn.modules.batchnorm._BatchNorm):
+        _slice(module, module.num_features, 0, keep)
+        module.num_features = len(keep)
+    elif isinstance(module, nn.Embedding):
+        _slice(module, module.embedding_dim, 1, keep, _weight_names(module))
+        module.embedding_dim = len(keep)
+    else:
+        raise ModelError(type(module).__name__, "no pruner for this layer type",
+                         fix=f"structured pruning shrinks {', '.join(t.__name__ for t in SHRINKABLE)}")
+
+
+def dim_size(module: nn.Module, role: str) -> int:
+    """Current size of ``module``'s ``out``/``in`` dimension."""
+    if isinstance(module, nn.modules.conv._ConvNd):
+        return module.out_channels if role == "out" else module.in_channels
+    if isinstance(module, nn.Linear):
+        return module.out_features if role == "out" else module.in_features
+    if isinstance(module, nn.modules.batchnorm._BatchNorm):
+        return module.num_features
+    if isinstance(module, nn.Embedding):
+        return module.embedding_dim
+    raise ModelError(type(module).__name__, "no pruner for this layer type", fix="ignore it")
+
+
+def channel_slices(module: nn.Module, role: str, offset: int, expand: int, n: int,
+                   fn: Callable[[Tensor], Tensor] = lambda t: t.detach()) -> list[Tensor]:
+    """The weights that belong to channels ``0..n-1`` of a member, each shaped ``(n, -1)``.
+
+    ``out`` gives the weight rows (and bias, BN scale/shift); ``in`` gives the input columns
+    ``offset + c*expand + j``. ``fn`` maps each parameter first (e.g. to ``w * grad``).
+    Used by the importance criteria.
+    """
+    idx = torch.arange(offset, offset + n * expand, device=module.weight.device)
+    if isinstance(module, nn.modules.batchnorm._BatchNorm):
+        return [fn(t)[idx].reshape(n, -1) for t in (module.weight, module.bias) if t is not None]
+    if isinstance(module, nn.Embedding):
+        return [fn(module.weight)[:, idx].t().reshape(n, -1)]
+    w = fn(module.weight)
+    if role == "out":
+        out = [w[idx].reshape(n, -1)]
+        if getattr(module, "bias", None) is not None:
+            out.append(fn(module.bias)[idx].reshape(n, -1))
+        return out
+    cols = w.index_select(1, idx)  # (out, n*expand, ...)
+    return [cols.transpose(0, 1).reshape(n, expand, -1).reshape(n, -1)]

@@ -1,0 +1,54 @@
+"""Hugging Face BERT-family encoders: dict inputs and ModelOutput objects through quantization,
+ONNX export and ONNX Runtime (a tiny random BertModel; needs the optional ``hf`` extra)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers", reason="transformers (the 'hf' extra) is not installed")
+
+import nnsqueeze as nsq  # noqa: E402
+from nnsqueeze.export.onnx import export_onnx  # noqa: E402
+from nnsqueeze.export.ort import OrtModule  # noqa: E402
+
+INPUTS = ("input_ids", "attention_mask", "token_type_ids")
+
+
+def _bert():
+    cfg = transformers.BertConfig(vocab_size=101, hidden_size=48, num_hidden_layers=2, num_attention_heads=3,
+                                  attn_implementation="eager",
+                                  intermediate_size=67, max_position_embeddings=64)
+    torch.manual_seed(0)
+    return transformers.BertModel(cfg, add_pooling_layer=False).eval()
+
+
+def _batch(b=4, t=9, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    mask = torch.ones(b, t, dtype=torch.long)
+    mask[0, t - 3:] = 0  # padding
+    return {"input_ids": torch.randint(0, 101, (b, t), generator=g), "attention_mask": mask,
+            "token_type_ids": torch.zeros(b, t, dtype=torch.long)}
+
+
+def test_bert_exports_with_dict_inputs_and_dynamic_sequence(tmp_path):
+    model = _bert()
+    dyn = {n: {1: "seq"} for n in INPUTS}
+    fig = export_onnx(model, tmp_path / "bert.onnx", _batch(), samples=[_batch(3, 13, 1)], dynamic_axes=dyn)
+    assert fig["max_abs_diff"] < 1e-4
+    ort_model = OrtModule(tmp_path / "bert.onnx")
+    assert ort_model.input_names == list(INPUTS)
+    out = ort_model(**_batch(2, 5, 2))
+    assert out.shape[:2] == (2, 5)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("preset", ["int8-dynamic", "w4-g128"])
+def test_bert_preset_runs_in_ort(preset):
+    model = _bert()
+    calib = [_batch(4, 9, s) for s in range(2)]
+    res = nsq.compress(model, preset, calib_data=calib, progress=False)
+    exp = res.report["export"]["compressed"]
+    ops = exp["ort_int8_ops"]  # ORT may share one DynamicQuantizeLinear across Q/K/V (MatMulIntegerToFloat)
+    kinds = {"DynamicQuantizeMatMul", "MatMulIntegerToFloat"} if preset == "int8-dynamic" else {"MatMulNBits"}
+    assert sum(ops.get(k, 0) for k in kinds) == 12 and set(ops) <= kinds

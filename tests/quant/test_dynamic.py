@@ -1,0 +1,56 @@
+"""Dynamic int8 Linear: bit-exact against ONNX Runtime, fused kernels, compact packing."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from nnsqueeze.export.onnx import export_onnx
+from nnsqueeze.export.ort import OrtModule
+from nnsqueeze.quant.dynamic import DynamicQuantLinear, convert_dynamic_
+
+
+def _mlp():
+    return nn.Sequential(nn.Linear(37, 29), nn.GELU(), nn.Linear(29, 11)).eval()
+
+
+@pytest.mark.parametrize("bits,signed", [(8, False), (7, True), (8, True)])
+def test_export_is_bit_exact_and_fused(tmp_path, bits, signed):
+    m = _mlp()
+    fp32 = export_onnx(m, tmp_path / "f.onnx", torch.randn(3, 5, 37))["size_bytes"]
+    for layer in (m[0], m[2]):
+        convert_dynamic_(layer, bits=bits, signed=signed)
+    x = torch.randn(3, 5, 37)
+    fig = export_onnx(m, tmp_path / "m.onnx", x, samples=[torch.randn(2, 5, 37) * 4])
+    assert fig["ort_int8_ops"] == {"DynamicQuantizeMatMul": 2}
+    assert fig["max_abs_diff"] < 1e-6  # same integer arithmetic as ORT (GELU in float differs by 1 ulp)
+    assert fig["size_bytes"] < 0.7 * fp32  # small layers: graph overhead dominates
+
+
+def test_weight_codes_and_pack_round_trip():
+    layer = convert_dynamic_(nn.Linear(19, 7), bits=8, signed=False)
+    q = layer.weight_codes()
+    assert int(q.min()) >= 0 and int(q.max()) <= 255
+    sd = layer.state_dict()
+    layer.pack_state(sd, "")
+    assert sd["weight"].dtype == torch.uint8
+    layer.unpack_state(sd, "")
+    assert torch.equal(sd["weight"], layer.fake_quant_weight().detach())
+    assert isinstance(layer, DynamicQuantLinear) and "uint8 asym" in repr(layer)
+
+
+def test_only_plain_linear():
+    class MyLinear(nn.Linear):
+        pass
+
+    with pytest.raises(TypeError):
+        convert_dynamic_(MyLinear(3, 3))
+
+
+def test_single_layer_bit_exact(tmp_path):
+    layer = convert_dynamic_(nn.Linear(1536, 384), bits=8, signed=False).eval()
+    x = torch.randn(2, 33, 1536).abs() * 3
+    export_onnx(layer, tmp_path / "l.onnx", x)
+    with torch.no_grad():
+        assert torch.equal(OrtModule(tmp_path / "l.onnx")(x), layer(x))
