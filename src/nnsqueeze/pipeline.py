@@ -224,11 +224,10 @@ def _flag_regressions(rb: ReportBuilder) -> None:
     bl, cl = b["latency_ms"].get("onnxruntime"), c["latency_ms"].get("onnxruntime")
     if bl is not None and cl is not None and cl > bl:
         rb.note("evaluate", f"the compressed ONNX model is slower than the baseline in ONNX Runtime "
-                f"({cl:.4g} ms vs {bl:.4g} ms at batch {b['measured']['latency_batch']}); small layers gain "
-                "little from int8 and pay for quantize/dequantize: consider leaving them in float (ignore:)")
+                f"({cl:.4g} ms vs {bl:.4g} ms at batch {b['measured']['latency_batch']})")
     if "size_bytes" in b and "size_bytes" in c and c["size_bytes"] > b["size_bytes"]:
         rb.note("evaluate", f"the compressed ONNX file is larger than the baseline ({c['size_bytes']} vs "
-                f"{b['size_bytes']} bytes): quantization parameters outweigh the savings on a model this small")
+                f"{b['size_bytes']} bytes); see archive_bytes for the weight archive")
     for n in rb.notes:
         if n["step"] == "evaluate":
             log.warning(n["note"])
