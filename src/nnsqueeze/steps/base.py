@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
-from ..errors import TargetError
+from ..errors import ModelError, TargetError
 from ..targets import Selection, select
 
 if TYPE_CHECKING:
@@ -82,3 +82,16 @@ class Step:
     def rebuild(cls, model: nn.Module, config: StepConfig, record: dict[str, Any]) -> nn.Module:
         """Recreate this step's structural changes on a fresh fp32 model, without data."""
         return model
+
+
+def recorded_module(model: nn.Module, name: str, types: tuple[type, ...], where: str) -> nn.Module:
+    """The module ``name`` of a fresh model during :meth:`Step.rebuild`, checked against ``types``."""
+    try:
+        mod = model.get_submodule(name)
+    except AttributeError:
+        raise ModelError(f"{where}: {name}", "the model has no such module",
+                         fix="load the artifact with the same model class it was made from") from None
+    if not isinstance(mod, types):
+        raise ModelError(f"{where}: {name}", f"expected {' or '.join(t.__name__ for t in types)}, found "
+                         f"{type(mod).__name__}", fix="load the artifact with the same model class it was made from")
+    return mod

@@ -38,7 +38,7 @@ from ..errors import ModelError
 from ..quant.dynamic import DynamicQuantLinear, convert_dynamic_
 from ..quant.embedding import convert_embeddings, rebuild_embeddings
 from ..registry import STEPS
-from .base import Step, StepConfig
+from .base import Step, StepConfig, recorded_module
 
 
 class DynamicWeightsConfig(BaseModel):
@@ -113,14 +113,7 @@ class QuantizeDynamic(Step):
     @classmethod
     def rebuild(cls, model: nn.Module, config: QuantizeDynamicConfig, record: dict[str, Any]) -> nn.Module:
         for lname, info in record.get("layers", {}).items():
-            try:
-                mod = model.get_submodule(lname)
-            except AttributeError:
-                raise ModelError(f"quantize-dynamic record: {lname}", "the model has no such module",
-                                 fix="load the artifact with the same model class it was made from") from None
-            if type(mod) is not nn.Linear and not isinstance(mod, DynamicQuantLinear):
-                raise ModelError(f"quantize-dynamic record: {lname}", f"expected a Linear, found {type(mod).__name__}",
-                                 fix="load the artifact with the same model class it was made from")
+            mod = recorded_module(model, lname, (nn.Linear,), "quantize-dynamic record")
             convert_dynamic_(mod, bits=int(info["bits"]), signed=bool(info["signed"]))
         rebuild_embeddings(model, record.get("embeddings", []))
         return model

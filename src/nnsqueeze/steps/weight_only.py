@@ -35,7 +35,7 @@ from ..errors import ModelError
 from ..quant.weight_only import WeightOnlyLinear, convert_weight_only_
 from ..quant.embedding import convert_embeddings, rebuild_embeddings
 from ..registry import STEPS
-from .base import Step, StepConfig
+from .base import Step, StepConfig, recorded_module
 
 
 class WeightOnlyConfig(StepConfig):
@@ -99,14 +99,7 @@ class WeightOnly(Step):
     @classmethod
     def rebuild(cls, model: nn.Module, config: WeightOnlyConfig, record: dict[str, Any]) -> nn.Module:
         for lname, info in record.get("layers", {}).items():
-            try:
-                mod = model.get_submodule(lname)
-            except AttributeError:
-                raise ModelError(f"weight-only record: {lname}", "the model has no such module",
-                                 fix="load the artifact with the same model class it was made from") from None
-            if type(mod) is not nn.Linear and not isinstance(mod, WeightOnlyLinear):
-                raise ModelError(f"weight-only record: {lname}", f"expected a Linear, found {type(mod).__name__}",
-                                 fix="load the artifact with the same model class it was made from")
+            mod = recorded_module(model, lname, (nn.Linear,), "weight-only record")
             convert_weight_only_(mod, int(info["bits"]), int(info["group_size"]), bool(info["symmetric"]))
         rebuild_embeddings(model, record.get("embeddings", []))
         return model
