@@ -184,6 +184,23 @@ def main() -> None:
     add("ort-quantize_dynamic", ort_dyn(False))
     add("ort-quantize_dynamic-per-channel", ort_dyn(True))
 
+    def ort_static():
+        from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+
+        class Reader(CalibrationDataReader):  # the same 4 calibration batches the nnsqueeze presets get
+            def __init__(self):
+                self.it = iter([{k: v.numpy() for k, v in b.items()} for b in data[:4]])
+
+            def get_next(self):
+                return next(self.it, None)
+
+        out = tmp / "ort_static.onnx"
+        quantize_static(str(fp32_path), str(out), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
+                        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
+        return ort_sys(out)
+
+    add("ort-quantize_static-per-channel", ort_static)
+
     def nsq_sys(preset):
         def make():
             import copy

@@ -1,7 +1,14 @@
 """Steps ``rtn`` and ``gptq``: weight-only round-to-nearest and GPTQ for causal LMs, block by block.
 
-The result is simulated in the float weights (each targeted Linear holds its fake-quantized weight);
-packing into int4/int8 storage is a separate concern. Recipe::
+With ``pack: true`` (default) every quantized layer becomes a
+:class:`~nnsqueeze.quant.weight_only.WeightOnlyLinear` holding exactly the algorithm's codes, group
+scales and zero points (``model.safetensors`` stores int4 codes two per byte; ``nsq.load`` rebuilds
+the modules); ``pack: false`` keeps the simulated float weights (fake-quantized Linears). Packing
+needs ``bits`` 4 or 8 and ``group_size`` a power of two >= 16 or null (ONNX Runtime's MatMulNBits);
+other grids are a RecipeError unless ``pack: false``. Grid bridge: symmetric signed codes ``q`` in
+``[-2**(b-1), 2**(b-1)-1]`` are stored as ``q + 2**(b-1)`` with zero point ``2**(b-1)``; asymmetric
+codes and zero points are stored as they are. transformers' ``Conv1D`` (GPT-2) is replaced by an
+``nn.Linear`` with the transposed weight before packing (and so on ``rebuild``). Recipe::
 
     steps:
       - gptq: {bits: 4, group_size: 128, symmetric: true, act_order: true, damp_percent: 0.01,
@@ -20,25 +27,48 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from pydantic import Field
+from pydantic import Field, model_validator
+from torch import nn
 
 from ..llm.gptq import HessianAccumulator, gptq_quantize
 from ..llm.rtn import rtn_quantize
 from ..llm.sequential import get_weight, set_weight
 from ..ops.quant import sqnr_db
+from ..quant.weight_only import WeightOnlyLinear, convert_weight_only_
 from ..registry import STEPS
+from .base import recorded_module
 from ._llm import LLMStep, QuantFields, QuantScheme, relative_error
+
+_PACK = Field(True, description="store WeightOnlyLinear modules with packed int4/int8 codes "
+              "(bits 4/8, group_size a power of two >= 16 or null); false: simulated float weights")
+
+
+def _check_pack(c):
+    if c.pack:
+        if c.bits not in (4, 8):
+            raise ValueError(f"pack: true stores 4- or 8-bit codes (ONNX Runtime MatMulNBits), got bits {c.bits}; "
+                             "use bits 4 or 8, or pack: false to keep the simulated float weights")
+        g = c.group_size
+        if g is not None and (g < 16 or g & (g - 1)):
+            raise ValueError(f"pack: true needs group_size a power of two >= 16 (e.g. 32, 64, 128) or null, got {g}; "
+                             "change group_size, or pack: false to keep the simulated float weights")
+    return c
 
 
 class RTNConfig(QuantScheme):
-    pass
+    pack: bool = _PACK
+
+    _pack_ok = model_validator(mode="after")(_check_pack)
 
 
 class GPTQConfig(QuantFields):
+    pack: bool = _PACK
     damp_percent: float = Field(0.01, gt=0.0, le=1.0, description="dampening, fraction of mean(diag H)")
     act_order: bool = Field(False, description="quantize columns by decreasing Hessian diagonal")
     block_size: int = Field(128, ge=1, description="columns per lazy-update block")
     max_damp_percent: float = Field(10.0, gt=0.0, description="give up (HessianError) past this dampening")
+
+    _pack_ok = model_validator(mode="after")(_check_pack)
 
 
 def _mask_oi(mod) -> torch.Tensor | None:
@@ -53,6 +83,65 @@ def _scheme(c: QuantScheme) -> dict[str, Any]:
     return {"bits": c.bits, "group_size": c.group_size, "symmetric": c.symmetric}
 
 
+def _as_linear(model: nn.Module, name: str, mod: nn.Module) -> nn.Module:
+    """A transformers ``Conv1D`` (weight (in, out)) replaced in ``model`` by the equivalent ``nn.Linear``."""
+    if type(mod).__name__ != "Conv1D":
+        return mod
+    k, n = mod.weight.shape
+    lin = nn.Linear(k, n, bias=mod.bias is not None, device=mod.weight.device, dtype=mod.weight.dtype)
+    with torch.no_grad():
+        lin.weight.copy_(mod.weight.T)
+        if mod.bias is not None:
+            lin.bias.copy_(mod.bias)
+    for key, buf in mod.named_buffers(recurse=False):  # e.g. a pruned layer's weight_mask, as (out, in)
+        lin.register_buffer(key, buf.T.contiguous() if buf.shape == mod.weight.shape else buf)
+    parent, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, child, lin)
+    return lin
+
+
+def _convert(model: nn.Module, name: str, mod: nn.Module, c: QuantScheme, where: str) -> WeightOnlyLinear:
+    mod = _as_linear(model, name, mod)
+    if type(mod) is not nn.Linear:
+        from ..errors import RecipeError
+        raise RecipeError(f"{where}: {name}", f"pack: true converts plain nn.Linear / Conv1D, not {type(mod).__name__}",
+                          fix="set pack: false (simulated float weights) or ignore this layer")
+    return convert_weight_only_(mod, c.bits, -1 if c.group_size is None else c.group_size, c.symmetric)
+
+
+@torch.no_grad()
+def _pack(model: nn.Module, packs: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
+          c: QuantScheme, where: str) -> int:
+    """Turn each layer into a WeightOnlyLinear with exactly the algorithm's codes/scales/zero points.
+
+    ``packs``: name -> (simulated (out, in) weight, scale (out, G), zero point (out, G) in the
+    ``llm/rtn.py`` convention). Returns the number of converted layers. The stored dequantized
+    weight equals the simulated one (checked).
+    """
+    for name, (q, scale, zero) in packs.items():
+        mod = _convert(model, name, model.get_submodule(name), c, where)
+        zp = zero.to(torch.int32) + ((1 << (c.bits - 1)) if c.symmetric else 0)
+        if mod.weight_scale_.shape != scale.shape or int(zp.min()) < 0 or int(zp.max()) > (1 << c.bits) - 1:
+            raise RuntimeError(f"{where}: {name}: cannot store scales {tuple(scale.shape)} / zero points in "
+                               f"WeightOnlyLinear {tuple(mod.weight_scale_.shape)}")  # internal invariant
+        mod.weight.copy_(q.to(mod.weight.dtype))
+        mod.weight_scale_.copy_(scale)
+        mod.weight_zero_point_.copy_(zp.to(torch.uint8))
+        if mod.weight.dtype == torch.float32 and not torch.equal(mod.dequantized_weight(), q.to(torch.float32)):
+            raise RuntimeError(f"{where}: {name}: packed codes do not reproduce the quantized weight")
+    return len(packs)
+
+
+def _rebuild(model: nn.Module, config: QuantScheme, record: dict[str, Any]) -> nn.Module:
+    if not record.get("pack"):
+        return model  # simulated float weights: nothing structural
+    c = QuantScheme(bits=record["bits"], group_size=record["group_size"], symmetric=record["symmetric"])
+    for name in record.get("layers", []):
+        mod = recorded_module(model, name, (nn.Module,), "rtn/gptq record")
+        _convert(model, name, mod, c, "rtn/gptq record")
+    return model
+
+
 @STEPS.register("rtn")
 class RTN(LLMStep):
     """Round-to-nearest, group-wise; uses no data (the report gets the weight SQNR per layer)."""
@@ -64,14 +153,21 @@ class RTN(LLMStep):
         self.layers_ = []
         for name, mod in self.block_layers(model, ctx):
             w = get_weight(mod)
-            q = rtn_quantize(w, c.bits, c.group_size, c.symmetric).weight
+            r = rtn_quantize(w, c.bits, c.group_size, c.symmetric)
+            q = r.weight
             set_weight(mod, q)
             ctx.report.layer(name, method="rtn", weight_sqnr_db=round(sqnr_db(w, q), 3), **_scheme(c))
             self.layers_.append(name)
+            if c.pack:
+                _pack(model, {name: (q, r.scale, r.zero_point)}, c, self.where)
         return model
 
     def record(self):
-        return {"layers": self.layers_, **_scheme(self.config)}
+        return {"layers": self.layers_, **_scheme(self.config), "pack": self.config.pack}
+
+    @classmethod
+    def rebuild(cls, model, config, record):
+        return _rebuild(model, config, record)
 
 
 @STEPS.register("gptq")
@@ -82,6 +178,7 @@ class GPTQ(LLMStep):
         c = self.config
         layers = self.block_layers(model, ctx)
         self.layers_ = [n for n, _ in layers]
+        packs = {}
 
         def apply(name, mod, acc):
             w = get_weight(mod)
@@ -89,6 +186,8 @@ class GPTQ(LLMStep):
                               c.block_size, c.max_damp_percent, on_note=lambda s: ctx.fallback("gptq", s),
                               where=f"{self.where}: {name}", mask=_mask_oi(mod))
             set_weight(mod, r.weight)
+            if c.pack:
+                packs[name] = (r.weight, r.scale, r.zero_point)
             rtn = rtn_quantize(w, c.bits, c.group_size, c.symmetric).weight
             return {"method": "gptq", **_scheme(c), "damp_percent": r.damp_percent,
                     "error": round(relative_error(w, r.weight, acc.hessian), 6),
@@ -96,7 +195,13 @@ class GPTQ(LLMStep):
 
         self.figures_ = self.calibrate(model, ctx, layers,
                                        lambda n, m: HessianAccumulator(get_weight(m).shape[1], m.weight.device), apply)
+        if c.pack:  # after calibration: the block-wise pass ran on the simulated weights (same values)
+            _pack(model, packs, c, self.where)
         return model
 
     def record(self):
-        return {"layers": self.layers_, **_scheme(self.config)}
+        return {"layers": self.layers_, **_scheme(self.config), "pack": self.config.pack}
+
+    @classmethod
+    def rebuild(cls, model, config, record):
+        return _rebuild(model, config, record)
