@@ -1,0 +1,244 @@
+"""QDQ post-processing: pure ONNX graph rewriting so ONNX Runtime runs int8 kernels.
+
+- a QuantizeLinear of a constant weight becomes an int8 initializer feeding DequantizeLinear;
+- a Conv/Gemm float bias becomes int32 codes of scale ``s_input * s_weight`` (what the fused
+  kernels add to their accumulator; the torch simulation rounds the bias the same way);
+- ``DQ -> Q`` with identical parameters (an exact round trip) is removed, and so is a ReLU that
+  reads a DequantizeLinear whose zero point is the code minimum (its input is already >= 0).
+
+Every rewrite is exact. ``qdq_postprocess(model_proto)`` edits the proto in place and returns
+counts of what it rewrote (used by :mod:`nnsqueeze.export.onnx`).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+class _Graph:
+    """Small helper over an ONNX GraphProto: constants, producers and consumers of values."""
+
+    def __init__(self, model) -> None:
+        self.model, self.g = model, model.graph
+        self._n = 0
+
+    def const(self, name: str, _depth: int = 0) -> np.ndarray | None:
+        """Value of ``name`` if it is constant: an initializer, a Constant node, or an Identity/Cast
+        of one (the exporter deduplicates equal buffers into Identity nodes)."""
+        from onnx import helper, numpy_helper
+
+        for init in self.g.initializer:
+            if init.name == name:
+                return numpy_helper.to_array(init)
+        node = self.producer(name)
+        if node is None or _depth > 8:
+            return None
+        if node.op_type == "Constant":
+            for a in node.attribute:
+                if a.name == "value":
+                    return numpy_helper.to_array(a.t)
+        elif node.op_type == "Identity":
+            return self.const(node.input[0], _depth + 1)
+        elif node.op_type == "Cast":
+            v = self.const(node.input[0], _depth + 1)
+            if v is not None:
+                return v.astype(helper.tensor_dtype_to_np_dtype(_attr(node, "to", 1)))
+        return None
+
+    def producer(self, name: str):
+        return next((n for n in self.g.node if name in n.output), None)
+
+    def consumers(self, name: str) -> list:
+        return [n for n in self.g.node if name in n.input]
+
+    def is_graph_output(self, name: str) -> bool:
+        return any(o.name == name for o in self.g.output)
+
+    def add_init(self, array: np.ndarray, hint: str) -> str:
+        from onnx import numpy_helper
+
+        self._n += 1
+        name = f"{hint}_nsq{self._n}"
+        self.g.initializer.append(numpy_helper.from_array(array, name))
+        return name
+
+    def rewire(self, old: str, new: str) -> None:
+        for n in self.g.node:
+            for i, x in enumerate(n.input):
+                if x == old:
+                    n.input[i] = new
+
+    def remove(self, node) -> None:
+        self.g.node.remove(node)
+
+    def prune(self) -> None:
+        """Drop unused Constant nodes and initializers."""
+        while True:
+            used = {x for n in self.g.node for x in n.input} | {o.name for o in self.g.output}
+            dead = [n for n in self.g.node if n.op_type == "Constant" and n.output[0] not in used]
+            for n in dead:
+                self.g.node.remove(n)
+            if not dead:
+                break
+        used = {x for n in self.g.node for x in n.input} | {o.name for o in self.g.output}
+        keep = [i for i in self.g.initializer if i.name in used]
+        del self.g.initializer[:]
+        self.g.initializer.extend(keep)
+
+
+def _attr(node, name: str, default: Any) -> Any:
+    from onnx import helper
+
+    for a in node.attribute:
+        if a.name == name:
+            return helper.get_attribute_value(a)
+    return default
+
+
+def _bshape(param: np.ndarray, ndim: int, axis: int) -> np.ndarray:
+    if param.ndim == 0:
+        return param
+    shape = [1] * ndim
+    shape[axis % ndim] = -1
+    return param.reshape(shape)
+
+
+def _qdq_params(gr: _Graph, node) -> tuple[np.ndarray, np.ndarray] | None:
+    scale = gr.const(node.input[1])
+    zp = gr.const(node.input[2]) if len(node.input) > 2 and node.input[2] else np.zeros((), np.uint8)
+    return None if scale is None or zp is None else (scale, zp)
+
+
+def _fold_weight_quantize(gr: _Graph) -> int:
+    """QuantizeLinear(constant float) -> int8/uint8 initializer (ONNX rounding: half to even)."""
+    count = 0
+    for q in [n for n in gr.g.node if n.op_type == "QuantizeLinear"]:
+        x, params = gr.const(q.input[0]), _qdq_params(gr, q)
+        users = gr.consumers(q.output[0])
+        if x is None or params is None or not users or any(u.op_type != "DequantizeLinear" for u in users) \
+                or gr.is_graph_output(q.output[0]):
+            continue
+        scale, zp = params
+        info = np.iinfo(zp.dtype)
+        axis = _attr(q, "axis", 1)
+        s, z = _bshape(scale.astype(np.float32), x.ndim, axis), _bshape(zp.astype(np.int32), x.ndim, axis)
+        codes = np.clip(np.rint(x.astype(np.float32) / s) + z, info.min, info.max).astype(zp.dtype)
+        gr.rewire(q.output[0], gr.add_init(codes, q.input[0].replace("::", "_") + "_quantized"))
+        gr.remove(q)
+        count += 1
+    return count
+
+
+def _transpose_constant_dq(gr: _Graph) -> None:
+    """DQ(int8 constant) -> Transpose  ==>  DQ(transposed constant) (per-channel axis follows)."""
+    for dq in [n for n in gr.g.node if n.op_type == "DequantizeLinear"]:
+        codes = gr.const(dq.input[0])
+        users = gr.consumers(dq.output[0])
+        if codes is None or len(users) != 1 or users[0].op_type != "Transpose" or gr.is_graph_output(dq.output[0]):
+            continue
+        tr = users[0]
+        perm = list(_attr(tr, "perm", list(reversed(range(codes.ndim)))))
+        dq.input[0] = gr.add_init(np.ascontiguousarray(codes.transpose(perm)), dq.input[0] + "_t")
+        scale = gr.const(dq.input[1])
+        if scale is not None and scale.ndim == 1:
+            axis = _attr(dq, "axis", 1) % codes.ndim
+            for a in dq.attribute:
+                if a.name == "axis":
+                    a.i = perm.index(axis)
+        gr.rewire(tr.output[0], dq.output[0])
+        gr.remove(tr)
+
+
+def _quantize_biases(gr: _Graph) -> int:
+    """Conv/Gemm float bias -> DQ(int32 codes, scale s_x * s_w) when the bias is exactly such codes."""
+    from onnx import helper
+
+    count = 0
+    for node in [n for n in gr.g.node if n.op_type in ("Conv", "Gemm")]:
+        if len(node.input) < 3 or not node.input[2]:
+            continue
+        bias = gr.const(node.input[2])
+        dq_x, dq_w = gr.producer(node.input[0]), gr.producer(node.input[1])
+        if bias is None or bias.ndim != 1 or dq_x is None or dq_w is None or \
+                dq_x.op_type != "DequantizeLinear" or dq_w.op_type != "DequantizeLinear":
+            continue
+        px, pw, codes_w = _qdq_params(gr, dq_x), _qdq_params(gr, dq_w), gr.const(dq_w.input[0])
+        if px is None or pw is None or codes_w is None or px[0].ndim != 0:
+            continue
+        if node.op_type == "Gemm" and (_attr(node, "transA", 0) or _attr(node, "alpha", 1.0) != 1.0
+                                       or _attr(node, "beta", 1.0) != 1.0):
+            continue
+        out_axis = 0 if node.op_type == "Conv" or _attr(node, "transB", 0) else 1
+        sw = pw[0].astype(np.float32)
+        if sw.ndim == 1 and (_attr(dq_w, "axis", 1) % codes_w.ndim != out_axis or sw.size != bias.size):
+            continue
+        sb = (np.float32(px[0]) * np.broadcast_to(sw, bias.shape)).astype(np.float32)
+        qb = np.clip(np.rint(bias.astype(np.float32) / sb), -2**31, 2**31 - 1).astype(np.int32)
+        if not np.array_equal(qb.astype(np.float32) * sb, bias.astype(np.float32)):
+            continue  # not an int32-rounded bias: a float layer, leave it
+        q_name = gr.add_init(qb, node.input[2].replace("::", "_") + "_int32")
+        s_name = gr.add_init(sb, node.input[2].replace("::", "_") + "_scale")
+        z_name = gr.add_init(np.zeros_like(qb), node.input[2].replace("::", "_") + "_zero_point")
+        out = q_name + "_dq"
+        idx = list(gr.g.node).index(node)
+        gr.g.node.insert(idx, helper.make_node("DequantizeLinear", [q_name, s_name, z_name], [out], axis=0,
+                                               name=out))
+        node.input[2] = out
+        count += 1
+    return count
+
+
+def _same_params(gr: _Graph, a, b) -> bool:
+    pa, pb = _qdq_params(gr, a), _qdq_params(gr, b)
+    if pa is None or pb is None or pa[1].dtype != pb[1].dtype:
+        return False
+    if _attr(a, "axis", 1) != _attr(b, "axis", 1) and pa[0].ndim > 0:
+        return False
+    return pa[0].shape == pb[0].shape and np.array_equal(pa[0], pb[0]) and np.array_equal(pa[1], pb[1])
+
+
+def _drop_relu_after_dq(gr: _Graph) -> int:
+    """Relu(DQ(q)) with zero point == code minimum is the identity (values are >= 0)."""
+    count = 0
+    for relu in [n for n in gr.g.node if n.op_type == "Relu"]:
+        dq = gr.producer(relu.input[0])
+        if dq is None or dq.op_type != "DequantizeLinear" or gr.is_graph_output(relu.output[0]):
+            continue
+        params = _qdq_params(gr, dq)
+        if params is None or not np.all(params[1] == np.iinfo(params[1].dtype).min):
+            continue
+        gr.rewire(relu.output[0], relu.input[0])
+        gr.remove(relu)
+        count += 1
+    return count
+
+
+def _drop_redundant_qdq(gr: _Graph) -> int:
+    """DQ(s, z) -> Q(s, z) is an exact round trip: the Q's readers read the DQ's input instead."""
+    count = 0
+    for q in [n for n in gr.g.node if n.op_type == "QuantizeLinear"]:
+        dq = gr.producer(q.input[0])
+        if dq is None or dq.op_type != "DequantizeLinear" or gr.is_graph_output(q.output[0]) \
+                or not _same_params(gr, dq, q):
+            continue
+        gr.rewire(q.output[0], dq.input[0])
+        gr.remove(q)
+        if not gr.consumers(dq.output[0]) and not gr.is_graph_output(dq.output[0]):
+            gr.remove(dq)
+        count += 1
+    return count
+
+
+def qdq_postprocess(model) -> dict[str, int]:
+    """Rewrite an exported QDQ ``onnx.ModelProto`` in place (see the module docstring). Returns counts."""
+    gr = _Graph(model)
+    stats = {"int8_weights": _fold_weight_quantize(gr)}
+    _transpose_constant_dq(gr)
+    stats["int32_biases"] = _quantize_biases(gr)
+    stats["relu_removed"] = _drop_relu_after_dq(gr)
+    stats["qdq_pairs_removed"] = _drop_redundant_qdq(gr)
+    gr.prune()
+    return stats
+
+
