@@ -148,6 +148,69 @@ def compress(
 
 
 @app.command()
+def sensitivity(
+    model: str = typer.Option(..., help="MODULE:FACTORY returning the fp32 torch model"),
+    data: str = typer.Option(..., help="'mnist1d' or MODULE:FACTORY returning {'train','calib','eval'} batches"),
+    out: Path = typer.Option(..., help="JSON file to write (atomically)"),
+    weights: Optional[Path] = typer.Option(None, help=".safetensors (or torch state_dict) for the model"),
+    plot: Optional[Path] = typer.Option(None, help="also draw a bar chart (PNG) here"),
+    metric: str = typer.Option("accuracy", help="metric name (used when the data has 'eval' batches)"),
+) -> None:
+    """Quantize one layer at a time (int8, the rest fp32) and rank the layers by the damage done."""
+
+    def go() -> None:
+        import json
+        import math
+        import os
+        import tempfile
+
+        from rich.table import Table
+
+        from .errors import ArtifactError
+        from .sensitivity import plot_png, sensitivity as run, to_json_rows
+
+        factory = _import_object(model, "--model", ModelError)
+        m = factory()
+        if weights is not None:
+            _load_weights(m, weights)
+        d = _load_data(data)
+        calib = d.get("calib") or d.get("train")
+        if calib is None:
+            raise DataError("--data", f"{data} gives no 'calib' (or 'train') batches",
+                            fix="return {'calib': batches, 'eval': batches}")
+        rows = run(m, calib, eval_data=d.get("eval"), metric=metric if d.get("eval") is not None else None)
+        files = {out: json.dumps({"model": model, "data": data, "rows": to_json_rows(rows)}, indent=2).encode()}
+        if plot is not None:
+            files[plot] = plot_png(rows)
+        for path, payload in files.items():
+            if path.is_dir():
+                raise ArtifactError(str(path), "is a directory", fix="give a file path")
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+            try:
+                with os.fdopen(fd, "wb") as f:
+                    f.write(payload)
+                os.replace(tmp, path)
+            except BaseException:
+                Path(tmp).unlink(missing_ok=True)
+                raise
+        t = Table(title="quantization sensitivity (one layer int8, the rest fp32), most sensitive first")
+        for col in ("layer", "type", "format", "output SQNR (dB)") + (("metric drop",) if rows and
+                                                                       "metric_drop" in rows[0] else ()):
+            t.add_column(col)
+        for r in rows:
+            s = r["sqnr_db"]
+            cells = [r["layer"], r["type"], r["format"], f"{s:.2f}" if math.isfinite(s) else str(s)]
+            if "metric_drop" in r:
+                cells.append(f"{r['metric_drop']:+.4f}")
+            t.add_row(*cells)
+        Console().print(t)
+        Console().print(f"written to [bold]{out}[/]" + (f" and [bold]{plot}[/]" if plot is not None else ""))
+
+    _run(go)
+
+
+@app.command()
 def demo(out: Path = typer.Option(Path("nnsqueeze-demo"), help="artifact directory to write"),
          retrain: bool = typer.Option(False, help="retrain the baseline instead of using the cache")) -> None:
     """Train (or load the cached) MNIST-1D CNN, apply `prune-int8`, check the targets, write the artifact."""

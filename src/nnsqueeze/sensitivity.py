@@ -1,0 +1,190 @@
+"""Per-layer quantization sensitivity: quantize ONE layer at a time, measure the damage.
+
+For each quantizable layer (Linear/Conv1d/Conv2d) and each candidate format, a deep copy of the
+model gets the ``quantize`` step with ``targets: [layer]`` (everything else stays float) and is
+measured: the metric drop on ``eval_data`` when a metric is given, else the SQNR (dB) of the
+model's output against the fp32 output on the calibration data. Rows come back most sensitive
+first; nothing is written::
+
+    >>> from nnsqueeze.sensitivity import sensitivity
+    >>> rows = sensitivity(model, calib, eval_data=test, metric="accuracy")
+    >>> rows[0]["layer"], rows[0]["metric_drop"]
+
+``nnsqueeze sensitivity`` is the command-line front end; the ``mixed-int8`` step uses it to keep the
+most sensitive layers in float.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+from typing import Any, Callable, Iterable
+
+import torch
+from torch import nn
+
+from .context import Context
+from .data import as_batches, call_model, logits, split, take, to_device
+from .errors import DataError, RecipeError
+from .metrics import get_metric
+from .targets import select
+
+# Candidate formats -> quantize step weight settings.
+FORMATS: dict[str, dict[str, Any]] = {"int8": {"bits": 8}, "int7": {"bits": 7}}
+
+_quiet = logging.getLogger("nnsqueeze.sensitivity.trial")
+_quiet.setLevel(logging.ERROR)
+_quiet.propagate = False
+_quiet.addHandler(logging.NullHandler())
+
+
+def quantizable_layers(model: nn.Module, targets: list[str] | None = None,
+                       ignore: list[str] | None = None) -> list[tuple[str, str]]:
+    """(name, class name) of the Linear/Conv1d/Conv2d layers selected by ``targets``/``ignore``."""
+    from .steps.quantize import SUPPORTED
+
+    sel = select(model, list(targets or ["Linear", "Conv1d", "Conv2d"]), list(ignore or []), SUPPORTED,
+                 where="sensitivity.targets", strict=bool(targets))
+    return [(n, type(m).__name__) for n, m in sel.layers]
+
+
+def quantize_copy(model: nn.Module, calib_data: Iterable, *, targets: list[str] | None = None,
+                  ignore: list[str] | None = None, weights: dict[str, Any] | None = None,
+                  calibration: dict[str, Any] | None = None, device: Any = "cpu") -> nn.Module:
+    """A deep copy of ``model`` run through the ``quantize`` step (quietly, with a throwaway report)."""
+    from .steps.quantize import Quantize
+
+    cfg: dict[str, Any] = {"targets": list(targets or []), "ignore": list(ignore or []),
+                           "weights": dict(weights or {})}
+    if calibration:
+        cfg["calibration"] = dict(calibration)
+    step = Quantize(Quantize.Config.model_validate(cfg))
+    ctx = Context(calib_data=calib_data, progress=False, log=_quiet, device=torch.device(device))
+    ctx.report.begin_step("quantize", {})
+    return step.run(copy.deepcopy(model), ctx).eval()
+
+
+@torch.no_grad()
+def output_sqnr(reference: nn.Module, model: nn.Module, data: Iterable, device: Any = "cpu") -> float:
+    """SQNR (dB) of ``model``'s output against ``reference``'s over ``data``; inf when identical."""
+    reference.eval()
+    model.eval()
+    sig = err = 0.0
+    for batch in data:
+        inputs, _ = split(batch)
+        inputs = to_device(inputs, device)
+        ref = logits(call_model(reference, inputs)).double()
+        out = logits(call_model(model, inputs)).double()
+        sig += float((ref ** 2).sum())
+        err += float(((out - ref) ** 2).sum())
+    if err == 0.0:
+        return math.inf
+    if sig == 0.0:
+        return -math.inf
+    return 10.0 * math.log10(sig / err)
+
+
+def _resolve_reduce_range(weights: dict[str, Any]) -> dict[str, Any]:
+    """Decide 'auto' reduced range once, so every trial uses the same grid and logs nothing."""
+    w = dict(weights)
+    if w.get("bits", 8) == 8 and w.get("reduce_range", "auto") == "auto":
+        from .export.ort import u8s8_may_saturate
+
+        w["reduce_range"] = bool(u8s8_may_saturate())
+    return w
+
+
+def sensitivity(
+    model: nn.Module,
+    calib_data: Iterable,
+    eval_data: Iterable | None = None,
+    metric: str | Callable | None = None,
+    formats: Iterable[str] = ("int8",),
+    targets: list[str] | None = None,
+    ignore: list[str] | None = None,
+    calibration: dict[str, Any] | None = None,
+    reduce_range: bool | str = "auto",
+    device: Any = "cpu",
+) -> list[dict[str, Any]]:
+    """Rows ``{layer, type, format, sqnr_db, metric, metric_drop}``, most sensitive first.
+
+    ``metric_drop`` (baseline metric minus the metric with only that layer quantized) is given
+    when ``eval_data`` and ``metric`` are, and then orders the rows; otherwise the output SQNR
+    (lower is more sensitive) does. ``model`` is not modified.
+    """
+    calib = as_batches(calib_data, "calib_data", required=True)
+    if calib is None:
+        raise DataError("calib_data", "sensitivity needs calibration data", fix="pass calib_data=...")
+    formats = list(formats)
+    for f in formats:
+        if f not in FORMATS:
+            raise RecipeError("sensitivity.formats", f"unknown format {f!r}", fix=f"one of {', '.join(FORMATS)}")
+    if not formats:
+        raise RecipeError("sensitivity.formats", "no format given", fix=f"one of {', '.join(FORMATS)}")
+    eval_data = as_batches(eval_data, "eval_data")
+    metric_fn, _ = get_metric(metric if eval_data is not None else None)
+    samples = (calibration or {}).get("samples", 512)
+    sqnr_data = take(calib, samples)
+    was_training = model.training
+    ref = copy.deepcopy(model).eval()
+    try:
+        base_metric = float(metric_fn(ref, eval_data)) if metric_fn is not None else None
+        rows = []
+        for name, cls in quantizable_layers(ref, targets, ignore):
+            for fmt in formats:
+                weights = _resolve_reduce_range({**FORMATS[fmt], "reduce_range": reduce_range})
+                q = quantize_copy(ref, calib, targets=[name], weights=weights, calibration=calibration,
+                                  device=device)
+                row: dict[str, Any] = {"layer": name, "type": cls, "format": fmt,
+                                       "sqnr_db": output_sqnr(ref, q, sqnr_data, device)}
+                if metric_fn is not None:
+                    with torch.no_grad():
+                        m = float(metric_fn(q, eval_data))
+                    row["metric"] = m
+                    row["metric_drop"] = base_metric - m
+                rows.append(row)
+    finally:
+        model.train(was_training)
+    if metric_fn is not None:
+        rows.sort(key=lambda r: (-r["metric_drop"], r["sqnr_db"]))
+    else:
+        rows.sort(key=lambda r: r["sqnr_db"])
+    return rows
+
+
+def to_json_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Rows with infinite SQNR written as the strings 'inf'/'-inf' (JSON has no infinity)."""
+    out = []
+    for r in rows:
+        r = dict(r)
+        v = r.get("sqnr_db")
+        if isinstance(v, float) and math.isinf(v):
+            r["sqnr_db"] = "inf" if v > 0 else "-inf"
+        out.append(r)
+    return out
+
+
+def plot_png(rows: list[dict[str, Any]]) -> bytes:
+    """A horizontal bar chart of the rows (metric drop if present, else output SQNR), as PNG bytes."""
+    import io
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    use_drop = bool(rows) and "metric_drop" in rows[0]
+    labels = [f"{r['layer']} ({r['format']})" for r in rows]
+    vals = [r["metric_drop"] if use_drop else (r["sqnr_db"] if math.isfinite(r["sqnr_db"]) else 0.0)
+            for r in rows]
+    fig, ax = plt.subplots(figsize=(6.5, 0.35 * len(rows) + 1.5))
+    ax.barh(labels, vals, color="tab:red" if use_drop else "tab:blue")
+    ax.set_xlabel("metric drop when only this layer is quantized (higher: more sensitive)" if use_drop
+                  else "output SQNR (dB) when only this layer is quantized (lower: more sensitive)", fontsize=8)
+    ax.invert_yaxis()
+    buf = io.BytesIO()
+    fig.tight_layout()
+    fig.savefig(buf, format="png", dpi=90)
+    plt.close(fig)
+    return buf.getvalue()

@@ -1,0 +1,121 @@
+"""Per-layer quantization sensitivity and the `nnsqueeze sensitivity` command."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+import textwrap
+
+import torch
+
+from nnsqueeze.sensitivity import output_sqnr, quantize_copy, sensitivity
+
+# A tiny CNN whose fc2 is made deliberately sensitive: fc1's output channel 0 is scaled up 200x and
+# fc2's matching input column down 200x (ReLU in between: the fp32 function is unchanged), so fc2's
+# per-tensor input quantizer must cover one huge channel and the 15 others lose their resolution.
+FACTORY = textwrap.dedent('''
+    import torch
+    import torch.nn.functional as F
+    from torch import nn
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv1 = nn.Conv1d(1, 8, 3, padding=1)
+            self.conv2 = nn.Conv1d(8, 8, 3, stride=2, padding=1)
+            self.fc1 = nn.Linear(8 * 16, 16)
+            self.fc2 = nn.Linear(16, 4)
+
+        def forward(self, x):
+            x = F.relu(self.conv2(F.relu(self.conv1(x))))
+            return self.fc2(F.relu(self.fc1(x.flatten(1))))
+
+    def build():
+        torch.manual_seed(0)
+        m = Net()
+        with torch.no_grad():
+            m.fc1.weight[0] *= 200.0
+            m.fc1.bias[0] *= 200.0
+            m.fc2.weight.mul_(5.0)  # logits driven by the inputs rather than the biases
+            m.fc2.weight[:, 0] /= 200.0
+        return m.eval()
+
+    def data():
+        g = torch.Generator().manual_seed(1)
+        model = build()
+        def batches(n, bs):
+            out = []
+            for _ in range(n):
+                x = torch.randn(bs, 1, 32, generator=g)
+                with torch.no_grad():
+                    y = model(x).argmax(-1)  # labels = the fp32 predictions: baseline accuracy 1.0
+                out.append((x, y))
+            return out
+        return {"calib": batches(2, 32), "eval": batches(2, 64)}
+''')
+
+
+def _factory():
+    ns: dict = {}
+    exec(compile(FACTORY, "factory", "exec"), ns)
+    return ns["build"], ns["data"]
+
+
+def test_sensitive_layer_ranks_first_by_sqnr():
+    build, data = _factory()
+    model, d = build(), data()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    rows = sensitivity(model, d["calib"])
+    assert [r["layer"] for r in rows][0] == "fc2"
+    assert {r["layer"] for r in rows} == {"conv1", "conv2", "fc1", "fc2"}
+    assert all("metric_drop" not in r for r in rows)
+    assert rows[0]["sqnr_db"] < min(r["sqnr_db"] for r in rows[1:]) - 6
+    # writes nothing and leaves the model untouched
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_sensitive_layer_ranks_first_by_metric_drop():
+    build, data = _factory()
+    d = data()
+    rows = sensitivity(build(), d["calib"], eval_data=d["eval"], metric="accuracy", formats=("int8", "int7"))
+    assert len(rows) == 8 and rows[0]["layer"] == "fc2"
+    assert rows[0]["metric_drop"] > 0 and rows[0]["metric_drop"] >= max(r["metric_drop"] for r in rows[1:])
+    print("ranking:", [(r["layer"], r["format"], round(r["metric_drop"], 4), round(r["sqnr_db"], 1)) for r in rows])
+
+
+def test_sqnr_nothing_is_inf_all_is_finite():
+    build, data = _factory()
+    model, d = build(), data()
+    assert output_sqnr(model, build(), d["calib"]) == math.inf
+    q = quantize_copy(model, d["calib"], weights={"reduce_range": False})
+    s = output_sqnr(model, q, d["calib"])
+    assert math.isfinite(s) and s > 0
+
+
+def nsq(*args, cwd=None):
+    return subprocess.run([sys.executable, "-m", "nnsqueeze", *args], capture_output=True, text=True, cwd=cwd,
+                          timeout=300)
+
+
+def test_cli_sensitivity(tmp_path):
+    (tmp_path / "fac.py").write_text(FACTORY)
+    out, png = tmp_path / "res" / "sens.json", tmp_path / "sens.png"
+    p = nsq("sensitivity", "--model", "fac.py:build", "--data", "fac.py:data", "--out", str(out),
+            "--plot", str(png), cwd=tmp_path)
+    assert p.returncode == 0, p.stderr
+    rows = json.loads(out.read_text())["rows"]
+    assert rows[0]["layer"] == "fc2" and "metric_drop" in rows[0]
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "fc2" in p.stdout
+
+
+def test_cli_sensitivity_bad_model_exits_2(tmp_path):
+    (tmp_path / "fac.py").write_text(FACTORY)
+    out = tmp_path / "sens.json"
+    p = nsq("sensitivity", "--model", "fac.py:nope", "--data", "fac.py:data", "--out", str(out), cwd=tmp_path)
+    assert p.returncode == 2 and "error" in p.stderr and "Traceback" not in p.stderr
+    assert not out.exists()
+    p = nsq("sensitivity", "--model", "no_colon", "--data", "mnist1d", "--out", str(out), cwd=tmp_path)
+    assert p.returncode == 2 and not out.exists()
