@@ -91,3 +91,9 @@ def select(
         else:
             sel.layers.append((name, mod))
     return sel
+
+
+def set_module(model: nn.Module, name: str, new: nn.Module) -> None:
+    """Replace the submodule ``name`` (dotted path) of ``model`` by ``new``."""
+    parent, _, attr = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, attr, new)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.nn.functional as F
 from pydantic import ValidationError
 from torch import nn
 
@@ -14,44 +13,7 @@ from nnsqueeze.metrics import accuracy
 from nnsqueeze.quant.modules import MODULE_MAP
 from nnsqueeze.registry import STEPS
 from nnsqueeze.steps.mixed import MixedInt8
-
-
-class Net(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.conv1 = nn.Conv1d(1, 8, 3, padding=1)
-        self.conv2 = nn.Conv1d(8, 8, 3, stride=2, padding=1)
-        self.fc1 = nn.Linear(8 * 16, 16)
-        self.fc2 = nn.Linear(16, 4)
-
-    def forward(self, x):
-        x = F.relu(self.conv2(F.relu(self.conv1(x))))
-        return self.fc2(F.relu(self.fc1(x.flatten(1))))
-
-
-def build():
-    """fc2 made deliberately sensitive: its input channel 0 is 200x the others (fp32 function unchanged)."""
-    torch.manual_seed(0)
-    m = Net()
-    with torch.no_grad():
-        m.fc1.weight[0] *= 200.0
-        m.fc1.bias[0] *= 200.0
-        m.fc2.weight.mul_(5.0)
-        m.fc2.weight[:, 0] /= 200.0
-    return m.eval()
-
-
-def data():
-    g = torch.Generator().manual_seed(1)
-    model = build()
-    out = {}
-    for key, n, bs in (("calib", 2, 32), ("eval", 2, 64)):
-        out[key] = []
-        for _ in range(n):
-            x = torch.randn(bs, 1, 32, generator=g)
-            with torch.no_grad():
-                out[key].append((x, model(x).argmax(-1)))  # labels: fp32 predictions (accuracy 1.0)
-    return out
+from sensitive_net import Net, build, data
 
 
 def is_quant(m):

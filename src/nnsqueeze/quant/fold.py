@@ -26,6 +26,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from ..targets import set_module
+
 Tensor = torch.Tensor
 
 FOLDABLE_LAYERS = (nn.Conv1d, nn.Conv2d, nn.Linear)
@@ -56,11 +58,6 @@ class FoldResult:
     folded: list[tuple[str, str]] = field(default_factory=list)    # (layer name, bn name)
     unfolded: list[tuple[str, str]] = field(default_factory=list)  # (bn name, reason)
 
-
-def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
-    parent_name, _, attr = name.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    setattr(parent, attr, new)
 
 
 def _module_uses(model: nn.Module) -> dict[int, int]:
@@ -162,7 +159,7 @@ def fold_batchnorm(model: nn.Module) -> FoldResult:
             layer.bias = nn.Parameter(b)
         else:
             layer.bias.copy_(b)
-        _set_submodule(model, bn_name, nn.Identity())
+        set_module(model, bn_name, nn.Identity())
         result.folded.append((layer_name, bn_name))
         done.add(bn_name)
     for n in bns:
@@ -179,5 +176,5 @@ def refold_structure(model: nn.Module, folded: list[tuple[str, str]]) -> nn.Modu
         if layer.bias is None:
             out = layer.weight.shape[0]
             layer.bias = nn.Parameter(torch.zeros(out, dtype=layer.weight.dtype, device=layer.weight.device))
-        _set_submodule(model, bn_name, nn.Identity())
+        set_module(model, bn_name, nn.Identity())
     return model

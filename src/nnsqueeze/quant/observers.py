@@ -25,6 +25,7 @@ import torch
 from ..errors import DataError
 from ..ops.quant import qparams as _qparams
 from ..registry import OBSERVERS
+from .sampling import check_finite
 
 Tensor = torch.Tensor
 
@@ -49,12 +50,7 @@ class MinMaxObserver:
         x = x.detach()
         if x.numel() == 0:
             return
-        if not torch.isfinite(x).all():
-            bad = "NaN" if torch.isnan(x).any() else "inf"
-            raise DataError(f"calibration at layer {self.name}" if self.name else "calibration",
-                            f"calibration produced {bad} at layer {self.name or '?'}",
-                            fix="check the calibration data (normalisation, NaN in inputs) and that the model "
-                            "runs finitely in eval mode on it")
+        check_finite(x, self.name)
         x = x.float()
         if self.axis is None:
             lo, hi = x.amin(), x.amax()

@@ -20,6 +20,16 @@ from ..ops.quant import qparams as _qparams
 Tensor = torch.Tensor
 
 
+def check_finite(x: Tensor, layer: str) -> None:
+    """Raise a :class:`DataError` naming ``layer`` when calibration values hold NaN or inf."""
+    if not torch.isfinite(x).all():
+        bad = "NaN" if torch.isnan(x).any() else "inf"
+        raise DataError(f"calibration at layer {layer}" if layer else "calibration",
+                        f"calibration produced {bad} at layer {layer or '?'}",
+                        fix="check the calibration data (normalisation, NaN in inputs) and that the model "
+                        "runs finitely in eval mode on it")
+
+
 class SampleObserver:
     capacity: int = 1 << 17
 
@@ -40,9 +50,7 @@ class SampleObserver:
         x = x.detach()
         if x.numel() == 0:
             return
-        if not torch.isfinite(x).all():
-            raise DataError(f"calibration at layer {self.name}", f"calibration produced NaN/inf at layer {self.name}",
-                            fix="check the calibration data and that the model runs finitely on it")
+        check_finite(x, self.name)
         v = x.float().reshape(-1).cpu()
         lo, hi = v.min(), v.max()
         self.min_ = lo if self.min_ is None else torch.minimum(self.min_, lo)

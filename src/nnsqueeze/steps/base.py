@@ -89,7 +89,7 @@ def recorded_module(model: nn.Module, name: str, types: tuple[type, ...], where:
     try:
         mod = model.get_submodule(name)
     except AttributeError:
-        raise ModelError(f"{where}: {name}", "the model has no such module",
+        raise ModelError(f"{where}: {name}", "layer not found in the model",
                          fix="load the artifact with the same model class it was made from") from None
     if not isinstance(mod, types):
         raise ModelError(f"{where}: {name}", f"expected {' or '.join(t.__name__ for t in types)}, found "

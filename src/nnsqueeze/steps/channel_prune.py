@@ -55,6 +55,7 @@ from ..structured.macs import count
 from ..structured.pruners import dim_size, shrink
 from ..targets import _matches
 from .base import Step, StepConfig
+from ..targets import set_module
 
 LAYERS = (nn.modules.conv._ConvNd, nn.Linear, nn.Embedding)
 
@@ -273,7 +274,7 @@ class StructuredPrune(Step):
             if crit != c.importance:
                 ctx.fallback(self.registered_name, f"{name}: heads ranked by l2 ({c.importance} is for channels)")
             keep = [i for i in range(n) if i not in set(gone.tolist())]
-            _set(model, name, prune_heads(mod, keep))
+            set_module(model, name, prune_heads(mod, keep))
             self.heads_[name] = keep
             removed += n - len(keep)
             ctx.report.layer(name, heads_before=n, heads_after=len(keep))
@@ -291,10 +292,6 @@ class StructuredPrune(Step):
             except AttributeError:
                 raise ModelError(f"structured-prune record: {name}", "attention layer not found",
                                  fix="load onto the same architecture that was compressed") from None
-            _set(model, name, prune_heads(mod, list(keep)))
+            set_module(model, name, prune_heads(mod, list(keep)))
         return apply(model, [(n, r, list(k)) for n, r, k in record.get("shrink", [])], "structured-prune record")
 
-
-def _set(model: nn.Module, name: str, new: nn.Module) -> None:
-    parent, _, attr = name.rpartition(".")
-    setattr(model.get_submodule(parent) if parent else model, attr, new)

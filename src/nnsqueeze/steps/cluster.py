@@ -53,7 +53,7 @@ from ..ops.kmeans import Init, kmeans1d
 from ..quant.fold import fold_batchnorm, refold_structure
 from ..registry import STEPS
 from ..storage.entropy import pack_codes, unpack_codes
-from .base import Step, StepConfig
+from .base import Step, StepConfig, recorded_module
 
 CODE = "weight_code"
 SUPPORTED: tuple[type, ...] = (nn.Linear, nn.Conv1d, nn.Conv2d)
@@ -217,11 +217,7 @@ class Cluster(Step):
         """Swap the recorded layers to their clustered class with empty centroids and codes."""
         refold_structure(model, [tuple(p) for p in record.get("folded", [])])
         for name, k in record.get("layers", {}).items():
-            try:
-                m = model.get_submodule(name)
-            except AttributeError:
-                raise ModelError(f"cluster record: {name}", "layer not found in the model",
-                                 fix="load onto the same architecture that was compressed") from None
+            m = recorded_module(model, name, (nn.Module,), "cluster record")
             if type(m) not in SUPPORTED:
                 raise ModelError(f"cluster record: {name}", f"expected a Linear/Conv layer, got {type(m).__name__}",
                                  fix="load onto the same architecture that was compressed")

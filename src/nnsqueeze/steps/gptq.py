@@ -37,6 +37,7 @@ from ..ops.quant import sqnr_db
 from ..quant.weight_only import WeightOnlyLinear, convert_weight_only_
 from ..registry import STEPS
 from .base import recorded_module
+from ..targets import set_module
 from ._llm import LLMStep, QuantFields, QuantScheme, relative_error
 
 _PACK = Field(True, description="store WeightOnlyLinear modules with packed int4/int8 codes "
@@ -95,8 +96,7 @@ def _as_linear(model: nn.Module, name: str, mod: nn.Module) -> nn.Module:
             lin.bias.copy_(mod.bias)
     for key, buf in mod.named_buffers(recurse=False):  # e.g. a pruned layer's weight_mask, as (out, in)
         lin.register_buffer(key, buf.T.contiguous() if buf.shape == mod.weight.shape else buf)
-    parent, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent) if parent else model, child, lin)
+    set_module(model, name, lin)
     return lin
 
 
@@ -142,8 +142,19 @@ def _rebuild(model: nn.Module, config: QuantScheme, record: dict[str, Any]) -> n
     return model
 
 
+class _WeightQuantStep(LLMStep):
+    """Shared by rtn and gptq: the record names the layers and the scheme; rebuild re-packs them."""
+
+    def record(self):
+        return {"layers": self.layers_, **_scheme(self.config), "pack": self.config.pack}
+
+    @classmethod
+    def rebuild(cls, model, config, record):
+        return _rebuild(model, config, record)
+
+
 @STEPS.register("rtn")
-class RTN(LLMStep):
+class RTN(_WeightQuantStep):
     """Round-to-nearest, group-wise; uses no data (the report gets the weight SQNR per layer)."""
 
     Config = RTNConfig
@@ -162,16 +173,9 @@ class RTN(LLMStep):
                 _pack(model, {name: (q, r.scale, r.zero_point)}, c, self.where)
         return model
 
-    def record(self):
-        return {"layers": self.layers_, **_scheme(self.config), "pack": self.config.pack}
-
-    @classmethod
-    def rebuild(cls, model, config, record):
-        return _rebuild(model, config, record)
-
 
 @STEPS.register("gptq")
-class GPTQ(LLMStep):
+class GPTQ(_WeightQuantStep):
     Config = GPTQConfig
 
     def run(self, model, ctx):
@@ -198,10 +202,3 @@ class GPTQ(LLMStep):
         if c.pack:  # after calibration: the block-wise pass ran on the simulated weights (same values)
             _pack(model, packs, c, self.where)
         return model
-
-    def record(self):
-        return {"layers": self.layers_, **_scheme(self.config), "pack": self.config.pack}
-
-    @classmethod
-    def rebuild(cls, model, config, record):
-        return _rebuild(model, config, record)

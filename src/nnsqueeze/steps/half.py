@@ -33,7 +33,7 @@ from torch import nn
 from ..errors import ModelError
 from ..quant.half import DTYPES, HALF_MAP, HalfMixin, convert_half_
 from ..registry import STEPS
-from .base import Step, StepConfig
+from .base import Step, StepConfig, recorded_module
 
 
 class HalfConfig(StepConfig):
@@ -84,11 +84,7 @@ class Half(Step):
     def rebuild(cls, model: nn.Module, config: HalfConfig, record: dict[str, Any]) -> nn.Module:
         dtype = DTYPES[record.get("dtype", config.dtype)]
         for lname in record.get("layers", []):
-            try:
-                mod = model.get_submodule(lname)
-            except AttributeError:
-                raise ModelError(f"half record: {lname}", "the model has no such module",
-                                 fix="load the artifact with the same model class it was made from") from None
+            mod = recorded_module(model, lname, (nn.Module,), "half record")
             if not isinstance(mod, HalfMixin):
                 convert_half_(mod, dtype)
         return model

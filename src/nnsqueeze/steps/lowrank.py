@@ -44,7 +44,8 @@ from ..errors import ModelError
 from ..ops.svd import (rank_for_budget, rank_for_energy, singular_values, truncated_svd, tucker2,
                        tucker2_params, tucker2_ranks_for_budget, tucker2_ranks_for_energy)
 from ..registry import STEPS
-from .base import Step, StepConfig
+from .base import Step, StepConfig, recorded_module
+from ..targets import set_module
 
 SUPPORTED: tuple[type, ...] = (nn.Linear, nn.Conv1d, nn.Conv2d)
 
@@ -64,10 +65,6 @@ class LowRankConfig(StepConfig):
             self.energy = 0.9
         return self
 
-
-def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
-    parent, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent) if parent else model, child, new)
 
 
 def _linear_factors(m: nn.Linear, r: int) -> nn.Sequential:
@@ -166,7 +163,7 @@ class LowRank(Step):
             if m.bias is not None:
                 new[-1].bias.copy_(m.bias)
             rel = float(((w - self._dense(new)).norm() / w.norm().clamp(min=1e-12)))
-            _set_submodule(model, name, new.train(m.training))
+            set_module(model, name, new.train(m.training))
             self.layers_[name] = {"kind": kind, "ranks": ranks}
             total_before, total_after = total_before + before, total_after + after
             ctx.report.layer(name, lowrank=kind, ranks=ranks, params_before=before, params_after=after,
@@ -191,11 +188,7 @@ class LowRank(Step):
     def rebuild(cls, model: nn.Module, config: LowRankConfig, record: dict[str, Any]) -> nn.Module:
         """Replace the recorded layers by (uninitialised) factor sequences of the recorded ranks."""
         for name, spec in record.get("layers", {}).items():
-            try:
-                m = model.get_submodule(name)
-            except AttributeError:
-                raise ModelError(f"lowrank record: {name}", "layer not found in the model",
-                                 fix="load onto the same architecture that was compressed") from None
+            m = recorded_module(model, name, (nn.Module,), "lowrank record")
             kind, ranks = spec.get("kind"), spec.get("ranks", [])
             if kind == "svd" and isinstance(m, nn.Linear):
                 new = _linear_factors(m, int(ranks[0]))
@@ -204,5 +197,5 @@ class LowRank(Step):
             else:
                 raise ModelError(f"lowrank record: {name}", f"cannot apply {kind!r} to {type(m).__name__}",
                                  fix="load onto the same architecture that was compressed")
-            _set_submodule(model, name, new)
+            set_module(model, name, new)
         return model

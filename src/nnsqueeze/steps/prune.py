@@ -53,7 +53,7 @@ from torch import nn
 from ..errors import ModelError
 from ..ops.sparsity import cubic_sparsity, global_magnitude_masks, magnitude_mask
 from ..registry import STEPS
-from .base import Step, StepConfig
+from .base import Step, StepConfig, recorded_module
 
 MASK = "weight_mask"
 # nn.modules.conv._ConvNd covers Conv1d/2d/3d and the transposed convs; all have a dense ``weight``.
@@ -268,11 +268,7 @@ class Prune(Step):
     def rebuild(cls, model: nn.Module, config: PruneConfig, record: dict[str, Any]) -> nn.Module:
         """Register zero-filled bool ``weight_mask`` buffers; ``load_state_dict`` then fills them."""
         for name in record.get("layers", []):
-            try:
-                m = model.get_submodule(name)
-            except AttributeError:
-                raise ModelError(f"prune record: {name}", "layer not found in the model",
-                                 fix="load onto the same architecture that was compressed") from None
+            m = recorded_module(model, name, (nn.Module,), "prune record")
             if not isinstance(getattr(m, "weight", None), torch.Tensor):
                 raise ModelError(f"prune record: {name}", f"{type(m).__name__} has no weight",
                                  fix="load onto the same architecture that was compressed")

@@ -48,7 +48,8 @@ from ..errors import DataError, ModelError, RecipeError
 from ..quant.fold import fold_batchnorm, refold_structure
 from ..quant.modules import MODULE_MAP, convert_
 from ..registry import OBSERVERS, STEPS
-from .base import Step, StepConfig
+from .base import Step, StepConfig, recorded_module
+from ..targets import set_module
 
 SUPPORTED = (nn.Linear, nn.Conv1d, nn.Conv2d)
 _CONVS = (nn.Conv1d, nn.Conv2d)
@@ -151,10 +152,6 @@ def _relu_plan(model: nn.Module, convs: list[str]) -> dict[str, tuple[bool, str 
                 plan[prefix + n] = (True, prefix + children[j][0] if uses[id(relu)] == 1 else None)
     return plan
 
-
-def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
-    parent_name, _, attr = name.rpartition(".")
-    setattr(model.get_submodule(parent_name) if parent_name else model, attr, new)
 
 
 def _batch_size(inputs: Any) -> int:
@@ -277,7 +274,7 @@ class Quantize(Step):
                 n_corrected += 1
             relu_name = plan.get(lname, (False, None))[1]
             if relu_name is not None:
-                _set_submodule(model, relu_name, nn.Identity())
+                set_module(model, relu_name, nn.Identity())
                 relu_removed.append(relu_name)
             record_layers[lname] = {"type": mod._float_class.__name__, "act": mod.act,
                                     "quant_output": mod.quant_output, "weight_bits": mod.weight_bits}
@@ -308,16 +305,12 @@ class Quantize(Step):
     def rebuild(cls, model: nn.Module, config: QuantizeConfig, record: dict[str, Any]) -> nn.Module:
         refold_structure(model, [tuple(p) for p in record.get("folded", [])])
         for lname, info in record.get("layers", {}).items():
-            try:
-                mod = model.get_submodule(lname)
-            except AttributeError:
-                raise ModelError(f"quantize record: {lname}", "the model has no such module",
-                                 fix="load the artifact with the same model class it was made from") from None
+            mod = recorded_module(model, lname, (nn.Module,), "quantize record")
             if type(mod).__name__ != info["type"] or type(mod) not in MODULE_MAP:
                 raise ModelError(f"quantize record: {lname}",
                                  f"expected a {info['type']}, found {type(mod).__name__}",
                                  fix="load the artifact with the same model class it was made from")
             convert_(mod, weight_bits=int(info["weight_bits"]), act=info["act"], quant_output=info["quant_output"])
         for relu_name in record.get("relu_removed", []):
-            _set_submodule(model, relu_name, nn.Identity())
+            set_module(model, relu_name, nn.Identity())
         return model

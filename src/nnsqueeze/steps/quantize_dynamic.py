@@ -35,7 +35,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
 from ..errors import ModelError
-from ..quant.dynamic import DynamicQuantLinear, convert_dynamic_
+from ..quant.dynamic import convert_dynamic_
 from ..quant.embedding import convert_embeddings, rebuild_embeddings
 from ..registry import STEPS
 from .base import Step, StepConfig, recorded_module

@@ -32,7 +32,7 @@ from pydantic import Field, field_validator
 from torch import nn
 
 from ..errors import ModelError
-from ..quant.weight_only import WeightOnlyLinear, convert_weight_only_
+from ..quant.weight_only import convert_weight_only_
 from ..quant.embedding import convert_embeddings, rebuild_embeddings
 from ..registry import STEPS
 from .base import Step, StepConfig, recorded_module
