@@ -19,7 +19,11 @@ log = logging.getLogger("nnsqueeze")
 
 
 class TrainCallback(Protocol):
-    """Called by training steps. ``step`` counts optimizer steps from 0 to ``total`` - 1."""
+    """Called by training steps. ``step`` counts optimizer steps from 0 to ``total`` - 1.
+
+    A callback may also define ``penalty(model) -> Tensor``: a loss term the training step adds to
+    the task loss at every optimizer step (e.g. a regularizer toward the quantization grid).
+    """
 
     def on_train_begin(self, model: nn.Module, total: int) -> None: ...
 

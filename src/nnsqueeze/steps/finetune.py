@@ -199,6 +199,9 @@ class Finetune(Step):
                 for step, batch in enumerate(self._cycle(shard, total)):
                     batch = to_device(batch, device)
                     loss = self._loss(net, batch, ctx)
+                    for cb in callbacks:  # extra loss terms (e.g. a QAT grid regularizer)
+                        if hasattr(cb, "penalty"):
+                            loss = loss + cb.penalty(model)
                     value = float(loss.detach())
                     if not math.isfinite(value):
                         where = f"{self.where} (optimizer step {step})"
