@@ -6,7 +6,10 @@ layers before and after, accuracy in ONNX Runtime on the test set, and the ONNX 
 (median of ``--runs`` at batch 256, ``--threads`` threads) of the exported fp32 models.
 
     python bench/lowrank.py [--budget 0.4] [--ignore features.0 classifier.2] [--epochs 20]
-                            [--train distill|finetune] [--runs 50]
+                            [--train distill|finetune] [--runs 50] [--sensitivity TOL]
+
+``--sensitivity TOL`` replaces the budget by the per-layer sensitivity rule (each layer's smallest
+candidate rank keeping the calibration loss within ``TOL`` (absolute) of the original's).
 """
 
 from __future__ import annotations
@@ -36,6 +39,7 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--train", choices=["distill", "finetune"], default="distill")
     ap.add_argument("--runs", type=int, default=50)
+    ap.add_argument("--sensitivity", type=float, default=None)
     ap.add_argument("--threads", type=int, default=2)
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
@@ -45,19 +49,21 @@ def main() -> None:
     train = {"epochs": a.epochs, "lr": a.lr}
     if a.train == "distill":
         train.update(alpha=0.3, temperature=2.0)
-    recipe = {"steps": [{"lowrank": {"budget": a.budget, "ignore": a.ignore}}, {a.train: train}],
+    rule = {"sensitivity": a.sensitivity} if a.sensitivity else {"budget": a.budget}
+    recipe = {"steps": [{"lowrank": dict(rule, ignore=a.ignore)}, {a.train: train}],
               "evaluate": {"latency_batch": 256, "threads": a.threads, "runs": a.runs, "warmup": 10}}
     t0 = time.perf_counter()
     res = nsq.compress(model, recipe, train_data=data["train"], calib_data=data["calib"], eval_data=data["test"],
                        progress=False)
     r = res.report
-    print(f"\nrecipe: lowrank {{budget: {a.budget}, ignore: {a.ignore}}} -> {a.train} {train} "
+    print(f"\nrecipe: lowrank {rule} ignore {a.ignore} -> {a.train} {train} "
           f"({time.perf_counter() - t0:.0f} s)\n")
-    print("| layer | kind | ranks | weights before | after |")
-    print("|---|---|---|---:|---:|")
+    print("| layer | kind | ranks | weights before | after | sensitivity budget |")
+    print("|---|---|---|---:|---:|---:|")
     for name, f in r["layers"].items():
         if "ranks" in f:
-            print(f"| {name} | {f['lowrank']} | {f['ranks']} | {f['params_before']} | {f['params_after']} |")
+            print(f"| {name} | {f['lowrank']} | {f['ranks']} | {f['params_before']} | {f['params_after']} | "
+                  f"{f.get('sensitivity_budget', '')} |")
     for name, why in [(s.get("layer"), s.get("reason")) if isinstance(s, dict) else (s, "") for s in r["skipped"]]:
         print(f"| {name} | skipped | {why} | | |")
     b, c = r["baseline"], r["compressed"]

@@ -78,3 +78,27 @@ def test_cli_sensitivity_bad_model_exits_2(tmp_path):
     assert not out.exists()
     p = nsq("sensitivity", "--model", "no_colon", "--data", "mnist1d", "--out", str(out), cwd=tmp_path)
     assert p.returncode == 2 and not out.exists()
+    p = nsq("sensitivity", "--model", "fac.py:build", "--data", "fac.py:data", "--out", str(out),
+            "--formats", "int8,int9", cwd=tmp_path)
+    assert p.returncode == 2 and "int9" in p.stderr and "Traceback" not in p.stderr and not out.exists()
+
+
+def test_cli_sensitivity_several_formats(tmp_path):
+    (tmp_path / "fac.py").write_text(FACTORY)
+    out = tmp_path / "sens.json"
+    p = nsq("sensitivity", "--model", "fac.py:build", "--data", "fac.py:data", "--out", str(out),
+            "--formats", "int8, int4", cwd=tmp_path)
+    assert p.returncode == 0, p.stderr
+    rows = json.loads(out.read_text())["rows"]
+    layers = {r["layer"] for r in rows}
+    assert {(r["layer"], r["format"]) for r in rows} == {(n, f) for n in layers for f in ("int8", "int4")}
+
+
+def test_low_bit_formats_are_measured_and_lose_more():
+    build, data = _factory()
+    model, d = build(), data()
+    rows = sensitivity(model, d["calib"], formats=("int8", "int4", "int2"))
+    by = {(r["layer"], r["format"]): r["sqnr_db"] for r in rows}
+    assert len(rows) == 12
+    for layer in ("conv1", "conv2", "fc1", "fc2"):  # fewer bits, more output noise
+        assert by[(layer, "int8")] > by[(layer, "int4")] > by[(layer, "int2")]

@@ -155,8 +155,10 @@ def sensitivity(
     weights: Optional[Path] = typer.Option(None, help=".safetensors (or torch state_dict) for the model"),
     plot: Optional[Path] = typer.Option(None, help="also draw a bar chart (PNG) here"),
     metric: str = typer.Option("accuracy", help="metric name (used when the data has 'eval' batches)"),
+    formats: str = typer.Option("int8", help="comma-separated formats to try per layer "
+                                "(nnsqueeze.sensitivity.FORMATS, e.g. int8,int4)"),
 ) -> None:
-    """Quantize one layer at a time (int8, the rest fp32) and rank the layers by the damage done."""
+    """Quantize one layer at a time (each format, the rest fp32) and rank the layers by the damage done."""
 
     def go() -> None:
         import json
@@ -178,7 +180,8 @@ def sensitivity(
         if calib is None:
             raise DataError("--data", f"{data} gives no 'calib' (or 'train') batches",
                             fix="return {'calib': batches, 'eval': batches}")
-        rows = run(m, calib, eval_data=d.get("eval"), metric=metric if d.get("eval") is not None else None)
+        rows = run(m, calib, eval_data=d.get("eval"), metric=metric if d.get("eval") is not None else None,
+                   formats=[f.strip() for f in formats.split(",") if f.strip()])
         files = {out: json.dumps({"model": model, "data": data, "rows": to_json_rows(rows)}, indent=2).encode()}
         if plot is not None:
             files[plot] = plot_png(rows)
@@ -194,7 +197,7 @@ def sensitivity(
             except BaseException:
                 Path(tmp).unlink(missing_ok=True)
                 raise
-        t = Table(title="quantization sensitivity (one layer int8, the rest fp32), most sensitive first")
+        t = Table(title="quantization sensitivity (one layer at a time, the rest fp32), most sensitive first")
         for col in ("layer", "type", "format", "output SQNR (dB)") + (("metric drop",) if rows and
                                                                        "metric_drop" in rows[0] else ()):
             t.add_column(col)
@@ -211,14 +214,33 @@ def sensitivity(
 
 
 @app.command()
-def demo(out: Path = typer.Option(Path("nnsqueeze-demo"), help="artifact directory to write"),
-         retrain: bool = typer.Option(False, help="retrain the baseline instead of using the cache")) -> None:
-    """Train (or load the cached) MNIST-1D CNN, apply `prune-int8`, check the targets, write the artifact."""
+def demo(out: Optional[Path] = typer.Option(None, help="artifact directory to write "
+                                            "[default: nnsqueeze-demo, or nnsqueeze-demo-llm with --llm]"),
+         retrain: bool = typer.Option(False, help="retrain the baseline instead of using the cache"),
+         llm: bool = typer.Option(False, "--llm", help="the language-model demo: GPTQ int4 (w4-g128-gptq) on "
+                                  "the embedded LLaMA-style LM trained on Python's own docs"),
+         size: str = typer.Option("default", help="--llm model size: default, or tiny (a seconds-long smoke run)")) -> None:
+    """Train (or load the cached) MNIST-1D CNN, apply `prune-int8`, check the targets, write the artifact.
+
+    With --llm: train (or load) the embedded language model, compress it with `w4-g128-gptq`, print
+    fp32 vs packed int4 perplexity, bytes and generation speed, check the targets, write the artifact."""
 
     def go() -> None:
+        if llm:
+            from .demo_llm import run_demo_llm
+            from .zoo.pylm import SIZES
+
+            if size not in SIZES:
+                raise typer.BadParameter(f"--size must be one of {', '.join(SIZES)}, got {size!r}")
+            ok = run_demo_llm(out or Path("nnsqueeze-demo-llm"), size=size, retrain=retrain, console=Console())
+            if not ok:
+                raise typer.Exit(1)
+            return
+        if size != "default":
+            raise typer.BadParameter("--size applies to --llm only")
         from .demo import run_demo
 
-        ok = run_demo(out, retrain=retrain, console=Console())
+        ok = run_demo(out or Path("nnsqueeze-demo"), retrain=retrain, console=Console())
         if not ok:
             raise typer.Exit(1)
 

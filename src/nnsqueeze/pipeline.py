@@ -211,11 +211,97 @@ def compress(
                                 threads=ev.threads, warmup=ev.warmup, runs=ev.runs, onnx_path=comp_onnx,
                                 archive_bytes=len(artifact.weights_bytes(work)))
         rb.compressed["measured"] = measured
+        if base_onnx is not None and comp_onnx is not None:
+            guard = _Guard(recipe, rb, ctx, exporter, samples, lat_inputs, eval_data, metric_fn, Path(tmp))
+            work, onnx_bytes, records = guard.run(work, original, records, onnx_bytes, base_onnx)
     _flag_regressions(rb)
     report = rb.build()
     _log_summary(report)
     return CompressionResult(model=work, report=report, recipe=recipe, records=records, onnx=onnx_bytes,
                              example_inputs=example_inputs)
+
+
+class _Guard:
+    """Never slower (:mod:`nnsqueeze.export.latency_guard`): when the compressed ONNX model is slower
+    than the baseline in ONNX Runtime, measure faster configurations, report them, and with
+    ``latency_guard: true`` apply the fastest that keeps the accuracy."""
+
+    def __init__(self, recipe, rb, ctx, exporter, samples, lat_inputs, eval_data, metric_fn, tmp: Path):
+        self.recipe, self.rb, self.ctx, self.exporter = recipe, rb, ctx, exporter
+        self.samples, self.lat_inputs, self.eval_data, self.metric_fn, self.tmp = \
+            samples, lat_inputs, eval_data, metric_fn, tmp
+
+    def _measure(self, model: nn.Module, path: str) -> dict[str, Any]:
+        ev = self.recipe.evaluate
+        return measure(model, eval_data=self.eval_data, metric=self.metric_fn, latency_inputs=self.lat_inputs,
+                       threads=ev.threads, warmup=ev.warmup, runs=ev.runs, onnx_path=path,
+                       archive_bytes=len(artifact.weights_bytes(model)))
+
+    def _candidate(self, name: str, model: nn.Module, reverted: list[str]):
+        from .export.latency_guard import Candidate
+
+        path = str(self.tmp / f"guard-{len(reverted)}-{name.split()[0]}.onnx")
+        onnx_cfg = self.recipe.export.onnx
+        export = self.exporter(model, path, self.ctx.example_inputs, opset=onnx_cfg.opset, verify=onnx_cfg.verify,
+                               samples=self.samples, atol=onnx_cfg.atol)
+        figs = self._measure(model, path)
+        return Candidate(name, figs["latency_ms"]["onnxruntime"], figs.get("accuracy"), figs.get("size_bytes"),
+                         reverted, payload=(model, Path(path).read_bytes(), figs, export))
+
+    def run(self, work: nn.Module, original: nn.Module, records: list, onnx_bytes: bytes | None, base_onnx: str):
+        from .export.latency_guard import (Candidate, choose, layer_timings, reverted_copy, revertible_layers,
+                                           slower_layers)
+
+        rb, ev = self.rb, self.recipe.evaluate
+        bl, cl = rb.baseline["latency_ms"].get("onnxruntime"), rb.compressed["latency_ms"].get("onnxruntime")
+        if bl is None or cl is None or cl <= bl:
+            return work, onnx_bytes, records
+        if not self.recipe.latency_guard:  # measuring candidates costs exports and timings: only on request
+            rb.note("latency-guard", f"the compressed ONNX model is slower than the fp32 baseline in ONNX Runtime "
+                    f"({cl:.4g} ms vs {bl:.4g} ms); set latency_guard: true to measure faster configurations "
+                    "(slow layers back to float, or the fp32 model) and apply the fastest that keeps the accuracy")
+            return work, onnx_bytes, records
+        # Order matters on ties (choose() keeps the earlier): the more compressed configuration wins.
+        cands = [Candidate("compressed", cl, rb.compressed.get("accuracy"), rb.compressed.get("size_bytes"))]
+        names = [n for n, _ in revertible_layers(work)]
+        timings: dict[str, tuple[float, float]] = {}
+        if names:
+            timings = layer_timings(work, self.lat_inputs, ev.threads, ev.warmup, ev.runs, names)
+            slow = slower_layers(timings)
+            if slow and len(slow) < len(names):
+                cands.append(self._candidate("slow layers in float", reverted_copy(work, slow), slow))
+            cands.append(self._candidate("all quantized layers in float", reverted_copy(work, names), names))
+        cands.append(Candidate("baseline", bl, rb.baseline.get("accuracy"), rb.baseline.get("size_bytes"),
+                               payload="baseline"))
+        best = choose(cands, rb.compressed.get("accuracy"))
+        rb.export["latency_guard"] = {
+            "baseline_ms": bl, "compressed_ms": cl,
+            "candidates": [c.row() for c in cands], "chosen": best.name,
+            "applied": best.name != "compressed",
+            "layer_ms": {n: {"quantized": round(q, 4), "float": round(f, 4)} for n, (q, f) in timings.items()}}
+        what = (f"the compressed ONNX model is slower than the fp32 baseline in ONNX Runtime ({cl:.4g} ms vs "
+                f"{bl:.4g} ms); fastest configuration that keeps the accuracy: '{best.name}' ({best.latency_ms:.4g} ms"
+                + (f", {len(best.reverted)} layer(s) back to float" if best.reverted else "") + ")")
+        if best.name == "compressed":
+            rb.note("latency-guard", what + ": kept")
+            return work, onnx_bytes, records
+        self.ctx.fallback("latency-guard", what + ": applied (latency_guard: true)")
+        if best.payload == "baseline":
+            model = copy.deepcopy(original).to(self.ctx.device).eval()
+            rb.compressed = {**rb.baseline}
+            rb.export["compressed"] = rb.export["baseline"]
+            return model, Path(base_onnx).read_bytes(), []
+        model, data, figs, export = best.payload
+        figs["measured"] = rb.compressed.get("measured")
+        rb.compressed, rb.export["compressed"] = figs, export
+        gone = set(best.reverted)
+        for r in records:  # the replay record must not re-quantize the layers now in float
+            layers = r["record"].get("layers") if isinstance(r.get("record"), dict) else None
+            if isinstance(layers, dict):
+                r["record"]["layers"] = {k: v for k, v in layers.items() if k not in gone}
+            elif isinstance(layers, list):
+                r["record"]["layers"] = [k for k in layers if k not in gone]
+        return model, data, records
 
 
 def _flag_regressions(rb: ReportBuilder) -> None:

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -62,6 +62,9 @@ class _RecipeFile(_Strict):
     steps: list[dict[str, Any]] = Field(min_length=1)
     export: ExportConfig = Field(default_factory=ExportConfig)
     evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
+    latency_guard: bool = Field(False, description="if the compressed ONNX model runs slower than the fp32 one in "
+                                "ONNX Runtime, apply the fastest measured configuration that keeps the accuracy "
+                                "(layers back to float, or the fp32 model); false: only report the offer")
 
 
 @dataclass
@@ -79,6 +82,7 @@ class Recipe:
     description: str | None = None
     seed: int = 0
     version: int = FORMAT_VERSION
+    latency_guard: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         """The resolved recipe (every default filled in), as plain data."""
@@ -86,6 +90,7 @@ class Recipe:
             "version": self.version, "name": self.name, "description": self.description, "seed": self.seed,
             "steps": [{s.name: s.config.model_dump(mode="json")} for s in self.steps],
             "export": self.export.model_dump(mode="json"), "evaluate": self.evaluate.model_dump(mode="json"),
+            "latency_guard": self.latency_guard,
         }
 
     def to_yaml(self) -> str:
@@ -127,7 +132,8 @@ class Recipe:
                 raise _recipe_error(e, f"{where}.{name}", step_cls.Config) from None
             steps.append(StepEntry(name, config))
         return cls(steps=steps, export=top.export, evaluate=top.evaluate, name=top.name,
-                   description=top.description, seed=top.seed, version=top.version)
+                   description=top.description, seed=top.seed, version=top.version,
+                   latency_guard=top.latency_guard)
 
 
 def _accepted(model: type[BaseModel] | None, loc: tuple) -> str:

@@ -52,3 +52,34 @@ def test_bert_preset_runs_in_ort(preset):
     ops = exp["ort_int8_ops"]  # ORT may share one DynamicQuantizeLinear across Q/K/V (MatMulIntegerToFloat)
     kinds = {"DynamicQuantizeMatMul", "MatMulIntegerToFloat"} if preset == "int8-dynamic" else {"MatMulNBits"}
     assert sum(ops.get(k, 0) for k in kinds) == 12 and set(ops) <= kinds
+
+
+def _fast(preset: str) -> dict:
+    r = nsq.load_recipe(preset).to_dict()
+    r["evaluate"].update(warmup=0, runs=1, per_step=False)
+    return r
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("preset", ["int8", "int8-dynamic"])
+def test_bert_int8_static_and_dynamic_parity_in_ort(preset):
+    """Static W8A8 (calibrated QDQ) and dynamic int8 on a BertModel: dict inputs, a ModelOutput
+    from torch, the exported graph's output checked against the quantized torch model."""
+    model = _bert()
+    calib = [_batch(4, 9, s) for s in range(3)]
+    res = nsq.compress(model, _fast(preset), calib_data=calib, metric=None, progress=False)
+    exp = res.report["export"]["compressed"]
+    assert exp["quantized"] and sum(exp["ort_int8_ops"].values()) == 12  # q, k, v, o, ffn in/out x 2 layers
+    held_out = _batch(3, 9, 7)  # other tokens and batch size than the export's (sequence length fixed)
+    with torch.no_grad():
+        out = res.model(**held_out)
+        ref = model(**held_out).last_hidden_state
+    assert isinstance(out, transformers.utils.ModelOutput)
+    got = OrtModule(res.onnx)(**held_out)
+    got = got[0] if isinstance(got, tuple) else got
+    q = out.last_hidden_state
+    # ORT runs what the torch simulation runs (up to run-time quantization code flips)...
+    assert float((got - q).abs().mean()) < 0.02 * float(q.abs().mean())
+    # ...and both stay close to the float model (cosine per token).
+    cos = torch.nn.functional.cosine_similarity(got.flatten(0, 1), ref.flatten(0, 1), dim=-1)
+    assert float(cos.min()) > 0.98, float(cos.min())

@@ -7,7 +7,8 @@ import importlib
 
 import pytest
 
-MODULES = ["rtn", "gptq", "awq", "smoothquant", "sparsegpt", "wanda", "sequential", "tiny", "perplexity"]
+MODULES = ["rtn", "gptq", "awq", "smoothquant", "sparsegpt", "wanda", "sequential", "tiny", "perplexity", "gemv",
+           "packed", "offload"]
 
 
 @pytest.mark.parametrize("name", MODULES)

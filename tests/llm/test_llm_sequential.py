@@ -229,4 +229,4 @@ def test_sparsegpt_then_gptq_keeps_zeros():
         cls(cls.Config(**cfg), 0).run(model, make_ctx(data))
     for n, m in model.named_modules():
         if hasattr(m, "weight_mask"):
-            assert not m.weight[~m.weight_mask].any(), n
+            assert not get_weight(m)[~m.weight_mask].any(), n      # packed: the dequantized weight

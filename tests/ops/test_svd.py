@@ -50,3 +50,29 @@ def test_tucker2_full_rank_is_exact_and_truncation_bounded(shape):
     s1 = torch.linalg.svdvals(w.movedim(1, 0).reshape(shape[1], -1))
     bound = float((s0[r_out:] ** 2).sum() + (s1[r_in:] ** 2).sum())
     assert 0 < err2 <= bound + 1e-9
+
+
+@pytest.mark.parametrize("shape,rank", [((5, 3, 3, 4), 4), ((7, 2, 3, 3), 1), ((4, 6, 5, 1), 3)])
+def test_spatial_error_equals_discarded_singular_values(shape, rank):
+    from nnsqueeze.ops.svd import spatial_matrix, spatial_reconstruct, spatial_svd
+    w = torch.randn(*shape, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    v, h = spatial_svd(w, rank)
+    o, i, kh, kw = shape
+    assert v.shape == (rank, i, kh, 1) and h.shape == (o, rank, 1, kw)
+    s = torch.linalg.svdvals(spatial_matrix(w))
+    err2 = float(((w - spatial_reconstruct(v, h)) ** 2).sum())
+    assert err2 == pytest.approx(float((s[rank:] ** 2).sum()), abs=1e-9)
+
+
+def test_spatial_full_rank_convs_equal_the_kernel():
+    # (kh x 1) then (1 x kw) with stride/padding/dilation split per axis == the original conv (float64)
+    import torch.nn.functional as F
+    from nnsqueeze.ops.svd import spatial_svd
+    g = torch.Generator().manual_seed(3)
+    w = torch.randn(5, 3, 3, 4, generator=g, dtype=torch.float64)
+    x = torch.randn(2, 3, 11, 13, generator=g, dtype=torch.float64)
+    v, h = spatial_svd(w, 9)   # full rank: min(I*kh, O*kw) = min(9, 20)
+    want = F.conv2d(x, w, stride=(2, 3), padding=(1, 2), dilation=(2, 1))
+    got = F.conv2d(F.conv2d(x, v, stride=(2, 1), padding=(1, 0), dilation=(2, 1)), h, stride=(1, 3),
+                   padding=(0, 2), dilation=(1, 1))
+    assert torch.allclose(got, want, atol=1e-10)

@@ -9,7 +9,6 @@ from pathlib import Path
 import pytest
 import torch
 from pydantic import ValidationError
-from torch import nn
 
 import nnsqueeze as nsq
 from nnsqueeze.context import Context
@@ -20,7 +19,7 @@ from nnsqueeze.zoo.mnist1d import build_model
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "structured"))
 from structured_models import (ConcatSplit, DepthwiseGrouped, InvertedResidualSE, Norms,  # noqa: E402
-                               ResidualCNN, Tied, TransformerBlock, randomize_bn)
+                               ResidualCNN, ResNeXtGN, Tied, TransformerBlock, randomize_bn)
 
 CASES = {
     "demo": (build_model, lambda: torch.randn(4, 1, 40)),
@@ -31,6 +30,7 @@ CASES = {
     "transformer": (TransformerBlock, lambda: torch.randint(0, 30, (4, 5))),
     "tied": (Tied, lambda: torch.randint(0, 20, (4, 5))),
     "inverted-residual-se": (InvertedResidualSE, lambda: torch.randn(4, 3, 6, 6)),
+    "resnext-gn": (ResNeXtGN, lambda: torch.randn(4, 3, 6, 6)),
 }
 
 
@@ -209,3 +209,33 @@ def test_unreachable_budget_is_noted():
     model, x = build_model().eval(), torch.randn(2, 1, 40)
     _, _, ctx = run_step(model, x, params=100)
     assert any("out of reach" in n["note"] for n in ctx.report.notes)
+
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_every_pattern_exports_to_ort_and_replays(case, tmp_path):
+    from nnsqueeze.export.onnx import export_onnx
+    from nnsqueeze.export.ort import OrtModule
+
+    build, make_x = CASES[case]
+    torch.manual_seed(1)
+    model, x = randomize_bn(build()), make_x()
+    pruned, step, _ = run_step(model, x, ratio=0.5, importance="l2")
+    export_onnx(pruned, tmp_path / "m.onnx", x)
+    with torch.no_grad():
+        want = pruned(x)
+        torch.testing.assert_close(torch.as_tensor(OrtModule(tmp_path / "m.onnx")(x)), want, atol=1e-4, rtol=1e-4)
+        torch.manual_seed(2)  # a fresh model with other weights: the record fixes shapes, the state dict values
+        fresh = StructuredPrune.rebuild(build(), step.config, step.record())
+        fresh.load_state_dict(pruned.state_dict())
+        assert torch.equal(fresh.eval()(x), want)
+
+
+def test_resnext_grouped_conv_and_groupnorm_shrink_evenly():
+    torch.manual_seed(0)
+    model, x = randomize_bn(ResNeXtGN()), torch.randn(2, 3, 6, 6)
+    pruned, step, ctx = run_step(model, x, ratio=0.5)
+    assert (pruned.grouped.in_channels, pruned.grouped.out_channels, pruned.grouped.groups) == (12, 12, 4)
+    assert pruned.grouped.weight.shape == (12, 3, 3, 3) and pruned.reduce.out_channels == 12
+    assert (pruned.gn0.num_groups, pruned.gn0.num_channels, pruned.stem.out_channels) == (2, 8, 8)
+    assert pruned.gn3.num_channels == pruned.expand.out_channels == pruned.fc.in_features == 8

@@ -94,3 +94,19 @@ def test_distill_composes_with_gradual_pruning(tiny_cnn, toy_data):
                        train_data=toy_data["train"], eval_data=toy_data["eval"], progress=False)
     w = res.model.classifier[1].weight
     assert int((w == 0).sum()) == round(0.5 * w.numel())
+
+
+def test_unlabeled_batches_get_the_soft_term_only(tiny_cnn, toy_data):
+    # a transfer set: bare input tensors mixed with (x, y) batches
+    torch.manual_seed(2)
+    student = nn.Sequential(nn.Flatten(), nn.Linear(37, 16), nn.ReLU(), nn.Linear(16, 5))
+    x, y = toy_data["train"][0]
+    step = Distill(DistillConfig(steps=4, lr=1e-3, alpha=0.5, temperature=3.0), 0)
+    ctx = _ctx([x] + toy_data["train"], tiny_cnn)
+    step._setup(student, ctx)
+    with torch.no_grad():
+        t = tiny_cnn(x)
+        assert float(step._loss(student, x, ctx)) == pytest.approx(float(soft_kl(student(x), t, 3.0)), rel=1e-6)
+        want = 0.5 * float(torch.nn.functional.cross_entropy(student(x), y)) + 0.5 * float(soft_kl(student(x), t, 3.0))
+        assert float(step._loss(student, (x, y), ctx)) == pytest.approx(want, rel=1e-6)
+    Distill(DistillConfig(steps=4, lr=1e-3, alpha=0.5, temperature=3.0), 0).run(student, ctx)  # trains through both

@@ -224,3 +224,34 @@ def test_onecycle_and_progress_bar_run(capsys):
     finetune(model, ctx, steps=5, lr=1e-2, schedule="onecycle", optimizer="sgd")
     assert not torch.equal(model.state_dict()["0.weight"], before["0.weight"])
     assert math.isfinite(figures(ctx)["final_loss"])
+
+
+def test_shift_batch_rolls_each_sample():
+    from nnsqueeze.steps.finetune import shift_batch
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(6, 2, 9, generator=g), torch.arange(6)
+    out, y2 = shift_batch((x, y), 3, torch.Generator().manual_seed(4))
+    assert y2 is y
+    offsets = []
+    for i in range(6):  # each sample (both channels) is torch.roll'ed by one offset in [-3, 3]
+        match = [s for s in range(-3, 4) if torch.equal(out[i], torch.roll(x[i], s, dims=-1))]
+        assert len(match) == 1
+        offsets.append(match[0])
+    assert len(set(offsets)) > 1
+    assert shift_batch((x, y), 0, g)[0] is x
+
+
+def test_finetune_shift_augmentation_feeds_shifted_inputs():
+    data = [(torch.arange(8.0).repeat(4, 1) + 10 * torch.arange(4.0)[:, None], torch.zeros(4, dtype=torch.long))]
+    model = nn.Sequential(nn.Linear(8, 3))
+    seen = []
+    model[0].register_forward_hook(lambda m, i, o: seen.append(i[0].detach().clone()))
+    finetune(model, make_ctx(data), steps=3, lr=1e-3, shift=2)
+    x = data[0][0]
+    for batch in seen:
+        for row, orig in zip(batch, x):
+            assert any(torch.equal(row, torch.roll(orig, s)) for s in range(-2, 3))
+    assert any(not torch.equal(b, x) for b in seen)
+    with pytest.raises(DataError, match="shift augmentation"):
+        finetune(nn.Linear(8, 3), make_ctx([(torch.arange(8).repeat(2, 1), torch.zeros(2, dtype=torch.long))]),
+                 steps=1, shift=2)

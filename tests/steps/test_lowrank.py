@@ -78,3 +78,105 @@ def test_pipeline_save_load_and_onnx(tiny_cnn, toy_data, tmp_path):
     x = torch.cat([b[0] for b in toy_data["eval"]])
     with torch.no_grad():
         assert torch.equal(loaded(x), res.model.eval()(x))
+
+
+class _Conv2dNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Conv2d(3, 8, 3, padding=1)
+        self.b = nn.Conv2d(8, 12, (3, 5), stride=(2, 1), padding=(1, 2))
+        self.c = nn.Conv2d(12, 6, 1)
+        self.d = nn.Conv1d(6, 6, 3)
+        self.head = nn.Linear(150, 4)
+
+    def forward(self, x):
+        x = torch.relu(self.c(torch.relu(self.b(torch.relu(self.a(x))))))   # (N, 6, 5, 7)
+        x = self.d(x.flatten(2)[..., :35])                                    # (N, 6, 33)
+        return self.head(x.flatten(1)[:, :150])
+
+
+def test_spatial_energy_one_is_exact_and_skips_conv1d_and_1x1():
+    g = torch.Generator().manual_seed(0)
+    torch.manual_seed(0)
+    model = _Conv2dNet().eval()
+    with torch.no_grad():  # b: a kernel of spatial rank 4 (sum of 4 separable (3x1)(1x5) products)
+        model.b.weight.copy_(torch.einsum("riy,orx->oiyx", torch.randn(4, 8, 3, generator=g),
+                                          torch.randn(12, 4, 5, generator=g)))
+    x = torch.randn(3, 3, 10, 7, generator=g)
+    with torch.no_grad():
+        y = model(x)
+    ctx = make_ctx()
+    model = LowRank(LowRankConfig(energy=1.0, conv="spatial", targets=["Conv2d", "Conv1d"]), 0).run(model, ctx)
+    assert ctx.report.layers["b"]["lowrank"] == "spatial" and ctx.report.layers["b"]["ranks"] == [4]
+    assert [m.kernel_size for m in model.b] == [(3, 1), (1, 5)] and model.b[0].stride == (2, 1)
+    skipped = str(ctx.report.build()["skipped"])
+    assert "'c'" in skipped and "'d'" in skipped and "larger than 1x1" in skipped
+    assert "would not save" in skipped  # a: full-rank 3x3 kernel, rank 9 costs more than it saves
+    with torch.no_grad():
+        assert torch.allclose(model(x), y, atol=1e-4)
+
+
+def test_spatial_budget_pipeline_onnx_and_reload(tmp_path):
+    g = torch.Generator().manual_seed(1)
+    data = [(torch.randn(8, 3, 10, 7, generator=g), torch.randint(0, 4, (8,), generator=g)) for _ in range(3)]
+    torch.manual_seed(0)
+    model = _Conv2dNet()
+    recipe = {"steps": [{"lowrank": {"budget": 0.5, "conv": "spatial", "targets": ["Conv2d"]}},
+                        {"finetune": {"steps": 3, "lr": 1e-3}}], "evaluate": {"runs": 1, "warmup": 0}}
+    res = nsq.compress(model, recipe, train_data=data, calib_data=data, eval_data=data, progress=False)
+    b = res.model.b
+    assert sum(m.weight.numel() for m in b) <= 0.5 * 12 * 8 * 15
+    exp = res.report["export"]["compressed"]
+    assert exp["max_abs_diff"] <= exp["tolerance"]  # ONNX Runtime runs the (kh x 1), (1 x kw) convs
+    res.save(tmp_path / "out")
+    torch.manual_seed(5)
+    loaded = nsq.load(tmp_path / "out", model=_Conv2dNet())
+    x = torch.cat([d[0] for d in data])
+    with torch.no_grad():
+        assert torch.equal(loaded(x), res.model.eval()(x))
+
+
+def test_sensitivity_picks_the_smallest_budget_within_tolerance():
+    import copy
+
+    import torch.nn.functional as F
+
+    from nnsqueeze.steps.lowrank import BUDGETS
+    g = torch.Generator().manual_seed(3)
+    torch.manual_seed(3)
+    model = nn.Sequential(nn.Linear(20, 30), nn.ReLU(), nn.Linear(30, 24), nn.ReLU(), nn.Linear(24, 4))
+    with torch.no_grad():  # layer 0 has rank 2: exact from budget 0.2 (rank 2) on
+        model[0].weight.copy_(torch.randn(30, 2, generator=g) @ torch.randn(2, 20, generator=g))
+        model[4].weight.mul_(20.0)  # confident outputs
+    xs = [torch.randn(16, 20, generator=g) for _ in range(2)]
+    with torch.no_grad():  # labels = the model's own predictions: any change of the layer raises the loss
+        data = [(x, model(x).argmax(1)) for x in xs]
+    tol = 1e-3
+
+    def loss(net):
+        with torch.no_grad():
+            return sum(float(F.cross_entropy(net(x), y)) * len(y) for x, y in data) / 32
+
+    base = loss(model)
+    want = {}
+    for name in ("0", "2"):  # reference: each budget on its own, through the budget rule
+        want[name] = None
+        for b in BUDGETS:
+            trial = copy.deepcopy(model)
+            cctx = make_ctx()
+            trial = LowRank(LowRankConfig(budget=b, targets=[name]), 0).run(trial, cctx)
+            if name in cctx.report.layers and loss(trial) <= base + tol:
+                want[name] = b
+                break
+    assert want["0"] == 0.2   # rank 1 (budgets 0.1, 0.15) loses more than tol; rank 2 is exact
+    ctx = Context(calib_data=data, report=ReportBuilder(), progress=False)
+    ctx.report.begin_step("lowrank", {})
+    out = LowRank(LowRankConfig(sensitivity=tol, targets=["0", "2"]), 0).run(copy.deepcopy(model), ctx)
+    for name in ("0", "2"):
+        if want[name] is None:
+            assert "calibration loss" in str(ctx.report.build()["skipped"])
+        else:
+            assert ctx.report.layers[name]["sensitivity_budget"] == want[name]
+    assert isinstance(out[0], nn.Sequential) and out[0][0].out_features == 2   # exact rank-2 factors at 0.2
+    with pytest.raises(ValidationError, match="one of"):
+        LowRankConfig(sensitivity=0.1, budget=0.5)

@@ -39,15 +39,17 @@ def test_registered_with_defaults():
 
 
 @pytest.mark.parametrize("cfg,where", [
-    ({"weights": {"granularity": "per-tensor"}}, "weights"),
-    ({"weights": {"symmetric": False}}, "weights"),
-    ({"weights": {"bits": 4}}, "weights"),
+    ({"weights": {"granularity": "per-group"}}, "weights"),
+    ({"weights": {"group_size": 8}}, "weights"),
+    ({"weights": {"levels": "nf4", "bits": 3}}, "weights"),
+    ({"weights": {"levels": "pow2", "clip": "mse"}}, "weights"),
+    ({"layer_weights": {"features.0": {"levels": "nf4"}}}, "layer_weights.features.0"),
     ({"activations": {"symmetric": True}}, "activations"),
     ({"activations": {"granularity": "per-channel"}}, "activations"),
     ({"activations": {"bits": 6}}, "activations"),
 ])
 def test_unsupported_schemes_say_what_is_supported(cfg, where):
-    with pytest.raises(RecipeError, match="not supported yet") as e:
+    with pytest.raises(RecipeError) as e:
         Quantize(Quantize.Config.model_validate(cfg), index=2)
     assert e.value.where == f"steps[2].quantize.{where}"
     assert "per-channel" in e.value.fix and "per-tensor" in e.value.fix
@@ -88,7 +90,10 @@ def test_quantizes_tiny_cnn(tiny_cnn, toy_data):
     rec = json.loads(json.dumps(step.record()))
     assert rec["folded"] == [["features.0", "features.1"], ["features.3", "features.4"]]
     assert rec["relu_removed"] == ["features.2", "features.5"]
-    assert rec["layers"]["classifier.1"] == {"type": "Linear", "act": None, "quant_output": False, "weight_bits": 8}
+    assert rec["layers"]["classifier.1"] == {
+        "type": "Linear", "act": None, "quant_output": False, "weight_bits": 8,
+        "scheme": {"bits": 8, "symmetric": True, "granularity": "per-channel", "group_size": None,
+                   "levels": "uniform", "clip": "none"}}
 
 
 def test_rebuild_and_load_reproduce_exactly(tiny_cnn, toy_data):

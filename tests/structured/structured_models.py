@@ -153,3 +153,21 @@ class InvertedResidualSE(nn.Module):
         h = h * gate[:, :, None, None] + self.se_conv(h) * gate.unsqueeze(-1).unsqueeze(-1)
         x = x + self.project(h)
         return self.fc(F.adaptive_avg_pool2d(x, 1).flatten(1))
+
+
+class ResNeXtGN(nn.Module):
+    """Residual bottleneck with a grouped 3x3 conv (groups=4) and GroupNorm(4) on the stream."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem, self.gn0 = nn.Conv2d(3, 16, 3, padding=1), nn.GroupNorm(4, 16)
+        self.reduce, self.bn1 = nn.Conv2d(16, 24, 1), nn.BatchNorm2d(24)
+        self.grouped, self.bn2 = nn.Conv2d(24, 24, 3, padding=1, groups=4), nn.BatchNorm2d(24)
+        self.expand, self.gn3 = nn.Conv2d(24, 16, 1), nn.GroupNorm(4, 16)
+        self.fc = nn.Linear(16, 3)
+
+    def forward(self, x):
+        x = torch.relu(self.gn0(self.stem(x)))
+        h = torch.relu(self.bn2(self.grouped(torch.relu(self.bn1(self.reduce(x))))))
+        x = torch.relu(x + self.gn3(self.expand(h)))
+        return self.fc(x.mean((2, 3)))

@@ -7,7 +7,7 @@ import importlib
 
 import pytest
 
-MODULES = ["nnsqueeze.structured.graph", "nnsqueeze.structured.pruners", "nnsqueeze.structured.allocate",
+MODULES = ["nnsqueeze.structured.graph", "nnsqueeze.structured.rules", "nnsqueeze.structured.pruners", "nnsqueeze.structured.allocate",
            "nnsqueeze.structured.macs", "nnsqueeze.structured.collect", "nnsqueeze.structured.nm",
            "nnsqueeze.structured.attention", "nnsqueeze.structured.importance",
            "nnsqueeze.structured.importance.l1", "nnsqueeze.structured.importance.l2",
@@ -16,7 +16,9 @@ MODULES = ["nnsqueeze.structured.graph", "nnsqueeze.structured.pruners", "nnsque
            "nnsqueeze.steps.channel_prune", "nnsqueeze.steps.nm_prune", "nnsqueeze.steps.group_lasso"]
 
 
-@pytest.mark.parametrize("name", MODULES)
+@pytest.mark.parametrize("name", MODULES + ["nnsqueeze.structured.hf"])
 def test_docstring_examples(name):
+    if name.endswith(".hf"):
+        pytest.importorskip("transformers")
     result = doctest.testmod(importlib.import_module(name), optionflags=doctest.NORMALIZE_WHITESPACE)
     assert result.attempted > 0 and result.failed == 0

@@ -16,6 +16,12 @@ def groups(model, x):
     return {grp.size: sorted({(m.module, m.role, m.offset, m.expand) for m in grp.members}) for grp in g.groups}, g
 
 
+def members(model, x):
+    g = build_graph(model, x)
+    return sorted((grp.size, sorted({(m.module, m.role, m.offset, m.expand) for m in grp.members}))
+                  for grp in g.groups), g
+
+
 def test_demo_cnn_flatten_into_linear():
     g = build_graph(build_model(), torch.randn(2, 1, 40))
     gs = [sorted({(m.module, m.role, m.offset, m.expand) for m in grp.members}) for grp in g.groups]
@@ -35,25 +41,47 @@ def test_residual_adds_tie_the_stream():
     assert set(gs) == {16, 12, 24, 32}
 
 
-def test_concat_offsets_and_splits():
-    gs, g = groups(ConcatSplit(), torch.randn(2, 2, 9))
-    assert gs[6] == [("a", "out", 0, 1), ("bn", "out", 0, 1), ("head", "in", 4, 1), ("mix", "in", 0, 1)]
-    assert gs[10] == [("b", "out", 0, 1), ("bn", "out", 6, 1), ("head", "in", 10, 1), ("mix", "in", 6, 1)]
-    assert 12 not in gs  # chunk of conv `c`: split sizes are fixed in forward(), left intact
-    assert "split" in g.skipped["chunk"]
+def test_concat_offsets_and_chunk():
+    gs, g = members(ConcatSplit(), torch.randn(2, 2, 9))
+    assert (6, [("a", "out", 0, 1), ("bn", "out", 0, 1), ("head", "in", 4, 1), ("mix", "in", 0, 1)]) in gs
+    assert (10, [("b", "out", 0, 1), ("bn", "out", 6, 1), ("head", "in", 10, 1), ("mix", "in", 6, 1)]) in gs
+    # chunk(2) of conv `c` (GLU): channel j of the first half goes with channel j of the second half
+    assert (6, [("c", "out", 0, 1), ("c", "out", 6, 1), ("d", "in", 0, 1)]) in gs
+    assert sorted(size for size, _ in gs) == [4, 6, 6, 8, 10] and g.skipped == {}
 
 
-def test_depthwise_passes_through_grouped_is_left_alone():
-    gs, g = groups(DepthwiseGrouped(), torch.randn(2, 3, 6, 6))
-    assert gs == {16: [("bn1", "out", 0, 1), ("bn2", "out", 0, 1), ("dw", "out", 0, 1), ("pw1", "out", 0, 1),
-                       ("pw2", "in", 0, 1)]}
-    assert "groups=3" in g.skipped["grouped"]
+def test_split_with_fixed_sizes_is_left_alone():
+    class Split(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Linear(3, 8), nn.Linear(5, 2)
+
+        def forward(self, x):
+            p, q = torch.split(self.a(x), [5, 3], dim=-1)
+            return self.b(p) + q.sum(-1, keepdim=True)
+
+    g = build_graph(Split(), torch.randn(2, 3))
+    assert g.groups == [] and "sizes are fixed" in g.skipped["split"]
 
 
-def test_norms_across_channels_freeze():
-    gs, g = groups(Norms(), torch.randn(2, 1, 10))
-    assert gs == {12: [("bn", "out", 0, 1), ("c2", "out", 0, 1), ("fc1", "in", 0, 10)]}
-    assert {"gn", "ln"} <= set(g.skipped)
+def test_depthwise_passes_through_grouped_conv_folds_its_groups():
+    gs, g = members(DepthwiseGrouped(), torch.randn(2, 3, 6, 6))
+    # grouped conv (12 -> 12, groups=3): channel c of pw2 goes with c+4 and c+8 (the weight's shared input
+    # column c); its own output channel c goes with c+4, c+8 (every group keeps the same count)
+    assert gs == [(4, [("fc", "in", 0, 1), ("fc", "in", 4, 1), ("fc", "in", 8, 1), ("grouped", "out", 0, 1),
+                       ("grouped", "out", 4, 1), ("grouped", "out", 8, 1)]),
+                  (4, [("grouped", "in", 0, 1), ("pw2", "out", 0, 1), ("pw2", "out", 4, 1), ("pw2", "out", 8, 1)]),
+                  (16, [("bn1", "out", 0, 1), ("bn2", "out", 0, 1), ("dw", "out", 0, 1), ("pw1", "out", 0, 1),
+                        ("pw2", "in", 0, 1)])]
+    assert g.skipped == {}
+
+
+def test_groupnorm_blocks_layernorm_freezes():
+    gs, g = members(Norms(), torch.randn(2, 1, 10))
+    # GroupNorm(2, 8): a channel of the group is one norm group of 4 (the other group's statistics stay)
+    assert gs == [(2, [("c1", "out", 0, 4), ("c2", "in", 0, 4), ("gn", "out", 0, 4)]),
+                  (12, [("bn", "out", 0, 1), ("c2", "out", 0, 1), ("fc1", "in", 0, 10)])]
+    assert set(g.skipped) == {"ln"} and "LayerNorm" in g.skipped["ln"]
 
 
 def test_transformer_ffn_neurons_only():

@@ -53,10 +53,25 @@ def test_batchnorm_depthwise_embedding():
 
 
 def test_unsupported_layers_raise_typed_errors():
-    with pytest.raises(ModelError, match="grouped"):
+    with pytest.raises(ModelError, match="groups=2"):
         shrink(nn.Conv1d(4, 4, 1, groups=2), "out", torch.tensor([0]))
+    with pytest.raises(ModelError, match="whole groups"):
+        shrink(nn.GroupNorm(2, 4), "out", torch.tensor([0]))
     with pytest.raises(ModelError, match="no pruner"):
         shrink(nn.LayerNorm(4), "out", torch.tensor([0]))
+
+
+def test_grouped_conv_and_groupnorm_match_hand_slicing():
+    conv = nn.Conv1d(6, 4, 3, groups=2)           # weight (4, 3, 3): input column j is channel j of each group
+    w = conv.weight.detach().clone()
+    shrink(conv, "in", torch.tensor([0, 2]))
+    shrink(conv, "out", torch.tensor([1, 3]))
+    assert (conv.in_channels, conv.out_channels, conv.groups) == (4, 2, 2)
+    assert torch.equal(conv.weight, w[[1, 3]][:, [0, 2]]) and conv(torch.randn(1, 4, 5)).shape == (1, 2, 3)
+    gn = nn.GroupNorm(3, 6)
+    gn.weight.data = torch.arange(6.0)
+    shrink(gn, "out", torch.tensor([2, 3]))
+    assert (gn.num_groups, gn.num_channels) == (1, 2) and torch.equal(gn.weight, torch.tensor([2.0, 3.0]))
 
 
 def test_channel_slices_expanded_inputs():

@@ -32,7 +32,6 @@ from collections import Counter
 from pathlib import Path
 from typing import Any, Iterable
 
-import numpy as np
 import torch
 from torch import nn
 

@@ -42,6 +42,7 @@ from torch import nn
 
 from ..data import call_model, split, to_device
 from ..errors import DataError, ModelError
+from .offload import DiskBlocks, tensor_bytes
 
 Tensor = torch.Tensor
 
@@ -59,7 +60,9 @@ def is_linear(module: nn.Module) -> bool:
 
 
 def get_weight(module: nn.Module) -> Tensor:
-    """The weight as ``(out, in)`` (a detached float32 copy)."""
+    """The weight as ``(out, in)`` (a detached float32 copy; packed layers: their dequantized weight)."""
+    if not module.weight.is_floating_point() and hasattr(module, "dequantized_weight"):
+        return module.dequantized_weight().to(torch.float32)
     w = module.weight.detach()
     return (w.T if type(module).__name__ == "Conv1D" else w).to(torch.float32).clone()
 
@@ -192,11 +195,18 @@ class SequentialReport:
     rss_before_mib: float = 0.0
     block_inputs_mib: float = 0.0      # size of one block's stored hidden states
     seconds: float = 0.0
+    model_mib: float = 0.0             # parameters + buffers before the run
+    offloaded: bool = False            # blocks kept on disk (max_memory below the model size)
+    resident_weights_mib: float = 0.0  # with offload: non-block weights + the largest block
 
     def as_dict(self) -> dict[str, Any]:
-        return {"blocks": self.blocks, "calibration_batches": self.batches, "calibration_tokens": self.tokens,
-                "peak_rss_mib": round(self.peak_rss_mib, 1), "rss_before_mib": round(self.rss_before_mib, 1),
-                "block_inputs_mib": round(self.block_inputs_mib, 3), "seconds": round(self.seconds, 3)}
+        d = {"blocks": self.blocks, "calibration_batches": self.batches, "calibration_tokens": self.tokens,
+             "peak_rss_mib": round(self.peak_rss_mib, 1), "rss_before_mib": round(self.rss_before_mib, 1),
+             "block_inputs_mib": round(self.block_inputs_mib, 3), "seconds": round(self.seconds, 3),
+             "model_mib": round(self.model_mib, 3)}
+        if self.offloaded:
+            d.update(offloaded_blocks=True, resident_weights_mib=round(self.resident_weights_mib, 3))
+        return d
 
 
 @torch.no_grad()
@@ -205,7 +215,9 @@ def run_sequential(model: nn.Module, batches: Iterable, layers: list[str],
                    apply: Callable[[str, nn.Module, Any], dict[str, Any] | None],
                    device: torch.device | str = "cpu", propagate: bool = True,
                    on_block: Callable[[int, nn.Module], None] | None = None,
-                   extra_hooks: Callable[[int, nn.Module], list] | None = None) -> SequentialReport:
+                   extra_hooks: Callable[[int, nn.Module], list] | None = None,
+                   max_memory: int | None = None, offload_dir: str | None = None,
+                   on_note: Callable[[str], None] | None = None) -> SequentialReport:
     """Calibrate ``layers`` (full module names, inside the blocks) block by block.
 
     ``make_stats(name, module)`` returns an accumulator with ``.add(x)`` (x: the layer input,
@@ -214,6 +226,10 @@ def run_sequential(model: nn.Module, batches: Iterable, layers: list[str],
     (``False``: the float model's activations, computed before the block is rewritten).
     ``on_block(i, block)``, if given, runs after the block's layers are applied (before propagation);
     ``extra_hooks(i, block)`` may register more hooks for the statistics pass and return their handles.
+    ``max_memory`` (bytes): when the model's weights exceed it, every block is parked on disk
+    (:class:`~nnsqueeze.llm.offload.DiskBlocks`, memory-mapped safetensors in a temporary directory
+    under ``offload_dir``) and only the active block is loaded; results are identical. ``on_note``
+    receives a message when even one block plus the non-block weights exceed the budget.
     """
     t0 = time.perf_counter()
     rep = SequentialReport()
@@ -226,12 +242,25 @@ def run_sequential(model: nn.Module, batches: Iterable, layers: list[str],
                          fix="block-wise calibration only handles layers inside the blocks; ignore them")
     was_training = model.training
     model.eval()
+    rep.model_mib = tensor_bytes(model) / 2**20
+    store = None
+    if max_memory is not None and tensor_bytes(model) > max_memory:
+        sizes = [tensor_bytes(b) for b in blocks]
+        resident = tensor_bytes(model) - sum(sizes) + max(sizes)
+        rep.offloaded, rep.resident_weights_mib = True, resident / 2**20
+        if resident > max_memory and on_note is not None:
+            on_note(f"max_memory {max_memory / 2**20:.1f} MiB is below the non-block weights plus one block "
+                    f"({resident / 2**20:.1f} MiB): blocks go to disk, but the budget cannot be met")
+        store = DiskBlocks(blocks, offload_dir)
+        store.offload_all()
     inputs = capture_block_inputs(model, blocks, batches, device)
     rep.batches = len(inputs)
     rep.tokens = sum(_hidden(a, k).shape[:-1].numel() for a, k in inputs)
     rep.block_inputs_mib = sum(_hidden(a, k).numel() * _hidden(a, k).element_size() for a, k in inputs) / 2**20
     try:
         for i, block in enumerate(blocks):
+            if store is not None:
+                store.load(i)
             mine = [(f"{prefix}.{i}.{n}", m) for n, m in block.named_modules() if f"{prefix}.{i}.{n}" in wanted]
             stats = {name: make_stats(name, m) for name, m in mine}
             handles = [m.register_forward_hook(lambda mod, inp, out, s=stats[name]: s.add(inp[0]))
@@ -256,8 +285,12 @@ def run_sequential(model: nn.Module, batches: Iterable, layers: list[str],
             if propagate and not last:
                 nxt = [_with_hidden(a, k, _block_output(block(*a, **k))) for a, k in inputs]
             inputs = nxt  # the previous block's inputs are released here
+            if store is not None:
+                store.store(i)  # the compressed block goes back to disk (memory-mapped)
             rep.blocks += 1
     finally:
+        if store is not None:
+            store.close()
         model.train(was_training)
     rep.peak_rss_mib = rss_mib()[1]
     rep.seconds = time.perf_counter() - t0

@@ -10,7 +10,16 @@
 summed over classes and averaged over samples (``batchmean``); the ``T^2`` keeps the soft term's
 gradient scale independent of ``T``. Without targets (``y is None``) only the soft term is used
 (``alpha`` is then ignored). ``hint_loss`` is the mean squared error between a (projected)
-student feature map and the teacher's.
+student feature map and the teacher's. ``attention_kl`` is attention-map transfer (as in MiniLM):
+``KL(teacher row || student row)`` of every query's attention distribution over the keys, summed
+over keys and averaged over batch, heads and queries; when the head counts differ, both maps are
+first averaged over their heads.
+
+    >>> from nnsqueeze.ops.distill import attention_kl
+    >>> t = torch.tensor([0.25, 0.75]).reshape(1, 1, 1, 2)   # (N, heads, queries, keys)
+    >>> s = torch.tensor([0.5, 0.5]).reshape(1, 1, 1, 2)
+    >>> round(float(attention_kl(s, t)), 4)                  # 0.25 ln 0.5 + 0.75 ln 1.5
+    0.1308
 """
 
 from __future__ import annotations
@@ -52,3 +61,18 @@ def hint_loss(student_feature: Tensor, teacher_feature: Tensor) -> Tensor:
     if student_feature.shape != teacher_feature.shape:
         raise ValueError(f"feature shapes differ: {tuple(student_feature.shape)} vs {tuple(teacher_feature.shape)}")
     return F.mse_loss(student_feature.float(), teacher_feature.float())
+
+
+def attention_kl(student_probs: Tensor, teacher_probs: Tensor, eps: float = 1e-12) -> Tensor:
+    """Mean over (batch, heads, queries) of ``KL(teacher || student)`` of attention probabilities
+    ``(N, H, Tq, Tk)``. Different head counts: compare the head-averaged maps. ``eps`` floors the
+    student's probabilities so a key the student ignores gives a large but finite loss."""
+    s, t = student_probs.float(), teacher_probs.float()
+    if s.dim() != 4 or t.dim() != 4:
+        raise ValueError(f"attention maps must be (N, heads, queries, keys), got {tuple(s.shape)} and {tuple(t.shape)}")
+    if s.shape[1] != t.shape[1]:
+        s, t = s.mean(1, keepdim=True), t.mean(1, keepdim=True)
+    if s.shape != t.shape:
+        raise ValueError(f"attention maps differ beyond the head count: {tuple(s.shape)} vs {tuple(t.shape)}")
+    kl = torch.xlogy(t, t) - torch.xlogy(t, s.clamp_min(eps))   # 0 where the teacher's weight is 0
+    return kl.sum(-1).mean()

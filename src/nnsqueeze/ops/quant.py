@@ -158,3 +158,68 @@ def sqnr_db(x: Tensor, x_hat: Tensor) -> float:
     if noise == 0.0:
         return math.inf if sig > 0 else math.nan
     return 10.0 * math.log10(sig / noise) if sig > 0 else -math.inf
+
+
+# ------------------------------------------------------------------------------------------------
+# Non-uniform levels (power-of-two / logarithmic, NF4, learned codebooks): value = level * scale
+# ------------------------------------------------------------------------------------------------
+# The 16 NormalFloat-4 levels of QLoRA (Dettmers et al. 2023): quantiles of N(0, 1) scaled to [-1, 1].
+NF4_LEVELS = (-1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453, -0.28444138169288635,
+              -0.18477343022823334, -0.09105003625154495, 0.0, 0.07958029955625534, 0.16093020141124725,
+              0.24611230328559875, 0.33791524171829224, 0.44070982933044434, 0.5626170039176941,
+              0.7229568362236023, 1.0)
+
+
+def pow2_levels(bits: int) -> Tensor:
+    """Sorted power-of-two levels in [-1, 1] for a ``bits``-bit code: 0 and ``+-2**-k`` for
+    ``k = 0 .. 2**(bits-1) - 2`` (``2**bits - 1`` levels; 4 bits: 0, +-1, +-1/2, ... +-1/128)."""
+    qrange(bits, signed=True)
+    mags = [2.0 ** -k for k in range((1 << (bits - 1)) - 1)]
+    return torch.tensor(sorted([-m for m in mags] + [0.0] + mags), dtype=torch.float32)
+
+
+def nearest_level(x: Tensor, levels: Tensor) -> Tensor:
+    """Index (int64) of the nearest of the sorted ``levels`` for every element of ``x`` (ties go to
+    the lower level)."""
+    mid = (levels[1:] + levels[:-1]) / 2
+    return torch.searchsorted(mid.contiguous(), x.contiguous(), right=False)
+
+
+def fake_quantize_levels(x: Tensor, scale: Tensor, levels: Tensor, axis: int | None = None) -> Tensor:
+    """``levels[nearest(x / scale)] * scale`` with a straight-through gradient to ``x``.
+
+    ``levels`` (K,) sorted, normalized so that ``scale`` (per tensor or per slice along ``axis``)
+    maps them to real values; usually ``scale = absmax`` and levels span [-1, 1].
+    """
+    s = _bcast(scale, x, axis).to(torch.float32)
+    lv = levels.to(device=x.device, dtype=torch.float32)
+    with torch.no_grad():
+        y = lv[nearest_level(x.to(torch.float32) / s, lv)] * s
+    return y + (x - x.detach()) if x.requires_grad else y
+
+
+def mse_clip_qparams(rows: Tensor, bits: int, symmetric: bool, ratios: int = 20,
+                     lowest: float = 0.3) -> tuple[Tensor, Tensor, Tensor]:
+    """Per-row (axis 0) clipping ratio in ``[lowest, 1]`` minimizing the squared quantization error.
+
+    ``rows`` (R, D). Tries ``ratios`` evenly spaced ratios ``r`` of the row's range and keeps, per row,
+    the scale/zero point with the smallest ``sum (x - Q(x))**2`` (ratio 1 = plain minmax, so the result
+    is never worse than minmax). Returns ``(scale (R,), zero_point (R,), ratio (R,))``.
+    """
+    rows = rows.detach().float()
+    lo, hi = rows.amin(1), rows.amax(1)
+    signed = symmetric
+    qmin, qmax = qrange(bits, signed=signed)
+    best_err = torch.full((rows.shape[0],), float("inf"), dtype=torch.float64, device=rows.device)
+    best_s = torch.ones_like(lo)
+    best_z = torch.zeros_like(lo, dtype=torch.int32)
+    best_r = torch.ones_like(lo)
+    for i in range(ratios):
+        r = 1.0 - (1.0 - lowest) * i / max(ratios - 1, 1)
+        s, z = qparams(lo * r, hi * r, bits=bits, symmetric=symmetric)
+        err = ((fake_quantize(rows, s, z, qmin, qmax, axis=0) - rows).double() ** 2).sum(1)
+        better = err < best_err
+        best_err = torch.where(better, err, best_err)
+        best_s, best_z = torch.where(better, s, best_s), torch.where(better, z, best_z)
+        best_r = torch.where(better, torch.full_like(best_r, r), best_r)
+    return best_s, best_z, best_r

@@ -104,3 +104,41 @@ def tucker2(w: Tensor, r_out: int, r_in: int) -> tuple[Tensor, Tensor, Tensor]:
 
 def tucker2_reconstruct(u_out: Tensor, core: Tensor, u_in: Tensor) -> Tensor:
     return torch.einsum("or,rs...,si->oi...", u_out.double(), core.double(), u_in.double()).to(core.dtype)
+
+
+# ---- spatial (Jaderberg et al. 2014, scheme 2): (kh x kw) conv -> (kh x 1) conv then (1 x kw) conv ----
+
+def spatial_matrix(w: Tensor) -> Tensor:
+    """The kernel ``(O, I, kh, kw)`` unfolded to ``M[(i, y), (o, x)] = w[o, i, y, x]``, shape ``(I*kh, O*kw)``;
+    a rank-``r`` factorization of ``M`` is a pair of separable convolutions with ``r`` channels between."""
+    if w.dim() != 4:
+        raise ValueError(f"spatial decomposition needs a 2-D conv kernel (O, I, kh, kw), got shape {tuple(w.shape)}")
+    o, i, kh, kw = w.shape
+    return w.permute(1, 2, 0, 3).reshape(i * kh, o * kw)
+
+
+def spatial_params(o: int, i: int, kh: int, kw: int, rank: int) -> int:
+    """Weights of the vertical ``(r, I, kh, 1)`` and horizontal ``(O, r, 1, kw)`` kernels."""
+    return rank * (i * kh + o * kw)
+
+
+def spatial_rank_for_budget(o: int, i: int, kh: int, kw: int, fraction: float) -> int | None:
+    """Largest rank whose two kernels keep at most ``fraction`` of ``o*i*kh*kw``; None if rank 1 does not fit."""
+    if not 0.0 < fraction <= 1.0:
+        raise ValueError(f"fraction must be in (0, 1], got {fraction}")
+    r = min(i * kh, o * kw, int(math.floor(fraction * o * i * kh * kw / (i * kh + o * kw))))
+    return r if r >= 1 else None
+
+
+def spatial_svd(w: Tensor, rank: int) -> tuple[Tensor, Tensor]:
+    """``(vertical (r, I, kh, 1), horizontal (O, r, 1, kw))`` with
+    ``w[o, i, y, x] ~ sum_r vertical[r, i, y, 0] * horizontal[o, r, 0, x]`` (best in Frobenius norm)."""
+    o, i, kh, kw = w.shape if w.dim() == 4 else (0, 0, 0, 0)
+    b, a = truncated_svd(spatial_matrix(w), rank)           # b: (I*kh, r), a: (r, O*kw)
+    vertical = b.reshape(i, kh, rank).permute(2, 0, 1).unsqueeze(-1)
+    horizontal = a.reshape(rank, o, kw).permute(1, 0, 2).unsqueeze(2)
+    return vertical.contiguous(), horizontal.contiguous()
+
+
+def spatial_reconstruct(vertical: Tensor, horizontal: Tensor) -> Tensor:
+    return torch.einsum("riy,orx->oiyx", vertical[..., 0].double(), horizontal[:, :, 0].double()).to(vertical.dtype)

@@ -9,8 +9,14 @@ per-output-channel, either
 - ``signed=False``: asymmetric uint8 codes with a per-channel zero point (ORT's u8u8 kernels
   accumulate in int32 and never saturate, at full 8-bit resolution).
 
+Optionally the layer is *smoothed* (SmoothQuant's outlier migration, done inside the layer so it
+stays exact for post-LayerNorm models such as BERT, whose normalised output also feeds a residual):
+``y = (x * r) (W * s)^T`` with ``r = 1/s`` per input channel, stored as ``input_multiplier_`` (K,)
+and the smoothed weight ``W * s``. The per-tensor run-time activation range then no longer spans
+the few outlier channels. :func:`smooth_search_error` is the float32 simulation used to choose ``s``.
+
 Eval forward computes exactly what ONNX Runtime computes (:func:`nnsqueeze.ops.dynamic.int_linear`);
-export writes ``DynamicQuantizeLinear -> MatMulInteger -> Cast -> Mul -> Add``, the pattern ORT's
+export writes ``[Mul r ->] DynamicQuantizeLinear -> MatMulInteger -> Cast -> Mul -> Add``, the pattern ORT's
 own dynamic quantizer writes and fuses into ``DynamicQuantizeMatMul``::
 
     >>> import torch
@@ -28,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..ops.dynamic import int_linear
+from ..ops.dynamic import dynamic_qparams, dynamic_quantize, int_linear
 from ..ops.quant import dequantize, fake_quantize_ste, qparams, qrange, quantize, sqnr_db
 
 Tensor = torch.Tensor
@@ -59,13 +65,24 @@ class DynamicQuantLinear(nn.Linear):
     onnx_quantized = True  # tells the exporter to verify with quantized tolerances
     onnx_verify_mean = True  # ... on the mean difference (run-time ranges amplify float noise, see verify_onnx)
 
-    def _setup(self, bits: int, signed: bool) -> None:
+    def _setup(self, bits: int, signed: bool, smooth: Tensor | None = None) -> None:
         qrange(bits, signed)
         self.bits, self.signed = int(bits), bool(signed)
         n, dev = self.weight.shape[0], self.weight.device
         self.register_buffer("weight_scale_", torch.ones(n, device=dev))
         self.register_buffer("weight_zero_point_", torch.zeros(n, dtype=torch.int32, device=dev))
+        if smooth is not None:  # (K,) s > 0: weight columns * s, inputs * (1/s)
+            s = smooth.detach().to(dev, torch.float64).reshape(-1)
+            if s.numel() != self.in_features or not bool((s > 0).all()) or not bool(torch.isfinite(s).all()):
+                raise ValueError(f"smooth must hold {self.in_features} positive finite scales")
+            with torch.no_grad():
+                self.weight.copy_((self.weight.detach().double() * s).to(self.weight.dtype))
+            self.register_buffer("input_multiplier_", (1.0 / s).to(torch.float32))
         self.refresh_weight_qparams_()
+
+    def _smoothed_input(self, x: Tensor) -> Tensor:
+        r = getattr(self, "input_multiplier_", None)
+        return x if r is None else x * r.to(x.dtype)
 
     @property
     def qmin_qmax(self) -> tuple[int, int]:
@@ -91,10 +108,11 @@ class DynamicQuantLinear(nn.Linear):
     def forward(self, x: Tensor) -> Tensor:
         if self.training:  # straight-through fake quantization of weights only
             self.refresh_weight_qparams_()
-            return F.linear(x, self.fake_quant_weight(), self.bias)
+            return F.linear(self._smoothed_input(x), self.fake_quant_weight(), self.bias)
         bias = self.bias if self.bias is not None else torch.zeros(self.out_features, device=x.device)
         if torch.onnx.is_in_onnx_export():
             return self._export_forward(x, bias)
+        x = self._smoothed_input(x)  # float32 multiply: the same IEEE op as ONNX Mul
         codes = self.weight_codes()
         zp = None if self.signed else self.weight_zero_point_
         return int_linear(x, codes, self.weight_scale_, zp, bias).to(x.dtype)
@@ -104,10 +122,27 @@ class DynamicQuantLinear(nn.Linear):
         def const(t: Tensor) -> Tensor:  # numpy round trip: the tracer records a constant, not the maths
             return torch.from_numpy(t.detach().cpu().numpy().copy())
 
+        r = getattr(self, "input_multiplier_", None)
+        if r is not None:
+            x = x * const(r.to(x.dtype))
         dt = torch.int8 if self.signed else torch.uint8
         codes_t = const(self.weight_codes().T.contiguous().to(dt))
         return _DynamicLinearFn.apply(x, codes_t, const(self.weight_scale_), const(self.weight_zero_point_.to(dt)),
                                       const(bias.float()))
+
+    @torch.no_grad()
+    def revert_(self) -> nn.Linear:
+        """Back to a plain float ``nn.Linear`` (same object) computing the same float function
+        (a smoothing ``1/s`` is folded back into the weight columns); used by the latency guard."""
+        r = self._buffers.pop("input_multiplier_", None)
+        if r is not None:
+            self.weight.copy_((self.weight.detach().double() * r.double()).to(self.weight.dtype))
+        for b in ("weight_scale_", "weight_zero_point_"):
+            self._buffers.pop(b, None)
+        for a in ("bits", "signed"):
+            self.__dict__.pop(a, None)
+        self.__class__ = nn.Linear
+        return self
 
     # -- artifact packing (duck-typed by nnsqueeze.artifact) ---------------------------------
     def pack_state(self, sd: dict, prefix: str) -> None:
@@ -126,13 +161,39 @@ class DynamicQuantLinear(nn.Linear):
 
     def extra_repr(self) -> str:
         kind = f"int{self.bits} sym" if self.signed else f"uint{self.bits} asym"
-        return f"{super().extra_repr()}, w {kind} per-channel, a uint8 dynamic per-tensor"
+        sm = ", smoothed" if getattr(self, "input_multiplier_", None) is not None else ""
+        return f"{super().extra_repr()}, w {kind} per-channel, a uint8 dynamic per-tensor{sm}"
 
 
-def convert_dynamic_(module: nn.Linear, bits: int = 8, signed: bool = True) -> DynamicQuantLinear:
-    """Turn a plain ``nn.Linear`` into a :class:`DynamicQuantLinear`, in place (same object)."""
+def convert_dynamic_(module: nn.Linear, bits: int = 8, signed: bool = True,
+                     smooth: Tensor | None = None) -> DynamicQuantLinear:
+    """Turn a plain ``nn.Linear`` into a :class:`DynamicQuantLinear`, in place (same object).
+
+    ``smooth``: optional (in_features,) positive scales ``s`` (see the module docstring); the
+    layer's float function is unchanged, only what gets quantized moves.
+    """
     if type(module) is not nn.Linear:
         raise TypeError(f"dynamic quantization converts plain nn.Linear, not {type(module).__name__}")
     module.__class__ = DynamicQuantLinear
-    module._setup(bits, signed)
+    try:
+        module._setup(bits, signed, smooth)
+    except ValueError:
+        module.__class__ = nn.Linear
+        raise
     return module
+
+
+def dynamic_fake_linear(x: Tensor, weight: Tensor, bias: Tensor | None, s: Tensor | None, bits: int = 8,
+                        signed: bool = True) -> Tensor:
+    """Float32 fake-quantized dynamic int8 layer ``x -> x W^T + b`` smoothed by ``s`` (None: not
+    smoothed): the cheap simulation the smoothing search runs instead of the exact
+    :func:`nnsqueeze.ops.dynamic.int_linear`. ``x`` (..., K), ``weight`` (N, K), ``s`` (K,)."""
+    x, w = x.detach().float(), weight.detach().float()
+    if s is not None:
+        x, w = x / s.float(), w * s.float()
+    xs, xz = dynamic_qparams(x)
+    xq = (dynamic_quantize(x, xs, xz).float() - xz.float()) * xs
+    qmin, qmax = qrange(bits, signed)
+    ws, wz = qparams(w.amin(1), w.amax(1), bits=bits, symmetric=signed)
+    wq = dequantize(quantize(w, ws, wz, qmin, qmax, axis=0), ws, wz, axis=0)
+    return F.linear(xq, wq, None if bias is None else bias.detach().float())

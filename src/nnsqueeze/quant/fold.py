@@ -22,6 +22,7 @@ returned in ``result.unfolded`` with a reason, for the caller to log (``ctx.skip
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 from torch import nn
@@ -178,3 +179,106 @@ def refold_structure(model: nn.Module, folded: list[tuple[str, str]]) -> nn.Modu
             layer.bias = nn.Parameter(torch.zeros(out, dtype=layer.weight.dtype, device=layer.weight.device))
         set_module(model, bn_name, nn.Identity())
     return model
+
+
+# ------------------------------------------------------------------------------------------------
+# BatchNorm folding that stays correct during quantization-aware training
+# ------------------------------------------------------------------------------------------------
+def bn_factor(bn: nn.Module) -> Tensor:
+    """Per-channel ``gamma / sqrt(running_var + eps)`` (differentiable in gamma)."""
+    f = torch.rsqrt(bn.running_var + bn.eps)
+    return f * bn.weight if bn.affine else f
+
+
+def bn_train_forward(layer: Callable[[Tensor, Tensor | None], Tensor], w: Tensor, b: Tensor | None,
+                     bn: nn.Module, quantize_weight: Callable[[Tensor], Tensor]) -> Tensor:
+    """Training-mode forward of ``bn(layer(x))`` with the BN folded into the quantized weight.
+
+    Fold-on-the-fly of Krishnamoorthi (2018), sec. 3.2: the weight is folded with the RUNNING
+    statistics, ``w_f = w * gamma / sigma_run`` (so it is quantized on the grid it will have after
+    training), and the output is rescaled to the batch statistics the float BN would use::
+
+        y = layer(x; Q(w_f)) * sigma_run / sigma_B + beta + gamma * (b - mu_B) / sigma_B
+
+    which equals ``bn(layer(x; w))`` in training mode when ``Q`` is the identity. ``layer(w, b)`` runs
+    the layer on the (already quantized) input; the batch statistics come from a float pass, and
+    the BN's running statistics are updated as ``nn.BatchNorm`` does (momentum, unbiased variance).
+    """
+    y_float = layer(w, b)                                           # (N, C, *) with the bias
+    dims = [0] + list(range(2, y_float.dim()))
+    mu = y_float.mean(dims)
+    var = y_float.var(dims, unbiased=False)
+    shape = [1, -1] + [1] * (y_float.dim() - 2)
+    sigma_run = torch.sqrt(bn.running_var + bn.eps)
+    gamma = bn.weight if bn.affine else torch.ones_like(mu)
+    beta = bn.bias if bn.affine else torch.zeros_like(mu)
+    w_f = w * (gamma / sigma_run).reshape(-1, *([1] * (w.dim() - 1)))
+    y_q = layer(quantize_weight(w_f), None)
+    sigma_b = torch.sqrt(var + bn.eps)
+    b0 = b if b is not None else torch.zeros_like(mu)
+    y = y_q * (sigma_run / sigma_b).reshape(shape) + (beta + gamma * (b0 - mu) / sigma_b).reshape(shape)
+    with torch.no_grad():  # running statistics, exactly as nn.BatchNorm updates them
+        n = y_float.numel() // y_float.shape[1]
+        bn.num_batches_tracked.add_(1)
+        m = bn.momentum if bn.momentum is not None else 1.0 / float(bn.num_batches_tracked)
+        bn.running_mean.mul_(1 - m).add_(mu.detach() * m)
+        bn.running_var.mul_(1 - m).add_(var.detach() * (n / max(n - 1, 1)) * m)
+    return y
+
+
+@torch.no_grad()
+def attach_batchnorm(model: nn.Module, layers: set[str]) -> FoldResult:
+    """For QAT: move each BN that follows one of ``layers`` into that layer as its child ``bn`` (the
+    BN's place becomes ``nn.Identity``). The fake-quant layer then folds it on the fly
+    (:func:`bn_train_forward`) and :func:`fold_attached_` folds it for good after training.
+    Same pairing rules as :func:`fold_batchnorm`; ``result.folded`` lists the attached pairs."""
+    result = FoldResult()
+    bns = [n for n, m in model.named_modules() if isinstance(m, BATCHNORMS)]
+    if not bns:
+        return result
+    try:
+        pairs, reasons = _fx_pairs(model)
+    except Exception:
+        pairs, reasons = _sequential_pairs(model), {}
+    uses = _module_uses(model)
+    for layer_name, bn_name in pairs:
+        if layer_name not in layers:
+            continue
+        layer, bn = model.get_submodule(layer_name), model.get_submodule(bn_name)
+        why = _check_pair(layer, bn) or ("shared module" if uses[id(layer)] > 1 or uses[id(bn)] > 1 else None)
+        if why is None and "bn" in layer._modules:
+            why = "the layer already has a child named 'bn'"
+        if why is not None:
+            reasons[bn_name] = why
+            continue
+        set_module(model, bn_name, nn.Identity())
+        layer.add_module("bn", bn)
+        result.folded.append((layer_name, bn_name))
+    return result
+
+
+def attach_structure(model: nn.Module, attached: list[tuple[str, str]]) -> nn.Module:
+    """Replay :func:`attach_batchnorm` without data (artifact rebuild)."""
+    for layer_name, bn_name in attached:
+        bn = model.get_submodule(bn_name)
+        set_module(model, bn_name, nn.Identity())
+        model.get_submodule(layer_name).add_module("bn", bn)
+    return model
+
+
+@torch.no_grad()
+def fold_attached_(layer: nn.Module) -> bool:
+    """Fold a layer's attached ``bn`` into its weight and bias with the running statistics and drop
+    it. Returns False when there is none."""
+    bn = layer._modules.get("bn")
+    if bn is None:
+        return False
+    w, b = fold_bn_weights(layer.weight, layer.bias, bn.running_mean, bn.running_var, bn.eps,
+                           bn.weight if bn.affine else None, bn.bias if bn.affine else None)
+    layer.weight.copy_(w)
+    if layer.bias is None:
+        layer.bias = nn.Parameter(b)
+    else:
+        layer.bias.copy_(b)
+    del layer._modules["bn"]
+    return True

@@ -42,8 +42,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..ops.quant import (dequantize, fake_quantize_bias, fake_quantize_ste, qparams, qrange, quantize,
-                         quantize_bias, sqnr_db)
+from ..ops.int4 import pack_int4, unpack_int4
+from ..ops.lsq import lsq_fake_quantize
+from ..ops.quant import (EPS, NF4_LEVELS, dequantize, fake_quantize_bias, fake_quantize_levels, fake_quantize_ste,
+                         mse_clip_qparams, nearest_level, pow2_levels, qparams, qrange, quantize, quantize_bias,
+                         sqnr_db)
+from .fold import bn_factor, bn_train_forward
+from .scheme import WeightScheme
 
 Tensor = torch.Tensor
 
@@ -58,38 +63,71 @@ class FakeQuantMixin:
 
     # Plain attributes set by convert_ (not state: the step's record carries them for rebuild).
     weight_bits: int = 8
+    wscheme: WeightScheme = WeightScheme()
+    weight_frozen: bool = False      # True: weight scales/codes were set (AdaRound, LSQ), never re-derived
     act: str | None = None          # "relu" or None
     quant_output: bool = False
     _float_class: type | None = None
     _observers: tuple | None = None  # (input observer, output observer or None) while calibrating
     _input_sum: list | None = None   # [per-input-channel sum (float64), count] while calibrating
+    _input_mean: Tensor | None = None
     _export_cache: dict | None = None
 
     # -- setup -------------------------------------------------------------------------------
-    def _setup_quant(self, weight_bits: int, act: str | None, quant_output: bool) -> None:
+    def _setup_quant(self, weight_bits: int, act: str | None, quant_output: bool,
+                     scheme: WeightScheme | None = None) -> None:
         if act not in (None, "relu"):
             raise ValueError(f"act must be None or 'relu', got {act!r}")
-        qrange(weight_bits, signed=True)  # validates bits
-        self.weight_bits, self.act, self.quant_output = weight_bits, act, bool(quant_output)
-        self._observers, self._export_cache, self._input_sum = None, None, None
-        dev, c_out = self.weight.device, self.weight.shape[0]
-        self.register_buffer("weight_scale_", torch.ones(c_out, device=dev))
+        scheme = scheme or WeightScheme(bits=weight_bits)
+        qrange(scheme.bits, signed=True)  # validates bits
+        self.wscheme, self.weight_bits = scheme, scheme.bits
+        self.act, self.quant_output = act, bool(quant_output)
+        self._observers, self._export_cache, self._input_sum, self._input_mean = None, None, None, None
+        self.weight_frozen = False
+        dev = self.weight.device
+        rows = self.weight_rows_count()
+        self.register_buffer("weight_scale_", torch.ones(rows, device=dev))
+        if scheme.levels == "uniform" and not scheme.symmetric:
+            self.register_buffer("weight_zero_point_", torch.zeros(rows, dtype=torch.int32, device=dev))
+        if scheme.levels != "uniform":
+            k = 16 if scheme.levels == "nf4" else (1 << scheme.bits) - (scheme.levels == "pow2")
+            init = pow2_levels(scheme.bits) if scheme.levels == "pow2" else (
+                torch.tensor(NF4_LEVELS) if scheme.levels == "nf4" else torch.linspace(-1, 1, k))
+            self.register_buffer("weight_levels_", init.to(dev))
         self.register_buffer("input_scale_", torch.ones((), device=dev))
         self.register_buffer("input_zero_point_", torch.zeros((), dtype=torch.int32, device=dev))
         if self.quant_output:
             self.register_buffer("output_scale_", torch.ones((), device=dev))
             self.register_buffer("output_zero_point_", torch.zeros((), dtype=torch.int32, device=dev))
+        if scheme.levels == "kmeans":
+            self.learn_levels_()
         self.refresh_weight_scale_()
+
+    def weight_rows_count(self) -> int:
+        """Rows of the weight's (R, D) view: C_out, or C_out * groups for per-group schemes."""
+        c_out, d = self.weight.shape[0], self.weight[0].numel()
+        gs = self.wscheme.group_size
+        if gs is None:
+            return c_out
+        if d % gs:
+            raise ValueError(f"group_size {gs} does not divide the {d} weights of each output channel")
+        return c_out * (d // gs)
+
+    def weight_rows(self, w: Tensor) -> Tensor:
+        """``w`` (C_out, ...) viewed as (R, D) rows (see :mod:`nnsqueeze.quant.scheme`)."""
+        return w.reshape(self.weight_rows_count(), -1)
 
     @property
     def weight_qrange(self) -> tuple[int, int]:
-        return qrange(self.weight_bits, signed=True)
+        return qrange(self.weight_bits, signed=self.wscheme.symmetric)
 
     def revert_(self) -> nn.Module:
         """Back to the plain float layer (same object); qparam buffers are dropped."""
-        for b in ("weight_scale_", "input_scale_", "input_zero_point_", "output_scale_", "output_zero_point_"):
+        for b in ("weight_scale_", "weight_zero_point_", "weight_levels_", "input_scale_", "input_zero_point_",
+                  "output_scale_", "output_zero_point_"):
             self._buffers.pop(b, None)
-        for a in ("weight_bits", "act", "quant_output", "_observers", "_export_cache", "_input_sum"):
+        for a in ("weight_bits", "wscheme", "weight_frozen", "act", "quant_output", "_observers", "_export_cache",
+                  "_input_sum", "_input_mean"):
             self.__dict__.pop(a, None)
         cls = self._float_class
         self.__dict__.pop("_float_class", None)
@@ -105,34 +143,118 @@ class FakeQuantMixin:
         return torch.where(mask.to(torch.bool), self.weight, torch.zeros((), dtype=self.weight.dtype,
                                                                         device=self.weight.device))
 
+    def effective_weight(self) -> Tensor:
+        """The float weight the codes approximate: the masked weight, times the folded BatchNorm
+        factor ``gamma / sqrt(running_var + eps)`` when a BN is attached for QAT (``self.bn``)."""
+        w = self.masked_weight()
+        bn = self._modules.get("bn")
+        if bn is None:
+            return w
+        f = bn_factor(bn)
+        return w * f.reshape(-1, *([1] * (w.dim() - 1)))
+
+    def effective_bias(self) -> Tensor | None:
+        """The float bias: ``bias``, or with an attached BN ``(bias - mean) * f + beta``."""
+        bn = self._modules.get("bn")
+        if bn is None:
+            return self.bias
+        b = self.bias if self.bias is not None else torch.zeros_like(bn.running_mean)
+        beta = bn.bias if bn.affine else torch.zeros_like(bn.running_mean)
+        return (b - bn.running_mean) * bn_factor(bn) + beta
+
     @torch.no_grad()
-    def refresh_weight_scale_(self) -> None:
-        """``weight_scale_`` from the current weights: per output channel absmax / qmax."""
-        w = self.masked_weight().detach().float()
-        flat = w.reshape(w.shape[0], -1)
-        scale, _ = qparams(flat.amin(1), flat.amax(1), bits=self.weight_bits, symmetric=True)
-        self.weight_scale_.copy_(scale)
+    def learn_levels_(self) -> None:
+        """k-means levels (``2**bits``) of the absmax-normalized weight rows (``levels: kmeans``)."""
+        from ..ops.kmeans import kmeans1d
+
+        rows = self.weight_rows(self.effective_weight().detach().float())
+        norm = rows / rows.abs().amax(1, keepdim=True).clamp(min=EPS)
+        centroids, _ = kmeans1d(norm, 1 << self.weight_bits, init="linear")
+        lv = torch.full((1 << self.weight_bits,), float(centroids[-1]))  # pad (when fewer distinct values)
+        lv[:centroids.numel()] = centroids
+        self.weight_levels_.copy_(torch.sort(lv).values)
+
+    @torch.no_grad()
+    def refresh_weight_scale_(self, force: bool = False) -> None:
+        """Weight scales (and zero points) from the current weights, per the scheme; a no-op once
+        ``weight_frozen`` (learned scales or codes) unless ``force``."""
+        if self.weight_frozen and not force:
+            return
+        sc = self.wscheme
+        rows = self.weight_rows(self.effective_weight().detach().float())
+        if sc.levels != "uniform":
+            scale = rows.abs().amax(1)
+            if sc.granularity == "per-tensor":
+                scale = scale.amax().expand_as(scale)
+            self.weight_scale_.copy_(scale.clamp(min=EPS))
+            return
+        if sc.granularity == "per-tensor":
+            rows_for_range = rows.reshape(1, -1)
+        else:
+            rows_for_range = rows
+        if sc.clip == "mse":
+            scale, zp, _ = mse_clip_qparams(rows_for_range, sc.bits, sc.symmetric)
+        else:
+            scale, zp = qparams(rows_for_range.amin(1), rows_for_range.amax(1), bits=sc.bits, symmetric=sc.symmetric)
+        self.weight_scale_.copy_(scale.expand(rows.shape[0]))
+        if not sc.symmetric:
+            self.weight_zero_point_.copy_(zp.expand(rows.shape[0]))
+
+    def _weight_zp(self) -> Tensor:
+        zp = self._buffers.get("weight_zero_point_")
+        return zp if zp is not None else torch.zeros_like(self.weight_scale_, dtype=torch.int32)
 
     def fake_quant_weight(self) -> Tensor:
+        w = self.effective_weight()
+        rows = self.weight_rows(w)
+        if self.wscheme.levels != "uniform":
+            return fake_quantize_levels(rows, self.weight_scale_, self.weight_levels_, axis=0).reshape(w.shape)
         qmin, qmax = self.weight_qrange
-        zp = torch.zeros_like(self.weight_scale_, dtype=torch.int32)
-        return fake_quantize_ste(self.masked_weight(), self.weight_scale_, zp, qmin, qmax, axis=0)
+        lsq = self._parameters.get("weight_step")
+        if lsq is not None and self.training:
+            return lsq_fake_quantize(rows, lsq, self._weight_zp(), qmin, qmax, axis=0).reshape(w.shape)
+        return fake_quantize_ste(rows, self.weight_scale_, self._weight_zp(), qmin, qmax, axis=0).reshape(w.shape)
 
     def weight_codes(self) -> Tensor:
-        """int8 weight codes (C_out, ...)."""
+        """Weight codes, shaped like the weight: int8 for symmetric grids, uint8 for asymmetric grids
+        and level indices."""
+        w = self.effective_weight().detach()
+        rows = self.weight_rows(w)
+        if self.wscheme.levels != "uniform":
+            s = self.weight_scale_[:, None]
+            return nearest_level(rows.float() / s, self.weight_levels_).to(torch.uint8).reshape(w.shape)
         qmin, qmax = self.weight_qrange
-        zp = torch.zeros_like(self.weight_scale_, dtype=torch.int32)
-        return quantize(self.masked_weight().detach(), self.weight_scale_, zp, qmin, qmax, axis=0).to(torch.int8)
+        q = quantize(rows, self.weight_scale_, self._weight_zp(), qmin, qmax, axis=0)
+        return q.to(torch.int8 if self.wscheme.symmetric else torch.uint8).reshape(w.shape)
+
+    @torch.no_grad()
+    def set_weight_codes_(self, codes: Tensor) -> None:
+        """Make the weight exactly ``dequantize(codes)`` (uniform grids; e.g. AdaRound's learned codes)
+        and freeze the scales, so that nearest rounding reproduces ``codes``. No BN may be attached."""
+        if self._modules.get("bn") is not None or self.wscheme.levels != "uniform":
+            raise ValueError("set_weight_codes_ needs a uniform grid and no attached BatchNorm")
+        w = dequantize(codes.reshape(self.weight_scale_.shape[0], -1), self.weight_scale_, self._weight_zp(), axis=0)
+        self.weight.copy_(w.reshape(self.weight.shape).to(self.weight.dtype))
+        self.weight_frozen = True
 
     def weight_sqnr_db(self) -> float:
-        w = self.masked_weight().detach()
+        w = self.effective_weight().detach()
         return sqnr_db(w, self.fake_quant_weight().detach())
+
+    def quant_bias(self) -> Tensor | None:
+        """The bias the simulation adds: int32 codes of scale ``input_scale_ * weight_scale_`` when
+        ORT runs int8 kernels (what they add to the accumulator), else the float bias."""
+        b = self.effective_bias()
+        if b is None or not self.wscheme.int8_kernels:
+            return b
+        return fake_quantize_bias(b, self.input_scale_, self.weight_scale_)
 
     def bias_codes(self) -> Tensor | None:
         """int32 bias codes of scale ``input_scale_ * weight_scale_`` (what ORT adds), or None."""
-        if self.bias is None:
+        b = self.effective_bias()
+        if b is None:
             return None
-        return quantize_bias(self.bias.detach(), self.input_scale_, self.weight_scale_)[0]
+        return quantize_bias(b.detach(), self.input_scale_, self.weight_scale_)[0]
 
     # -- calibration -------------------------------------------------------------------------
     def start_calibration(self, make_observer: Callable[..., object], name: str) -> None:
@@ -178,10 +300,20 @@ class FakeQuantMixin:
         self.refresh_weight_scale_()
         total, n = self._input_sum or (None, 0)
         self._input_sum = None
-        if not bias_correction or self.bias is None or total is None or n == 0:
+        self._input_mean = None if total is None or n == 0 else total / n
+        if not bias_correction:
             return None
-        mean = total / n                                                     # (C_in,)
-        err = (self.fake_quant_weight() - self.masked_weight()).double()     # (C_out, C_in/groups, *k)
+        return self.correct_bias_()
+
+    @torch.no_grad()
+    def correct_bias_(self, reference_weight: Tensor | None = None) -> float | None:
+        """Shift the bias by ``-(Q(W) - W_ref) @ E[x]`` (``E[x]`` from calibration; ``W_ref`` the float
+        weight, by default the current one). Returns the largest shift, or None when not possible."""
+        mean = self._input_mean
+        if self.bias is None or mean is None or self._modules.get("bn") is not None:
+            return None
+        ref = self.masked_weight() if reference_weight is None else reference_weight
+        err = (self.fake_quant_weight() - ref).double()                      # (C_out, C_in/groups, *k)
         err = err.reshape(err.shape[0], err.shape[1], -1).sum(-1)            # (C_out, C_in/groups)
         groups = getattr(self, "groups", 1)
         # Output channel o reads the input channels of its group.
@@ -197,36 +329,71 @@ class FakeQuantMixin:
     def _act(self, y: Tensor) -> Tensor:
         return F.relu(y) if self.act == "relu" else y
 
+    def _quant_act(self, x: Tensor, which: str) -> Tensor:
+        """Fake-quantize an activation (``which``: "input" or "output"), with LSQ while training."""
+        step = self._parameters.get(f"{which}_step")
+        s, z = self._buffers[f"{which}_scale_"], self._buffers[f"{which}_zero_point_"]
+        if step is not None and self.training:
+            with torch.no_grad():
+                s.copy_(step.detach().abs().clamp(min=EPS))
+            return lsq_fake_quantize(x, step, z, ACT_QMIN, ACT_QMAX)
+        return fake_quantize_ste(x, s, z, ACT_QMIN, ACT_QMAX)
+
     def forward(self, x: Tensor) -> Tensor:
         if self._observers is not None:  # calibration: float model, record ranges
             obs_in, obs_out = self._observers
             obs_in.observe(x)
             self._observe_input_mean(x)
-            y = self._act(self._layer(x, self.masked_weight(), self.bias))
+            y = self._act(self._layer(x, self.effective_weight(), self.effective_bias()))
             if obs_out is not None:
                 obs_out.observe(y)
             return y
         if torch.onnx.is_in_onnx_export():
             return self._export_forward(x)
+        bn = self._modules.get("bn")
         if self.training:
-            # Quantization-aware training: weights move, so their scales follow.
-            self.refresh_weight_scale_()
-        x = fake_quantize_ste(x, self.input_scale_, self.input_zero_point_, ACT_QMIN, ACT_QMAX)
-        b = None if self.bias is None else fake_quantize_bias(self.bias, self.input_scale_, self.weight_scale_)
-        y = self._act(self._layer(x, self.fake_quant_weight(), b))
+            # Quantization-aware training: weights move, so their scales follow (unless learned).
+            if self._parameters.get("weight_step") is not None:
+                with torch.no_grad():
+                    self.weight_scale_.copy_(self.weight_step.detach().abs().clamp(min=EPS))
+            else:
+                self.refresh_weight_scale_()
+        x = self._quant_act(x, "input")
+        if bn is not None and self.training and not getattr(self, "bn_frozen", False):
+            y = bn_train_forward(lambda w, b: self._layer(x, w, b), self.masked_weight(), self.bias, bn,
+                                 lambda w: self._fq_folded(w))
+        else:
+            y = self._layer(x, self.fake_quant_weight(), self.quant_bias())
+        y = self._act(y)
         if self.quant_output:
-            y = fake_quantize_ste(y, self.output_scale_, self.output_zero_point_, ACT_QMIN, ACT_QMAX)
+            y = self._quant_act(y, "output")
         return y
+
+    def _fq_folded(self, w_folded: Tensor) -> Tensor:
+        """Fake-quantize an already BN-folded weight (QAT with an attached BN, batch statistics)."""
+        rows = self.weight_rows(w_folded)
+        qmin, qmax = self.weight_qrange
+        if self.wscheme.levels != "uniform":
+            return fake_quantize_levels(rows, self.weight_scale_, self.weight_levels_, axis=0).reshape(w_folded.shape)
+        lsq = self._parameters.get("weight_step")
+        if lsq is not None:
+            return lsq_fake_quantize(rows, lsq, self._weight_zp(), qmin, qmax, axis=0).reshape(w_folded.shape)
+        return fake_quantize_ste(rows, self.weight_scale_, self._weight_zp(), qmin, qmax, axis=0).reshape(w_folded.shape)
 
     def _export_forward(self, x: Tensor) -> Tensor:
         """Same numbers through torch's fake-quant ops, which the TorchScript ONNX exporter turns into
         QuantizeLinear/DequantizeLinear. Weight and bias are constants here; the exporter's
-        post-processing stores the weight as int8 and the bias as int32 (see export/onnx.py)."""
+        post-processing stores the weight as int8 and the bias as int32 (see export/onnx.py).
+        Schemes without int8 kernels (per-group, asymmetric, non-uniform levels) export their
+        quantized weight as a float constant: ORT computes the simulated numbers in float."""
         cache = self._export_cache or self.export_constants()
         x = torch.fake_quantize_per_tensor_affine(x, self.input_scale_, self.input_zero_point_, ACT_QMIN, ACT_QMAX)
-        zp = torch.zeros(self.weight.shape[0], dtype=torch.int32, device=self.weight.device)
-        # Codes are within the (possibly narrower) weight range already; ONNX only knows int8.
-        w = torch.fake_quantize_per_channel_affine(cache["weight"], self.weight_scale_, zp, 0, -128, 127)
+        if self.wscheme.int8_kernels:
+            zp = torch.zeros(self.weight.shape[0], dtype=torch.int32, device=self.weight.device)
+            # Codes are within the (possibly narrower) weight range already; ONNX only knows int8.
+            w = torch.fake_quantize_per_channel_affine(cache["weight"], self.weight_scale_, zp, 0, -128, 127)
+        else:
+            w = cache["weight"]
         y = self._act(self._layer(x, w, cache["bias"]))
         if self.quant_output:
             y = torch.fake_quantize_per_tensor_affine(y, self.output_scale_, self.output_zero_point_,
@@ -235,43 +402,65 @@ class FakeQuantMixin:
 
     @torch.no_grad()
     def export_constants(self) -> dict[str, Tensor | None]:
-        """Float weight (mask applied) and the int32-rounded bias as plain tensors for tracing."""
-        b = None
-        if self.bias is not None:
-            b = fake_quantize_bias(self.bias.detach(), self.input_scale_, self.weight_scale_).clone()
-        return {"weight": self.masked_weight().detach().clone(), "bias": b}
+        """Quantized weight (BN folded, mask applied) and the simulated bias as plain tensors for tracing."""
+        b = self.quant_bias()
+        # The dequantized weight: on the grid and inside the code range even when the scale is
+        # learned or clipped (the exporter's Q/DQ uses the full int8 range).
+        w = self.fake_quant_weight()
+        return {"weight": w.detach().clone(), "bias": None if b is None else b.detach().clone()}
 
     # -- artifact packing --------------------------------------------------------------------
     def pack_state(self, sd: dict, prefix: str) -> None:
-        """In place: ``sd[prefix + "weight"]`` (float) becomes its int8 codes, and a bool
-        ``weight_mask`` (from pruning) becomes 8 mask entries per byte (uint8, flattened)."""
+        """In place: ``sd[prefix + "weight"]`` (float) becomes its codes (int8 for symmetric grids,
+        uint8 for asymmetric grids and level indices; 2..4-bit codes two per byte, flattened), and a bool ``weight_mask`` (from pruning)
+        becomes 8 mask entries per byte (uint8, flattened). Layers with an attached BN stay float."""
         key, mkey = prefix + "weight", prefix + "weight_mask"
         w, mask = sd.get(key), sd.get(mkey)
-        if w is not None and w.is_floating_point():
+        if w is not None and w.is_floating_point() and self._modules.get("bn") is None:
             if mask is not None:
                 w = torch.where(mask.to(torch.bool), w, torch.zeros((), dtype=w.dtype, device=w.device))
             scale = sd[prefix + "weight_scale_"]
-            qmin, qmax = self.weight_qrange
-            zp = torch.zeros_like(scale, dtype=torch.int32)
-            sd[key] = quantize(w, scale, zp, qmin, qmax, axis=0).to(torch.int8)
+            rows = w.reshape(scale.shape[0], -1)
+            if self.wscheme.levels != "uniform":
+                q = nearest_level(rows.float() / scale[:, None], sd[prefix + "weight_levels_"])
+                qmin = 0
+            else:
+                qmin, qmax = self.weight_qrange
+                zp = sd.get(prefix + "weight_zero_point_", torch.zeros_like(scale, dtype=torch.int32))
+                q = quantize(rows, scale, zp, qmin, qmax, axis=0)
+            if self.wscheme.bits <= 4:  # two codes per byte (offset to 0..15), flattened
+                sd[key] = pack_int4((q - qmin).to(torch.uint8).reshape(-1))
+            elif self.wscheme.levels != "uniform":
+                sd[key] = q.to(torch.uint8).reshape(w.shape)
+            else:
+                sd[key] = q.to(torch.int8 if self.wscheme.symmetric else torch.uint8).reshape(w.shape)
         if mask is not None and mask.dtype == torch.bool:
             sd[mkey] = torch.from_numpy(np.packbits(mask.detach().cpu().numpy().reshape(-1)))
 
     def unpack_state(self, sd: dict, prefix: str) -> None:
-        """In place: int8 ``sd[prefix + "weight"]`` becomes the float weight ``codes * weight_scale_``
-        (bit-exact to the fake-quantized weight); a packed mask becomes the bool mask again."""
+        """In place: packed ``sd[prefix + "weight"]`` becomes the float weight (bit-exact to the
+        fake-quantized weight); a packed mask becomes the bool mask again."""
         key, mkey = prefix + "weight", prefix + "weight_mask"
         q, mask = sd.get(key), sd.get(mkey)
-        if q is not None and q.dtype == torch.int8:
+        if q is not None and q.dtype in (torch.int8, torch.uint8):
             scale = sd[prefix + "weight_scale_"]
-            sd[key] = dequantize(q, scale, torch.zeros_like(scale, dtype=torch.int32), axis=0).to(self.weight.dtype)
+            if self.wscheme.bits <= 4 and q.dim() == 1 and q.numel() == (self.weight.numel() + 1) // 2:
+                qmin = 0 if self.wscheme.levels != "uniform" else self.weight_qrange[0]
+                q = unpack_int4(q, self.weight.numel()).to(torch.int32) + qmin
+            q = q.reshape(scale.shape[0], -1)
+            if self.wscheme.levels != "uniform":
+                w = sd[prefix + "weight_levels_"][q.long()] * scale[:, None]
+            else:
+                zp = sd.get(prefix + "weight_zero_point_", torch.zeros_like(scale, dtype=torch.int32))
+                w = dequantize(q, scale, zp, axis=0)
+            sd[key] = w.reshape(self.weight.shape).to(self.weight.dtype)
         if mask is not None and mask.dtype == torch.uint8:
             shape = tuple(self.weight.shape)
             bits = np.unpackbits(mask.cpu().numpy(), count=int(np.prod(shape)))
             sd[mkey] = torch.from_numpy(bits.reshape(shape).astype(np.bool_))
 
     def extra_repr(self) -> str:
-        parts = [super().extra_repr(), f"w{self.weight_bits} per-channel sym, a8 per-tensor asym"]
+        parts = [super().extra_repr(), f"{self.wscheme.describe()}, a8 per-tensor asym"]
         if self.act:
             parts.append(f"act={self.act}")
         if self.quant_output:
@@ -298,7 +487,7 @@ MODULE_MAP: dict[type, type] = {nn.Linear: QuantLinear, nn.Conv1d: QuantConv1d, 
 
 
 def convert_(module: nn.Module, weight_bits: int = 8, act: str | None = None,
-             quant_output: bool | None = None) -> FakeQuantMixin:
+             quant_output: bool | None = None, scheme: WeightScheme | None = None) -> FakeQuantMixin:
     """Turn a plain ``nn.Linear``/``nn.Conv1d``/``nn.Conv2d`` into its fake-quant class, in place.
 
     ``quant_output`` defaults to True for convs (ORT's QLinearConv needs a quantized output) and
@@ -314,7 +503,7 @@ def convert_(module: nn.Module, weight_bits: int = 8, act: str | None = None,
     float_class = type(module)
     module.__class__ = cls
     module._float_class = float_class
-    module._setup_quant(weight_bits, act, quant_output)
+    module._setup_quant(weight_bits, act, quant_output, scheme)
     return module
 
 

@@ -1,6 +1,10 @@
 """Shared plumbing of the block-wise language-model steps (``rtn``, ``gptq``, ``awq``, ``smoothquant``,
 ``sparsegpt``, ``wanda``): layer selection inside the decoder blocks, calibration batches, reporting.
 
+Memory: ``max_memory`` (any calibrated step) keeps the decoder blocks on disk, memory-mapped, when
+the model's weights exceed the budget; only the block being compressed is loaded
+(:mod:`nnsqueeze.llm.offload`); results are identical to the in-memory run.
+
 Selection: the default targets are every Linear (and transformers' ``Conv1D``) inside the decoder
 blocks found by :func:`nnsqueeze.llm.sequential.find_blocks`; a selected layer outside them (``lm_head``,
 embeddings projections) is skipped with a reason in the report and stays float.
@@ -18,6 +22,8 @@ from torch import nn
 
 from ..data import take
 from ..errors import DataError, TargetError
+from ..llm.offload import parse_bytes
+from ..llm.packed import PackedLinear
 from ..llm.sequential import find_blocks, is_linear, run_sequential, set_weight
 from .base import Step, StepConfig
 from .prune import MASK, Prune, ensure_mask
@@ -26,6 +32,20 @@ from .prune import MASK, Prune, ensure_mask
 class LLMStepConfig(StepConfig):
     samples: int = Field(128, ge=1, description="calibration sequences: batches of calib_data are taken "
                          "until at least this many")
+    max_memory: int | str | None = Field(None, description="weight-memory budget (bytes or '300MB', '1.5GiB'): "
+                                         "above it, decoder blocks wait on disk (memory-mapped) and one is loaded")
+    offload_dir: str | None = Field(None, description="where the block files go (a temporary directory inside; "
+                                    "default: the system temp dir)")
+
+    @field_validator("max_memory")
+    @classmethod
+    def _budget(cls, v: int | str | None) -> int | None:
+        if v is None:
+            return None
+        n = parse_bytes(v)
+        if n <= 0:
+            raise ValueError(f"max_memory must be positive, got {v!r}")
+        return n
 
 
 class QuantScheme(StepConfig):
@@ -90,10 +110,15 @@ class LLMStep(Step):
         sel = self.select(model, ctx, supported=supported)
         inside, keep = re.compile(rf"{re.escape(prefix)}\.\d+\..+"), []
         for name, mod in sel.layers:
-            if inside.fullmatch(name):
+            if isinstance(mod, PackedLinear):
+                ctx.skip(self.registered_name, name, "already packed by an earlier step (codes are final)")
+            elif inside.fullmatch(name):
                 keep.append((name, mod))
             else:
                 ctx.skip(self.registered_name, name, "outside the decoder blocks: kept in float")
+        if not keep and any(isinstance(m, PackedLinear) for m in blocks.modules()):
+            raise TargetError(f"{self.where}.targets", "every selected layer is already packed by an earlier step",
+                              fix="quantize once: give the earlier step pack: false, or drop this step")
         if not keep:
             raise TargetError(f"{self.where}.targets", f"no selected layer is inside the decoder blocks ({prefix}.*)",
                               fix=f"target Linear layers under {prefix}")
@@ -113,14 +138,16 @@ class LLMStep(Step):
             return fields
 
         rep = run_sequential(model, batches, [n for n, _ in layers], make_stats, apply_and_report,
-                             device=ctx.device, **kw)
+                             device=ctx.device, max_memory=self.config.max_memory,
+                             offload_dir=self.config.offload_dir,
+                             on_note=lambda msg: ctx.fallback(self.registered_name, msg), **kw)
         figures = rep.as_dict()
         try:
             ctx.report.step(**figures)
         except RuntimeError:  # called outside a recipe run (no current step)
             pass
-        ctx.log.info("%s: %d blocks, %d tokens, peak RSS %.0f MiB", self.registered_name, rep.blocks,
-                     rep.tokens, rep.peak_rss_mib)
+        ctx.log.info("%s: %d blocks, %d tokens, peak RSS %.0f MiB%s", self.registered_name, rep.blocks,
+                     rep.tokens, rep.peak_rss_mib, " (blocks offloaded to disk)" if rep.offloaded else "")
         return figures
 
 

@@ -31,8 +31,16 @@ fraction of the current model's; found by bisection on the global ratio). A grou
 all its Conv/Linear/Embedding output layers are selected by ``targets`` and none of its layers is
 ignored; groups the graph cannot prove safe are left intact and listed as skipped with the reason.
 
-Record: the kept indices of every shrunk layer dimension, in order; ``rebuild`` replays them on a
-fresh model without data, so ``nsq.load`` restores the pruned shapes and then loads the weights.
+Hugging Face transformers (``torch.fx`` cannot trace them): :mod:`nnsqueeze.structured.hf` finds
+BERT-like and LLaMA-like attention blocks (one channel = one key/value head with its query heads)
+and feed-forward blocks (neurons; LLaMA's gate and up projections together) by their Linear layout;
+``head_ratio`` (else ``ratio``) applies to the heads; the modules' ``num_attention_heads`` /
+``all_head_size`` / ``intermediate_size`` attributes follow the new widths. Everything else (the
+residual stream, embeddings, norms, the LM head) is kept and listed as skipped.
+
+Record: the kept indices of every shrunk layer dimension, in order, and the shape attributes set
+on Hugging Face modules; ``rebuild`` replays them on a fresh model without data, so ``nsq.load``
+restores the pruned shapes and then loads the weights.
 """
 
 from __future__ import annotations
@@ -50,6 +58,8 @@ from ..structured import allocate
 from ..structured.attention import ATTENTION, head_parts, prune_heads, unsupported_reason
 from ..structured.collect import accumulate_grads, activation_parts, activations, taylor_parts, weight_parts
 from ..structured.graph import DependencyGraph, Group, build_graph
+from ..structured import hf
+from ..structured.hf import HFGraph, hf_graph, set_attrs, sync_attrs
 from ..structured.importance import CRITERIA, NEEDS, Part
 from ..structured.macs import count
 from ..structured.pruners import dim_size, shrink
@@ -73,7 +83,8 @@ class StructuredPruneConfig(StepConfig):
                                         description="layer pattern -> ratio for the groups it produces")
     batches: int = Field(4, ge=1, description="data batches for taylor / apoz / energy")
     head_ratio: float | None = Field(None, ge=0.0, lt=1.0, description="fraction of attention heads removed "
-                                     "(nn.MultiheadAttention); default: `ratio`, or none with a budget")
+                                     "(nn.MultiheadAttention; Hugging Face blocks: key/value head groups); "
+                                     "default: `ratio`, or none with a budget")
 
     @model_validator(mode="after")
     def _one_target(self) -> "StructuredPruneConfig":
@@ -132,8 +143,34 @@ class StructuredPrune(Step):
         super().__init__(config, index)
         self.plan_: list[tuple[str, str, list[int]]] = []
         self.heads_: dict[str, list[int]] = {}
+        self.attrs_: dict[str, dict[str, int]] = {}
+        self._blocks: list = []     # Hugging Face blocks of the current run (heads / FFN)
+        self._head_groups: set[int] = set()
+        self._planned: list[Group] = []
 
     # ---- pieces ---------------------------------------------------------------------------------
+
+    def _graph(self, model: nn.Module, example: Any, ctx: Any) -> DependencyGraph:
+        """The fx dependency graph; for models fx cannot trace, the Hugging Face block patterns."""
+        try:
+            graph = build_graph(model, example)
+        except ModelError as e:
+            if "torch.fx cannot trace" not in str(e):
+                raise
+            graph = hf_graph(model)
+            if not graph.groups:
+                raise ModelError(self.where, f"{e.problem}; and no Hugging Face attention / feed-forward block was "
+                                 "recognised", fix=e.fix) from None
+            ctx.fallback(self.registered_name, "torch.fx cannot trace the model: groups from Hugging Face module "
+                         f"patterns ({sum(b.kind == 'heads' for b in graph.blocks)} attention blocks by KV-head groups, "
+                         f"{sum(b.kind == 'ffn' for b in graph.blocks)} feed-forward blocks by neurons)")
+        self._blocks = graph.blocks if isinstance(graph, HFGraph) else []
+        self._head_groups = {id(b.group) for b in self._blocks if b.kind == "heads"}
+        return graph
+
+    def _apply(self, model: nn.Module, plan: list[tuple[str, str, list[int]]]) -> dict[str, dict[str, int]]:
+        apply(model, plan, self.where)
+        return sync_attrs(model, self._blocks)
 
     def _groups(self, model: nn.Module, graph: DependencyGraph, ctx: Any, sel: Any) -> list[Group]:
         chosen = set(sel.names)
@@ -176,19 +213,24 @@ class StructuredPrune(Step):
         for g in groups:
             hit = [r for p, r in self.config.overrides.items()
                    for n in _group_layers(model, g) if _matches(p, n, model.get_submodule(n))]
+            if not hit and id(g) in self._head_groups and self.config.head_ratio is not None:
+                hit = [self.config.head_ratio]
             out.append(min(hit) if hit else None)
         return out
 
-    def _plan(self, scores: list[torch.Tensor], fixed: list[float | None], ratio: float, scope: str) -> list[torch.Tensor]:
+    def _plan(self, scores: list[torch.Tensor], fixed: list[float | None], ratio: float,
+              scope: str) -> list[torch.Tensor]:
         c = self.config
+        rounds = [1 if id(g) in self._head_groups else c.round_to for g in self._planned]  # heads: no rounding
         if scope == "global":
-            return allocate.global_plan(scores, ratio, fixed, c.max_ratio, c.round_to, c.min_channels)
-        return allocate.layer_plan(scores, [ratio if f is None else f for f in fixed], c.round_to, c.min_channels)
+            return allocate.global_plan(scores, ratio, fixed, c.max_ratio, rounds, c.min_channels)
+        return allocate.layer_plan(scores, [ratio if f is None else f for f in fixed], rounds, c.min_channels)
 
     def _search(self, model, groups, scores, fixed, example, budget: float, key: str, ctx: Any) -> float:
         """Smallest global ratio whose pruned model fits ``budget`` (bisection, 14 rounds)."""
         def cost(r: float) -> int:
-            trial = apply(copy.deepcopy(model), keep_indices(model, groups, self._plan(scores, fixed, r, "global")))
+            trial = copy.deepcopy(model)
+            self._apply(trial, keep_indices(model, groups, self._plan(scores, fixed, r, "global")))
             cnt = count(trial, example)
             return cnt.total_macs if key == "macs" else cnt.total_params
         lo, hi = 0.0, self.config.max_ratio
@@ -211,7 +253,8 @@ class StructuredPrune(Step):
                             fix="pass example_inputs=... or calib_data=... to compress()")
         before = count(model, example)
         sel = self.select(model, ctx, supported=LAYERS + ATTENTION)
-        groups = self._groups(model, build_graph(model, example), ctx, sel)
+        groups = self._groups(model, self._graph(model, example, ctx), ctx, sel)
+        self._planned = groups
         heads = self._prune_heads(model, sel, ctx)
         if not groups:
             if not heads:
@@ -230,7 +273,20 @@ class StructuredPrune(Step):
             ratio, scope = self._search(model, groups, scores, fixed, example, budget, key, ctx), "global"
         pruned = self._plan(scores, fixed, ratio, scope)
         self.plan_ = keep_indices(model, groups, pruned)
-        apply(model, self.plan_, self.where)
+        ref = hf.outputs(model, example, self.plan_) if self._blocks else None
+        self.attrs_ = self._apply(model, self.plan_)
+        if ref is not None:  # module patterns are assumptions: prove this removal equals zeroing the channels
+            try:
+                bad = hf.mismatch(ref, hf.outputs(model, example))
+            except Exception as e:
+                raise ModelError(self.where, f"the model pruned by module patterns no longer runs ({type(e).__name__}: "
+                                 f"{str(e)[:200]}): a block does not work the way its Linear layout suggests",
+                                 fix="`ignore` its layers") from e
+            if bad is not None:
+                raise ModelError(self.where, f"pruning the recognised blocks changed the outputs beyond the removed "
+                                 f"channels (relative deviation {bad:.2e}): a block does not work the way its "
+                                 "Linear layout suggests", fix="`ignore` its layers (blocks: "
+                                 f"{', '.join(b.owner for b in self._blocks)[:300]})")
         try:
             after = count(model, example)
         except Exception as e:  # a bug in the graph, never the user's fault: say so loudly
@@ -241,6 +297,7 @@ class StructuredPrune(Step):
             if a != fig:
                 ctx.report.layer(name, macs_before=fig["macs"], macs_after=a["macs"],
                                  params_before=fig["params"], params_after=a["params"])
+        heads += self._report_hf_heads(model, groups, pruned, ctx)
         channels = sum(g.size for g in groups)
         removed = sum(int(p.numel()) for p in pruned)
         ctx.report.step(groups=len(groups), heads_removed=heads, channels=channels, channels_removed=removed, ratio=round(ratio, 4),
@@ -251,6 +308,21 @@ class StructuredPrune(Step):
                      removed, channels, len(groups), before.total_macs, after.total_macs,
                      before.total_params, after.total_params)
         return model
+
+    def _report_hf_heads(self, model: nn.Module, groups: list[Group], pruned: list[torch.Tensor], ctx: Any) -> int:
+        """Per Hugging Face attention block: query / key-value heads before and after; returns query heads removed."""
+        gone = {id(g): int(p.numel()) for g, p in zip(groups, pruned)}
+        removed = 0
+        for b in self._blocks:
+            if b.kind != "heads" or id(b.group) not in gone:
+                continue
+            kv = b.group.size
+            q = model.get_submodule(b.q).out_features // b.head_dim   # after shrinking
+            rep = q // max(1, kv - gone[id(b.group)])
+            ctx.report.layer(b.owner, heads_before=kv * rep, heads_after=q, kv_heads_before=kv,
+                             kv_heads_after=kv - gone[id(b.group)])
+            removed += kv * rep - q
+        return removed
 
     def _prune_heads(self, model: nn.Module, sel: Any, ctx: Any) -> int:
         """Remove attention heads in place (before the channel plan is applied); returns heads removed."""
@@ -281,7 +353,7 @@ class StructuredPrune(Step):
         return removed
 
     def record(self) -> dict[str, Any]:
-        return {"shrink": [[n, r, k] for n, r, k in self.plan_], "heads": dict(self.heads_)}
+        return {"shrink": [[n, r, k] for n, r, k in self.plan_], "heads": dict(self.heads_), "attrs": dict(self.attrs_)}
 
     @classmethod
     def rebuild(cls, model: nn.Module, config: StructuredPruneConfig, record: dict[str, Any]) -> nn.Module:
@@ -293,5 +365,11 @@ class StructuredPrune(Step):
                 raise ModelError(f"structured-prune record: {name}", "attention layer not found",
                                  fix="load onto the same architecture that was compressed") from None
             set_module(model, name, prune_heads(mod, list(keep)))
-        return apply(model, [(n, r, list(k)) for n, r, k in record.get("shrink", [])], "structured-prune record")
+        apply(model, [(n, r, list(k)) for n, r, k in record.get("shrink", [])], "structured-prune record")
+        try:
+            set_attrs(model, record.get("attrs", {}))
+        except AttributeError as e:
+            raise ModelError("structured-prune record", f"module of a recorded shape attribute not found ({e})",
+                             fix="load onto the same architecture that was compressed") from None
+        return model
 

@@ -3,10 +3,10 @@
 Recipe (the ``deep-compression`` preset)::
 
     steps:
-      - prune:   {sparsity: 0.93, scope: global, schedule: gradual, end: 0.7}
-      - distill: {epochs: 25, lr: 1.0e-3, alpha: 0.3, temperature: 2.0}   # or finetune
-      - cluster: {bits: 4, conv_bits: 5, init: linear, fold_bn: true}     # k = 2**bits per layer
-      - distill: {epochs: 10, lr: 1.0e-3, alpha: 0.3, temperature: 2.0}   # trains the centroids
+      - prune:   {sparsity: 0.92, scope: global, schedule: gradual, end: 0.7}
+      - distill: {epochs: 60, lr: 1.0e-3, alpha: 0.3, temperature: 2.0}   # or finetune
+      - cluster: {bits: 3, conv_bits: 5, init: linear, fold_bn: true}     # k = 2**bits per layer
+      - distill: {epochs: 20, lr: 1.0e-3, alpha: 0.3, temperature: 2.0}   # trains the centroids
 
 Python::
 
@@ -30,7 +30,8 @@ paper, so a layer keeps exactly k distinct nonzero values and its pruned zeros.
 Storage: ``pack_state`` replaces ``weight_code`` by ``weight_code.dc``, a uint8 blob of
 :mod:`nnsqueeze.storage.entropy` (relative-index-coded positions + Huffman-coded cluster indices);
 ``unpack_state`` decodes it bit-exactly. A weight that is exactly zero (pruned or not) gets code 0
-and stays zero; tied weights (one Parameter in several layers) are skipped. The step reports, per
+and stays zero; tied weights (one Parameter in several layers, e.g. after ``share``) are skipped
+in every layer that uses them (reported), so the tie holds. The step reports, per
 layer and in total, the bytes of blob + centroids and the ratio to the fp32 weight.
 
 ``fold_bn: true`` first folds every foldable BatchNorm into its Conv/Linear (exact in eval mode;
@@ -169,7 +170,10 @@ class Cluster(Step):
             self.folded_ = list(res.folded)
             for bn, why in res.unfolded:
                 ctx.skip(self.registered_name, bn, f"BatchNorm not folded: {why}")
-        seen: dict[int, str] = {}
+        users: dict[int, list[str]] = {}  # id(weight Parameter) -> the modules using it
+        for n, mod in model.named_modules(remove_duplicate=False):
+            if isinstance(mod._parameters.get("weight"), nn.Parameter):
+                users.setdefault(id(mod._parameters["weight"]), []).append(n)
         for name, m in self.select(model, ctx, supported=SUPPORTED).layers:
             if isinstance(m, ClusteredMixin):
                 ctx.skip(self.registered_name, name, "already clustered")
@@ -178,10 +182,10 @@ class Cluster(Step):
             if not isinstance(w, nn.Parameter) or type(m) not in SUPPORTED:
                 ctx.skip(self.registered_name, name, f"{type(m).__name__} is not a plain layer with a weight")
                 continue
-            if id(w) in seen:  # tied weights: clustering one copy would untie them
-                ctx.skip(self.registered_name, name, f"shares its weight with {seen[id(w)]}")
+            others = [n for n in users.get(id(w), []) if n != name]
+            if others:  # tied weights (e.g. the share step): clustering one user would untie them
+                ctx.skip(self.registered_name, name, f"shares its weight with {', '.join(others)}")
                 continue
-            seen[id(w)] = name
             if not torch.isfinite(w).all():
                 raise ModelError(f"{self.where}: {name}.weight", "contains NaN or inf",
                                  fix="check the checkpoint; clustering needs finite weights")

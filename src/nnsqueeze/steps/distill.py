@@ -20,6 +20,19 @@ shapes agree, else a learned 1x1 projection (Linear on the last dim for 2-D feat
 3-D/4-D ones), trained with the student and discarded afterwards. For dict batches the hard term is
 the model's own ``.loss``; ``ctx.loss_fn``, when given, replaces the hard term.
 
+Attention-map transfer (transformers): every ``attention`` entry adds
+``weight * attention_kl(student map, teacher map)`` (:func:`nnsqueeze.ops.distill.attention_kl`:
+KL of each query's attention distribution, teacher || student, averaged; head-averaged when the
+head counts differ). The named module's forward output must hold the attention probabilities
+``(N, heads, queries, keys)``: the output itself or the last 4-D tensor of its output tuple, as a
+Hugging Face ``*SelfAttention`` module returns them when the model runs the eager attention
+(``attn_implementation="eager"``; SDPA/flash kernels return none, which raises ModelError). A
+4-layer teacher -> 2-layer student map::
+
+      - distill: {epochs: 3, lr: 1.0e-4, alpha: 0.5,
+                  attention: [{student: bert.encoder.layer.0.attention.self, teacher: bert.encoder.layer.1.attention.self},
+                              {student: bert.encoder.layer.1.attention.self, teacher: bert.encoder.layer.3.attention.self}]}
+
 The teacher is ``teacher=`` given to :func:`nnsqueeze.compress`, else the model as it was before
 the recipe ran (``ctx.teacher``); it runs in eval mode without gradients and is never modified.
 Everything else is the ``finetune`` loop (same options, masks, callbacks, DDP): a gradual ``prune``
@@ -37,7 +50,7 @@ from torch import nn
 
 from ..data import call_model, logits, split, take, to_device
 from ..errors import DataError, ModelError
-from ..ops.distill import hint_loss, kd_loss
+from ..ops.distill import attention_kl, hint_loss, kd_loss
 from ..registry import STEPS
 from .finetune import Finetune, FinetuneConfig
 
@@ -49,10 +62,19 @@ class HintConfig(BaseModel):
     weight: float = Field(1.0, gt=0.0)
 
 
+class AttentionConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    student: str = Field(description="attention module in the student whose output holds its probabilities")
+    teacher: str = Field(description="attention module in the teacher")
+    weight: float = Field(1.0, gt=0.0)
+
+
 class DistillConfig(FinetuneConfig):
     alpha: float = Field(0.5, ge=0.0, le=1.0, description="weight of the hard-label loss")
     temperature: float = Field(4.0, gt=0.0, description="softmax temperature of the soft term")
     hints: list[HintConfig] = Field(default_factory=list, description="feature hints between named layers")
+    attention: list[AttentionConfig] = Field(default_factory=list, description="attention-map transfer between "
+                                             "named attention modules")
 
 
 def _projection(s: torch.Tensor, t: torch.Tensor, where: str) -> nn.Module:
@@ -68,12 +90,28 @@ def _projection(s: torch.Tensor, t: torch.Tensor, where: str) -> nn.Module:
     return conv(s.shape[1], t.shape[1], 1)
 
 
-class _Capture:
-    """Forward hooks storing the outputs of named modules."""
+def attention_probs(out: Any, where: str) -> torch.Tensor:
+    """The attention probabilities ``(N, H, Tq, Tk)`` in a module's output: the output itself or the
+    last 4-D tensor of its output tuple."""
+    if isinstance(out, torch.Tensor) and out.dim() == 4:
+        return out
+    if isinstance(out, (tuple, list)):
+        for o in reversed(out):
+            if isinstance(o, torch.Tensor) and o.dim() == 4:
+                return o
+    raise ModelError(where, "the module's output holds no attention probabilities (N, heads, queries, keys)",
+                     fix="name the attention module itself (e.g. ...attention.self) and load Hugging Face models "
+                     "with attn_implementation='eager' (SDPA/flash attention return no probabilities)")
 
-    def __init__(self, model: nn.Module, names: list[str], where: str):
+
+class _Capture:
+    """Forward hooks storing the outputs of named modules (``extract`` picks the tensor)."""
+
+    def __init__(self, model: nn.Module, names: list[str], where: str, extract: Any = None):
         self.out: dict[str, torch.Tensor] = {}
         self.handles = []
+        self.where = where
+        self.extract = extract or (lambda out, _where: logits(out))
         for n in names:
             try:
                 mod = model.get_submodule(n)
@@ -84,7 +122,7 @@ class _Capture:
 
     def _hook(self, name: str):
         def hook(_m: nn.Module, _i: Any, out: Any) -> None:
-            self.out[name] = logits(out)
+            self.out[name] = self.extract(out, f"{self.where}: {name}")
         return hook
 
     def close(self) -> None:
@@ -103,6 +141,8 @@ class Distill(Finetune):
         self.proj_ = nn.ModuleList()
         self.s_cap_: _Capture | None = None
         self.t_cap_: _Capture | None = None
+        self.s_att_: _Capture | None = None
+        self.t_att_: _Capture | None = None
 
     def _optimizer(self, params: list[nn.Parameter]) -> torch.optim.Optimizer:
         return super()._optimizer(list(params) + list(self.proj_.parameters()))
@@ -127,6 +167,13 @@ class Distill(Finetune):
             loss = kd_loss(s_logits, t_logits, targets, alpha=c.alpha, temperature=c.temperature)
         for h, proj in zip(c.hints, self.proj_):
             loss = loss + h.weight * hint_loss(proj(self.s_cap_.out[h.student]), self.t_cap_.out[h.teacher])
+        for i, a in enumerate(c.attention):
+            try:
+                term = attention_kl(self.s_att_.out[a.student], self.t_att_.out[a.teacher])
+            except ValueError as e:
+                raise ModelError(f"{self.where}.attention[{i}]", str(e),
+                                 fix="map layers with the same sequence lengths") from None
+            loss = loss + a.weight * term
         return loss
 
     def _setup(self, model: nn.Module, ctx: Any) -> None:
@@ -139,6 +186,11 @@ class Distill(Finetune):
         if p is not None and p.device != torch.device(ctx.device):
             teacher = copy.deepcopy(teacher).to(ctx.device)  # never move the user's model
         self.teacher_ = teacher
+        if c.attention:
+            self.s_att_ = _Capture(model, [a.student for a in c.attention], f"{self.where}.attention.student",
+                                   attention_probs)
+            self.t_att_ = _Capture(teacher, [a.teacher for a in c.attention], f"{self.where}.attention.teacher",
+                                   attention_probs)
         if not c.hints:
             return
         self.s_cap_ = _Capture(model, [h.student for h in c.hints], f"{self.where}.hints.student")
@@ -161,12 +213,12 @@ class Distill(Finetune):
             self.teacher_.eval()
             model = super().run(model, ctx)
         finally:
-            for cap in (self.s_cap_, self.t_cap_):
+            for cap in (self.s_cap_, self.t_cap_, self.s_att_, self.t_att_):
                 if cap is not None:
                     cap.close()
             for m, mode in was_eval:
                 m.train(mode)
-            self.teacher_, self.s_cap_, self.t_cap_ = None, None, None
+            self.teacher_, self.s_cap_, self.t_cap_, self.s_att_, self.t_att_ = None, None, None, None, None
         c: DistillConfig = self.config
-        ctx.report.step(alpha=c.alpha, temperature=c.temperature, hints=len(c.hints))
+        ctx.report.step(alpha=c.alpha, temperature=c.temperature, hints=len(c.hints), attention_maps=len(c.attention))
         return model

@@ -1,9 +1,10 @@
 """Steps ``rtn`` and ``gptq``: weight-only round-to-nearest and GPTQ for causal LMs, block by block.
 
 With ``pack: true`` (default) every quantized layer becomes a
-:class:`~nnsqueeze.quant.weight_only.WeightOnlyLinear` holding exactly the algorithm's codes, group
-scales and zero points (``model.safetensors`` stores int4 codes two per byte; ``nsq.load`` rebuilds
-the modules); ``pack: false`` keeps the simulated float weights (fake-quantized Linears). Packing
+:class:`~nnsqueeze.llm.packed.PackedLinear` (a ``WeightOnlyLinear``) holding exactly the algorithm's
+codes, group scales and zero points, packed in memory as in ``model.safetensors`` (int4: two codes
+per byte) and read directly by a matrix-vector kernel when generating; ``nsq.load`` rebuilds the
+modules; ``pack: false`` keeps the simulated float weights (fake-quantized Linears). Packing
 needs ``bits`` 4 or 8 and ``group_size`` a power of two >= 16 or null (ONNX Runtime's MatMulNBits);
 other grids are a RecipeError unless ``pack: false``. Grid bridge: symmetric signed codes ``q`` in
 ``[-2**(b-1), 2**(b-1)-1]`` are stored as ``q + 2**(b-1)`` with zero point ``2**(b-1)``; asymmetric
@@ -19,11 +20,14 @@ Per layer the report gets ``error`` (relative output error ``||X dW^T|| / ||X W^
 calibration tokens), ``rtn_error`` (the same for round-to-nearest, for comparison), the scheme and
 the dampening used; the step figures include peak RSS. A layer pruned before (``weight_mask``)
 keeps its zeros: GPTQ quantizes around them. Default targets: every Linear inside the
-decoder blocks (``lm_head`` stays float, listed as skipped).
+decoder blocks (``lm_head`` stays float, listed as skipped). ``rtn`` (no calibration) also
+quantizes layers outside the blocks that a target names (``targets: [lm_head]`` or a ``re:``
+pattern), e.g. an int8 ``lm_head`` next to int4 blocks (two ``rtn`` steps).
 """
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import torch
@@ -31,8 +35,10 @@ from pydantic import Field, model_validator
 from torch import nn
 
 from ..llm.gptq import HessianAccumulator, gptq_quantize
+from ..llm.packed import PackedLinear, fallback_reason, pack_linear_
 from ..llm.rtn import rtn_quantize
-from ..llm.sequential import get_weight, set_weight
+from ..errors import TargetError
+from ..llm.sequential import find_blocks, get_weight, is_linear, set_weight
 from ..ops.quant import sqnr_db
 from ..quant.weight_only import WeightOnlyLinear, convert_weight_only_
 from ..registry import STEPS
@@ -129,7 +135,15 @@ def _pack(model: nn.Module, packs: dict[str, tuple[torch.Tensor, torch.Tensor, t
         mod.weight_zero_point_.copy_(zp.to(torch.uint8))
         if mod.weight.dtype == torch.float32 and not torch.equal(mod.dequantized_weight(), q.to(torch.float32)):
             raise RuntimeError(f"{where}: {name}: packed codes do not reproduce the quantized weight")
+        pack_linear_(mod)  # codes kept packed in memory; the float weight is dropped
     return len(packs)
+
+
+def note_kernel(ctx: Any, step: str) -> None:
+    """Packed layers without the matrix-vector kernel dequantize per call: a fallback, reported."""
+    why = fallback_reason()
+    if why is not None:
+        ctx.fallback(step, f"packed-weight kernel unavailable ({why}); packed layers dequantize on every call")
 
 
 def _rebuild(model: nn.Module, config: QuantScheme, record: dict[str, Any]) -> nn.Module:
@@ -138,8 +152,28 @@ def _rebuild(model: nn.Module, config: QuantScheme, record: dict[str, Any]) -> n
     c = QuantScheme(bits=record["bits"], group_size=record["group_size"], symmetric=record["symmetric"])
     for name in record.get("layers", []):
         mod = recorded_module(model, name, (nn.Module,), "rtn/gptq record")
-        _convert(model, name, mod, c, "rtn/gptq record")
+        if not isinstance(mod, PackedLinear):  # already rebuilt by an earlier record: nothing to redo
+            pack_linear_(_convert(model, name, mod, c, "rtn/gptq record"))
     return model
+
+
+def _named(pattern: str, name: str) -> bool:
+    """``pattern`` names module ``name`` exactly or as a full ``re:`` match."""
+    return pattern == name or (pattern.startswith("re:") and re.fullmatch(pattern[3:], name) is not None)
+
+
+class _SkipFilter:
+    """``ctx`` whose ``skip`` ignores the layers in ``names`` (everything else passes through)."""
+
+    def __init__(self, ctx: Any, names: set[str]):
+        self._ctx, self._names = ctx, names
+
+    def skip(self, step: str, layer: str, reason: str) -> None:
+        if layer not in self._names:
+            self._ctx.skip(step, layer, reason)
+
+    def __getattr__(self, key: str) -> Any:
+        return getattr(self._ctx, key)
 
 
 class _WeightQuantStep(LLMStep):
@@ -159,10 +193,36 @@ class RTN(_WeightQuantStep):
 
     Config = RTNConfig
 
+    def named_outside(self, model: nn.Module) -> list[tuple[str, nn.Module]]:
+        """Linear layers outside the blocks named by a module-name or ``re:`` target (e.g. ``lm_head``):
+        RTN needs no calibration, so it quantizes them too when asked by name."""
+        named = [t for t in self.config.targets if t not in ("Linear", "Conv1D")]
+        if not named:
+            return []
+        prefix, _ = find_blocks(model)
+        inside = re.compile(rf"{re.escape(prefix)}\.\d+\..+")
+        out = []
+        for n, m in model.named_modules():
+            if not is_linear(m) or inside.fullmatch(n) or any(_named(t, n) for t in self.config.ignore):
+                continue
+            if any(_named(t, n) for t in named):
+                out.append((n, m))
+        return out
+
     def run(self, model, ctx):
         c = self.config
         self.layers_ = []
-        for name, mod in self.block_layers(model, ctx):
+        outside = self.named_outside(model)
+        named = {n for n, _ in outside}
+        filtered = _SkipFilter(ctx, named)   # those are quantized below, not skipped
+        try:
+            layers = self.block_layers(model, filtered)
+        except TargetError:
+            if not outside:
+                raise
+            layers = []
+        taken = {n for n, _ in layers}
+        for name, mod in layers + [(n, m) for n, m in outside if n not in taken]:
             w = get_weight(mod)
             r = rtn_quantize(w, c.bits, c.group_size, c.symmetric)
             q = r.weight
@@ -171,6 +231,8 @@ class RTN(_WeightQuantStep):
             self.layers_.append(name)
             if c.pack:
                 _pack(model, {name: (q, r.scale, r.zero_point)}, c, self.where)
+        if c.pack:
+            note_kernel(ctx, "rtn")
         return model
 
 
@@ -197,8 +259,17 @@ class GPTQ(_WeightQuantStep):
                     "error": round(relative_error(w, r.weight, acc.hessian), 6),
                     "rtn_error": round(relative_error(w, rtn, acc.hessian), 6)}
 
+        def on_block(i, block):
+            # Pack this block's layers now (their float copies in `packs` are freed): the next
+            # block's inputs come from the packed layers, whose dequantized weights equal the
+            # simulated ones exactly, and an offloaded block goes back to disk already packed.
+            if c.pack and packs:
+                _pack(model, packs, c, self.where)
+                packs.clear()
+
         self.figures_ = self.calibrate(model, ctx, layers,
-                                       lambda n, m: HessianAccumulator(get_weight(m).shape[1], m.weight.device), apply)
-        if c.pack:  # after calibration: the block-wise pass ran on the simulated weights (same values)
-            _pack(model, packs, c, self.where)
+                                       lambda n, m: HessianAccumulator(get_weight(m).shape[1], m.weight.device), apply,
+                                       on_block=on_block)
+        if c.pack:
+            note_kernel(ctx, "gptq")
         return model

@@ -37,7 +37,7 @@ from torch import nn
 
 from ..errors import DataError
 from ..registry import STEPS
-from ..structured.graph import Group, build_graph
+from ..structured.graph import Group
 from ..structured.pruners import channel_slices
 from .base import Step, StepConfig
 from .channel_prune import LAYERS, StructuredPrune
@@ -112,7 +112,7 @@ class GroupLasso(Step):
         helper = StructuredPrune(StructuredPrune.Config(ratio=0.0, targets=self.config.targets,
                                                         ignore=self.config.ignore), self.index)
         helper.registered_name = self.registered_name
-        groups = helper._groups(model, build_graph(model, ctx.example_inputs), ctx, sel)
+        groups = helper._groups(model, helper._graph(model, ctx.example_inputs, ctx), ctx, sel)
         ctx.report.step(groups=len(groups), channels=sum(g.size for g in groups), strength=self.config.strength)
         ctx.callbacks.append(GroupLassoCallback(groups, self.config.strength, ctx.report.steps[-1]["figures"]))
         return model

@@ -1,4 +1,6 @@
 """The ``mixed-int8`` step: static int8 everywhere except the most sensitive layers, kept fp32.
+(Per-layer formats among int8 / int4 / fp32 ... under a budget: the ``mixed`` step,
+:mod:`nnsqueeze.steps.mixed_precision`.)
 
 Runs :func:`nnsqueeze.sensitivity.sensitivity` (one layer quantized at a time), then quantizes all
 layers except the ``k`` most sensitive, for ``k = 0, 1, ...``, measuring the WHOLE quantized model,

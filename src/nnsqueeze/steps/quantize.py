@@ -1,17 +1,24 @@
-"""The ``quantize`` step: static int8 post-training quantization, simulated in torch, exported as QDQ.
+"""The ``quantize`` step: static post-training quantization, simulated in torch, exported as QDQ.
 
-Folds BatchNorm into the preceding layers, swaps Linear/Conv1d/Conv2d for fake-quant layers
-(:mod:`nnsqueeze.quant.modules`: int8 symmetric per-channel weights, uint8 asymmetric per-tensor
-activations, int32 bias), calibrates the activation ranges on ``ctx.calib_data`` (else
-``ctx.train_data``), corrects the biases for the mean weight rounding error (same pass), and absorbs
-a ReLU that directly follows a conv so that ONNX Runtime runs QLinearConv/QGemm end to end. Recipe::
+Folds BatchNorm into the preceding layers, optionally equalizes consecutive layers (CLE or
+SmoothQuant, :mod:`nnsqueeze.quant.equalize`), swaps Linear/Conv1d/Conv2d for fake-quant layers
+(:mod:`nnsqueeze.quant.modules`: weights in a :class:`~nnsqueeze.quant.scheme.WeightScheme`, by
+default int8 symmetric per-channel; uint8 asymmetric per-tensor activations; int32 bias),
+calibrates the activation ranges on ``ctx.calib_data`` (else ``ctx.train_data``), optionally learns
+the weight rounding with AdaRound (layer by layer, on the quantized model's inputs), corrects the
+biases for the mean weight rounding error, and absorbs a ReLU that directly follows a conv so that
+ONNX Runtime runs QLinearConv/QGemm end to end. Recipe::
 
     - quantize:
-        weights: {bits: 8, granularity: per-channel, symmetric: true}
+        weights: {bits: 8, granularity: per-channel, symmetric: true}   # bits 2..8, per-tensor/per-group
         activations: {bits: 8, granularity: per-tensor, symmetric: false}
         calibration: {method: minmax, samples: 512}
         fold_bn: true
         bias_correction: true
+        # weights: {bits: 4, clip: mse, adaround: {iters: 1000}}         # low-bit options
+        # weights: {bits: 4, levels: nf4}                                # or pow2 / kmeans
+        # layer_weights: {classifier.2: {bits: 8}}                       # per-layer schemes
+        # equalize: {method: cle, iterations: 2}                         # or smoothquant
 
 In Python::
 
@@ -37,6 +44,7 @@ is the same on every machine.
 
 from __future__ import annotations
 
+import copy
 from typing import Any, Literal
 
 import torch
@@ -47,6 +55,7 @@ from ..data import as_batches, call_model, split, take, to_device
 from ..errors import DataError, ModelError, RecipeError
 from ..quant.fold import fold_batchnorm, refold_structure
 from ..quant.modules import MODULE_MAP, convert_
+from ..quant.scheme import WeightScheme
 from ..registry import OBSERVERS, STEPS
 from .base import Step, StepConfig, recorded_module
 from ..targets import set_module
@@ -60,10 +69,25 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+class AdaRoundConfig(_Strict):
+    iters: int = Field(500, ge=1, description="Adam iterations per layer")
+    samples: int = Field(256, ge=1, description="calibration examples whose layer inputs are reconstructed")
+    lam: float = Field(0.01, ge=0, description="weight of the rounding regularizer")
+    lr: float = Field(1e-2, gt=0)
+    batch: int = Field(64, ge=1, description="examples per iteration")
+
+
 class WeightsConfig(_Strict):
-    bits: int = Field(8, ge=2, le=8, description="8 (or 7: always reduced range)")
-    granularity: Literal["per-channel", "per-tensor"] = "per-channel"
+    bits: int = Field(8, ge=2, le=8, description="2..8 (8 may become 7 with reduce_range)")
+    granularity: Literal["per-channel", "per-tensor", "per-group"] = "per-channel"
+    group_size: int | None = Field(None, ge=1, description="weights per group (per-group only), along each "
+                                   "output channel's flattened inputs")
     symmetric: bool = True
+    levels: Literal["uniform", "pow2", "nf4", "kmeans"] = Field(
+        "uniform", description="uniform integer grid, power-of-two levels, the NF4 table (bits 4) or "
+        "2**bits k-means levels per layer; non-uniform levels are scaled by each row's absmax")
+    clip: Literal["none", "mse"] = Field("none", description="mse: search each row's clipping ratio")
+    adaround: AdaRoundConfig | None = Field(None, description="learned rounding on calibration data")
     reduce_range: bool | Literal["auto"] = Field(
         "auto", description="7-bit weight codes (|w| <= 63) so that ONNX Runtime's u8s8 kernels cannot saturate "
         "on x86 CPUs without VNNI; 'auto': only when the CPU running the step lacks VNNI")
@@ -80,6 +104,14 @@ class CalibrationConfig(_Strict):
     samples: int = Field(512, ge=1, description="calibration examples (whole batches, at least this many)")
 
 
+class EqualizeConfig(_Strict):
+    method: Literal["cle", "smoothquant"] = "cle"
+    iterations: int = Field(2, ge=1, description="CLE sweeps over the pairs")
+    alpha: float = Field(0.5, ge=0, le=1, description="SmoothQuant migration strength")
+    bias_absorption: bool = Field(False, description="after equalizing, move max(0, mean - 3 std) of each "
+                                  "pair's pre-activation from L1's bias into L2's (L2 without padding)")
+
+
 class QuantizeConfig(StepConfig):
     weights: WeightsConfig = Field(default_factory=WeightsConfig)
     activations: ActivationsConfig = Field(default_factory=ActivationsConfig)
@@ -87,10 +119,20 @@ class QuantizeConfig(StepConfig):
     fold_bn: bool = True
     bias_correction: bool = Field(True, description="shift biases so the weight rounding error has zero mean on "
                                   "the calibration data (Nagel et al. 2019)")
+    equalize: EqualizeConfig | None = Field(None, description="rescale consecutive layers before quantizing")
+    layer_weights: dict[str, WeightsConfig] = Field(
+        default_factory=dict, description="per-layer weight schemes by exact module name (override 'weights')")
 
 
-SUPPORTED_TEXT = ("weights: {bits: 8, granularity: per-channel, symmetric: true} (bits: 7 also works), "
-                  "activations: {bits: 8, granularity: per-tensor, symmetric: false}")
+SUPPORTED_TEXT = ("weights: bits 2..8, symmetric or not, per-channel / per-tensor / per-group (group_size), "
+                  "levels uniform / pow2 / nf4 (bits 4) / kmeans; activations: {bits: 8, granularity: per-tensor, "
+                  "symmetric: false}")
+
+
+def weight_scheme(w: WeightsConfig, bits: int | None = None) -> WeightScheme:
+    """The :class:`WeightScheme` of a weights config (``bits`` overrides, e.g. reduced range)."""
+    return WeightScheme(bits=bits or w.bits, symmetric=w.symmetric, granularity=w.granularity,
+                        group_size=w.group_size, levels=w.levels, clip=w.clip)
 
 
 def _relu_plan(model: nn.Module, convs: list[str]) -> dict[str, tuple[bool, str | None]]:
@@ -154,6 +196,20 @@ def _relu_plan(model: nn.Module, convs: list[str]) -> dict[str, tuple[bool, str 
 
 
 
+@torch.no_grad()
+def _layer_inputs(model: nn.Module, lname: str, data: Any, samples: int, device: Any) -> torch.Tensor:
+    """The inputs of module ``lname`` over the first ``samples`` examples of ``data`` (concatenated)."""
+    store: list[torch.Tensor] = []
+    h = model.get_submodule(lname).register_forward_pre_hook(lambda m, args: store.append(args[0].detach()))
+    try:
+        for batch in take(data, samples):
+            inputs, _ = split(batch)
+            call_model(model, to_device(inputs, device))
+    finally:
+        h.remove()
+    return torch.cat(store)[:max(samples, 1)] if store else torch.zeros(0)
+
+
 def _batch_size(inputs: Any) -> int:
     t = next(iter(inputs.values())) if isinstance(inputs, dict) else (
         inputs[0] if isinstance(inputs, (tuple, list)) else inputs)
@@ -173,12 +229,16 @@ class Quantize(Step):
         self._record: dict[str, Any] = {}
 
     def _check_supported(self) -> None:
-        w, a, where = self.config.weights, self.config.activations, self.where
-        if w.granularity != "per-channel" or not w.symmetric or w.bits not in (7, 8):
-            raise RecipeError(f"{where}.weights",
-                              f"{w.bits}-bit {w.granularity} {'symmetric' if w.symmetric else 'asymmetric'} "
-                              "weights are not supported yet (ONNX Runtime int8 kernels)",
-                              fix=f"supported: {SUPPORTED_TEXT}")
+        a, where = self.config.activations, self.where
+        for key, w in [("weights", self.config.weights)] + [(f"layer_weights.{k}", v)
+                                                            for k, v in self.config.layer_weights.items()]:
+            try:
+                weight_scheme(w)
+            except ValueError as e:
+                raise RecipeError(f"{where}.{key}", str(e), fix=f"supported: {SUPPORTED_TEXT}") from None
+            if w.adaround is not None and w.levels != "uniform":
+                raise RecipeError(f"{where}.{key}.adaround", "AdaRound learns rounding on a uniform grid",
+                                  fix="use levels: uniform with adaround, or drop adaround")
         if a.granularity != "per-tensor" or a.symmetric or a.bits != 8:
             raise RecipeError(f"{where}.activations",
                               f"{a.bits}-bit {a.granularity} {'symmetric' if a.symmetric else 'asymmetric'} "
@@ -205,19 +265,56 @@ class Quantize(Step):
                         "context has neither calib_data nor train_data",
                         fix="pass calib_data=... (a few hundred representative examples)")
 
+    def _prepare_bn(self, model: nn.Module, ctx) -> list[tuple[str, str]]:
+        """Fold BatchNorm into the preceding layers (QAT attaches it instead, see steps/qat.py)."""
+        if not self.config.fold_bn:
+            return []
+        res = fold_batchnorm(model)
+        for bn, why in res.unfolded:
+            ctx.skip(self.registered_name, bn, f"BatchNorm not folded: {why}")
+        return res.folded
+
+    def _schemes(self, layers: list[tuple[str, nn.Module]], ctx) -> dict[str, tuple[WeightScheme, WeightsConfig]]:
+        """Weight scheme per layer (``layer_weights`` overrides), with reduced range and group-size
+        fallbacks decided and logged here."""
+        cfg, name = self.config, self.registered_name
+        unknown = set(cfg.layer_weights) - {n for n, _ in layers}
+        if unknown:
+            raise RecipeError(f"{self.where}.layer_weights", f"{sorted(unknown)} are not quantized layers",
+                              fix=f"use exact module names among {[n for n, _ in layers]}")
+        rr_noted = False
+        out = {}
+        for lname, mod in layers:
+            w = cfg.layer_weights.get(lname, cfg.weights)
+            bits = w.bits
+            sch = weight_scheme(w, bits)
+            if bits == 8 and sch.int8_kernels and w.reduce_range is not False:
+                from ..export.ort import u8s8_may_saturate
+
+                if w.reduce_range is True:
+                    bits = 7
+                elif u8s8_may_saturate():
+                    bits = 7
+                    if not rr_noted:
+                        ctx.fallback(name, "this CPU has no VNNI, where ONNX Runtime's u8s8 kernels saturate with "
+                                     "8-bit weights: using 7-bit weight codes (weights.reduce_range: auto; set "
+                                     "false to keep 8)")
+                        rr_noted = True
+                sch = weight_scheme(w, bits)
+            if sch.group_size is not None and mod.weight[0].numel() % sch.group_size:
+                ctx.fallback(name, f"{lname}: group_size {sch.group_size} does not divide the "
+                             f"{mod.weight[0].numel()} weights per output channel; using per-channel")
+                sch = WeightScheme(bits=sch.bits, symmetric=sch.symmetric, levels=sch.levels, clip=sch.clip)
+            out[lname] = (sch, w)
+        return out
+
     def run(self, model: nn.Module, ctx) -> nn.Module:
         cfg, name = self.config, self.registered_name
         data = self._calib_data(ctx)
         was_training = model.training
         model.eval()
 
-        folded: list[tuple[str, str]] = []
-        if cfg.fold_bn:
-            res = fold_batchnorm(model)
-            folded = res.folded
-            for bn, why in res.unfolded:
-                ctx.skip(name, bn, f"BatchNorm not folded: {why}")
-
+        folded = self._prepare_bn(model, ctx)
         sel = self.select(model, ctx, supported=SUPPORTED)
         layers = []
         for lname, mod in sel.layers:
@@ -228,23 +325,35 @@ class Quantize(Step):
         if not layers:
             raise ModelError(self.where, "no plain Linear/Conv1d/Conv2d left to quantize",
                              fix="target plain nn.Linear / nn.Conv1d / nn.Conv2d modules")
+        equalized: list[dict[str, Any]] = []
+        if cfg.equalize is not None:
+            from ..quant.equalize import equalize
 
-        wbits = cfg.weights.bits
-        if wbits == 8 and cfg.weights.reduce_range is not False:
-            from ..export.ort import u8s8_may_saturate
+            eq = cfg.equalize
+            equalized = equalize(model, [n for n, _ in layers], eq.method, eq.iterations, eq.alpha,
+                                 data=take(data, cfg.calibration.samples), device=ctx.device)
+            if not equalized:
+                ctx.fallback(name, f"equalize ({eq.method}): no layer pair found (a pair is Conv->ReLU->Conv "
+                             "or Linear->ReLU->Linear with groups 1)")
+            elif eq.bias_absorption:
+                from ..quant.equalize import absorb_biases
 
-            if cfg.weights.reduce_range is True:
-                wbits = 7
-            elif u8s8_may_saturate():
-                wbits = 7
-                ctx.fallback(name, "this CPU has no VNNI, where ONNX Runtime's u8s8 kernels saturate with 8-bit "
-                             "weights: using 7-bit weight codes (weights.reduce_range: auto; set false to keep 8)")
+                absorbed = absorb_biases(model, [tuple(e["pair"]) for e in equalized],
+                                         take(data, cfg.calibration.samples), ctx.device)
+                for e in equalized:
+                    hit = next((x for x in absorbed if x["pair"] == e["pair"]), None)
+                    e["bias_absorbed"] = None if hit is None else hit["absorbed_max"]
+        schemes = self._schemes(layers, ctx)
 
         plan = _relu_plan(model, [n for n, m in layers if isinstance(m, _CONVS)])
         observer = OBSERVERS.get(cfg.calibration.method)
+        # AdaRound reconstructs each layer's float output from its input in the QUANTIZED model
+        # (earlier layers already quantized): keep a float copy for the targets.
+        float_ref = copy.deepcopy(model) if any(w.adaround is not None for _, w in schemes.values()) else None
         for lname, mod in layers:
             absorb = plan.get(lname, (False, None))[0]
-            convert_(mod, weight_bits=wbits, act="relu" if absorb else None)
+            sch, wcfg = schemes[lname]
+            convert_(mod, weight_bits=sch.bits, act="relu" if absorb else None, scheme=sch)
             mod.start_calibration(lambda name, obs=observer: obs(axis=None, name=name), lname)
 
         # Calibration: float forward, ranges observed inside each layer.
@@ -265,23 +374,45 @@ class Quantize(Step):
         record_layers: dict[str, dict[str, Any]] = {}
         relu_removed: list[str] = []
         n_corrected = 0
+        adaround_stats: dict[str, Any] = {}
+        done = []
         for lname, mod in layers:
             if mod.calibrated_batches == 0:
                 mod.revert_()
                 ctx.skip(name, lname, "never called during calibration (not in the forward path)")
                 continue
-            if mod.finish_calibration(bias_correction=cfg.bias_correction) is not None:
+            adaround = schemes[lname][1].adaround is not None
+            if mod.finish_calibration(bias_correction=cfg.bias_correction and not adaround) is not None:
                 n_corrected += 1
+            done.append((lname, mod))
+        for lname, mod in done:  # in registration (usually execution) order: later layers see earlier codes
+            c = schemes[lname][1].adaround
+            if c is None:
+                continue
+            x_q = _layer_inputs(model, lname, data, c.samples, ctx.device)
+            x_f = _layer_inputs(float_ref, lname, data, c.samples, ctx.device)
+            with torch.no_grad():
+                target = mod._act(float_ref.get_submodule(lname)(x_f))
+            adaround_stats[lname] = self._adaround(mod, x_q, target, c)
+            if cfg.bias_correction and mod.correct_bias_(adaround_stats[lname].pop("_reference")) is not None:
+                n_corrected += 1
+            adaround_stats[lname].pop("_reference", None)
+        for lname, mod in done:
+            sch, wcfg = schemes[lname]
             relu_name = plan.get(lname, (False, None))[1]
             if relu_name is not None:
                 set_module(model, relu_name, nn.Identity())
                 relu_removed.append(relu_name)
             record_layers[lname] = {"type": mod._float_class.__name__, "act": mod.act,
-                                    "quant_output": mod.quant_output, "weight_bits": mod.weight_bits}
+                                    "quant_output": mod.quant_output, "weight_bits": mod.weight_bits,
+                                    "scheme": sch.to_dict()}
             sqnr = mod.weight_sqnr_db()
+            extra = {"adaround": adaround_stats[lname]} if lname in adaround_stats else {}
             ctx.report.layer(lname, bits=mod.weight_bits, act_bits=8,
-                             scheme=f"w{mod.weight_bits} per-channel sym / a8 per-tensor asym",
-                             weight_sqnr_db=round(sqnr, 2) if sqnr == sqnr and abs(sqnr) != float("inf") else None)
+                             scheme=f"{sch.describe()} / a8 per-tensor asym",
+                             ort_kernels="int8" if sch.int8_kernels else "float (weights pre-quantized)",
+                             weight_sqnr_db=round(sqnr, 2) if sqnr == sqnr and abs(sqnr) != float("inf") else None,
+                             **extra)
         if not record_layers:
             raise DataError(f"{self.where}.calibration", "no quantized layer saw calibration data",
                             fix="check that calib_data batches match the model's inputs")
@@ -291,12 +422,45 @@ class Quantize(Step):
                             f"(calibration.samples asks for {cfg.calibration.samples})")
         self._record = {"folded": [list(p) for p in folded], "relu_removed": relu_removed,
                         "layers": record_layers}
-        ctx.report.step(calibration_samples=n_samples, calibration_batches=n_batches,
-                        quantized_layers=len(record_layers), bn_folded=len(folded), bias_corrected=n_corrected,
-                        relu_fused=sum(v["act"] == "relu" for v in record_layers.values()),
-                        weight_bits=wbits, scheme=f"w{wbits} per-channel sym, a8 per-tensor asym, int32 bias")
+        bits_used = sorted({v["weight_bits"] for v in record_layers.values()})
+        figures: dict[str, Any] = dict(
+            calibration_samples=n_samples, calibration_batches=n_batches, quantized_layers=len(record_layers),
+            bn_folded=len(folded), bias_corrected=n_corrected,
+            relu_fused=sum(v["act"] == "relu" for v in record_layers.values()),
+            weight_bits=bits_used[0] if len(bits_used) == 1 else bits_used,
+            scheme=f"{weight_scheme(cfg.weights, bits_used[-1]).describe()}, a8 per-tensor asym"
+                   + (", int32 bias" if weight_scheme(cfg.weights).int8_kernels else ""))
+        if equalized:
+            figures["equalized_pairs"] = equalized
+        if adaround_stats:
+            figures["adaround_layers"] = sum(v["learned"] for v in adaround_stats.values())
+        ctx.report.step(**figures)
         model.train(was_training)
         return model
+
+    @staticmethod
+    def _adaround(mod, x: torch.Tensor, target: torch.Tensor, c: AdaRoundConfig) -> dict[str, Any]:
+        """Learn the rounding of one calibrated layer: its inputs ``x`` in the quantized model, the
+        float layer's outputs ``target``. The layer keeps the learned codes (weight on the grid,
+        scales frozen). Returns figures (+ the float weight, for bias correction)."""
+        from ..ops.adaround import adaround
+        from ..ops.quant import fake_quantize
+        from ..quant.modules import ACT_QMAX, ACT_QMIN
+
+        ref_w = mod.masked_weight().detach().clone()
+        bias = None if mod.bias is None else mod.bias.detach()
+        xq = fake_quantize(x, mod.input_scale_, mod.input_zero_point_, ACT_QMIN, ACT_QMAX)
+        shape = ref_w.shape
+
+        def fn(w_rows, xb):
+            return mod._act(mod._layer(xb, w_rows.reshape(shape), bias))
+
+        qmin, qmax = mod.weight_qrange
+        res = adaround(mod.weight_rows(ref_w), mod.weight_scale_, mod._weight_zp(), qmin, qmax, fn, xq, target,
+                       iters=c.iters, batch=c.batch, lam=c.lam, lr=c.lr)
+        mod.set_weight_codes_(res.codes)
+        return {"learned": res.learned, "flipped": round(res.flipped, 4), "mse": res.error,
+                "mse_nearest": res.nearest_error, "_reference": ref_w}
 
     def record(self) -> dict[str, Any]:
         return self._record
@@ -310,7 +474,8 @@ class Quantize(Step):
                 raise ModelError(f"quantize record: {lname}",
                                  f"expected a {info['type']}, found {type(mod).__name__}",
                                  fix="load the artifact with the same model class it was made from")
-            convert_(mod, weight_bits=int(info["weight_bits"]), act=info["act"], quant_output=info["quant_output"])
+            sch = WeightScheme.from_dict(info.get("scheme"), bits=int(info["weight_bits"]))
+            convert_(mod, weight_bits=sch.bits, act=info["act"], quant_output=info["quant_output"], scheme=sch)
         for relu_name in record.get("relu_removed", []):
             set_module(model, relu_name, nn.Identity())
         return model

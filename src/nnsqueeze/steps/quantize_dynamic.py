@@ -1,7 +1,7 @@
 """``quantize-dynamic`` step: int8 weights, activations quantized at run time, for Linear layers.
 
-No calibration data: each activation tensor gets its own uint8 range when the model runs
-(``DynamicQuantizeLinear``), so the step needs nothing but the model. Weights are quantized per
+Each activation tensor gets its own uint8 range when the model runs (``DynamicQuantizeLinear``),
+so without ``smooth`` the step needs nothing but the model. Weights are quantized per
 output channel. Exported, ONNX Runtime fuses each layer into ``DynamicQuantizeMatMul``; the torch
 model computes exactly what ORT computes (see :mod:`nnsqueeze.quant.dynamic`). Recipe::
 
@@ -9,7 +9,17 @@ model computes exactly what ORT computes (see :mod:`nnsqueeze.quant.dynamic`). R
       - quantize-dynamic:
           weights: {bits: 8, symmetric: true}    # int8 codes; reduce_range: auto -> 7 bits without VNNI
           embeddings: true                       # nn.Embedding tables as int8 rows
+          smooth: {alpha: auto, samples: 128}    # optional: needs calib_data (see below)
           ignore: ["re:.*pooler.*"]
+
+``smooth`` migrates activation outlier channels into the weights inside each layer
+(:mod:`nnsqueeze.quant.dynamic`): ``s_j = max|x_j|^alpha / max|W_:,j|^(1-alpha)`` from the
+calibration inputs (Linears that read the same tensor, e.g. q/k/v, share one ``s``). ``alpha:
+auto`` picks one alpha for the model from ``ALPHA_GRID`` and no smoothing, by the error of the
+model's outputs on the calibration batches (layers simulated in float32 fake quantization).
+Costs one elementwise multiply per group at run time.
+``float_layers: N`` keeps in float the N Linears whose quantization alone moves the model's
+calibration outputs the most (measured one layer at a time, same simulation).
 
 ``weights.symmetric: true`` (default) uses int8 codes (zero point 0), where ``reduce_range: auto``
 drops to 7-bit codes on x86 CPUs without VNNI, like the ``quantize`` step (ORT's u8s8 kernels
@@ -31,14 +41,20 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
-from torch import nn
+import torch
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+from torch import Tensor, nn
 
-from ..errors import ModelError
-from ..quant.dynamic import convert_dynamic_
+from ..data import call_model, split, take
+from ..export.onnx import _flatten_outputs
+from ..errors import DataError, ModelError
+from ..llm.smoothquant import AbsMaxAccumulator, smooth_scales
+from ..quant.dynamic import convert_dynamic_, dynamic_fake_linear
 from ..quant.embedding import convert_embeddings, rebuild_embeddings
 from ..registry import STEPS
 from .base import Step, StepConfig, recorded_module
+
+ALPHA_GRID = (0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
 
 
 class DynamicWeightsConfig(BaseModel):
@@ -52,9 +68,28 @@ class DynamicWeightsConfig(BaseModel):
         "(x86 without VNNI); 'auto' decides on the machine running the step")
 
 
+class SmoothConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    alpha: float | Literal["auto"] = Field("auto", description="migration strength in [0, 1], or 'auto': the "
+                                           f"best of {list(ALPHA_GRID)} and no smoothing by the model's output "
+                                           "error on the calibration batches")
+    samples: int = Field(128, ge=1, description="calibration samples (from calib_data)")
+
+    @field_validator("alpha")
+    @classmethod
+    def _alpha(cls, v):
+        if v != "auto" and not 0.0 <= float(v) <= 1.0:
+            raise ValueError("alpha must be in [0, 1] or 'auto'")
+        return v
+
+
 class QuantizeDynamicConfig(StepConfig):
     weights: DynamicWeightsConfig = Field(default_factory=DynamicWeightsConfig)
     embeddings: bool = Field(False, description="also store nn.Embedding tables as per-row int8 (weight-only)")
+    smooth: SmoothConfig | None = Field(None, description="per-layer outlier smoothing calibrated on calib_data "
+                                        "(null: off, no data needed)")
+    float_layers: int = Field(0, ge=0, description="keep this many Linears in float: those whose quantization "
+                              "alone (with its smoothing) moves the model's outputs on calib_data the most")
 
 
 @STEPS.register("quantize-dynamic")
@@ -88,24 +123,141 @@ class QuantizeDynamic(Step):
         sel = self.select(model, ctx, supported=(nn.Linear,))
         bits = self._bits(ctx)
         layers: dict[str, dict[str, Any]] = {}
+        plain = []
         for lname, mod in sel.layers:
             if type(mod) is not nn.Linear:
                 ctx.skip(name, lname, f"{type(mod).__name__} is not a plain nn.Linear")
                 continue
-            convert_dynamic_(mod, bits=bits, signed=signed)
-            layers[lname] = {"bits": bits, "signed": signed}
+            plain.append((lname, mod))
+        smooth = self._smooth(model, ctx, plain, bits, signed) if self.config.smooth is not None and plain else {}
+        if self.config.float_layers and plain:
+            keep = self._most_sensitive(model, ctx, plain, smooth, bits, signed)
+            plain = [(n, m) for n, m in plain if n not in keep]
+        for lname, mod in plain:
+            s, alpha = smooth.get(lname, (None, None))
+            convert_dynamic_(mod, bits=bits, signed=signed, smooth=s)
+            layers[lname] = {"bits": bits, "signed": signed, "smoothed": s is not None}
             sqnr = mod.weight_sqnr_db()
             kind = f"w{bits} per-channel {'sym' if signed else 'asym'}"
+            extra = {} if self.config.smooth is None else {"smooth_alpha": alpha}
             ctx.report.layer(lname, bits=bits, act_bits=8, scheme=f"{kind} / a8 dynamic per-tensor asym",
-                             weight_sqnr_db=round(sqnr, 2) if abs(sqnr) != float("inf") and sqnr == sqnr else None)
+                             weight_sqnr_db=round(sqnr, 2) if abs(sqnr) != float("inf") and sqnr == sqnr else None,
+                             **extra)
         if not layers:
             raise ModelError(self.where, "no plain nn.Linear left to quantize", fix="target plain nn.Linear modules")
         embs = convert_embeddings(model, self.config.ignore, f"{self.where}.ignore", ctx, name) \
             if self.config.embeddings else []
         self._record = {"layers": layers, "embeddings": embs}
         ctx.report.step(quantized_layers=len(layers), weight_bits=bits,
-                        scheme=f"w{bits} per-channel {'sym' if signed else 'asym'}, a8 dynamic")
+                        scheme=f"w{bits} per-channel {'sym' if signed else 'asym'}, a8 dynamic",
+                        smoothed_layers=sum(v["smoothed"] for v in layers.values()))
         return model
+
+    @torch.no_grad()
+    def _smooth(self, model: nn.Module, ctx, plain: list, bits: int, signed: bool) -> dict[str, tuple]:
+        """Per layer ``(s (K,) float64 or None, alpha or None)`` from the calibration inputs."""
+        cfg = self.config.smooth
+        if ctx is None or ctx.calib_data is None:
+            raise DataError(f"{self.where}.smooth", "smoothing is calibrated on data but no calib_data was given",
+                            fix="pass calib_data=... or remove 'smooth' from the step")
+        batches = take(ctx.calib_data, cfg.samples)
+        accs = {n: AbsMaxAccumulator(m.in_features) for n, m in plain}
+        first: dict[str, Any] = {}
+
+        def collect(n):
+            def hook(mod, inp):
+                first.setdefault(n, inp[0])
+                accs[n].add(inp[0])
+            return hook
+
+        was_training = model.training
+        model.eval()
+        try:
+            return self._smooth_scales(model, ctx, plain, bits, signed, batches, accs, first, collect)
+        finally:
+            model.train(was_training)
+
+    def _smooth_scales(self, model, ctx, plain, bits, signed, batches, accs, first, collect) -> dict[str, tuple]:
+        cfg = self.config.smooth
+        self._forward(model, batches, {n: (m, collect(n)) for n, m in plain})
+        # Layers whose first-batch input is the very same tensor (q/k/v) share one s.
+        groups: list[list[str]] = []
+        for n, _ in plain:
+            g = next((g for g in groups if first.get(g[0]) is first.get(n) and n in first), None)
+            groups.append([n]) if g is None else g.append(n)
+        mods = dict(plain)
+        grid = (None, *ALPHA_GRID) if cfg.alpha == "auto" else (float(cfg.alpha),)
+        scales: dict[Any, dict[str, Tensor]] = {a: {} for a in grid}
+        for g in groups:
+            if g[0] not in first:
+                for n in g:
+                    ctx.skip(self.registered_name, n, "smoothing: the layer saw no calibration input; not smoothed")
+                continue
+            for a in grid:
+                s = None if a is None else smooth_scales(accs[g[0]].absmax, [mods[n].weight for n in g], a)
+                scales[a].update({n: s for n in g})
+        alpha = grid[0]
+        if cfg.alpha == "auto":  # one alpha for the model: the smallest output error on the calibration data
+            errs = {a: self._output_error(model, batches, {n: (mods[n], scales[a][n]) for n in scales[a]},
+                                          bits, signed) for a in grid}
+            alpha = min(grid, key=lambda a: errs[a])
+            ctx.report.step(smooth_alpha_errors={str(a): float(f"{e:.4g}") for a, e in errs.items()})
+        return {n: (s, alpha) for n, s in scales[alpha].items()}
+
+    @torch.no_grad()
+    def _most_sensitive(self, model, ctx, plain, smooth, bits, signed) -> dict[str, float]:
+        """The ``float_layers`` layers whose quantization alone gives the largest calibration output error."""
+        if ctx is None or ctx.calib_data is None:
+            raise DataError(f"{self.where}.float_layers", "choosing the layers kept in float needs calib_data",
+                            fix="pass calib_data=... or set float_layers: 0")
+        batches = take(ctx.calib_data, self.config.smooth.samples if self.config.smooth else 128)
+        was = model.training
+        model.eval()
+        try:
+            refs = [[t.float() for t in _flatten_outputs(call_model(model, split(b)[0])) if t.is_floating_point()]
+                    for b in batches]
+            errs = {n: self._output_error(model, batches, {n: (m, smooth.get(n, (None,))[0])}, bits, signed, refs)
+                    for n, m in plain}
+        finally:
+            model.train(was)
+        ranked = sorted(errs, key=errs.get, reverse=True)[:self.config.float_layers]
+        for rank, n in enumerate(ranked, 1):
+            ctx.skip(self.registered_name, n, f"kept in float (float_layers): quantizing it alone gives calibration "
+                     f"output error {errs[n]:.4g}, rank {rank} of {len(errs)}")
+        ctx.report.step(float_layers={n: float(f"{errs[n]:.4g}") for n in ranked})
+        return {n: errs[n] for n in ranked}
+
+    @torch.no_grad()
+    def _output_error(self, model, batches, layers, bits, signed, refs=None) -> float:
+        """Relative squared error of the model's outputs with ``layers`` (name -> (module, s))
+        fake-quantized, against the float model, summed over the calibration batches."""
+        def swap(s):
+            return lambda mod, inp, out: dynamic_fake_linear(inp[0], mod.weight, mod.bias, s, bits, signed)
+
+        err = 0.0
+        for bi, b in enumerate(batches):
+            x = split(b)[0]
+            ref = refs[bi] if refs is not None else \
+                [t.float() for t in _flatten_outputs(call_model(model, x)) if t.is_floating_point()]
+            handles = [m.register_forward_hook(swap(s)) for m, s in layers.values()]
+            try:
+                got = [t.float() for t in _flatten_outputs(call_model(model, x)) if t.is_floating_point()]
+            finally:
+                for h in handles:
+                    h.remove()
+            err += sum(float((g - r).double().pow(2).sum() / r.double().pow(2).sum().clamp(min=1e-30))
+                       for g, r in zip(got, ref))
+        return err / max(len(batches), 1)
+
+    @staticmethod
+    def _forward(model: nn.Module, batches: list, hooks: dict[str, tuple]) -> None:
+        handles = [m.register_forward_pre_hook(h) for m, h in hooks.values()]
+        try:
+            for b in batches:
+                call_model(model, split(b)[0])
+        finally:
+            for h in handles:
+                h.remove()
 
     def record(self) -> dict[str, Any]:
         return self._record
@@ -114,6 +266,8 @@ class QuantizeDynamic(Step):
     def rebuild(cls, model: nn.Module, config: QuantizeDynamicConfig, record: dict[str, Any]) -> nn.Module:
         for lname, info in record.get("layers", {}).items():
             mod = recorded_module(model, lname, (nn.Linear,), "quantize-dynamic record")
-            convert_dynamic_(mod, bits=int(info["bits"]), signed=bool(info["signed"]))
+            # A smoothed layer gets placeholder scales here; the weights file restores W*s and 1/s.
+            s = torch.ones(mod.in_features) if info.get("smoothed") else None
+            convert_dynamic_(mod, bits=int(info["bits"]), signed=bool(info["signed"]), smooth=s)
         rebuild_embeddings(model, record.get("embeddings", []))
         return model

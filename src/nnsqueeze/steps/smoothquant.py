@@ -57,7 +57,6 @@ class SmoothQuant(LLMStep):
     Config = SmoothQuantConfig
 
     def run(self, model, ctx):
-        c = self.config
         layers = self.block_layers(model, ctx)
         self.layers_: list[str] = []
         stats: dict[str, _FirstInput] = {}

@@ -39,13 +39,15 @@ def lowest(scores: Tensor, keep: int) -> Tensor:
     return torch.sort(order[: n - keep]).values
 
 
-def layer_plan(scores: list[Tensor], ratios: list[float], round_to: int = 1, min_channels: int = 1) -> list[Tensor]:
-    """Pruned channel indices per group, each group at its own ratio."""
-    return [lowest(s, keep_count(s.numel(), r, round_to, min_channels)) for s, r in zip(scores, ratios)]
+def layer_plan(scores: list[Tensor], ratios: list[float], round_to: int | list[int] = 1,
+               min_channels: int = 1) -> list[Tensor]:
+    """Pruned channel indices per group, each group at its own ratio (``round_to``: one, or one per group)."""
+    rounds = round_to if isinstance(round_to, list) else [round_to] * len(scores)
+    return [lowest(s, keep_count(s.numel(), r, k, min_channels)) for s, r, k in zip(scores, ratios, rounds)]
 
 
 def global_plan(scores: list[Tensor], ratio: float, fixed: list[float | None], max_ratio: float = 0.9,
-                round_to: int = 1, min_channels: int = 1) -> list[Tensor]:
+                round_to: int | list[int] = 1, min_channels: int = 1) -> list[Tensor]:
     """Pruned indices per group from one ranking of ``ratio`` of the free groups' channels."""
     scores = [s.detach().double().cpu() for s in scores]
     free = [i for i, f in enumerate(fixed) if f is None]

@@ -24,11 +24,12 @@ from ..data import call_model, logits, split
 from ..errors import DataError
 from .graph import Group
 from .importance import Part
+from .macs import eval_mode
 from .pruners import channel_slices
 
 
 def _kind(m: nn.Module) -> str:
-    if isinstance(m, nn.modules.batchnorm._BatchNorm):
+    if isinstance(m, (nn.modules.batchnorm._BatchNorm, nn.GroupNorm)):
         return "bn"
     if isinstance(m, nn.Embedding):
         return "embedding"
@@ -92,17 +93,15 @@ def activations(model: nn.Module, names: list[str], data: Iterable, batches: int
 
     hooks = [model.get_submodule(n).register_forward_hook(
         hook(n, isinstance(model.get_submodule(n), nn.modules.conv._ConvNd))) for n in names]
-    was = model.training
-    model.eval()
     used = 0
     try:
-        for batch in data:
-            if used >= batches:
-                break
-            call_model(model, split(batch)[0])
-            used += 1
+        with eval_mode(model):
+            for batch in data:
+                if used >= batches:
+                    break
+                call_model(model, split(batch)[0])
+                used += 1
     finally:
-        model.train(was)
         for h in hooks:
             h.remove()
     if not used:
@@ -111,5 +110,7 @@ def activations(model: nn.Module, names: list[str], data: Iterable, batches: int
 
 
 def activation_parts(group: Group, acts: dict[str, torch.Tensor]) -> list[Part]:
-    return [Part("activation", "out", acts[mb.module][: group.size]) for mb in group.members
-            if mb.role == "out" and mb.module in acts]
+    """Rows ``offset + c*expand + j`` of each producer's outputs, one row per channel ``(n, expand*samples)``."""
+    n = group.size
+    return [Part("activation", "out", acts[mb.module][mb.offset: mb.offset + n * mb.expand].reshape(n, -1))
+            for mb in group.members if mb.role == "out" and mb.module in acts]

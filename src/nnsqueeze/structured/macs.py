@@ -14,12 +14,14 @@ MACs), attention (q/k/v and output projections plus ``QK^T`` and ``AV``). Elemen
 from __future__ import annotations
 
 import math
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import nn
 
+from ..data import call_model
 from .attention import ATTENTION
 
 COUNTED = (nn.modules.conv._ConvNd, nn.Linear, nn.Embedding) + ATTENTION
@@ -40,6 +42,19 @@ def _batch(x: Any) -> int:
     if isinstance(x, dict) and x:
         return _batch(next(iter(x.values())))
     return 1
+
+
+@contextmanager
+def eval_mode(model: nn.Module):
+    """Eval mode inside; afterwards every submodule gets back its own mode (a wrapper in train mode
+    around an encoder in eval mode stays so: ``model.train(was)`` would switch dropout on inside)."""
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        yield model
+    finally:
+        for m, t in modes:
+            m.training = t
 
 
 @torch.no_grad()
@@ -79,13 +94,10 @@ def count(model: nn.Module, example_inputs: Any) -> Counts:
             skip.update(id(x) for x in mod.modules() if x is not mod)
         if isinstance(mod, COUNTED):
             hooks.append(mod.register_forward_hook(hook(name)))
-    was = model.training
-    model.eval()
     try:
-        args = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
-        model(*args)
+        with eval_mode(model):
+            call_model(model, example_inputs)
     finally:
-        model.train(was)
         for h in hooks:
             h.remove()
     return c

@@ -23,7 +23,8 @@ from ..errors import ModelError
 
 Tensor = torch.Tensor
 
-SHRINKABLE = (nn.modules.conv._ConvNd, nn.Linear, nn.modules.batchnorm._BatchNorm, nn.Embedding)
+SHRINKABLE = (nn.modules.conv._ConvNd, nn.Linear, nn.modules.batchnorm._BatchNorm, nn.GroupNorm, nn.Embedding)
+NORMS = (nn.modules.batchnorm._BatchNorm, nn.GroupNorm)
 
 
 def _slice(module: nn.Module, dim_size: int, dim: int, keep: Tensor, only: set[str] | None = None) -> None:
@@ -52,20 +53,19 @@ def shrink(module: nn.Module, role: str, keep: Tensor) -> None:
         if module.transposed:
             raise ModelError(type(module).__name__, "transposed convolutions are not shrunk",
                              fix="ignore this layer")
+        g = module.groups
+        depthwise = g > 1 and g == module.in_channels == module.out_channels
         if role == "out":
-            depthwise = module.groups > 1 and module.groups == module.in_channels == module.out_channels
-            if module.groups > 1 and not depthwise:
-                raise ModelError(type(module).__name__, f"grouped conv (groups={module.groups})", fix="ignore it")
-            n = module.out_channels
-            _slice(module, n, 0, keep)
+            if len(keep) % g and not depthwise:
+                raise ModelError(type(module).__name__, f"{len(keep)} output channels do not split into "
+                                 f"groups={g}", fix="prune the same number of channels from every group")
+            _slice(module, module.out_channels, 0, keep)
             module.out_channels = len(keep)
             if depthwise:
                 module.in_channels = module.groups = len(keep)
-        else:
-            if module.groups != 1:
-                raise ModelError(type(module).__name__, "input pruning of a grouped conv", fix="ignore it")
-            _slice(module, module.in_channels, 1, keep, _weight_names(module))
-            module.in_channels = len(keep)
+        else:  # grouped: ``keep`` indexes the weight's C_in/groups input columns, shared by every group
+            _slice(module, module.in_channels // g, 1, keep, _weight_names(module))
+            module.in_channels = len(keep) * g
     elif isinstance(module, nn.Linear):
         if role == "out":
             _slice(module, module.out_features, 0, keep)
@@ -76,6 +76,13 @@ def shrink(module: nn.Module, role: str, keep: Tensor) -> None:
     elif isinstance(module, nn.modules.batchnorm._BatchNorm):
         _slice(module, module.num_features, 0, keep)
         module.num_features = len(keep)
+    elif isinstance(module, nn.GroupNorm):  # whole norm groups go (the graph keeps them together)
+        size = module.num_channels // module.num_groups
+        if len(keep) % size:
+            raise ModelError(type(module).__name__, f"{len(keep)} channels are not whole groups of {size}",
+                             fix="remove whole GroupNorm groups")
+        _slice(module, module.num_channels, 0, keep)
+        module.num_channels, module.num_groups = len(keep), len(keep) // size
     elif isinstance(module, nn.Embedding):
         _slice(module, module.embedding_dim, 1, keep, _weight_names(module))
         module.embedding_dim = len(keep)
@@ -87,7 +94,9 @@ def shrink(module: nn.Module, role: str, keep: Tensor) -> None:
 def dim_size(module: nn.Module, role: str) -> int:
     """Current size of ``module``'s ``out``/``in`` dimension."""
     if isinstance(module, nn.modules.conv._ConvNd):
-        return module.out_channels if role == "out" else module.in_channels
+        return module.out_channels if role == "out" else module.in_channels // module.groups
+    if isinstance(module, nn.GroupNorm):
+        return module.num_channels
     if isinstance(module, nn.Linear):
         return module.out_features if role == "out" else module.in_features
     if isinstance(module, nn.modules.batchnorm._BatchNorm):
@@ -106,7 +115,7 @@ def channel_slices(module: nn.Module, role: str, offset: int, expand: int, n: in
     Used by the importance criteria.
     """
     idx = torch.arange(offset, offset + n * expand, device=module.weight.device)
-    if isinstance(module, nn.modules.batchnorm._BatchNorm):
+    if isinstance(module, NORMS):
         return [fn(t)[idx].reshape(n, -1) for t in (module.weight, module.bias) if t is not None]
     if isinstance(module, nn.Embedding):
         return [fn(module.weight)[:, idx].t().reshape(n, -1)]

@@ -1,0 +1,293 @@
+"""Weight-only matrix-vector kernels that read packed int4 / int8 codes directly (CPU, float32).
+
+Why a kernel of our own: generating one token at a time multiplies every weight matrix by a single
+activation row, which is bound by memory traffic, so reading 0.5 byte per weight instead of 4 can
+only be faster if nothing unpacks the codes to a float matrix first. torch 2.13 ships
+``aten._weight_int4pack_mm_for_cpu`` and ``aten._weight_int8pack_mm``, but on the CPUs measured in
+``bench/llm_generate.py`` they run 10-25x slower than the float32 matmul at batch 1 (see
+BENCHMARKS.md), and they restrict shapes (N a multiple of 16, K a multiple of the group, groups
+32..256, int8 per-row only).
+
+The kernel below is ~130 lines of C (AVX-512 or AVX2/FMA intrinsics where the compiler targets
+them, plain loops elsewhere), compiled once with the system C compiler (``cc -O3 -march=native``,
+OpenMP over output rows) into ``$NNSQUEEZE_CACHE/kernels/`` (default
+``~/.cache/nnsqueeze``), keyed by the source, the flags and the CPU's feature flags, and called
+through ``ctypes`` (which releases the GIL). :func:`load_kernel` returns ``None`` with a reason
+when no compiler is available; callers then fall back (logged, never silently) to dequantizing.
+
+Math, for activation rows ``x`` (M, K) and codes ``q`` (N, K) with group scales ``s`` and zero
+points ``z`` (N, G), ``y = x @ ((q - z) * s).T + b`` is computed as
+``y[m, n] = sum_g s[n, g] * (sum_{k in g} x[m, k] q[n, k] - z[n, g] * sum_{k in g} x[m, k]) + b[n]``
+(group sums of ``x`` computed once per call). int4 codes are read in the artifact's layout: byte
+``i`` of a row holds element ``2i`` (low nibble) and ``2i+1`` (high nibble); the caller passes the
+even and odd elements of ``x`` as two contiguous arrays so that the inner loop vectorizes::
+
+    >>> import torch
+    >>> from nnsqueeze.llm.gemv import load_kernel
+    >>> k, why = load_kernel()
+    >>> k is not None or isinstance(why, str)
+    True
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import threading
+from pathlib import Path
+
+import torch
+
+SOURCE = r"""
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#if defined(__AVX512F__) && defined(__AVX512BW__)
+#include <immintrin.h>
+#define NSQ_SIMD 1
+typedef __m512 vacc;
+static inline vacc vzero(void) { return _mm512_setzero_ps(); }
+/* acc += 32 int4 codes (16 bytes) times their inputs: low nibbles meet e[0..16), high ones o[0..16). */
+static inline void dot_int4_16(const uint8_t* w, const float* e, const float* o, vacc acc[2]) {
+  const __m128i m15 = _mm_set1_epi8(15);
+  __m128i b = _mm_loadu_si128((const __m128i*)w);
+  __m128i l = _mm_and_si128(b, m15), h = _mm_and_si128(_mm_srli_epi16(b, 4), m15);
+  acc[0] = _mm512_fmadd_ps(_mm512_loadu_ps(e), _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(l)), acc[0]);
+  acc[1] = _mm512_fmadd_ps(_mm512_loadu_ps(o), _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(h)), acc[1]);
+}
+/* acc += 16 int8 codes times their inputs. */
+static inline void dot_int8_16(const uint8_t* w, const float* e, vacc acc[2]) {
+  __m128i b = _mm_loadu_si128((const __m128i*)w);
+  acc[0] = _mm512_fmadd_ps(_mm512_loadu_ps(e), _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(b)), acc[0]);
+}
+static inline void scale_add(vacc tot[2], const vacc acc[2], float s) {
+  __m512 sv = _mm512_set1_ps(s);
+  tot[0] = _mm512_fmadd_ps(sv, acc[0], tot[0]);
+  tot[1] = _mm512_fmadd_ps(sv, acc[1], tot[1]);
+}
+static inline float hsum(const vacc tot[2]) { return _mm512_reduce_add_ps(_mm512_add_ps(tot[0], tot[1])); }
+#elif defined(__AVX2__) && defined(__FMA__)
+#include <immintrin.h>
+#define NSQ_SIMD 1
+typedef __m256 vacc;
+static inline vacc vzero(void) { return _mm256_setzero_ps(); }
+static inline __m256 cvt8(__m128i b) { return _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(b)); }
+static inline void dot_int4_16(const uint8_t* w, const float* e, const float* o, vacc acc[2]) {
+  const __m128i m15 = _mm_set1_epi8(15);
+  __m128i b = _mm_loadu_si128((const __m128i*)w);
+  __m128i l = _mm_and_si128(b, m15), h = _mm_and_si128(_mm_srli_epi16(b, 4), m15);
+  acc[0] = _mm256_fmadd_ps(_mm256_loadu_ps(e), cvt8(l), acc[0]);
+  acc[1] = _mm256_fmadd_ps(_mm256_loadu_ps(o), cvt8(h), acc[1]);
+  acc[0] = _mm256_fmadd_ps(_mm256_loadu_ps(e + 8), cvt8(_mm_srli_si128(l, 8)), acc[0]);
+  acc[1] = _mm256_fmadd_ps(_mm256_loadu_ps(o + 8), cvt8(_mm_srli_si128(h, 8)), acc[1]);
+}
+static inline void dot_int8_16(const uint8_t* w, const float* e, vacc acc[2]) {
+  __m128i b = _mm_loadu_si128((const __m128i*)w);
+  acc[0] = _mm256_fmadd_ps(_mm256_loadu_ps(e), cvt8(b), acc[0]);
+  acc[1] = _mm256_fmadd_ps(_mm256_loadu_ps(e + 8), cvt8(_mm_srli_si128(b, 8)), acc[1]);
+}
+static inline void scale_add(vacc tot[2], const vacc acc[2], float s) {
+  __m256 sv = _mm256_set1_ps(s);
+  tot[0] = _mm256_fmadd_ps(sv, acc[0], tot[0]);
+  tot[1] = _mm256_fmadd_ps(sv, acc[1], tot[1]);
+}
+static inline float hsum(const vacc tot[2]) {
+  __m256 t = _mm256_add_ps(tot[0], tot[1]);
+  __m128 u = _mm_add_ps(_mm256_castps256_ps128(t), _mm256_extractf128_ps(t, 1));
+  u = _mm_add_ps(u, _mm_movehl_ps(u, u));
+  u = _mm_add_ss(u, _mm_shuffle_ps(u, u, 1));
+  return _mm_cvtss_f32(u);
+}
+#else
+#define NSQ_SIMD 0
+#endif
+
+/* y (M, N) = x (M, K) @ ((q - z) * s).T + b with groups of g inputs (the last may be shorter).
+   bits 4: q is (N, ceil(K/2)) bytes, element 2i in the low nibble of byte i, 2i+1 in the high one;
+   bits 8: q is (N, K). s (N, G) float, z (N, G) uint8 codes. Returns 1 when out of memory. */
+int nsq_gemv(int bits, int M, int N, int K, int G, int g, const uint8_t* W, const float* S,
+             const uint8_t* Z, const float* x, const float* bias, float* y, int threads) {
+  int KB = bits == 4 ? (K + 1) / 2 : K;          /* bytes per row */
+  int gb = bits == 4 ? (g + 1) / 2 : g;          /* bytes per group (g even, or one group per row) */
+  /* per activation row: the inputs of each byte's low / high code, and the group sums of x */
+  float* lo = malloc(sizeof(float) * (size_t)M * KB);
+  float* hi = bits == 4 ? malloc(sizeof(float) * (size_t)M * KB) : NULL;
+  float* xs = malloc(sizeof(float) * (size_t)M * G);
+  if (!lo || !xs || (bits == 4 && !hi)) { free(lo); free(hi); free(xs); return 1; }
+  for (int m = 0; m < M; m++) {
+    const float* xr = x + (size_t)m * K;
+    float* l = lo + (size_t)m * KB;
+    if (bits == 4) {
+      float* h = hi + (size_t)m * KB;
+      for (int i = 0; i < KB; i++) { l[i] = xr[2 * i]; h[i] = 2 * i + 1 < K ? xr[2 * i + 1] : 0.f; }
+    } else memcpy(l, xr, sizeof(float) * K);
+    for (int gi = 0; gi < G; gi++) {
+      float t = 0.f; int a = gi * g, b = a + g < K ? a + g : K;
+      for (int k = a; k < b; k++) t += xr[k];
+      xs[(size_t)m * G + gi] = t;
+    }
+  }
+  #pragma omp parallel for num_threads(threads) schedule(static) if(threads > 1)
+  for (int n = 0; n < N; n++) {
+    const uint8_t* w = W + (size_t)n * KB;
+    const float* sr = S + (size_t)n * G;
+    const uint8_t* zr = Z + (size_t)n * G;
+    for (int m = 0; m < M; m++) {
+      const float* e = lo + (size_t)m * KB;
+      const float* o = bits == 4 ? hi + (size_t)m * KB : NULL;
+      /* SIMD lanes hold s * partial dot products, summed across lanes once per output; the
+         zero-point term and any tail shorter than 16 bytes go through the scalar `rest`. */
+      float rest = 0.f;
+#if NSQ_SIMD
+      vacc tot[2] = {vzero(), vzero()};
+#endif
+      for (int gi = 0; gi < G; gi++) {
+        int a = gi * gb, b = a + gb < KB ? a + gb : KB, i = a;
+        float tail = 0.f;
+#if NSQ_SIMD
+        if (b - a >= 16) {
+          vacc v[2] = {vzero(), vzero()};
+          if (bits == 4) for (; i + 16 <= b; i += 16) dot_int4_16(w + i, e + i, o + i, v);
+          else for (; i + 16 <= b; i += 16) dot_int8_16(w + i, e + i, v);
+          scale_add(tot, v, sr[gi]);
+        }
+#endif
+        if (bits == 4) for (; i < b; i++) tail += e[i] * (float)(w[i] & 15) + o[i] * (float)(w[i] >> 4);
+        else for (; i < b; i++) tail += e[i] * (float)w[i];
+        rest += sr[gi] * (tail - (float)zr[gi] * xs[(size_t)m * G + gi]);
+      }
+#if NSQ_SIMD
+      rest += hsum(tot);
+#endif
+      float tot_ = rest;
+      y[(size_t)m * N + n] = tot_ + (bias ? bias[n] : 0.f);
+    }
+  }
+  free(lo); free(hi); free(xs);
+  return 0;
+}
+
+/* Dequantize to float (N, K): the batched (prefill) path multiplies this with a float matmul.
+   Same arithmetic as the torch reference ((float)q - (float)z) * s, so the values are identical. */
+void nsq_dequant(int bits, int N, int K, int G, int g, const uint8_t* W, const float* S, const uint8_t* Z,
+                 float* out, int threads) {
+  int KB = bits == 4 ? (K + 1) / 2 : K;
+  #pragma omp parallel for num_threads(threads) schedule(static) if(threads > 1)
+  for (int n = 0; n < N; n++) {
+    const uint8_t* w = W + (size_t)n * KB;
+    float* r = out + (size_t)n * K;
+    for (int gi = 0; gi < G; gi++) {
+      float s = S[(size_t)n * G + gi], z = (float)Z[(size_t)n * G + gi];
+      int a = gi * g, b = a + g < K ? a + g : K;
+      if (bits == 8) { for (int k = a; k < b; k++) r[k] = ((float)w[k] - z) * s; continue; }
+      /* groups start at even k (g even, or a single group), so whole bytes belong to one group */
+      for (int k = a; k + 1 < b; k += 2) {
+        uint8_t v = w[k >> 1];
+        r[k] = ((float)(v & 15) - z) * s;
+        r[k + 1] = ((float)(v >> 4) - z) * s;
+      }
+      if ((b - a) & 1) r[b - 1] = ((float)(w[(b - 1) >> 1] & 15) - z) * s;
+    }
+  }
+}
+"""
+
+# AVX2 + FMA intrinsics where the CPU has them (x86-64 since 2013), a plain C loop elsewhere. No
+# -ffast-math: it would link crtfastmath, which flushes denormals to zero for the whole process.
+FLAGS = ["-O3", "-march=native", "-fopenmp", "-fPIC", "-shared"]
+
+_lock = threading.Lock()
+_cache: dict[str, tuple[object | None, str]] = {}
+
+
+def _cpu_key() -> str:
+    """CPU model and feature flags: a library built with -march=native must not run elsewhere."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+        lines = [ln for ln in text.splitlines() if ln.startswith(("flags", "model name"))][:2]
+        return "\n".join(lines)
+    except OSError:
+        return platform.processor() or platform.machine()
+
+
+def _cache_dir() -> Path:
+    root = os.environ.get("NNSQUEEZE_CACHE") or Path.home() / ".cache" / "nnsqueeze"
+    return Path(root) / "kernels"
+
+
+def _build(cc: str, target: Path) -> None:
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+        src = Path(tmp) / "gemv.c"
+        src.write_text(SOURCE)
+        out = Path(tmp) / target.name
+        proc = subprocess.run([cc, *FLAGS, str(src), "-o", str(out)], capture_output=True, text=True, timeout=120)
+        if proc.returncode != 0:
+            raise RuntimeError(f"{cc} failed: {proc.stderr.strip()[:300]}")
+        os.replace(out, target)  # atomic: concurrent processes never load a half-written library
+
+
+def load_kernel() -> tuple[object | None, str]:
+    """``(library, "")`` or ``(None, reason)``. Built on first use, then reused from the cache.
+
+    ``NNSQUEEZE_PACKED_KERNEL=0`` disables it (the callers' fallback is then used and logged).
+    """
+    if os.environ.get("NNSQUEEZE_PACKED_KERNEL", "1") == "0":
+        return None, "disabled by NNSQUEEZE_PACKED_KERNEL=0"
+    with _lock:
+        if "lib" in _cache:
+            return _cache["lib"]
+        result: tuple[object | None, str]
+        if platform.system() != "Linux" and platform.system() != "Darwin":
+            result = (None, f"no build recipe for {platform.system()}")
+        elif not (cc := os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")):
+            result = (None, "no C compiler found (cc/gcc)")
+        else:
+            key = hashlib.sha256("\n".join([SOURCE, " ".join(FLAGS), cc, _cpu_key()]).encode()).hexdigest()[:16]
+            target = _cache_dir() / f"nsq_gemv_{key}.so"
+            try:
+                if not target.exists():
+                    _build(cc, target)
+                lib = ctypes.CDLL(str(target))
+                i, p = ctypes.c_int, ctypes.c_void_p
+                lib.nsq_gemv.argtypes = [i, i, i, i, i, i, p, p, p, p, p, p, i]
+                lib.nsq_gemv.restype = ctypes.c_int
+                lib.nsq_dequant.argtypes = [i, i, i, i, i, p, p, p, p, i]
+                lib.nsq_dequant.restype = None
+                result = (lib, "")
+            except (OSError, RuntimeError, subprocess.SubprocessError) as e:
+                result = (None, f"could not build the packed kernel: {e}")
+        _cache["lib"] = result
+        return result
+
+
+def _ptr(t: torch.Tensor | None) -> int | None:
+    return None if t is None else t.data_ptr()
+
+
+def gemv(lib, bits: int, x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
+         gsize: int, bias: torch.Tensor | None, threads: int) -> torch.Tensor:
+    """``y = x @ ((q - z) * s).T + bias`` for ``x`` (M, K) float32 contiguous; ``codes`` (N, ceil(K/2))
+    (bits 4) or (N, K) (bits 8) uint8; ``scale`` (N, G) float32; ``zero`` (N, G) uint8 (unpacked);
+    ``gsize`` inputs per group (even, or K: one group per row). All on CPU, contiguous."""
+    m, k = x.shape
+    n = codes.shape[0]
+    y = torch.empty(m, n, dtype=torch.float32)
+    if lib.nsq_gemv(bits, m, n, k, scale.shape[1], gsize, _ptr(codes), _ptr(scale), _ptr(zero), _ptr(x),
+                    _ptr(bias), _ptr(y), threads):
+        raise MemoryError("nsq_gemv: out of memory for the activation scratch buffers")
+    return y
+
+
+def dequantize(lib, bits: int, k: int, codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
+               gsize: int, threads: int) -> torch.Tensor:
+    """float32 (N, K) ``(q - z) * s``: the same values as :func:`nnsqueeze.ops.int4.groupwise_dequantize`."""
+    n = codes.shape[0]
+    out = torch.empty(n, k, dtype=torch.float32)
+    lib.nsq_dequant(bits, n, k, scale.shape[1], gsize, _ptr(codes), _ptr(scale), _ptr(zero), _ptr(out), threads)
+    return out

@@ -1,0 +1,76 @@
+"""Cross-layer scaling between two consecutive layers: cross-layer equalization (CLE) and the
+SmoothQuant migration, as pure tensor math.
+
+For ``y = L2(relu(L1(x)))`` and any positive per-channel ``s`` (one per output channel of L1 =
+input channel of L2), ``relu(z / s) = relu(z) / s``, so dividing L1's output channel ``i`` (weight
+row and bias) by ``s_i`` and multiplying L2's input channel ``i`` by ``s_i`` leaves ``y`` unchanged
+in exact arithmetic. Only the choice of ``s`` differs:
+
+- CLE (Nagel et al. 2019, "Data-free quantization"): ``s_i = sqrt(r1_i / r2_i)`` with ``r1_i`` the
+  range (absmax) of L1's output channel ``i`` and ``r2_i`` that of L2's input channel ``i``; both
+  become ``sqrt(r1_i r2_i)``, which balances per-channel weight ranges (helps per-tensor grids and
+  channels with tiny ranges);
+- SmoothQuant (Xiao et al. 2023): ``s_i = max|a_i|**alpha / max|W2_:,i|**(1-alpha)`` with ``a`` the
+  activation entering L2: outlier activation channels shrink, the weights absorb them
+  (:func:`nnsqueeze.llm.smoothquant.smooth_scales`).
+
+Weights are (C_out, C_in, *k) (conv) or (C_out, C_in) (linear); groups must be 1. ::
+
+    >>> import torch
+    >>> from nnsqueeze.ops.equalize import cle_scales, scale_pair
+    >>> w1, b1, w2 = torch.randn(4, 3), torch.randn(4), torch.randn(5, 4)
+    >>> s = cle_scales(w1, w2)
+    >>> v1, c1, v2 = scale_pair(w1, b1, w2, s)
+    >>> x = torch.randn(7, 3)
+    >>> torch.allclose(torch.relu(x @ v1.T + c1) @ v2.T, torch.relu(x @ w1.T + b1) @ w2.T, atol=1e-5)
+    True
+    >>> torch.allclose(v1.abs().amax(1), v2.abs().amax(0), rtol=1e-5)
+    True
+"""
+
+from __future__ import annotations
+
+import torch
+
+Tensor = torch.Tensor
+
+EPS = 1e-8
+
+
+def out_channel_absmax(w: Tensor) -> Tensor:
+    """``max |w|`` per output channel (dim 0), (C_out,)."""
+    return w.detach().reshape(w.shape[0], -1).abs().amax(1)
+
+
+def in_channel_absmax(w: Tensor) -> Tensor:
+    """``max |w|`` per input channel (dim 1), (C_in,)."""
+    return w.detach().transpose(0, 1).reshape(w.shape[1], -1).abs().amax(1)
+
+
+def cle_scales(w1: Tensor, w2: Tensor) -> Tensor:
+    """CLE scales ``sqrt(r1 / r2)`` (float64); channels where either range is 0 get ``s = 1``."""
+    r1, r2 = out_channel_absmax(w1).double(), in_channel_absmax(w2).double()
+    if r1.shape != r2.shape:
+        raise ValueError(f"L1 has {r1.numel()} output channels but L2 reads {r2.numel()} input channels")
+    ok = (r1 > EPS) & (r2 > EPS)
+    return torch.where(ok, torch.sqrt(r1 / r2.clamp(min=EPS)), torch.ones_like(r1))
+
+
+def smoothquant_scales(act_absmax: Tensor, w2: Tensor, alpha: float = 0.5) -> Tensor:
+    """SmoothQuant scales for L2's input channels (float64), via :mod:`nnsqueeze.llm.smoothquant`."""
+    from ..llm.smoothquant import smooth_scales
+
+    cols = w2.detach().transpose(0, 1).reshape(w2.shape[1], -1).T   # (C_out * k, C_in)
+    return smooth_scales(act_absmax.double(), [cols.double()], alpha=alpha)
+
+
+def scale_pair(w1: Tensor, b1: Tensor | None, w2: Tensor, s: Tensor) -> tuple[Tensor, Tensor | None, Tensor]:
+    """``(w1 / s, b1 / s, w2 * s)`` along L1's output / L2's input channels, computed in float64 and
+    returned in the input dtypes."""
+    s64 = s.detach().double()
+    if (s64 <= 0).any() or not torch.isfinite(s64).all():
+        raise ValueError("scales must be positive and finite")
+    v1 = w1.detach().double() / s64.reshape(-1, *([1] * (w1.dim() - 1)))
+    c1 = None if b1 is None else (b1.detach().double() / s64).to(b1.dtype)
+    v2 = w2.detach().double() * s64.reshape(1, -1, *([1] * (w2.dim() - 2)))
+    return v1.to(w1.dtype), c1, v2.to(w2.dtype)

@@ -1,0 +1,199 @@
+"""Find consecutive layer pairs and rescale them: cross-layer equalization and SmoothQuant for the
+``quantize`` step (the math is :mod:`nnsqueeze.ops.equalize`).
+
+A pair is ``L1 -> (ReLU | Identity | Dropout)* -> L2`` where L1's output feeds only that chain, L2
+is a plain Conv1d/Conv2d/Linear with ``groups == 1`` reading all of L1's channels, and both are
+called once. Recipe (inside ``quantize``)::
+
+    - quantize:
+        equalize: {method: cle, iterations: 2}          # or {method: smoothquant, alpha: 0.5}
+
+Run after BatchNorm folding, before the layers are converted, so the model stays a float model
+computing the same function (up to float rounding).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Iterable
+
+import torch
+from torch import nn
+
+from ..data import call_model, split, to_device
+from ..ops.equalize import cle_scales, in_channel_absmax, scale_pair, smoothquant_scales
+
+LAYERS = (nn.Conv1d, nn.Conv2d, nn.Linear)
+PASS = (nn.ReLU, nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d)
+
+
+def _channels(m: nn.Module, out: bool) -> int:
+    if isinstance(m, nn.Linear):
+        return m.out_features if out else m.in_features
+    return m.out_channels if out else m.in_channels
+
+
+def find_pairs(model: nn.Module, names: Iterable[str]) -> list[tuple[str, str]]:
+    """(L1, L2) pairs among ``names`` (see module doc); empty when the model does not trace."""
+    import torch.fx
+
+    names = set(names)
+    try:
+        gm = torch.fx.symbolic_trace(model)
+    except Exception:
+        return []
+    calls: dict[str, int] = {}
+    for node in gm.graph.nodes:
+        if node.op == "call_module":
+            calls[node.target] = calls.get(node.target, 0) + 1
+    pairs = []
+    for node in gm.graph.nodes:
+        if node.op != "call_module" or node.target not in names or calls[node.target] != 1:
+            continue
+        l1 = gm.get_submodule(node.target)
+        if type(l1) not in LAYERS or getattr(l1, "groups", 1) != 1:
+            continue
+        cur = node
+        while len(cur.users) == 1:
+            nxt = next(iter(cur.users))
+            if (nxt.op == "call_function" and nxt.target in (torch.relu, torch.nn.functional.relu)) or \
+                    (nxt.op == "call_method" and nxt.target == "relu"):
+                cur = nxt
+                continue
+            if nxt.op != "call_module":
+                break
+            mod = gm.get_submodule(nxt.target)
+            if type(mod) in PASS and calls[nxt.target] == 1:
+                cur = nxt
+                continue
+            if nxt.target in names and type(mod) in LAYERS and calls[nxt.target] == 1 and \
+                    getattr(mod, "groups", 1) == 1 and _channels(mod, False) == _channels(l1, True) and \
+                    type(mod) is type(l1):  # a Linear after a conv reads its last axis, not its channels
+                pairs.append((node.target, nxt.target))
+            break
+    return pairs
+
+
+@torch.no_grad()
+def _input_absmax(model: nn.Module, names: list[str], data: Iterable, device: Any) -> dict[str, torch.Tensor]:
+    """Per-input-channel ``max |x|`` entering each named layer over ``data`` (float64)."""
+    stats: dict[str, torch.Tensor] = {}
+    hooks = []
+    for n in names:
+        mod = model.get_submodule(n)
+
+        def hook(m, args, n=n):
+            x = args[0].detach()
+            x = x.reshape(-1, x.shape[-1]) if isinstance(m, nn.Linear) else x.transpose(0, 1).reshape(x.shape[1], -1).T
+            a = x.abs().amax(0).double()
+            stats[n] = a if n not in stats else torch.maximum(stats[n], a)
+        hooks.append(mod.register_forward_pre_hook(hook))
+    try:
+        for batch in data:
+            inputs, _ = split(batch)
+            call_model(model, to_device(inputs, device))
+    finally:
+        for h in hooks:
+            h.remove()
+    return stats
+
+
+@torch.no_grad()
+def equalize(model: nn.Module, names: Iterable[str], method: str = "cle", iterations: int = 1,
+             alpha: float = 0.5, data: Iterable | None = None, device: Any = "cpu") -> list[dict[str, Any]]:
+    """Rescale every pair in place; returns ``[{"pair": [l1, l2], "scale_min", "scale_max"}]``.
+
+    ``method="cle"`` repeats ``iterations`` sweeps (chains like conv-conv-conv converge over sweeps);
+    ``"smoothquant"`` needs ``data`` (calibration batches) for the activation maxima.
+    """
+    pairs = find_pairs(model, names)
+    out: list[dict[str, Any]] = []
+    if not pairs:
+        return out
+    act = _input_absmax(model, [b for _, b in pairs], data or [], device) if method == "smoothquant" else {}
+    lo: dict[tuple[str, str], float] = {}
+    hi: dict[tuple[str, str], float] = {}
+    for _ in range(iterations if method == "cle" else 1):
+        for a, b in pairs:
+            l1, l2 = model.get_submodule(a), model.get_submodule(b)
+            if method == "cle":
+                s = cle_scales(l1.weight, l2.weight)
+            else:
+                if b not in act:
+                    continue
+                s = smoothquant_scales(act[b], l2.weight, alpha)
+            w1, b1, w2 = scale_pair(l1.weight, l1.bias, l2.weight, s)
+            l1.weight.copy_(w1)
+            if b1 is not None:
+                l1.bias.copy_(b1)
+            l2.weight.copy_(w2)
+            lo[(a, b)] = min(lo.get((a, b), float("inf")), float(s.min()))
+            hi[(a, b)] = max(hi.get((a, b), 0.0), float(s.max()))
+    for p in lo:
+        out.append({"pair": list(p), "scale_min": round(lo[p], 6), "scale_max": round(hi[p], 6)})
+    return out
+
+
+def _has_padding(m: nn.Module) -> bool:
+    if isinstance(m, nn.Linear):
+        return False
+    pad = m.padding
+    return pad == "same" or (not isinstance(pad, str) and any(p != 0 for p in pad))
+
+
+@torch.no_grad()
+def absorb_biases(model: nn.Module, pairs: list[tuple[str, str]], data: Iterable, device: Any = "cpu",
+                  k: float = 3.0) -> list[dict[str, Any]]:
+    """High-bias absorption (Nagel et al. 2019, sec. 4.2), in place, after equalization.
+
+    For a pair ``L1 -> ReLU -> L2`` whose L1 pre-activation channel ``i`` has mean ``m_i`` and
+    standard deviation ``s_i`` on the calibration data, ``c_i = max(0, m_i - k s_i)`` is moved out of
+    L1's bias into L2's: ``b1 -= c`` and ``b2 += W2 @ c`` (summed over kernel taps). Wherever
+    ``z_i >= c_i`` (all but the far lower tail when ``k = 3``), ``relu(z - c) + c = relu(z)``, so the
+    output is unchanged while L1's output range (what gets quantized) loses ``c``. Pairs whose L2
+    pads its input (padding would see ``-c``) or whose L1 has no bias are skipped.
+    """
+    todo = [(a, b) for a, b in pairs if model.get_submodule(a).bias is not None and
+            not _has_padding(model.get_submodule(b))]
+    if not todo:
+        return []
+    sums: dict[str, list] = {}
+    hooks = []
+    for a, _ in todo:
+        def hook(m, args, out, a=a):
+            z = out.detach().double()
+            z = z.reshape(-1, z.shape[-1]) if isinstance(m, nn.Linear) else z.transpose(0, 1).reshape(z.shape[1], -1).T
+            acc = sums.setdefault(a, [0.0, 0.0, 0])
+            acc[0] = acc[0] + z.sum(0)
+            acc[1] = acc[1] + (z * z).sum(0)
+            acc[2] += z.shape[0]
+        hooks.append(model.get_submodule(a).register_forward_hook(hook))
+    try:
+        for batch in data:
+            inputs, _ = split(batch)
+            call_model(model, to_device(inputs, device))
+    finally:
+        for h in hooks:
+            h.remove()
+    out = []
+    for a, b in todo:
+        if a not in sums:
+            continue
+        s1, s2, n = sums[a]
+        mean = s1 / n
+        std = (s2 / n - mean * mean).clamp(min=0).sqrt()
+        c = (mean - k * std).clamp(min=0)
+        if not bool((c > 0).any()):
+            continue
+        l1, l2 = model.get_submodule(a), model.get_submodule(b)
+        l1.bias.sub_(c.to(l1.bias.dtype))
+        w2 = l2.weight.detach().double()
+        shift = w2.reshape(w2.shape[0], w2.shape[1], -1).sum(-1) @ c          # (C_out2,)
+        if l2.bias is None:
+            l2.bias = nn.Parameter(shift.to(l2.weight.dtype))
+        else:
+            l2.bias.add_(shift.to(l2.bias.dtype))
+        out.append({"pair": [a, b], "absorbed_max": round(float(c.max()), 6), "channels": int((c > 0).sum())})
+    return out
+
+
+__all__ = ["find_pairs", "equalize", "absorb_biases", "in_channel_absmax"]

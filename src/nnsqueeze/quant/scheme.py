@@ -1,0 +1,80 @@
+"""Weight quantization schemes of the fake-quant layers: bits, symmetry, granularity, levels, clipping.
+
+A :class:`WeightScheme` says how a layer's weight becomes codes. The weight is viewed as ROWS
+``(R, D)``: per-channel ``R = C_out`` (one row per output channel), per-group ``R = C_out * G``
+(each output channel's ``C_in/groups * k`` inputs cut into ``G`` groups of ``group_size``
+consecutive values), per-tensor one shared scale repeated on every row. Each row has a scale
+(and a zero point when asymmetric).
+
+- ``levels: uniform``: integer grid, ``bits`` 2..8, symmetric (signed codes, zero point 0) or
+  asymmetric (unsigned codes, integer zero point);
+- ``levels: pow2`` (power-of-two/logarithmic: 0, +-1, +-1/2, ... times the row's absmax), ``nf4``
+  (the 16 NormalFloat-4 quantiles, bits must be 4) or ``kmeans`` (``2**bits`` levels learned by
+  k-means on the layer's absmax-normalized weights): value = level * row absmax;
+- ``clip: mse``: per-row clipping ratio searched to minimize the squared weight error (uniform only).
+
+Only uniform symmetric per-channel/per-tensor weights map to ONNX Runtime's int8 kernels; the
+other schemes export their (already quantized) weights as float constants, so ORT computes exactly
+the simulated numbers but in float kernels. ::
+
+    >>> from nnsqueeze.quant.scheme import WeightScheme
+    >>> WeightScheme(bits=4, granularity="per-group", group_size=16).int8_kernels
+    False
+    >>> WeightScheme(bits=4).describe()
+    'w4 per-channel sym'
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any
+
+GRANULARITIES = ("per-channel", "per-tensor", "per-group")
+LEVELS = ("uniform", "pow2", "nf4", "kmeans")
+CLIPS = ("none", "mse")
+
+
+@dataclass(frozen=True)
+class WeightScheme:
+    bits: int = 8
+    symmetric: bool = True
+    granularity: str = "per-channel"
+    group_size: int | None = None
+    levels: str = "uniform"
+    clip: str = "none"
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.bits, int) or not 2 <= self.bits <= 8:
+            raise ValueError(f"bits must be an int in 2..8, got {self.bits!r}")
+        if self.granularity not in GRANULARITIES:
+            raise ValueError(f"granularity must be one of {GRANULARITIES}, got {self.granularity!r}")
+        if (self.granularity == "per-group") != (self.group_size is not None):
+            raise ValueError("group_size is required with (and only with) granularity per-group")
+        if self.group_size is not None and self.group_size < 1:
+            raise ValueError(f"group_size must be >= 1, got {self.group_size}")
+        if self.levels not in LEVELS:
+            raise ValueError(f"levels must be one of {LEVELS}, got {self.levels!r}")
+        if self.levels == "nf4" and self.bits != 4:
+            raise ValueError("levels nf4 is a 4-bit table: use bits 4")
+        if self.clip not in CLIPS:
+            raise ValueError(f"clip must be one of {CLIPS}, got {self.clip!r}")
+        if self.clip != "none" and self.levels != "uniform":
+            raise ValueError("clip: mse applies to uniform levels only")
+
+    @property
+    def int8_kernels(self) -> bool:
+        """True when ONNX Runtime can run the weight as int8 codes (QLinearConv/QGemm)."""
+        return self.levels == "uniform" and self.symmetric and self.granularity != "per-group"
+
+    def describe(self) -> str:
+        g = f"g{self.group_size}" if self.granularity == "per-group" else self.granularity
+        kind = ("sym" if self.symmetric else "asym") if self.levels == "uniform" else self.levels
+        clip = " mse-clip" if self.clip == "mse" else ""
+        return f"w{self.bits} {g} {kind}{clip}"
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any] | None, bits: int = 8) -> "WeightScheme":
+        return cls(**d) if d else cls(bits=bits)

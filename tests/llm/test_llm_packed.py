@@ -1,0 +1,145 @@
+"""PackedLinear and its kernels: outputs against a float64 reference on odd shapes (int4/int8,
+symmetric/asymmetric, group sizes 16..128 and per-row), every forward path, logged fallbacks."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+from torch import nn
+
+from nnsqueeze.context import Context
+from nnsqueeze.llm import gemv, packed
+from nnsqueeze.llm.packed import PackedLinear, pack_linear_
+from nnsqueeze.llm.tiny import TinyLlama
+from nnsqueeze.ops.int4 import groupwise_dequantize, pack_int4
+from nnsqueeze.quant.weight_only import convert_weight_only_
+from nnsqueeze.registry import STEPS
+
+# |y - y64| <= REL * (|x| @ |W|^T): float32 accumulation over K terms, far above the observed ~1e-7
+REL = 1e-5
+SHAPES = [(37, 301, -1, 4, False), (5, 300, 32, 4, True), (19, 256, 128, 4, False), (7, 130, 16, 4, True),
+          (11, 200, 64, 8, False), (13, 77, -1, 8, True)]
+
+
+def lib_or_skip():
+    lib, why = gemv.load_kernel()
+    if lib is None:
+        pytest.skip(f"packed kernel not built here: {why}")
+    return lib
+
+
+def codes(n, k, g, bits, sym, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    groups = 1 if g <= 0 else -(-k // g)
+    q = torch.randint(0, 1 << bits, (n, k), dtype=torch.uint8, generator=gen)
+    s = torch.rand(n, groups, generator=gen) * 0.02 + 1e-3
+    z = (torch.full((n, groups), 1 << (bits - 1), dtype=torch.uint8) if sym
+         else torch.randint(0, 1 << bits, (n, groups), dtype=torch.uint8, generator=gen))
+    return q, s, z
+
+
+@pytest.mark.parametrize("n,k,g,bits,sym", SHAPES)
+@pytest.mark.parametrize("m", [1, 3])
+def test_gemv_and_dequant_match_float64(n, k, g, bits, sym, m):
+    lib = lib_or_skip()
+    q, s, z = codes(n, k, g, bits, sym)
+    gs = k if g <= 0 else g
+    w = groupwise_dequantize(q, s, z, g)
+    blob = pack_int4(q) if bits == 4 else q
+    assert torch.equal(gemv.dequantize(lib, bits, k, blob, s, z, gs, 1), w)       # same arithmetic, exact
+    x = torch.randn(m, k, generator=torch.Generator().manual_seed(1))
+    bias = torch.randn(n, generator=torch.Generator().manual_seed(2))
+    ref = x.double() @ w.double().T + bias.double()
+    bound = REL * (x.double().abs() @ w.double().abs().T) + 1e-7
+    for threads in (1, 2):
+        y = gemv.gemv(lib, bits, x, blob, s, z, gs, bias, threads)
+        assert y.shape == (m, n) and ((y.double() - ref).abs() <= bound).all()
+
+
+def make_packed(n=19, k=301, g=32, bits=4, sym=False):
+    torch.manual_seed(0)
+    lin = nn.Linear(k, n)
+    wol = convert_weight_only_(lin, bits, g, sym)
+    ref_w = wol.dequantized_weight().clone()
+    return pack_linear_(wol), ref_w
+
+
+@pytest.mark.parametrize("bits,sym", [(4, False), (8, True)])
+def test_packed_linear_paths_agree_with_reference(bits, sym, monkeypatch):
+    lib_or_skip()
+    layer, w = make_packed(bits=bits, sym=sym)
+    assert isinstance(layer, PackedLinear) and layer.weight.dtype == torch.uint8
+    assert "weight" not in dict(layer.named_parameters())                       # no float copy kept
+    assert torch.equal(layer.dequantized_weight(), w)
+    for shape in [(1, 301), (2, 1, 301), (3, 7, 301)]:                         # kernel, kernel, dequant+matmul
+        x = torch.randn(*shape)
+        ref = x.double() @ w.double().T + layer.bias.double()
+        bound = REL * (x.double().abs() @ w.double().abs().T) + 1e-6
+        with torch.no_grad():
+            assert ((layer(x).double() - ref).abs() <= bound).all()
+        xg = x.clone().requires_grad_(True)                                      # autograd: torch fallback
+        y = layer(xg)
+        y.sum().backward()
+        assert ((y.double() - ref).abs() <= bound).all() and xg.grad is not None
+
+
+def test_fallback_is_logged_and_reported(monkeypatch, caplog):
+    monkeypatch.setattr(packed, "_backends", {})
+    monkeypatch.setattr(packed, "_warned", set())
+    monkeypatch.setattr(gemv, "_cache", {})
+    monkeypatch.setenv("NNSQUEEZE_PACKED_KERNEL", "0")
+    layer, w = make_packed()
+    x = torch.randn(1, 301)
+    with caplog.at_level(logging.WARNING, logger="nnsqueeze"), torch.no_grad():
+        y = layer(x)
+    assert any("kernel unavailable" in r.message for r in caplog.records)
+    assert torch.allclose(y, x @ w.T + layer.bias, atol=1e-5)
+    ctx = Context(progress=False)
+    ctx.report.begin_step("rtn", {})
+    STEPS.get("rtn")(STEPS.get("rtn").Config(bits=4, group_size=32), 0).run(TinyLlama().eval(), ctx)
+    assert any(n["step"] == "rtn" and "kernel unavailable" in n["note"] for n in ctx.report.notes)
+
+
+@pytest.mark.skipif(not hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu"), reason="torch has no int4 CPU op")
+def test_aten_backend_matches_reference(monkeypatch):
+    monkeypatch.setattr(packed, "_backends", {})
+    monkeypatch.setenv("NNSQUEEZE_PACKED_BACKEND", "aten")
+    layer, w = make_packed(n=40, k=256, g=128)                                   # N padded to 48 inside
+    x = torch.randn(1, 256)
+    with torch.no_grad():
+        y = layer(x)
+    ref = x.double() @ w.double().T + layer.bias.double()
+    assert ((y.double() - ref).abs() <= REL * (x.double().abs() @ w.double().abs().T) + 1e-6).all()
+
+
+def test_packed_weight_bytes_are_a_seventh():
+    layer, _ = make_packed(n=64, k=512, g=128, bits=4, sym=True)
+    nbytes = sum(t.numel() * t.element_size() for t in list(layer.parameters()) + list(layer.buffers()))
+    fp32 = 64 * 512 * 4 + 64 * 4
+    assert fp32 / nbytes > 6.5
+
+
+@pytest.mark.parametrize("march", ["haswell", "x86-64"])  # the AVX2/FMA path and the plain C loop
+def test_other_instruction_sets_match_float64(march, monkeypatch):
+    """This CPU takes the AVX-512 branch with -march=native; build the other branches explicitly."""
+    import platform
+    import shutil
+    if platform.machine() != "x86_64" or not (shutil.which("cc") or shutil.which("gcc")):
+        pytest.skip("needs an x86-64 machine with a C compiler")
+    monkeypatch.setattr(gemv, "FLAGS", ["-O3", f"-march={march}", "-fopenmp", "-fPIC", "-shared"])
+    monkeypatch.setattr(gemv, "_cache", {})
+    lib, why = gemv.load_kernel()
+    assert lib is not None, why
+    for n, k, g, bits, sym in SHAPES[:4] + SHAPES[-2:]:
+        q, s, z = codes(n, k, g, bits, sym)
+        gs = k if g <= 0 else g
+        w = groupwise_dequantize(q, s, z, g)
+        blob = pack_int4(q) if bits == 4 else q
+        assert torch.equal(gemv.dequantize(lib, bits, k, blob, s, z, gs, 1), w)
+        x = torch.randn(2, k, generator=torch.Generator().manual_seed(1))
+        ref = x.double() @ w.double().T
+        bound = REL * (x.double().abs() @ w.double().abs().T) + 1e-7
+        y = gemv.gemv(lib, bits, x, blob, s, z, gs, None, 2)
+        assert ((y.double() - ref).abs() <= bound).all()
