@@ -89,6 +89,30 @@ class _KwargsAdapter(nn.Module):
         return self.model(**dict(zip(self.names, args)))
 
 
+class _NoCache(nn.Module):
+    """A decoder whose forward takes ``use_cache`` (Hugging Face causal LMs) called with
+    ``use_cache=False``: the key/value cache object is not an exportable output, the logits are."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+        self.mask = "attention_mask" in inspect.signature(model.forward).parameters
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        if self.mask and len(args) == 1 and "attention_mask" not in kwargs:
+            # An explicit all-ones mask: without one, transformers builds it with ops (aten::diff)
+            # the TorchScript exporter cannot translate.
+            kwargs["attention_mask"] = torch.ones_like(args[0])
+        return self.model(*args, **kwargs, use_cache=False)
+
+
+def _wants_no_cache(model: nn.Module) -> bool:
+    try:
+        return "use_cache" in inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        return False
+
+
 def _call(model: Any, inputs: Any) -> Any:
     if isinstance(inputs, dict):
         return model(**inputs)
@@ -209,7 +233,10 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, example_inputs: Any, 
     custom_opsets = {}
     for m in model.modules():
         custom_opsets.update(getattr(m, "onnx_custom_opsets", {}))
-    was_training = model.training
+    user_model = model
+    if _wants_no_cache(model):  # export and verify the logits of a causal LM, without its cache
+        model = _NoCache(model)
+    was_training = user_model.training
     model.eval()
     try:
         with torch.no_grad():
@@ -217,6 +244,10 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, example_inputs: Any, 
         in_names = _input_names(model, example_inputs)
         out_names = ["output"] if len(ref_out) == 1 else [f"output_{i}" for i in range(len(ref_out))]
         dyn = {n: {0: "batch"} for n in in_names + out_names}
+        if isinstance(model, _NoCache):  # token sequences: the sequence axis is dynamic too
+            ins = example_inputs if isinstance(example_inputs, dict) else dict(zip(in_names, as_tuple(example_inputs)))
+            for n in [n for n in in_names if ins[n].dim() >= 2] + [n for n, o in zip(out_names, ref_out) if o.dim() >= 2]:
+                dyn[n][1] = "seq"
         for n, axes in (dynamic_axes or {}).items():
             dyn.setdefault(n, {}).update(axes)
         buf = io.BytesIO()
@@ -258,5 +289,5 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, example_inputs: Any, 
                 figures["warning"] = "ONNX Runtime fused no int8 kernel: the model runs in float"
         _write_atomic(path, data)
     finally:
-        model.train(was_training)
+        user_model.train(was_training)
     return figures

@@ -153,13 +153,7 @@ def fold_batchnorm(model: nn.Module) -> FoldResult:
         if why is not None:
             reasons[bn_name] = why
             continue
-        w, b = fold_bn_weights(layer.weight, layer.bias, bn.running_mean, bn.running_var, bn.eps,
-                               bn.weight if bn.affine else None, bn.bias if bn.affine else None)
-        layer.weight.copy_(w)
-        if layer.bias is None:
-            layer.bias = nn.Parameter(b)
-        else:
-            layer.bias.copy_(b)
+        _fold_into(layer, bn)
         set_module(model, bn_name, nn.Identity())
         result.folded.append((layer_name, bn_name))
         done.add(bn_name)
@@ -267,12 +261,8 @@ def attach_structure(model: nn.Module, attached: list[tuple[str, str]]) -> nn.Mo
 
 
 @torch.no_grad()
-def fold_attached_(layer: nn.Module) -> bool:
-    """Fold a layer's attached ``bn`` into its weight and bias with the running statistics and drop
-    it. Returns False when there is none."""
-    bn = layer._modules.get("bn")
-    if bn is None:
-        return False
+def _fold_into(layer: nn.Module, bn: nn.Module) -> None:
+    """Overwrite ``layer``'s weight and bias with the BN-folded ones (running statistics)."""
     w, b = fold_bn_weights(layer.weight, layer.bias, bn.running_mean, bn.running_var, bn.eps,
                            bn.weight if bn.affine else None, bn.bias if bn.affine else None)
     layer.weight.copy_(w)
@@ -280,5 +270,14 @@ def fold_attached_(layer: nn.Module) -> bool:
         layer.bias = nn.Parameter(b)
     else:
         layer.bias.copy_(b)
+
+
+def fold_attached_(layer: nn.Module) -> bool:
+    """Fold a layer's attached ``bn`` into its weight and bias with the running statistics and drop
+    it. Returns False when there is none."""
+    bn = layer._modules.get("bn")
+    if bn is None:
+        return False
+    _fold_into(layer, bn)
     del layer._modules["bn"]
     return True
