@@ -78,4 +78,4 @@ class MinMaxObserver:
 
 
 # Range-search observers, one per file; importing them registers them.
-from . import kl, mse, percentile  # noqa: E402,F401
+from . import ema, kl, mse, percentile  # noqa: E402,F401
