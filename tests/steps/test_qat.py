@@ -99,3 +99,11 @@ def test_adaround_and_equalize_with_train_bn_are_rejected():
         Qat(Qat.Config.model_validate({"weights": {"bits": 4, "adaround": {}}}))
     with pytest.raises(RecipeError, match="bn: static"):
         Qat(Qat.Config.model_validate({"equalize": {"method": "cle"}}))
+
+
+def test_bn_after_an_ignored_layer_is_reported(tiny_cnn, toy_data):
+    model, _, ctx = prepare(tiny_cnn, toy_data, ignore=["features.3"])
+    assert isinstance(model.features[1], torch.nn.Identity)          # attached to features.0
+    assert isinstance(model.features[4], torch.nn.BatchNorm1d)       # left in place, and said so
+    skipped = [s for s in ctx.report.skipped if s["layer"] == "features.4"]
+    assert len(skipped) == 1 and "not selected" in skipped[0]["reason"]

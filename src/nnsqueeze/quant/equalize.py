@@ -73,20 +73,13 @@ def find_pairs(model: nn.Module, names: Iterable[str]) -> list[tuple[str, str]]:
     return pairs
 
 
-@torch.no_grad()
-def _input_absmax(model: nn.Module, names: list[str], data: Iterable, device: Any) -> dict[str, torch.Tensor]:
-    """Per-input-channel ``max |x|`` entering each named layer over ``data`` (float64)."""
-    stats: dict[str, torch.Tensor] = {}
-    hooks = []
-    for n in names:
-        mod = model.get_submodule(n)
+def _rows(m: nn.Module, t: torch.Tensor) -> torch.Tensor:
+    """(samples, channels): a Linear's last axis or a conv's axis 1 as columns."""
+    return t.reshape(-1, t.shape[-1]) if isinstance(m, nn.Linear) else t.transpose(0, 1).reshape(t.shape[1], -1).T
 
-        def hook(m, args, n=n):
-            x = args[0].detach()
-            x = x.reshape(-1, x.shape[-1]) if isinstance(m, nn.Linear) else x.transpose(0, 1).reshape(x.shape[1], -1).T
-            a = x.abs().amax(0).double()
-            stats[n] = a if n not in stats else torch.maximum(stats[n], a)
-        hooks.append(mod.register_forward_pre_hook(hook))
+
+def _run(model: nn.Module, hooks: list, data: Iterable, device: Any) -> None:
+    """Run ``data`` through ``model`` so that ``hooks`` see it, then remove them."""
     try:
         for batch in data:
             inputs, _ = split(batch)
@@ -94,6 +87,19 @@ def _input_absmax(model: nn.Module, names: list[str], data: Iterable, device: An
     finally:
         for h in hooks:
             h.remove()
+
+
+@torch.no_grad()
+def _input_absmax(model: nn.Module, names: list[str], data: Iterable, device: Any) -> dict[str, torch.Tensor]:
+    """Per-input-channel ``max |x|`` entering each named layer over ``data`` (float64)."""
+    stats: dict[str, torch.Tensor] = {}
+    hooks = []
+    for n in names:
+        def hook(m, args, n=n):
+            a = _rows(m, args[0].detach()).abs().amax(0).double()
+            stats[n] = a if n not in stats else torch.maximum(stats[n], a)
+        hooks.append(model.get_submodule(n).register_forward_pre_hook(hook))
+    _run(model, hooks, data, device)
     return stats
 
 
@@ -160,20 +166,13 @@ def absorb_biases(model: nn.Module, pairs: list[tuple[str, str]], data: Iterable
     hooks = []
     for a, _ in todo:
         def hook(m, args, out, a=a):
-            z = out.detach().double()
-            z = z.reshape(-1, z.shape[-1]) if isinstance(m, nn.Linear) else z.transpose(0, 1).reshape(z.shape[1], -1).T
+            z = _rows(m, out.detach().double())
             acc = sums.setdefault(a, [0.0, 0.0, 0])
             acc[0] = acc[0] + z.sum(0)
             acc[1] = acc[1] + (z * z).sum(0)
             acc[2] += z.shape[0]
         hooks.append(model.get_submodule(a).register_forward_hook(hook))
-    try:
-        for batch in data:
-            inputs, _ = split(batch)
-            call_model(model, to_device(inputs, device))
-    finally:
-        for h in hooks:
-            h.remove()
+    _run(model, hooks, data, device)
     out = []
     for a, b in todo:
         if a not in sums:

@@ -131,9 +131,22 @@ def _check_pair(layer: nn.Module, bn: nn.Module) -> str | None:
 def fold_batchnorm(model: nn.Module) -> FoldResult:
     """Fold every foldable BN in place (eval statistics); the BN becomes ``nn.Identity``."""
     result = FoldResult()
+    pairs, result.unfolded = _foldable_pairs(model)
+    for layer_name, bn_name in pairs:
+        _fold_into(model.get_submodule(layer_name), model.get_submodule(bn_name))
+        set_module(model, bn_name, nn.Identity())
+        result.folded.append((layer_name, bn_name))
+    return result
+
+
+def _foldable_pairs(model: nn.Module, layers: set[str] | None = None,
+                    extra_check: Callable[[nn.Module], str | None] | None = None
+                    ) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
+    """``(pairs, left)``: the (layer, BN) pairs that may fold, and every other BN with the reason.
+    ``layers`` limits the pairs to those layers; ``extra_check(layer)`` may refuse a pair."""
     bns = [n for n, m in model.named_modules() if isinstance(m, BATCHNORMS)]
     if not bns:
-        return result
+        return [], []
     try:
         pairs, reasons = _fx_pairs(model)
     except Exception as e:  # untraceable forward (data-dependent control flow...): use adjacency
@@ -144,23 +157,21 @@ def fold_batchnorm(model: nn.Module) -> FoldResult:
         for n in bns:
             reasons.setdefault(n, why)
     uses = _module_uses(model)
-    done: set[str] = set()
+    ok: list[tuple[str, str]] = []
     for layer_name, bn_name in pairs:
         layer, bn = model.get_submodule(layer_name), model.get_submodule(bn_name)
-        why = _check_pair(layer, bn)
+        why = "its layer is not selected" if layers is not None and layer_name not in layers else None
+        why = why or _check_pair(layer, bn)
         if why is None and (uses[id(layer)] > 1 or uses[id(bn)] > 1):
             why = "layer or BN object is shared by several names"
+        why = why or (extra_check(layer) if extra_check is not None else None)
         if why is not None:
             reasons[bn_name] = why
             continue
-        _fold_into(layer, bn)
-        set_module(model, bn_name, nn.Identity())
-        result.folded.append((layer_name, bn_name))
-        done.add(bn_name)
-    for n in bns:
-        if n not in done:
-            result.unfolded.append((n, reasons.get(n, "not directly after a Conv1d/Conv2d/Linear")))
-    return result
+        ok.append((layer_name, bn_name))
+    done = {bn for _, bn in ok}
+    left = [(n, reasons.get(n, "not directly after a Conv1d/Conv2d/Linear")) for n in bns if n not in done]
+    return ok, left
 
 
 def refold_structure(model: nn.Module, folded: list[tuple[str, str]]) -> nn.Module:
@@ -225,28 +236,15 @@ def attach_batchnorm(model: nn.Module, layers: set[str]) -> FoldResult:
     """For QAT: move each BN that follows one of ``layers`` into that layer as its child ``bn`` (the
     BN's place becomes ``nn.Identity``). The fake-quant layer then folds it on the fly
     (:func:`bn_train_forward`) and :func:`fold_attached_` folds it for good after training.
-    Same pairing rules as :func:`fold_batchnorm`; ``result.folded`` lists the attached pairs."""
+    Same pairing rules as :func:`fold_batchnorm`; ``result.folded`` lists the attached pairs,
+    ``result.unfolded`` every other BN with the reason."""
     result = FoldResult()
-    bns = [n for n, m in model.named_modules() if isinstance(m, BATCHNORMS)]
-    if not bns:
-        return result
-    try:
-        pairs, reasons = _fx_pairs(model)
-    except Exception:
-        pairs, reasons = _sequential_pairs(model), {}
-    uses = _module_uses(model)
+    pairs, result.unfolded = _foldable_pairs(
+        model, layers, lambda layer: "the layer already has a child named 'bn'" if "bn" in layer._modules else None)
     for layer_name, bn_name in pairs:
-        if layer_name not in layers:
-            continue
-        layer, bn = model.get_submodule(layer_name), model.get_submodule(bn_name)
-        why = _check_pair(layer, bn) or ("shared module" if uses[id(layer)] > 1 or uses[id(bn)] > 1 else None)
-        if why is None and "bn" in layer._modules:
-            why = "the layer already has a child named 'bn'"
-        if why is not None:
-            reasons[bn_name] = why
-            continue
+        bn = model.get_submodule(bn_name)
         set_module(model, bn_name, nn.Identity())
-        layer.add_module("bn", bn)
+        model.get_submodule(layer_name).add_module("bn", bn)
         result.folded.append((layer_name, bn_name))
     return result
 

@@ -179,6 +179,8 @@ class Qat(Quantize):
             return super()._prepare_bn(model, ctx)
         names = {n for n, _ in self.select(model, None, supported=SUPPORTED).layers}
         res = attach_batchnorm(model, names)
+        for bn, why in res.unfolded:
+            ctx.skip(self.registered_name, bn, f"BatchNorm not folded during training: {why}")
         self._attached = [list(p) for p in res.folded]
         return []
 
