@@ -49,7 +49,7 @@ DATA = Path(__file__).with_name("data") / "sentences.txt"
 BATCH, THREADS = 32, 2
 INPUTS = ["input_ids", "attention_mask", "token_type_ids"]
 DYN = {n: {1: "seq"} for n in INPUTS}
-PRESETS = ["int8-dynamic", "w8-weight-only", "w4-g128", "fp16", "bf16"]
+PRESETS = ["int8-dynamic", "int8-dynamic-smooth", "w8-weight-only", "w4-g128", "fp16", "bf16"]
 # Variants that are not presets: (label, recipe steps).
 VARIANTS = [("int8-dynamic-u8u8", [{"quantize-dynamic": {"weights": {"symmetric": False}, "embeddings": True}}]),
             ("int8-dynamic-ffn-down-fp32", [{"quantize-dynamic": {"embeddings": True,
@@ -57,6 +57,9 @@ VARIANTS = [("int8-dynamic-u8u8", [{"quantize-dynamic": {"weights": {"symmetric"
             # Outlier smoothing inside each layer, calibrated on the first CALIB_BATCHES batches.
             ("int8-dynamic-smooth-0.8", [{"quantize-dynamic": {"embeddings": True, "smooth": {"alpha": 0.8}}}]),
             ("int8-dynamic-smooth-auto", [{"quantize-dynamic": {"embeddings": True, "smooth": {"alpha": "auto"}}}]),
+            # ... plus the attention matmuls (q@k^T, p@v) on run-time int8 codes (quant/attention.py).
+            ("int8-dynamic-smooth-auto-attention", [{"quantize-dynamic": {"embeddings": True, "attention": True,
+                                                                          "smooth": {"alpha": "auto"}}}]),
             # ... plus the N Linears whose quantization alone hurts the calibration outputs most kept in float.
             *[(f"int8-dynamic-smooth-0.8-float{k}", [{"quantize-dynamic": {"embeddings": True, "smooth": {"alpha": 0.8},
                                                                            "float_layers": k}}]) for k in (2, 4)]]

@@ -41,6 +41,14 @@ def test_single_process_helpers_are_no_ops(monkeypatch):
     assert dd.init("cpu") == torch.device("cpu")
     assert dd.wrap(m, torch.device("cpu")) is m and dd.unwrap(m) is m
     assert dd.mean(2.5) == 2.5
+    assert not dd.synced()
+    y = torch.randn(5, 3, 7, dtype=torch.float64)
+    mu, var, n = dd.batch_moments(y, [0, 2])                    # plain moments in one process
+    assert n == 35 and torch.equal(mu, y.mean([0, 2])) and torch.equal(var, y.var([0, 2], unbiased=False))
+    bn = nn.BatchNorm1d(3)
+    bn.running_mean.fill_(0.5)
+    dd.broadcast_buffers(bn)                                    # no group: buffers untouched
+    assert torch.equal(bn.running_mean, torch.full((3,), 0.5))
     monkeypatch.setenv("RANK", "1")
     monkeypatch.setenv("WORLD_SIZE", "2")
     assert dd.launched() and dd.rank() == 1 and dd.world_size() == 2 and not dd.is_main()

@@ -14,6 +14,8 @@ set up from the environment variables ``torchrun`` exports (``RANK``, ``WORLD_SI
     if dist_.is_main(): print("only rank 0 talks")
 
 The group is left initialised after training: later steps and the caller may still use it.
+``batch_moments`` gives layers that compute BatchNorm statistics themselves (QAT's BN folding) the
+statistics of all ranks' batches; ``broadcast_buffers`` makes every rank's buffers rank 0's.
 """
 
 from __future__ import annotations
@@ -105,6 +107,62 @@ def mean(value: float, device: torch.device | str = "cpu") -> float:
     t = torch.tensor([float(value)], dtype=torch.float64, device=device)
     dist.all_reduce(t)
     return float(t.item()) / world_size()
+
+
+class _AllReduceSum(torch.autograd.Function):
+    """Differentiable sum over ranks: the gradient of each rank's input is the sum over ranks of
+    the gradients of the (identical) outputs."""
+
+    @staticmethod
+    def forward(ctx, t: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        t = t.clone()
+        dist.all_reduce(t)
+        return t
+
+    @staticmethod
+    def backward(ctx, g: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        g = g.clone()
+        dist.all_reduce(g)
+        return g
+
+
+def synced() -> bool:
+    """True inside a process group of more than one rank (collectives would actually communicate)."""
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def batch_moments(y: torch.Tensor, dims: list[int]) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Per-channel mean and biased variance of ``y`` over ``dims``, and the count behind them.
+
+    In one process: ``y.mean(dims)``, ``y.var(dims, unbiased=False)``. Under a process group of
+    more than one rank, while gradients are enabled (training), the moments are those of all
+    ranks' batches together (SyncBatchNorm semantics): one differentiable float64 all-reduce of the
+    per-rank sums, whose backward sums the gradients over ranks, so that data-parallel training
+    equals one process training on the union of the ranks' batches. Every rank must call it the
+    same number of times (it is a collective).
+    """
+    if not (synced() and torch.is_grad_enabled()):
+        return y.mean(dims), y.var(dims, unbiased=False), y.numel() // y.shape[1]
+    y64 = y.double()
+    count = torch.full((1,), float(y.numel() // y.shape[1]), dtype=torch.float64, device=y.device)
+    total = _AllReduceSum.apply(torch.cat([y64.sum(dims), (y64 * y64).sum(dims), count]))   # (2C + 1,)
+    c, n = y.shape[1], float(total[-1].detach())
+    mean = total[:c] / n
+    var = (total[c:2 * c] / n - mean * mean).clamp(min=0.0)
+    return mean.to(y.dtype), var.to(y.dtype), int(n)
+
+
+@torch.no_grad()
+def broadcast_buffers(model: nn.Module, src: int = 0) -> None:
+    """Copy rank ``src``'s buffers (BatchNorm statistics, quantization scales...) to every rank.
+
+    DDP does this at the start of every forward; after the last forward each rank's own updates
+    (e.g. BatchNorm running statistics from its own batch) would otherwise make the ranks differ.
+    A no-op in one process."""
+    if not synced():
+        return
+    for b in model.buffers():
+        dist.broadcast(b, src)
 
 
 def barrier() -> None:

@@ -30,8 +30,35 @@ def _to_bf16_tensor(arr: np.ndarray, name: str):
     return t
 
 
+def _to_fp16_tensor(arr: np.ndarray, name: str):
+    from onnx import numpy_helper
+
+    return numpy_helper.from_array(arr.astype(np.float16), name)
+
+
+def _bf16_exact(arr: np.ndarray) -> bool:
+    return not np.any(arr.view(np.uint32) & 0xFFFF)
+
+
+def _fp16_exact(arr: np.ndarray) -> bool:
+    with np.errstate(over="ignore"):
+        h = arr.astype(np.float16)
+    return bool(np.all(np.isfinite(h)) and np.array_equal(h.astype(np.float32), arr))
+
+
 def bf16_storage(model, min_size: int = 16) -> int:
     """Rewrite ``model`` (onnx.ModelProto) in place; returns how many constants now live in bf16."""
+    return _narrow_storage(model, min_size, _bf16_exact, _to_bf16_tensor, "_bf16")
+
+
+def fp16_storage(model, min_size: int = 1024) -> int:
+    """Same for fp16: fp32 constants of at least ``min_size`` elements whose values are all exact
+    fp16 numbers (e.g. int8 embedding row scales and float outlier weights, which nnsqueeze rounds
+    to fp16 on purpose) are stored in fp16 and cast back, bit for bit. Returns how many."""
+    return _narrow_storage(model, min_size, _fp16_exact, _to_fp16_tensor, "_fp16")
+
+
+def _narrow_storage(model, min_size: int, exact, make, suffix: str) -> int:
     from onnx import helper, numpy_helper
 
     g = model.graph
@@ -41,12 +68,12 @@ def bf16_storage(model, min_size: int = 16) -> int:
         if init.data_type != 1:
             continue
         arr = numpy_helper.to_array(init)
-        if arr.size < min_size or np.any(arr.view(np.uint32) & 0xFFFF):
+        if arr.size < min_size or not exact(arr):
             continue
         name = init.name
         g.initializer.remove(init)
-        g.initializer.append(_to_bf16_tensor(arr, name + "_bf16"))
-        new_nodes.append(helper.make_node("Cast", [name + "_bf16"], [name], to=1, name=name + "_cast"))
+        g.initializer.append(make(arr, name + suffix))
+        new_nodes.append(helper.make_node("Cast", [name + suffix], [name], to=1, name=name + "_cast"))
         count += 1
     for node in list(g.node):
         if node.op_type != "Constant" or len(node.attribute) != 1 or node.attribute[0].name != "value":
@@ -55,13 +82,13 @@ def bf16_storage(model, min_size: int = 16) -> int:
         if t.data_type != 1:
             continue
         arr = numpy_helper.to_array(t)
-        if arr.size < min_size or np.any(arr.view(np.uint32) & 0xFFFF):
+        if arr.size < min_size or not exact(arr):
             continue
         out = node.output[0]
-        g.initializer.append(_to_bf16_tensor(arr, out + "_bf16"))
+        g.initializer.append(make(arr, out + suffix))
         idx = list(g.node).index(node)
         g.node.remove(node)
-        g.node.insert(idx, helper.make_node("Cast", [out + "_bf16"], [out], to=1, name=out + "_cast"))
+        g.node.insert(idx, helper.make_node("Cast", [out + suffix], [out], to=1, name=out + "_cast"))
         count += 1
     for i, n in enumerate(new_nodes):
         g.node.insert(i, n)

@@ -3,7 +3,9 @@
 Float models export plain. For models holding fake-quant layers (:mod:`nnsqueeze.quant.modules`)
 the TorchScript exporter writes QuantizeLinear/DequantizeLinear pairs, which
 :mod:`nnsqueeze.export.qdq` then rewrites so that ONNX Runtime runs int8 kernels (QLinearConv,
-QGemm, QLinearMatMul...) and the file is ~4x smaller (int8 weights, int32 biases).
+QGemm, QLinearMatMul...) and the file is ~4x smaller (int8 weights, int32 biases); 2..4-bit,
+per-group and non-uniform weights are stored as codes of their width (int4/uint4/int8/uint8,
+:mod:`nnsqueeze.export.lowbit`, which may upgrade the file to opset 21 for int4).
 
 Every rewrite is exact: the file computes what the torch simulation computes, up to ORT's own
 int32 requantization rounding. The export is then checked in ONNX Runtime on the example inputs
@@ -39,6 +41,9 @@ from ..data import as_tuple
 from ..errors import ExportError
 from ..quant.modules import export_mode, fake_quant_modules
 from ..registry import EXPORTERS
+from .lowbit import DOMAIN as LOWBIT_DOMAIN
+from .lowbit import lowbit_postprocess, stores_lowbit
+from .merge import merge_dynamic_siblings
 from .qdq import qdq_postprocess
 
 INT8_OPS = {"QLinearConv", "QLinearMatMul", "QGemm", "ConvInteger", "MatMulInteger", "MatMulIntegerToFloat",
@@ -233,6 +238,8 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, example_inputs: Any, 
     custom_opsets = {}
     for m in model.modules():
         custom_opsets.update(getattr(m, "onnx_custom_opsets", {}))
+    if any(stores_lowbit(m.wscheme) for _, m in fake_quant_modules(model)):
+        custom_opsets.setdefault(LOWBIT_DOMAIN, 1)   # export/lowbit.py's markers, replaced before writing
     user_model = model
     if _wants_no_cache(model):  # export and verify the logits of a causal LM, without its cache
         model = _NoCache(model)
@@ -269,6 +276,21 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, example_inputs: Any, 
         raw = buf.getvalue()
         proto = onnx.load_from_string(raw)
         stats = qdq_postprocess(proto) if quantized else {}
+        if quantized:  # sub-8-bit / per-group / non-uniform weights: codes of their own width
+            stats.update(lowbit_postprocess(proto))
+            merged = merge_dynamic_siblings(proto)  # q/k/v reading one tensor: one wider int8 matmul
+            if merged:
+                stats["merged_dynamic_linears"] = merged
+            from .half import fp16_storage
+
+            bf16 = any(getattr(m, "onnx_bf16_storage", False) for m in model.modules())
+            narrowed = 0 if bf16 else fp16_storage(proto, min_size=256)  # fp16-exact scales / outlier weights: half the bytes, same values
+            if narrowed:
+                stats["fp16_exact_constants"] = narrowed
+            if not any(a.type in (5, 10) for n in proto.graph.node for a in n.attribute):  # no subgraphs
+                from .names import compact_value_names
+
+                stats["renamed_values"] = compact_value_names(proto)  # names are ~0.5% of an int8 file
         if any(getattr(m, "onnx_bf16_storage", False) for m in model.modules()):
             from .half import bf16_storage
 
@@ -278,7 +300,9 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, example_inputs: Any, 
         except Exception as e:
             raise ExportError(where, f"the exported graph is invalid: {e}", fix="report this as a bug") from e
         data = proto.SerializeToString()
-        figures: dict[str, Any] = {"format": "onnx", "opset": opset, "quantized": quantized,
+        # the file's opset: export/lowbit.py may have upgraded it to 21 for int4 weights
+        final_opset = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), opset)
+        figures: dict[str, Any] = {"format": "onnx", "opset": final_opset, "quantized": quantized,
                                    "size_bytes": len(data), "fp32_size_bytes": len(raw),
                                    "size_ratio": round(len(data) / len(raw), 4), **stats}
         if verify:

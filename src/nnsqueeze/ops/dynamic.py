@@ -63,3 +63,21 @@ def int_linear(x: Tensor, w_codes: Tensor, w_scale: Tensor, w_zero_point: Tensor
     acc = (a @ w.T).to(torch.float32)
     y = acc * (xs * w_scale.to(torch.float32))
     return y if bias is None else y + bias.to(torch.float32)
+
+
+def outlier_channels(absmax: Tensor, ratio: float, max_channels: int) -> Tensor | None:
+    """Input channels whose calibrated ``absmax`` (K,) exceeds ``ratio`` times the median channel's,
+    largest first, at most ``max_channels`` (and fewer than K); None when there are none.
+    A per-tensor run-time range is set by its largest channel, so one channel at 20x the median
+    leaves the others ~20x fewer codes; those channels are better computed in float.
+
+    >>> outlier_channels(torch.tensor([1.0, 9.0, 1.2, 0.8, 30.0]), ratio=6.0, max_channels=4)
+    tensor([4, 1])
+    """
+    a = absmax.detach().reshape(-1).to(torch.float64)
+    med = a.median()
+    if a.numel() < 2 or not bool(med > 0):
+        return None
+    order = torch.argsort(a, descending=True, stable=True)
+    keep = order[a[order] > ratio * med][:min(max_channels, a.numel() - 1)]
+    return keep.to(torch.int64) if keep.numel() else None

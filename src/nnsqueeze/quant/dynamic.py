@@ -13,7 +13,14 @@ Optionally the layer is *smoothed* (SmoothQuant's outlier migration, done inside
 stays exact for post-LayerNorm models such as BERT, whose normalised output also feeds a residual):
 ``y = (x * r) (W * s)^T`` with ``r = 1/s`` per input channel, stored as ``input_multiplier_`` (K,)
 and the smoothed weight ``W * s``. The per-tensor run-time activation range then no longer spans
-the few outlier channels. :func:`smooth_search_error` is the float32 simulation used to choose ``s``.
+the few outlier channels. :func:`dynamic_fake_linear` is the float32 simulation used to choose ``s``.
+
+Optionally a few *outlier input channels* (calibrated, e.g. BERT's one massive FFN channel, 15-25x
+the median channel range) skip quantization altogether (LLM.int8()'s decomposition): their
+multiplier is 0 on the int8 path and they go through a small float32 matmul instead,
+``y = int8(x * r) + x[..., idx] @ W_o^T``, stored as ``outlier_index_`` (k,) int64 and
+``outlier_weight_`` (N, k) float32 holding fp16-rounded values (stored as fp16 in ONNX); exported
+as ``Gather -> MatMul -> Add``.
 
 Eval forward computes exactly what ONNX Runtime computes (:func:`nnsqueeze.ops.dynamic.int_linear`);
 export writes ``[Mul r ->] DynamicQuantizeLinear -> MatMulInteger -> Cast -> Mul -> Add``, the pattern ORT's
@@ -65,20 +72,50 @@ class DynamicQuantLinear(nn.Linear):
     onnx_quantized = True  # tells the exporter to verify with quantized tolerances
     onnx_verify_mean = True  # ... on the mean difference (run-time ranges amplify float noise, see verify_onnx)
 
-    def _setup(self, bits: int, signed: bool, smooth: Tensor | None = None) -> None:
+    def _setup(self, bits: int, signed: bool, smooth: Tensor | None = None,
+               outliers: Tensor | None = None) -> None:
         qrange(bits, signed)
         self.bits, self.signed = int(bits), bool(signed)
-        n, dev = self.weight.shape[0], self.weight.device
-        self.register_buffer("weight_scale_", torch.ones(n, device=dev))
-        self.register_buffer("weight_zero_point_", torch.zeros(n, dtype=torch.int32, device=dev))
+        n, k, dev = self.weight.shape[0], self.in_features, self.weight.device
+        idx = None
+        if outliers is not None:  # (k_out,) input channels kept out of the int8 path
+            idx = torch.as_tensor(outliers, dtype=torch.int64, device=dev).reshape(-1)
+            if idx.numel() == 0 or idx.numel() >= k or int(idx.min()) < 0 or int(idx.max()) >= k \
+                    or idx.unique().numel() != idx.numel():
+                raise ValueError(f"outliers must be 1..{k - 1} distinct input channels in [0, {k})")
         if smooth is not None:  # (K,) s > 0: weight columns * s, inputs * (1/s)
             s = smooth.detach().to(dev, torch.float64).reshape(-1)
-            if s.numel() != self.in_features or not bool((s > 0).all()) or not bool(torch.isfinite(s).all()):
-                raise ValueError(f"smooth must hold {self.in_features} positive finite scales")
-            with torch.no_grad():
+            if s.numel() != k or not bool((s > 0).all()) or not bool(torch.isfinite(s).all()):
+                raise ValueError(f"smooth must hold {k} positive finite scales")
+        elif idx is not None:
+            s = torch.ones(k, dtype=torch.float64, device=dev)
+        self.register_buffer("weight_scale_", torch.ones(n, device=dev))
+        self.register_buffer("weight_zero_point_", torch.zeros(n, dtype=torch.int32, device=dev))
+        with torch.no_grad():
+            if idx is not None:
+                self.register_buffer("outlier_index_", idx)
+                # fp16-rounded (ONNX stores them in half the bytes, exactly; relative change <= 2^-11)
+                w_o = self.weight.detach()[:, idx].float()
+                if bool(w_o.abs().max() < 60000):
+                    w_o = w_o.half().float()
+                self.register_buffer("outlier_weight_", w_o.clone())
+                s = s.clone()
+                s[idx] = 1.0
+                self.weight[:, idx] = 0  # out of the int8 weights' per-row ranges
+            if smooth is not None or idx is not None:
                 self.weight.copy_((self.weight.detach().double() * s).to(self.weight.dtype))
-            self.register_buffer("input_multiplier_", (1.0 / s).to(torch.float32))
+                r = 1.0 / s
+                if idx is not None:
+                    r[idx] = 0.0
+                self.register_buffer("input_multiplier_", r.to(torch.float32))
         self.refresh_weight_qparams_()
+
+    def _outlier_part(self, x: Tensor) -> Tensor | None:
+        """``x[..., idx] @ W_o^T`` (float32), or None without outlier channels."""
+        idx = getattr(self, "outlier_index_", None)
+        if idx is None:
+            return None
+        return x.index_select(-1, idx) @ self.outlier_weight_.to(x.dtype).T
 
     def _smoothed_input(self, x: Tensor) -> Tensor:
         r = getattr(self, "input_multiplier_", None)
@@ -106,16 +143,19 @@ class DynamicQuantLinear(nn.Linear):
         return sqnr_db(self.weight.detach(), self.fake_quant_weight().detach())
 
     def forward(self, x: Tensor) -> Tensor:
+        out = self._outlier_part(x)
         if self.training:  # straight-through fake quantization of weights only
             self.refresh_weight_qparams_()
-            return F.linear(self._smoothed_input(x), self.fake_quant_weight(), self.bias)
+            y = F.linear(self._smoothed_input(x), self.fake_quant_weight(), self.bias)
+            return y if out is None else y + out
         bias = self.bias if self.bias is not None else torch.zeros(self.out_features, device=x.device)
         if torch.onnx.is_in_onnx_export():
             return self._export_forward(x, bias)
-        x = self._smoothed_input(x)  # float32 multiply: the same IEEE op as ONNX Mul
+        xs = self._smoothed_input(x)  # float32 multiply: the same IEEE op as ONNX Mul
         codes = self.weight_codes()
         zp = None if self.signed else self.weight_zero_point_
-        return int_linear(x, codes, self.weight_scale_, zp, bias).to(x.dtype)
+        y = int_linear(xs, codes, self.weight_scale_, zp, bias).to(x.dtype)
+        return y if out is None else y + out
 
     @torch.no_grad()
     def _export_forward(self, x: Tensor, bias: Tensor) -> Tensor:
@@ -123,12 +163,15 @@ class DynamicQuantLinear(nn.Linear):
             return torch.from_numpy(t.detach().cpu().numpy().copy())
 
         r = getattr(self, "input_multiplier_", None)
-        if r is not None:
-            x = x * const(r.to(x.dtype))
+        xs = x if r is None else x * const(r.to(x.dtype))
         dt = torch.int8 if self.signed else torch.uint8
         codes_t = const(self.weight_codes().T.contiguous().to(dt))
-        return _DynamicLinearFn.apply(x, codes_t, const(self.weight_scale_), const(self.weight_zero_point_.to(dt)),
-                                      const(bias.float()))
+        y = _DynamicLinearFn.apply(xs, codes_t, const(self.weight_scale_), const(self.weight_zero_point_.to(dt)),
+                                   const(bias.float()))
+        idx = getattr(self, "outlier_index_", None)
+        if idx is None:
+            return y
+        return y + x.index_select(-1, const(idx)) @ const(self.outlier_weight_.T.contiguous())
 
     @torch.no_grad()
     def revert_(self) -> nn.Linear:
@@ -137,6 +180,9 @@ class DynamicQuantLinear(nn.Linear):
         r = self._buffers.pop("input_multiplier_", None)
         if r is not None:
             self.weight.copy_((self.weight.detach().double() * r.double()).to(self.weight.dtype))
+        idx, w_o = self._buffers.pop("outlier_index_", None), self._buffers.pop("outlier_weight_", None)
+        if idx is not None:
+            self.weight[:, idx] = w_o.to(self.weight.dtype)
         for b in ("weight_scale_", "weight_zero_point_"):
             self._buffers.pop(b, None)
         for a in ("bits", "signed"):
@@ -162,38 +208,52 @@ class DynamicQuantLinear(nn.Linear):
     def extra_repr(self) -> str:
         kind = f"int{self.bits} sym" if self.signed else f"uint{self.bits} asym"
         sm = ", smoothed" if getattr(self, "input_multiplier_", None) is not None else ""
+        idx = getattr(self, "outlier_index_", None)
+        if idx is not None:
+            sm += f", {idx.numel()} float outlier channel(s)"
         return f"{super().extra_repr()}, w {kind} per-channel, a uint8 dynamic per-tensor{sm}"
 
 
 def convert_dynamic_(module: nn.Linear, bits: int = 8, signed: bool = True,
-                     smooth: Tensor | None = None) -> DynamicQuantLinear:
+                     smooth: Tensor | None = None, outliers: Tensor | None = None) -> DynamicQuantLinear:
     """Turn a plain ``nn.Linear`` into a :class:`DynamicQuantLinear`, in place (same object).
 
-    ``smooth``: optional (in_features,) positive scales ``s`` (see the module docstring); the
-    layer's float function is unchanged, only what gets quantized moves.
+    ``smooth``: optional (in_features,) positive scales ``s``; ``outliers``: optional input channel
+    indices computed in float32 instead (see the module docstring). The layer's float function is
+    unchanged, only what gets quantized moves.
     """
     if type(module) is not nn.Linear:
         raise TypeError(f"dynamic quantization converts plain nn.Linear, not {type(module).__name__}")
+    w0 = module.weight.detach().clone()
     module.__class__ = DynamicQuantLinear
     try:
-        module._setup(bits, signed, smooth)
+        module._setup(bits, signed, smooth, outliers)
     except ValueError:
         module.__class__ = nn.Linear
+        with torch.no_grad():
+            module.weight.copy_(w0)
         raise
     return module
 
 
 def dynamic_fake_linear(x: Tensor, weight: Tensor, bias: Tensor | None, s: Tensor | None, bits: int = 8,
-                        signed: bool = True) -> Tensor:
+                        signed: bool = True, outliers: Tensor | None = None) -> Tensor:
     """Float32 fake-quantized dynamic int8 layer ``x -> x W^T + b`` smoothed by ``s`` (None: not
-    smoothed): the cheap simulation the smoothing search runs instead of the exact
-    :func:`nnsqueeze.ops.dynamic.int_linear`. ``x`` (..., K), ``weight`` (N, K), ``s`` (K,)."""
+    smoothed), with ``outliers`` input channels (None: none) in float: the cheap simulation the
+    smoothing search runs instead of the exact :func:`nnsqueeze.ops.dynamic.int_linear`.
+    ``x`` (..., K), ``weight`` (N, K), ``s`` (K,), ``outliers`` (k,) int64."""
     x, w = x.detach().float(), weight.detach().float()
+    x0, w0 = x, w
     if s is not None:
         x, w = x / s.float(), w * s.float()
+    if outliers is not None:
+        x, w = x.index_fill(-1, outliers, 0.0), w.index_fill(1, outliers, 0.0)
     xs, xz = dynamic_qparams(x)
     xq = (dynamic_quantize(x, xs, xz).float() - xz.float()) * xs
     qmin, qmax = qrange(bits, signed)
     ws, wz = qparams(w.amin(1), w.amax(1), bits=bits, symmetric=signed)
     wq = dequantize(quantize(w, ws, wz, qmin, qmax, axis=0), ws, wz, axis=0)
-    return F.linear(xq, wq, None if bias is None else bias.detach().float())
+    y = F.linear(xq, wq, None if bias is None else bias.detach().float())
+    if outliers is not None:
+        y = y + x0.index_select(-1, outliers) @ w0[:, outliers].T
+    return y

@@ -1,5 +1,6 @@
 """Weight-only int8 ``nn.Embedding``: per-row symmetric int8 codes, one fp32 scale per row.
 
+Row scales are rounded up to fp16 numbers, so ONNX stores them in 2 bytes exactly.
 Lookups gather int8 rows and their scales, then multiply, so the table is ~4x smaller on disk
 and in memory while the looked-up values are exactly ``codes * scale`` in torch and in ONNX
 Runtime (export: ``Gather(codes) -> Cast -> Mul(Gather(scales))``). ::
@@ -23,6 +24,19 @@ from torch import nn
 from ..ops.quant import dequantize, qparams, quantize, sqnr_db
 
 Tensor = torch.Tensor
+FP16_MIN_NORMAL, FP16_MAX = 2.0 ** -14, 65504.0
+
+
+def fp16_ceil(s: Tensor) -> Tensor:
+    """Row scales rounded up to fp16 numbers (float32 dtype), so the ONNX file can store them in
+    half the bytes exactly (:func:`nnsqueeze.export.half.fp16_storage`); rounding up never pushes a
+    code past 127. Unchanged if any scale is outside fp16's normal range."""
+    s = s.float()
+    if s.numel() == 0 or float(s.min()) < FP16_MIN_NORMAL or float(s.max()) * 1.001 > FP16_MAX:
+        return s
+    c = s.half()
+    up = torch.nextafter(c, torch.full_like(c, float("inf")))
+    return torch.where(c.float() >= s, c.float(), up.float())  # the smallest fp16 >= s
 
 
 class _GatherInt8Fn(torch.autograd.Function):
@@ -46,7 +60,7 @@ class QuantEmbedding(nn.Embedding):
     @torch.no_grad()
     def refresh_weight_qparams_(self) -> None:
         w = self.weight.detach().float()
-        self.weight_scale_.copy_(qparams(w.amin(1), w.amax(1), bits=8, symmetric=True)[0])
+        self.weight_scale_.copy_(fp16_ceil(qparams(w.amin(1), w.amax(1), bits=8, symmetric=True)[0]))
 
     def weight_codes(self) -> Tensor:
         zp = torch.zeros_like(self.weight_scale_, dtype=torch.int32)

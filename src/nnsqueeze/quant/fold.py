@@ -27,6 +27,7 @@ from typing import Callable
 import torch
 from torch import nn
 
+from ..distributed import batch_moments
 from ..targets import set_module
 
 Tensor = torch.Tensor
@@ -208,11 +209,14 @@ def bn_train_forward(layer: Callable[[Tensor, Tensor | None], Tensor], w: Tensor
     which equals ``bn(layer(x; w))`` in training mode when ``Q`` is the identity. ``layer(w, b)`` runs
     the layer on the (already quantized) input; the batch statistics come from a float pass, and
     the BN's running statistics are updated as ``nn.BatchNorm`` does (momentum, unbiased variance).
+    Under data-parallel training the batch statistics are those of all ranks' batches
+    (:func:`nnsqueeze.distributed.batch_moments`), like ``nn.SyncBatchNorm``.
     """
     y_float = layer(w, b)                                           # (N, C, *) with the bias
     dims = [0] + list(range(2, y_float.dim()))
-    mu = y_float.mean(dims)
-    var = y_float.var(dims, unbiased=False)
+    # Under DDP, the moments of all ranks' batches together (SyncBatchNorm semantics), so the ranks'
+    # running statistics, and hence the folded weights, stay identical; in one process plain moments.
+    mu, var, n = batch_moments(y_float, dims)
     shape = [1, -1] + [1] * (y_float.dim() - 2)
     sigma_run = torch.sqrt(bn.running_var + bn.eps)
     gamma = bn.weight if bn.affine else torch.ones_like(mu)
@@ -223,7 +227,6 @@ def bn_train_forward(layer: Callable[[Tensor, Tensor | None], Tensor], w: Tensor
     b0 = b if b is not None else torch.zeros_like(mu)
     y = y_q * (sigma_run / sigma_b).reshape(shape) + (beta + gamma * (b0 - mu) / sigma_b).reshape(shape)
     with torch.no_grad():  # running statistics, exactly as nn.BatchNorm updates them
-        n = y_float.numel() // y_float.shape[1]
         bn.num_batches_tracked.add_(1)
         m = bn.momentum if bn.momentum is not None else 1.0 / float(bn.num_batches_tracked)
         bn.running_mean.mul_(1 - m).add_(mu.detach() * m)

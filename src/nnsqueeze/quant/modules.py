@@ -5,7 +5,9 @@ A float layer is converted *in place* (its class is swapped, so parameters, hook
 ``<name>.weight`` / ``<name>.bias`` state-dict keys are kept) and gains buffers for its qparams:
 
 - ``weight_scale_`` (C_out,): symmetric per-output-channel int8 weight scales (zero point 0);
-- ``input_scale_`` (), ``input_zero_point_`` () int32: asymmetric uint8 input quantization;
+- ``input_scale_`` (), ``input_zero_point_`` () int32: per-tensor input quantization, by default
+  asymmetric uint8; ``act_scheme`` (:class:`~nnsqueeze.quant.act_scheme.ActScheme`) picks 2..8 or
+  16 bits, signed (symmetric, zero point 0) or unsigned codes;
 - ``output_scale_`` (), ``output_zero_point_`` () int32: only with ``quant_output=True`` (convs:
   ONNX Runtime fuses a Conv into QLinearConv only when its output is quantized).
 
@@ -47,12 +49,13 @@ from ..ops.lsq import lsq_fake_quantize
 from ..ops.quant import (EPS, NF4_LEVELS, dequantize, fake_quantize_bias, fake_quantize_levels, fake_quantize_ste,
                          mse_clip_qparams, nearest_level, pow2_levels, qparams, qrange, quantize, quantize_bias,
                          sqnr_db)
+from .act_scheme import ActScheme, act_qdq_export
 from .fold import bn_factor, bn_train_forward
 from .scheme import WeightScheme
 
 Tensor = torch.Tensor
 
-ACT_QMIN, ACT_QMAX = qrange(8, signed=False)  # activations: asymmetric uint8 per tensor
+ACT_QMIN, ACT_QMAX = qrange(8, signed=False)  # default activations: asymmetric uint8 per tensor (ActScheme())
 
 
 class FakeQuantMixin:
@@ -64,6 +67,7 @@ class FakeQuantMixin:
     # Plain attributes set by convert_ (not state: the step's record carries them for rebuild).
     weight_bits: int = 8
     wscheme: WeightScheme = WeightScheme()
+    ascheme: ActScheme = ActScheme()  # activation codes (input, and output when quantized)
     weight_frozen: bool = False      # True: weight scales/codes were set (AdaRound, LSQ), never re-derived
     act: str | None = None          # "relu" or None
     quant_output: bool = False
@@ -75,9 +79,12 @@ class FakeQuantMixin:
 
     # -- setup -------------------------------------------------------------------------------
     def _setup_quant(self, weight_bits: int, act: str | None, quant_output: bool,
-                     scheme: WeightScheme | None = None) -> None:
+                     scheme: WeightScheme | None = None, act_scheme: ActScheme | None = None) -> None:
         if act not in (None, "relu"):
             raise ValueError(f"act must be None or 'relu', got {act!r}")
+        self.ascheme = act_scheme or ActScheme()
+        if self.ascheme.bits == 16:  # exported as com.microsoft 16-bit QuantizeLinear/DequantizeLinear
+            self.onnx_custom_opsets = {"com.microsoft": 1}
         scheme = scheme or WeightScheme(bits=weight_bits)
         qrange(scheme.bits, signed=True)  # validates bits
         self.wscheme, self.weight_bits = scheme, scheme.bits
@@ -121,13 +128,18 @@ class FakeQuantMixin:
     def weight_qrange(self) -> tuple[int, int]:
         return qrange(self.weight_bits, signed=self.wscheme.symmetric)
 
+    @property
+    def act_qrange(self) -> tuple[int, int]:
+        """Code range of the input (and quantized output): the layer's :class:`ActScheme`."""
+        return self.ascheme.qrange
+
     def revert_(self) -> nn.Module:
         """Back to the plain float layer (same object); qparam buffers are dropped."""
         for b in ("weight_scale_", "weight_zero_point_", "weight_levels_", "input_scale_", "input_zero_point_",
                   "output_scale_", "output_zero_point_"):
             self._buffers.pop(b, None)
-        for a in ("weight_bits", "wscheme", "weight_frozen", "act", "quant_output", "_observers", "_export_cache",
-                  "_input_sum", "_input_mean"):
+        for a in ("weight_bits", "wscheme", "ascheme", "onnx_custom_opsets", "weight_frozen", "act", "quant_output",
+                  "_observers", "_export_cache", "_input_sum", "_input_mean"):
             self.__dict__.pop(a, None)
         cls = self._float_class
         self.__dict__.pop("_float_class", None)
@@ -281,7 +293,7 @@ class FakeQuantMixin:
 
     @torch.no_grad()
     def finish_calibration(self, bias_correction: bool = False) -> float | None:
-        """Turn the observed ranges into ``input_*`` / ``output_*`` qparams (asymmetric uint8).
+        """Turn the observed ranges into ``input_*`` / ``output_*`` qparams (the layer's :class:`ActScheme`).
 
         ``bias_correction``: shift the bias by ``-(Q(W) - W) @ E[x]`` so that the weight rounding
         error has zero mean on the calibration inputs (Nagel et al. 2019, "Data-free quantization",
@@ -289,11 +301,12 @@ class FakeQuantMixin:
         Returns the largest absolute bias shift, or None when not applied.
         """
         obs_in, obs_out = self._observers
-        s, z = obs_in.qparams(bits=8, symmetric=False)
+        a = self.ascheme
+        s, z = obs_in.qparams(bits=a.bits, symmetric=a.symmetric)
         self.input_scale_.copy_(s)
         self.input_zero_point_.copy_(z)
         if obs_out is not None:
-            s, z = obs_out.qparams(bits=8, symmetric=False)
+            s, z = obs_out.qparams(bits=a.bits, symmetric=a.symmetric)
             self.output_scale_.copy_(s)
             self.output_zero_point_.copy_(z)
         self._observers = None
@@ -333,11 +346,12 @@ class FakeQuantMixin:
         """Fake-quantize an activation (``which``: "input" or "output"), with LSQ while training."""
         step = self._parameters.get(f"{which}_step")
         s, z = self._buffers[f"{which}_scale_"], self._buffers[f"{which}_zero_point_"]
+        qmin, qmax = self.act_qrange
         if step is not None and self.training:
             with torch.no_grad():
                 s.copy_(step.detach().abs().clamp(min=EPS))
-            return lsq_fake_quantize(x, step, z, ACT_QMIN, ACT_QMAX)
-        return fake_quantize_ste(x, s, z, ACT_QMIN, ACT_QMAX)
+            return lsq_fake_quantize(x, step, z, qmin, qmax)
+        return fake_quantize_ste(x, s, z, qmin, qmax)
 
     def forward(self, x: Tensor) -> Tensor:
         if self._observers is not None:  # calibration: float model, record ranges
@@ -384,21 +398,36 @@ class FakeQuantMixin:
         """Same numbers through torch's fake-quant ops, which the TorchScript ONNX exporter turns into
         QuantizeLinear/DequantizeLinear. Weight and bias are constants here; the exporter's
         post-processing stores the weight as int8 and the bias as int32 (see export/onnx.py).
-        Schemes without int8 kernels (per-group, asymmetric, non-uniform levels) export their
-        quantized weight as a float constant: ORT computes the simulated numbers in float."""
+        Schemes without int8 kernels (per-group, asymmetric, non-uniform levels) and 2..4-bit ones
+        trace their quantized weight through a marker that export/lowbit.py turns into codes of the
+        scheme's width (int4/uint4/int8/uint8) decoded in the graph."""
+        from ..export.lowbit import lowbit_weight, stores_lowbit
+
         cache = self._export_cache or self.export_constants()
-        x = torch.fake_quantize_per_tensor_affine(x, self.input_scale_, self.input_zero_point_, ACT_QMIN, ACT_QMAX)
-        if self.wscheme.int8_kernels:
+        x = self._export_act(x, "input")
+        if stores_lowbit(self.wscheme):
+            w = lowbit_weight(self, cache["weight"])
+        else:  # int8 kernels: Q/DQ that export/qdq.py folds into int8 codes
             zp = torch.zeros(self.weight.shape[0], dtype=torch.int32, device=self.weight.device)
             # Codes are within the (possibly narrower) weight range already; ONNX only knows int8.
             w = torch.fake_quantize_per_channel_affine(cache["weight"], self.weight_scale_, zp, 0, -128, 127)
-        else:
-            w = cache["weight"]
-        y = self._act(self._layer(x, w, cache["bias"]))
-        if self.quant_output:
-            y = torch.fake_quantize_per_tensor_affine(y, self.output_scale_, self.output_zero_point_,
-                                                      ACT_QMIN, ACT_QMAX)
-        return y
+        y = self._layer(x, w, cache["bias"])
+        # A quantized output applies the ReLU itself (in the graph, or as a floor on the codes).
+        return self._export_act(y, "output") if self.quant_output else self._act(y)
+
+    def _export_act(self, x: Tensor, which: str) -> Tensor:
+        """Activation Q/DQ for the exporter (``which="output"`` applies ``act`` first): uint8 through
+        torch's op; other formats through :func:`~nnsqueeze.quant.act_scheme.act_qdq_export` (int8,
+        Clip'd 8-bit container, int16). For 2..8-bit formats other than uint8 an absorbed ReLU
+        becomes a floor at the zero point on the codes (exact: ``Q(relu(y)) = max(Q(y), zp)``), since
+        ONNX Runtime only drops a ReLU before a QuantizeLinear whose zero point is the type minimum."""
+        s, z = self._buffers[f"{which}_scale_"], self._buffers[f"{which}_zero_point_"]
+        relu = which == "output" and self.act == "relu"
+        if self.ascheme.is_default:
+            return torch.fake_quantize_per_tensor_affine(self._act(x) if relu else x, s, z, ACT_QMIN, ACT_QMAX)
+        if relu and self.ascheme.bits == 16:
+            return act_qdq_export(self._act(x), s, z, self.ascheme)
+        return act_qdq_export(x, s, z, self.ascheme, floor=int(z) if relu else None)
 
     @torch.no_grad()
     def export_constants(self) -> dict[str, Tensor | None]:
@@ -460,7 +489,7 @@ class FakeQuantMixin:
             sd[mkey] = torch.from_numpy(bits.reshape(shape).astype(np.bool_))
 
     def extra_repr(self) -> str:
-        parts = [super().extra_repr(), f"{self.wscheme.describe()}, a8 per-tensor asym"]
+        parts = [super().extra_repr(), f"{self.wscheme.describe()}, {self.ascheme.describe()}"]
         if self.act:
             parts.append(f"act={self.act}")
         if self.quant_output:
@@ -487,7 +516,8 @@ MODULE_MAP: dict[type, type] = {nn.Linear: QuantLinear, nn.Conv1d: QuantConv1d, 
 
 
 def convert_(module: nn.Module, weight_bits: int = 8, act: str | None = None,
-             quant_output: bool | None = None, scheme: WeightScheme | None = None) -> FakeQuantMixin:
+             quant_output: bool | None = None, scheme: WeightScheme | None = None,
+             act_scheme: ActScheme | None = None) -> FakeQuantMixin:
     """Turn a plain ``nn.Linear``/``nn.Conv1d``/``nn.Conv2d`` into its fake-quant class, in place.
 
     ``quant_output`` defaults to True for convs (ORT's QLinearConv needs a quantized output) and
@@ -503,7 +533,7 @@ def convert_(module: nn.Module, weight_bits: int = 8, act: str | None = None,
     float_class = type(module)
     module.__class__ = cls
     module._float_class = float_class
-    module._setup_quant(weight_bits, act, quant_output, scheme)
+    module._setup_quant(weight_bits, act, quant_output, scheme, act_scheme)
     return module
 
 

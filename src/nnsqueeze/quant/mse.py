@@ -19,7 +19,8 @@ from __future__ import annotations
 
 import torch
 
-from ..ops.quant import fake_quantize, qparams, qrange
+from ..ops.quant import fake_quantize
+from .act_scheme import act_qparams as qparams, act_qrange as qrange
 from ..registry import OBSERVERS
 from .sampling import SampleObserver
 

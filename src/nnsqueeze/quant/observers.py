@@ -23,7 +23,7 @@ from __future__ import annotations
 import torch
 
 from ..errors import DataError
-from ..ops.quant import qparams as _qparams
+from .act_scheme import act_qparams as _qparams
 from ..registry import OBSERVERS
 from .sampling import check_finite
 
@@ -70,7 +70,8 @@ class MinMaxObserver:
         self.count_ += 1
 
     def qparams(self, bits: int = 8, symmetric: bool = False) -> tuple[Tensor, Tensor]:
-        """(scale float32, zero_point int32) for the range seen (see :func:`nnsqueeze.ops.quant.qparams`)."""
+        """(scale float32, zero_point int32) for the range seen on the ``bits``-bit code range (2..8 or 16;
+        signed when ``symmetric``), see :func:`nnsqueeze.quant.act_scheme.act_qparams`."""
         if self.min_ is None:
             raise DataError(f"calibration at layer {self.name}", "the observer saw no data",
                             fix="make sure the calibration data reaches this layer")

@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 
 from ..errors import DataError
-from ..ops.quant import qparams as _qparams
+from .act_scheme import act_qparams as _qparams
 
 Tensor = torch.Tensor
 

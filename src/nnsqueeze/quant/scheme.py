@@ -13,9 +13,11 @@ consecutive values), per-tensor one shared scale repeated on every row. Each row
   k-means on the layer's absmax-normalized weights): value = level * row absmax;
 - ``clip: mse``: per-row clipping ratio searched to minimize the squared weight error (uniform only).
 
-Only uniform symmetric per-channel/per-tensor weights map to ONNX Runtime's int8 kernels; the
-other schemes export their (already quantized) weights as float constants, so ORT computes exactly
-the simulated numbers but in float kernels. ::
+Uniform per-channel/per-tensor weights map to ONNX Runtime's int8 kernels (``int8_kernels``: the
+symmetric ones, whose simulation also rounds the bias to int32; ORT fuses asymmetric uint8 codes too).
+In the exported ONNX every scheme's weight is stored as codes of its width (int4/uint4 for 2..4
+bits, int8/uint8 above; :mod:`nnsqueeze.export.lowbit`); per-group and non-uniform weights are
+decoded in the graph and run in float kernels, computing exactly the simulated numbers. ::
 
     >>> from nnsqueeze.quant.scheme import WeightScheme
     >>> WeightScheme(bits=4, granularity="per-group", group_size=16).int8_kernels

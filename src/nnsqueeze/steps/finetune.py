@@ -43,6 +43,10 @@ Data parallel: launched by ``torchrun --nproc-per-node=N`` the step joins the pr
 (:mod:`nnsqueeze.distributed`), wraps the model in DDP, gives rank r every N-th batch starting at r
 (each rank the same count), and unwraps afterwards; only rank 0 shows progress and logs. With DDP
 the effective batch is N times the data's batch size, so the same ``steps`` see N times the data.
+BatchNorm under DDP: a plain ``nn.BatchNorm`` normalizes with its rank's batch statistics and DDP
+broadcasts rank 0's running statistics at every forward (torch's default; rank 0's buffers are
+broadcast once more after the last step, so every rank ends identical); a BatchNorm attached to a
+layer by ``qat`` uses the statistics of all ranks' batches together (SyncBatchNorm semantics).
 """
 
 from __future__ import annotations
@@ -237,6 +241,9 @@ class Finetune(Step):
                     if main and ((step + 1) % c.log_every == 0 or step + 1 == total):
                         ctx.log.info("finetune: step %d/%d loss %.4f lr %.3g", step + 1, total, value,
                                      opt.param_groups[0]["lr"])
+                # DDP broadcasts rank 0's buffers at each forward; the last forward's own updates
+                # (running statistics of plain BatchNorms) would leave the ranks differing.
+                dd.broadcast_buffers(model)
                 for cb in callbacks:
                     cb.on_train_end(model)
         finally:

@@ -26,6 +26,12 @@ QDQ ONNX like the ``quantize`` step's. Recipe::
 
 The step's record is updated in place when training ends (folded BNs, LSQ removed), so the saved
 artifact rebuilds the final structure.
+
+Under ``torchrun`` (data-parallel ``finetune``) the result is that of one process training on the
+union of the ranks' batches: attached BNs use the batch statistics of all ranks together
+(:func:`nnsqueeze.distributed.batch_moments`, so their running statistics and the folded weights
+stay identical on every rank), and the activation step sizes' LSQ gradient scale counts the global
+batch (:func:`lsq_world_scale_hooks`). Tested against that reference in tests/steps/test_qat_ddp.py.
 """
 
 from __future__ import annotations
@@ -36,6 +42,7 @@ import torch
 from pydantic import Field
 from torch import nn
 
+from .. import distributed as dd
 from ..errors import RecipeError
 from ..ops.quant import EPS, fake_quantize, fake_quantize_levels
 from ..quant.fold import attach_batchnorm, attach_structure, fold_attached_
@@ -73,7 +80,7 @@ def share_steps(model: nn.Module) -> dict[str, str]:
     shared = {}
     for name, m in fake_quant_modules(model):
         for pname, p in outs:
-            if pname != name and torch.equal(p.output_scale_, m.input_scale_) and \
+            if pname != name and p.ascheme == m.ascheme and torch.equal(p.output_scale_, m.input_scale_) and \
                     torch.equal(p.output_zero_point_, m.input_zero_point_):
                 shared[name] = pname
                 break
@@ -126,6 +133,7 @@ class QatCallback:
     def on_train_begin(self, model: nn.Module, total: int) -> None:
         if self.freeze_bn_after == 0:
             self._freeze(model)
+        self._hooks = lsq_world_scale_hooks(model, dd.world_size() if dd.synced() else 1)
 
     def on_step_end(self, model: nn.Module, step: int, total: int) -> None:
         if self.freeze_bn_after is not None and step + 1 >= self.freeze_bn_after:
@@ -143,7 +151,29 @@ class QatCallback:
         return self.grid_lambda * torch.stack(terms).mean() if terms else 0.0
 
     def on_train_end(self, model: nn.Module) -> None:
+        for h in getattr(self, "_hooks", []):
+            h.remove()
+        self._hooks = []
         finalize_qat_(model, self.record)
+
+
+def lsq_world_scale_hooks(model: nn.Module, world: int) -> list:
+    """Under data parallelism over ``world`` ranks: scale the activation step sizes' gradients by
+    ``1 / sqrt(world)``. LSQ's gradient scale ``1 / sqrt(numel * qmax)`` counts the elements of the
+    batch the layer sees, a rank's share of the global batch; the global batch has ``world`` times
+    as many, so this makes the averaged gradient the one training on the union of the ranks' batches
+    gets (weight step sizes do not depend on the batch). Returns the hook handles."""
+    if world <= 1:
+        return []
+    seen: set[int] = set()
+    hooks = []
+    for _, m in fake_quant_modules(model):
+        for which in ("input_step", "output_step"):
+            p = m._parameters.get(which)
+            if p is not None and id(p) not in seen:  # a shared grid is one parameter: scale it once
+                seen.add(id(p))
+                hooks.append(p.register_hook(lambda g, f=world ** -0.5: g * f))
+    return hooks
 
 
 def finalize_qat_(model: nn.Module, record: dict[str, Any]) -> None:

@@ -3,7 +3,8 @@
 Folds BatchNorm into the preceding layers, optionally equalizes consecutive layers (CLE or
 SmoothQuant, :mod:`nnsqueeze.quant.equalize`), swaps Linear/Conv1d/Conv2d for fake-quant layers
 (:mod:`nnsqueeze.quant.modules`: weights in a :class:`~nnsqueeze.quant.scheme.WeightScheme`, by
-default int8 symmetric per-channel; uint8 asymmetric per-tensor activations; int32 bias),
+default int8 symmetric per-channel; per-tensor activations in a
+:class:`~nnsqueeze.quant.act_scheme.ActScheme`, by default uint8 asymmetric; int32 bias),
 calibrates the activation ranges on ``ctx.calib_data`` (else ``ctx.train_data``), optionally learns
 the weight rounding with AdaRound (layer by layer, on the quantized model's inputs), corrects the
 biases for the mean weight rounding error, and absorbs a ReLU that directly follows a conv so that
@@ -11,14 +12,21 @@ ONNX Runtime runs QLinearConv/QGemm end to end. Recipe::
 
     - quantize:
         weights: {bits: 8, granularity: per-channel, symmetric: true}   # bits 2..8, per-tensor/per-group
-        activations: {bits: 8, granularity: per-tensor, symmetric: false}
+        activations: {bits: 8, granularity: per-tensor, symmetric: false}   # bits 2..8 or 16; true: signed
         calibration: {method: minmax, samples: 512}
         fold_bn: true
         bias_correction: true
         # weights: {bits: 4, clip: mse, adaround: {iters: 1000}}         # low-bit options
         # weights: {bits: 4, levels: nf4}                                # or pow2 / kmeans
         # layer_weights: {classifier.2: {bits: 8}}                       # per-layer schemes
+        # layer_activations: {classifier.2: {bits: 16}}                  # per-layer activation formats
         # equalize: {method: cle, iterations: 2}                         # or smoothquant
+        # ops: [add, matmul]   # residual adds + activation matmuls (fx), or HF attention q@k^T, p@v
+
+``ops`` quantizes what sits between layers (:mod:`nnsqueeze.quant.functional`): on fx-traceable
+models every ``add`` / ``matmul`` of two activations gets uint8 per-tensor inputs (and output, for
+``add``), so ORT runs QLinearAdd and integer MatMuls; Hugging Face encoders get int8 attention
+matmuls through :mod:`nnsqueeze.quant.attention`. An untraceable model is reported via ``ctx.skip``.
 
 In Python::
 
@@ -40,6 +48,11 @@ drift from its simulation (measured: 4% of the logit range, 96.5% top-1 agreemen
 ``weights.reduce_range: auto`` (default) then uses 7-bit weight codes, which cannot saturate, and
 notes it in the report; ``true``/``false`` force it. The choice is recorded, so a reloaded artifact
 is the same on every machine.
+
+Activation formats (``activations`` / ``layer_activations``): uint8 and int8 export as plain
+QuantizeLinear/DequantizeLinear; 2..7 bits as ``Q -> Clip(codes) -> DQ`` in a uint8 container
+(ORT keeps QLinearConv/QGemm); 16 bits as com.microsoft int16 Q/DQ, where ORT computes those
+layers in float on the exact 16-bit values (reported as a fallback). See docs/quantization.md.
 """
 
 from __future__ import annotations
@@ -55,6 +68,7 @@ from ..data import as_batches, call_model, split, take, to_device
 from ..errors import DataError, ModelError, RecipeError
 from ..quant.fold import fold_batchnorm, refold_structure
 from ..quant.modules import MODULE_MAP, convert_
+from ..quant.act_scheme import ActScheme
 from ..quant.scheme import WeightScheme
 from ..registry import OBSERVERS, STEPS
 from .base import Step, StepConfig, recorded_module
@@ -94,9 +108,10 @@ class WeightsConfig(_Strict):
 
 
 class ActivationsConfig(_Strict):
-    bits: int = Field(8, ge=2, le=8)
+    bits: Literal[2, 3, 4, 5, 6, 7, 8, 16] = Field(8, description="2..8 or 16 bits per activation code")
     granularity: Literal["per-tensor", "per-channel"] = "per-tensor"
-    symmetric: bool = False
+    symmetric: bool = Field(False, description="true: signed codes, zero point 0; false: unsigned codes with "
+                            "a zero point (uint8 by default)")
 
 
 class CalibrationConfig(_Strict):
@@ -122,17 +137,29 @@ class QuantizeConfig(StepConfig):
     equalize: EqualizeConfig | None = Field(None, description="rescale consecutive layers before quantizing")
     layer_weights: dict[str, WeightsConfig] = Field(
         default_factory=dict, description="per-layer weight schemes by exact module name (override 'weights')")
+    layer_activations: dict[str, ActivationsConfig] = Field(
+        default_factory=dict, description="per-layer activation formats by exact module name (override "
+        "'activations'; the layer's input and, for convs, its output)")
+    ops: list[Literal["add", "matmul"]] = Field(
+        default_factory=list, description="also quantize the inputs of these ops between two activations "
+        "(uint8 per tensor; add: residual adds, output too -> QLinearAdd; matmul: matmul/bmm/@, and Hugging Face "
+        "attention's q@k^T and p@v); see nnsqueeze.quant.functional")
 
 
 SUPPORTED_TEXT = ("weights: bits 2..8, symmetric or not, per-channel / per-tensor / per-group (group_size), "
-                  "levels uniform / pow2 / nf4 (bits 4) / kmeans; activations: {bits: 8, granularity: per-tensor, "
-                  "symmetric: false}")
+                  "levels uniform / pow2 / nf4 (bits 4) / kmeans; activations: bits 2..8 or 16, granularity "
+                  "per-tensor, symmetric true (signed codes) or false (unsigned codes, zero point)")
 
 
 def weight_scheme(w: WeightsConfig, bits: int | None = None) -> WeightScheme:
     """The :class:`WeightScheme` of a weights config (``bits`` overrides, e.g. reduced range)."""
     return WeightScheme(bits=bits or w.bits, symmetric=w.symmetric, granularity=w.granularity,
                         group_size=w.group_size, levels=w.levels, clip=w.clip)
+
+
+def act_scheme(a: ActivationsConfig) -> ActScheme:
+    """The :class:`ActScheme` of an activations config."""
+    return ActScheme(bits=int(a.bits), symmetric=bool(a.symmetric))
 
 
 def _relu_plan(model: nn.Module, convs: list[str]) -> dict[str, tuple[bool, str | None]]:
@@ -239,11 +266,15 @@ class Quantize(Step):
             if w.adaround is not None and w.levels != "uniform":
                 raise RecipeError(f"{where}.{key}.adaround", "AdaRound learns rounding on a uniform grid",
                                   fix="use levels: uniform with adaround, or drop adaround")
-        if a.granularity != "per-tensor" or a.symmetric or a.bits != 8:
-            raise RecipeError(f"{where}.activations",
-                              f"{a.bits}-bit {a.granularity} {'symmetric' if a.symmetric else 'asymmetric'} "
-                              "activations are not supported yet (ONNX Runtime int8 kernels)",
-                              fix=f"supported: {SUPPORTED_TEXT}")
+        for key, a in [("activations", a)] + [(f"layer_activations.{k}", v)
+                                              for k, v in self.config.layer_activations.items()]:
+            if a.granularity != "per-tensor":
+                raise RecipeError(f"{where}.{key}", f"{a.granularity} activations are not supported (activations "
+                                  "are quantized per tensor)", fix=f"supported: {SUPPORTED_TEXT}")
+            try:
+                act_scheme(a)
+            except ValueError as e:
+                raise RecipeError(f"{where}.{key}.bits", str(e), fix=f"supported: {SUPPORTED_TEXT}") from None
         OBSERVERS.get(self.config.calibration.method, where=f"{where}.calibration.method")
 
     def select(self, model: nn.Module, ctx: Any, supported: tuple[type, ...]) -> Any:
@@ -308,6 +339,26 @@ class Quantize(Step):
             out[lname] = (sch, w)
         return out
 
+    def _act_schemes(self, layers: list[tuple[str, nn.Module]], ctx) -> dict[str, ActScheme]:
+        """Activation scheme per layer (``layer_activations`` overrides); says in the report how ORT
+        runs the formats that are not plain 8-bit."""
+        cfg, name = self.config, self.registered_name
+        unknown = set(cfg.layer_activations) - {n for n, _ in layers}
+        if unknown:
+            raise RecipeError(f"{self.where}.layer_activations", f"{sorted(unknown)} are not quantized layers",
+                              fix=f"use exact module names among {[n for n, _ in layers]}")
+        out = {lname: act_scheme(cfg.layer_activations.get(lname, cfg.activations)) for lname, _ in layers}
+        wide = sorted(n for n, a in out.items() if a.bits == 16)
+        narrow = sorted(n for n, a in out.items() if a.bits < 8)
+        if wide:
+            ctx.fallback(name, f"16-bit activations ({len(wide)} layers: {', '.join(wide[:4])}"
+                         f"{'...' if len(wide) > 4 else ''}): ONNX Runtime has no 16-bit conv/matmul kernels, these "
+                         "layers run in float on the exact dequantized 16-bit values (com.microsoft Q/DQ)")
+        if narrow:
+            ctx.report.note(name, f"{len(narrow)} layers with 2..7-bit activations are exported in an 8-bit "
+                            "container with a Clip on the codes; ONNX Runtime keeps its 8-bit kernels")
+        return out
+
     def run(self, model: nn.Module, ctx) -> nn.Module:
         cfg, name = self.config, self.registered_name
         data = self._calib_data(ctx)
@@ -344,6 +395,7 @@ class Quantize(Step):
                     hit = next((x for x in absorbed if x["pair"] == e["pair"]), None)
                     e["bias_absorbed"] = None if hit is None else hit["absorbed_max"]
         schemes = self._schemes(layers, ctx)
+        aschemes = self._act_schemes(layers, ctx)
 
         plan = _relu_plan(model, [n for n, m in layers if isinstance(m, _CONVS)])
         observer = OBSERVERS.get(cfg.calibration.method)
@@ -353,7 +405,7 @@ class Quantize(Step):
         for lname, mod in layers:
             absorb = plan.get(lname, (False, None))[0]
             sch, wcfg = schemes[lname]
-            convert_(mod, weight_bits=sch.bits, act="relu" if absorb else None, scheme=sch)
+            convert_(mod, weight_bits=sch.bits, act="relu" if absorb else None, scheme=sch, act_scheme=aschemes[lname])
             mod.start_calibration(lambda name, obs=observer: obs(axis=None, name=name), lname)
 
         # Calibration: float forward, ranges observed inside each layer.
@@ -406,11 +458,16 @@ class Quantize(Step):
             record_layers[lname] = {"type": mod._float_class.__name__, "act": mod.act,
                                     "quant_output": mod.quant_output, "weight_bits": mod.weight_bits,
                                     "scheme": sch.to_dict()}
+            if not mod.ascheme.is_default:  # absent: uint8 asymmetric (records from before this option)
+                record_layers[lname]["act_scheme"] = mod.ascheme.to_dict()
             sqnr = mod.weight_sqnr_db()
             extra = {"adaround": adaround_stats[lname]} if lname in adaround_stats else {}
-            ctx.report.layer(lname, bits=mod.weight_bits, act_bits=8,
-                             scheme=f"{sch.describe()} / a8 per-tensor asym",
-                             ort_kernels="int8" if sch.int8_kernels else "float (weights pre-quantized)",
+            asch = mod.ascheme
+            ctx.report.layer(lname, bits=mod.weight_bits, act_bits=asch.bits,
+                             scheme=f"{sch.describe()} / {asch.describe()}",
+                             ort_kernels="int8" if sch.int8_kernels and asch.int8_kernels else (
+                                 "float (16-bit activations)" if not asch.int8_kernels
+                                 else "float (weights pre-quantized)"),
                              weight_sqnr_db=round(sqnr, 2) if sqnr == sqnr and abs(sqnr) != float("inf") else None,
                              **extra)
         if not record_layers:
@@ -422,13 +479,21 @@ class Quantize(Step):
                             f"(calibration.samples asks for {cfg.calibration.samples})")
         self._record = {"folded": [list(p) for p in folded], "relu_removed": relu_removed,
                         "layers": record_layers}
+        if cfg.ops:  # activation-activation ops (fx pass, or HF attention): may return a GraphModule
+            from ..quant.functional import quantize_ops
+
+            model, self._record["ops"] = quantize_ops(model, cfg.ops, take(data, cfg.calibration.samples),
+                                                      lambda name, obs=observer: obs(axis=None, name=name), ctx,
+                                                      name, ctx.device)
         bits_used = sorted({v["weight_bits"] for v in record_layers.values()})
+        acts_used = [a.describe() for a in sorted({ActScheme.from_dict(v.get("act_scheme")) for v in record_layers.values()},
+                                                  key=lambda a: (a.bits, a.symmetric))]
         figures: dict[str, Any] = dict(
             calibration_samples=n_samples, calibration_batches=n_batches, quantized_layers=len(record_layers),
             bn_folded=len(folded), bias_corrected=n_corrected,
             relu_fused=sum(v["act"] == "relu" for v in record_layers.values()),
             weight_bits=bits_used[0] if len(bits_used) == 1 else bits_used,
-            scheme=f"{weight_scheme(cfg.weights, bits_used[-1]).describe()}, a8 per-tensor asym"
+            scheme=f"{weight_scheme(cfg.weights, bits_used[-1]).describe()}, {' + '.join(acts_used)}"
                    + (", int32 bias" if weight_scheme(cfg.weights).int8_kernels else ""))
         if equalized:
             figures["equalized_pairs"] = equalized
@@ -445,11 +510,9 @@ class Quantize(Step):
         scales frozen). Returns figures (+ the float weight, for bias correction)."""
         from ..ops.adaround import adaround
         from ..ops.quant import fake_quantize
-        from ..quant.modules import ACT_QMAX, ACT_QMIN
-
         ref_w = mod.masked_weight().detach().clone()
         bias = None if mod.bias is None else mod.bias.detach()
-        xq = fake_quantize(x, mod.input_scale_, mod.input_zero_point_, ACT_QMIN, ACT_QMAX)
+        xq = fake_quantize(x, mod.input_scale_, mod.input_zero_point_, *mod.act_qrange)
         shape = ref_w.shape
 
         def fn(w_rows, xb):
@@ -475,7 +538,13 @@ class Quantize(Step):
                                  f"expected a {info['type']}, found {type(mod).__name__}",
                                  fix="load the artifact with the same model class it was made from")
             sch = WeightScheme.from_dict(info.get("scheme"), bits=int(info["weight_bits"]))
-            convert_(mod, weight_bits=sch.bits, act=info["act"], quant_output=info["quant_output"], scheme=sch)
+            asch = ActScheme.from_dict(info.get("act_scheme"))  # records without it: uint8 (the old default)
+            convert_(mod, weight_bits=sch.bits, act=info["act"], quant_output=info["quant_output"], scheme=sch,
+                     act_scheme=asch)
         for relu_name in record.get("relu_removed", []):
             set_module(model, relu_name, nn.Identity())
+        if record.get("ops"):
+            from ..quant.functional import rebuild_ops
+
+            model = rebuild_ops(model, record["ops"])
         return model

@@ -10,6 +10,8 @@ model computes exactly what ORT computes (see :mod:`nnsqueeze.quant.dynamic`). R
           weights: {bits: 8, symmetric: true}    # int8 codes; reduce_range: auto -> 7 bits without VNNI
           embeddings: true                       # nn.Embedding tables as int8 rows
           smooth: {alpha: auto, samples: 128}    # optional: needs calib_data (see below)
+          outliers: {ratio: 6.0, max_channels: 8} # optional: needs calib_data (see below)
+          attention: true                        # HF encoders: q@k^T and p@v on run-time int8 codes
           ignore: ["re:.*pooler.*"]
 
 ``smooth`` migrates activation outlier channels into the weights inside each layer
@@ -18,6 +20,13 @@ calibration inputs (Linears that read the same tensor, e.g. q/k/v, share one ``s
 auto`` picks one alpha for the model from ``ALPHA_GRID`` and no smoothing, by the error of the
 model's outputs on the calibration batches (layers simulated in float32 fake quantization).
 Costs one elementwise multiply per group at run time.
+``attention: true`` also quantizes the two attention matmuls of Hugging Face encoders at run time
+(q, k^T, probabilities and v each through ``DynamicQuantizeLinear``, then ``MatMulInteger``;
+:mod:`nnsqueeze.quant.attention`); softmax and LayerNorm stay float by design.
+``outliers`` computes in float32 the few input channels whose calibrated max |x| is over ``ratio``
+times the median channel's (LLM.int8()'s decomposition; all-MiniLM-L6-v2's FFN-down layers have
+one channel 4-17x the median): the int8 path gets a multiplier of 0 there and a ``Gather -> MatMul
+(k columns) -> Add`` adds them back, so the run-time range no longer spans them.
 ``float_layers: N`` keeps in float the N Linears whose quantization alone moves the model's
 calibration outputs the most (measured one layer at a time, same simulation).
 
@@ -49,6 +58,7 @@ from ..data import call_model, split, take
 from ..export.onnx import _flatten_outputs
 from ..errors import DataError, ModelError
 from ..llm.smoothquant import AbsMaxAccumulator, smooth_scales
+from ..ops.dynamic import outlier_channels
 from ..quant.dynamic import convert_dynamic_, dynamic_fake_linear
 from ..quant.embedding import convert_embeddings, rebuild_embeddings
 from ..registry import STEPS
@@ -83,13 +93,25 @@ class SmoothConfig(BaseModel):
         return v
 
 
+class OutliersConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    ratio: float = Field(6.0, gt=1.0, description="an input channel whose calibrated max |x| exceeds ratio x the "
+                         "median channel's is computed in float32 instead of int8")
+    max_channels: int = Field(8, ge=1, description="at most this many float channels per layer")
+    samples: int = Field(128, ge=1, description="calibration samples (from calib_data)")
+
+
 class QuantizeDynamicConfig(StepConfig):
     weights: DynamicWeightsConfig = Field(default_factory=DynamicWeightsConfig)
     embeddings: bool = Field(False, description="also store nn.Embedding tables as per-row int8 (weight-only)")
     smooth: SmoothConfig | None = Field(None, description="per-layer outlier smoothing calibrated on calib_data "
                                         "(null: off, no data needed)")
+    outliers: OutliersConfig | None = Field(None, description="calibrated outlier input channels computed in "
+                                            "float32 beside the int8 matmul (null: off, no data needed)")
     float_layers: int = Field(0, ge=0, description="keep this many Linears in float: those whose quantization "
                               "alone (with its smoothing) moves the model's outputs on calib_data the most")
+    attention: bool = Field(False, description="Hugging Face encoders: quantize the inputs of the attention "
+                            "matmuls (q@k^T, p@v) at run time too (DynamicQuantizeLinear + MatMulInteger)")
 
 
 @STEPS.register("quantize-dynamic")
@@ -102,6 +124,7 @@ class QuantizeDynamic(Step):
     def __init__(self, config: QuantizeDynamicConfig, index: int = 0):
         super().__init__(config, index)
         self._record: dict[str, Any] = {}
+        self._outl: dict[str, Tensor] = {}
 
     def _bits(self, ctx) -> int:
         w = self.config.weights
@@ -129,17 +152,22 @@ class QuantizeDynamic(Step):
                 ctx.skip(name, lname, f"{type(mod).__name__} is not a plain nn.Linear")
                 continue
             plain.append((lname, mod))
+        self._outl = self._outliers(model, ctx, plain) if self.config.outliers is not None and plain else {}
         smooth = self._smooth(model, ctx, plain, bits, signed) if self.config.smooth is not None and plain else {}
         if self.config.float_layers and plain:
             keep = self._most_sensitive(model, ctx, plain, smooth, bits, signed)
             plain = [(n, m) for n, m in plain if n not in keep]
         for lname, mod in plain:
             s, alpha = smooth.get(lname, (None, None))
-            convert_dynamic_(mod, bits=bits, signed=signed, smooth=s)
+            idx = self._outl.get(lname)
+            convert_dynamic_(mod, bits=bits, signed=signed, smooth=s, outliers=idx)
             layers[lname] = {"bits": bits, "signed": signed, "smoothed": s is not None}
+            extra = {} if self.config.smooth is None else {"smooth_alpha": alpha}
+            if idx is not None:
+                layers[lname]["outliers"] = [int(i) for i in idx]
+                extra["float_channels"] = len(idx)
             sqnr = mod.weight_sqnr_db()
             kind = f"w{bits} per-channel {'sym' if signed else 'asym'}"
-            extra = {} if self.config.smooth is None else {"smooth_alpha": alpha}
             ctx.report.layer(lname, bits=bits, act_bits=8, scheme=f"{kind} / a8 dynamic per-tensor asym",
                              weight_sqnr_db=round(sqnr, 2) if abs(sqnr) != float("inf") and sqnr == sqnr else None,
                              **extra)
@@ -148,10 +176,41 @@ class QuantizeDynamic(Step):
         embs = convert_embeddings(model, self.config.ignore, f"{self.where}.ignore", ctx, name) \
             if self.config.embeddings else []
         self._record = {"layers": layers, "embeddings": embs}
+        if self.config.attention:
+            from ..quant.attention import quantize_attention_dynamic
+
+            self._record["attention"] = quantize_attention_dynamic(model, ctx, name, self.where)
         ctx.report.step(quantized_layers=len(layers), weight_bits=bits,
                         scheme=f"w{bits} per-channel {'sym' if signed else 'asym'}, a8 dynamic",
-                        smoothed_layers=sum(v["smoothed"] for v in layers.values()))
+                        smoothed_layers=sum(v["smoothed"] for v in layers.values()),
+                        **({"outlier_layers": sum("outliers" in v for v in layers.values())}
+                           if self.config.outliers is not None else {}))
         return model
+
+    @torch.no_grad()
+    def _outliers(self, model: nn.Module, ctx, plain: list) -> dict[str, Tensor]:
+        """Per layer the input channels computed in float (calibrated max |x| > ratio x median)."""
+        cfg = self.config.outliers
+        if ctx is None or ctx.calib_data is None:
+            raise DataError(f"{self.where}.outliers", "outlier channels are found on data but no calib_data was "
+                            "given", fix="pass calib_data=... or remove 'outliers' from the step")
+        accs = {n: AbsMaxAccumulator(m.in_features) for n, m in plain}
+        was = model.training
+        model.eval()
+        try:
+            self._forward(model, take(ctx.calib_data, cfg.samples),
+                          {n: (m, (lambda a: lambda mod, inp: a.add(inp[0]))(accs[n])) for n, m in plain})
+        finally:
+            model.train(was)
+        out = {}
+        for n, _ in plain:
+            if not accs[n].tokens:
+                ctx.skip(self.registered_name, n, "outliers: the layer saw no calibration input; no float channels")
+                continue
+            idx = outlier_channels(accs[n].absmax, cfg.ratio, cfg.max_channels)
+            if idx is not None:
+                out[n] = idx
+        return out
 
     @torch.no_grad()
     def _smooth(self, model: nn.Module, ctx, plain: list, bits: int, signed: bool) -> dict[str, tuple]:
@@ -231,15 +290,18 @@ class QuantizeDynamic(Step):
     def _output_error(self, model, batches, layers, bits, signed, refs=None) -> float:
         """Relative squared error of the model's outputs with ``layers`` (name -> (module, s))
         fake-quantized, against the float model, summed over the calibration batches."""
-        def swap(s):
-            return lambda mod, inp, out: dynamic_fake_linear(inp[0], mod.weight, mod.bias, s, bits, signed)
+        outl = getattr(self, "_outl", {})
+
+        def swap(n, s):
+            return lambda mod, inp, out: dynamic_fake_linear(inp[0], mod.weight, mod.bias, s, bits, signed,
+                                                             outl.get(n))
 
         err = 0.0
         for bi, b in enumerate(batches):
             x = split(b)[0]
             ref = refs[bi] if refs is not None else \
                 [t.float() for t in _flatten_outputs(call_model(model, x)) if t.is_floating_point()]
-            handles = [m.register_forward_hook(swap(s)) for m, s in layers.values()]
+            handles = [m.register_forward_hook(swap(n, s)) for n, (m, s) in layers.items()]
             try:
                 got = [t.float() for t in _flatten_outputs(call_model(model, x)) if t.is_floating_point()]
             finally:
@@ -268,6 +330,11 @@ class QuantizeDynamic(Step):
             mod = recorded_module(model, lname, (nn.Linear,), "quantize-dynamic record")
             # A smoothed layer gets placeholder scales here; the weights file restores W*s and 1/s.
             s = torch.ones(mod.in_features) if info.get("smoothed") else None
-            convert_dynamic_(mod, bits=int(info["bits"]), signed=bool(info["signed"]), smooth=s)
+            idx = torch.tensor(info["outliers"], dtype=torch.int64) if info.get("outliers") else None
+            convert_dynamic_(mod, bits=int(info["bits"]), signed=bool(info["signed"]), smooth=s, outliers=idx)
         rebuild_embeddings(model, record.get("embeddings", []))
+        if record.get("attention"):
+            from ..quant.attention import rebuild_attention
+
+            rebuild_attention(model, record["attention"])
         return model
