@@ -49,7 +49,7 @@ DATA = Path(__file__).with_name("data") / "sentences.txt"
 BATCH, THREADS = 32, 2
 INPUTS = ["input_ids", "attention_mask", "token_type_ids"]
 DYN = {n: {1: "seq"} for n in INPUTS}
-PRESETS = ["int8-dynamic", "int8-dynamic-smooth", "w8-weight-only", "w4-g128", "fp16", "bf16"]
+PRESETS = ["int8-dynamic", "int8-dynamic-smooth", "int8-dynamic-bert", "w8-weight-only", "w4-g128", "fp16", "bf16"]
 # Variants that are not presets: (label, recipe steps).
 VARIANTS = [("int8-dynamic-u8u8", [{"quantize-dynamic": {"weights": {"symmetric": False}, "embeddings": True}}]),
             ("int8-dynamic-ffn-down-fp32", [{"quantize-dynamic": {"embeddings": True,
@@ -63,6 +63,10 @@ VARIANTS = [("int8-dynamic-u8u8", [{"quantize-dynamic": {"weights": {"symmetric"
             # ... plus the N Linears whose quantization alone hurts the calibration outputs most kept in float.
             *[(f"int8-dynamic-smooth-0.8-float{k}", [{"quantize-dynamic": {"embeddings": True, "smooth": {"alpha": 0.8},
                                                                            "float_layers": k}}]) for k in (2, 4)]]
+# ORT worker threads spin after each run by default; with systems interleaved batch by batch on 2
+# cores one session's spinning threads steal the next one's cores (measured -25% for every ORT
+# system), so spinning is off for every ORT session here (--spinning turns it back on).
+SPINNING = False
 CALIB_BATCHES = 4  # calibration: the first 4 batches (128 sentences); "held-out" figures exclude them
 
 
@@ -140,7 +144,12 @@ def main() -> None:
     ap.add_argument("--systems", default="")
     ap.add_argument("--rounds", type=int, default=1, help="passes over the corpus (the first gives fidelity)")
     ap.add_argument("--json", default="")
+    ap.add_argument("--spinning", action="store_true", help="let ORT's idle threads spin (ORT's default)")
+    ap.add_argument("--blocks", action="store_true", help="time each system alone over the whole corpus (order "
+                    "rotating per round) instead of interleaving systems batch by batch")
     args = ap.parse_args()
+    global SPINNING
+    SPINNING = args.spinning
     torch.set_num_threads(THREADS)
     torch.manual_seed(0)
     sentences = DATA.read_text(encoding="utf-8").splitlines()
@@ -169,7 +178,7 @@ def main() -> None:
         return {"run": run, "bytes": state_bytes(m)}
 
     def ort_sys(path, extra=None):
-        sess = OrtModule(path, threads=THREADS)
+        sess = OrtModule(path, threads=THREADS, spinning=SPINNING)
         ops = sorted(set(optimized_op_types(path)) & {"DynamicQuantizeMatMul", "MatMulInteger", "MatMulIntegerToFloat",
                                                    "MatMulNBits", "QGemm", "MatMul", "FusedMatMul", "Gemm"})
         return {"run": lambda b: sess(**b), "bytes": os.path.getsize(path), "ops": ops, **(extra or {})}
@@ -226,26 +235,33 @@ def main() -> None:
     for label, steps in VARIANTS:
         add(f"nsq-{label}", nsq_sys(steps))
 
-    # One pass over the whole corpus, systems interleaved batch by batch (so load from other
-    # processes hits every system alike): embeddings for fidelity and wall time for throughput.
+    # Passes over the whole corpus: systems interleaved batch by batch (default: load from other
+    # processes hits every system alike) or each alone (--blocks: what one deployed session sees);
+    # embeddings for fidelity from the first pass, wall time of every pass for throughput.
     for s in systems.values():
         s["run"](data[0])  # warm-up
     embs: dict[str, list] = {n: [] for n in systems}
     secs: dict[str, list[float]] = {n: [] for n in systems}
     ref_list = []
+    with torch.inference_mode():  # the fp32 reference, before any timing
+        ref_list.extend(base(**b) for b in data)
+    names = list(systems)
     for r in range(args.rounds):
-        for bi, b in enumerate(data):
+        if args.blocks:  # each system alone over the whole corpus; the order rotates every round
+            order = names[r % len(names):] + names[:r % len(names)]
+            schedule = [(name, bi) for name in order for bi in range(len(data))]
+        else:  # systems interleaved batch by batch
+            schedule = [(name, bi) for bi in range(len(data)) for name in names]
+        for name, bi in schedule:
+            b = data[bi]
+            t0 = time.perf_counter()
+            out = systems[name]["run"](b)
+            secs[name].append(time.perf_counter() - t0)
             if r == 0:
-                with torch.inference_mode():
-                    ref_list.append(base(**b))
-            for name, s in systems.items():
-                t0 = time.perf_counter()
-                out = s["run"](b)
-                secs[name].append(time.perf_counter() - t0)
-                if r == 0:
-                    embs[name].append(out.float())
-            if bi % 8 == 7:
-                print(f"round {r} batch {bi + 1}/{len(data)}", flush=True)
+                embs[name].append(out.float())
+        print(f"round {r + 1}/{args.rounds} done", flush=True)
+    if args.blocks:  # per-batch ratios pair batch i of each system
+        secs = {n: [sum(v[i::len(data)]) for i in range(len(data))] for n, v in secs.items()}
     ref = torch.cat(ref_list).numpy()
     n_sent = len(sentences) * args.rounds
     n_calib = CALIB_BATCHES * BATCH

@@ -3,16 +3,21 @@ import torch
 
 import nnsqueeze as nsq
 from nnsqueeze.errors import ArtifactError
-from nnsqueeze.plot import _act_ranges, _weight_codes, plot_artifact
+from nnsqueeze.plot import _act_ranges, plot_artifact, weight_histogram
 
 
 def test_ranges_and_codes_closed_form():
     sd = {"a.weight": torch.tensor([[-63, 0], [5, 63]], dtype=torch.int8), "a.weight_scale_": torch.ones(2),
           "a.input_scale_": torch.tensor(0.5), "a.input_zero_point_": torch.tensor(10, dtype=torch.int32),
           "b.weight": torch.zeros(3)}
-    assert _act_ranges(sd) == {"a": (-5.0, 122.5)}
-    codes = _weight_codes(sd)
-    assert list(codes) == ["a"] and codes["a"][1] == 63 and codes["a"][0].tolist() == [-63, 0, 5, 63]
+    assert _act_ranges(sd) == {"a": (-5.0, 122.5)}  # no scheme recorded: uint8 0..255
+    info = {"type": "Linear", "weight_bits": 8, "scheme": {"bits": 8, "symmetric": True}}
+    h = weight_histogram("static", info, {k[2:]: v for k, v in sd.items() if k.startswith("a.weight")})
+    assert (h.qmin, h.qmax, h.clip) == (-128, 127, (-128, 127))
+    want = torch.zeros(256, dtype=torch.int64)
+    want[torch.tensor([-63, 0, 5, 63]) + 128] = 1
+    assert torch.equal(h.counts, want)
+    assert weight_histogram("static", info, {"weight": torch.zeros(2, 2)}) is None  # float: nothing to draw
 
 
 def test_plot_artifact_writes_pngs_and_can_rerun(tiny_cnn, toy_data, tmp_path):
@@ -27,3 +32,141 @@ def test_plot_artifact_writes_pngs_and_can_rerun(tiny_cnn, toy_data, tmp_path):
         assert p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     with pytest.raises(ArtifactError, match="not found"):
         plot_artifact(tmp_path / "missing")
+
+
+# --- every quantized layer kind: histogram counts == the live model's codes ----------------------
+
+import json  # noqa: E402
+
+from torch import nn  # noqa: E402
+
+from nnsqueeze.artifact import FORMAT_VERSION, MANIFEST, WEIGHTS, weights_bytes, write_dir  # noqa: E402
+from nnsqueeze.context import Context  # noqa: E402
+from nnsqueeze.plot import weight_histograms  # noqa: E402
+from nnsqueeze.registry import STEPS  # noqa: E402
+
+
+class _Net(nn.Module):
+    """Odd shapes on purpose: conv weight 7*3*3 = 63 codes (odd: a padding nibble when packed),
+    Linear K = 33 (odd: the weight-only rows end in a padding nibble), an Embedding."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(10, 11)
+        self.conv = nn.Conv1d(3, 7, 3)
+        self.fc1 = nn.Linear(33, 9)
+        self.fc2 = nn.Linear(9, 5)
+
+    def forward(self, x):
+        h = torch.relu(self.conv(x)).flatten(1)[:, :33]
+        return self.fc2(torch.relu(self.fc1(h)))
+
+
+def _calib():
+    g = torch.Generator().manual_seed(3)
+    return [(torch.randn(16, 3, 7, generator=g), torch.zeros(16, dtype=torch.long)) for _ in range(2)]
+
+
+def _artifact(tmp_path, step_name, cfg):
+    """Run one step on _Net (no export: fast) and write a minimal artifact directory."""
+    torch.manual_seed(0)
+    model = (_Decoder() if step_name == "rtn" else _Net()).eval()
+    ctx = Context(calib_data=_calib(), progress=False)
+    ctx.report.begin_step(step_name, {})
+    step = STEPS.get(step_name)(STEPS.get(step_name).Config.model_validate(cfg))
+    model = step.run(model, ctx).eval()
+    manifest = {"format_version": FORMAT_VERSION, "steps": [{"name": step_name, "config": cfg,
+                                                             "record": json.loads(json.dumps(step.record()))}]}
+    out = write_dir(tmp_path / "art", {WEIGHTS: weights_bytes(model), MANIFEST: json.dumps(manifest),
+                                       "report.json": json.dumps({"layers": ctx.report.layers})})
+    return model, out
+
+
+CASES = [  # (step, config, {layer: (kind, qmin, qmax)})
+    ("quantize", {"weights": {"bits": 4}}, {"conv": (-8, 7), "fc1": (-8, 7), "fc2": (-8, 7)}),
+    ("quantize", {"weights": {"bits": 3, "levels": "pow2"}}, None),
+    ("quantize", {"weights": {"bits": 4, "levels": "nf4"}}, None),
+    ("quantize", {"weights": {"bits": 4, "levels": "kmeans"}}, None),
+    ("quantize", {"weights": {"bits": 8, "symmetric": False, "reduce_range": False}}, {"fc1": (0, 255)}),
+    ("quantize", {"weights": {"bits": 2, "symmetric": False}}, {"fc1": (0, 3)}),
+    ("quantize-dynamic", {"embeddings": True}, {"fc1": (-128, 127), "emb": (-128, 127)}),
+    ("weight-only", {"bits": 4, "group_size": 16}, {"fc1": (0, 15)}),
+    ("weight-only", {"bits": 4, "group_size": 16, "symmetric": False}, {"fc1": (0, 15)}),
+    ("weight-only", {"bits": 8, "group_size": 16}, {"fc1": (0, 255)}),
+    ("rtn", {"bits": 4, "group_size": 16, "pack": True}, {"layers.0.fc": (0, 15)}),
+    ("rtn", {"bits": 8, "group_size": None, "symmetric": False, "pack": True}, {"layers.0.fc": (0, 255)}),
+]
+
+
+class _Block(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(33, 33)
+
+    def forward(self, x):
+        return x + self.fc(x)
+
+
+class _Decoder(nn.Module):
+    """The layout the LLM steps (rtn/gptq/awq) walk: a ModuleList of identical blocks."""
+
+    def __init__(self):
+        super().__init__()
+        self.layers = nn.ModuleList([_Block(), _Block()])
+
+    def forward(self, x):
+        for b in self.layers:
+            x = b(x)
+        return x
+
+
+@pytest.mark.parametrize("step,cfg,ranges", CASES, ids=lambda v: json.dumps(v) if isinstance(v, dict) else str(v))
+def test_histogram_counts_equal_the_models_codes(tmp_path, step, cfg, ranges):
+    model, out = _artifact(tmp_path, step, cfg)
+    hists = weight_histograms(out)
+    live = {n: m for n, m in model.named_modules() if hasattr(m, "weight_codes")}
+    assert set(hists) == set(live) and hists  # every quantized layer gets a histogram
+    for name, h in hists.items():
+        mod = live[name]
+        codes = mod.weight_codes().to(torch.int64).reshape(-1)  # the in-memory model, not the artifact
+        levels = getattr(mod, "weight_levels_", None)
+        if levels is not None and getattr(mod.wscheme, "levels", "uniform") != "uniform":
+            assert torch.equal(h.counts, torch.bincount(codes, minlength=levels.numel()))
+            assert torch.equal(h.levels, levels.float()) and h.clip == (float(levels.min()), float(levels.max()))
+            continue
+        n_weights = mod.weight.numel() if mod.weight.is_floating_point() else mod.in_features * mod.out_features
+        assert codes.numel() == n_weights  # (PackedLinear keeps only packed codes as its weight)
+        assert torch.equal(h.counts, torch.bincount(codes - h.qmin, minlength=h.qmax - h.qmin + 1))
+        assert len(h.positions) == len(h.counts)
+        if ranges and name in ranges:
+            assert (h.qmin, h.qmax) == ranges[name]
+    plot_artifact(out)
+    assert (out / "plots" / "weights.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_packed_odd_counts_and_weight_only_padding(tmp_path):
+    model, out = _artifact(tmp_path, "weight-only", {"bits": 4, "group_size": 16})
+    h = weight_histograms(out)["fc1"]
+    assert int(h.counts.sum()) == 9 * 33 and h.counts[0] == 0 and h.clip == (1, 15)  # no padding counted
+    model, out = _artifact(tmp_path / "b", "quantize", {"weights": {"bits": 4}})
+    assert int(weight_histograms(out)["conv"].counts.sum()) == 7 * 3 * 3  # 63 codes in 32 bytes
+
+
+@pytest.mark.parametrize("act,qr", [({}, (0, 255)), ({"bits": 16, "symmetric": True}, (-32768, 32767)),
+                                    ({"bits": 4, "symmetric": True}, (-8, 7)), ({"bits": 6}, (0, 63))])
+def test_activation_ranges_use_the_layers_format(tmp_path, act, qr):
+    model, out = _artifact(tmp_path, "quantize", {"activations": act} if act else {})
+    from safetensors.torch import load
+
+    from nnsqueeze.plot import _act_schemes
+    from nnsqueeze.artifact import read_manifest
+
+    sd = load((out / WEIGHTS).read_bytes())
+    ranges = _act_ranges(sd, _act_schemes(read_manifest(out)))
+    assert set(ranges) == {"conv", "fc1", "fc2"}
+    for name, (lo, hi) in ranges.items():
+        mod = model.get_submodule(name)
+        assert mod.act_qrange == qr
+        s, z = float(mod.input_scale_), int(mod.input_zero_point_)
+        assert (lo, hi) == ((qr[0] - z) * s, (qr[1] - z) * s)
+    assert (plot_artifact(out)[0]).name == "activations.png"

@@ -156,9 +156,9 @@ def sensitivity(
     plot: Optional[Path] = typer.Option(None, help="also draw a bar chart (PNG) here"),
     metric: str = typer.Option("accuracy", help="metric name (used when the data has 'eval' batches)"),
     formats: str = typer.Option("int8", help="comma-separated formats to try per layer "
-                                "(nnsqueeze.sensitivity.FORMATS, e.g. int8,int4)"),
+                                "(nnsqueeze.sensitivity.FORMATS, e.g. int8,int4; fp16,bf16 for half precision)"),
 ) -> None:
-    """Quantize one layer at a time (each format, the rest fp32) and rank the layers by the damage done."""
+    """Quantize (or cast to fp16/bf16) one layer at a time, the rest fp32, and rank the layers by the damage done."""
 
     def go() -> None:
         import json
@@ -197,7 +197,7 @@ def sensitivity(
             except BaseException:
                 Path(tmp).unlink(missing_ok=True)
                 raise
-        t = Table(title="quantization sensitivity (one layer at a time, the rest fp32), most sensitive first")
+        t = Table(title="sensitivity (one layer at a time in each format, the rest fp32), most sensitive first")
         for col in ("layer", "type", "format", "output SQNR (dB)") + (("metric drop",) if rows and
                                                                        "metric_drop" in rows[0] else ()):
             t.add_column(col)

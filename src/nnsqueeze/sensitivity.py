@@ -1,7 +1,9 @@
 """Per-layer quantization sensitivity: quantize ONE layer at a time, measure the damage.
 
 For each quantizable layer (Linear/Conv1d/Conv2d) and each candidate format, a deep copy of the
-model gets the ``quantize`` step with ``targets: [layer]`` (everything else stays float) and is
+model gets the ``quantize`` step with ``targets: [layer]`` (everything else stays float) -- or, for
+the half formats ``fp16``/``bf16``, that one layer converted exactly as the ``half`` step converts
+it (half weights and compute, fp32 in and out; Embedding included) -- and is
 measured: the metric drop on ``eval_data`` when a metric is given, else the SQNR (dB) of the
 model's output against the fp32 output on the calibration data. Rows come back most sensitive
 first; nothing is written::
@@ -11,7 +13,8 @@ first; nothing is written::
     >>> rows[0]["layer"], rows[0]["metric_drop"]
 
 ``nnsqueeze sensitivity`` is the command-line front end; the ``mixed-int8`` step uses it to keep the
-most sensitive layers in float.
+most sensitive layers in float, and ``half`` with ``keep_fp32`` to keep the most half-sensitive
+layers in fp32.
 """
 
 from __future__ import annotations
@@ -38,6 +41,10 @@ FORMATS: dict[str, dict[str, Any]] = {
     "nf4": {"bits": 4, "levels": "nf4"}, "pow2-4": {"bits": 4, "levels": "pow2"}, "kmeans4": {"bits": 4, "levels": "kmeans"},
 }
 
+# Half formats -> the ``half`` step's dtype (weights AND compute of the one layer in that type).
+HALF_FORMATS: dict[str, str] = {"fp16": "float16", "bf16": "bfloat16"}
+ALL_FORMATS = [*FORMATS, *HALF_FORMATS]
+
 _quiet = logging.getLogger("nnsqueeze.sensitivity.trial")
 _quiet.setLevel(logging.ERROR)
 _quiet.propagate = False
@@ -52,6 +59,32 @@ def quantizable_layers(model: nn.Module, targets: list[str] | None = None,
     sel = select(model, list(targets or ["Linear", "Conv1d", "Conv2d"]), list(ignore or []), SUPPORTED,
                  where="sensitivity.targets", strict=bool(targets))
     return [(n, type(m).__name__) for n, m in sel.layers]
+
+
+def half_layers(model: nn.Module, targets: list[str] | None = None, ignore: list[str] | None = None,
+                dtype: str = "float16") -> list[tuple[str, str]]:
+    """(name, class name) of the layers the ``half`` step would convert to ``dtype``.
+
+    Plain Linear/Conv1d/Conv2d/Embedding only (subclasses are left alone, as the step does), and no
+    bf16 conv with string padding (the step skips those: its bf16 export needs numeric padding).
+    """
+    from .quant.half import HALF_MAP
+
+    sel = select(model, list(targets or ["Linear", "Conv1d", "Conv2d", "Embedding"]), list(ignore or []),
+                 tuple(HALF_MAP), where="sensitivity.targets", strict=bool(targets))
+    return [(n, type(m).__name__) for n, m in sel.layers if type(m) in HALF_MAP
+            and not (dtype == "bfloat16" and isinstance(getattr(m, "padding", 0), str))]
+
+
+def half_copy(model: nn.Module, names: Iterable[str], dtype: str) -> nn.Module:
+    """A deep copy of ``model`` with the layers ``names`` converted by the ``half`` step's own
+    :func:`~nnsqueeze.quant.half.convert_half_` (``dtype``: 'float16' or 'bfloat16')."""
+    from .quant.half import DTYPES, convert_half_
+
+    m = copy.deepcopy(model)
+    for n in names:
+        convert_half_(m.get_submodule(n), DTYPES[dtype])
+    return m.eval()
 
 
 def quantize_copy(model: nn.Module, calib_data: Iterable, *, targets: list[str] | None = None,
@@ -72,7 +105,8 @@ def quantize_copy(model: nn.Module, calib_data: Iterable, *, targets: list[str] 
 
 @torch.no_grad()
 def output_sqnr(reference: nn.Module, model: nn.Module, data: Iterable, device: Any = "cpu") -> float:
-    """SQNR (dB) of ``model``'s output against ``reference``'s over ``data``; inf when identical."""
+    """SQNR (dB) of ``model``'s output against ``reference``'s over ``data``; inf when identical,
+    -inf when ``model`` outputs inf/NaN."""
     reference.eval()
     model.eval()
     sig = err = 0.0
@@ -83,6 +117,8 @@ def output_sqnr(reference: nn.Module, model: nn.Module, data: Iterable, device: 
         out = logits(call_model(model, inputs)).double()
         sig += float((ref ** 2).sum())
         err += float(((out - ref) ** 2).sum())
+    if not math.isfinite(err):  # inf/NaN outputs (e.g. an fp16 overflow): the worst possible
+        return -math.inf
     if err == 0.0:
         return math.inf
     if sig == 0.0:
@@ -114,6 +150,9 @@ def sensitivity(
 ) -> list[dict[str, Any]]:
     """Rows ``{layer, type, format, sqnr_db, metric, metric_drop}``, most sensitive first.
 
+    ``formats`` are :data:`FORMATS` names (the ``quantize`` step on that layer alone) and/or
+    ``fp16``/``bf16`` (:data:`HALF_FORMATS`: the ``half`` step on that layer alone).
+
     ``metric_drop`` (baseline metric minus the metric with only that layer quantized) is given
     when ``eval_data`` and ``metric`` are, and then orders the rows; otherwise the output SQNR
     (lower is more sensitive) does. ``model`` is not modified.
@@ -123,10 +162,10 @@ def sensitivity(
         raise DataError("calib_data", "sensitivity needs calibration data", fix="pass calib_data=...")
     formats = list(formats)
     for f in formats:
-        if f not in FORMATS:
-            raise RecipeError("sensitivity.formats", f"unknown format {f!r}", fix=f"one of {', '.join(FORMATS)}")
+        if f not in FORMATS and f not in HALF_FORMATS:
+            raise RecipeError("sensitivity.formats", f"unknown format {f!r}", fix=f"one of {', '.join(ALL_FORMATS)}")
     if not formats:
-        raise RecipeError("sensitivity.formats", "no format given", fix=f"one of {', '.join(FORMATS)}")
+        raise RecipeError("sensitivity.formats", "no format given", fix=f"one of {', '.join(ALL_FORMATS)}")
     eval_data = as_batches(eval_data, "eval_data")
     metric_fn, _ = get_metric(metric if eval_data is not None else None)
     samples = (calibration or {}).get("samples", 512)
@@ -136,11 +175,19 @@ def sensitivity(
     try:
         base_metric = float(metric_fn(ref, eval_data)) if metric_fn is not None else None
         rows = []
-        for name, cls in quantizable_layers(ref, targets, ignore):
-            for fmt in formats:
-                weights = _resolve_reduce_range({**FORMATS[fmt], "reduce_range": reduce_range})
-                q = quantize_copy(ref, calib, targets=[name], weights=weights, calibration=calibration,
-                                  device=device)
+        # Which (layer, format) pairs apply: quantize's layer types for int formats, half's for fp16/bf16.
+        per_fmt = {f: {n for n, _ in (half_layers(ref, targets, ignore, HALF_FORMATS[f]) if f in HALF_FORMATS
+                                      else quantizable_layers(ref, targets, ignore))} for f in formats}
+        for name, mod in ref.named_modules():
+            fmts = [f for f in formats if name in per_fmt[f]]
+            cls = type(mod).__name__
+            for fmt in fmts:
+                if fmt in HALF_FORMATS:
+                    q = half_copy(ref, [name], HALF_FORMATS[fmt])
+                else:
+                    weights = _resolve_reduce_range({**FORMATS[fmt], "reduce_range": reduce_range})
+                    q = quantize_copy(ref, calib, targets=[name], weights=weights, calibration=calibration,
+                                      device=device)
                 row: dict[str, Any] = {"layer": name, "type": cls, "format": fmt,
                                        "sqnr_db": output_sqnr(ref, q, sqnr_data, device)}
                 if metric_fn is not None:

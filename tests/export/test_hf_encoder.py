@@ -83,3 +83,40 @@ def test_bert_int8_static_and_dynamic_parity_in_ort(preset):
     # ...and both stay close to the float model (cosine per token).
     cos = torch.nn.functional.cosine_similarity(got.flatten(0, 1), ref.flatten(0, 1), dim=-1)
     assert float(cos.min()) > 0.98, float(cos.min())
+
+
+def test_bert_preset_smooths_and_keeps_outlier_channels_in_float(tmp_path):
+    """``int8-dynamic-bert``: an FFN whose GELU output has one channel ~20x the others gets that
+    channel in float on its down-projection; the attention output projection is not smoothed."""
+    model = _bert()
+    with torch.no_grad():
+        for layer in model.encoder.layer:  # plant the outlier: intermediate channel 5 scaled up
+            layer.intermediate.dense.weight[5] *= 25.0
+            layer.intermediate.dense.bias[5] = 3.0
+    calib = [_batch(4, 9, s) for s in range(2)]
+    recipe = _fast("int8-dynamic-bert")
+    recipe["latency_guard"] = False  # a 2-layer toy is faster in fp32; the guard would undo what is tested
+    res = nsq.compress(model, recipe, calib_data=calib, progress=False)
+    q = res.model
+    for layer in q.encoder.layer:
+        assert 5 in layer.output.dense.outlier_index_.tolist()
+        assert getattr(layer.attention.output.dense, "input_multiplier_", None) is None
+        assert layer.attention.self.query.input_multiplier_ is not None
+    exp = res.report["export"]["compressed"]
+    assert exp["max_abs_diff"] <= exp["tolerance"] and sum(exp["ort_int8_ops"].values()) >= 12
+    res.save(tmp_path / "a")
+    back = nsq.load(tmp_path / "a", _bert())
+    x = _batch(3, 7, 5)
+    with torch.no_grad():
+        assert torch.equal(back(**x).last_hidden_state, q(**x).last_hidden_state)
+
+
+def test_bert_preset_on_another_model_names_the_pattern():
+    from torch import nn
+
+    from nnsqueeze.errors import TargetError
+
+    model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 2)).eval()
+    with pytest.raises(TargetError, match="matches no module"):
+        nsq.compress(model, _fast("int8-dynamic-bert"), calib_data=[(torch.randn(4, 8), None)], progress=False,
+                     metric=None)

@@ -1,4 +1,4 @@
-"""Outlier input channels in float beside the dynamic int8 matmul; sibling merge; fp16-exact storage."""
+"""Outlier input channels in float beside the dynamic int8 matmul; fp16-exact storage."""
 
 from __future__ import annotations
 
@@ -75,7 +75,7 @@ def test_bad_outlier_indices_are_rejected_and_leave_the_layer_alone(bad):
 
 
 class _QKV(nn.Module):
-    """Three Linears reading one tensor (q, k, v) and one reading another: 3 merge, 1 stays."""
+    """Three Linears reading one tensor (q, k, v) and one reading another."""
 
     def __init__(self):
         super().__init__()
@@ -87,7 +87,7 @@ class _QKV(nn.Module):
         return self.o(a)
 
 
-def test_step_outliers_merge_and_ort_parity(tmp_path):
+def test_step_outliers_and_ort_parity(tmp_path):
     torch.manual_seed(0)
     model = _QKV().eval()
     calib = [(_x(i), None) for i in range(3)]
@@ -99,7 +99,7 @@ def test_step_outliers_merge_and_ort_parity(tmp_path):
     assert sorted(qm.q.outlier_index_.tolist()) == [4, 17] and torch.equal(qm.k.outlier_index_, qm.q.outlier_index_)
     assert not hasattr(qm.o, "outlier_index_")  # its input has no outlier channel
     fig = export_onnx(qm, tmp_path / "m.onnx", _x(5), samples=[_x(6)])
-    assert fig["merged_dynamic_linears"] == 3 and fig["ort_int8_ops"] == {"DynamicQuantizeMatMul": 2}
+    assert sum(fig["ort_int8_ops"].values()) == 4  # every Linear on int8 kernels
     sess = OrtModule(tmp_path / "m.onnx", threads=1)
     x = _x(7)
     with torch.no_grad():

@@ -43,7 +43,6 @@ from ..quant.modules import export_mode, fake_quant_modules
 from ..registry import EXPORTERS
 from .lowbit import DOMAIN as LOWBIT_DOMAIN
 from .lowbit import lowbit_postprocess, stores_lowbit
-from .merge import merge_dynamic_siblings
 from .qdq import qdq_postprocess
 
 INT8_OPS = {"QLinearConv", "QLinearMatMul", "QGemm", "ConvInteger", "MatMulInteger", "MatMulIntegerToFloat",
@@ -278,9 +277,6 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, example_inputs: Any, 
         stats = qdq_postprocess(proto) if quantized else {}
         if quantized:  # sub-8-bit / per-group / non-uniform weights: codes of their own width
             stats.update(lowbit_postprocess(proto))
-            merged = merge_dynamic_siblings(proto)  # q/k/v reading one tensor: one wider int8 matmul
-            if merged:
-                stats["merged_dynamic_linears"] = merged
             from .half import fp16_storage
 
             bf16 = any(getattr(m, "onnx_bf16_storage", False) for m in model.modules())

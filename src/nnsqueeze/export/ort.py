@@ -73,8 +73,12 @@ def u8s8_may_saturate() -> bool:
     return True if flags is None else not (flags & _VNNI_FLAGS)
 
 
-def session_options(threads: int | None = None, optimized_model_path: str | None = None):
-    """CPU session options: ``threads`` intra-op threads (None: ORT's default), sequential execution."""
+def session_options(threads: int | None = None, optimized_model_path: str | None = None,
+                    spinning: bool | None = None):
+    """CPU session options: ``threads`` intra-op threads (None: ORT's default), sequential execution.
+    ``spinning: False`` stops idle worker threads from spinning after each run (ORT spins by default):
+    needed when several sessions take turns on few cores, where one session's spinning threads
+    steal the next one's cores (measured: -25% throughput interleaving 4 sessions on 2 cores)."""
     import onnxruntime as ort
 
     so = ort.SessionOptions()
@@ -86,16 +90,18 @@ def session_options(threads: int | None = None, optimized_model_path: str | None
     so.log_severity_level = 3  # errors only: no warning about serialising hardware-specific graphs
     if optimized_model_path is not None:
         so.optimized_model_filepath = str(optimized_model_path)
+    if spinning is not None:
+        so.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
     return so
 
 
 def make_session(path_or_bytes: str | os.PathLike | bytes, threads: int | None = None,
-                 optimized_model_path: str | None = None):
+                 optimized_model_path: str | None = None, spinning: bool | None = None):
     import onnxruntime as ort
 
     src = path_or_bytes if isinstance(path_or_bytes, (bytes, bytearray)) else str(path_or_bytes)
     try:
-        return ort.InferenceSession(src, session_options(threads, optimized_model_path),
+        return ort.InferenceSession(src, session_options(threads, optimized_model_path, spinning),
                                     providers=["CPUExecutionProvider"])
     except Exception as e:  # onnxruntime raises its own Fail/InvalidGraph/NoSuchFile types
         where = "ONNX bytes" if isinstance(src, (bytes, bytearray)) else src
@@ -123,8 +129,9 @@ class OrtModule:
     that prepares a torch model accepts it too.
     """
 
-    def __init__(self, path_or_bytes: str | os.PathLike | bytes, threads: int | None = None):
-        self.session = make_session(path_or_bytes, threads)
+    def __init__(self, path_or_bytes: str | os.PathLike | bytes, threads: int | None = None,
+                 spinning: bool | None = None):
+        self.session = make_session(path_or_bytes, threads, spinning=spinning)
         self.input_names = [i.name for i in self.session.get_inputs()]
         self.output_names = [o.name for o in self.session.get_outputs()]
         self.training = False

@@ -46,6 +46,7 @@ from torch import nn
 
 from ..ops.dynamic import dynamic_qparams, dynamic_quantize
 from ..ops.quant import fake_quantize_ste, qrange
+from .functional import ActQuantState
 
 Tensor = torch.Tensor
 
@@ -94,7 +95,7 @@ class _DynamicMatMulFn(torch.autograd.Function):
 # ------------------------------------------------------------------------------------------------
 # Per-layer state
 # ------------------------------------------------------------------------------------------------
-class AttentionQuant(nn.Module):
+class AttentionQuant(ActQuantState):
     """Quantization of one attention layer's two matmuls (``mode``: ``static`` or ``dynamic``)."""
 
     onnx_quantized = True
@@ -107,34 +108,12 @@ class AttentionQuant(nn.Module):
         # Run-time ranges amplify 1e-7 float differences between torch and ORT into code flips:
         # the exporter then checks the mean difference (see export.onnx.verify_onnx).
         self.onnx_verify_mean = mode == "dynamic"
-        if mode == "static":
-            for n in INPUTS:
-                self.register_buffer(f"{n}_scale_", torch.ones(()))
-                self.register_buffer(f"{n}_zero_point_", torch.zeros((), dtype=torch.int32))
-        self._observers: dict[str, Any] | None = None
+        self._register_qparams(INPUTS if mode == "static" else ())
 
     def start_calibration(self, make_observer: Callable[..., Any], name: str) -> None:
         if self.mode != "static":
             raise ValueError("only static attention quantization is calibrated")
-        self._observers = {n: make_observer(name=f"{name} {n}") for n in INPUTS}
-
-    @property
-    def calibrated_batches(self) -> int:
-        return 0 if self._observers is None else self._observers["query"].count_
-
-    @torch.no_grad()
-    def finish_calibration(self) -> None:
-        for n, obs in (self._observers or {}).items():
-            s, z = obs.qparams(bits=8, symmetric=False)
-            self._buffers[f"{n}_scale_"].copy_(s)
-            self._buffers[f"{n}_zero_point_"].copy_(z)
-        self._observers = None
-
-    def _fq(self, x: Tensor, n: str) -> Tensor:
-        s, z = self._buffers[f"{n}_scale_"], self._buffers[f"{n}_zero_point_"]
-        if torch.onnx.is_in_onnx_export():  # QuantizeLinear -> DequantizeLinear
-            return torch.fake_quantize_per_tensor_affine(x, s, z, ACT_QMIN, ACT_QMAX)
-        return fake_quantize_ste(x, s, z, ACT_QMIN, ACT_QMAX).to(x.dtype)
+        super().start_calibration(make_observer, name)
 
     def matmul(self, a: Tensor, b: Tensor, na: str, nb: str) -> Tensor:
         """``a @ b`` with ``a`` / ``b`` quantized as inputs ``na`` / ``nb`` (names in INPUTS)."""

@@ -58,31 +58,23 @@ _FUNCS: dict[str, tuple] = {"add": (operator.add, torch.add), "matmul": (operato
 _METHODS: dict[str, tuple[str, ...]] = {"add": ("add",), "matmul": ("matmul", "bmm")}
 
 
-class _OpQuant(nn.Module):
-    """Shared state: per-tensor uint8 qparams for inputs ``a``, ``b`` (and ``output`` for add)."""
+class ActQuantState(nn.Module):
+    """Per-tensor uint8 qparams for named activations (``<name>_scale_``, ``<name>_zero_point_``),
+    calibrated by one observer each; shared by :class:`_OpQuant` and the attention quantizer."""
 
-    kind = "op"
-    quant_output = False
-    onnx_quantized = True  # tells the exporter to verify with quantized tolerances
-
-    def __init__(self) -> None:
-        super().__init__()
-        names = ("a", "b", "output") if self.quant_output else ("a", "b")
-        for n in names:
+    def _register_qparams(self, names: Iterable[str]) -> None:
+        self._qnames = tuple(names)
+        for n in self._qnames:
             self.register_buffer(f"{n}_scale_", torch.ones(()))
             self.register_buffer(f"{n}_zero_point_", torch.zeros((), dtype=torch.int32))
         self._observers: dict[str, Any] | None = None
-        self.unsupported_: str | None = None  # why calibration found this op not quantizable
 
-    # -- calibration -----------------------------------------------------------------------
     def start_calibration(self, make_observer: Callable[..., Any], name: str) -> None:
-        names = ("a", "b", "output") if self.quant_output else ("a", "b")
-        self._observers = {n: make_observer(name=f"{name} {n}") for n in names}
-        self.unsupported_ = None
+        self._observers = {n: make_observer(name=f"{name} {n}") for n in self._qnames}
 
     @property
     def calibrated_batches(self) -> int:
-        return 0 if self._observers is None else self._observers["a"].count_
+        return 0 if self._observers is None else self._observers[self._qnames[0]].count_
 
     @torch.no_grad()
     def finish_calibration(self) -> None:
@@ -92,12 +84,31 @@ class _OpQuant(nn.Module):
             self._buffers[f"{n}_zero_point_"].copy_(z)
         self._observers = None
 
-    # -- forward -----------------------------------------------------------------------------
     def _fq(self, x: Tensor, n: str) -> Tensor:
         s, z = self._buffers[f"{n}_scale_"], self._buffers[f"{n}_zero_point_"]
         if torch.onnx.is_in_onnx_export():  # exported as QuantizeLinear -> DequantizeLinear
             return torch.fake_quantize_per_tensor_affine(x, s, z, ACT_QMIN, ACT_QMAX)
         return fake_quantize_ste(x, s, z, ACT_QMIN, ACT_QMAX).to(x.dtype)
+
+
+class _OpQuant(ActQuantState):
+    """Shared state: per-tensor uint8 qparams for inputs ``a``, ``b`` (and ``output`` for add)."""
+
+    kind = "op"
+    quant_output = False
+    onnx_quantized = True  # tells the exporter to verify with quantized tolerances
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._register_qparams(("a", "b", "output") if self.quant_output else ("a", "b"))
+        self.unsupported_: str | None = None  # why calibration found this op not quantizable
+
+    # -- calibration -----------------------------------------------------------------------
+    def start_calibration(self, make_observer: Callable[..., Any], name: str) -> None:
+        super().start_calibration(make_observer, name)
+        self.unsupported_ = None
+
+    # -- forward -----------------------------------------------------------------------------
 
     def _op(self, a: Any, b: Any) -> Any:  # pragma: no cover - abstract
         raise NotImplementedError

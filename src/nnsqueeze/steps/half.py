@@ -9,6 +9,18 @@ way in, outputs cast back), so LayerNorm, softmax, residual adds and any layer l
           dtype: float16        # or bfloat16
           ignore: [classifier]  # kept in fp32
 
+``keep_fp32`` keeps in fp32 the layers that ``nnsqueeze sensitivity --formats fp16`` (or ``bf16``)
+ranks worst, measured on the calibration data (output SQNR) and, when eval data and a metric are
+given, by metric drop. ``most_sensitive: N`` keeps the top N; ``max_metric_drop`` / ``min_sqnr_db``
+keep the next most sensitive layer while the WHOLE converted model (measured) misses the budget::
+
+    steps:
+      - half:
+          dtype: float16
+          keep_fp32: {most_sensitive: 1, max_metric_drop: 0.002}
+
+Each kept layer is reported as skipped with its measured one-layer figures.
+
 ONNX: fp16 layers run in fp16 in ONNX Runtime; bf16 layers are stored in bf16 and computed in
 fp32 with bf16 rounding of inputs and outputs (ORT has no bf16 MatMul on CPU; see
 :mod:`nnsqueeze.quant.half`). ::
@@ -26,18 +38,38 @@ fp32 with bf16 rounding of inputs and outputs (ORT has no bf16 MatMul on CPU; se
 
 from __future__ import annotations
 
+import math
 from typing import Any, Literal
 
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import nn
 
-from ..errors import ModelError
+from ..errors import DataError, ModelError
 from ..quant.half import DTYPES, HALF_MAP, HalfMixin, convert_half_
 from ..registry import STEPS
 from .base import Step, StepConfig, recorded_module
 
 
+class KeepFp32(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    most_sensitive: int | None = Field(None, ge=1, description="keep the N layers ranked most half-sensitive")
+    max_metric_drop: float | None = Field(None, ge=0, description="keep layers (most sensitive first) until the "
+                                          "whole model's metric drop is at most this (needs eval data + metric)")
+    min_sqnr_db: float | None = Field(None, description="keep layers until the whole model's output SQNR (dB, "
+                                      "vs fp32 on calibration data) is at least this")
+    samples: int = Field(512, ge=1, description="calibration examples for the SQNR figures")
+
+    @model_validator(mode="after")
+    def _one_rule(self) -> "KeepFp32":
+        if self.most_sensitive is None and self.max_metric_drop is None and self.min_sqnr_db is None:
+            raise ValueError("keep_fp32 needs most_sensitive, max_metric_drop and/or min_sqnr_db")
+        return self
+
+
 class HalfConfig(StepConfig):
     dtype: Literal["float16", "bfloat16"] = "float16"
+    keep_fp32: KeepFp32 | None = Field(None, description="keep the most half-sensitive layers in fp32 "
+                                       "(measured with nnsqueeze.sensitivity)")
 
 
 @STEPS.register("half")
@@ -50,6 +82,7 @@ class Half(Step):
     def __init__(self, config: HalfConfig, index: int = 0):
         super().__init__(config, index)
         self._record: dict[str, Any] = {}
+        self._whole: dict[str, Any] = {}
 
     def select(self, model: nn.Module, ctx: Any, supported: tuple[type, ...]) -> Any:
         present = {type(m).__name__ for m in model.modules()}  # defaults are a menu, as in quantize
@@ -59,7 +92,7 @@ class Half(Step):
 
     def run(self, model: nn.Module, ctx) -> nn.Module:
         name, dtype = self.registered_name, DTYPES[self.config.dtype]
-        layers = []
+        todo = []
         for lname, mod in self.select(model, ctx, supported=tuple(HALF_MAP)).layers:
             if type(mod) not in HALF_MAP:
                 ctx.skip(name, lname, f"{type(mod).__name__} is not a plain Linear/Conv1d/Conv2d/Embedding")
@@ -67,15 +100,88 @@ class Half(Step):
             if isinstance(mod.padding if hasattr(mod, "padding") else 0, str) and self.config.dtype == "bfloat16":
                 ctx.skip(name, lname, "bf16 export needs numeric padding (padding='same'/'valid' given)")
                 continue
+            todo.append((lname, mod))
+        kept: dict[str, str] = {}
+        if self.config.keep_fp32 is not None and todo:
+            kept = self._keep_fp32(model, [n for n, _ in todo], ctx)
+            for lname, why in kept.items():
+                ctx.skip(name, lname, why)
+        layers = []
+        for lname, mod in todo:
+            if lname in kept:
+                continue
             convert_half_(mod, dtype)
             layers.append(lname)
             ctx.report.layer(lname, bits=16, act_bits=16, scheme=self.config.dtype)
+        if not layers and kept:
+            raise ModelError(f"{self.where}.keep_fp32", f"every layer had to stay fp32 to meet the budget "
+                             f"({self._whole} with all {len(kept)} kept)",
+                             fix="loosen max_metric_drop / min_sqnr_db, or drop the half step")
         if not layers:
             raise ModelError(self.where, "no plain Linear/Conv1d/Conv2d left to convert",
                              fix="target plain nn.Linear / nn.Conv1d / nn.Conv2d modules")
         self._record = {"layers": layers, "dtype": self.config.dtype}
         ctx.report.step(converted_layers=len(layers), dtype=self.config.dtype)
+        if kept:
+            self._record["kept_fp32"] = list(kept)
+            ctx.report.step(kept_fp32=list(kept), **self._whole)
         return model
+
+    def _keep_fp32(self, model: nn.Module, names: list[str], ctx) -> dict[str, str]:
+        """{layer: reason} for the layers kept in fp32, most sensitive first (see the module docstring)."""
+        from ..data import take
+        from ..metrics import get_metric
+        from ..sensitivity import HALF_FORMATS, half_copy, output_sqnr, sensitivity
+
+        k, where = self.config.keep_fp32, f"{self.where}.keep_fp32"
+        calib = ctx.calib_data if ctx.calib_data is not None else ctx.train_data
+        if calib is None:
+            raise DataError(where, "keep_fp32 measures each layer's half-precision sensitivity and needs "
+                            "calibration data", fix="pass calib_data=... (a few hundred representative examples)")
+        metric_fn = get_metric(ctx.metric)[0] if ctx.eval_data is not None else None
+        if k.max_metric_drop is not None and metric_fn is None:
+            raise DataError(where, "max_metric_drop needs eval data and a metric",
+                            fix="pass eval_data=... and metric=..., or use min_sqnr_db / most_sensitive")
+        fmt = {v: f for f, v in HALF_FORMATS.items()}[self.config.dtype]
+        was_training = model.training
+        model.eval()
+        try:
+            rows = sensitivity(model, calib, eval_data=ctx.eval_data if metric_fn else None, metric=metric_fn,
+                               formats=[fmt], targets=names, calibration={"samples": k.samples}, device=ctx.device)
+            ranked = [r["layer"] for r in rows]  # most sensitive first
+            sqnr_data = take(calib, k.samples)
+            base = float(metric_fn(model, ctx.eval_data)) if metric_fn is not None else None
+
+            def whole(keep: set[str]) -> dict[str, float]:
+                trial = half_copy(model, [n for n in names if n not in keep], self.config.dtype)
+                out = {"output_sqnr_db": output_sqnr(model, trial, sqnr_data, ctx.device)}
+                if base is not None:
+                    out["metric_drop"] = base - float(metric_fn(trial, ctx.eval_data))
+                return out
+
+            def misses(fig: dict[str, float]) -> bool:
+                return (k.max_metric_drop is not None and fig["metric_drop"] > k.max_metric_drop) or \
+                    (k.min_sqnr_db is not None and fig["output_sqnr_db"] < k.min_sqnr_db)
+
+            n = min(k.most_sensitive or 0, len(ranked))
+            fig = whole(set(ranked[:n]))
+            while n < len(ranked) and misses(fig):  # keep the next most sensitive layer, re-measure all
+                n += 1
+                fig = whole(set(ranked[:n]))
+        finally:
+            model.train(was_training)
+        self._whole = {f"whole_model_{key}": (v if math.isfinite(v) else str(v)) for key, v in fig.items()}
+        if misses(fig):  # all layers kept (the fp32 model) still misses: a noisy metric; say so
+            ctx.fallback(self.registered_name, f"keep_fp32 budget not met: {self._whole}")
+        by = {r["layer"]: r for r in rows}
+        out = {}
+        for i, lname in enumerate(ranked[:n]):
+            r = by[lname]
+            figs = [f"output SQNR {r['sqnr_db']:.1f} dB"]
+            if "metric_drop" in r:
+                figs.insert(0, f"metric drop {r['metric_drop']:+.4f}")
+            out[lname] = f"kept fp32: #{i + 1} most {fmt}-sensitive ({fmt} alone: {', '.join(figs)})"
+        return out
 
     def record(self) -> dict[str, Any]:
         return self._record

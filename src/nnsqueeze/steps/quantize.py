@@ -482,6 +482,10 @@ class Quantize(Step):
         if cfg.ops:  # activation-activation ops (fx pass, or HF attention): may return a GraphModule
             from ..quant.functional import quantize_ops
 
+            if any(not ActScheme.from_dict(v.get("act_scheme")).is_default for v in record_layers.values()):
+                ctx.fallback(name, f"ops {list(cfg.ops)}: their inputs use uint8 per-tensor codes; the activation "
+                             "formats set for the layers apply to Linear/Conv inputs only")
+
             model, self._record["ops"] = quantize_ops(model, cfg.ops, take(data, cfg.calibration.samples),
                                                       lambda name, obs=observer: obs(axis=None, name=name), ctx,
                                                       name, ctx.device)

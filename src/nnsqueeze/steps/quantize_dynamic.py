@@ -84,6 +84,8 @@ class SmoothConfig(BaseModel):
                                            f"best of {list(ALPHA_GRID)} and no smoothing by the model's output "
                                            "error on the calibration batches")
     samples: int = Field(128, ge=1, description="calibration samples (from calib_data)")
+    targets: list[str] | None = Field(None, description="only these of the step's layers (class name, module "
+                                      "name or re:regex); default all")
 
     @field_validator("alpha")
     @classmethod
@@ -99,6 +101,8 @@ class OutliersConfig(BaseModel):
                          "median channel's is computed in float32 instead of int8")
     max_channels: int = Field(8, ge=1, description="at most this many float channels per layer")
     samples: int = Field(128, ge=1, description="calibration samples (from calib_data)")
+    targets: list[str] | None = Field(None, description="only these of the step's layers (class name, module "
+                                      "name or re:regex); default all")
 
 
 class QuantizeDynamicConfig(StepConfig):
@@ -187,6 +191,16 @@ class QuantizeDynamic(Step):
                            if self.config.outliers is not None else {}))
         return model
 
+    def _only(self, model: nn.Module, plain: list, targets: list[str] | None, option: str) -> list:
+        """``plain`` restricted to ``targets`` (the step's target syntax; a typo raises TargetError)."""
+        if targets is None:
+            return plain
+        from ..targets import select
+
+        chosen = {n for n, _ in select(model, targets, [], (nn.Linear,),
+                                       where=f"{self.where}.{option}.targets").layers}
+        return [(n, m) for n, m in plain if n in chosen]
+
     @torch.no_grad()
     def _outliers(self, model: nn.Module, ctx, plain: list) -> dict[str, Tensor]:
         """Per layer the input channels computed in float (calibrated max |x| > ratio x median)."""
@@ -203,6 +217,7 @@ class QuantizeDynamic(Step):
         finally:
             model.train(was)
         out = {}
+        plain = self._only(model, plain, cfg.targets, "outliers")
         for n, _ in plain:
             if not accs[n].tokens:
                 ctx.skip(self.registered_name, n, "outliers: the layer saw no calibration input; no float channels")
@@ -220,6 +235,7 @@ class QuantizeDynamic(Step):
             raise DataError(f"{self.where}.smooth", "smoothing is calibrated on data but no calib_data was given",
                             fix="pass calib_data=... or remove 'smooth' from the step")
         batches = take(ctx.calib_data, cfg.samples)
+        plain = self._only(model, plain, cfg.targets, "smooth")
         accs = {n: AbsMaxAccumulator(m.in_features) for n, m in plain}
         first: dict[str, Any] = {}
 
