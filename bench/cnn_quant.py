@@ -6,9 +6,9 @@ nnsqueeze int8 PTQ (the ``int8`` preset's step); W4A8 nearest rounding vs AdaRou
 (``qat`` + ``finetune``, LSQ, BN folded on the fly); mixed int8/int4/fp32 under a 4x-smaller size
 budget. Targets (issue #3): int8 drop <= 0.2 pt, W4A8 AdaRound <= 1 pt, int4 QAT <= 0.5 pt, mixed
 <= 0.3 pt. ``packed`` is the artifact's weight bytes (int4 codes two per byte); the ONNX file
-stores every code in one int8 byte.
+stores 2-4-bit codes as int4 too (``nnsqueeze/export/lowbit.py``).
 
-    python bench/cnn_quant.py [--qat-steps 600] [--threads 1]
+    python bench/cnn_quant.py [--qat-steps 600] [--threads 1] [--only "int8 PTQ,mixed"]
 """
 
 from __future__ import annotations
@@ -65,6 +65,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--qat-steps", type=int, default=600)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--only", default="", help="comma-separated substrings: run only the matching systems")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -90,6 +91,9 @@ def main() -> None:
         "nnsqueeze mixed int8/int4/fp32, size <= fp32/4": [
             ("mixed", {"formats": ["int8", "int4", "fp32"], "budget": {"size_ratio": 0.25, "max_metric_drop": 0.003}})],
     }
+    if args.only:
+        keys = [k.strip() for k in args.only.split(",") if k.strip()]
+        systems = {n: v for n, v in systems.items() if any(k in n for k in keys)}
     rows = []
     with tempfile.TemporaryDirectory() as d:
         fp32_path = os.path.join(d, "fp32.onnx")

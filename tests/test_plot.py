@@ -170,3 +170,24 @@ def test_activation_ranges_use_the_layers_format(tmp_path, act, qr):
         s, z = float(mod.input_scale_), int(mod.input_zero_point_)
         assert (lo, hi) == ((qr[0] - z) * s, (qr[1] - z) * s)
     assert (plot_artifact(out)[0]).name == "activations.png"
+
+
+@pytest.mark.parametrize("bits", [4, 6])
+def test_static_per_group_histogram_with_a_short_last_group(bits):
+    """10 inputs in groups of 4 (4+4+2): the record's weight_shape says how rows split into groups."""
+    from torch import nn
+
+    from nnsqueeze.plot import weight_histogram
+    from nnsqueeze.quant.modules import convert_
+    from nnsqueeze.quant.scheme import WeightScheme
+
+    torch.manual_seed(0)
+    sch = WeightScheme(bits=bits, granularity="per-group", group_size=4)
+    layer = convert_(nn.Linear(10, 3), weight_bits=bits, scheme=sch)
+    st = {k: v.clone() for k, v in layer.state_dict().items() if k.startswith("weight")}
+    layer.pack_state(st, "")
+    info = {"scheme": sch.to_dict(), "weight_bits": bits, "weight_shape": [3, 10]}
+    h = weight_histogram("static", info, st)
+    qmin, qmax = layer.weight_qrange
+    want = torch.bincount(layer.weight_codes().to(torch.int64).reshape(-1) - qmin, minlength=qmax - qmin + 1)
+    assert torch.equal(h.counts, want) and int(h.counts.sum()) == 30

@@ -249,8 +249,8 @@ class _Guard:
                          reverted, payload=(model, Path(path).read_bytes(), figs, export))
 
     def run(self, work: nn.Module, original: nn.Module, records: list, onnx_bytes: bytes | None, base_onnx: str):
-        from .export.latency_guard import (Candidate, choose, layer_timings, reverted_copy, revertible_layers,
-                                           slower_layers)
+        from .export.latency_guard import (Candidate, choose, drop_reverted, layer_timings, quantized_ops,
+                                           reverted_copy, revertible_layers, slower_layers)
 
         rb, ev = self.rb, self.recipe.evaluate
         bl, cl = rb.baseline["latency_ms"].get("onnxruntime"), rb.compressed["latency_ms"].get("onnxruntime")
@@ -264,13 +264,16 @@ class _Guard:
         # Order matters on ties (choose() keeps the earlier): the more compressed configuration wins.
         cands = [Candidate("compressed", cl, rb.compressed.get("accuracy"), rb.compressed.get("size_bytes"))]
         names = [n for n, _ in revertible_layers(work)]
+        ops = quantized_ops(work)  # attention / residual op quantizers: not timed alone, reverted with "all"
         timings: dict[str, tuple[float, float]] = {}
         if names:
             timings = layer_timings(work, self.lat_inputs, ev.threads, ev.warmup, ev.runs, names)
             slow = slower_layers(timings)
-            if slow and len(slow) < len(names):
+            if slow and (len(slow) < len(names) or ops):
                 cands.append(self._candidate("slow layers in float", reverted_copy(work, slow), slow))
-            cands.append(self._candidate("all quantized layers in float", reverted_copy(work, names), names))
+        if names or ops:
+            cands.append(self._candidate("all quantized layers in float", reverted_copy(work, names + ops),
+                                         names + ops))
         cands.append(Candidate("baseline", bl, rb.baseline.get("accuracy"), rb.baseline.get("size_bytes"),
                                payload="baseline"))
         best = choose(cands, rb.compressed.get("accuracy"))
@@ -294,14 +297,8 @@ class _Guard:
         model, data, figs, export = best.payload
         figs["measured"] = rb.compressed.get("measured")
         rb.compressed, rb.export["compressed"] = figs, export
-        gone = set(best.reverted)
-        for r in records:  # the replay record must not re-quantize the layers now in float
-            layers = r["record"].get("layers") if isinstance(r.get("record"), dict) else None
-            if isinstance(layers, dict):
-                r["record"]["layers"] = {k: v for k, v in layers.items() if k not in gone}
-            elif isinstance(layers, list):
-                r["record"]["layers"] = [k for k in layers if k not in gone]
-        return model, data, records
+        # the replay record must not re-quantize the layers and ops now in float
+        return model, data, drop_reverted(records, set(best.reverted))
 
 
 def _flag_regressions(rb: ReportBuilder) -> None:

@@ -142,8 +142,12 @@ def weight_histogram(kind: str, info: dict, st: dict[str, torch.Tensor]) -> Weig
     if kind == "static":
         sch = WeightScheme.from_dict(info.get("scheme"), bits=int(info["weight_bits"]))
         rows = st["weight_scale_"].numel()
-        n = _packed_len(q.reshape(-1), rows) if (sch.bits <= 4 and q.dim() == 1) else q.numel()
-        mod = _stand_in_weight(rows, n // rows)
+        if info.get("weight_shape"):  # per-group (a short last group makes rows * row length != numel)
+            shape = info["weight_shape"]
+            mod = _stand_in_weight(shape[0], math.prod(shape[1:]))
+        else:
+            n = _packed_len(q.reshape(-1), rows) if (sch.bits <= 4 and q.dim() == 1) else q.numel()
+            mod = _stand_in_weight(rows, n // rows)
         convert_(mod, weight_bits=sch.bits, scheme=sch, act_scheme=ActScheme.from_dict(info.get("act_scheme")))
         mod.unpack_state(st, "")
         _load(mod, st)

@@ -123,3 +123,104 @@ def test_dynamic_layer_reverts_to_the_same_float_function(smooth):
     q.revert_()
     assert type(q) is nn.Linear and not list(q.buffers())
     assert torch.allclose(q(x), ref, atol=1e-6)
+
+
+# ------------------------------------------------------------------------------------------------
+# "all quantized layers in float" also takes the activation-op quantizers back to float
+# ------------------------------------------------------------------------------------------------
+INT_OPS = ("DynamicQuantizeLinear", "MatMulInteger", "MatMulIntegerToFloat", "QLinearMatMul", "DynamicQuantizeMatMul",
+           "QLinearAdd", "QuantizeLinear")
+
+
+def test_all_float_candidate_reverts_hf_attention_quantization(monkeypatch, tmp_path):
+    transformers = pytest.importorskip("transformers", reason="transformers (the 'hf' extra) is not installed")
+    from nnsqueeze.export.ort import optimized_op_types
+    from nnsqueeze.quant.attention import AttentionQuant
+
+    def bert():
+        cfg = transformers.BertConfig(vocab_size=61, hidden_size=18, num_hidden_layers=1, num_attention_heads=3,
+                                      intermediate_size=23, max_position_embeddings=32, attn_implementation="eager")
+        torch.manual_seed(0)
+        return transformers.BertModel(cfg, add_pooling_layer=False).eval()
+
+    def batch(b, t, seed):
+        g = torch.Generator().manual_seed(seed)
+        mask = torch.ones(b, t, dtype=torch.long)
+        mask[0, t - 2:] = 0  # padding
+        return {"input_ids": torch.randint(0, 61, (b, t), generator=g), "attention_mask": mask,
+                "token_type_ids": torch.zeros(b, t, dtype=torch.long)}
+
+    # Graphs with run-time int8 quantization (layers or attention) are the slow ones.
+    monkeypatch.setattr(ort_mod, "ort_latency_ms", _fake_ort_latency(2.0, 1.0))
+    model = bert()
+    res = nsq.compress(model, {"steps": [{"quantize-dynamic": {"attention": True}}], "latency_guard": True,
+                               **FAST}, calib_data=[batch(3, 7, 0)], progress=False)
+    g = res.report["export"]["latency_guard"]
+    # Before: the attention matmuls stayed int8 in that candidate, so it was as slow as the
+    # compressed model and the guard fell back to the baseline.
+    assert g["applied"] and g["chosen"] == "all quantized layers in float"
+    (row,) = [r for r in g["candidates"] if r["name"] == "all quantized layers in float"]
+    assert row["latency_ms"] == 1.0 and row["reverted_layers"] == 6 + 1  # 6 Linears + 1 attention module
+    assert not any(isinstance(m, (AttentionQuant, DynamicQuantLinear)) for m in res.model.modules())
+    ops = optimized_op_types(res.onnx)
+    assert "MatMul" in ops and not any(k in ops for k in INT_OPS), sorted(set(ops))
+    (rec,) = [r["record"] for r in res.records if r["name"] == "quantize-dynamic"]
+    assert rec["attention"]["modules"] == [] and not rec["layers"]  # replay quantizes nothing
+
+    held = batch(2, 11, 5)  # other batch size and sequence length
+    with torch.no_grad():
+        ref = model(**held).last_hidden_state
+        got = res.model(**held).last_hidden_state
+        assert torch.allclose(got, ref, atol=1e-5)  # the float function again
+        ort_out = OrtModule(res.onnx)(**held)
+        assert torch.allclose(ort_out[0] if isinstance(ort_out, tuple) else ort_out, ref, atol=1e-4)
+        again = artifact.load(res.save(tmp_path / "art"), bert())
+        assert not any(isinstance(m, (AttentionQuant, DynamicQuantLinear)) for m in again.modules())
+        assert torch.allclose(again(**held).last_hidden_state, got, atol=1e-6)
+
+
+def test_fx_op_quantizers_revert_to_plain_ops_and_replay():
+    """quantize with ops: [add, matmul]: reverted_copy() routes the QuantAdd / QuantMatMul calls back
+    to the plain functions, and drop_reverted() removes them from the record for the replay."""
+    import copy
+    import json
+
+    from nnsqueeze.context import Context
+    from nnsqueeze.export.latency_guard import drop_reverted, quantized_ops, reverted_copy, revertible_layers
+    from nnsqueeze.quant.functional import _OpQuant
+    from nnsqueeze.steps.quantize import Quantize
+
+    class Attn(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.q, self.k = nn.Linear(5, 3), nn.Linear(5, 3)
+
+        def forward(self, x):
+            q = self.q(x)
+            return torch.softmax(q @ self.k(x).transpose(1, 2), -1) @ q + q
+
+    torch.manual_seed(0)
+    fresh = Attn().eval()
+    g = torch.Generator().manual_seed(1)
+    ctx = Context(calib_data=[(torch.randn(2, 4, 5, generator=g), None) for _ in range(2)])
+    ctx.report.begin_step("quantize", {})
+    step = Quantize(Quantize.Config(ops=["add", "matmul"], activations={"bits": 8, "symmetric": True},
+                                    bias_correction=False))  # so that reverted layers are the fresh ones
+    model = step.run(copy.deepcopy(fresh), ctx)
+    ops = quantized_ops(model)
+    assert sorted(ops) == ["nsq_add", "nsq_matmul", "nsq_matmul_1"]
+    names = [n for n, _ in revertible_layers(model)] + ops
+    back = reverted_copy(model, names)
+    assert not any(isinstance(m, _OpQuant) for m in back.modules()) and quantized_ops(back) == []
+    x = torch.randn(3, 7, 5, generator=g)
+    with torch.no_grad():
+        assert not torch.allclose(model(x), fresh(x), atol=1e-4)  # it was quantized
+        assert torch.allclose(back(x), fresh(x), atol=1e-6)
+    records = [{"name": "quantize", "config": step.config.model_dump(mode="json"),
+                "record": json.loads(json.dumps(step.record()))}]
+    (r,) = drop_reverted(records, set(names))
+    assert r["record"]["ops"]["fx"] == {} and not r["record"]["layers"]
+    rebuilt = Quantize.rebuild(copy.deepcopy(fresh), step.config, r["record"])
+    rebuilt.load_state_dict(back.state_dict(), strict=True)
+    with torch.no_grad():
+        assert torch.equal(rebuilt.eval()(x), back(x))

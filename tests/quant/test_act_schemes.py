@@ -230,3 +230,19 @@ def test_qat_lsq_with_signed_4bit_activations_keeps_codes_in_range(tmp_path, tin
     with torch.no_grad():
         ref = model(xs[0])
     assert float((ort(xs[0]) - ref).abs().max()) <= float(ref.max() - ref.min()) / (qmax - qmin)
+
+
+def test_sixteen_bit_linear_on_3d_inputs_is_not_requantized_by_ort(tmp_path):
+    """A 3-D Linear exports as MatMul; with an int8-coded weight ORT would fuse it into MatMulNBits,
+    which re-quantizes the 16-bit input to 8 bits (1 output step off). The float weight is exact."""
+    import nnsqueeze as nsq
+    from nnsqueeze.export.onnx import export_onnx
+
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(37, 29), nn.ReLU(), nn.Linear(29, 5)).eval()
+    x = torch.randn(16, 5, 37)
+    res = nsq.compress(m, {"version": 1, "steps": [{"quantize": {"activations": {"bits": 16}}}]},
+                       calib_data=[(x, None)], example_inputs=x[:4], metric=None, progress=False)
+    fig = export_onnx(res.model, tmp_path / "m.onnx", x[:4], samples=[x[4:]])
+    assert "MatMulNBits" not in fig["ort_int8_ops"]
+    assert fig["max_abs_diff"] < 1e-5  # float kernels on identical 16-bit values and grid weights

@@ -164,3 +164,47 @@ def test_attention_option_on_a_model_without_hf_attention_is_reported():
     step.run(nn.Sequential(nn.Linear(4, 4)), ctx)
     assert step.record()["attention"] == {}
     assert any("AttentionInterface" in s["reason"] for s in ctx.report.skipped)
+
+
+@pytest.mark.parametrize("acts", [{"bits": 8, "symmetric": True}, {"bits": 4}], ids=["s8", "u4"])
+def test_static_attention_follows_the_activation_format(acts, tmp_path):
+    """``activations`` other than uint8 reach the attention matmuls: codes in the scheme's range,
+    recorded for the rebuild, and ORT (integer MatMuls on the codes) agrees with torch."""
+    from nnsqueeze.quant.act_scheme import ActScheme
+
+    scheme = ActScheme(**acts)
+    calib = [_batch(4, 9, s) for s in range(2)]
+    ctx = Context(calib_data=calib)
+    ctx.report.begin_step("quantize", {})
+    step = Quantize(Quantize.Config(weights={"reduce_range": True}, ops=["matmul"], activations=acts))
+    model = step.run(_bert(), ctx)
+    rec = step.record()["ops"]["attention"]
+    assert rec["act_scheme"] == scheme.to_dict() and len(rec["modules"]) == 2
+    aq = model.get_submodule(rec["modules"][0]).attn_quant
+    assert aq.ascheme == scheme and "q@k^T, p@v: " + scheme.describe() in str(ctx.report.layers)
+    qmin, qmax = scheme.qrange
+    assert all(qmin <= int(aq._buffers[f"{n}_zero_point_"]) <= qmax for n in ("query", "key", "probs", "value"))
+    if scheme.symmetric:
+        assert int(aq.query_zero_point_) == 0
+    held = _batch(3, 11, 7)
+    with torch.no_grad():
+        ref = model(**held).last_hidden_state
+    path = tmp_path / "bert.onnx"
+    export_onnx(model, path, _batch(), dynamic_axes={n: {1: "seq"} for n in INPUTS}, verify=False)
+    got, ops = _ort(path, held, tmp_path)
+    import onnx
+
+    opt = onnx.load(str(tmp_path / "opt.onnx")).graph
+    consts = {i.name for i in opt.initializer}
+    # the 4 attention matmuls (both operands activations) run on integer codes in ORT
+    b_input = {"QLinearMatMul": 3}  # (a, a_scale, a_zp, b, ...); the others: (a, b, ...)
+    assert sum(n.op_type in INT_MM and n.input[b_input.get(n.op_type, 1)] not in consts for n in opt.node) == 4
+    if not scheme.symmetric:  # and so do the 12 Linears
+        assert sum(ops.count(k) for k in INT_MM) == 16 and "MatMul" not in ops
+    assert float((got - ref).abs().max()) <= float(ref.max() - ref.min()) / 255
+
+    rebuilt = Quantize.rebuild(_bert(), step.config, json.loads(json.dumps(step.record())))
+    rebuilt.load_state_dict(model.state_dict(), strict=True)
+    assert rebuilt.get_submodule(rec["modules"][1]).attn_quant.ascheme == scheme
+    with torch.no_grad():
+        assert torch.equal(rebuilt(**held).last_hidden_state, ref)

@@ -196,3 +196,113 @@ def test_untraceable_model_is_reported_not_silent():
 def test_insert_quant_ops_rejects_unknown_rebuild_nodes():
     with pytest.raises(KeyError, match="not found"):
         insert_quant_ops(ResidualCNN(), ["add"], only={"add_7": "add"})
+
+
+# ------------------------------------------------------------------------------------------------
+# Activation formats other than uint8 (the step's `activations`): int8 symmetric, 4-bit, 16-bit
+# ------------------------------------------------------------------------------------------------
+class ConvAttention(nn.Module):
+    """(B, 7, T) -> (B, T, 6): 1x1-conv projections (ORT keeps 16-bit-input convs in float on the
+    exact values, unlike DQ->MatMul weights, which it may fuse into MatMulNBits), q @ k, p @ v and
+    a residual add."""
+
+    def __init__(self):
+        super().__init__()
+        self.q, self.k, self.v = nn.Conv1d(7, 6, 1), nn.Conv1d(7, 6, 1), nn.Conv1d(7, 6, 1)
+
+    def forward(self, x):
+        q = self.q(x).transpose(1, 2)
+        p = torch.softmax(q @ self.k(x) / 6 ** 0.5, dim=-1)
+        return torch.bmm(p, self.v(x).transpose(1, 2)) + q
+
+
+SCHEMES = [{"bits": 8, "symmetric": True}, {"bits": 4, "symmetric": True}, {"bits": 4}, {"bits": 16}]
+
+
+@pytest.mark.parametrize("acts", SCHEMES, ids=["s8", "s4", "u4", "u16"])
+def test_ops_follow_the_activation_format_in_ort(acts, tmp_path):
+    from nnsqueeze.quant.act_scheme import ActScheme
+
+    torch.manual_seed(0)
+    model, step, ctx = _quantize(ConvAttention().eval(), _calib((4, 7, 5)), ops=["add", "matmul"],
+                                 activations=acts)
+    scheme = ActScheme(**acts)
+    rec = step.record()["ops"]
+    assert sorted(rec["fx"].values()) == ["add", "matmul", "matmul"] and rec["act_scheme"] == scheme.to_dict()
+    assert not any("uint8 per-tensor codes" in n["note"] for n in ctx.report.notes)
+    mods = [m for m in model.modules() if isinstance(m, (QuantAdd, QuantMatMul))]
+    assert len(mods) == 3 and all(m.ascheme == scheme for m in mods)
+    x = torch.randn(3, 7, 9, generator=torch.Generator().manual_seed(2))  # other (odd) shape
+    with torch.no_grad():
+        ref = model(x)
+    got, ops = _ort(model, x, tmp_path)
+    if scheme.bits <= 8:  # ORT runs the ops on the integer codes
+        assert ops.count("QLinearAdd") == 1 and "MatMul" not in ops and "FusedMatMul" not in ops
+    else:  # 16 bits: no integer kernel, float ops on the exact dequantized values (said so)
+        assert "QLinearAdd" not in ops and any(t in ops for t in ("MatMul", "FusedMatMul"))
+        assert any("no 16-bit add/matmul kernels" in n["note"] for n in ctx.report.notes)
+    out_step = float(model.nsq_add.output_scale_)
+    ulps = 4 * torch.finfo(torch.float32).eps * float(ref.abs().max())  # float32 rounding of (q - z) * s
+    assert float((got - ref).abs().max()) <= out_step + ulps  # within one output quantization step
+    # and almost everywhere exact: 16-bit steps are 256x finer, so ORT's and torch's float32
+    # summation orders (1e-7 relative) put more values on the other side of a rounding boundary
+    flips = float((got - ref).abs().gt(out_step / 2).float().mean())
+    assert flips < (0.02 if scheme.bits <= 8 else 0.1)
+
+
+@pytest.mark.parametrize("acts", SCHEMES, ids=["s8", "s4", "u4", "u16"])
+def test_op_codes_match_a_float64_reference(acts):
+    """Each op input's codes = clip(round(x / s) + z, qmin, qmax), computed in float64, on inputs
+    partly outside the calibrated range (so both ends of the code range are hit)."""
+    from nnsqueeze.quant.act_scheme import ActScheme
+
+    scheme = ActScheme(**acts)
+    qmin, qmax = scheme.qrange
+    g = torch.Generator().manual_seed(4)
+    a, b = torch.randn(5, 3, 7, generator=g) * 2, torch.randn(5, 7, 4, generator=g) + 0.5
+    mm, add = QuantMatMul(scheme), QuantAdd(scheme)
+    for m, args in ((mm, (a, b)), (add, (a, a.flip(0)))):
+        m.start_calibration(lambda name: MinMaxObserver(name=name), "op")
+        m(*args)
+        m.finish_calibration()
+    if scheme.symmetric:
+        assert int(mm.a_zero_point_) == 0 and int(add.output_zero_point_) == 0
+    x = a * 4  # beyond the calibrated ranges (inputs and their sum): clipped codes
+    for n in ("a", "output"):
+        s, z = add._buffers[f"{n}_scale_"], add._buffers[f"{n}_zero_point_"]
+        assert qmin <= int(z) <= qmax
+        y = add._fq(x, n).double()
+        codes = torch.round(y / s.double()) + int(z)  # exact: y = (q - z) * s in float32
+        want = np.clip(np.rint(x.double().numpy() / np.float64(s)) + int(z), qmin, qmax)
+        near_tie = np.abs(np.abs(x.double().numpy() / np.float64(s)) % 1 - 0.5) < 1e-4
+        assert np.array_equal(codes.numpy()[~near_tie], want[~near_tie])
+        assert codes.min() >= qmin and codes.max() <= qmax
+        assert codes.min() == qmin or codes.max() == qmax  # the clipping is exercised
+    # the product: of the float64 reference dequantized operands, (q - z) * s
+    def deq(t, n):
+        s, z = float(mm._buffers[f"{n}_scale_"]), int(mm._buffers[f"{n}_zero_point_"])
+        return (np.clip(np.rint(t.double().numpy() / np.float64(np.float32(s))) + z, qmin, qmax) - z) * s
+    want = deq(x, "a") @ deq(b, "b")
+    assert np.allclose(mm(x, b).double().numpy(), want, rtol=1e-5, atol=1e-4 * np.abs(want).max())
+
+
+@pytest.mark.parametrize("acts", [SCHEMES[0], SCHEMES[1], SCHEMES[3]], ids=["s8", "s4", "u16"])
+def test_ops_format_survives_artifact_save_and_reload(acts, tmp_path):
+    import nnsqueeze as nsq
+    from nnsqueeze import artifact
+
+    torch.manual_seed(1)
+    fresh = ConvAttention().eval()
+    res = nsq.compress(copy.deepcopy(fresh), {"steps": [{"quantize": {"ops": ["add", "matmul"], "activations": acts}}],
+                                              "evaluate": {"warmup": 1, "runs": 2, "per_step": False}},
+                       calib_data=_calib((4, 7, 5)), progress=False)
+    out = res.save(tmp_path / "art")
+    again = artifact.load(out, copy.deepcopy(fresh))
+    assert [type(m).__name__ for m in again.modules() if isinstance(m, (QuantAdd, QuantMatMul))] == \
+        [type(m).__name__ for m in res.model.modules() if isinstance(m, (QuantAdd, QuantMatMul))]
+    assert all(m.ascheme.to_dict() == acts | {"symmetric": acts.get("symmetric", False)}
+               for m in again.modules() if isinstance(m, (QuantAdd, QuantMatMul)))
+    x = torch.randn(2, 7, 11, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        assert torch.equal(again(x), res.model(x))
+        assert not torch.equal(again(x), fresh(x))

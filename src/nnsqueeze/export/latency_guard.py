@@ -7,7 +7,9 @@ Candidates, each exported, verified and timed in ORT like the compressed model:
 - ``slow layers in float``: quantized layers whose int8 kernel is slower than their float kernel
   on this CPU (each layer timed alone in ORT on the input it sees on the latency batch) are
   reverted to float; the others stay quantized;
-- ``all quantized layers in float``: every revertible layer reverted (other compression kept);
+- ``all quantized layers in float``: every revertible layer reverted, and the activation-op
+  quantizers removed too (Hugging Face attention matmuls of :mod:`nnsqueeze.quant.attention`,
+  residual adds / matmuls of :mod:`nnsqueeze.quant.functional`); other compression kept;
 - ``baseline``: the fp32 model the recipe started from.
 
 A candidate keeps the accuracy when its metric is at least the compressed model's minus
@@ -86,11 +88,70 @@ def revertible_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
             if callable(getattr(m, "revert_", None)) and getattr(m, "act", None) is None]
 
 
+def quantized_ops(model: nn.Module) -> list[str]:
+    """Activation-op quantizers that can go back to float: attention modules holding an
+    ``AttentionQuant`` (the attention module's name) and fx ``QuantAdd``/``QuantMatMul`` modules of
+    a ``GraphModule`` (their own names, ``nsq_<node>``)."""
+    from ..quant.attention import ATTR, AttentionQuant
+    from ..quant.functional import _OpQuant
+
+    out = []
+    for n, m in model.named_modules():
+        if isinstance(m._modules.get(ATTR), AttentionQuant):
+            out.append(n)
+        elif isinstance(m, _OpQuant) and isinstance(_parent(model, n), torch.fx.GraphModule):
+            out.append(n)
+    return out
+
+
+def _parent(model: nn.Module, name: str) -> nn.Module:
+    return model.get_submodule(name.rpartition(".")[0])
+
+
+def revert_(model: nn.Module, name: str) -> None:
+    """Back to float in place: a layer by its ``revert_()``; an attention module by dropping its
+    quantizer (``nnsqueeze_int8`` without one is eager float attention); an fx op module by routing
+    its call back to the plain torch function (the module leaves the graph)."""
+    from ..quant.attention import ATTR
+    from ..quant.functional import restore_op
+
+    m = model.get_submodule(name)
+    if callable(getattr(m, "revert_", None)):
+        m.revert_()
+    elif ATTR in m._modules:
+        del m._modules[ATTR]
+    else:
+        restore_op(_parent(model, name), name.rpartition(".")[2])
+
+
 def reverted_copy(model: nn.Module, names: list[str]) -> nn.Module:
     m = copy.deepcopy(model)
     for n in names:
-        m.get_submodule(n).revert_()
+        revert_(m, n)
     return m.eval()
+
+
+def drop_reverted(records: list[dict[str, Any]], gone: set[str]) -> list[dict[str, Any]]:
+    """Step records (in place) without the layers and op quantizers in ``gone``, so that replaying
+    them re-quantizes only what stayed quantized: ``layers`` (dict or list), attention ``modules``
+    (``quantize-dynamic``'s ``attention``, ``quantize``'s ``ops.attention``) and ``ops.fx`` nodes
+    (module ``nsq_<node>``)."""
+    for r in records:
+        rec = r.get("record")
+        if not isinstance(rec, dict):
+            continue
+        layers = rec.get("layers")
+        if isinstance(layers, dict):
+            rec["layers"] = {k: v for k, v in layers.items() if k not in gone}
+        elif isinstance(layers, list):
+            rec["layers"] = [k for k in layers if k not in gone]
+        ops = rec.get("ops") if isinstance(rec.get("ops"), dict) else {}
+        for att in (rec.get("attention"), ops.get("attention")):
+            if isinstance(att, dict) and isinstance(att.get("modules"), list):
+                att["modules"] = [k for k in att["modules"] if k not in gone]
+        if isinstance(ops.get("fx"), dict):
+            ops["fx"] = {k: v for k, v in ops["fx"].items() if f"nsq_{k}" not in gone}
+    return records
 
 
 def layer_timings(model: nn.Module, inputs: Any, threads: int, warmup: int, runs: int,

@@ -13,7 +13,9 @@ to 21 with ONNX's version converter (``figures["lowbit_opset_upgrade"]`` says wh
   uint8) -> ``DequantizeLinear(axis 0)`` -> Conv/Gemm. ORT constant-folds the Cast at load and fuses
   QLinearConv/QGemm, so a w4 model runs the int8 kernels of a w8 model from a file half the size;
 - per-group: codes as the scheme's rows ``(C_out * G, group_size)``, ``DequantizeLinear`` along axis
-  0 (one scale per group), ``Reshape`` to the weight shape (no blocked quantization needed);
+  0 (one scale per group), ``Reshape`` to the weight shape (no blocked quantization needed). When
+  ``group_size`` does not divide a row, the partial last groups are a second code block ``(C_out, r)``
+  with their own scales: both decode, ``Reshape`` to ``(C_out, .)`` and ``Concat`` (no padding codes);
 - ``pow2`` / ``nf4`` / ``kmeans``: level indices, the level table and the row scales:
   ``Gather(levels, indices) * scale`` (indices decoded through DequantizeLinear, see below).
 
@@ -59,13 +61,14 @@ class _LowBitWeightFn(torch.autograd.Function):
     """Identity on the (already quantized) weight; exports as the marker node."""
 
     @staticmethod
-    def forward(ctx, w, scale, extra, bits, symmetric, table):
+    def forward(ctx, w, scale, extra, bits, symmetric, table, group):
         return w.clone()
 
     @staticmethod
-    def symbolic(g, w, scale, extra, bits, symmetric, table):
+    def symbolic(g, w, scale, extra, bits, symmetric, table, group):
         ins = [w, scale] + ([] if extra is None else [extra])
-        out = g.op(f"{DOMAIN}::{MARKER}", *ins, bits_i=int(bits), symmetric_i=int(symmetric), table_i=int(table))
+        out = g.op(f"{DOMAIN}::{MARKER}", *ins, bits_i=int(bits), symmetric_i=int(symmetric), table_i=int(table),
+                   group_i=int(group))
         out.setType(w.type())   # same shape and dtype as the weight (the conv symbolic needs the kernel shape)
         return out
 
@@ -82,10 +85,11 @@ def stores_lowbit(scheme: Any) -> bool:
     return not scheme.int8_kernels or (INT4_FOR_INT8_KERNEL_SCHEMES and scheme.bits <= 4)
 
 
-def lowbit_weight(layer: Any, w: Tensor) -> Tensor:
+def lowbit_weight(layer: Any, w: Tensor, group: int = 0) -> Tensor:
     """``w`` (the layer's fake-quantized weight, a constant while tracing) tagged for
     :func:`lowbit_postprocess` with the layer's scale (R,), and zero points (R,) int32 (uniform
-    asymmetric) or level table (K,) (non-uniform)."""
+    asymmetric) or level table (K,) (non-uniform), and ``group``: the group length L of per-group rows
+    (0 otherwise; a plain int computed before tracing, see ``FakeQuantMixin.export_constants``)."""
     sc = layer.wscheme
     scale = layer.weight_scale_.detach().float().clone()
     table = sc.levels != "uniform"
@@ -95,7 +99,7 @@ def lowbit_weight(layer: Any, w: Tensor) -> Tensor:
         extra = layer.weight_zero_point_.detach().to(torch.int32).clone()
     else:
         extra = None
-    return _LowBitWeightFn.apply(w, scale, extra, sc.bits, sc.symmetric, table)
+    return _LowBitWeightFn.apply(w, scale, extra, sc.bits, sc.symmetric, table, group)
 
 
 def _attr(node, name: str, default: Any) -> Any:
@@ -168,6 +172,61 @@ def _transpose_consumer(gr, out: str):
     return None
 
 
+def _blocks(w: np.ndarray, scale: np.ndarray, extra: np.ndarray | None, group: int,
+            table: bool) -> list[tuple[np.ndarray, np.ndarray, np.ndarray | None]]:
+    """The weight as blocks of rows ``(w_rows, scale, extra)``: one block (the scheme's (R, L) rows),
+    or, when the group length ``group`` does not divide the ``D`` weights of an output channel, the
+    full groups ``(C_out * (G-1), L)`` and the partial last groups ``(C_out, D - (G-1) * L)``."""
+    c_out = w.shape[0]
+    d = w.size // max(c_out, 1)
+    if group <= 0 or d % group == 0:
+        return [(w.reshape(scale.size, -1), scale, extra)]
+    g = -(-d // group)
+    full = (g - 1) * group
+    w2, s2 = w.reshape(c_out, d), scale.reshape(c_out, g)
+    if extra is None or table:   # no zero points, or one level table shared by all rows
+        e_full = e_tail = extra
+    else:                        # zero points (C_out * G,)
+        e2 = extra.reshape(c_out, g)
+        e_full, e_tail = e2[:, :-1].reshape(-1), e2[:, -1]
+    return [(w2[:, :full].reshape(-1, group), s2[:, :-1].reshape(-1), e_full), (w2[:, full:], s2[:, -1], e_tail)]
+
+
+def _decode_rows(gr, c_name: str, rows: str, q: np.ndarray, scale: np.ndarray, extra: np.ndarray | None, bits: int,
+                 symmetric: bool, table: bool, four_bit: bool, signed: bool, dtype: int, base: str,
+                 dq_domain: str) -> list:
+    """Stores codes ``q`` (R, L) as initializer ``c_name`` and returns the nodes decoding them into
+    the float rows ``rows``: DequantizeLinear (axis 0, one scale per row) or a level-table Gather."""
+    from onnx import TensorProto, helper
+
+    new = []
+    gr.g.initializer.append(_raw_tensor(c_name, dtype, list(q.shape), q, bits, signed))
+    if table:
+        # Indices -> float (exact) -> int32 for Gather, through DequantizeLinear rather than a
+        # Cast: ORT does not constant-fold DequantizeLinear, so it cannot turn the decoded table
+        # into a float weight and re-quantize that to per-tensor int8 (WeightBiasQuantization).
+        one = gr.add_init(np.ones((), np.float32), base + "_one")
+        new.append(helper.make_node("DequantizeLinear", [c_name, one], [c_name + "_f"], domain=dq_domain,
+                                    name=c_name + "_idx"))
+        new.append(helper.make_node("Cast", [c_name + "_f"], [c_name + "_i32"], to=TensorProto.INT32,
+                                    name=c_name + "_cast"))
+        lv = gr.add_init(extra.astype(np.float32).reshape(-1), base + "_levels")
+        new.append(helper.make_node("Gather", [lv, c_name + "_i32"], [c_name + "_lv"], axis=0,
+                                    name=c_name + "_gather"))
+        s = gr.add_init(scale.reshape(-1, 1), base + "_scale")
+        new.append(helper.make_node("Mul", [c_name + "_lv", s], [rows], name=c_name + "_mul"))
+        return new
+    ins = [c_name, gr.add_init(np.ascontiguousarray(scale.reshape(-1)), base + "_scale")]
+    if not symmetric:
+        z_name = f"{base}_zero_point{gr._n}"
+        gr._n += 1
+        zp = extra.astype(np.int64).reshape(-1)
+        gr.g.initializer.append(_raw_tensor(z_name, dtype, [zp.size], zp, bits if four_bit else 8, signed))
+        ins.append(z_name)
+    new.append(helper.make_node("DequantizeLinear", ins, [rows], axis=0, domain=dq_domain, name=c_name + "_dq"))
+    return new
+
+
 def _replace(gr, node, opset21: bool) -> str:
     """Replace one marker node by codes + decoding nodes; returns the container name."""
     from onnx import TensorProto, helper
@@ -181,7 +240,10 @@ def _replace(gr, node, opset21: bool) -> str:
                           fix="export in eval mode with nnsqueeze.export.onnx.export_onnx")
     bits, symmetric, table = _attr(node, "bits", 8), bool(_attr(node, "symmetric", 1)), bool(_attr(node, "table", 0))
     scale = scale.astype(np.float32).reshape(-1)
-    q, decoded = _codes(w, scale, extra, bits, symmetric, table)
+    blocks = _blocks(w, scale, extra, int(_attr(node, "group", 0)), table)
+    coded = [_codes(bw, bs, be, bits, symmetric, table) for bw, bs, be in blocks]
+    q = coded[0][0] if len(coded) == 1 else np.concatenate([c[0].reshape(w.shape[0], -1) for c in coded], 1)
+    decoded = np.concatenate([c[1].reshape(w.shape[0], -1) for c in coded], 1)
     if not np.array_equal(decoded.reshape(w.shape), w.astype(np.float32)):
         raise ExportError(where, f"the {bits}-bit codes do not reproduce the simulated weight exactly "
                           f"(max diff {float(np.abs(decoded.reshape(w.shape) - w).max()):.3g})", fix="report this as a bug")
@@ -224,39 +286,30 @@ def _replace(gr, node, opset21: bool) -> str:
                gr.add_init(zp.astype(np.int8 if signed else np.uint8), base + "_zero_point")]
         new.append(helper.make_node("DequantizeLinear", ins, [out], axis=axis, name=c_name + "_dq"))
     else:
-        # Rows (R, D) + Reshape: per-group rows, level tables, and 4-bit codes that no int8 kernel can
+        # Rows (R, L) + Reshape: per-group rows, level tables, and 4-bit codes that no int8 kernel can
         # read here. A DequantizeLinear never feeds the Conv/Gemm directly, which keeps ORT from
         # rounding the float bias to int32 for a fusion that cannot happen (its
         # WeightBiasQuantization pass): ORT computes exactly the simulated numbers, in float.
-        code_shape = [scale.size, q.size // max(scale.size, 1)]
-        g.initializer.append(_raw_tensor(c_name, dtype, code_shape, q, bits, signed))
-        rows = out + "_rows"
-        if table:
-            # Indices -> float (exact) -> int32 for Gather, through DequantizeLinear rather than a
-            # Cast: ORT does not constant-fold DequantizeLinear, so it cannot turn the decoded table
-            # into a float weight and re-quantize that to per-tensor int8 (WeightBiasQuantization).
-            one = gr.add_init(np.ones((), np.float32), base + "_one")
-            new.append(helper.make_node("DequantizeLinear", [c_name, one], [c_name + "_f"], domain=dq_domain,
-                                        name=c_name + "_idx"))
-            new.append(helper.make_node("Cast", [c_name + "_f"], [c_name + "_i32"], to=TensorProto.INT32,
-                                        name=c_name + "_cast"))
-            lv = gr.add_init(extra.astype(np.float32).reshape(-1), base + "_levels")
-            new.append(helper.make_node("Gather", [lv, c_name + "_i32"], [c_name + "_lv"], axis=0,
-                                        name=c_name + "_gather"))
-            s = gr.add_init(scale.reshape(-1, 1), base + "_scale")
-            new.append(helper.make_node("Mul", [c_name + "_lv", s], [rows], name=c_name + "_mul"))
-        else:
-            ins = [c_name, gr.add_init(scale, base + "_scale")]
-            if not symmetric:
-                z_name = f"{base}_zero_point{gr._n}"
-                gr._n += 1
-                zp = extra.astype(np.int64).reshape(-1)
-                g.initializer.append(_raw_tensor(z_name, dtype, [zp.size], zp, bits if four_bit else 8, signed))
-                ins.append(z_name)
-            new.append(helper.make_node("DequantizeLinear", ins, [rows], axis=0, domain=dq_domain,
-                                        name=c_name + "_dq"))
+        # A partial last group (group_size not dividing C_in/groups * k) is a second block of rows
+        # (C_out, r) with its own codes and scales: Reshape both to (C_out, .) and Concat along the
+        # inputs. No padding is stored or decoded, so every stored code is a real weight.
+        parts = []
+        for k, ((bw, bs, be), (bq, _)) in enumerate(zip(blocks, coded)):
+            name = c_name if k == 0 else f"{base}_codes{gr._n}"
+            gr._n += k > 0
+            rows = out + (f"_rows{k}" if k else "_rows")
+            new.extend(_decode_rows(gr, name, rows, bq, bs, be, bits, symmetric, table, four_bit, signed, dtype,
+                                    base, dq_domain))
+            if len(blocks) > 1:
+                flat = gr.add_init(np.array([w.shape[0], -1], np.int64), base + "_block_shape")
+                new.append(helper.make_node("Reshape", [rows, flat], [rows + "_2d"], name=name + "_reshape2d"))
+                rows += "_2d"
+            parts.append(rows)
+        if len(parts) > 1:
+            new.append(helper.make_node("Concat", parts, [out + "_cat"], axis=1, name=c_name + "_concat"))
+            parts = [out + "_cat"]
         shape = gr.add_init(np.array(w.shape, np.int64), base + "_shape")
-        new.append(helper.make_node("Reshape", [rows, shape], [out], name=c_name + "_reshape"))
+        new.append(helper.make_node("Reshape", [parts[0], shape], [out], name=c_name + "_reshape"))
     at = list(g.node).index(node)
     g.node.remove(node)
     if perm is not None:

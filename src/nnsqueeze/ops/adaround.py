@@ -78,11 +78,14 @@ def reconstruction_error(fn: Callable[[Tensor, Tensor], Tensor], w_rows: Tensor,
 def adaround(w: Tensor, scale: Tensor, zero_point: Tensor, qmin: int, qmax: int,
              fn: Callable[[Tensor, Tensor], Tensor], inputs: Tensor, targets: Tensor, *,
              iters: int = 500, batch: int = 64, lam: float = 0.01, lr: float = 1e-2,
-             warmup: float = 0.2, beta: tuple[float, float] = (20.0, 2.0), seed: int = 0) -> AdaRoundResult:
+             warmup: float = 0.2, beta: tuple[float, float] = (20.0, 2.0), seed: int = 0,
+             mask: Tensor | None = None) -> AdaRoundResult:
     """Learned rounding of ``w`` (R, D) on the grid ``scale`` (R,), ``zero_point`` (R,); see module doc.
 
     ``inputs`` (N, ...) and ``targets`` (N, ...): calibration inputs of the layer and the outputs
-    to reconstruct (usually the float layer's outputs).
+    to reconstruct (usually the float layer's outputs). ``mask`` (R, D) bool: the real weights when
+    rows are padded (per-group rows with a partial last group); padding is left out of the rounding
+    regularizer and of ``flipped`` (``fn`` drops it from the weight).
     """
     if w.dim() != 2 or scale.shape != (w.shape[0],) or zero_point.shape != (w.shape[0],):
         raise ValueError(f"adaround: w must be (R, D) with (R,) scale/zero_point, got {tuple(w.shape)}, "
@@ -108,14 +111,16 @@ def adaround(w: Tensor, scale: Tensor, zero_point: Tensor, qmin: int, qmax: int,
         if it >= start:
             t = (it - start) / max(iters - start - 1, 1)
             b = beta[1] + 0.5 * (beta[0] - beta[1]) * (1 + torch.cos(torch.tensor(t * torch.pi)))
-            loss = rec + lam * (1 - (2 * h - 1).abs() ** b).sum()
+            reg = 1 - (2 * h - 1).abs() ** b
+            loss = rec + lam * (reg if mask is None else reg[mask]).sum()
         opt.zero_grad()
         loss.backward()
         opt.step()
     with torch.no_grad():
         codes = torch.clamp(base + (rectified_sigmoid(v) >= 0.5).float() + zf, qmin, qmax).to(torch.int32)
     err = reconstruction_error(fn, _dequant(codes, s, z), inputs, targets)
-    flipped = float((codes != nearest).float().mean())
+    diff = codes != nearest
+    flipped = float((diff if mask is None else diff[mask]).float().mean())
     if err < nearest_err:
         return AdaRoundResult(codes, err, nearest_err, True, flipped)
     return AdaRoundResult(nearest, nearest_err, nearest_err, False, 0.0)

@@ -18,7 +18,9 @@ How the exported ONNX graph computes exactly the simulated codes (:func:`act_qdq
 - 16 bits: ``com.microsoft`` QuantizeLinear/DequantizeLinear with an int16 zero point (the
   TorchScript exporter runs at opset 17, where the standard ops are 8-bit only); unsigned codes are
   stored shifted by -32768 in int16 (same values). ORT has no 16-bit conv/matmul kernels on CPU, so
-  those layers compute in float on the exact dequantized 16-bit values. ::
+  those layers compute in float on the exact dequantized 16-bit values (a Linear on 3-D inputs
+  then stores its weight as float: ORT turns an int8-coded weight feeding MatMul into MatMulNBits,
+  which would re-quantize the 16-bit input to 8 bits). ::
 
     >>> from nnsqueeze.quant.act_scheme import ActScheme
     >>> ActScheme(bits=4, symmetric=True).qrange, ActScheme().describe()

@@ -7,7 +7,9 @@ modules call a *function* looked up by name in ``transformers.AttentionInterface
 
     scores = Q8(q) @ Q8(k^T) * scaling + mask ;  p = softmax(scores) ;  out = Q8(p) @ Q8(v)
 
-(``Q8``: uint8 asymmetric per tensor). Softmax, the mask add and the scaling stay float by
+(``Q8``: uint8 asymmetric per tensor; static mode takes the ``quantize`` step's ``activations``
+format instead, an :class:`~nnsqueeze.quant.act_scheme.ActScheme`: int8 symmetric, 2..7 bits in an
+8-bit container, or 16 bits, where ORT multiplies in float on the exact dequantized values). Softmax, the mask add and the scaling stay float by
 design: ORT has no int8 softmax for these graphs and the probabilities are re-quantized for
 ``p @ v`` anyway. The qparams live on an :class:`AttentionQuant` child (``attn_quant``) of each
 attention module (the function receives the module), one set per layer:
@@ -46,6 +48,7 @@ from torch import nn
 
 from ..ops.dynamic import dynamic_qparams, dynamic_quantize
 from ..ops.quant import fake_quantize_ste, qrange
+from .act_scheme import ActScheme
 from .functional import ActQuantState
 
 Tensor = torch.Tensor
@@ -100,15 +103,17 @@ class AttentionQuant(ActQuantState):
 
     onnx_quantized = True
 
-    def __init__(self, mode: str) -> None:
+    def __init__(self, mode: str, scheme: ActScheme | None = None) -> None:
         super().__init__()
         if mode not in ("static", "dynamic"):
             raise ValueError(f"mode must be 'static' or 'dynamic', got {mode!r}")
+        if mode == "dynamic" and scheme is not None and not scheme.is_default:
+            raise ValueError(f"dynamic attention quantization is uint8 asymmetric only, got {scheme.describe()}")
         self.mode = mode
         # Run-time ranges amplify 1e-7 float differences between torch and ORT into code flips:
         # the exporter then checks the mean difference (see export.onnx.verify_onnx).
         self.onnx_verify_mean = mode == "dynamic"
-        self._register_qparams(INPUTS if mode == "static" else ())
+        self._register_qparams(INPUTS if mode == "static" else (), scheme)
 
     def start_calibration(self, make_observer: Callable[..., Any], name: str) -> None:
         if self.mode != "static":
@@ -130,7 +135,8 @@ class AttentionQuant(ActQuantState):
         return dynamic_int_matmul(a, b).to(a.dtype)
 
     def extra_repr(self) -> str:
-        return f"{self.mode}: uint8 per-tensor q, k^T, probs, v"
+        codes = "uint8 per-tensor" if self.ascheme.is_default else self.ascheme.describe()
+        return f"{self.mode}: {codes} q, k^T, probs, v"
 
 
 def quantized_attention_forward(module: nn.Module, query: Tensor, key: Tensor, value: Tensor,
@@ -194,8 +200,10 @@ def _pretrained(model: nn.Module) -> list[nn.Module]:
     return [m for m in model.modules() if isinstance(m, PreTrainedModel)]
 
 
-def attach_attention(model: nn.Module, mode: str, names: list[str] | None = None) -> list[str]:
+def attach_attention(model: nn.Module, mode: str, names: list[str] | None = None,
+                     scheme: ActScheme | None = None) -> list[str]:
     """Give each attention module (or those in ``names``) an :class:`AttentionQuant` of ``mode``
+    (``scheme``: static codes, default uint8 asymmetric)
     and switch every Hugging Face (sub)model's ``config._attn_implementation`` to ``nnsqueeze_int8``.
     Returns the names of the modules that got one."""
     register()
@@ -206,7 +214,7 @@ def attach_attention(model: nn.Module, mode: str, names: list[str] | None = None
             raise KeyError(f"attention modules {missing} not found (or not dispatching through AttentionInterface)")
         mods = {n: mods[n] for n in names}
     for n, m in mods.items():
-        m.add_module(ATTR, AttentionQuant(mode).to(_device(m)))
+        m.add_module(ATTR, AttentionQuant(mode, scheme).to(_device(m)))
     for pm in _pretrained(model):
         if pm.config._attn_implementation != IMPL:
             pm.set_attn_implementation(IMPL)
@@ -231,12 +239,15 @@ def _float_by_design(ctx: Any, step: str, model: nn.Module, names: list[str]) ->
 
 
 def quantize_attention_static(model: nn.Module, batches: list, make_observer: Callable[..., Any], ctx: Any,
-                              step: str, device: Any = None) -> dict[str, Any]:
-    """Static int8 attention matmuls: attach, calibrate on ``batches``, report. Returns the record."""
+                              step: str, device: Any = None, scheme: ActScheme | None = None) -> dict[str, Any]:
+    """Static attention matmuls in the codes of ``scheme`` (default uint8 asymmetric): attach,
+    calibrate on ``batches``, report. Returns the record."""
     from ..data import call_model, split, to_device
+    from .functional import op_kernels
 
+    scheme = scheme or ActScheme()
     previous = sorted({str(pm.config._attn_implementation) for pm in _pretrained(model)})
-    names = attach_attention(model, "static")
+    names = attach_attention(model, "static", scheme=scheme)
     mods = {n: model.get_submodule(n) for n in names}
     for n, m in mods.items():
         m._modules[ATTR].start_calibration(make_observer, n)
@@ -252,10 +263,13 @@ def quantize_attention_static(model: nn.Module, batches: list, make_observer: Ca
             continue
         aq.finish_calibration()
         kept.append(n)
-        ctx.report.layer(n, act_bits=8, scheme="q@k^T, p@v: a8 per-tensor asym static",
-                         ort_kernels="integer MatMul")
+        ctx.report.layer(n, act_bits=scheme.bits, scheme=f"q@k^T, p@v: {scheme.describe()} static",
+                         ort_kernels=op_kernels("matmul", scheme))
     _float_by_design(ctx, step, model, kept)
-    return {"mode": "static", "modules": kept, "implementation": IMPL, "previous": previous}
+    record = {"mode": "static", "modules": kept, "implementation": IMPL, "previous": previous}
+    if not scheme.is_default:  # default records stay as they were
+        record["act_scheme"] = scheme.to_dict()
+    return record
 
 
 def quantize_attention_dynamic(model: nn.Module, ctx: Any, step: str, where: str) -> dict[str, Any]:
@@ -282,8 +296,9 @@ def rebuild_attention(model: nn.Module, record: dict[str, Any]) -> nn.Module:
     if not record or not record.get("modules"):
         return model
     try:
-        attach_attention(model, record["mode"], list(record["modules"]))
-    except (KeyError, ImportError) as e:
+        attach_attention(model, record["mode"], list(record["modules"]),
+                         scheme=ActScheme.from_dict(record.get("act_scheme")))
+    except (KeyError, ImportError, ValueError) as e:
         raise ModelError("attention record", str(e),
                          fix="load the artifact with the same model class it was made from") from None
     return model

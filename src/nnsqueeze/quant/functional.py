@@ -1,4 +1,4 @@
-"""Static int8 quantization of activation-activation ops: residual ``add`` and ``matmul``/``bmm``/``@``.
+"""Static quantization of activation-activation ops: residual ``add`` and ``matmul``/``bmm``/``@``.
 
 Linear/Conv layers quantize their inputs themselves (:mod:`nnsqueeze.quant.modules`); the
 operations *between* activations (a skip connection's ``x + f(x)``, attention's ``q @ k^T`` and
@@ -6,10 +6,18 @@ operations *between* activations (a skip connection's ``x + f(x)``, attention's 
 pass (``torch.fx.symbolic_trace``): every selected ``add`` / ``matmul`` node whose two operands are
 activations becomes a call to
 
-- :class:`QuantAdd`: uint8 asymmetric per-tensor Q/DQ on both inputs *and* the output, so ONNX
-  Runtime fuses ``DQ, DQ -> Add -> Q`` into ``QLinearAdd``;
-- :class:`QuantMatMul`: uint8 asymmetric per-tensor Q/DQ on both inputs; ORT runs the product on
-  the integer codes (``MatMulIntegerToFloat`` / ``QLinearMatMul``), the output stays float.
+- :class:`QuantAdd`: per-tensor Q/DQ on both inputs *and* the output, so ONNX Runtime fuses
+  ``DQ, DQ -> Add -> Q`` into ``QLinearAdd``;
+- :class:`QuantMatMul`: per-tensor Q/DQ on both inputs; ORT runs the product on the integer
+  codes (``MatMulIntegerToFloat`` / ``QLinearMatMul``), the output stays float.
+
+The codes follow the step's ``activations`` format (an
+:class:`~nnsqueeze.quant.act_scheme.ActScheme`, by default uint8 asymmetric): int8 symmetric,
+2..7 bits (an 8-bit container with a Clip on the codes; int8 codes too are stored shifted by
++128 in uint8, where ORT fuses the integer kernels around them) or 16 bits (``com.microsoft`` Q/DQ; ORT
+then adds/multiplies in float on the exact dequantized values), exported by
+:func:`~nnsqueeze.quant.act_scheme.act_qdq_export`. The format is recorded only when it is not
+the default (``act_scheme`` in the record).
 
 The qparams are calibrated like the layers' (one observer per input / output, the ``quantize``
 step's ``calibration.method``), on the calibration batches run through the already quantized
@@ -18,6 +26,7 @@ model. Hugging Face encoders do not trace with fx: their attention matmuls go th
 
     - quantize:
         ops: [add, matmul]        # default []: only Linear/Conv layers
+        activations: {bits: 8, symmetric: true}   # the ops' codes too (default uint8 asymmetric)
 
 In Python::
 
@@ -47,6 +56,7 @@ import torch
 from torch import nn
 
 from ..ops.quant import fake_quantize_ste, qrange
+from .act_scheme import ActScheme, _ActQDQ, act_qdq_export
 
 Tensor = torch.Tensor
 
@@ -59,10 +69,14 @@ _METHODS: dict[str, tuple[str, ...]] = {"add": ("add",), "matmul": ("matmul", "b
 
 
 class ActQuantState(nn.Module):
-    """Per-tensor uint8 qparams for named activations (``<name>_scale_``, ``<name>_zero_point_``),
-    calibrated by one observer each; shared by :class:`_OpQuant` and the attention quantizer."""
+    """Per-tensor qparams for named activations (``<name>_scale_``, ``<name>_zero_point_``) in the
+    codes of :attr:`ascheme` (default uint8 asymmetric), calibrated by one observer each; shared by
+    :class:`_OpQuant` and the attention quantizer."""
 
-    def _register_qparams(self, names: Iterable[str]) -> None:
+    ascheme: ActScheme = ActScheme()
+
+    def _register_qparams(self, names: Iterable[str], scheme: ActScheme | None = None) -> None:
+        self.ascheme = scheme or ActScheme()
         self._qnames = tuple(names)
         for n in self._qnames:
             self.register_buffer(f"{n}_scale_", torch.ones(()))
@@ -78,29 +92,37 @@ class ActQuantState(nn.Module):
 
     @torch.no_grad()
     def finish_calibration(self) -> None:
+        a = self.ascheme
         for n, obs in (self._observers or {}).items():
-            s, z = obs.qparams(bits=8, symmetric=False)
+            s, z = obs.qparams(bits=a.bits, symmetric=a.symmetric)
             self._buffers[f"{n}_scale_"].copy_(s)
             self._buffers[f"{n}_zero_point_"].copy_(z)
         self._observers = None
 
     def _fq(self, x: Tensor, n: str) -> Tensor:
         s, z = self._buffers[f"{n}_scale_"], self._buffers[f"{n}_zero_point_"]
-        if torch.onnx.is_in_onnx_export():  # exported as QuantizeLinear -> DequantizeLinear
-            return torch.fake_quantize_per_tensor_affine(x, s, z, ACT_QMIN, ACT_QMAX)
-        return fake_quantize_ste(x, s, z, ACT_QMIN, ACT_QMAX).to(x.dtype)
+        if torch.onnx.is_in_onnx_export():  # exported as QuantizeLinear -> [Clip ->] DequantizeLinear
+            if self.ascheme.is_default:
+                return torch.fake_quantize_per_tensor_affine(x, s, z, ACT_QMIN, ACT_QMAX)
+            if self.ascheme.bits == 8:  # int8 codes stored +128 in uint8 (same values): ORT fuses
+                # QLinearAdd / integer MatMul around uint8 Q/DQ pairs, not around int8 ones here
+                return _ActQDQ.apply(x, s, z, -128, 127, "uint8", 128, None)
+            return act_qdq_export(x, s, z, self.ascheme)
+        qmin, qmax = self.ascheme.qrange
+        return fake_quantize_ste(x, s, z, qmin, qmax).to(x.dtype)
 
 
 class _OpQuant(ActQuantState):
-    """Shared state: per-tensor uint8 qparams for inputs ``a``, ``b`` (and ``output`` for add)."""
+    """Shared state: per-tensor qparams for inputs ``a``, ``b`` (and ``output`` for add) in the codes
+    of ``scheme`` (default uint8 asymmetric)."""
 
     kind = "op"
     quant_output = False
     onnx_quantized = True  # tells the exporter to verify with quantized tolerances
 
-    def __init__(self) -> None:
+    def __init__(self, scheme: ActScheme | None = None) -> None:
         super().__init__()
-        self._register_qparams(("a", "b", "output") if self.quant_output else ("a", "b"))
+        self._register_qparams(("a", "b", "output") if self.quant_output else ("a", "b"), scheme)
         self.unsupported_: str | None = None  # why calibration found this op not quantizable
 
     # -- calibration -----------------------------------------------------------------------
@@ -134,7 +156,7 @@ class _OpQuant(ActQuantState):
         return self._fq(y, "output") if self.quant_output else y
 
     def extra_repr(self) -> str:
-        return "a8 per-tensor asym inputs" + (" and output" if self.quant_output else "")
+        return f"{self.ascheme.describe()} inputs" + (" and output" if self.quant_output else "")
 
 
 class QuantAdd(_OpQuant):
@@ -200,12 +222,13 @@ def _operand_problem(node: torch.fx.Node) -> str | None:
     return None
 
 
-def insert_quant_ops(model: nn.Module, ops: Iterable[str], only: dict[str, str] | None = None
-                     ) -> tuple[torch.fx.GraphModule, dict[str, str], dict[str, str]]:
+def insert_quant_ops(model: nn.Module, ops: Iterable[str], only: dict[str, str] | None = None,
+                     scheme: ActScheme | None = None) -> tuple[torch.fx.GraphModule, dict[str, str], dict[str, str]]:
     """Trace ``model`` and route its selected ``ops`` (``"add"``, ``"matmul"``) through new
     :class:`QuantAdd` / :class:`QuantMatMul` submodules named ``nsq_<node name>``.
 
-    ``only``: node name -> kind to insert exactly (rebuild from a record). Returns ``(graph module,
+    ``only``: node name -> kind to insert exactly (rebuild from a record); ``scheme``: their
+    activation codes (default uint8 asymmetric). Returns ``(graph module,
     {node name: kind} inserted, {node name: reason} not inserted)``. Raises what fx raises when the
     model does not trace.
     """
@@ -226,7 +249,7 @@ def insert_quant_ops(model: nn.Module, ops: Iterable[str], only: dict[str, str] 
                 skipped[node.name] = problem
                 continue
         mod_name = f"nsq_{node.name}"
-        gm.add_submodule(mod_name, OP_MODULES[kind]())
+        gm.add_submodule(mod_name, OP_MODULES[kind](scheme))
         with gm.graph.inserting_after(node):
             new = gm.graph.call_module(mod_name, args=tuple(node.args[:2]))
         node.replace_all_uses_with(new)
@@ -254,6 +277,13 @@ def restore_op(gm: torch.fx.GraphModule, mod_name: str) -> None:
     gm.recompile()
 
 
+def op_kernels(kind: str, scheme: ActScheme) -> str:
+    """How ONNX Runtime runs an op quantized in ``scheme`` (for the report)."""
+    if not scheme.int8_kernels:
+        return f"float {'Add' if kind == 'add' else 'MatMul'} on exact 16-bit Q/DQ values (no 16-bit kernel)"
+    return "QLinearAdd" if kind == "add" else "integer MatMul"
+
+
 def op_modules(model: nn.Module) -> list[tuple[str, _OpQuant]]:
     return [(n, m) for n, m in model.named_modules() if isinstance(m, _OpQuant)]
 
@@ -262,8 +292,10 @@ def op_modules(model: nn.Module) -> list[tuple[str, _OpQuant]]:
 # Orchestration (called by the quantize step)
 # ------------------------------------------------------------------------------------------------
 def quantize_ops(model: nn.Module, ops: Iterable[str], batches: list, make_observer: Callable[..., Any],
-                 ctx: Any, step: str, device: Any = None) -> tuple[nn.Module, dict[str, Any]]:
-    """Quantize the ``ops`` of ``model`` (``"add"``, ``"matmul"``), calibrated on ``batches``.
+                 ctx: Any, step: str, device: Any = None, scheme: ActScheme | None = None
+                 ) -> tuple[nn.Module, dict[str, Any]]:
+    """Quantize the ``ops`` of ``model`` (``"add"``, ``"matmul"``), calibrated on ``batches``, in the
+    activation codes of ``scheme`` (default uint8 asymmetric).
 
     Hugging Face attention (modules dispatching through ``AttentionInterface``) takes ``matmul``
     through :mod:`nnsqueeze.quant.attention`; everything else goes through the fx pass, whose
@@ -274,16 +306,18 @@ def quantize_ops(model: nn.Module, ops: Iterable[str], batches: list, make_obser
     from . import attention
 
     ops = [o for o in OPS if o in set(ops)]
+    scheme = scheme or ActScheme()
     record: dict[str, Any] = {}
     figures: dict[str, Any] = {}
     fx_ops = list(ops)
     if "matmul" in ops and attention.attention_modules(model):
-        record["attention"] = attention.quantize_attention_static(model, batches, make_observer, ctx, step, device)
+        record["attention"] = attention.quantize_attention_static(model, batches, make_observer, ctx, step, device,
+                                                                  scheme=scheme)
         figures["quantized_attention_layers"] = len(record["attention"]["modules"])
         fx_ops.remove("matmul")
     if fx_ops:
         try:
-            gm, found, skipped = insert_quant_ops(model, fx_ops)
+            gm, found, skipped = insert_quant_ops(model, fx_ops, scheme=scheme)
         except Exception as e:  # noqa: BLE001 - any tracing failure means: these ops stay float
             first = str(e).strip().splitlines()[0][:200] if str(e).strip() else ""
             ctx.skip(step, f"{'/'.join(fx_ops)} ops of {type(model).__name__}",
@@ -311,14 +345,19 @@ def quantize_ops(model: nn.Module, ops: Iterable[str], batches: list, make_obser
                     continue
                 m.finish_calibration()
                 kept[n] = found[n]
-                ctx.report.layer(n, act_bits=8, scheme=f"{found[n]}: {m.extra_repr()}",
-                                 ort_kernels="QLinearAdd" if found[n] == "add" else "integer MatMul")
+                ctx.report.layer(n, act_bits=scheme.bits, scheme=f"{found[n]}: {m.extra_repr()}",
+                                 ort_kernels=op_kernels(found[n], scheme))
             if kept:
                 model = gm
                 record["fx"] = kept
+                if not scheme.is_default:  # default records stay as they were
+                    record["act_scheme"] = scheme.to_dict()
                 figures["quantized_ops"] = {k: sum(v == k for v in kept.values()) for k in fx_ops}
     if figures:
         ctx.report.step(**figures)
+        if not scheme.int8_kernels:
+            ctx.fallback(step, f"ops {ops} with {scheme.describe()} activations: ONNX Runtime has no 16-bit "
+                         "add/matmul kernels, these ops run in float on the exact dequantized 16-bit values")
     return model, record
 
 
@@ -332,7 +371,8 @@ def rebuild_ops(model: nn.Module, record: dict[str, Any]) -> nn.Module:
         attention.rebuild_attention(model, record["attention"])
     if record.get("fx"):
         try:
-            model, _, _ = insert_quant_ops(model, set(record["fx"].values()), only=dict(record["fx"]))
+            model, _, _ = insert_quant_ops(model, set(record["fx"].values()), only=dict(record["fx"]),
+                                           scheme=ActScheme.from_dict(record.get("act_scheme")))
         except Exception as e:  # noqa: BLE001
             raise ModelError("quantize record: ops", f"cannot recreate the quantized ops {record['fx']}: "
                              f"{type(e).__name__}: {e}",

@@ -45,7 +45,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..ops.int4 import pack_int4, unpack_int4
-from ..ops.lsq import lsq_fake_quantize
+from ..ops.lsq import lsq_fake_quantize, lsq_grad_scale
 from ..ops.quant import (EPS, NF4_LEVELS, dequantize, fake_quantize_bias, fake_quantize_levels, fake_quantize_ste,
                          mse_clip_qparams, nearest_level, pow2_levels, qparams, qrange, quantize, quantize_bias,
                          sqnr_db)
@@ -110,19 +110,64 @@ class FakeQuantMixin:
             self.learn_levels_()
         self.refresh_weight_scale_()
 
-    def weight_rows_count(self) -> int:
-        """Rows of the weight's (R, D) view: C_out, or C_out * groups for per-group schemes."""
-        c_out, d = self.weight.shape[0], self.weight[0].numel()
+    def weight_groups(self) -> tuple[int, int, int]:
+        """``(G, L, pad)``: each output channel's ``D = C_in/groups * k`` weights are cut into ``G``
+        rows of ``L`` values (``L = min(group_size, D)``; per-channel/per-tensor: ``G = 1, L = D``).
+        When ``group_size`` does not divide ``D`` the last group holds only ``L - pad`` real values:
+        its row is zero-padded in :meth:`weight_rows` and every statistic ignores the padding."""
+        d = self.weight[0].numel()
         gs = self.wscheme.group_size
         if gs is None:
-            return c_out
-        if d % gs:
-            raise ValueError(f"group_size {gs} does not divide the {d} weights of each output channel")
-        return c_out * (d // gs)
+            return 1, d, 0
+        length = min(gs, d)
+        g = -(-d // length)
+        return g, length, g * length - d
+
+    def weight_rows_count(self) -> int:
+        """Rows of the weight's (R, L) view: C_out, or C_out * G for per-group schemes."""
+        return self.weight.shape[0] * self.weight_groups()[0]
 
     def weight_rows(self, w: Tensor) -> Tensor:
-        """``w`` (C_out, ...) viewed as (R, D) rows (see :mod:`nnsqueeze.quant.scheme`)."""
-        return w.reshape(self.weight_rows_count(), -1)
+        """``w`` (C_out, ...) viewed as (R, L) rows (see :mod:`nnsqueeze.quant.scheme`); a partial
+        last group is zero-padded (its padding is dropped again by :meth:`weight_from_rows`)."""
+        _, length, pad = self.weight_groups()
+        flat = w.reshape(w.shape[0], -1)
+        if pad:
+            flat = F.pad(flat, (0, pad))
+        return flat.reshape(-1, length)
+
+    def weight_from_rows(self, rows: Tensor) -> Tensor:
+        """Inverse of :meth:`weight_rows`: (R, L) rows back to the weight's shape, padding dropped."""
+        _, _, pad = self.weight_groups()
+        flat = rows.reshape(self.weight.shape[0], -1)
+        if pad:
+            flat = flat[:, :flat.shape[1] - pad]
+        return flat.reshape(self.weight.shape)
+
+    def weight_row_mask(self) -> Tensor | None:
+        """Bool (R, L): True on real weights, False on the padding of partial last groups; None when
+        there is no padding."""
+        g, length, pad = self.weight_groups()
+        if not pad:
+            return None
+        mask = torch.ones(self.weight.shape[0], g * length, dtype=torch.bool, device=self.weight.device)
+        mask[:, g * length - pad:] = False
+        return mask.reshape(-1, length)
+
+    def per_row(self, fn: Callable[[Tensor], tuple[Tensor, ...]], rows: Tensor) -> tuple[Tensor, ...]:
+        """``fn`` maps rows (n, l) to per-row statistics ``(n,)`` tensors; applied to the (R, L) rows
+        of :meth:`weight_rows` so that a partial last group's statistics come from its own values
+        only (full groups and last groups go through ``fn`` separately, never the padding)."""
+        g, length, pad = self.weight_groups()
+        if not pad:
+            return tuple(fn(rows))
+        c = rows.shape[0] // g
+        grid = rows.reshape(c, g, length)
+        tail = tuple(fn(grid[:, -1, :length - pad]))
+        if g == 1:
+            return tail
+        full = tuple(fn(grid[:, :-1].reshape(-1, length)))
+        return tuple(torch.cat([a.reshape(c, g - 1), b.reshape(c, 1)], 1).reshape(-1) for a, b in zip(full, tail))
 
     @property
     def weight_qrange(self) -> tuple[int, int]:
@@ -180,7 +225,10 @@ class FakeQuantMixin:
         from ..ops.kmeans import kmeans1d
 
         rows = self.weight_rows(self.effective_weight().detach().float())
-        norm = rows / rows.abs().amax(1, keepdim=True).clamp(min=EPS)
+        norm = rows / rows.abs().amax(1, keepdim=True).clamp(min=EPS)  # zero padding: absmax unchanged
+        mask = self.weight_row_mask()
+        if mask is not None:
+            norm = norm[mask]  # real weights only
         centroids, _ = kmeans1d(norm, 1 << self.weight_bits, init="linear")
         lv = torch.full((1 << self.weight_bits,), float(centroids[-1]))  # pad (when fewer distinct values)
         lv[:centroids.numel()] = centroids
@@ -195,7 +243,7 @@ class FakeQuantMixin:
         sc = self.wscheme
         rows = self.weight_rows(self.effective_weight().detach().float())
         if sc.levels != "uniform":
-            scale = rows.abs().amax(1)
+            (scale,) = self.per_row(lambda r: (r.abs().amax(1),), rows)
             if sc.granularity == "per-tensor":
                 scale = scale.amax().expand_as(scale)
             self.weight_scale_.copy_(scale.clamp(min=EPS))
@@ -205,9 +253,13 @@ class FakeQuantMixin:
         else:
             rows_for_range = rows
         if sc.clip == "mse":
-            scale, zp, _ = mse_clip_qparams(rows_for_range, sc.bits, sc.symmetric)
+            def stats(r):
+                return mse_clip_qparams(r, sc.bits, sc.symmetric)[:2]
         else:
-            scale, zp = qparams(rows_for_range.amin(1), rows_for_range.amax(1), bits=sc.bits, symmetric=sc.symmetric)
+            def stats(r):
+                return qparams(r.amin(1), r.amax(1), bits=sc.bits, symmetric=sc.symmetric)
+        # per-group: a partial last group gets its own scale/zero point from its own values only
+        scale, zp = stats(rows_for_range) if sc.granularity == "per-tensor" else self.per_row(stats, rows)
         self.weight_scale_.copy_(scale.expand(rows.shape[0]))
         if not sc.symmetric:
             self.weight_zero_point_.copy_(zp.expand(rows.shape[0]))
@@ -220,12 +272,13 @@ class FakeQuantMixin:
         w = self.effective_weight()
         rows = self.weight_rows(w)
         if self.wscheme.levels != "uniform":
-            return fake_quantize_levels(rows, self.weight_scale_, self.weight_levels_, axis=0).reshape(w.shape)
+            return self.weight_from_rows(fake_quantize_levels(rows, self.weight_scale_, self.weight_levels_, axis=0))
         qmin, qmax = self.weight_qrange
         lsq = self._parameters.get("weight_step")
-        if lsq is not None and self.training:
-            return lsq_fake_quantize(rows, lsq, self._weight_zp(), qmin, qmax, axis=0).reshape(w.shape)
-        return fake_quantize_ste(rows, self.weight_scale_, self._weight_zp(), qmin, qmax, axis=0).reshape(w.shape)
+        if lsq is not None and self.training:  # padding outputs are dropped: no gradient to the step from them
+            return self.weight_from_rows(lsq_fake_quantize(rows, lsq, self._weight_zp(), qmin, qmax, axis=0,
+                                                           grad_scale=self._lsq_grad_scale()))
+        return self.weight_from_rows(fake_quantize_ste(rows, self.weight_scale_, self._weight_zp(), qmin, qmax, axis=0))
 
     def weight_codes(self) -> Tensor:
         """Weight codes, shaped like the weight: int8 for symmetric grids, uint8 for asymmetric grids
@@ -234,10 +287,10 @@ class FakeQuantMixin:
         rows = self.weight_rows(w)
         if self.wscheme.levels != "uniform":
             s = self.weight_scale_[:, None]
-            return nearest_level(rows.float() / s, self.weight_levels_).to(torch.uint8).reshape(w.shape)
+            return self.weight_from_rows(nearest_level(rows.float() / s, self.weight_levels_).to(torch.uint8))
         qmin, qmax = self.weight_qrange
         q = quantize(rows, self.weight_scale_, self._weight_zp(), qmin, qmax, axis=0)
-        return q.to(torch.int8 if self.wscheme.symmetric else torch.uint8).reshape(w.shape)
+        return self.weight_from_rows(q.to(torch.int8 if self.wscheme.symmetric else torch.uint8))
 
     @torch.no_grad()
     def set_weight_codes_(self, codes: Tensor) -> None:
@@ -245,8 +298,10 @@ class FakeQuantMixin:
         and freeze the scales, so that nearest rounding reproduces ``codes``. No BN may be attached."""
         if self._modules.get("bn") is not None or self.wscheme.levels != "uniform":
             raise ValueError("set_weight_codes_ needs a uniform grid and no attached BatchNorm")
+        if tuple(codes.shape) == tuple(self.weight.shape):
+            codes = self.weight_rows(codes)  # codes given in the weight's shape -> (R, L) rows
         w = dequantize(codes.reshape(self.weight_scale_.shape[0], -1), self.weight_scale_, self._weight_zp(), axis=0)
-        self.weight.copy_(w.reshape(self.weight.shape).to(self.weight.dtype))
+        self.weight.copy_(self.weight_from_rows(w).to(self.weight.dtype))
         self.weight_frozen = True
 
     def weight_sqnr_db(self) -> float:
@@ -388,11 +443,16 @@ class FakeQuantMixin:
         rows = self.weight_rows(w_folded)
         qmin, qmax = self.weight_qrange
         if self.wscheme.levels != "uniform":
-            return fake_quantize_levels(rows, self.weight_scale_, self.weight_levels_, axis=0).reshape(w_folded.shape)
+            return self.weight_from_rows(fake_quantize_levels(rows, self.weight_scale_, self.weight_levels_, axis=0))
         lsq = self._parameters.get("weight_step")
         if lsq is not None:
-            return lsq_fake_quantize(rows, lsq, self._weight_zp(), qmin, qmax, axis=0).reshape(w_folded.shape)
-        return fake_quantize_ste(rows, self.weight_scale_, self._weight_zp(), qmin, qmax, axis=0).reshape(w_folded.shape)
+            return self.weight_from_rows(lsq_fake_quantize(rows, lsq, self._weight_zp(), qmin, qmax, axis=0,
+                                                           grad_scale=self._lsq_grad_scale()))
+        return self.weight_from_rows(fake_quantize_ste(rows, self.weight_scale_, self._weight_zp(), qmin, qmax, axis=0))
+
+    def _lsq_grad_scale(self) -> float:
+        """LSQ gradient scale from the real weights per step size (padding of partial groups excluded)."""
+        return lsq_grad_scale(self.weight.numel(), self.weight_scale_.numel(), self.weight_qrange[1])
 
     def _export_forward(self, x: Tensor) -> Tensor:
         """Same numbers through torch's fake-quant ops, which the TorchScript ONNX exporter turns into
@@ -405,8 +465,14 @@ class FakeQuantMixin:
 
         cache = self._export_cache or self.export_constants()
         x = self._export_act(x, "input")
-        if stores_lowbit(self.wscheme):
-            w = lowbit_weight(self, cache["weight"])
+        if self.ascheme.bits > 8 and isinstance(self, nn.Linear) and x.dim() > 2:
+            # 16-bit inputs run in float anyway; a DequantizeLinear'd weight feeding MatMul (a Linear
+            # on 3-D inputs; 2-D ones export as Gemm) would be turned into MatMulNBits by ONNX Runtime,
+            # which re-quantizes the input to 8 bits (measured: 1 output step off the simulation).
+            # The grid values as a float constant are exact.
+            w = cache["weight"]
+        elif stores_lowbit(self.wscheme):
+            w = lowbit_weight(self, cache["weight"], cache["group"])
         else:  # int8 kernels: Q/DQ that export/qdq.py folds into int8 codes
             zp = torch.zeros(self.weight.shape[0], dtype=torch.int32, device=self.weight.device)
             # Codes are within the (possibly narrower) weight range already; ONNX only knows int8.
@@ -436,7 +502,9 @@ class FakeQuantMixin:
         # The dequantized weight: on the grid and inside the code range even when the scale is
         # learned or clipped (the exporter's Q/DQ uses the full int8 range).
         w = self.fake_quant_weight()
-        return {"weight": w.detach().clone(), "bias": None if b is None else b.detach().clone()}
+        # per-group: the group length L as a plain int (shapes read while tracing would be graph values)
+        group = self.weight_groups()[1] if self.wscheme.granularity == "per-group" else 0
+        return {"weight": w.detach().clone(), "bias": None if b is None else b.detach().clone(), "group": group}
 
     # -- artifact packing --------------------------------------------------------------------
     def pack_state(self, sd: dict, prefix: str) -> None:
@@ -449,7 +517,7 @@ class FakeQuantMixin:
             if mask is not None:
                 w = torch.where(mask.to(torch.bool), w, torch.zeros((), dtype=w.dtype, device=w.device))
             scale = sd[prefix + "weight_scale_"]
-            rows = w.reshape(scale.shape[0], -1)
+            rows = self.weight_rows(w)  # (R, L); a partial last group's padding is dropped below
             if self.wscheme.levels != "uniform":
                 q = nearest_level(rows.float() / scale[:, None], sd[prefix + "weight_levels_"])
                 qmin = 0
@@ -457,6 +525,7 @@ class FakeQuantMixin:
                 qmin, qmax = self.weight_qrange
                 zp = sd.get(prefix + "weight_zero_point_", torch.zeros_like(scale, dtype=torch.int32))
                 q = quantize(rows, scale, zp, qmin, qmax, axis=0)
+            q = self.weight_from_rows(q)  # codes in the weight's shape: one code per real weight
             if self.wscheme.bits <= 4:  # two codes per byte (offset to 0..15), flattened
                 sd[key] = pack_int4((q - qmin).to(torch.uint8).reshape(-1))
             elif self.wscheme.levels != "uniform":
@@ -476,13 +545,13 @@ class FakeQuantMixin:
             if self.wscheme.bits <= 4 and q.dim() == 1 and q.numel() == (self.weight.numel() + 1) // 2:
                 qmin = 0 if self.wscheme.levels != "uniform" else self.weight_qrange[0]
                 q = unpack_int4(q, self.weight.numel()).to(torch.int32) + qmin
-            q = q.reshape(scale.shape[0], -1)
+            q = self.weight_rows(q.reshape(self.weight.shape).to(torch.int32))  # (R, L), padding decoded then dropped
             if self.wscheme.levels != "uniform":
                 w = sd[prefix + "weight_levels_"][q.long()] * scale[:, None]
             else:
                 zp = sd.get(prefix + "weight_zero_point_", torch.zeros_like(scale, dtype=torch.int32))
                 w = dequantize(q, scale, zp, axis=0)
-            sd[key] = w.reshape(self.weight.shape).to(self.weight.dtype)
+            sd[key] = self.weight_from_rows(w).to(self.weight.dtype)
         if mask is not None and mask.dtype == torch.uint8:
             shape = tuple(self.weight.shape)
             bits = np.unpackbits(mask.cpu().numpy(), count=int(np.prod(shape)))

@@ -1,10 +1,12 @@
 """Weight quantization schemes of the fake-quant layers: bits, symmetry, granularity, levels, clipping.
 
 A :class:`WeightScheme` says how a layer's weight becomes codes. The weight is viewed as ROWS
-``(R, D)``: per-channel ``R = C_out`` (one row per output channel), per-group ``R = C_out * G``
-(each output channel's ``C_in/groups * k`` inputs cut into ``G`` groups of ``group_size``
-consecutive values), per-tensor one shared scale repeated on every row. Each row has a scale
-(and a zero point when asymmetric).
+``(R, L)``: per-channel ``R = C_out`` (one row per output channel), per-group ``R = C_out * G``
+(each output channel's ``D = C_in/groups * k`` inputs cut into ``G = ceil(D / group_size)``
+groups of ``group_size`` consecutive values; when ``group_size`` does not divide ``D`` the last
+group of each channel is shorter, e.g. 128 + 128 + 44 for ``D = 300``, with its own scale and zero
+point computed from its own values only), per-tensor one shared scale repeated on every row. Each
+row has a scale (and a zero point when asymmetric).
 
 - ``levels: uniform``: integer grid, ``bits`` 2..8, symmetric (signed codes, zero point 0) or
   asymmetric (unsigned codes, integer zero point);

@@ -121,7 +121,8 @@ def grid_distance(layer: nn.Module) -> torch.Tensor:
         else:
             qmin, qmax = layer.weight_qrange
             q = fake_quantize(rows, s, layer._weight_zp(), qmin, qmax, axis=0)
-    return (((rows - q) / s[:, None]) ** 2).mean()
+    # back to the weight's shape: the padding of a partial last group does not count
+    return layer.weight_from_rows(((rows - q) / s[:, None]) ** 2).mean()
 
 
 class QatCallback:

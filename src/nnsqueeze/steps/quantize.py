@@ -24,8 +24,8 @@ ONNX Runtime runs QLinearConv/QGemm end to end. Recipe::
         # ops: [add, matmul]   # residual adds + activation matmuls (fx), or HF attention q@k^T, p@v
 
 ``ops`` quantizes what sits between layers (:mod:`nnsqueeze.quant.functional`): on fx-traceable
-models every ``add`` / ``matmul`` of two activations gets uint8 per-tensor inputs (and output, for
-``add``), so ORT runs QLinearAdd and integer MatMuls; Hugging Face encoders get int8 attention
+models every ``add`` / ``matmul`` of two activations gets per-tensor inputs (and output, for
+``add``) in the step's ``activations`` format, so ORT runs QLinearAdd and integer MatMuls; Hugging Face encoders get int8 attention
 matmuls through :mod:`nnsqueeze.quant.attention`. An untraceable model is reported via ``ctx.skip``.
 
 In Python::
@@ -95,7 +95,8 @@ class WeightsConfig(_Strict):
     bits: int = Field(8, ge=2, le=8, description="2..8 (8 may become 7 with reduce_range)")
     granularity: Literal["per-channel", "per-tensor", "per-group"] = "per-channel"
     group_size: int | None = Field(None, ge=1, description="weights per group (per-group only), along each "
-                                   "output channel's flattened inputs")
+                                   "output channel's flattened inputs; when it does not divide them the last "
+                                   "group is shorter, with its own scale")
     symmetric: bool = True
     levels: Literal["uniform", "pow2", "nf4", "kmeans"] = Field(
         "uniform", description="uniform integer grid, power-of-two levels, the NF4 table (bits 4) or "
@@ -332,10 +333,8 @@ class Quantize(Step):
                                      "false to keep 8)")
                         rr_noted = True
                 sch = weight_scheme(w, bits)
-            if sch.group_size is not None and mod.weight[0].numel() % sch.group_size:
-                ctx.fallback(name, f"{lname}: group_size {sch.group_size} does not divide the "
-                             f"{mod.weight[0].numel()} weights per output channel; using per-channel")
-                sch = WeightScheme(bits=sch.bits, symmetric=sch.symmetric, levels=sch.levels, clip=sch.clip)
+            # A group_size that does not divide a row (C_in/groups * k) is kept: the last group of each
+            # output channel is shorter, with its own scale (FakeQuantMixin.weight_groups).
             out[lname] = (sch, w)
         return out
 
@@ -353,7 +352,9 @@ class Quantize(Step):
         if wide:
             ctx.fallback(name, f"16-bit activations ({len(wide)} layers: {', '.join(wide[:4])}"
                          f"{'...' if len(wide) > 4 else ''}): ONNX Runtime has no 16-bit conv/matmul kernels, these "
-                         "layers run in float on the exact dequantized 16-bit values (com.microsoft Q/DQ)")
+                         "layers run in float on the exact dequantized 16-bit values (com.microsoft Q/DQ; a Linear on 3-D "
+                         "inputs stores its weight as float, since ORT would turn an int8-coded one into "
+                         "MatMulNBits, which re-quantizes its input to 8 bits)")
         if narrow:
             ctx.report.note(name, f"{len(narrow)} layers with 2..7-bit activations are exported in an 8-bit "
                             "container with a Clip on the codes; ONNX Runtime keeps its 8-bit kernels")
@@ -460,6 +461,8 @@ class Quantize(Step):
                                     "scheme": sch.to_dict()}
             if not mod.ascheme.is_default:  # absent: uint8 asymmetric (records from before this option)
                 record_layers[lname]["act_scheme"] = mod.ascheme.to_dict()
+            if sch.granularity == "per-group":  # packed codes alone do not say how rows split into groups
+                record_layers[lname]["weight_shape"] = list(mod.weight.shape)
             sqnr = mod.weight_sqnr_db()
             extra = {"adaround": adaround_stats[lname]} if lname in adaround_stats else {}
             asch = mod.ascheme
@@ -482,13 +485,10 @@ class Quantize(Step):
         if cfg.ops:  # activation-activation ops (fx pass, or HF attention): may return a GraphModule
             from ..quant.functional import quantize_ops
 
-            if any(not ActScheme.from_dict(v.get("act_scheme")).is_default for v in record_layers.values()):
-                ctx.fallback(name, f"ops {list(cfg.ops)}: their inputs use uint8 per-tensor codes; the activation "
-                             "formats set for the layers apply to Linear/Conv inputs only")
-
+            # the ops' codes: the step's `activations` format (layer_activations are per layer)
             model, self._record["ops"] = quantize_ops(model, cfg.ops, take(data, cfg.calibration.samples),
                                                       lambda name, obs=observer: obs(axis=None, name=name), ctx,
-                                                      name, ctx.device)
+                                                      name, ctx.device, scheme=act_scheme(cfg.activations))
         bits_used = sorted({v["weight_bits"] for v in record_layers.values()})
         acts_used = [a.describe() for a in sorted({ActScheme.from_dict(v.get("act_scheme")) for v in record_layers.values()},
                                                   key=lambda a: (a.bits, a.symmetric))]
@@ -517,14 +517,13 @@ class Quantize(Step):
         ref_w = mod.masked_weight().detach().clone()
         bias = None if mod.bias is None else mod.bias.detach()
         xq = fake_quantize(x, mod.input_scale_, mod.input_zero_point_, *mod.act_qrange)
-        shape = ref_w.shape
 
-        def fn(w_rows, xb):
-            return mod._act(mod._layer(xb, w_rows.reshape(shape), bias))
+        def fn(w_rows, xb):  # (R, L) rows -> weight (a partial last group's padding dropped)
+            return mod._act(mod._layer(xb, mod.weight_from_rows(w_rows), bias))
 
         qmin, qmax = mod.weight_qrange
         res = adaround(mod.weight_rows(ref_w), mod.weight_scale_, mod._weight_zp(), qmin, qmax, fn, xq, target,
-                       iters=c.iters, batch=c.batch, lam=c.lam, lr=c.lr)
+                       iters=c.iters, batch=c.batch, lam=c.lam, lr=c.lr, mask=mod.weight_row_mask())
         mod.set_weight_codes_(res.codes)
         return {"learned": res.learned, "flipped": round(res.flipped, 4), "mse": res.error,
                 "mse_nearest": res.nearest_error, "_reference": ref_w}
