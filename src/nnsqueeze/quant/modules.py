@@ -29,9 +29,9 @@ same values are produced with straight-through gradients (quantization-aware fin
     >>> sd = q.state_dict(); q.pack_state(sd, ""); sd["weight"].dtype
     torch.int8
 
-``pack_state`` / ``unpack_state`` store the weight as int8 codes in a state dict and restore it
-(dequantized, bit-exact to the fake-quantized weight), for ~4x smaller artifacts; a bool
-``weight_mask`` left by pruning is stored as bits.
+``pack_state`` / ``unpack_state`` (:mod:`nnsqueeze.quant.packing`) store the weight as its codes in a
+state dict and restore it bit-exact, for ~4x smaller artifacts (8x at 4 bits); how the weight is cut
+into rows that each get a scale is in :mod:`nnsqueeze.quant.rows`.
 """
 
 from __future__ import annotations
@@ -39,18 +39,18 @@ from __future__ import annotations
 import contextlib
 from typing import Callable, Iterator
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..ops.int4 import pack_int4, unpack_int4
 from ..ops.lsq import lsq_fake_quantize, lsq_grad_scale
 from ..ops.quant import (EPS, NF4_LEVELS, dequantize, fake_quantize_bias, fake_quantize_levels, fake_quantize_ste,
                          mse_clip_qparams, nearest_level, pow2_levels, qparams, qrange, quantize, quantize_bias,
                          sqnr_db)
 from .act_scheme import ActScheme, act_qdq_export
 from .fold import bn_factor, bn_train_forward
+from .packing import PackingMixin
+from .rows import WeightRowsMixin
 from .scheme import WeightScheme
 
 Tensor = torch.Tensor
@@ -58,7 +58,7 @@ Tensor = torch.Tensor
 ACT_QMIN, ACT_QMAX = qrange(8, signed=False)  # default activations: asymmetric uint8 per tensor (ActScheme())
 
 
-class FakeQuantMixin:
+class FakeQuantMixin(WeightRowsMixin, PackingMixin):
     """Shared state and maths of the fake-quant layers (mixed into nn.Linear / nn.Conv*d)."""
 
     weight: nn.Parameter
@@ -109,65 +109,6 @@ class FakeQuantMixin:
         if scheme.levels == "kmeans":
             self.learn_levels_()
         self.refresh_weight_scale_()
-
-    def weight_groups(self) -> tuple[int, int, int]:
-        """``(G, L, pad)``: each output channel's ``D = C_in/groups * k`` weights are cut into ``G``
-        rows of ``L`` values (``L = min(group_size, D)``; per-channel/per-tensor: ``G = 1, L = D``).
-        When ``group_size`` does not divide ``D`` the last group holds only ``L - pad`` real values:
-        its row is zero-padded in :meth:`weight_rows` and every statistic ignores the padding."""
-        d = self.weight[0].numel()
-        gs = self.wscheme.group_size
-        if gs is None:
-            return 1, d, 0
-        length = min(gs, d)
-        g = -(-d // length)
-        return g, length, g * length - d
-
-    def weight_rows_count(self) -> int:
-        """Rows of the weight's (R, L) view: C_out, or C_out * G for per-group schemes."""
-        return self.weight.shape[0] * self.weight_groups()[0]
-
-    def weight_rows(self, w: Tensor) -> Tensor:
-        """``w`` (C_out, ...) viewed as (R, L) rows (see :mod:`nnsqueeze.quant.scheme`); a partial
-        last group is zero-padded (its padding is dropped again by :meth:`weight_from_rows`)."""
-        _, length, pad = self.weight_groups()
-        flat = w.reshape(w.shape[0], -1)
-        if pad:
-            flat = F.pad(flat, (0, pad))
-        return flat.reshape(-1, length)
-
-    def weight_from_rows(self, rows: Tensor) -> Tensor:
-        """Inverse of :meth:`weight_rows`: (R, L) rows back to the weight's shape, padding dropped."""
-        _, _, pad = self.weight_groups()
-        flat = rows.reshape(self.weight.shape[0], -1)
-        if pad:
-            flat = flat[:, :flat.shape[1] - pad]
-        return flat.reshape(self.weight.shape)
-
-    def weight_row_mask(self) -> Tensor | None:
-        """Bool (R, L): True on real weights, False on the padding of partial last groups; None when
-        there is no padding."""
-        g, length, pad = self.weight_groups()
-        if not pad:
-            return None
-        mask = torch.ones(self.weight.shape[0], g * length, dtype=torch.bool, device=self.weight.device)
-        mask[:, g * length - pad:] = False
-        return mask.reshape(-1, length)
-
-    def per_row(self, fn: Callable[[Tensor], tuple[Tensor, ...]], rows: Tensor) -> tuple[Tensor, ...]:
-        """``fn`` maps rows (n, l) to per-row statistics ``(n,)`` tensors; applied to the (R, L) rows
-        of :meth:`weight_rows` so that a partial last group's statistics come from its own values
-        only (full groups and last groups go through ``fn`` separately, never the padding)."""
-        g, length, pad = self.weight_groups()
-        if not pad:
-            return tuple(fn(rows))
-        c = rows.shape[0] // g
-        grid = rows.reshape(c, g, length)
-        tail = tuple(fn(grid[:, -1, :length - pad]))
-        if g == 1:
-            return tail
-        full = tuple(fn(grid[:, :-1].reshape(-1, length)))
-        return tuple(torch.cat([a.reshape(c, g - 1), b.reshape(c, 1)], 1).reshape(-1) for a, b in zip(full, tail))
 
     @property
     def weight_qrange(self) -> tuple[int, int]:
@@ -505,57 +446,6 @@ class FakeQuantMixin:
         # per-group: the group length L as a plain int (shapes read while tracing would be graph values)
         group = self.weight_groups()[1] if self.wscheme.granularity == "per-group" else 0
         return {"weight": w.detach().clone(), "bias": None if b is None else b.detach().clone(), "group": group}
-
-    # -- artifact packing --------------------------------------------------------------------
-    def pack_state(self, sd: dict, prefix: str) -> None:
-        """In place: ``sd[prefix + "weight"]`` (float) becomes its codes (int8 for symmetric grids,
-        uint8 for asymmetric grids and level indices; 2..4-bit codes two per byte, flattened), and a bool ``weight_mask`` (from pruning)
-        becomes 8 mask entries per byte (uint8, flattened). Layers with an attached BN stay float."""
-        key, mkey = prefix + "weight", prefix + "weight_mask"
-        w, mask = sd.get(key), sd.get(mkey)
-        if w is not None and w.is_floating_point() and self._modules.get("bn") is None:
-            if mask is not None:
-                w = torch.where(mask.to(torch.bool), w, torch.zeros((), dtype=w.dtype, device=w.device))
-            scale = sd[prefix + "weight_scale_"]
-            rows = self.weight_rows(w)  # (R, L); a partial last group's padding is dropped below
-            if self.wscheme.levels != "uniform":
-                q = nearest_level(rows.float() / scale[:, None], sd[prefix + "weight_levels_"])
-                qmin = 0
-            else:
-                qmin, qmax = self.weight_qrange
-                zp = sd.get(prefix + "weight_zero_point_", torch.zeros_like(scale, dtype=torch.int32))
-                q = quantize(rows, scale, zp, qmin, qmax, axis=0)
-            q = self.weight_from_rows(q)  # codes in the weight's shape: one code per real weight
-            if self.wscheme.bits <= 4:  # two codes per byte (offset to 0..15), flattened
-                sd[key] = pack_int4((q - qmin).to(torch.uint8).reshape(-1))
-            elif self.wscheme.levels != "uniform":
-                sd[key] = q.to(torch.uint8).reshape(w.shape)
-            else:
-                sd[key] = q.to(torch.int8 if self.wscheme.symmetric else torch.uint8).reshape(w.shape)
-        if mask is not None and mask.dtype == torch.bool:
-            sd[mkey] = torch.from_numpy(np.packbits(mask.detach().cpu().numpy().reshape(-1)))
-
-    def unpack_state(self, sd: dict, prefix: str) -> None:
-        """In place: packed ``sd[prefix + "weight"]`` becomes the float weight (bit-exact to the
-        fake-quantized weight); a packed mask becomes the bool mask again."""
-        key, mkey = prefix + "weight", prefix + "weight_mask"
-        q, mask = sd.get(key), sd.get(mkey)
-        if q is not None and q.dtype in (torch.int8, torch.uint8):
-            scale = sd[prefix + "weight_scale_"]
-            if self.wscheme.bits <= 4 and q.dim() == 1 and q.numel() == (self.weight.numel() + 1) // 2:
-                qmin = 0 if self.wscheme.levels != "uniform" else self.weight_qrange[0]
-                q = unpack_int4(q, self.weight.numel()).to(torch.int32) + qmin
-            q = self.weight_rows(q.reshape(self.weight.shape).to(torch.int32))  # (R, L), padding decoded then dropped
-            if self.wscheme.levels != "uniform":
-                w = sd[prefix + "weight_levels_"][q.long()] * scale[:, None]
-            else:
-                zp = sd.get(prefix + "weight_zero_point_", torch.zeros_like(scale, dtype=torch.int32))
-                w = dequantize(q, scale, zp, axis=0)
-            sd[key] = self.weight_from_rows(w).to(self.weight.dtype)
-        if mask is not None and mask.dtype == torch.uint8:
-            shape = tuple(self.weight.shape)
-            bits = np.unpackbits(mask.cpu().numpy(), count=int(np.prod(shape)))
-            sd[mkey] = torch.from_numpy(bits.reshape(shape).astype(np.bool_))
 
     def extra_repr(self) -> str:
         parts = [super().extra_repr(), f"{self.wscheme.describe()}, {self.ascheme.describe()}"]
