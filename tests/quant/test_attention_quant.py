@@ -17,7 +17,8 @@ transformers = pytest.importorskip("transformers", reason="transformers (the 'hf
 
 from nnsqueeze.context import Context  # noqa: E402
 from nnsqueeze.export.onnx import export_onnx  # noqa: E402
-from nnsqueeze.quant.attention import IMPL, AttentionQuant, dynamic_int_matmul  # noqa: E402
+from nnsqueeze.ops.dynamic import dynamic_int_matmul  # noqa: E402
+from nnsqueeze.quant.attention import IMPL, AttentionQuant  # noqa: E402
 from nnsqueeze.steps.quantize import Quantize  # noqa: E402
 from nnsqueeze.steps.quantize_dynamic import QuantizeDynamic  # noqa: E402
 

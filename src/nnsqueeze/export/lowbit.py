@@ -51,6 +51,8 @@ import numpy as np
 import torch
 
 from ..errors import ExportError
+from ..ops.quant import code_range
+from .qdq import _attr
 
 Tensor = torch.Tensor
 DOMAIN = "nnsqueeze"        # marker op domain: never left in a written file
@@ -100,15 +102,6 @@ def lowbit_weight(layer: Any, w: Tensor, group: int = 0) -> Tensor:
     else:
         extra = None
     return _LowBitWeightFn.apply(w, scale, extra, sc.bits, sc.symmetric, table, group)
-
-
-def _attr(node, name: str, default: Any) -> Any:
-    from onnx import helper
-
-    for a in node.attribute:
-        if a.name == name:
-            return helper.get_attribute_value(a)
-    return default
 
 
 def _codes(w: np.ndarray, scale: np.ndarray, extra: np.ndarray | None, bits: int, symmetric: bool,
@@ -248,7 +241,7 @@ def _replace(gr, node, opset21: bool) -> str:
         raise ExportError(where, f"the {bits}-bit codes do not reproduce the simulated weight exactly "
                           f"(max diff {float(np.abs(decoded.reshape(w.shape) - w).max()):.3g})", fix="report this as a bug")
     signed = symmetric and not table
-    lo, hi = (-(1 << (bits - 1)), (1 << (bits - 1)) - 1) if signed else (0, (1 << bits) - 1)
+    lo, hi = code_range(bits, signed)
     if q.size and (q.min() < lo or q.max() > hi):
         raise ExportError(where, f"codes in [{q.min()}, {q.max()}] exceed the {bits}-bit range", fix="report this as a bug")
     four_bit = bits <= 4

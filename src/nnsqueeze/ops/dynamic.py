@@ -65,6 +65,17 @@ def int_linear(x: Tensor, w_codes: Tensor, w_scale: Tensor, w_zero_point: Tensor
     return y if bias is None else y + bias.to(torch.float32)
 
 
+def dynamic_int_matmul(a: Tensor, b: Tensor) -> Tensor:
+    """``a @ b`` with both operands quantized at run time (per tensor, ``DynamicQuantizeLinear``):
+    exact int32 product of the codes (float64 holds it for inner sizes < 2**37), cast to float32
+    and multiplied by ``scale_a * scale_b`` (float32), as ORT does."""
+    sa, za = dynamic_qparams(a)
+    sb, zb = dynamic_qparams(b)
+    qa = dynamic_quantize(a, sa, za).to(torch.float64) - za.to(torch.float64)
+    qb = dynamic_quantize(b, sb, zb).to(torch.float64) - zb.to(torch.float64)
+    return torch.matmul(qa, qb).to(torch.float32) * (sa * sb)
+
+
 def outlier_channels(absmax: Tensor, ratio: float, max_channels: int) -> Tensor | None:
     """Input channels whose calibrated ``absmax`` (K,) exceeds ``ratio`` times the median channel's,
     largest first, at most ``max_channels`` (and fewer than K); None when there are none.

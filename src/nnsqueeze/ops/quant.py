@@ -43,11 +43,16 @@ Tensor = torch.Tensor
 EPS = float(torch.finfo(torch.float32).eps)  # 1.19e-07
 
 
+def code_range(bits: int, signed: bool) -> tuple[int, int]:
+    """Integer range of a ``bits``-bit code, unvalidated: ``(-2**(b-1), 2**(b-1)-1)`` or ``(0, 2**b - 1)``."""
+    return (-(1 << (bits - 1)), (1 << (bits - 1)) - 1) if signed else (0, (1 << bits) - 1)
+
+
 def qrange(bits: int, signed: bool) -> tuple[int, int]:
-    """Integer range of a ``bits``-bit code: ``(-2**(b-1), 2**(b-1)-1)`` or ``(0, 2**b - 1)``."""
+    """Integer range of a ``bits``-bit code (2..8 bits): see :func:`code_range`."""
     if not isinstance(bits, int) or not 2 <= bits <= 8:
         raise ValueError(f"bits must be an int in 2..8, got {bits!r}")
-    return (-(1 << (bits - 1)), (1 << (bits - 1)) - 1) if signed else (0, (1 << bits) - 1)
+    return code_range(bits, signed)
 
 
 def qparams(min_val: Tensor, max_val: Tensor, bits: int = 8, symmetric: bool = False) -> tuple[Tensor, Tensor]:
@@ -56,6 +61,12 @@ def qparams(min_val: Tensor, max_val: Tensor, bits: int = 8, symmetric: bool = F
     ``symmetric=True``: signed code, zero point 0, scale ``absmax / (2**(bits-1) - 1)``.
     ``symmetric=False``: unsigned code over ``[min(min_val, 0), max(max_val, 0)]``.
     """
+    return range_qparams(min_val, max_val, *qrange(bits, signed=symmetric), symmetric=symmetric)
+
+
+def range_qparams(min_val: Tensor, max_val: Tensor, qmin: int, qmax: int,
+                  symmetric: bool = False) -> tuple[Tensor, Tensor]:
+    """:func:`qparams` on an explicit code range ``[qmin, qmax]`` (e.g. 16-bit activations)."""
     min_val = torch.as_tensor(min_val, dtype=torch.float32)
     max_val = torch.as_tensor(max_val, dtype=torch.float32)
     if not (torch.isfinite(min_val).all() and torch.isfinite(max_val).all()):
@@ -64,12 +75,8 @@ def qparams(min_val: Tensor, max_val: Tensor, bits: int = 8, symmetric: bool = F
     lo = torch.clamp(min_val, max=0.0)
     hi = torch.clamp(max_val, min=0.0)
     if symmetric:
-        qmin, qmax = qrange(bits, signed=True)
-        scale = torch.maximum(-lo, hi) / qmax
-        scale = torch.clamp(scale, min=EPS)
-        zp = torch.zeros_like(scale, dtype=torch.int32)
-        return scale, zp
-    qmin, qmax = qrange(bits, signed=False)
+        scale = torch.clamp(torch.maximum(-lo, hi) / qmax, min=EPS)
+        return scale, torch.zeros_like(scale, dtype=torch.int32)
     scale = torch.clamp((hi - lo) / (qmax - qmin), min=EPS)
     # zero point: the code of real 0; lo <= 0 <= hi keeps it inside [qmin, qmax] (clamp for rounding).
     zp = torch.clamp(torch.round(qmin - lo / scale), qmin, qmax).to(torch.int32)

@@ -10,11 +10,11 @@ An :class:`ActScheme` says how a layer's input (and quantized output) become cod
 
 How the exported ONNX graph computes exactly the simulated codes (:func:`act_qdq_export`):
 
-- 8 bits: QuantizeLinear/DequantizeLinear with a uint8 or int8 zero point (ORT fuses QLinearConv /
-  QGemm with both);
-- 2..7 bits: an 8-bit container: ``Q -> Clip(codes, qmin, qmax) -> DQ``; signed codes are stored
-  shifted by +128 in uint8 (same values: ``(q + 128) - (z + 128) = q - z``), because ORT fuses
-  QLinearConv around a Clip on uint8 codes but not on int8 codes. The int8 kernels then still run;
+- 8 bits and 2..7 bits: uint8 QuantizeLinear/DequantizeLinear; signed codes are stored shifted by
+  +128 (same values: ``(q + 128) - (z + 128) = q - z``), because ORT fuses its integer kernels
+  (QLinearConv, QGemm, QLinearAdd, MatMulInteger) around uint8 Q/DQ pairs more often than around
+  int8 ones; below 8 bits a ``Clip(codes, qmin, qmax)`` sits between Q and DQ, and the int8 kernels
+  still run;
 - 16 bits: ``com.microsoft`` QuantizeLinear/DequantizeLinear with an int16 zero point (the
   TorchScript exporter runs at opset 17, where the standard ops are 8-bit only); unsigned codes are
   stored shifted by -32768 in int16 (same values). ORT has no 16-bit conv/matmul kernels on CPU, so
@@ -38,7 +38,7 @@ from typing import Any
 
 import torch
 
-from ..ops.quant import EPS
+from ..ops.quant import code_range, range_qparams
 
 Tensor = torch.Tensor
 
@@ -49,27 +49,12 @@ def act_qrange(bits: int, signed: bool) -> tuple[int, int]:
     """Code range of a ``bits``-bit activation (2..8 or 16), signed or unsigned."""
     if isinstance(bits, bool) or bits not in ACT_BITS:
         raise ValueError(f"activation bits must be one of 2..8 or 16, got {bits!r}")
-    return (-(1 << (bits - 1)), (1 << (bits - 1)) - 1) if signed else (0, (1 << bits) - 1)
+    return code_range(bits, signed)
 
 
 def act_qparams(min_val: Tensor, max_val: Tensor, bits: int = 8, symmetric: bool = False) -> tuple[Tensor, Tensor]:
-    """Scale (float32) and zero point (int32) covering ``[min_val, max_val]`` on the code range of
-    :func:`act_qrange` (16 bits included); the same formulas as :func:`nnsqueeze.ops.quant.qparams`.
-
-    symmetric: ``scale = absmax / qmax``, zero point 0; asymmetric: ``scale = (hi - lo) / (qmax - qmin)``
-    over the range widened to include 0, ``zero_point = round(qmin - lo / scale)``.
-    """
-    lo = torch.clamp(torch.as_tensor(min_val, dtype=torch.float32), max=0.0)
-    hi = torch.clamp(torch.as_tensor(max_val, dtype=torch.float32), min=0.0)
-    if not (torch.isfinite(lo).all() and torch.isfinite(hi).all()):
-        raise ValueError("act_qparams: min/max must be finite")
-    qmin, qmax = act_qrange(bits, signed=symmetric)
-    if symmetric:
-        scale = torch.clamp(torch.maximum(-lo, hi) / qmax, min=EPS)
-        return scale, torch.zeros_like(scale, dtype=torch.int32)
-    scale = torch.clamp((hi - lo) / (qmax - qmin), min=EPS)
-    zp = torch.clamp(torch.round(qmin - lo / scale), qmin, qmax).to(torch.int32)
-    return scale, zp
+    """:func:`nnsqueeze.ops.quant.qparams` on the code range of :func:`act_qrange` (16 bits included)."""
+    return range_qparams(min_val, max_val, *act_qrange(bits, signed=symmetric), symmetric=symmetric)
 
 
 @dataclass(frozen=True)
@@ -108,8 +93,6 @@ class ActScheme:
                 raise ValueError("a code floor is for 2..8-bit containers")
             return "int16", (-32768 if qmin == 0 else 0), None
         lo = qmin if floor is None else max(qmin, int(floor))
-        if (lo, qmax) == (-128, 127):
-            return "int8", 0, None
         off = 128 if qmin < 0 else 0
         return "uint8", off, None if (lo + off, qmax + off) == (0, 255) else (lo + off, qmax + off)
 

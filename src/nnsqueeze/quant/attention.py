@@ -46,7 +46,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from ..ops.dynamic import dynamic_qparams, dynamic_quantize
+from ..ops.dynamic import dynamic_int_matmul, dynamic_qparams
 from ..ops.quant import fake_quantize_ste, qrange
 from .act_scheme import ActScheme
 from .functional import ActQuantState
@@ -60,19 +60,8 @@ ACT_QMIN, ACT_QMAX = qrange(8, signed=False)
 
 
 # ------------------------------------------------------------------------------------------------
-# Math (dynamic): what ORT's DynamicQuantizeLinear + MatMulInteger compute
+# Run-time fake quantization (the exact integer matmul is nnsqueeze.ops.dynamic.dynamic_int_matmul)
 # ------------------------------------------------------------------------------------------------
-def dynamic_int_matmul(a: Tensor, b: Tensor) -> Tensor:
-    """``a @ b`` with both operands quantized at run time (per tensor, ``DynamicQuantizeLinear``):
-    exact int32 product of the codes (float64 holds it for inner sizes < 2**37), cast to float32
-    and multiplied by ``scale_a * scale_b`` (float32), as ORT does."""
-    sa, za = dynamic_qparams(a)
-    sb, zb = dynamic_qparams(b)
-    qa = dynamic_quantize(a, sa, za).to(torch.float64) - za.to(torch.float64)
-    qb = dynamic_quantize(b, sb, zb).to(torch.float64) - zb.to(torch.float64)
-    return torch.matmul(qa, qb).to(torch.float32) * (sa * sb)
-
-
 def dynamic_fake_quant_ste(x: Tensor) -> Tensor:
     """Run-time per-tensor uint8 fake quantization with a straight-through gradient (training)."""
     s, z = dynamic_qparams(x)

@@ -56,7 +56,7 @@ import torch
 from torch import nn
 
 from ..ops.quant import fake_quantize_ste, qrange
-from .act_scheme import ActScheme, _ActQDQ, act_qdq_export
+from .act_scheme import ActScheme, act_qdq_export
 
 Tensor = torch.Tensor
 
@@ -104,9 +104,6 @@ class ActQuantState(nn.Module):
         if torch.onnx.is_in_onnx_export():  # exported as QuantizeLinear -> [Clip ->] DequantizeLinear
             if self.ascheme.is_default:
                 return torch.fake_quantize_per_tensor_affine(x, s, z, ACT_QMIN, ACT_QMAX)
-            if self.ascheme.bits == 8:  # int8 codes stored +128 in uint8 (same values): ORT fuses
-                # QLinearAdd / integer MatMul around uint8 Q/DQ pairs, not around int8 ones here
-                return _ActQDQ.apply(x, s, z, -128, 127, "uint8", 128, None)
             return act_qdq_export(x, s, z, self.ascheme)
         qmin, qmax = self.ascheme.qrange
         return fake_quantize_ste(x, s, z, qmin, qmax).to(x.dtype)

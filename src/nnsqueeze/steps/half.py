@@ -82,7 +82,6 @@ class Half(Step):
     def __init__(self, config: HalfConfig, index: int = 0):
         super().__init__(config, index)
         self._record: dict[str, Any] = {}
-        self._whole: dict[str, Any] = {}
 
     def select(self, model: nn.Module, ctx: Any, supported: tuple[type, ...]) -> Any:
         present = {type(m).__name__ for m in model.modules()}  # defaults are a menu, as in quantize
@@ -102,8 +101,9 @@ class Half(Step):
                 continue
             todo.append((lname, mod))
         kept: dict[str, str] = {}
+        whole: dict[str, Any] = {}  # the converted model's figures with the kept layers in fp32
         if self.config.keep_fp32 is not None and todo:
-            kept = self._keep_fp32(model, [n for n, _ in todo], ctx)
+            kept, whole = self._keep_fp32(model, [n for n, _ in todo], ctx)
             for lname, why in kept.items():
                 ctx.skip(name, lname, why)
         layers = []
@@ -115,7 +115,7 @@ class Half(Step):
             ctx.report.layer(lname, bits=16, act_bits=16, scheme=self.config.dtype)
         if not layers and kept:
             raise ModelError(f"{self.where}.keep_fp32", f"every layer had to stay fp32 to meet the budget "
-                             f"({self._whole} with all {len(kept)} kept)",
+                             f"({whole} with all {len(kept)} kept)",
                              fix="loosen max_metric_drop / min_sqnr_db, or drop the half step")
         if not layers:
             raise ModelError(self.where, "no plain Linear/Conv1d/Conv2d left to convert",
@@ -124,11 +124,12 @@ class Half(Step):
         ctx.report.step(converted_layers=len(layers), dtype=self.config.dtype)
         if kept:
             self._record["kept_fp32"] = list(kept)
-            ctx.report.step(kept_fp32=list(kept), **self._whole)
+            ctx.report.step(kept_fp32=list(kept), **whole)
         return model
 
-    def _keep_fp32(self, model: nn.Module, names: list[str], ctx) -> dict[str, str]:
-        """{layer: reason} for the layers kept in fp32, most sensitive first (see the module docstring)."""
+    def _keep_fp32(self, model: nn.Module, names: list[str], ctx) -> tuple[dict[str, str], dict[str, Any]]:
+        """({layer: reason} for the layers kept in fp32, most sensitive first; the whole converted
+        model's measured figures with them kept), see the module docstring."""
         from ..data import take
         from ..metrics import get_metric
         from ..sensitivity import HALF_FORMATS, half_copy, output_sqnr, sensitivity
@@ -170,9 +171,9 @@ class Half(Step):
                 fig = whole(set(ranked[:n]))
         finally:
             model.train(was_training)
-        self._whole = {f"whole_model_{key}": (v if math.isfinite(v) else str(v)) for key, v in fig.items()}
+        whole = {f"whole_model_{key}": (v if math.isfinite(v) else str(v)) for key, v in fig.items()}
         if misses(fig):  # all layers kept (the fp32 model) still misses: a noisy metric; say so
-            ctx.fallback(self.registered_name, f"keep_fp32 budget not met: {self._whole}")
+            ctx.fallback(self.registered_name, f"keep_fp32 budget not met: {whole}")
         by = {r["layer"]: r for r in rows}
         out = {}
         for i, lname in enumerate(ranked[:n]):
@@ -181,7 +182,7 @@ class Half(Step):
             if "metric_drop" in r:
                 figs.insert(0, f"metric drop {r['metric_drop']:+.4f}")
             out[lname] = f"kept fp32: #{i + 1} most {fmt}-sensitive ({fmt} alone: {', '.join(figs)})"
-        return out
+        return out, whole
 
     def record(self) -> dict[str, Any]:
         return self._record

@@ -208,6 +208,7 @@ class QuantizeDynamic(Step):
         if ctx is None or ctx.calib_data is None:
             raise DataError(f"{self.where}.outliers", "outlier channels are found on data but no calib_data was "
                             "given", fix="pass calib_data=... or remove 'outliers' from the step")
+        plain = self._only(model, plain, cfg.targets, "outliers")
         accs = {n: AbsMaxAccumulator(m.in_features) for n, m in plain}
         was = model.training
         model.eval()
@@ -217,7 +218,6 @@ class QuantizeDynamic(Step):
         finally:
             model.train(was)
         out = {}
-        plain = self._only(model, plain, cfg.targets, "outliers")
         for n, _ in plain:
             if not accs[n].tokens:
                 ctx.skip(self.registered_name, n, "outliers: the layer saw no calibration input; no float channels")
@@ -306,11 +306,10 @@ class QuantizeDynamic(Step):
     def _output_error(self, model, batches, layers, bits, signed, refs=None) -> float:
         """Relative squared error of the model's outputs with ``layers`` (name -> (module, s))
         fake-quantized, against the float model, summed over the calibration batches."""
-        outl = getattr(self, "_outl", {})
 
         def swap(n, s):
             return lambda mod, inp, out: dynamic_fake_linear(inp[0], mod.weight, mod.bias, s, bits, signed,
-                                                             outl.get(n))
+                                                             self._outl.get(n))
 
         err = 0.0
         for bi, b in enumerate(batches):
