@@ -16,14 +16,14 @@ from typing import Any
 __version__ = "0.1.0"
 
 from .artifact import load
-from .errors import (ArtifactError, DataError, ExportError, ModelError, NnsqueezeError, RecipeError,
-                     TargetError)
+from .errors import (ArtifactError, DataError, ExportError, MetricError, ModelError, NnsqueezeError,
+                     RecipeError, TargetError)
 from .pipeline import CompressionResult, compress
 from .recipe import Recipe, load_recipe, presets
 
 __all__ = [
     "compress", "load", "export_onnx", "CompressionResult", "Recipe", "load_recipe", "presets",
-    "NnsqueezeError", "RecipeError", "DataError", "ModelError", "ExportError", "ArtifactError", "TargetError",
+    "NnsqueezeError", "RecipeError", "DataError", "MetricError", "ModelError", "ExportError", "ArtifactError", "TargetError",
     "__version__",
 ]
 

@@ -29,6 +29,10 @@ class DataError(NnsqueezeError):
     """Data is missing, empty, of the wrong shape, or produces non-finite values."""
 
 
+class MetricError(DataError):
+    """A metric failed: the callable raised, or returned something that is not a finite number."""
+
+
 class ModelError(NnsqueezeError):
     """The model cannot be loaded, has non-finite weights, or does not fit the recipe."""
 

@@ -115,8 +115,15 @@ def latency_batch(data: Iterable, size: int | None) -> Any:
         return first_inputs
     parts, n = [], 0
     while n < size:
-        for batch in data:
+        for i, batch in enumerate(data):
             x, _ = split(batch)
+            if not isinstance(x, torch.Tensor) or x.shape[1:] != first_inputs.shape[1:]:
+                from .data import DataError, shapes
+
+                raise DataError(f"{getattr(data, 'where', 'data')} batch {i}", f"inputs of shape {shapes(x)} differ "
+                                f"from batch 0's {tuple(first_inputs.shape)}: a latency batch of {size} cannot "
+                                "be assembled from them", fix="give batches of one input shape, or set "
+                                "evaluate.latency_batch: null (the first batch)")
             parts.append(x)
             n += x.shape[0]
             if n >= size:

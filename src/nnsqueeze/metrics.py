@@ -9,12 +9,15 @@
 
 from __future__ import annotations
 
+import functools
+import math
+import numbers
 from typing import Any, Callable, Iterable
 
 import torch
 
-from .data import call_model, logits, split
-from .errors import DataError
+from .data import _at, call_model, describe, logits, split
+from .errors import DataError, MetricError, NnsqueezeError
 from .registry import METRICS
 
 
@@ -25,16 +28,27 @@ def accuracy(model: Any, data: Iterable) -> float:
     if hasattr(model, "eval"):
         model.eval()
     correct = total = 0
-    for batch in data:
+    for i, batch in enumerate(data):
         inputs, targets = split(batch)
         if targets is None:
-            raise DataError("eval_data", "accuracy needs targets, the batch has none",
+            raise DataError(_at(f"eval_data batch {i}"), "accuracy needs targets, the batch has none",
                             fix="give (inputs, targets) batches or pass metric=callable")
         out = logits(call_model(model, inputs))
         pred = out.argmax(-1)
         if pred.shape != targets.shape:
-            raise DataError("eval_data", f"predictions of shape {tuple(pred.shape)} do not match targets "
-                            f"{tuple(targets.shape)}", fix="accuracy expects class logits (batch, classes)")
+            raise DataError(_at(f"eval_data batch {i}"), f"predictions of shape {tuple(pred.shape)} do not match "
+                            f"targets {tuple(targets.shape)}", fix="accuracy expects class logits (batch, classes)")
+        if targets.is_floating_point() or targets.is_complex():
+            raise DataError(_at(f"eval_data batch {i}"), f"accuracy needs integer class targets, got {targets.dtype}",
+                            fix="give class indices (torch.long) or pass metric=callable")
+        # A label the model cannot predict would silently count as wrong: an accuracy of 0 for a
+        # labelling mistake (1-based labels, another label set).
+        lo, hi, classes = int(targets.min()), int(targets.max()), out.shape[-1]
+        if targets.numel() and (lo < 0 or hi >= classes):
+            raise DataError(_at(f"eval_data batch {i}"), f"labels range over [{lo}, {hi}] but the model has "
+                            f"{classes} outputs (classes 0..{classes - 1})",
+                            fix="give labels in 0..classes-1 (e.g. subtract 1 from 1-based labels) or a model "
+                            "with one output per class")
         correct += int((pred == targets).sum())
         total += int(targets.numel())
     if total == 0:
@@ -48,4 +62,43 @@ def get_metric(metric: str | Callable | None) -> tuple[Callable | None, str | No
         return None, None
     if callable(metric):
         return metric, getattr(metric, "__name__", "metric")
+    if not isinstance(metric, str):
+        raise MetricError("metric", f"expected a metric name or a callable (model, data) -> float, got "
+                          f"{type(metric).__name__}", fix=f"use one of: {', '.join(METRICS.names())}")
     return METRICS.get(metric, where="metric"), metric
+
+
+def as_number(value: Any, name: str) -> float:
+    """A metric's value as a finite float, else :class:`MetricError` (never a silent NaN in a report)."""
+    if isinstance(value, torch.Tensor):
+        if value.numel() != 1 or value.is_complex():
+            raise MetricError(_at(f"metric {name!r}"), f"returned a tensor of shape {tuple(value.shape)}, "
+                              "expected one number", fix="return a float, e.g. tensor.mean().item()")
+        value = value.item()
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise MetricError(_at(f"metric {name!r}"), f"returned {type(value).__name__} {str(value)[:60]!r}, "
+                          "expected a number", fix="return a float from the metric callable")
+    value = float(value)
+    if not math.isfinite(value):
+        raise MetricError(_at(f"metric {name!r}"), f"is {value}: the model's outputs or the metric are "
+                          "not finite on eval_data", fix="check the eval data and the metric; after a step, "
+                          "the step broke the model (e.g. an fp16 overflow: keep that layer in fp32)")
+    return value
+
+
+def checked(metric: Callable, name: str) -> Callable[[Any, Iterable], float]:
+    """``metric`` that returns a finite float or raises a typed error naming the stage; an exception
+    from a user metric becomes a :class:`MetricError` raised from it."""
+
+    @functools.wraps(metric)
+    def run(model: Any, data: Iterable) -> float:
+        try:
+            value = metric(model, data)
+        except NnsqueezeError:
+            raise
+        except Exception as e:
+            raise MetricError(_at(f"metric {name!r}"), f"raised {describe(e)}",
+                              fix="fix the metric callable (rerun with --debug for its traceback)") from e
+        return as_number(value, name)
+
+    return run

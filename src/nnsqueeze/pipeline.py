@@ -25,11 +25,11 @@ from torch import nn
 
 from . import artifact
 from .context import Context
-from .data import as_batches, call_model, split, take, to_device
+from .data import as_batches, call_model, shapes, split, stage, take, to_device
 from .env import environment
-from .errors import DataError, ModelError, RecipeError
+from .errors import DataError, ModelError, NnsqueezeError, RecipeError
 from .evaluate import latency_batch, measure
-from .metrics import get_metric
+from .metrics import checked, get_metric
 from .recipe import FORMAT_VERSION, Recipe, load_recipe
 from .registry import EXPORTERS, STEPS
 from .report import Report, ReportBuilder
@@ -73,10 +73,19 @@ class CompressionResult:
 
 
 def _check_model(model: Any) -> None:
+    if isinstance(model, torch.jit.ScriptModule):  # script and trace: no Python layers to select or swap
+        raise ModelError("model", f"TorchScript models are not supported (got a {type(model).__name__})",
+                         fix="pass the original nn.Module, before torch.jit.script/trace")
     if not isinstance(model, nn.Module):
         raise ModelError("model", f"expected a torch.nn.Module, got {type(model).__name__}",
                          fix="pass the model instance, e.g. MyNet() with its weights loaded")
-    for name, p in list(model.named_parameters()) + list(model.named_buffers()):
+    tensors = list(model.named_parameters()) + list(model.named_buffers())
+    meta = [name for name, p in tensors if p.is_meta]
+    if meta:
+        raise ModelError(f"model.{meta[0]}", f"weights are on the meta device ({len(meta)} tensor(s)): they hold "
+                         "no values", fix="load real weights first (e.g. model.load_state_dict(..., assign=True) "
+                         "or from_pretrained without device_map='meta')")
+    for name, p in tensors:
         if p.is_floating_point() and not torch.isfinite(p).all():
             raise ModelError(f"model.{name}", "holds NaN or inf values",
                              fix="check the training run or the weights file that produced it")
@@ -95,16 +104,16 @@ def _probe(model: nn.Module, inputs: Any, where: str) -> None:
     try:
         with torch.inference_mode():
             out = call_model(model, inputs)
-    except (RuntimeError, TypeError, ValueError, IndexError) as e:
-        shapes = {k: tuple(v.shape) for k, v in inputs.items()} if isinstance(inputs, dict) else (
-            tuple(inputs.shape) if isinstance(inputs, torch.Tensor) else [tuple(t.shape) for t in inputs])
-        raise DataError(where, f"the model fails on inputs of shape {shapes}: {str(e).splitlines()[0][:300]}",
-                        fix="check that the data matches the model's expected input shape") from None
+    except ModelError as e:  # the user's model fails on the first batch: most often the data's shape
+        cause = e.__cause__ or e
+        raise DataError(where, f"the model fails on inputs of shape {shapes(inputs)}: "
+                        f"{type(cause).__name__}: {str(cause).strip().splitlines()[0][:300] if str(cause).strip() else ''}",
+                        fix="check that the data matches the model's expected input shape") from cause
     from .data import logits
 
     try:
-        t = logits(out)
-    except DataError:
+        t = logits(out, strict=False)
+    except NnsqueezeError:
         return
     if t.is_floating_point() and not torch.isfinite(t).all():
         raise ModelError("model output", "the model produces NaN or inf on the example inputs",
@@ -118,7 +127,32 @@ def _make_steps(recipe: Recipe) -> list[Step]:
             raise RecipeError(f"steps[{i}].{s.registered_name}", "needs a training step after it "
                               "(e.g. a gradual schedule runs during fine-tuning)",
                               fix="add '- finetune: {...}' after it or use schedule: oneshot")
+    check_order(steps)
     return steps
+
+
+def check_order(steps: list[Step]) -> None:
+    """Reject, before any step runs, an order that cannot work, from the steps' declared flags
+    (:class:`~nnsqueeze.steps.base.Step`): a step that needs float layers after one that quantized
+    them (quantize twice, prune after quantize...), or training after a step whose layers cannot train."""
+    quantized: Step | None = None
+    for s in steps:
+        if quantized is not None:
+            a, b = quantized, s
+            if getattr(b, "needs_float", False):
+                fix = (f"put {b.registered_name} before {a.registered_name}"
+                       if not getattr(b, "quantizes", False) else
+                       "quantize once: one step with per-layer settings (targets/ignore, layer_weights), or the "
+                       "'mixed' step for several formats")
+                raise RecipeError(f"{b.where}", f"cannot run after {a.where}: {b.registered_name} needs float "
+                                  f"layers and {a.registered_name} has already quantized them", fix=fix)
+            if getattr(b, "trains", False) and not getattr(a, "trainable_after", True):
+                raise RecipeError(f"{b.where}", f"cannot train after {a.where}: the layers "
+                                  f"{a.registered_name} leaves (fixed integer codes or fp16 weights) do not train",
+                                  fix=f"put {b.registered_name} before {a.registered_name} (train, then quantize), "
+                                  "or use '- qat: {...}' then '- finetune: {...}' for quantization-aware training")
+        if getattr(s, "quantizes", False):
+            quantized = s
 
 
 def compress(
@@ -137,11 +171,18 @@ def compress(
 ) -> CompressionResult:
     """Run ``recipe`` on a copy of ``model`` (the original is left untouched) and measure both."""
     recipe = load_recipe(recipe)
+    steps = _make_steps(recipe)  # a recipe that cannot work fails before the data is read
     train_data = as_batches(train_data, "train_data")
     calib_data = as_batches(calib_data, "calib_data")
     eval_data = as_batches(eval_data, "eval_data")
-    metric_fn, metric_name = get_metric(metric if eval_data is not None else None)
-    steps = _make_steps(recipe)
+    metric_fn, metric_name = get_metric(metric)
+    if metric_fn is not None and eval_data is None:
+        if callable(metric):  # the user wrote a metric: ignoring it would be a silent surprise
+            raise DataError("eval_data", f"metric {metric_name!r} was given but no eval_data to measure it on",
+                            fix="pass eval_data=... (batches of (inputs, targets)) or metric=None")
+        metric_fn = None  # the default metric without eval data: nothing is measured, and the report says so
+    if metric_fn is not None:
+        metric_fn = checked(metric_fn, metric_name)
     if any(getattr(s, "trains", False) for s in steps) and train_data is None:
         i = next(i for i, s in enumerate(steps) if getattr(s, "trains", False))
         raise DataError("train_data", f"steps[{i}].{steps[i].registered_name} trains but no train_data was given",
@@ -156,7 +197,8 @@ def compress(
     example_inputs = to_device(example_inputs, device)
     original = model
     work = copy.deepcopy(model).to(device)
-    _probe(work, example_inputs, "example_inputs")
+    with stage("example_inputs"):
+        _probe(work, example_inputs, "example_inputs")
 
     torch.manual_seed(recipe.seed)
     ev = recipe.evaluate
@@ -165,6 +207,8 @@ def compress(
     ctx = Context(train_data=train_data, calib_data=calib_data, eval_data=eval_data,
                   example_inputs=example_inputs, metric=metric_fn, metric_name=metric_name, loss_fn=loss_fn,
                   device=device, seed=recipe.seed, teacher=teacher or original, report=rb, progress=progress)
+    if metric_name is not None and metric_fn is None:
+        rb.note("metric", f"no eval_data: the metric ({metric_name}) is not measured")
     lat_inputs = latency_batch(eval_data or calib_data or train_data, ev.latency_batch) \
         if (eval_data or calib_data or train_data) is not None else example_inputs
     samples = [split(b)[0] for b in take(eval_data or calib_data or [example_inputs], 256)][:4]
@@ -175,45 +219,49 @@ def compress(
     with tempfile.TemporaryDirectory(prefix="nnsqueeze-") as tmp:
         exporter = EXPORTERS.get("onnx") if onnx_cfg is not None else None
         base_onnx = None
-        if exporter is not None:
-            base_onnx = str(Path(tmp) / "baseline.onnx")
-            rb.export["baseline"] = exporter(work, base_onnx, example_inputs, opset=onnx_cfg.opset,
-                                             verify=onnx_cfg.verify, samples=samples)
-        rb.baseline = measure(work, eval_data=eval_data, metric=metric_fn, latency_inputs=lat_inputs,
-                              threads=ev.threads, warmup=ev.warmup, runs=ev.runs, onnx_path=base_onnx,
-                              archive_bytes=len(artifact.weights_bytes(work)))
+        with stage("baseline"):
+            if exporter is not None:
+                base_onnx = str(Path(tmp) / "baseline.onnx")
+                rb.export["baseline"] = exporter(work, base_onnx, example_inputs, opset=onnx_cfg.opset,
+                                                 verify=onnx_cfg.verify, samples=samples)
+            rb.baseline = measure(work, eval_data=eval_data, metric=metric_fn, latency_inputs=lat_inputs,
+                                  threads=ev.threads, warmup=ev.warmup, runs=ev.runs, onnx_path=base_onnx,
+                                  archive_bytes=len(artifact.weights_bytes(work)))
         rb.baseline["measured"] = measured
         records = []
         for step, entry in zip(steps, recipe.steps):
             log.info("step %d: %s", step.index, entry.name)
             rb.begin_step(entry.name, entry.config.model_dump(mode="json"))
             t0 = time.perf_counter()
-            work = step.run(work, ctx)
-            fields: dict[str, Any] = {"seconds": time.perf_counter() - t0}
-            _check_model(work)
-            if metric_fn is not None and ev.per_step:
-                with torch.inference_mode():
-                    fields["accuracy"] = float(metric_fn(work, eval_data))
-                rb.step(accuracy=fields["accuracy"])
+            with stage(step.where):
+                work = step.run(work, ctx)
+                fields: dict[str, Any] = {"seconds": time.perf_counter() - t0}
+                _check_model(work)
+                if metric_fn is not None and ev.per_step:
+                    with torch.inference_mode():
+                        fields["accuracy"] = metric_fn(work, eval_data)
+                    rb.step(accuracy=fields["accuracy"])
             rb.end_step(**fields)
             records.append({"name": entry.name, "config": entry.config.model_dump(mode="json"),
                             "record": step.record()})
         work.eval()
         onnx_bytes, comp_onnx = None, None
-        if exporter is not None:
-            comp_onnx = str(Path(tmp) / "model.onnx")
-            rb.export["compressed"] = exporter(work, comp_onnx, example_inputs, opset=onnx_cfg.opset,
-                                               verify=onnx_cfg.verify, samples=samples, atol=onnx_cfg.atol)
-            onnx_bytes = Path(comp_onnx).read_bytes()
-        else:
-            rb.note("export", "ONNX export disabled by the recipe (export.onnx: null)")
-        rb.compressed = measure(work, eval_data=eval_data, metric=metric_fn, latency_inputs=lat_inputs,
-                                threads=ev.threads, warmup=ev.warmup, runs=ev.runs, onnx_path=comp_onnx,
-                                archive_bytes=len(artifact.weights_bytes(work)))
+        with stage("compressed"):
+            if exporter is not None:
+                comp_onnx = str(Path(tmp) / "model.onnx")
+                rb.export["compressed"] = exporter(work, comp_onnx, example_inputs, opset=onnx_cfg.opset,
+                                                   verify=onnx_cfg.verify, samples=samples, atol=onnx_cfg.atol)
+                onnx_bytes = Path(comp_onnx).read_bytes()
+            else:
+                rb.note("export", "ONNX export disabled by the recipe (export.onnx: null)")
+            rb.compressed = measure(work, eval_data=eval_data, metric=metric_fn, latency_inputs=lat_inputs,
+                                    threads=ev.threads, warmup=ev.warmup, runs=ev.runs, onnx_path=comp_onnx,
+                                    archive_bytes=len(artifact.weights_bytes(work)))
         rb.compressed["measured"] = measured
         if base_onnx is not None and comp_onnx is not None:
             guard = _Guard(recipe, rb, ctx, exporter, samples, lat_inputs, eval_data, metric_fn, Path(tmp))
-            work, onnx_bytes, records = guard.run(work, original, records, onnx_bytes, base_onnx)
+            with stage("latency-guard"):
+                work, onnx_bytes, records = guard.run(work, original, records, onnx_bytes, base_onnx)
     _flag_regressions(rb)
     report = rb.build()
     _log_summary(report)

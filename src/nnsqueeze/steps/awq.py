@@ -44,6 +44,9 @@ class AWQConfig(QuantFields):
 
 @STEPS.register("awq")
 class AWQ(LLMStep):
+    needs_float = True
+    quantizes = True
+    trainable_after = False
     Config = AWQConfig
 
     def run(self, model, ctx):

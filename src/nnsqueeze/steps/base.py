@@ -48,6 +48,18 @@ class Step:
     registered_name: ClassVar[str] = "step"
     # Default targets when the recipe gives none: class names of the layers this step handles.
     default_targets: ClassVar[list[str]] = []
+    # Step-order contract, checked before any step runs (pipeline.check_order). The defaults
+    # constrain nothing, so a third-party step is never rejected for flags it does not declare.
+    # needs_float: works on float layers; no quantizing step may come before it.
+    needs_float: ClassVar[bool] = False
+    # quantizes: leaves layers quantized or low-precision (fake-quant, integer codes, fp16, k-means codes).
+    quantizes: ClassVar[bool] = False
+    # trainable_after (quantizing steps): a training step may follow (fake-quant layers with float
+    # weights and clustered centroids train; fixed integer codes and fp16 weights do not).
+    trainable_after: ClassVar[bool] = True
+    # trains: a training step (finetune, distill); requires_training: needs one after it.
+    trains: ClassVar[bool] = False
+    requires_training: ClassVar[bool] = False
 
     def __init__(self, config: StepConfig, index: int = 0):
         self.config = config

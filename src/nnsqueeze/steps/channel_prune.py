@@ -134,6 +134,7 @@ def apply(model: nn.Module, plan: list[tuple[str, str, list[int]]], where: str =
 
 @STEPS.register("structured-prune")
 class StructuredPrune(Step):
+    needs_float = True
     Config = StructuredPruneConfig
     default_targets: ClassVar[list[str]] = ["Conv1d", "Conv2d", "Conv3d", "Linear", "Embedding",
                                             "MultiheadAttention", "PrunedMultiheadAttention"]

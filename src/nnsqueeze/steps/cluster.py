@@ -151,6 +151,8 @@ def _convert(m: nn.Module, centroids: torch.Tensor, codes: torch.Tensor) -> None
 
 @STEPS.register("cluster")
 class Cluster(Step):
+    needs_float = True
+    quantizes = True
     Config = ClusterConfig
     default_targets: ClassVar[list[str]] = ["Linear", "Conv1d", "Conv2d"]
 

@@ -110,6 +110,14 @@ class Finetune(Step):
     def _trainable(self, model: nn.Module, ctx: Any) -> list[nn.Parameter]:
         c = self.config
         params = [p for p in model.parameters() if p.requires_grad]
+        if not params:
+            # An error, not a skip: the user asked for training, and a model returned untrained
+            # under a recipe that says it was fine-tuned would be a silent wrong result.
+            n = sum(1 for _ in model.parameters())
+            raise ModelError(self.where, f"every parameter of the model is frozen (requires_grad=False on all {n}): "
+                             "there is nothing to train",
+                             fix="unfreeze what should train (p.requires_grad_(True)) before compress, or "
+                             "remove this step")
         if not c.targets and not c.ignore:
             return params
         sel = select(model, c.targets or ["re:.*"], c.ignore, (), where=f"{self.where}.targets")

@@ -190,6 +190,9 @@ class _WeightQuantStep(LLMStep):
 @STEPS.register("rtn")
 class RTN(_WeightQuantStep):
     """Round-to-nearest, group-wise; uses no data (the report gets the weight SQNR per layer)."""
+    needs_float = True
+    quantizes = True
+    trainable_after = False
 
     Config = RTNConfig
 
@@ -238,6 +241,9 @@ class RTN(_WeightQuantStep):
 
 @STEPS.register("gptq")
 class GPTQ(_WeightQuantStep):
+    needs_float = True
+    quantizes = True
+    trainable_after = False
     Config = GPTQConfig
 
     def run(self, model, ctx):

@@ -99,6 +99,7 @@ class GroupLassoCallback:
 
 @STEPS.register("group-lasso")
 class GroupLasso(Step):
+    needs_float = True
     Config = GroupLassoConfig
     default_targets: ClassVar[list[str]] = StructuredPrune.default_targets
     trains: ClassVar[bool] = False

@@ -75,6 +75,9 @@ class HalfConfig(StepConfig):
 @STEPS.register("half")
 class Half(Step):
     """fp16 / bf16 layers; see the module docstring."""
+    needs_float = True
+    quantizes = True
+    trainable_after = False
 
     Config = HalfConfig
     default_targets = ["Linear", "Conv1d", "Conv2d", "Embedding"]

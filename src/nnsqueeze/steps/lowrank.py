@@ -145,6 +145,7 @@ def _mean_loss(model: nn.Module, batches: list, ctx: Any) -> float:
 
 @STEPS.register("lowrank")
 class LowRank(Step):
+    needs_float = True
     Config = LowRankConfig
     default_targets: ClassVar[list[str]] = ["Linear", "Conv1d", "Conv2d"]
 

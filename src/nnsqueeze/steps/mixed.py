@@ -55,6 +55,8 @@ def _size_ratio(model: nn.Module, quantized: set[str]) -> float:
 @STEPS.register("mixed-int8")
 class MixedInt8(Step):
     """Mixed int8/fp32 static quantization; see the module docstring."""
+    needs_float = True
+    quantizes = True
 
     Config = MixedConfig
     default_targets = ["Linear", "Conv1d", "Conv2d"]

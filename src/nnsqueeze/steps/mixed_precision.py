@@ -121,6 +121,9 @@ class MixedPrecision(Step):
        are quantized by the ``quantize`` step (``layer_weights``; fp32 and half layers ignored), so
        calibration sees the half layers as they will run. Each layer's format is in the report.
     """
+    needs_float = True
+    quantizes = True
+    trainable_after = False
 
     Config = MixedPrecisionConfig
     default_targets = ["Linear", "Conv1d", "Conv2d"]

@@ -52,6 +52,7 @@ class NMPruneConfig(StepConfig):
 
 @STEPS.register("nm-prune")
 class NMPrune(Step):
+    needs_float = True
     Config = NMPruneConfig
     default_targets: ClassVar[list[str]] = ["Linear", "Conv1d", "Conv2d"]
     trains: ClassVar[bool] = False

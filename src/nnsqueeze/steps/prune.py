@@ -216,6 +216,7 @@ class GradualPruning:
 
 @STEPS.register("prune")
 class Prune(Step):
+    needs_float = True
     Config = PruneConfig
     default_targets: ClassVar[list[str]] = ["Linear", "Conv1d", "Conv2d"]
     trains: ClassVar[bool] = False

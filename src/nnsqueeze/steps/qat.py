@@ -192,6 +192,8 @@ def finalize_qat_(model: nn.Module, record: dict[str, Any]) -> None:
 @STEPS.register("qat")
 class Qat(Quantize):
     """Quantization-aware training preparation; see the module docstring."""
+    needs_float = True
+    quantizes = True
 
     Config = QatConfig
 

@@ -247,6 +247,8 @@ def _batch_size(inputs: Any) -> int:
 @STEPS.register("quantize")
 class Quantize(Step):
     """Static int8 PTQ; see the module docstring."""
+    needs_float = True
+    quantizes = True
 
     Config = QuantizeConfig
     default_targets = ["Linear", "Conv1d", "Conv2d"]

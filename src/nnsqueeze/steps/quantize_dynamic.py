@@ -121,6 +121,9 @@ class QuantizeDynamicConfig(StepConfig):
 @STEPS.register("quantize-dynamic")
 class QuantizeDynamic(Step):
     """Dynamic int8 quantization of Linear layers; see the module docstring."""
+    needs_float = True
+    quantizes = True
+    trainable_after = False
 
     Config = QuantizeDynamicConfig
     default_targets = ["Linear"]

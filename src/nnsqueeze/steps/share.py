@@ -95,6 +95,7 @@ def _tie(leader: nn.Module, leader_name: str, m: nn.Module, bias: bool) -> None:
 
 @STEPS.register("share")
 class Share(Step):
+    needs_float = True
     Config = ShareConfig
     default_targets: ClassVar[list[str]] = []
 

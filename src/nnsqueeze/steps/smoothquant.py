@@ -54,6 +54,7 @@ def _is_norm(m: nn.Module) -> bool:
 
 @STEPS.register("smoothquant")
 class SmoothQuant(LLMStep):
+    needs_float = True
     Config = SmoothQuantConfig
 
     def run(self, model, ctx):

@@ -32,6 +32,7 @@ class SparseGPTConfig(SparsityFields):
 
 @STEPS.register("sparsegpt")
 class SparseGPT(PruneStep):
+    needs_float = True
     Config = SparseGPTConfig
 
     def run(self, model, ctx):

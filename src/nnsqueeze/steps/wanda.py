@@ -43,6 +43,7 @@ class _Both:
 
 @STEPS.register("wanda")
 class Wanda(PruneStep):
+    needs_float = True
     Config = WandaConfig
 
     def run(self, model, ctx):

@@ -62,6 +62,9 @@ class WeightOnlyConfig(StepConfig):
 @STEPS.register("weight-only")
 class WeightOnly(Step):
     """Weight-only quantization of Linear layers; see the module docstring."""
+    needs_float = True
+    quantizes = True
+    trainable_after = False
 
     Config = WeightOnlyConfig
     default_targets = ["Linear"]
