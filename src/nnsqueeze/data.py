@@ -198,16 +198,16 @@ def call_model(model: nn.Module | Any, inputs: Any) -> Any:
     except NnsqueezeError:
         raise
     except Exception as e:
-        if not _raised_by_user(e):
-            raise
         cur = _BATCH[0]
-        if cur is not None:
+        if cur is not None:  # a batch unlike the first fails, in the model or in nnsqueeze's layers
             name, i, first = cur
             now = shapes(inputs)
             if i > 0 and first is not None and now != first:
                 raise DataError(_at(f"{name} batch {i}"), f"inputs of shape {now} differ from batch 0's {first} "
                                 f"and the model fails on them ({describe(e, 200)})",
                                 fix="give batches of one input shape (pad or resize them)") from e
+        if not _raised_by_user(e):
+            raise
         where = _at(f"{cur[0]} batch {cur[1]}" if cur is not None else None) or "model"
         raise ModelError(where, f"the model's forward raised {describe(e)}",
                          fix="fix the model or its inputs (rerun with --debug for the original traceback)") from e
@@ -297,4 +297,23 @@ def take(data: Iterable, samples: int | None) -> list:
         n += int(t.shape[0]) if t.dim() else 1
         if samples is not None and n >= samples:
             break
+    if isinstance(data, Batches):  # a list still, whose batches keep their names for error messages
+        return _Taken(out, data.where, data.first)
     return out
+
+
+class _Taken(list):
+    """The first batches of a :class:`Batches`: a plain list that tracks the batch being processed."""
+
+    def __init__(self, items: list, where: str, first: Any):
+        super().__init__(items)
+        self.where, self.first = where, first
+
+    def __iter__(self) -> Iterator[Batch]:
+        prev = _BATCH[0]
+        try:
+            for i, batch in enumerate(super().__iter__()):
+                _BATCH[0] = (self.where, i, self.first)
+                yield batch
+        finally:
+            _BATCH[0] = prev
