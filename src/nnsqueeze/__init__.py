@@ -23,7 +23,8 @@ from .recipe import Recipe, load_recipe, presets
 
 __all__ = [
     "compress", "load", "export_onnx", "CompressionResult", "Recipe", "load_recipe", "presets",
-    "NnsqueezeError", "RecipeError", "DataError", "MetricError", "ModelError", "ExportError", "ArtifactError", "TargetError",
+    "NnsqueezeError", "RecipeError", "DataError", "MetricError", "ModelError", "ExportError", "ArtifactError",
+    "TargetError",
     "__version__",
 ]
 

@@ -25,7 +25,7 @@ from torch import nn
 
 from . import artifact
 from .context import Context
-from .data import as_batches, call_model, shapes, split, stage, take, to_device
+from .data import as_batches, call_model, describe, shapes, split, stage, take, to_device
 from .env import environment
 from .errors import DataError, ModelError, NnsqueezeError, RecipeError
 from .evaluate import latency_batch, measure
@@ -106,8 +106,7 @@ def _probe(model: nn.Module, inputs: Any, where: str) -> None:
             out = call_model(model, inputs)
     except ModelError as e:  # the user's model fails on the first batch: most often the data's shape
         cause = e.__cause__ or e
-        raise DataError(where, f"the model fails on inputs of shape {shapes(inputs)}: "
-                        f"{type(cause).__name__}: {str(cause).strip().splitlines()[0][:300] if str(cause).strip() else ''}",
+        raise DataError(where, f"the model fails on inputs of shape {shapes(inputs)}: {describe(cause)}",
                         fix="check that the data matches the model's expected input shape") from cause
     from .data import logits
 
