@@ -6,4 +6,4 @@
 (transformers, vLLM, llama.cpp); :func:`nnsqueeze.export.hf_formats.save_pretrained` dispatches.
 """
 
-__all__ = ["onnx", "compressed_tensors"]
+__all__ = ["onnx", "compressed_tensors", "gptq_format", "gguf_format"]
