@@ -65,3 +65,9 @@ def tokenizer():
 def ids():
     """(2, 12) token ids, fixed seed."""
     return IDS.clone()
+
+
+@pytest.fixture
+def llama():
+    """A fresh (unquantized) tiny random LLaMA, seed 0."""
+    return hf_llama()
