@@ -15,6 +15,7 @@ codes and zero points are stored as they are. transformers' ``Conv1D`` (GPT-2) i
       - gptq: {bits: 4, group_size: 128, symmetric: true, act_order: true, damp_percent: 0.01,
                samples: 128, ignore: ["re:.*\\\\.mlp\\\\.down_proj"]}
       - rtn:  {bits: 8, group_size: null}          # no calibration data needed
+      - rtn:  {bits: 4, group_size: 32, scale_dtype: fp16}   # scales exact in fp16 (GPTQ/GGUF exports)
 
 Per layer the report gets ``error`` (relative output error ``||X dW^T|| / ||X W^T||`` on the
 calibration tokens), ``rtn_error`` (the same for round-to-nearest, for comparison), the scheme and
