@@ -56,9 +56,19 @@ class CompressionResult:
             "files": {"weights": artifact.WEIGHTS, "onnx": "model.onnx" if self.onnx else None},
         }
 
-    def save(self, out: str | Path) -> Path:
-        """Write the artifact directory atomically (see :mod:`nnsqueeze.artifact`)."""
+    def save(self, out: str | Path, format: str | None = None, tokenizer: Any = None, **options: Any) -> Path:
+        """Write the artifact directory atomically (see :mod:`nnsqueeze.artifact`).
+
+        ``format`` (``"compressed-tensors"``, ``"gptq"``, ``"gguf"``): instead, a packed causal LM as a
+        checkpoint other loaders open, with ``tokenizer``'s files; see
+        :func:`nnsqueeze.export.hf_formats.save_pretrained` (``options`` go there).
+        """
         import json
+
+        if format is not None:
+            from .export.hf_formats import save_pretrained
+
+            return save_pretrained(self.model, out, format=format, tokenizer=tokenizer, **options)
 
         files: dict[str, bytes | str] = {
             artifact.WEIGHTS: artifact.weights_bytes(self.model),

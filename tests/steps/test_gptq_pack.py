@@ -144,3 +144,13 @@ def test_gpt2_conv1d_is_packed_as_linear(tmp_path):
     loaded = nsq.load(tmp_path / "a", model=gpt2())
     assert sum(isinstance(m, WeightOnlyLinear) for m in loaded.modules()) == 8   # c_attn, c_proj, c_fc, c_proj
     assert (logits(loaded) - logits(sim)).abs().max() < 1e-4
+
+
+def test_scale_dtype_fp16_packs_fp16_scales_and_bad_value_is_a_recipe_error():
+    res = compress(tiny, "gptq", {"bits": 4, "group_size": 32, "samples": 4, "scale_dtype": "fp16"})
+    wol = [m for m in res.model.modules() if isinstance(m, WeightOnlyLinear)]
+    assert len(wol) == 14
+    assert all(torch.equal(m.weight_scale_.half().float(), m.weight_scale_) for m in wol)
+    assert res.records[0]["record"]["scale_dtype"] == "fp16"
+    with pytest.raises(RecipeError, match="scale_dtype"):
+        load_recipe({"version": 1, "steps": [{"rtn": {"scale_dtype": "fp8"}}]})

@@ -2,6 +2,8 @@
 
 ``onnx``: ONNX (int8 QDQ for quantized models), verified against the torch model in ONNX Runtime.
 :mod:`nnsqueeze.export.ort` runs and times the exported files.
+``compressed-tensors``, ``gptq``, ``gguf``: a packed causal LM as a checkpoint other loaders open
+(transformers, vLLM, llama.cpp); :func:`nnsqueeze.export.hf_formats.save_pretrained` dispatches.
 """
 
-__all__ = ["onnx"]
+__all__ = ["onnx", "compressed_tensors", "gptq_format", "gguf_format"]

@@ -72,7 +72,7 @@ def quadratic_error(w: Tensor, w_hat: Tensor, hessian: Tensor) -> float:
 
 @torch.no_grad()
 def awq_search(w: Tensor, abs_mean: Tensor, hessian: Tensor, bits: int = 4, group_size: int | None = 128,
-               symmetric: bool = True, n_grid: int = 20) -> AWQResult:
+               symmetric: bool = True, n_grid: int = 20, scale_dtype: str = "fp32") -> AWQResult:
     """Search ``alpha`` in ``{0, 1/n_grid, ..., (n_grid-1)/n_grid}``; see the module docstring."""
     cols = w.shape[1]
     if abs_mean.shape != (cols,) or hessian.shape != (cols, cols):
@@ -87,7 +87,7 @@ def awq_search(w: Tensor, abs_mean: Tensor, hessian: Tensor, bits: int = 4, grou
         alpha = k / n_grid
         s = a ** alpha
         s = (s / (s.max() * s.min()).sqrt()).to(torch.float32)   # centre the scales around 1 (reference)
-        r = rtn_quantize(w32 * s, bits, group_size, symmetric)
+        r = rtn_quantize(w32 * s, bits, group_size, symmetric, scale_dtype)
         w_eff = r.weight / s
         err = quadratic_error(w32, w_eff, hessian)
         if k == 0:

@@ -9,7 +9,10 @@ the grid and the rounding (half to even, fp32 division) are exactly ONNX Runtime
 - ``symmetric=True``: signed codes ``[-2**(b-1), 2**(b-1)-1]``, zero point 0;
 - ``symmetric=False``: unsigned codes ``[0, 2**b - 1]``, integer zero point, range widened to 0.
 
-``group_size=None`` (or -1) means one group per row (per-channel)::
+``group_size=None`` (or -1) means one group per row (per-channel). ``scale_dtype`` (``"fp16"``,
+``"bf16"``; default ``"fp32"``) makes every scale a value of that type (rounded *up*, so the range
+still fits and nothing extra is clipped) and chooses the codes against it: a file format that
+stores fp16 scales (GPTQ, GGUF) then holds the model exactly. The scales stay float32 tensors::
 
     >>> import torch
     >>> from nnsqueeze.llm.rtn import rtn_quantize
@@ -29,6 +32,28 @@ from ..ops.quant import fake_quantize, qparams, qrange
 
 Tensor = torch.Tensor
 
+SCALE_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def storable_scale(scale: Tensor, scale_dtype: str = "fp32") -> Tensor:
+    """``scale`` (float32, > 0) as the nearest value of ``scale_dtype`` that is >= it, in float32.
+
+    Rounding up keeps ``absmax / scale`` inside the code range. A scale above the type's largest
+    finite value (fp16: 65504) raises ValueError: no scale of that type covers the range.
+    """
+    dt = SCALE_DTYPES[scale_dtype]
+    if dt == torch.float32:
+        return scale
+    r = scale.to(dt)
+    below = r.to(torch.float32) < scale
+    r = torch.where(below, torch.nextafter(r, torch.full_like(r, float("inf"))), r)
+    # an underflow to 0 would divide by zero: take the smallest positive value of the type
+    r = torch.where(r == 0, torch.full_like(r, torch.finfo(dt).smallest_normal), r)
+    if not torch.isfinite(r).all():
+        raise ValueError(f"a weight scale exceeds the {scale_dtype} range ({torch.finfo(dt).max}); "
+                         "use scale_dtype fp32 or bf16")
+    return r.to(torch.float32)
+
 
 @dataclass
 class QuantGrid:
@@ -37,9 +62,12 @@ class QuantGrid:
     bits: int = 4
     group_size: int | None = 128
     symmetric: bool = True
+    scale_dtype: str = "fp32"
 
     def __post_init__(self) -> None:
         qrange(self.bits, self.symmetric)  # validates bits
+        if self.scale_dtype not in SCALE_DTYPES:
+            raise ValueError(f"scale_dtype must be one of {sorted(SCALE_DTYPES)}, got {self.scale_dtype!r}")
         if self.group_size is not None and self.group_size == -1:
             self.group_size = None
         if self.group_size is not None and self.group_size < 1:
@@ -56,7 +84,15 @@ class QuantGrid:
 
     def params(self, w: Tensor) -> tuple[Tensor, Tensor]:
         """Per-row scale / zero point, shape ``(rows,)``, covering all columns of ``w`` (rows, cols)."""
-        return qparams(w.amin(dim=1), w.amax(dim=1), bits=self.bits, symmetric=self.symmetric)
+        lo, hi = w.amin(dim=1), w.amax(dim=1)
+        scale, zp = qparams(lo, hi, bits=self.bits, symmetric=self.symmetric)
+        if self.scale_dtype == "fp32":
+            return scale, zp
+        scale = storable_scale(scale, self.scale_dtype)
+        if not self.symmetric:  # the zero point is the code of real 0 under the stored scale
+            qmin, qmax = self.qmin_qmax
+            zp = torch.clamp(torch.round(qmin - torch.clamp(lo.float(), max=0.0) / scale), qmin, qmax).to(torch.int32)
+        return scale, zp
 
     def fake(self, w: Tensor, scale: Tensor, zero_point: Tensor) -> Tensor:
         """Quantize-dequantize ``w`` (rows, cols) with per-row ``scale``/``zero_point`` (rows,), float32."""
@@ -71,11 +107,12 @@ class QuantResult:
     zero_point: Tensor   # (out, n_groups) int32
 
 
-def rtn_quantize(w: Tensor, bits: int = 4, group_size: int | None = 128, symmetric: bool = True) -> QuantResult:
+def rtn_quantize(w: Tensor, bits: int = 4, group_size: int | None = 128, symmetric: bool = True,
+                 scale_dtype: str = "fp32") -> QuantResult:
     """Round-to-nearest quantization of ``w`` (out, in), group-wise along the input dimension."""
     if w.dim() != 2:
         raise ValueError(f"rtn_quantize expects a 2-d (out, in) weight, got shape {tuple(w.shape)}")
-    grid = QuantGrid(bits, group_size, symmetric)
+    grid = QuantGrid(bits, group_size, symmetric, scale_dtype)
     w32 = w.detach().to(torch.float32)
     out = torch.empty_like(w32)
     scales, zps = [], []

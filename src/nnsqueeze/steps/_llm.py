@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 import re
-from typing import Any, Callable
+from typing import Any, Callable, Literal
 
 import torch
 from pydantic import Field, field_validator
@@ -54,6 +54,9 @@ class QuantScheme(StepConfig):
     bits: int = Field(4, ge=2, le=8)
     group_size: int | None = Field(128, description="input channels per scale; null or -1: one per row")
     symmetric: bool = True
+    scale_dtype: Literal["fp32", "fp16", "bf16"] = Field(
+        "fp32", description="scales are values of this type and codes are chosen against them, so a format "
+        "storing fp16 scales (gptq, gguf: nnsqueeze.export.hf_formats) holds the model exactly")
 
     @field_validator("group_size")
     @classmethod

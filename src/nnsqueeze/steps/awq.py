@@ -58,7 +58,7 @@ class AWQ(LLMStep):
 
         def apply(name, mod, acc):
             w = get_weight(mod)
-            r = awq_search(w, acc.abs_mean, acc.hessian, c.bits, c.group_size, c.symmetric, c.n_grid)
+            r = awq_search(w, acc.abs_mean, acc.hessian, c.bits, c.group_size, c.symmetric, c.n_grid, c.scale_dtype)
             set_weight(mod, r.weight)
             if c.pack:
                 packs[name], scales[name] = (r.scaled_weight, r.scale, r.zero_point), r.scales
@@ -81,7 +81,8 @@ class AWQ(LLMStep):
         return model
 
     def record(self):
-        return {"layers": self.layers_, **_scheme(self.config), "pack": self.config.pack}
+        return {"layers": self.layers_, **_scheme(self.config), "pack": self.config.pack,
+                "scale_dtype": self.config.scale_dtype}
 
     @classmethod
     def rebuild(cls, model: nn.Module, config, record):

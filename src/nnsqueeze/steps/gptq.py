@@ -15,6 +15,7 @@ codes and zero points are stored as they are. transformers' ``Conv1D`` (GPT-2) i
       - gptq: {bits: 4, group_size: 128, symmetric: true, act_order: true, damp_percent: 0.01,
                samples: 128, ignore: ["re:.*\\\\.mlp\\\\.down_proj"]}
       - rtn:  {bits: 8, group_size: null}          # no calibration data needed
+      - rtn:  {bits: 4, group_size: 32, scale_dtype: fp16}   # scales exact in fp16 (GPTQ/GGUF exports)
 
 Per layer the report gets ``error`` (relative output error ``||X dW^T|| / ||X W^T||`` on the
 calibration tokens), ``rtn_error`` (the same for round-to-nearest, for comparison), the scheme and
@@ -180,7 +181,8 @@ class _WeightQuantStep(LLMStep):
     """Shared by rtn and gptq: the record names the layers and the scheme; rebuild re-packs them."""
 
     def record(self):
-        return {"layers": self.layers_, **_scheme(self.config), "pack": self.config.pack}
+        return {"layers": self.layers_, **_scheme(self.config), "pack": self.config.pack,
+                "scale_dtype": self.config.scale_dtype}
 
     @classmethod
     def rebuild(cls, model, config, record):
@@ -227,7 +229,7 @@ class RTN(_WeightQuantStep):
         taken = {n for n, _ in layers}
         for name, mod in layers + [(n, m) for n, m in outside if n not in taken]:
             w = get_weight(mod)
-            r = rtn_quantize(w, c.bits, c.group_size, c.symmetric)
+            r = rtn_quantize(w, c.bits, c.group_size, c.symmetric, c.scale_dtype)
             q = r.weight
             set_weight(mod, q)
             ctx.report.layer(name, method="rtn", weight_sqnr_db=round(sqnr_db(w, q), 3), **_scheme(c))
@@ -256,7 +258,7 @@ class GPTQ(_WeightQuantStep):
             w = get_weight(mod)
             r = gptq_quantize(w, acc.hessian, c.bits, c.group_size, c.symmetric, c.damp_percent, c.act_order,
                               c.block_size, c.max_damp_percent, on_note=lambda s: ctx.fallback("gptq", s),
-                              where=f"{self.where}: {name}", mask=_mask_oi(mod))
+                              where=f"{self.where}: {name}", mask=_mask_oi(mod), scale_dtype=c.scale_dtype)
             set_weight(mod, r.weight)
             if c.pack:
                 packs[name] = (r.weight, r.scale, r.zero_point)
