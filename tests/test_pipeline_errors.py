@@ -227,3 +227,25 @@ def test_legitimate_orders_are_accepted(steps):
     required = {"group-lasso": {"strength": 1e-4}, "share": {"groups": [["0", "2"]]}, "prune": {"sparsity": 0.5},
                 "structured-prune": {"ratio": 0.3}}
     _make_steps(load_recipe([{s: required.get(s, {})} for s in steps]))
+
+
+class ConvFc(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv, self.fc = nn.Conv1d(1, 4, 3, padding=1), nn.Linear(32, 5)
+
+    def forward(self, x):
+        return self.fc(torch.relu(self.conv(x)).flatten(1))
+
+
+def test_quantizers_on_disjoint_targets_may_follow_each_other():
+    # dynamic int8 on the Linear, then static int8 on the Conv1d: different modules, a valid recipe
+    torch.manual_seed(0)
+    data = [(torch.randn(8, 1, 8), torch.randint(0, 5, (8,))) for _ in range(2)]
+    recipe = _recipe({"quantize-dynamic": {"targets": ["Linear"]}}, {"quantize": {"targets": ["Conv1d"]}})
+    r = nsq.compress(ConvFc(), recipe, calib_data=data, eval_data=data, progress=False)
+    kinds = {type(m).__name__ for m in r.model.modules()}
+    assert not {"Linear", "Conv1d"} & kinds  # both layers were swapped for quantized ones
+    with pytest.raises(RecipeError, match=r"steps\[1\]\.quantize: cannot run after steps\[0\]"):
+        nsq.compress(ConvFc(), _recipe({"quantize-dynamic": {}}, {"quantize": {"targets": ["Linear"]}}),
+                     calib_data=data, progress=False)

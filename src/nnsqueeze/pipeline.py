@@ -129,30 +129,53 @@ def _probe(model: nn.Module, inputs: Any, where: str) -> None:
                          fix="check the weights and the input normalisation")
 
 
-def _make_steps(recipe: Recipe) -> list[Step]:
+def _make_steps(recipe: Recipe, model: nn.Module | None = None) -> list[Step]:
     steps = [STEPS.get(e.name)(e.config, i) for i, e in enumerate(recipe.steps)]
     for i, s in enumerate(steps):
         if getattr(s, "requires_training", False) and not any(getattr(t, "trains", False) for t in steps[i + 1:]):
             raise RecipeError(f"steps[{i}].{s.registered_name}", "needs a training step after it "
                               "(e.g. a gradual schedule runs during fine-tuning)",
                               fix="add '- finetune: {...}' after it or use schedule: oneshot")
-    check_order(steps)
+    check_order(steps, model)
     return steps
 
 
-def check_order(steps: list[Step]) -> None:
+def _reach(step: Step, model: nn.Module) -> list[str] | None:
+    """Module names ``step`` may change on ``model``, from its targets/ignore; None when unknown
+    (no targets, or options such as ``ops`` that act beyond the selected layers)."""
+    from .targets import _matches
+
+    cfg = step.config
+    targets = list(getattr(cfg, "targets", None) or step.default_targets)
+    if not targets or getattr(cfg, "ops", None) or getattr(cfg, "attention", None):
+        return None
+    ignore = list(getattr(cfg, "ignore", None) or [])
+    return [n for n, m in model.named_modules() if n and any(_matches(p, n, m) for p in targets)
+            and not any(_matches(p, n, m) for p in ignore)]
+
+
+def _overlap(a: list[str] | None, b: list[str] | None) -> bool:
+    if a is None or b is None:
+        return True
+    return any(x == y or x.startswith(y + ".") or y.startswith(x + ".") for x in a for y in b)
+
+
+def check_order(steps: list[Step], model: nn.Module | None = None) -> None:
     """Reject, before any step runs, an order that cannot work, from the steps' declared flags
     (:class:`~nnsqueeze.steps.base.Step`): a step that needs float layers after one that quantized
-    them (quantize twice, prune after quantize...), or training after a step whose layers cannot train."""
-    quantized: Step | None = None
-    for s in steps:
-        if quantized is not None:
-            a, b = quantized, s
-            if getattr(b, "needs_float", False):
+    them (quantize twice, prune after quantize...), or training after a step whose layers cannot train.
+
+    Given the model, a step that needs float layers may follow a quantizing step whose targets
+    select other modules (e.g. ``quantize-dynamic`` on Linear layers, then ``quantize`` on Conv1d)."""
+    quantized: list[Step] = []
+    for b in steps:
+        for a in quantized:
+            if getattr(b, "needs_float", False) and (
+                    model is None or _overlap(_reach(a, model), _reach(b, model))):
                 fix = (f"put {b.registered_name} before {a.registered_name}"
                        if not getattr(b, "quantizes", False) else
-                       "quantize once: one step with per-layer settings (targets/ignore, layer_weights), or the "
-                       "'mixed' step for several formats")
+                       "quantize once: one step with per-layer settings (targets/ignore, layer_weights), the "
+                       "'mixed' step for several formats, or disjoint targets in each step")
                 raise RecipeError(f"{b.where}", f"cannot run after {a.where}: {b.registered_name} needs float "
                                   f"layers and {a.registered_name} has already quantized them", fix=fix)
             if getattr(b, "trains", False) and not getattr(a, "trainable_after", True):
@@ -160,8 +183,8 @@ def check_order(steps: list[Step]) -> None:
                                   f"{a.registered_name} leaves (fixed integer codes or fp16 weights) do not train",
                                   fix=f"put {b.registered_name} before {a.registered_name} (train, then quantize), "
                                   "or use '- qat: {...}' then '- finetune: {...}' for quantization-aware training")
-        if getattr(s, "quantizes", False):
-            quantized = s
+        if getattr(b, "quantizes", False):
+            quantized.append(b)
 
 
 def compress(
@@ -180,7 +203,7 @@ def compress(
 ) -> CompressionResult:
     """Run ``recipe`` on a copy of ``model`` (the original is left untouched) and measure both."""
     recipe = load_recipe(recipe)
-    steps = _make_steps(recipe)  # a recipe that cannot work fails before the data is read
+    steps = _make_steps(recipe, model if isinstance(model, nn.Module) else None)  # fails before data is read
     train_data = as_batches(train_data, "train_data")
     calib_data = as_batches(calib_data, "calib_data")
     eval_data = as_batches(eval_data, "eval_data")
