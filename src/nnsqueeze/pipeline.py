@@ -56,10 +56,15 @@ class CompressionResult:
             "files": {"weights": artifact.WEIGHTS, "onnx": "model.onnx" if self.onnx else None},
         }
 
-    def save(self, out: str | Path) -> Path:
-        """Write the artifact directory atomically (see :mod:`nnsqueeze.artifact`)."""
+    def save(self, out: str | Path, overwrite: bool = False) -> Path:
+        """Write the artifact directory (see :mod:`nnsqueeze.artifact`).
+
+        A new or empty ``out`` appears whole by one rename; a non-empty one raises ArtifactError
+        unless ``overwrite``, which replaces only the artifact's own files and keeps the rest.
+        """
         import json
 
+        artifact.check_out(out, overwrite)  # before the (possibly large) files are serialized
         files: dict[str, bytes | str] = {
             artifact.WEIGHTS: artifact.weights_bytes(self.model),
             artifact.MANIFEST: json.dumps(self.manifest(), indent=2),
@@ -69,7 +74,7 @@ class CompressionResult:
         }
         if self.onnx is not None:
             files["model.onnx"] = self.onnx
-        return artifact.write_dir(out, files)
+        return artifact.write_dir(out, files, overwrite=overwrite)
 
 
 def _check_model(model: Any) -> None:
