@@ -6,7 +6,9 @@
     nnsqueeze recipes
 
 User errors exit with code 2 and a short message naming the problem and the fix (``--debug``
-shows the traceback); success exits 0.
+shows the traceback); success exits 0. ``--model``/``--data`` name ``module:factory`` (never looked up
+in the current directory: use PYTHONPATH) or ``path/to/file.py:factory``. A non-empty ``--out`` is
+refused unless ``--overwrite``, which replaces only nnsqueeze's own files (see nnsqueeze.safeio).
 """
 
 from __future__ import annotations
