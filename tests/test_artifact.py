@@ -11,8 +11,13 @@ from nnsqueeze.errors import ArtifactError
 def test_write_dir_is_atomic_and_replaces_artifacts(tmp_path):
     out = tmp_path / "art"
     write_dir(out, {MANIFEST: json.dumps({"format_version": 1}), "a.txt": "one"})
-    write_dir(out, {MANIFEST: json.dumps({"format_version": 1}), "b.txt": "two"})
-    assert sorted(p.name for p in out.iterdir()) == ["b.txt", MANIFEST]
+    with pytest.raises(ArtifactError, match="artifact that exists already"):  # replacing needs overwrite=True
+        write_dir(out, {MANIFEST: json.dumps({"format_version": 1}), "b.txt": "two"})
+    (out / "notes.txt").write_text("mine")
+    # overwrite replaces (or removes) only the names it owns: a.txt here; the user's file stays.
+    write_dir(out, {MANIFEST: json.dumps({"format_version": 1}), "b.txt": "two"}, overwrite=True, owned=["a.txt"])
+    assert sorted(p.name for p in out.iterdir()) == ["b.txt", MANIFEST, "notes.txt"]
+    assert (out / "notes.txt").read_text() == "mine"
     # No temporary or backup directory is left beside it.
     assert sorted(p.name for p in tmp_path.iterdir()) == ["art"]
 

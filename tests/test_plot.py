@@ -191,3 +191,32 @@ def test_static_per_group_histogram_with_a_short_last_group(bits):
     qmin, qmax = layer.weight_qrange
     want = torch.bincount(layer.weight_codes().to(torch.int64).reshape(-1) - qmin, minlength=qmax - qmin + 1)
     assert torch.equal(h.counts, want) and int(h.counts.sum()) == 30
+
+
+def test_replot_replaces_only_our_plots(tmp_path):
+    model, out = _artifact(tmp_path, "quantize", {"weights": {"bits": 4}})
+    plot_artifact(out)
+    (out / "plots" / "weights.png").write_bytes(b"stale")
+    (out / "plots" / "mine.txt").write_text("my notes")
+    plot_artifact(out)  # a re-run replaces what plots.json lists and keeps the rest
+    assert (out / "plots" / "weights.png").read_bytes()[:4] == b"\x89PNG"
+    assert (out / "plots" / "mine.txt").read_text() == "my notes"
+    (out / "plots" / "plots.json").unlink()  # no index: nothing proves the folder is ours
+    with pytest.raises(ArtifactError, match="not an nnsqueeze artifact"):
+        plot_artifact(out)
+    assert (out / "plots" / "mine.txt").read_text() == "my notes"
+
+
+@pytest.mark.parametrize("damage, words", [
+    (lambda out: (out / WEIGHTS).unlink(), "missing model.safetensors"),
+    (lambda out: (out / WEIGHTS).write_bytes((out / WEIGHTS).read_bytes()[:100]), "corrupt weights"),
+    (lambda out: (out / MANIFEST).write_text((out / MANIFEST).read_text()[:20]), "corrupt manifest"),
+    (lambda out: (out / "report.json").write_text("[1, 2]"), "corrupt report"),
+    (lambda out: (out / "report.json").write_text("{\"layers"), "corrupt report"),
+])
+def test_plot_of_a_truncated_artifact_is_a_clear_error(tmp_path, damage, words):
+    model, out = _artifact(tmp_path, "quantize", {"weights": {"bits": 4}})
+    damage(out)
+    with pytest.raises(ArtifactError, match=words):
+        plot_artifact(out)
+    assert not (out / "plots").exists()

@@ -1,3 +1,5 @@
+import pytest
+
 from nnsqueeze.report import Report, ReportBuilder
 
 
@@ -29,3 +31,9 @@ def test_markdown_and_json_round_trip():
     assert "| accuracy | 95.00% | 94.80% | -0.20 pt |" in md
     assert "`norm`: LayerNorm is not supported" in md and "| fc |" in md
     assert Report.from_json(r.to_json()) == r
+
+
+@pytest.mark.parametrize("text", ["[1, 2]", "\"a string\"", "{not json"])
+def test_from_json_refuses_anything_but_an_object(text):
+    with pytest.raises(ValueError):
+        Report.from_json(text)

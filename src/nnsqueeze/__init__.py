@@ -10,13 +10,28 @@
 from __future__ import annotations
 
 import os
-from pathlib import Path
+import sys
 from typing import Any
 
 __version__ = "0.1.0"
 
-from .artifact import load
-from .errors import (ArtifactError, DataError, ExportError, MetricError, ModelError, NnsqueezeError,
+
+def _drop_cwd_for_main() -> None:
+    """Under ``python -m nnsqueeze`` Python puts the current directory first on ``sys.path``, so a
+    file there named like a dependency (``numpy.py``, ``onnxruntime.py``) would be imported instead
+    of it. runpy imports this package (and torch with it) before ``__main__`` runs, so the entry is
+    dropped here, first. Name a module in the current directory with PYTHONPATH or a file path
+    (``--model ./models.py:build``). ``sys.argv[0] == "-m"`` only while ``-m`` locates its module."""
+    argv = getattr(sys, "orig_argv", [])
+    running_us = any(a == "-m" and b in ("nnsqueeze", "nnsqueeze.__main__") for a, b in zip(argv, argv[1:]))
+    if sys.argv[:1] == ["-m"] and running_us and sys.path and sys.path[0] in ("", os.getcwd()):
+        del sys.path[0]
+
+
+_drop_cwd_for_main()
+
+from .artifact import load  # noqa: E402 - the path fix above must come first
+from .errors import (ArtifactError, DataError, ExportError, MetricError, ModelError, NnsqueezeError,  # noqa: E402
                      RecipeError, TargetError)
 from .pipeline import CompressionResult, compress
 from .recipe import Recipe, load_recipe, presets
@@ -39,13 +54,14 @@ def export_onnx(obj: Any, path: str | os.PathLike, example_inputs: Any = None, o
     from torch import nn
 
     from .registry import EXPORTERS
+    from .safeio import check_file_target, write_file
+
+    check_file_target(path, f"export onnx ({os.fspath(path)})", ExportError)  # before any work
 
     if isinstance(obj, CompressionResult):
         same_opset = opset is None or (obj.recipe.export.onnx and obj.recipe.export.onnx.opset == opset)
         if obj.onnx is not None and same_opset and example_inputs is None:
-            tmp = Path(path).with_name(f".{Path(path).name}.tmp")
-            tmp.write_bytes(obj.onnx)
-            os.replace(tmp, path)
+            write_file(path, obj.onnx, f"export onnx ({os.fspath(path)})", ExportError)
             return dict(obj.report.get("export", {}).get("compressed", {}), size_bytes=len(obj.onnx))
         model, example_inputs = obj.model, example_inputs if example_inputs is not None else obj.example_inputs
         opset = opset or (obj.recipe.export.onnx.opset if obj.recipe.export.onnx else 17)

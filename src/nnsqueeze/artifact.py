@@ -1,4 +1,4 @@
-"""Artifact directories: written atomically, reloaded without pickle.
+"""Artifact directories: written safely (see :mod:`nnsqueeze.safeio`), reloaded without pickle.
 
 Layout of ``result.save("out/")``::
 
@@ -11,16 +11,17 @@ Layout of ``result.save("out/")``::
 
 ``load("out/", model=fresh_fp32_model)`` replays each step's structural changes on the fresh model
 (no data needed), then loads the tensors. Nothing is unpickled; loading never executes code.
+
+A non-empty ``out`` is refused unless ``save(out, overwrite=True)``, which replaces only the files
+above (and ``plots/`` when ``nnsqueeze plot`` wrote it) and keeps everything else.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
 
 import torch
 from safetensors import SafetensorError
@@ -31,6 +32,8 @@ from torch import nn
 from .errors import ArtifactError, ModelError
 from .recipe import FORMAT_VERSION
 from .registry import STEPS
+from .safeio import check_dir_target, marker_ok
+from .safeio import write_dir as safe_write_dir
 
 MANIFEST = "nnsqueeze.json"
 WEIGHTS = "model.safetensors"
@@ -56,35 +59,67 @@ def weights_bytes(model: nn.Module) -> bytes:
     return st_save(pack_state(model))
 
 
-def write_dir(out: str | os.PathLike, files: dict[str, bytes | str], marker: str = MANIFEST) -> Path:
-    """Write ``files`` into ``out`` atomically: a temporary sibling directory, then a rename.
+# Every name an artifact's writers put in it (result.save, the demos, `nnsqueeze plot` for plots/):
+# with overwrite, these alone are replaced or removed; anything else in the directory is kept.
+ARTIFACT_FILES = frozenset({WEIGHTS, MANIFEST, "recipe.yaml", "report.json", "report.md", "model.onnx",
+                            "demo-llm.json"})
+PLOTS, PLOTS_INDEX = "plots", "plots.json"
 
-    A directory at ``out`` holding ``marker`` (one we wrote) is replaced; any other non-empty
-    directory is refused.
-    """
-    out = Path(out)
-    if out.exists():
-        if not out.is_dir():
-            raise ArtifactError(str(out), "exists and is not a directory", fix="choose another --out path")
-        if any(out.iterdir()) and not (out / marker).exists():
-            raise ArtifactError(str(out), "is a non-empty directory that is not an nnsqueeze artifact",
-                                fix="choose a new or empty output directory")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+
+def plot_names(plots: Path) -> list[str] | None:
+    """The PNG names ``plots/plots.json`` lists, or None when that folder is not provably ours."""
+    if plots.is_symlink() or not plots.is_dir() or not marker_ok(plots / PLOTS_INDEX):
+        return None
+    names = json.loads((plots / PLOTS_INDEX).read_text())["plots"]
+    return [n for n in names if isinstance(n, str) and Path(n).name == n and n.endswith(".png")]
+
+
+def _remove_plots(out: Path) -> None:
+    """Remove our plots of the replaced model (they would describe the old one); keep any other file."""
+    names = plot_names(out / PLOTS)
+    if names is None:
+        return
+    for n in names + [PLOTS_INDEX]:
+        p = out / PLOTS / n
+        if p.is_file() and not p.is_symlink():
+            p.unlink()
     try:
-        for name, data in files.items():
-            (tmp / name).write_bytes(data.encode() if isinstance(data, str) else data)
-        if out.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".old", dir=out.parent))
-            os.replace(out, old / "x")
-            os.replace(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out
+        (out / PLOTS).rmdir()
+    except OSError:  # the user's own files are in it: keep the folder
+        pass
+
+
+def only_ours(out: str | os.PathLike) -> bool:
+    """Whether ``out`` is an artifact holding nothing nnsqueeze did not write (the demo replaces those)."""
+    out = Path(out)
+    if out.is_symlink() or not out.is_dir() or not marker_ok(out / MANIFEST):
+        return False
+    for p in out.iterdir():
+        if p.name == PLOTS:
+            names = plot_names(p)
+            if names is None or any(q.name not in {*names, PLOTS_INDEX} for q in p.iterdir()):
+                return False
+        elif p.name not in ARTIFACT_FILES or p.is_symlink() or not p.is_file():
+            return False
+    return True
+
+
+def check_out(out: str | os.PathLike, overwrite: bool = False, where: str | None = None) -> None:
+    """The checks :func:`write_dir` makes before writing, for a pre-flight before a long run."""
+    check_dir_target(out, ARTIFACT_FILES, MANIFEST, overwrite, where)
+
+
+def write_dir(out: str | os.PathLike, files: dict[str, bytes | str], marker: str = MANIFEST,
+              overwrite: bool = False, owned: Iterable[str] | None = None) -> Path:
+    """Write ``files`` as the directory ``out`` (see :func:`nnsqueeze.safeio.write_dir`).
+
+    A new or empty ``out`` appears whole by one rename. A non-empty one is refused unless
+    ``overwrite``; then only ``owned`` names (for an artifact: :data:`ARTIFACT_FILES` and our
+    ``plots/``) are replaced or removed, and nothing else in ``out`` is touched.
+    """
+    artifact = marker == MANIFEST
+    owned = (ARTIFACT_FILES if artifact else ()) if owned is None else owned
+    return safe_write_dir(out, files, marker, overwrite, owned, cleanup=_remove_plots if artifact else None)
 
 
 def read_manifest(path: str | os.PathLike) -> dict[str, Any]:

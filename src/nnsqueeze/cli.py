@@ -6,13 +6,16 @@
     nnsqueeze recipes
 
 User errors exit with code 2 and a short message naming the problem and the fix (``--debug``
-shows the traceback); success exits 0.
+shows the traceback); success exits 0. ``--model``/``--data`` name ``module:factory`` (never looked up
+in the current directory: use PYTHONPATH) or ``path/to/file.py:factory``. A non-empty ``--out`` is
+refused unless ``--overwrite``, which replaces only nnsqueeze's own files (see nnsqueeze.safeio).
 """
 
 from __future__ import annotations
 
 import importlib
 import importlib.util
+import inspect
 import logging
 import sys
 from pathlib import Path
@@ -27,6 +30,8 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
                   help="Make trained PyTorch models smaller and faster, measured and verified in ONNX Runtime.")
 console = Console(stderr=True)
 _state = {"debug": False}
+OVERWRITE_HELP = ("replace an existing artifact's files in a non-empty directory (only the files nnsqueeze "
+                  "writes; everything else there is kept)")
 
 
 @app.callback()
@@ -40,27 +45,74 @@ def _main(debug: bool = typer.Option(False, "--debug", help="show tracebacks"),
 
 
 def _import_object(spec: str, what: str, error: type[NnsqueezeError]) -> Any:
-    """Resolve ``module.path:name`` or ``path/to/file.py:name``."""
+    """Resolve ``module.path:name`` (imported from sys.path, never implicitly from the current
+    directory) or ``path/to/file.py:name`` (loaded from that file alone)."""
     if ":" not in spec:
-        raise error(what, f"{spec!r} is not of the form MODULE:NAME", fix="e.g. mypkg.models:build_model")
+        raise error(what, f"{spec!r} is not of the form MODULE:NAME or path/to/file.py:NAME",
+                    fix="e.g. mypkg.models:build_model or ./models.py:build_model")
     mod_name, _, attr = spec.rpartition(":")
     try:
-        if mod_name.endswith(".py"):
-            path = Path(mod_name)
-            if not path.is_file():
-                raise error(what, f"file {mod_name} not found", fix="check the path")
-            s = importlib.util.spec_from_file_location(path.stem, path)
-            module = importlib.util.module_from_spec(s)
-            sys.modules[path.stem] = module
-            s.loader.exec_module(module)
-        else:
-            sys.path.insert(0, ".")
-            module = importlib.import_module(mod_name)
-    except ImportError as e:
-        raise error(what, f"cannot import {mod_name!r}: {e}", fix="check the module path and PYTHONPATH") from None
+        module = _load_file(Path(mod_name), what, error) if mod_name.endswith(".py") else \
+            importlib.import_module(mod_name)
+    except ModuleNotFoundError as e:
+        raise error(what, f"cannot import {mod_name!r}: {e}", fix=f"name a file instead, e.g. path/to/"
+                    f"{mod_name.rpartition('.')[2]}.py:{attr} (the current directory is not searched), or "
+                    "put the module's folder on PYTHONPATH") from None
+    except NnsqueezeError:
+        raise
+    except BaseException as e:  # noqa: BLE001 - the user's module failed while importing
+        if isinstance(e, (KeyboardInterrupt, SystemExit)):
+            raise
+        raise error(what, f"importing {mod_name!r} for {spec!r} failed: {_describe(e)}",
+                    fix="fix the module so that it imports cleanly (try: python -c 'import ...')") from None
     if not hasattr(module, attr):
         raise error(what, f"{mod_name!r} has no attribute {attr!r}", fix="check the factory name")
     return getattr(module, attr)
+
+
+def _load_file(path: Path, what: str, error: type[NnsqueezeError]) -> Any:
+    """Execute the Python file ``path`` as a module of its own (never shadowing an installed one)."""
+    if not path.is_file():
+        raise error(what, f"file {path} not found", fix="check the path")
+    # A private name: registering the file as, say, `numpy` would replace the real one everywhere.
+    name = f"_nnsqueeze_file_{path.stem}_{abs(hash(str(path.resolve()))):x}"
+    if name in sys.modules:  # --model and --data from the same file: one module
+        return sys.modules[name]
+    s = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(s)
+    sys.modules[name] = module  # dataclasses and the like look their module up here
+    try:
+        s.loader.exec_module(module)
+    except BaseException:
+        del sys.modules[name]
+        raise
+    return module
+
+
+def _describe(e: BaseException) -> str:
+    if isinstance(e, SyntaxError):
+        return f"SyntaxError: {e.msg} ({e.filename}, line {e.lineno})"
+    return f"{type(e).__name__}: {str(e)[:300]}"
+
+
+def _call_factory(spec: str, what: str, error: type[NnsqueezeError]) -> Any:
+    """Import ``spec`` and call it with no arguments; its failures become ``error`` naming the spec."""
+    factory = _import_object(spec, what, error)
+    if not callable(factory):
+        raise error(what, f"{spec} is a {type(factory).__name__}, not a function", fix="name a factory function")
+    try:
+        inspect.signature(factory).bind()
+    except TypeError as e:
+        raise error(what, f"{spec} needs arguments ({e}); it is called with none",
+                    fix="give its parameters defaults, or wrap it in a function that takes none") from None
+    except ValueError:  # no signature to inspect (a builtin): just call it
+        pass
+    try:
+        return factory()
+    except NnsqueezeError:
+        raise
+    except Exception as e:  # noqa: BLE001 - the user's own code raised; say so instead of a traceback
+        raise error(what, f"{spec}() raised {_describe(e)}", fix="fix the factory (--debug shows the traceback)") from e
 
 
 def _load_weights(model: Any, path: Path) -> None:
@@ -91,7 +143,7 @@ def _load_data(spec: str) -> dict[str, Any]:
 
         d = mnist1d.load_data()
         return {"train": d["train"], "calib": d["calib"], "eval": d["test"]}
-    data = _import_object(spec, "--data", DataError)()
+    data = _call_factory(spec, "--data", DataError)
     if not isinstance(data, dict) or not ({"train", "calib", "eval", "test"} & set(data)):
         raise DataError("--data", f"{spec} must return a dict with keys among train, calib, eval (or test)",
                         fix="return {'train': batches, 'calib': batches, 'eval': batches}")
@@ -118,19 +170,21 @@ def compress(
     model: str = typer.Option(..., help="MODULE:FACTORY returning the fp32 torch model"),
     recipe: str = typer.Option(..., help="recipe YAML file or preset name (see `nnsqueeze recipes`)"),
     data: str = typer.Option(..., help="'mnist1d' or MODULE:FACTORY returning {'train','calib','eval'} batches"),
-    out: Path = typer.Option(..., help="artifact directory to write (atomically)"),
+    out: Path = typer.Option(..., help="artifact directory to write (a new or empty one appears whole, atomically)"),
     weights: Optional[Path] = typer.Option(None, help=".safetensors (or torch state_dict) for the model"),
     metric: str = typer.Option("accuracy", help="metric name"),
+    overwrite: bool = typer.Option(False, "--overwrite", help=OVERWRITE_HELP),
 ) -> None:
     """Compress a model with a recipe, verify the ONNX export, write the artifact and print the report."""
 
     def go() -> None:
+        from .artifact import check_out
         from .pipeline import compress as run
         from .recipe import load_recipe
 
+        check_out(out, overwrite, where="--out")  # a refused or unwritable --out, before a long run
         r = load_recipe(recipe)  # fail fast on a bad recipe, before the model is even built
-        factory = _import_object(model, "--model", ModelError)
-        m = factory()
+        m = _call_factory(model, "--model", ModelError)
         if weights is not None:
             _load_weights(m, weights)
         d = _load_data(data)
@@ -141,7 +195,7 @@ def compress(
         if not distributed.is_main():  # under torchrun, every rank computes; rank 0 alone writes
             return
         result.report.print(Console())
-        path = result.save(out)
+        path = result.save(out, overwrite=overwrite)
         Console().print(f"artifact written to [bold]{path}[/]")
 
     _run(go)
@@ -157,22 +211,23 @@ def sensitivity(
     metric: str = typer.Option("accuracy", help="metric name (used when the data has 'eval' batches)"),
     formats: str = typer.Option("int8", help="comma-separated formats to try per layer "
                                 "(nnsqueeze.sensitivity.FORMATS, e.g. int8,int4; fp16,bf16 for half precision)"),
+    overwrite: bool = typer.Option(False, "--overwrite", help="replace existing --out / --plot files"),
 ) -> None:
     """Quantize (or cast to fp16/bf16) one layer at a time, the rest fp32, and rank the layers by the damage done."""
 
     def go() -> None:
         import json
         import math
-        import os
-        import tempfile
 
         from rich.table import Table
 
-        from .errors import ArtifactError
+        from .safeio import check_file_target, write_file
         from .sensitivity import plot_png, sensitivity as run, to_json_rows
 
-        factory = _import_object(model, "--model", ModelError)
-        m = factory()
+        targets = {"--out": out} if plot is None else {"--out": out, "--plot": plot}
+        for opt, path in targets.items():  # before the run: it takes a while
+            check_file_target(path, opt, overwrite=overwrite)
+        m = _call_factory(model, "--model", ModelError)
         if weights is not None:
             _load_weights(m, weights)
         d = _load_data(data)
@@ -182,21 +237,10 @@ def sensitivity(
                             fix="return {'calib': batches, 'eval': batches}")
         rows = run(m, calib, eval_data=d.get("eval"), metric=metric if d.get("eval") is not None else None,
                    formats=[f.strip() for f in formats.split(",") if f.strip()])
-        files = {out: json.dumps({"model": model, "data": data, "rows": to_json_rows(rows)}, indent=2).encode()}
+        write_file(out, json.dumps({"model": model, "data": data, "rows": to_json_rows(rows)}, indent=2).encode(),
+                   "--out", overwrite=overwrite)
         if plot is not None:
-            files[plot] = plot_png(rows)
-        for path, payload in files.items():
-            if path.is_dir():
-                raise ArtifactError(str(path), "is a directory", fix="give a file path")
-            path.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-            try:
-                with os.fdopen(fd, "wb") as f:
-                    f.write(payload)
-                os.replace(tmp, path)
-            except BaseException:
-                Path(tmp).unlink(missing_ok=True)
-                raise
+            write_file(plot, plot_png(rows), "--plot", overwrite=overwrite)
         t = Table(title="sensitivity (one layer at a time in each format, the rest fp32), most sensitive first")
         for col in ("layer", "type", "format", "output SQNR (dB)") + (("metric drop",) if rows and
                                                                        "metric_drop" in rows[0] else ()):
@@ -219,7 +263,9 @@ def demo(out: Optional[Path] = typer.Option(None, help="artifact directory to wr
          retrain: bool = typer.Option(False, help="retrain the baseline instead of using the cache"),
          llm: bool = typer.Option(False, "--llm", help="the language-model demo: GPTQ int4 (w4-g128-gptq) on "
                                   "the embedded LLaMA-style LM trained on Python's own docs"),
-         size: str = typer.Option("default", help="--llm model size: default, or tiny (a seconds-long smoke run)")) -> None:
+         size: str = typer.Option("default", help="--llm model size: default, or tiny (a seconds-long smoke run)"),
+         overwrite: bool = typer.Option(False, "--overwrite", help=OVERWRITE_HELP + "; without it, a previous demo "
+                                        "artifact holding nothing else is replaced")) -> None:
     """Train (or load the cached) MNIST-1D CNN, apply `prune-int8`, check the targets, write the artifact.
 
     With --llm: train (or load) the embedded language model, compress it with `w4-g128-gptq`, print
@@ -232,7 +278,8 @@ def demo(out: Optional[Path] = typer.Option(None, help="artifact directory to wr
 
             if size not in SIZES:
                 raise typer.BadParameter(f"--size must be one of {', '.join(SIZES)}, got {size!r}")
-            ok = run_demo_llm(out or Path("nnsqueeze-demo-llm"), size=size, retrain=retrain, console=Console())
+            ok = run_demo_llm(out or Path("nnsqueeze-demo-llm"), size=size, retrain=retrain, console=Console(),
+                              overwrite=overwrite)
             if not ok:
                 raise typer.Exit(1)
             return
@@ -240,7 +287,7 @@ def demo(out: Optional[Path] = typer.Option(None, help="artifact directory to wr
             raise typer.BadParameter("--size applies to --llm only")
         from .demo import run_demo
 
-        ok = run_demo(out or Path("nnsqueeze-demo"), retrain=retrain, console=Console())
+        ok = run_demo(out or Path("nnsqueeze-demo"), retrain=retrain, console=Console(), overwrite=overwrite)
         if not ok:
             raise typer.Exit(1)
 

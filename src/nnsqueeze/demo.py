@@ -39,9 +39,15 @@ def check_targets(report: dict, seconds: float) -> list[tuple[str, str, bool]]:
 
 
 def run_demo(out: str | Path = "nnsqueeze-demo", retrain: bool = False, console: Console | None = None,
-             progress: bool = True) -> bool:
+             progress: bool = True, overwrite: bool = False) -> bool:
+    """Run the demo into ``out``; returns whether every target was met. A previous demo artifact
+    there is replaced when it holds nothing nnsqueeze did not write (else ``overwrite`` is needed)."""
     import nnsqueeze as nsq
+    from .artifact import check_out, only_ours
     from .zoo import mnist1d
+
+    overwrite = overwrite or only_ours(out)
+    check_out(out, overwrite, where="--out")  # before training and compressing
 
     console = console or Console()
     t0 = time.perf_counter()
@@ -49,7 +55,7 @@ def run_demo(out: str | Path = "nnsqueeze-demo", retrain: bool = False, console:
     model = mnist1d.pretrained(force=retrain)
     result = nsq.compress(model, "prune-int8", train_data=data["train"], calib_data=data["calib"],
                           eval_data=data["test"], metric="accuracy", progress=progress)
-    path = result.save(out)
+    path = result.save(out, overwrite=overwrite)
     seconds = time.perf_counter() - t0
     result.report.print(console)
     rows = check_targets(result.report, seconds)

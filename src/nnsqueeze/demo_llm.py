@@ -87,15 +87,21 @@ def check_targets(m: dict[str, Any]) -> list[tuple[str, str, bool]]:
 
 
 def run_demo_llm(out: str | Path = "nnsqueeze-demo-llm", size: str = "default", retrain: bool = False,
-                 console: Console | None = None, progress: bool = True, new_tokens: int | None = None) -> bool:
-    """Run the demo; returns whether every target was met (always True for ``size="tiny"`` once it runs)."""
+                 console: Console | None = None, progress: bool = True, new_tokens: int | None = None,
+                 overwrite: bool = False) -> bool:
+    """Run the demo; returns whether every target was met (always True for ``size="tiny"`` once it runs).
+    A previous demo artifact in ``out`` holding nothing else is replaced (else ``overwrite`` is needed)."""
     import nnsqueeze as nsq
+    from .artifact import check_out, only_ours
     from .llm.perplexity import perplexity
     from .quant.weight_only import WeightOnlyLinear
     from .recipe import load_recipe
+    from .safeio import write_file
     from .zoo import pylm
 
     console = console or Console()
+    overwrite = overwrite or only_ours(out)
+    check_out(out, overwrite, where="--out")  # before training and compressing
     t0 = time.perf_counter()
     tok = pylm.load_tokenizer(size)
     model = pylm.pretrained("llama", size, force=retrain)
@@ -109,7 +115,7 @@ def run_demo_llm(out: str | Path = "nnsqueeze-demo-llm", size: str = "default", 
     t_c = time.perf_counter()
     result = nsq.compress(model, recipe, calib_data=calib, metric=None, progress=progress)
     compress_s = time.perf_counter() - t_c
-    path = result.save(out)
+    path = result.save(out, overwrite=overwrite)
     loaded = nsq.load(path, model=pylm.build_model("llama", size, vocab_size=len(tok)))
     names = [n for n, mod in loaded.named_modules() if isinstance(mod, WeightOnlyLinear)]
     with torch.inference_mode():
@@ -138,7 +144,7 @@ def run_demo_llm(out: str | Path = "nnsqueeze-demo-llm", size: str = "default", 
         "train": {k: train_info.get(k) for k in ("seconds", "steps_per_s", "threads", "validation_ppl")},
     }
     m["seconds"] = time.perf_counter() - t0
-    (path / "demo-llm.json").write_text(json.dumps(m, indent=2) + "\n")
+    write_file(path / "demo-llm.json", (json.dumps(m, indent=2) + "\n").encode(), "--out")
 
     t = Table(title=f"nnsqueeze demo --llm: {PRESET} on the embedded LLaMA-style LM ({size}, {m['params'] / 1e6:.1f}M "
                     f"params, {len(names)} Linears packed)")

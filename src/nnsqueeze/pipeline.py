@@ -56,8 +56,12 @@ class CompressionResult:
             "files": {"weights": artifact.WEIGHTS, "onnx": "model.onnx" if self.onnx else None},
         }
 
-    def save(self, out: str | Path, format: str | None = None, tokenizer: Any = None, **options: Any) -> Path:
-        """Write the artifact directory atomically (see :mod:`nnsqueeze.artifact`).
+    def save(self, out: str | Path, format: str | None = None, tokenizer: Any = None, overwrite: bool = False,
+             **options: Any) -> Path:
+        """Write the artifact directory (see :mod:`nnsqueeze.artifact`).
+
+        A new or empty ``out`` appears whole by one rename; a non-empty one raises ArtifactError
+        unless ``overwrite``, which replaces only the artifact's own files and keeps the rest.
 
         ``format`` (``"compressed-tensors"``, ``"gptq"``, ``"gguf"``): instead, a packed causal LM as a
         checkpoint other loaders open, with ``tokenizer``'s files; see
@@ -68,8 +72,9 @@ class CompressionResult:
         if format is not None:
             from .export.hf_formats import save_pretrained
 
-            return save_pretrained(self.model, out, format=format, tokenizer=tokenizer, **options)
-
+            return save_pretrained(self.model, out, format=format, tokenizer=tokenizer, overwrite=overwrite,
+                                   **options)
+        artifact.check_out(out, overwrite)  # before the (possibly large) files are serialized
         files: dict[str, bytes | str] = {
             artifact.WEIGHTS: artifact.weights_bytes(self.model),
             artifact.MANIFEST: json.dumps(self.manifest(), indent=2),
@@ -79,7 +84,7 @@ class CompressionResult:
         }
         if self.onnx is not None:
             files["model.onnx"] = self.onnx
-        return artifact.write_dir(out, files)
+        return artifact.write_dir(out, files, overwrite=overwrite)
 
 
 def _check_model(model: Any) -> None:

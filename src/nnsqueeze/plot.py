@@ -30,7 +30,7 @@ from typing import Any, Iterator
 import torch
 from torch import nn
 
-from .artifact import WEIGHTS, read_manifest, write_dir
+from .artifact import PLOTS, PLOTS_INDEX, WEIGHTS, plot_names, read_manifest, write_dir
 from .errors import ArtifactError
 
 
@@ -196,17 +196,48 @@ def weight_histogram(kind: str, info: dict, st: dict[str, torch.Tensor]) -> Weig
 
 def weight_histograms(path: str | Path) -> dict[str, WeightHist]:
     """Layer -> :class:`WeightHist` for every quantized layer stored in the artifact at ``path``."""
-    from safetensors.torch import load
-
     path = Path(path)
     manifest = read_manifest(path)
-    sd = load((path / WEIGHTS).read_bytes())
+    sd = _read_weights(path)
     out = {}
     for name, (kind, info) in _layer_kinds(manifest).items():
-        h = weight_histogram(kind, info, _layer_state(sd, name))
+        try:
+            h = weight_histogram(kind, info, _layer_state(sd, name))
+        except (KeyError, IndexError, TypeError, ValueError, RuntimeError) as e:
+            raise ArtifactError(str(path / WEIGHTS), f"layer {name!r} does not match its manifest record: "
+                                f"{type(e).__name__}: {str(e)[:200]}", fix="re-create the artifact") from None
         if h is not None:
             out[name] = h
     return out
+
+
+def _read_weights(path: Path) -> dict[str, torch.Tensor]:
+    """The artifact's tensors; a missing or truncated file is an ArtifactError, not a traceback."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load
+
+    try:
+        return load((path / WEIGHTS).read_bytes())
+    except FileNotFoundError:
+        raise ArtifactError(str(path), f"missing {WEIGHTS}", fix="re-create the artifact") from None
+    except (SafetensorError, OSError, ValueError) as e:
+        raise ArtifactError(str(path / WEIGHTS), f"corrupt weights file: {e}", fix="re-create the artifact") from None
+
+
+def _read_layers(path: Path) -> dict:
+    """Per-layer figures from report.json ({} when it has none); a corrupt report is an ArtifactError."""
+    rp = path / "report.json"
+    try:
+        report = json.loads(rp.read_text())
+    except FileNotFoundError:
+        raise ArtifactError(str(path), "missing report.json", fix="re-create the artifact") from None
+    except (OSError, ValueError) as e:
+        raise ArtifactError(str(rp), f"corrupt report: {e}", fix="re-create the artifact") from None
+    layers = report.get("layers", {}) if isinstance(report, dict) else None
+    if not isinstance(layers, dict) or not all(isinstance(v, dict) for v in layers.values()):
+        raise ArtifactError(str(rp), "corrupt report: expected an object with a 'layers' object of objects",
+                            fix="re-create the artifact")
+    return layers
 
 
 def _act_schemes(manifest: dict) -> dict[str, Any]:
@@ -243,15 +274,10 @@ def plot_artifact(path: str | Path) -> list[Path]:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    from safetensors.torch import load
-
     path = Path(path)
     manifest = read_manifest(path)
-    try:
-        sd = load((path / WEIGHTS).read_bytes())
-        layers = json.loads((path / "report.json").read_text()).get("layers", {})
-    except FileNotFoundError as e:
-        raise ArtifactError(str(path), f"missing {Path(e.filename).name}", fix="re-create the artifact") from None
+    sd = _read_weights(path)
+    layers = _read_layers(path)
     figs: dict[str, bytes] = {}
 
     def png(fig) -> bytes:
@@ -315,8 +341,11 @@ def plot_artifact(path: str | Path) -> list[Path]:
     if not figs:
         raise ArtifactError(str(path), "nothing to plot: no quantized layers, calibrated inputs or per-layer figures",
                             fix="plot an artifact made by a recipe with a quantize or prune step")
-    # plots.json indexes the folder and marks it as ours, so a re-run may replace it.
-    write_dir(path / "plots", {**figs, "plots.json": json.dumps({"plots": sorted(figs)})}, marker="plots.json")
+    # plots.json indexes the folder and marks it as ours, so a re-run replaces the plots it lists
+    # (and only those: any other file put in plots/ is kept); a plots/ without it is refused.
+    old = plot_names(path / PLOTS)
+    write_dir(path / PLOTS, {**figs, PLOTS_INDEX: json.dumps({"plots": sorted(figs)})}, marker=PLOTS_INDEX,
+              overwrite=old is not None, owned=old or ())
     return [path / "plots" / k for k in sorted(figs)]
 
 

@@ -100,7 +100,11 @@ class Report(dict):
 
     @classmethod
     def from_json(cls, text: str) -> "Report":
-        return cls(json.loads(text))
+        """Parse a report.json; ValueError when it is not JSON or not a JSON object."""
+        data = json.loads(text)
+        if not isinstance(data, dict):
+            raise ValueError(f"expected a JSON object, got a {type(data).__name__}")
+        return cls(data)
 
     def summary_rows(self) -> list[tuple[str, str, str, str]]:
         b, c = self.get("baseline", {}), self.get("compressed", {})

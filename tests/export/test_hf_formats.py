@@ -51,7 +51,11 @@ def test_foreign_directory_is_refused_and_own_export_replaced(packed, tmp_path):
     assert [p.name for p in foreign.iterdir()] == ["notes.txt"] and (foreign / "notes.txt").read_text() == "keep"
     out = save_pretrained(packed().model, tmp_path / "ct", format="compressed-tensors")
     assert json.loads((out / MARKER).read_text())["format"] == "compressed-tensors"
-    save_pretrained(packed(8, None, False).model, out, format="compressed-tensors")   # ours: replaced
+    (out / "README.md").write_text("user notes")
+    with pytest.raises(ArtifactError, match="exists already"):   # ours, but replacing needs overwrite
+        save_pretrained(packed(8, None, False).model, out, format="compressed-tensors")
+    save_pretrained(packed(8, None, False).model, out, format="compressed-tensors", overwrite=True)
+    assert (out / "README.md").read_text() == "user notes"   # only the export's own files were replaced
     qc = json.loads((out / "config.json").read_text())["quantization_config"]
     assert qc["config_groups"]["group_0"]["weights"]["num_bits"] == 8
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ct", "mine"]   # no temporary leftovers

@@ -208,3 +208,24 @@ def test_export_leaves_model_mode_alone(tiny_cnn, toy_data, tmp_path):
     model = quantize(tiny_cnn, toy_data["calib"]).train()
     export_onnx(model, tmp_path / "m.onnx", toy_data["eval"][0][0][:4])
     assert model.training and all(getattr(m, "_export_cache", None) is None for m in model.modules())
+
+
+def test_export_to_a_directory_or_under_a_file_fails_before_work(tmp_path):
+    from nnsqueeze import export_onnx as api_export
+    from nnsqueeze.pipeline import CompressionResult
+    from nnsqueeze.recipe import load_recipe
+    from nnsqueeze.report import Report
+
+    (tmp_path / "d").mkdir()
+    (tmp_path / "f").write_text("x")
+    model = nn.Linear(4, 2)
+    res = CompressionResult(model=model, report=Report(), recipe=load_recipe("int8"), onnx=b"onnx bytes")
+    for target, words in ((tmp_path / "d", "is a directory"), (tmp_path / "f" / "m.onnx", "is a file")):
+        with pytest.raises(ExportError, match=words):
+            export_onnx(model, target, torch.randn(2, 4))
+        with pytest.raises(ExportError, match=words):
+            api_export(res, target)  # the stored-bytes shortcut is checked the same way
+    assert sorted(p.name for p in tmp_path.rglob("*")) == ["d", "f"]  # no .tmp left
+    api_export(res, tmp_path / "new" / "m.onnx")  # a missing parent folder is created
+    assert (tmp_path / "new" / "m.onnx").read_bytes() == b"onnx bytes"
+    assert sorted(p.name for p in (tmp_path / "new").iterdir()) == ["m.onnx"]

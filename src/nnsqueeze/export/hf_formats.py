@@ -145,8 +145,11 @@ def _generation_config(model: nn.Module, config: Any) -> str:
 
 
 def save_pretrained(model: nn.Module, out: str | Path, format: str = "compressed-tensors", tokenizer: Any = None,
-                    config: Any = None, **options: Any) -> Path:
+                    config: Any = None, overwrite: bool = False, **options: Any) -> Path:
     """Write ``model`` (packed by nnsqueeze) in ``format`` to the directory ``out``; see the module docstring.
+
+    A non-empty ``out`` is refused unless ``overwrite``, which replaces only the files an export writes
+    (and only in a directory that an nnsqueeze export wrote), keeping everything else.
 
     ``options`` go to the format: ``scale_dtype`` (compressed-tensors: ``fp32``/``fp16``/``bf16``,
     default the exact one), ``float_type`` (gguf: ``f32`` default or ``f16`` for the float tensors).
@@ -164,8 +167,10 @@ def save_pretrained(model: nn.Module, out: str | Path, format: str = "compressed
         files.update(_tokenizer_files(tokenizer))
     from .. import __version__
 
-    files[MARKER] = json.dumps({"format": format, "nnsqueeze_version": __version__, **info}, indent=2)
-    return artifact.write_dir(out, files, marker=MARKER)
+    # format_version marks the directory as ours (safeio.marker_ok), so overwrite may replace it later
+    files[MARKER] = json.dumps({"format_version": 1, "format": format, "nnsqueeze_version": __version__, **info},
+                               indent=2)
+    return artifact.write_dir(out, files, marker=MARKER, overwrite=overwrite)
 
 
 def check_scale_dtype(value: str | None, where: str) -> None:

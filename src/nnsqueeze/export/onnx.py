@@ -41,6 +41,7 @@ from ..data import as_tuple
 from ..errors import ExportError
 from ..quant.modules import export_mode, fake_quant_modules
 from ..registry import EXPORTERS
+from ..safeio import check_file_target, write_file
 from .lowbit import DOMAIN as LOWBIT_DOMAIN
 from .lowbit import lowbit_postprocess, stores_lowbit
 from .qdq import qdq_postprocess
@@ -199,20 +200,6 @@ def verify_onnx(model: nn.Module, onnx_bytes: bytes, batches: list, quantized: b
     }
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-
-
 @EXPORTERS.register("onnx")
 def export_onnx(model: nn.Module, path: str | os.PathLike, example_inputs: Any, opset: int = 17,
                 verify: bool = True, samples: Iterable | None = None, atol: float | None = None,
@@ -230,6 +217,7 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, example_inputs: Any, 
 
     path = Path(path)
     where = f"export onnx ({path.name})"
+    check_file_target(path, where, ExportError)  # a directory or unwritable place: say so before the work
     if opset < 13:
         raise ExportError(where, f"opset {opset} is too old for per-channel QDQ", fix="use opset >= 13 (default 17)")
     quantized = any(True for _ in fake_quant_modules(model)) or \
@@ -307,7 +295,7 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, example_inputs: Any, 
             figures.update(verify_onnx(model, data, batches, quantized, atol, where, statistic))
             if quantized and not figures["ort_int8_ops"]:
                 figures["warning"] = "ONNX Runtime fused no int8 kernel: the model runs in float"
-        _write_atomic(path, data)
+        write_file(path, data, where, ExportError)
     finally:
         user_model.train(was_training)
     return figures
