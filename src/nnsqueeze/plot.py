@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 import math
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
@@ -30,8 +31,9 @@ from typing import Any, Iterator
 import torch
 from torch import nn
 
-from .artifact import WEIGHTS, read_manifest, write_dir
+from .artifact import read_manifest, read_weights, write_dir
 from .errors import ArtifactError
+from .limits import MAX_PLOT_ROWS, quote
 
 
 @dataclass
@@ -196,17 +198,28 @@ def weight_histogram(kind: str, info: dict, st: dict[str, torch.Tensor]) -> Weig
 
 def weight_histograms(path: str | Path) -> dict[str, WeightHist]:
     """Layer -> :class:`WeightHist` for every quantized layer stored in the artifact at ``path``."""
-    from safetensors.torch import load
-
     path = Path(path)
     manifest = read_manifest(path)
-    sd = load((path / WEIGHTS).read_bytes())
+    sd = read_weights(path)
     out = {}
-    for name, (kind, info) in _layer_kinds(manifest).items():
-        h = weight_histogram(kind, info, _layer_state(sd, name))
+    with _crafted(f"{path}: manifest records"):
+        kinds = _layer_kinds(manifest)
+    for name, (kind, info) in kinds.items():
+        with _crafted(f"{path}: layer {quote(name, 80)}"):
+            h = weight_histogram(kind, info, _layer_state(sd, name))
         if h is not None:
             out[name] = h
     return out
+
+
+@contextmanager
+def _crafted(where: str) -> Iterator[None]:
+    """A record or tensor the stand-in layers trip over is a bad artifact, never a traceback."""
+    try:
+        yield
+    except (KeyError, TypeError, ValueError, AttributeError, IndexError, RuntimeError, OverflowError) as e:
+        raise ArtifactError(where, f"cannot read the recorded layer: {type(e).__name__}: {quote(str(e))}",
+                            fix="re-create the artifact") from None
 
 
 def _act_schemes(manifest: dict) -> dict[str, Any]:
@@ -243,15 +256,13 @@ def plot_artifact(path: str | Path) -> list[Path]:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    from safetensors.torch import load
+
+    from .report import Report
 
     path = Path(path)
     manifest = read_manifest(path)
-    try:
-        sd = load((path / WEIGHTS).read_bytes())
-        layers = json.loads((path / "report.json").read_text()).get("layers", {})
-    except FileNotFoundError as e:
-        raise ArtifactError(str(path), f"missing {Path(e.filename).name}", fix="re-create the artifact") from None
+    sd = read_weights(path)
+    layers = Report.read(path / "report.json").get("layers", {})
     figs: dict[str, bytes] = {}
 
     def png(fig) -> bytes:
@@ -264,6 +275,12 @@ def plot_artifact(path: str | Path) -> list[Path]:
         return buf.getvalue()
 
     hists = weight_histograms(path)
+    with _crafted(f"{path}: activation records"):
+        schemes = _act_schemes(manifest)
+        acts = _act_ranges(sd, schemes)
+    if len(hists) + len(acts) + len(layers) > MAX_PLOT_ROWS:  # figure size grows with the rows
+        raise ArtifactError(str(path), f"{len(hists) + len(acts) + len(layers):,} layers to plot, over the "
+                            f"limit of {MAX_PLOT_ROWS:,}", fix="plot an artifact of a smaller model")
     if hists:
         n = len(hists)
         cols = min(3, n)
@@ -288,8 +305,6 @@ def plot_artifact(path: str | Path) -> list[Path]:
         for ax in list(axes.flat)[n:]:
             ax.axis("off")
         figs["weights.png"] = png(fig)
-    schemes = _act_schemes(manifest)
-    acts = _act_ranges(sd, schemes)
     if acts:
         fig, ax = plt.subplots(figsize=(6, 0.4 * len(acts) + 1.2))
         names = list(acts)
