@@ -22,10 +22,10 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from .errors import RecipeError
-from .limits import MAX_DEPTH, MAX_RECIPE_BYTES, MAX_YAML_ALIASES, MAX_YAML_NODES, check_depth, clip, quote, read_text
+from .limits import MAX_DEPTH, MAX_RECIPE_BYTES, MAX_YAML_ALIASES, MAX_YAML_NODES, cap_threads, check_depth, clip, quote, read_text
 from .registry import STEPS
 from .steps.base import StepConfig
 
@@ -53,6 +53,11 @@ class EvaluateConfig(_Strict):
     warmup: int = Field(5, ge=0)
     runs: int = Field(20, ge=1, description="timed runs; the median is reported")
     per_step: bool = Field(True, description="evaluate the metric after every step")
+
+    @field_validator("threads")
+    @classmethod
+    def _cap_threads(cls, v: int) -> int:  # thousands of threads stall ONNX Runtime's session creation
+        return cap_threads(v, "evaluate.threads")
 
 
 class _RecipeFile(_Strict):
