@@ -90,7 +90,7 @@ def read_manifest(path: str | os.PathLike) -> dict[str, Any]:
     if not path.is_dir():
         raise ArtifactError(str(path), "artifact directory not found", fix="pass the --out directory of a run")
     mpath = path / MANIFEST
-    if not mpath.is_file():
+    if not os.path.lexists(mpath):  # anything else there (a link to a device, a FIFO) read_json refuses
         raise ArtifactError(str(path), f"missing {MANIFEST}; not an nnsqueeze artifact",
                             fix="pass a directory written by result.save() or `nnsqueeze compress`")
     manifest = read_json(mpath, "manifest", ArtifactError)
