@@ -139,9 +139,7 @@ def load(path: str | os.PathLike, model: nn.Module) -> nn.Module:
             step_cls = STEPS.get(entry["name"], where=where)
             config = step_cls.Config.model_validate(entry.get("config", {}))
             model = step_cls.rebuild(model, config, entry.get("record", {}))
-        except ArtifactError:
-            raise
-        except NnsqueezeError as e:  # e.g. a recorded layer missing from this model
+        except NnsqueezeError as e:  # a recorded layer missing from this model, a rank too large for it
             raise ArtifactError(f"{where}: {e.where}", e.problem, fix=e.fix or fix) from None
         # A crafted or mismatched record must not escape untyped: whatever the replay trips over
         # (missing module, index out of range, a shape torch refuses) is a bad artifact for this model.

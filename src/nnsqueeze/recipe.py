@@ -245,9 +245,10 @@ class _Loader(yaml.SafeLoader):
 
 def parse_yaml(text: str, source: str) -> Any:
     """Parse recipe YAML (or JSON, a subset of it) within the limits of :class:`_Loader`."""
-    loader = _Loader(text)
-    loader.source = source
+    loader = None
     try:
+        loader = _Loader(text)  # the reader rejects control characters here already
+        loader.source = source
         return loader.get_single_data()
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
@@ -259,7 +260,8 @@ def parse_yaml(text: str, source: str) -> Any:
     except RecursionError:  # a safety net: compose_node bounds the depth first
         raise RecipeError(source, "nested too deeply", fix="flatten the recipe") from None
     finally:
-        loader.dispose()
+        if loader is not None:
+            loader.dispose()
 
 
 def read_recipe(path: Path) -> Any:
