@@ -110,7 +110,7 @@ CASES = {
     "recipe-fifo": lambda t: (_compress(t, _special(t, "r.yaml", "fifo")), "not a regular file"),
     "recipe-dir": lambda t: (_compress(t, _special(t, "r.yaml", "dir")), "is a directory"),
     # explicit '? key' syntax: YAML caps implicit keys at 1024 characters
-    "long-unknown-key": lambda t: (_recipe(t, f"steps:\n  - prune:\n      ? {'k' * 20000}\n      : 1\n"),
+    "long-unknown-key": lambda t: (_recipe(t, f"steps:\n  - cluster:\n      ? {'k' * 20000}\n      : 1\n"),
                                    "unknown key 'kkk"),
     "long-step-name": lambda t: (_recipe(t, f"steps:\n  - ? {'s' * 20000}\n    : {{}}\n"), "unknown step 'sss"),
     "huge-int": lambda t: (_recipe(t, "seed: " + "9" * 5000 + "\nsteps: [{prune: {}}]\n"), "bad value|seed"),
