@@ -208,7 +208,7 @@ def test_replot_replaces_only_our_plots(tmp_path):
 
 
 @pytest.mark.parametrize("damage, words", [
-    (lambda out: (out / WEIGHTS).unlink(), "missing model.safetensors"),
+    (lambda out: (out / WEIGHTS).unlink(), r"model\.safetensors not found"),
     (lambda out: (out / WEIGHTS).write_bytes((out / WEIGHTS).read_bytes()[:100]), "corrupt weights"),
     (lambda out: (out / MANIFEST).write_text((out / MANIFEST).read_text()[:20]), "corrupt manifest"),
     (lambda out: (out / "report.json").write_text("[1, 2]"), "corrupt report"),

@@ -24,12 +24,11 @@ from pathlib import Path
 from typing import Any, Iterable
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 from torch import nn
 
-from .errors import ArtifactError, ModelError
+from .errors import ArtifactError, ModelError, NnsqueezeError
+from .limits import quote, read_json
 from .recipe import FORMAT_VERSION
 from .registry import STEPS
 from .safeio import check_dir_target, marker_ok
@@ -127,19 +126,39 @@ def read_manifest(path: str | os.PathLike) -> dict[str, Any]:
     if not path.is_dir():
         raise ArtifactError(str(path), "artifact directory not found", fix="pass the --out directory of a run")
     mpath = path / MANIFEST
-    if not mpath.is_file():
+    if not os.path.lexists(mpath):  # anything else there (a link to a device, a FIFO) read_json refuses
         raise ArtifactError(str(path), f"missing {MANIFEST}; not an nnsqueeze artifact",
                             fix="pass a directory written by result.save() or `nnsqueeze compress`")
-    try:
-        manifest = json.loads(mpath.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ArtifactError(str(mpath), f"corrupt manifest: {e}", fix="re-create the artifact") from None
-    if not isinstance(manifest, dict) or not isinstance(manifest.get("format_version"), int):
+    manifest = read_json(mpath, "manifest", ArtifactError)
+    if not isinstance(manifest, dict) or type(manifest.get("format_version")) is not int:
         raise ArtifactError(str(mpath), "manifest has no integer format_version", fix="re-create the artifact")
     if manifest["format_version"] > FORMAT_VERSION:
         raise ArtifactError(str(mpath), f"format version {manifest['format_version']} is newer than this "
                             f"nnsqueeze reads ({FORMAT_VERSION})", fix="upgrade nnsqueeze")
+    _check_steps(manifest.get("steps", []), str(mpath))
     return manifest
+
+
+def _check_steps(steps: Any, where: str) -> None:
+    """The manifest's step list has the shape ``load`` replays: ``[{name, config, record?}, ...]``."""
+    if not isinstance(steps, list):
+        raise ArtifactError(f"{where}: steps", f"must be a list, got {type(steps).__name__}", fix="re-create the artifact")
+    for i, entry in enumerate(steps):
+        at = f"{where}: steps[{i}]"
+        if not isinstance(entry, dict) or not isinstance(entry.get("name"), str):
+            raise ArtifactError(at, f"must be a mapping with a string 'name', got {quote(entry)}",
+                                fix="re-create the artifact")
+        for key in ("config", "record"):
+            if key in entry and not isinstance(entry[key], dict):
+                raise ArtifactError(f"{at}.{key}", f"must be a mapping, got {quote(entry[key])}",
+                                    fix="re-create the artifact")
+
+
+def read_weights(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """The tensors of an artifact's ``model.safetensors``, every header field checked before reading."""
+    from .safe_weights import read_safetensors
+
+    return read_safetensors(Path(path) / WEIGHTS, ArtifactError, what=f"weights file {WEIGHTS}")
 
 
 def load(path: str | os.PathLike, model: nn.Module) -> nn.Module:
@@ -149,24 +168,24 @@ def load(path: str | os.PathLike, model: nn.Module) -> nn.Module:
     if not isinstance(model, nn.Module):
         raise ModelError("model", f"expected a fresh torch.nn.Module, got {type(model).__name__}",
                          fix="pass model=YourModel() built the same way as the compressed one")
+    fix = "pass a fresh instance of the same architecture (same widths) that was compressed"
     for i, entry in enumerate(manifest.get("steps", [])):
+        where = f"{path / MANIFEST}: steps[{i}] ({quote(entry['name'], 60)})"
         try:
-            step_cls = STEPS.get(entry["name"], where=f"{MANIFEST}: steps[{i}]")
-            config = step_cls.Config.model_validate(entry["config"])
+            step_cls = STEPS.get(entry["name"], where=where)
+            config = step_cls.Config.model_validate(entry.get("config", {}))
             model = step_cls.rebuild(model, config, entry.get("record", {}))
-        except (KeyError, TypeError, ValueError) as e:
-            raise ArtifactError(f"{path / MANIFEST}: steps[{i}]", f"cannot replay step: {e}",
-                                fix="check that the model factory matches the one that was compressed") from None
+        except NnsqueezeError as e:  # a recorded layer missing from this model, a rank too large for it
+            raise ArtifactError(f"{where}: {e.where}", e.problem, fix=e.fix or fix) from None
+        # A crafted or mismatched record must not escape untyped: whatever the replay trips over
+        # (missing module, index out of range, a shape torch refuses) is a bad artifact for this model.
+        except (KeyError, TypeError, ValueError, AttributeError, IndexError, RuntimeError, OverflowError) as e:
+            raise ArtifactError(where, f"cannot replay step: {type(e).__name__}: {quote(str(e))}", fix=fix) from None
+    sd = read_weights(path)
     try:
-        sd = st_load((path / WEIGHTS).read_bytes())
-    except FileNotFoundError:
-        raise ArtifactError(str(path), f"missing {WEIGHTS}", fix="re-create the artifact") from None
-    except SafetensorError as e:
-        raise ArtifactError(str(path / WEIGHTS), f"corrupt weights file: {e}", fix="re-create the artifact") from None
-    sd = unpack_state(model, sd)
-    try:
+        sd = unpack_state(model, sd)
         model.load_state_dict(sd, strict=True)
-    except RuntimeError as e:
-        raise ArtifactError(str(path / WEIGHTS), f"weights do not fit the model: {str(e)[:400]}",
-                            fix="pass a fresh instance of the same architecture that was compressed") from None
+    except (KeyError, TypeError, ValueError, AttributeError, IndexError, RuntimeError) as e:
+        raise ArtifactError(str(path / WEIGHTS), f"weights do not fit the model: {quote(str(e), 400)}",
+                            fix=fix) from None
     return model.eval()

@@ -118,22 +118,26 @@ def _call_factory(spec: str, what: str, error: type[NnsqueezeError]) -> Any:
 def _load_weights(model: Any, path: Path) -> None:
     import torch
 
-    if not path.is_file():
-        raise ModelError("--weights", f"file {path} not found", fix="check the path")
-    try:
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
+    from .limits import MAX_WEIGHTS_BYTES, open_regular, quote
+    from .safe_weights import read_safetensors
 
-            sd = load_file(str(path))
-        else:  # weights_only: tensors and containers only, never arbitrary objects
-            sd = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - any reader failure is a bad file for the user
-        raise ModelError("--weights", f"cannot read {path}: {str(e)[:200]}",
-                         fix="give a .safetensors file or a state_dict saved with torch.save") from None
+    if path.suffix == ".safetensors":  # every header field checked before a tensor is allocated
+        sd = read_safetensors(path, ModelError, what="--weights file")
+    else:  # weights_only: tensors and containers only, never arbitrary objects
+        with open_regular(path, MAX_WEIGHTS_BYTES, "--weights file", ModelError) as f:
+            try:
+                sd = torch.load(f, map_location="cpu", weights_only=True)
+            except Exception as e:  # noqa: BLE001 - any reader failure is a bad file for the user
+                raise ModelError("--weights", f"cannot read {path}: {quote(str(e))}",
+                                 fix="give a .safetensors file or a state_dict saved with torch.save") from None
+    if not isinstance(sd, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in sd.items()):
+        got = type(sd).__name__ if not isinstance(sd, dict) else "a dict holding non-tensors"
+        raise ModelError("--weights", f"{path} is not a state_dict (names to tensors), got {got}",
+                         fix="save model.state_dict(), not the model, a list or other objects")
     try:
         model.load_state_dict(sd)
     except RuntimeError as e:
-        raise ModelError("--weights", f"{path} does not fit the model: {str(e)[:300]}",
+        raise ModelError("--weights", f"{path} does not fit the model: {quote(str(e), 300)}",
                          fix="check that --model builds the architecture these weights came from") from None
 
 
@@ -308,10 +312,7 @@ def report(path: Path = typer.Argument(..., help="artifact directory"),
         rp = path / "report.json"
         if not rp.is_file():
             raise ArtifactError(str(path), "missing report.json", fix="re-create the artifact")
-        try:
-            r = Report.from_json(rp.read_text())
-        except ValueError as e:
-            raise ArtifactError(str(rp), f"corrupt report: {e}", fix="re-create the artifact") from None
+        r = Report.read(rp)  # bounded size and depth, checked shape
         if markdown:
             print(r.to_markdown())
         else:

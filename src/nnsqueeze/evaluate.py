@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from .data import call_model
+from .limits import cap_threads
 
 
 def count_params(model: nn.Module) -> tuple[int, int]:
@@ -44,7 +45,7 @@ def count_params(model: nn.Module) -> tuple[int, int]:
 @contextmanager
 def torch_threads(n: int):
     old = torch.get_num_threads()
-    torch.set_num_threads(n)
+    torch.set_num_threads(cap_threads(n))
     try:
         yield
     finally:

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 import math
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
@@ -30,8 +31,9 @@ from typing import Any, Iterator
 import torch
 from torch import nn
 
-from .artifact import PLOTS, PLOTS_INDEX, WEIGHTS, plot_names, read_manifest, write_dir
+from .artifact import PLOTS, PLOTS_INDEX, plot_names, read_manifest, read_weights, write_dir
 from .errors import ArtifactError
+from .limits import MAX_PLOT_ROWS, quote
 
 
 @dataclass
@@ -198,46 +200,26 @@ def weight_histograms(path: str | Path) -> dict[str, WeightHist]:
     """Layer -> :class:`WeightHist` for every quantized layer stored in the artifact at ``path``."""
     path = Path(path)
     manifest = read_manifest(path)
-    sd = _read_weights(path)
+    sd = read_weights(path)
     out = {}
-    for name, (kind, info) in _layer_kinds(manifest).items():
-        try:
+    with _crafted(f"{path}: manifest records"):
+        kinds = _layer_kinds(manifest)
+    for name, (kind, info) in kinds.items():
+        with _crafted(f"{path}: layer {quote(name, 80)}"):
             h = weight_histogram(kind, info, _layer_state(sd, name))
-        except (KeyError, IndexError, TypeError, ValueError, RuntimeError) as e:
-            raise ArtifactError(str(path / WEIGHTS), f"layer {name!r} does not match its manifest record: "
-                                f"{type(e).__name__}: {str(e)[:200]}", fix="re-create the artifact") from None
         if h is not None:
             out[name] = h
     return out
 
 
-def _read_weights(path: Path) -> dict[str, torch.Tensor]:
-    """The artifact's tensors; a missing or truncated file is an ArtifactError, not a traceback."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load
-
+@contextmanager
+def _crafted(where: str) -> Iterator[None]:
+    """A record or tensor the stand-in layers trip over is a bad artifact, never a traceback."""
     try:
-        return load((path / WEIGHTS).read_bytes())
-    except FileNotFoundError:
-        raise ArtifactError(str(path), f"missing {WEIGHTS}", fix="re-create the artifact") from None
-    except (SafetensorError, OSError, ValueError) as e:
-        raise ArtifactError(str(path / WEIGHTS), f"corrupt weights file: {e}", fix="re-create the artifact") from None
-
-
-def _read_layers(path: Path) -> dict:
-    """Per-layer figures from report.json ({} when it has none); a corrupt report is an ArtifactError."""
-    rp = path / "report.json"
-    try:
-        report = json.loads(rp.read_text())
-    except FileNotFoundError:
-        raise ArtifactError(str(path), "missing report.json", fix="re-create the artifact") from None
-    except (OSError, ValueError) as e:
-        raise ArtifactError(str(rp), f"corrupt report: {e}", fix="re-create the artifact") from None
-    layers = report.get("layers", {}) if isinstance(report, dict) else None
-    if not isinstance(layers, dict) or not all(isinstance(v, dict) for v in layers.values()):
-        raise ArtifactError(str(rp), "corrupt report: expected an object with a 'layers' object of objects",
-                            fix="re-create the artifact")
-    return layers
+        yield
+    except (KeyError, TypeError, ValueError, AttributeError, IndexError, RuntimeError, OverflowError) as e:
+        raise ArtifactError(where, f"cannot read the recorded layer: {type(e).__name__}: {quote(str(e))}",
+                            fix="re-create the artifact") from None
 
 
 def _act_schemes(manifest: dict) -> dict[str, Any]:
@@ -274,10 +256,13 @@ def plot_artifact(path: str | Path) -> list[Path]:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
+    from .report import Report
+
     path = Path(path)
     manifest = read_manifest(path)
-    sd = _read_weights(path)
-    layers = _read_layers(path)
+    sd = read_weights(path)
+    layers = Report.read(path / "report.json").get("layers", {})
     figs: dict[str, bytes] = {}
 
     def png(fig) -> bytes:
@@ -290,6 +275,12 @@ def plot_artifact(path: str | Path) -> list[Path]:
         return buf.getvalue()
 
     hists = weight_histograms(path)
+    with _crafted(f"{path}: activation records"):
+        schemes = _act_schemes(manifest)
+        acts = _act_ranges(sd, schemes)
+    if len(hists) + len(acts) + len(layers) > MAX_PLOT_ROWS:  # figure size grows with the rows
+        raise ArtifactError(str(path), f"{len(hists) + len(acts) + len(layers):,} layers to plot, over the "
+                            f"limit of {MAX_PLOT_ROWS:,}", fix="plot an artifact of a smaller model")
     if hists:
         n = len(hists)
         cols = min(3, n)
@@ -314,8 +305,6 @@ def plot_artifact(path: str | Path) -> list[Path]:
         for ax in list(axes.flat)[n:]:
             ax.axis("off")
         figs["weights.png"] = png(fig)
-    schemes = _act_schemes(manifest)
-    acts = _act_ranges(sd, schemes)
     if acts:
         fig, ax = plt.subplots(figsize=(6, 0.4 * len(acts) + 1.2))
         names = list(acts)

@@ -22,9 +22,10 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from .errors import RecipeError
+from .limits import MAX_DEPTH, MAX_RECIPE_BYTES, MAX_YAML_ALIASES, MAX_YAML_NODES, cap_threads, check_depth, clip, quote, read_text
 from .registry import STEPS
 from .steps.base import StepConfig
 
@@ -52,6 +53,11 @@ class EvaluateConfig(_Strict):
     warmup: int = Field(5, ge=0)
     runs: int = Field(20, ge=1, description="timed runs; the median is reported")
     per_step: bool = Field(True, description="evaluate the metric after every step")
+
+    @field_validator("threads")
+    @classmethod
+    def _cap_threads(cls, v: int) -> int:  # thousands of threads stall ONNX Runtime's session creation
+        return cap_threads(v, "evaluate.threads")
 
 
 class _RecipeFile(_Strict):
@@ -98,6 +104,7 @@ class Recipe:
 
     @classmethod
     def from_dict(cls, data: Any, source: str = "recipe") -> "Recipe":
+        check_depth(data, source, RecipeError)  # recipes passed as Python data, too
         if isinstance(data, list):
             data = {"steps": data}
         if not isinstance(data, dict):
@@ -118,13 +125,13 @@ class Recipe:
             where = f"{source}: steps[{i}]"
             if len(item) != 1:
                 raise RecipeError(where, f"each step is a one-key mapping like '- prune: {{...}}', got keys "
-                                  f"{sorted(item)}", fix=f"step names: {', '.join(STEPS.names())}")
+                                  f"{quote(sorted(map(str, item)))}", fix=f"step names: {', '.join(STEPS.names())}")
             (name, cfg), = item.items()
             step_cls = STEPS.get(name, where=where)
             if cfg is None:
                 cfg = {}
             if not isinstance(cfg, dict):
-                raise RecipeError(f"{where}.{name}", f"step options must be a mapping, got {cfg!r}",
+                raise RecipeError(f"{where}.{name}", f"step options must be a mapping, got {quote(cfg)}",
                                   fix=f"write '- {name}: {{}}' for defaults")
             try:
                 config = step_cls.Config.model_validate(cfg)
@@ -156,29 +163,110 @@ def _recipe_error(e: ValidationError, source: str, model: type[BaseModel] | None
     path = source + "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in loc)
     if err["type"] == "extra_forbidden":
         keys = _accepted(model, loc)
-        return RecipeError(path, f"unknown key {loc[-1]!r}", fix=f"accepted keys: {keys}" if keys else None)
+        return RecipeError(clip(path), f"unknown key {quote(loc[-1])}", fix=f"accepted keys: {keys}" if keys else None)
     ctx = err.get("ctx") or {}
     fix = f"expected one of {ctx['expected']}" if "expected" in ctx else None
     more = f" (and {len(e.errors()) - 1} more problems)" if len(e.errors()) > 1 else ""
-    return RecipeError(path, f"{err['msg']}, got {err.get('input')!r}{more}", fix=fix)
+    return RecipeError(clip(path), f"{err['msg']}, got {quote(err.get('input'))}{more}", fix=fix)
 
 
 def presets() -> dict[str, str]:
     """Preset name -> one-line description."""
     out = {}
     for p in sorted(PRESETS_DIR.glob("*.yaml")):
-        data = yaml.safe_load(p.read_text())
+        data = parse_yaml(p.read_text(), f"preset {p.stem}")
         out[p.stem] = data.get("description", "")
     return out
 
 
+class _Loader(yaml.SafeLoader):
+    """PyYAML's safe loader (plain data only) with bounded work: at most MAX_YAML_ALIASES aliases,
+    MAX_YAML_NODES nodes once aliases are expanded (billion laughs), MAX_DEPTH levels of nesting
+    (deeper would be a RecursionError), and duplicate keys refused (YAML would keep the last)."""
+
+    source = "recipe"
+
+    def __init__(self, stream: str):
+        super().__init__(stream)
+        self._depth = self._aliases = 0
+
+    def _fail(self, problem: str, fix: str, mark: Any = None) -> RecipeError:
+        mark = mark or self.peek_event().start_mark
+        return RecipeError(f"{self.source}:{mark.line + 1}:{mark.column + 1}", problem, fix=fix)
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        if self.check_event(yaml.AliasEvent):
+            self._aliases += 1
+            if self._aliases > MAX_YAML_ALIASES:
+                raise self._fail(f"more than {MAX_YAML_ALIASES} YAML aliases", "write the values out")
+        self._depth += 1
+        try:
+            if self._depth > MAX_DEPTH:
+                raise self._fail(f"nested more than {MAX_DEPTH} levels deep", "flatten the recipe")
+            return super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
+
+    def get_single_node(self) -> Any:
+        node = super().get_single_node()
+        if node is not None:
+            sizes: dict[int, int | None] = {}
+
+            def size(n: Any) -> int:  # nodes with aliases expanded; recursion is bounded by MAX_DEPTH
+                if id(n) in sizes:
+                    if sizes[id(n)] is None:
+                        raise self._fail("an alias refers to a node containing it", "remove the cycle", n.start_mark)
+                    return sizes[id(n)]
+                sizes[id(n)] = None
+                kids = [x for pair in n.value for x in pair] if isinstance(n, yaml.MappingNode) else (
+                    n.value if isinstance(n, yaml.SequenceNode) else [])
+                total = 1
+                for k in kids:
+                    total += size(k)
+                    if total > MAX_YAML_NODES:
+                        raise self._fail(f"expands to more than {MAX_YAML_NODES:,} values through its aliases",
+                                         "write the recipe out without nested aliases", n.start_mark)
+                sizes[id(n)] = total
+                return total
+
+            size(node)
+        return node
+
+    def construct_mapping(self, node: Any, deep: bool = False) -> Any:
+        seen: set = set()
+        for key_node, _ in node.value:
+            if isinstance(key_node, yaml.ScalarNode) and key_node.tag != "tag:yaml.org,2002:merge":
+                key = self.construct_object(key_node)
+                if key in seen:
+                    raise self._fail(f"duplicate key {quote(key)}", "give each key once", key_node.start_mark)
+                seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
 def parse_yaml(text: str, source: str) -> Any:
+    """Parse recipe YAML (or JSON, a subset of it) within the limits of :class:`_Loader`."""
+    loader = None
     try:
-        return yaml.safe_load(text)
+        loader = _Loader(text)  # the reader rejects control characters here already
+        loader.source = source
+        return loader.get_single_data()
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f"{source}:{mark.line + 1}:{mark.column + 1}" if mark else source
-        raise RecipeError(where, f"malformed YAML: {getattr(e, 'problem', e)}", fix="check indentation and colons") from None
+        raise RecipeError(where, f"malformed YAML: {clip(str(getattr(e, 'problem', None) or e))}",
+                          fix="check indentation and colons") from None
+    except ValueError as e:  # e.g. an integer of more digits than Python converts
+        raise RecipeError(source, f"bad value: {clip(str(e))}", fix="check the numbers in the recipe") from None
+    except RecursionError:  # a safety net: compose_node bounds the depth first
+        raise RecipeError(source, "nested too deeply", fix="flatten the recipe") from None
+    finally:
+        if loader is not None:
+            loader.dispose()
+
+
+def read_recipe(path: Path) -> Any:
+    """A recipe file parsed within the limits: a regular UTF-8 file of at most MAX_RECIPE_BYTES."""
+    return parse_yaml(read_text(path, MAX_RECIPE_BYTES, "recipe file", RecipeError), str(path))
 
 
 def load_recipe(recipe: "Recipe | str | Path | dict | list") -> Recipe:
@@ -189,18 +277,14 @@ def load_recipe(recipe: "Recipe | str | Path | dict | list") -> Recipe:
     if isinstance(recipe, (str, Path)):
         path = Path(recipe)
         if path.suffix in (".yaml", ".yml") or path.exists():
-            if not path.is_file():
+            if not path.exists():
                 raise RecipeError(str(path), "recipe file not found",
                                   fix=f"give an existing YAML file or a preset: {', '.join(presets())}")
-            try:
-                text = path.read_text()
-            except OSError as e:
-                raise RecipeError(str(path), f"cannot read recipe: {e.strerror}") from None
-            return Recipe.from_dict(parse_yaml(text, str(path)), str(path))
+            return Recipe.from_dict(read_recipe(path), str(path))
         preset = PRESETS_DIR / f"{recipe}.yaml"
-        if preset.is_file():
+        if "/" not in str(recipe) and preset.is_file():
             return Recipe.from_dict(parse_yaml(preset.read_text(), f"preset {recipe}"), f"preset {recipe}")
-        raise RecipeError(str(recipe), "neither a recipe file nor a preset name",
+        raise RecipeError(quote(str(recipe)), "neither a recipe file nor a preset name",
                           fix=f"presets: {', '.join(presets())}")
     raise RecipeError("recipe", f"cannot use a {type(recipe).__name__} as a recipe",
                       fix="pass a YAML path, a preset name, a Recipe, or a list of step dicts")

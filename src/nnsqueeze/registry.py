@@ -49,11 +49,13 @@ class Registry(Generic[T]):
                 importlib.import_module(f"{self._package}.{mod}")
 
     def get(self, name: str, where: str = "") -> T:
+        from .limits import quote
+
         self._load()
         if name not in self._items:
             raise RecipeError(
                 where or self.kind,
-                f"unknown {self.kind} {name!r}",
+                f"unknown {self.kind} {quote(name)}",
                 fix=f"use one of: {', '.join(sorted(self._items))}",
             )
         return self._items[name]

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 SUMMARY_KEYS = ("accuracy", "params", "nonzero_params", "size_bytes", "archive_bytes", "latency_ms")
@@ -59,6 +60,44 @@ class ReportBuilder:
                            export=self.export, environment=self.environment))
 
 
+# The keys a report has and the type each must be, so rendering a crafted report cannot fail.
+_SHAPE = {"baseline": dict, "compressed": dict, "steps": list, "layers": dict, "skipped": list, "notes": list,
+          "export": dict, "environment": dict}
+_ROWS = {"steps": ("name",), "skipped": ("step", "layer", "reason"), "notes": ("step", "note")}
+
+
+def _check_report(data: Any) -> None:
+    from .limits import quote
+
+    if not isinstance(data, dict):
+        raise ValueError(f"a report is a mapping, got {type(data).__name__}")
+    for key, typ in _SHAPE.items():
+        if key in data and not isinstance(data[key], typ):
+            raise ValueError(f"{key!r} must be a {typ.__name__}, got {quote(data[key])}")
+    for key in ("baseline", "compressed"):
+        if not isinstance(data.get(key, {}).get("measured", {}), dict):
+            raise ValueError(f"{key}.measured must be a mapping")
+    for key, needed in _ROWS.items():
+        for i, row in enumerate(data.get(key, [])):
+            if not isinstance(row, dict) or not all(k in row for k in needed):
+                raise ValueError(f"{key}[{i}] must be a mapping with {', '.join(needed)}, got {quote(row)}")
+    for i, row in enumerate(data.get("steps", [])):
+        if not isinstance(row.get("seconds", 0), (int, float)) or not isinstance(row.get("figures", {}), dict):
+            raise ValueError(f"steps[{i}]: seconds must be a number and figures a mapping")
+    for name, row in data.get("layers", {}).items():
+        if not isinstance(row, dict):
+            raise ValueError(f"layers[{quote(name)}] must be a mapping, got {quote(row)}")
+    stack = [data]
+    while stack:  # ints beyond float range would overflow the ratio column
+        v = stack.pop()
+        if isinstance(v, dict):
+            stack.extend(v.values())
+        elif isinstance(v, list):
+            stack.extend(v)
+        elif isinstance(v, int) and abs(v) > 2**63:
+            raise ValueError(f"number {quote(v, 40)} is out of range")
+
+
 def _fmt(key: str, v: Any) -> str:
     if v is None:
         return "-"
@@ -100,11 +139,28 @@ class Report(dict):
 
     @classmethod
     def from_json(cls, text: str) -> "Report":
-        """Parse a report.json; ValueError when it is not JSON or not a JSON object."""
-        data = json.loads(text)
-        if not isinstance(data, dict):
-            raise ValueError(f"expected a JSON object, got a {type(data).__name__}")
+        """Parse and check a report; a malformed one raises ``ValueError`` naming the bad part."""
+        from .errors import ArtifactError
+        from .limits import loads_json
+
+        try:
+            data = loads_json(text, "report", "report", ArtifactError)
+        except ArtifactError as e:
+            raise ValueError(e.problem) from None
+        _check_report(data)
         return cls(data)
+
+    @classmethod
+    def read(cls, path: str | Path) -> "Report":
+        """A ``report.json`` read within the size and depth limits; any problem is an ``ArtifactError``."""
+        from .errors import ArtifactError
+        from .limits import MAX_JSON_BYTES, read_text
+
+        text = read_text(path, MAX_JSON_BYTES, "report.json", ArtifactError)
+        try:
+            return cls.from_json(text)
+        except ValueError as e:
+            raise ArtifactError(str(path), f"corrupt report: {e}", fix="re-create the artifact") from None
 
     def summary_rows(self) -> list[tuple[str, str, str, str]]:
         b, c = self.get("baseline", {}), self.get("compressed", {})

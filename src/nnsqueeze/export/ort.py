@@ -30,6 +30,7 @@ import numpy as np
 import torch
 
 from ..errors import DataError, ExportError
+from ..limits import cap_threads
 
 Tensor = torch.Tensor
 
@@ -83,7 +84,7 @@ def session_options(threads: int | None = None, optimized_model_path: str | None
 
     so = ort.SessionOptions()
     if threads is not None:
-        so.intra_op_num_threads = int(threads)
+        so.intra_op_num_threads = cap_threads(int(threads))  # a safety net for every caller
     so.inter_op_num_threads = 1
     so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL

@@ -27,7 +27,8 @@ from typing import TYPE_CHECKING, Any, ClassVar
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
-from ..errors import ModelError, TargetError
+from ..errors import ArtifactError, ModelError, TargetError
+from ..limits import quote
 from ..targets import Selection, select
 
 if TYPE_CHECKING:
@@ -107,3 +108,22 @@ def recorded_module(model: nn.Module, name: str, types: tuple[type, ...], where:
         raise ModelError(f"{where}: {name}", f"expected {' or '.join(t.__name__ for t in types)}, found "
                          f"{type(mod).__name__}", fix="load the artifact with the same model class it was made from")
     return mod
+
+
+# A manifest may be crafted: record values that size an allocation or index a module are checked
+# against the layer they apply to before anything is built (a rank of 3e9 must not allocate).
+def record_int(value: Any, lo: int, hi: int, where: str) -> int:
+    """``value`` as an int in ``[lo, hi]``, else an :class:`ArtifactError` naming ``where``."""
+    if type(value) is not int or not lo <= value <= hi:
+        raise ArtifactError(where, f"{quote(value, 60)} is not an integer in [{lo}, {hi}] for this layer",
+                            fix="re-create the artifact, and load it onto the architecture it was made from")
+    return value
+
+
+def record_indices(value: Any, n: int, where: str) -> list[int]:
+    """``value`` as distinct ints in ``[0, n)`` (so at most ``n`` of them)."""
+    if not isinstance(value, list) or len(value) > n or len(set(map(type, value)) - {int}) > 0 \
+            or len(set(value)) != len(value) or (value and not 0 <= min(value) <= max(value) < n):
+        raise ArtifactError(where, f"{quote(value, 80)} is not a list of distinct indices in [0, {n})",
+                            fix="re-create the artifact, and load it onto the architecture it was made from")
+    return value

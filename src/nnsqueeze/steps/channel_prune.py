@@ -64,7 +64,7 @@ from ..structured.importance import CRITERIA, NEEDS, Part
 from ..structured.macs import count
 from ..structured.pruners import dim_size, shrink
 from ..targets import _matches
-from .base import Step, StepConfig
+from .base import Step, StepConfig, record_indices
 from ..targets import set_module
 
 LAYERS = (nn.modules.conv._ConvNd, nn.Linear, nn.Embedding)
@@ -125,6 +125,9 @@ def apply(model: nn.Module, plan: list[tuple[str, str, list[int]]], where: str =
             raise ModelError(f"{where}: {name}", "layer not found in the model",
                              fix="load onto the same architecture that was compressed") from None
         n = dim_size(mod, role)
+        if len(set(keep)) != len(keep):  # repeated indices would grow the layer, not shrink it
+            raise ModelError(f"{where}: {name}", "kept indices repeat", fix="load onto the same architecture "
+                             "that was compressed")
         if keep and (max(keep) >= n or min(keep) < 0):
             raise ModelError(f"{where}: {name}", f"kept index {max(keep)} outside its {role} dimension of {n}",
                              fix="load onto the same architecture that was compressed")
@@ -365,7 +368,11 @@ class StructuredPrune(Step):
             except AttributeError:
                 raise ModelError(f"structured-prune record: {name}", "attention layer not found",
                                  fix="load onto the same architecture that was compressed") from None
-            set_module(model, name, prune_heads(mod, list(keep)))
+            if not hasattr(mod, "num_heads"):
+                raise ModelError(f"structured-prune record: {name}", f"{type(mod).__name__} is not an attention layer",
+                                 fix="load onto the same architecture that was compressed")
+            set_module(model, name, prune_heads(mod, record_indices(keep, mod.num_heads,
+                                                                    f"structured-prune record: heads: {name}")))
         apply(model, [(n, r, list(k)) for n, r, k in record.get("shrink", [])], "structured-prune record")
         try:
             set_attrs(model, record.get("attrs", {}))

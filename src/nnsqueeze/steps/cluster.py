@@ -54,7 +54,7 @@ from ..ops.kmeans import Init, kmeans1d
 from ..quant.fold import fold_batchnorm, refold_structure
 from ..registry import STEPS
 from ..storage.entropy import pack_codes, unpack_codes
-from .base import Step, StepConfig, recorded_module
+from .base import Step, StepConfig, record_int, recorded_module
 
 CODE = "weight_code"
 SUPPORTED: tuple[type, ...] = (nn.Linear, nn.Conv1d, nn.Conv2d)
@@ -227,7 +227,9 @@ class Cluster(Step):
             if type(m) not in SUPPORTED:
                 raise ModelError(f"cluster record: {name}", f"expected a Linear/Conv layer, got {type(m).__name__}",
                                  fix="load onto the same architecture that was compressed")
-            _convert(m, torch.zeros(int(k)), torch.zeros(m.weight.shape, dtype=torch.int64))
+            # codes are int16 and index the centroids: k is at most the weights and 2**15
+            k = record_int(k, 1, min(m.weight.numel(), 1 << 15), f"cluster record: {name}: k")
+            _convert(m, torch.zeros(k), torch.zeros(m.weight.shape, dtype=torch.int64))
         return model
 
 

@@ -55,12 +55,12 @@ from pydantic import Field, model_validator
 from torch import nn
 
 from ..data import call_model, logits, split, take, to_device
-from ..errors import DataError, ModelError
+from ..errors import ArtifactError, DataError, ModelError
 from ..ops.svd import (rank_for_budget, rank_for_energy, singular_values, spatial_matrix, spatial_params,
                        spatial_rank_for_budget, spatial_reconstruct, spatial_svd, truncated_svd, tucker2,
                        tucker2_params, tucker2_ranks_for_budget, tucker2_ranks_for_energy)
 from ..registry import STEPS
-from .base import Step, StepConfig, recorded_module
+from .base import Step, StepConfig, record_int, recorded_module
 from ..targets import set_module
 
 SUPPORTED: tuple[type, ...] = (nn.Linear, nn.Conv1d, nn.Conv2d)
@@ -338,13 +338,19 @@ class LowRank(Step):
         """Replace the recorded layers by (uninitialised) factor sequences of the recorded ranks."""
         for name, spec in record.get("layers", {}).items():
             m = recorded_module(model, name, (nn.Module,), "lowrank record")
-            kind, ranks = spec.get("kind"), spec.get("ranks", [])
+            if not isinstance(spec, dict) or not isinstance(spec.get("ranks", []), list):
+                raise ArtifactError(f"lowrank record: {name}", "must be a mapping with a list of ranks",
+                                    fix="re-create the artifact")
+            kind, ranks = spec.get("kind"), spec.get("ranks", []) + [None, None]
+            at = f"lowrank record: {name}: ranks"
             if kind == "svd" and isinstance(m, nn.Linear):
-                new = _linear_factors(m, int(ranks[0]))
+                new = _linear_factors(m, record_int(ranks[0], 1, min(m.in_features, m.out_features), at))
             elif kind == "spatial" and isinstance(m, nn.Conv2d):
-                new = _spatial_factors(m, int(ranks[0]))
+                kh, kw = m.kernel_size
+                new = _spatial_factors(m, record_int(ranks[0], 1, max(m.in_channels * kh, m.out_channels * kw), at))
             elif kind == "tucker2" and isinstance(m, (nn.Conv1d, nn.Conv2d)):
-                new = _conv_factors(m, int(ranks[0]), int(ranks[1]))
+                new = _conv_factors(m, record_int(ranks[0], 1, m.out_channels, at),
+                                    record_int(ranks[1], 1, m.in_channels, at))
             else:
                 raise ModelError(f"lowrank record: {name}", f"cannot apply {kind!r} to {type(m).__name__}",
                                  fix="load onto the same architecture that was compressed")

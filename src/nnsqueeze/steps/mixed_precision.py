@@ -18,10 +18,11 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 from torch import nn
 
 from ..errors import DataError
+from ..limits import cap_threads
 from ..registry import STEPS
 from .base import Step, StepConfig, recorded_module
 from .quantize import CalibrationConfig, Quantize
@@ -42,6 +43,11 @@ class MixedBudget(_StrictModel):
                                      "exported model on the first calibration batch, measured on this machine")
     latency_threads: int = Field(1, ge=1, description="intra-op threads for the latency measurement")
     latency_runs: int = Field(20, ge=3, description="timed runs (median)")
+
+    @field_validator("latency_threads")
+    @classmethod
+    def _cap_threads(cls, v: int) -> int:
+        return cap_threads(v, "latency_threads")
 
 
 class MixedPrecisionConfig(StepConfig):

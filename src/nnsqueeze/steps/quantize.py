@@ -71,7 +71,7 @@ from ..quant.modules import MODULE_MAP, convert_
 from ..quant.act_scheme import ActScheme
 from ..quant.scheme import WeightScheme
 from ..registry import OBSERVERS, STEPS
-from .base import Step, StepConfig, recorded_module
+from .base import Step, StepConfig, record_int, recorded_module
 from ..targets import set_module
 
 SUPPORTED = (nn.Linear, nn.Conv1d, nn.Conv2d)
@@ -542,7 +542,8 @@ class Quantize(Step):
                 raise ModelError(f"quantize record: {lname}",
                                  f"expected a {info['type']}, found {type(mod).__name__}",
                                  fix="load the artifact with the same model class it was made from")
-            sch = WeightScheme.from_dict(info.get("scheme"), bits=int(info["weight_bits"]))
+            bits = record_int(info["weight_bits"], 1, 16, f"quantize record: {lname}: weight_bits")
+            sch = WeightScheme.from_dict(info.get("scheme"), bits=bits)
             asch = ActScheme.from_dict(info.get("act_scheme"))  # records without it: uint8 (the old default)
             convert_(mod, weight_bits=sch.bits, act=info["act"], quant_output=info["quant_output"], scheme=sch,
                      act_scheme=asch)

@@ -62,7 +62,7 @@ from ..ops.dynamic import outlier_channels
 from ..quant.dynamic import convert_dynamic_, dynamic_fake_linear
 from ..quant.embedding import convert_embeddings, rebuild_embeddings
 from ..registry import STEPS
-from .base import Step, StepConfig, recorded_module
+from .base import Step, StepConfig, record_indices, record_int, recorded_module
 
 ALPHA_GRID = (0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
 
@@ -348,8 +348,11 @@ class QuantizeDynamic(Step):
             mod = recorded_module(model, lname, (nn.Linear,), "quantize-dynamic record")
             # A smoothed layer gets placeholder scales here; the weights file restores W*s and 1/s.
             s = torch.ones(mod.in_features) if info.get("smoothed") else None
-            idx = torch.tensor(info["outliers"], dtype=torch.int64) if info.get("outliers") else None
-            convert_dynamic_(mod, bits=int(info["bits"]), signed=bool(info["signed"]), smooth=s, outliers=idx)
+            at = f"quantize-dynamic record: {lname}"
+            idx = (torch.tensor(record_indices(info["outliers"], mod.in_features, f"{at}: outliers"), dtype=torch.int64)
+                   if info.get("outliers") else None)
+            convert_dynamic_(mod, bits=record_int(info["bits"], 2, 16, f"{at}: bits"), signed=bool(info["signed"]),
+                             smooth=s, outliers=idx)
         rebuild_embeddings(model, record.get("embeddings", []))
         if record.get("attention"):
             from ..quant.attention import rebuild_attention
