@@ -27,6 +27,7 @@ from . import artifact
 from .context import Context
 from .data import as_batches, call_model, split, take, to_device
 from .env import environment
+from .isa import describe
 from .errors import DataError, ModelError, RecipeError
 from .evaluate import latency_batch, measure
 from .metrics import get_metric
@@ -54,6 +55,8 @@ class CompressionResult:
             "format_version": FORMAT_VERSION, "nnsqueeze_version": __version__,
             "recipe": self.recipe.to_dict(), "steps": self.records, "layers": self.report.get("layers", {}),
             "files": {"weights": artifact.WEIGHTS, "onnx": "model.onnx" if self.onnx else None},
+            # the CPU kernel class reduce_range 'auto' and the ORT parity check assumed (see nnsqueeze.isa)
+            "isa": self.report.get("environment", {}).get("isa") or describe(),
         }
 
     def save(self, out: str | Path) -> Path:
