@@ -78,6 +78,7 @@ def capture_codes(model, x):
     return rows
 
 
+@pytest.mark.ort_isa
 @pytest.mark.parametrize("fmt", FORMATS, ids=fmt_id)
 def test_ort_matches_simulation_and_codes_stay_in_range(tmp_path, tiny_cnn, toy_data, fmt):
     bits, sym = fmt
@@ -194,6 +195,7 @@ def test_observer_qparams_on_non_8bit_ranges_match_closed_forms():
     assert abs(float(s) - 1.0 / 32767) < 1e-12 and int(z) == 0
 
 
+@pytest.mark.ort_isa
 def test_qat_lsq_with_signed_4bit_activations_keeps_codes_in_range(tmp_path, tiny_cnn, toy_data):
     ctx = Context(train_data=toy_data["train"], calib_data=toy_data["calib"], progress=False)
     ctx.report.begin_step("qat", {})

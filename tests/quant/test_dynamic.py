@@ -17,6 +17,7 @@ def _mlp():
     return nn.Sequential(nn.Linear(37, 29), nn.GELU(), nn.Linear(29, 11)).eval()
 
 
+@pytest.mark.ort_isa
 @pytest.mark.parametrize("bits,signed", [(8, False), (7, True), (8, True)])
 def test_export_is_bit_exact_and_fused(tmp_path, bits, signed):
     torch.manual_seed(0)
@@ -59,6 +60,7 @@ def test_only_plain_linear():
         convert_dynamic_(MyLinear(3, 3))
 
 
+@pytest.mark.ort_isa
 def test_single_layer_bit_exact(tmp_path):
     layer = convert_dynamic_(nn.Linear(1536, 384), bits=8, signed=False).eval()
     x = torch.randn(2, 33, 1536).abs() * 3

@@ -62,6 +62,7 @@ def _err(model, ref_model, data):
     return num / den
 
 
+@pytest.mark.ort_isa
 def test_smoothed_layer_is_exact_in_torch_and_in_ort(tmp_path):
     torch.manual_seed(0)
     layer = nn.Linear(11, 7)
