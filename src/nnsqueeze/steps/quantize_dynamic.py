@@ -140,8 +140,8 @@ class QuantizeDynamic(Step):
 
         isa = describe()
         if isa["u8s8_saturates"]:
-            ctx.fallback(self.registered_name, f"this CPU ({isa['isa']}) has no VNNI, where ONNX Runtime's u8s8 kernels saturate "
-                         "with 8-bit weights: using 7-bit weight codes (weights.reduce_range: auto; "
+            ctx.fallback(self.registered_name, f"this CPU ({isa['isa']}) has no VNNI, where ONNX Runtime's u8s8 "
+                         "kernels saturate with 8-bit weights: using 7-bit weight codes (weights.reduce_range: auto; "
                          "or use weights.symmetric: false for full 8-bit u8u8)")
             return 7
         return 8
