@@ -75,3 +75,31 @@ def test_plain_round_trip_without_pickle(tmp_path):
     assert torch.equal(load(tmp_path / "a", fresh)(x), m(x))
     with pytest.raises(ArtifactError, match="do not fit"):
         load(tmp_path / "a", nn.Linear(3, 2))
+
+
+@pytest.mark.parametrize("then,here,words", [
+    ("avx512-vnni", "avx2", ["no longer holds here", "re-quantize on this machine", "weights.reduce_range: true"]),
+    ("avx2", "arm64", ["7-bit weight codes", "still run exactly"]),
+    ("avx2", "avx512", None),  # same kernel class (both saturate): nothing to say
+    (None, "avx2", None),  # artifacts from before the ISA was recorded
+])
+def test_load_warns_when_the_cpu_kernel_class_differs(tmp_path, monkeypatch, caplog, then, here, words):
+    from nnsqueeze.artifact import weights_bytes
+    from nnsqueeze.isa import SATURATING
+
+    m = nn.Linear(3, 2)
+    manifest = {"format_version": 1, "steps": []}
+    if then is not None:
+        manifest["isa"] = {"arch": "x86_64", "isa": then, "u8s8_saturates": then in SATURATING}
+    write_dir(tmp_path / "a", {MANIFEST: json.dumps(manifest), "model.safetensors": weights_bytes(m)})
+    before = {p.name: p.read_bytes() for p in (tmp_path / "a").iterdir()}
+    monkeypatch.setenv("NNSQUEEZE_ISA", here)  # this machine, as the detector reports it
+    with caplog.at_level("WARNING", logger="nnsqueeze"):
+        load(tmp_path / "a", nn.Linear(3, 2))
+    warned = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    if words is None:
+        assert warned == []
+    else:
+        assert len(warned) == 1 and all(w in warned[0] for w in words), warned
+        assert then in warned[0] and here in warned[0]
+    assert {p.name: p.read_bytes() for p in (tmp_path / "a").iterdir()} == before  # loading writes nothing

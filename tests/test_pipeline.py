@@ -1,6 +1,7 @@
 """End to end through the Python API on a model and data the package has never seen."""
 
 import copy
+import json
 
 import pytest
 import torch
@@ -9,6 +10,7 @@ from torch import nn
 
 import nnsqueeze as nsq
 from nnsqueeze.errors import DataError, ModelError, RecipeError, TargetError
+from nnsqueeze.isa import describe
 
 RECIPE = [
     {"prune": {"sparsity": 0.5, "scope": "global", "schedule": "oneshot"}},
@@ -35,6 +37,7 @@ def test_compress_save_load_round_trip(tiny_cnn, toy_data, tmp_path):
         assert set(r[side]["latency_ms"]) == {"torch", "onnxruntime"}
     assert [s["name"] for s in r["steps"]] == ["prune", "finetune", "quantize"]
     assert r["environment"]["cpu"] and r["environment"]["threads"] == 2
+    assert r["environment"]["isa"] == describe()  # the CPU kernel class reduce_range 'auto' assumed
     assert r["compressed"]["nonzero_params"] < 0.6 * r["baseline"]["nonzero_params"]
     assert r["compressed"]["size_bytes"] < r["baseline"]["size_bytes"]
     assert r["export"]["compressed"]["max_abs_diff"] >= 0
@@ -44,6 +47,10 @@ def test_compress_save_load_round_trip(tiny_cnn, toy_data, tmp_path):
     out = result.save(tmp_path / "art")
     assert sorted(p.name for p in out.iterdir()) == sorted(
         ["model.safetensors", "nnsqueeze.json", "recipe.yaml", "report.json", "report.md", "model.onnx"])
+    isa = describe()
+    assert json.loads((out / "nnsqueeze.json").read_text())["isa"] == isa
+    assert f"- isa: arch={isa['arch']}, isa={isa['isa']}, u8s8_saturates={isa['u8s8_saturates']}" in \
+        (out / "report.md").read_text()
     restored = nsq.load(out, model=TinyCNN())
     x = toy_data["eval"][0][0]
     assert torch.equal(restored(x), result.model.eval()(x))

@@ -19,6 +19,7 @@ above (and ``plots/`` when ``nnsqueeze plot`` wrote it) and keeps everything els
 from __future__ import annotations
 
 import json
+import logging
 import os
 from pathlib import Path
 from typing import Any, Iterable
@@ -33,6 +34,8 @@ from .recipe import FORMAT_VERSION
 from .registry import STEPS
 from .safeio import check_dir_target, marker_ok
 from .safeio import write_dir as safe_write_dir
+
+log = logging.getLogger("nnsqueeze")
 
 MANIFEST = "nnsqueeze.json"
 WEIGHTS = "model.safetensors"
@@ -188,4 +191,29 @@ def load(path: str | os.PathLike, model: nn.Module) -> nn.Module:
     except (KeyError, TypeError, ValueError, AttributeError, IndexError, RuntimeError) as e:
         raise ArtifactError(str(path / WEIGHTS), f"weights do not fit the model: {quote(str(e), 400)}",
                             fix=fix) from None
+    check_isa(manifest, str(path))
     return model.eval()
+
+
+def check_isa(manifest: dict[str, Any], where: str) -> bool:
+    """Warn when the artifact was quantized for another integer kernel class than this CPU's
+    (u8s8 saturating or not, see :mod:`nnsqueeze.isa`). Returns True when it warned."""
+    from .isa import describe
+
+    then = manifest.get("isa")
+    if not isinstance(then, dict) or not isinstance(then.get("u8s8_saturates"), bool):
+        return False  # older artifacts did not record it
+    now = describe()
+    if then["u8s8_saturates"] == now["u8s8_saturates"]:
+        return False
+    if now["u8s8_saturates"]:
+        log.warning("%s was quantized on a CPU whose ONNX Runtime u8s8 kernels are exact (%s); this CPU (%s) "
+                    "saturates int16 sums with 8-bit weight codes, so the ONNX Runtime parity measured at "
+                    "compression time no longer holds here: re-quantize on this machine, or quantize with "
+                    "weights.reduce_range: true (7-bit codes, exact on every CPU) to be portable",
+                    where, then.get("isa"), now["isa"])
+    else:
+        log.warning("%s was quantized on a CPU whose ONNX Runtime u8s8 kernels saturate (%s): its 7-bit weight "
+                    "codes (reduce_range auto) still run exactly on this CPU (%s), but re-quantizing here "
+                    "gives full 8-bit codes", where, then.get("isa"), now["isa"])
+    return True

@@ -27,10 +27,14 @@ def _version(pkg: str) -> str | None:
 
 
 def environment(threads: int) -> dict:
+    """Facts for the report; ``isa`` is the integer kernel class the quantization steps assume
+    (:func:`nnsqueeze.isa.describe`), also written to the artifact manifest."""
     import os
 
+    from .isa import describe
+
     return {
-        "cpu": cpu_model(), "cpu_count": os.cpu_count(), "threads": threads,
+        "cpu": cpu_model(), "cpu_count": os.cpu_count(), "threads": threads, "isa": describe(),
         "python": platform.python_version(), "platform": platform.platform(),
         **{pkg: _version(pkg) for pkg in ("nnsqueeze", "torch", "onnx", "onnxruntime", "numpy")},
     }

@@ -28,6 +28,7 @@ from .context import Context
 from .data import as_batches, call_model, describe, shapes, split, stage, take, to_device
 from .env import environment
 from .errors import DataError, ModelError, NnsqueezeError, RecipeError
+from .isa import describe as isa_describe
 from .evaluate import latency_batch, measure
 from .metrics import checked, get_metric
 from .recipe import FORMAT_VERSION, Recipe, load_recipe
@@ -54,6 +55,8 @@ class CompressionResult:
             "format_version": FORMAT_VERSION, "nnsqueeze_version": __version__,
             "recipe": self.recipe.to_dict(), "steps": self.records, "layers": self.report.get("layers", {}),
             "files": {"weights": artifact.WEIGHTS, "onnx": "model.onnx" if self.onnx else None},
+            # the CPU kernel class reduce_range 'auto' and the ORT parity check assumed (see nnsqueeze.isa)
+            "isa": self.report.get("environment", {}).get("isa") or isa_describe(),
         }
 
     def save(self, out: str | Path, format: str | None = None, tokenizer: Any = None, overwrite: bool = False,

@@ -196,7 +196,9 @@ class Report(dict):
             out += ["", "## Notes", ""] + [f"- {n['step']}: {n['note']}" for n in self["notes"]]
         env = self.get("environment", {})
         if env:
-            out += ["", "## Environment", ""] + [f"- {k}: {v}" for k, v in env.items()]
+            out += ["", "## Environment", ""] + [
+                f"- {k}: " + (", ".join(f"{a}={b}" for a, b in v.items()) if isinstance(v, dict) else f"{v}")
+                for k, v in env.items()]
         return "\n".join(out) + "\n"
 
     def print(self, console=None) -> None:

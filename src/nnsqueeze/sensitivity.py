@@ -130,9 +130,9 @@ def _resolve_reduce_range(weights: dict[str, Any]) -> dict[str, Any]:
     """Decide 'auto' reduced range once, so every trial uses the same grid and logs nothing."""
     w = dict(weights)
     if w.get("bits", 8) == 8 and w.get("reduce_range", "auto") == "auto":
-        from .export.ort import u8s8_may_saturate
+        from .isa import u8s8_saturates
 
-        w["reduce_range"] = bool(u8s8_may_saturate())
+        w["reduce_range"] = u8s8_saturates()
     return w
 
 

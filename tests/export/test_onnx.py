@@ -68,6 +68,7 @@ def test_fp32_export_plain_and_verified(tiny_cnn, toy_data, tmp_path):
     assert sorted(os.listdir(tmp_path)) == ["m.onnx"]  # no temp files left
 
 
+@pytest.mark.ort_isa
 def test_int8_export_runs_int8_kernels_with_parity(tiny_cnn, toy_data, tmp_path):
     model = quantize(tiny_cnn, toy_data["calib"])
     path = tmp_path / "q.onnx"
@@ -99,6 +100,7 @@ def test_int8_export_runs_int8_kernels_with_parity(tiny_cnn, toy_data, tmp_path)
                and numpy_helper.to_array(i).any() for i in g.initializer) == 4
 
 
+@pytest.mark.ort_isa
 @pytest.mark.skipif(u8s8_may_saturate(), reason="8-bit weights saturate ORT's u8s8 kernels on x86 without VNNI")
 def test_int8_export_full_8bit_weights(tiny_cnn, toy_data, tmp_path):
     model = quantize(tiny_cnn, toy_data["calib"], reduce_range=False)
@@ -106,6 +108,7 @@ def test_int8_export_full_8bit_weights(tiny_cnn, toy_data, tmp_path):
     assert figs["max_abs_diff"] <= figs["tolerance"] and figs["ort_int8_ops"]["QLinearConv"] == 2
 
 
+@pytest.mark.ort_isa
 def test_demo_cnn_size_ratio_and_fusion(tmp_path):
     torch.manual_seed(0)
     fp = demo_cnn()

@@ -6,10 +6,9 @@ import pytest
 import torch
 from torch import nn
 
-import nnsqueeze.export.ort as ort_mod
 from nnsqueeze.errors import DataError, ExportError
 from nnsqueeze.export.onnx import export_onnx
-from nnsqueeze.export.ort import OrtModule, optimized_op_types, ort_latency_ms, u8s8_may_saturate
+from nnsqueeze.export.ort import OrtModule, optimized_op_types, ort_latency_ms
 
 
 class TwoInTwoOut(nn.Module):
@@ -83,19 +82,3 @@ def test_unloadable_model_is_an_export_error(tmp_path):
     p.write_bytes(b"not onnx")
     with pytest.raises(ExportError, match="cannot load"):
         OrtModule(p)
-
-
-@pytest.mark.parametrize("machine,flags,expected", [
-    ("x86_64", {"avx2", "fma"}, True),
-    ("x86_64", {"avx2", "avx512f", "avx512bw"}, True),
-    ("x86_64", {"avx2", "avx512_vnni"}, False),
-    ("x86_64", {"avx2", "avx_vnni"}, False),
-    ("x86_64", None, True),
-    ("aarch64", None, False),
-])
-def test_u8s8_saturation_check(monkeypatch, machine, flags, expected):
-    import platform
-
-    monkeypatch.setattr(platform, "machine", lambda: machine)
-    monkeypatch.setattr(ort_mod, "_cpu_flags", lambda: flags)
-    assert u8s8_may_saturate() is expected

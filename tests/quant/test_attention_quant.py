@@ -55,6 +55,7 @@ def _ort(path, batch, tmp_path):
     return torch.from_numpy(out), [n.op_type for n in onnx.load(str(tmp_path / "opt.onnx")).graph.node]
 
 
+@pytest.mark.ort_isa
 def test_dynamic_int_matmul_is_ort_exact():
     """Independent reference: ORT running DynamicQuantizeLinear x2 -> MatMulInteger -> scale."""
     import onnx

@@ -7,7 +7,9 @@ import torch
 from torch import nn
 
 from nnsqueeze.export.onnx import export_onnx
+from nnsqueeze.errors import ExportError
 from nnsqueeze.export.ort import OrtModule
+from nnsqueeze.isa import describe, u8s8_saturates
 from nnsqueeze.quant.dynamic import DynamicQuantLinear, convert_dynamic_
 
 
@@ -15,13 +17,23 @@ def _mlp():
     return nn.Sequential(nn.Linear(37, 29), nn.GELU(), nn.Linear(29, 11)).eval()
 
 
+@pytest.mark.ort_isa
 @pytest.mark.parametrize("bits,signed", [(8, False), (7, True), (8, True)])
 def test_export_is_bit_exact_and_fused(tmp_path, bits, signed):
+    torch.manual_seed(0)
     m = _mlp()
     fp32 = export_onnx(m, tmp_path / "f.onnx", torch.randn(3, 5, 37))["size_bytes"]
     for layer in (m[0], m[2]):
         convert_dynamic_(layer, bits=bits, signed=signed)
     x = torch.randn(3, 5, 37)
+    if bits == 8 and signed and u8s8_saturates():
+        # ORT's u8s8 kernels here (x86 without VNNI) saturate with 8-bit weight codes: the parity
+        # check must refuse the export and say why, naming this CPU's ISA.
+        with pytest.raises(ExportError, match="differs") as e:
+            export_onnx(m, tmp_path / "m.onnx", x, samples=[torch.randn(2, 5, 37) * 4])
+        assert describe()["isa"] in e.value.fix and "reduce_range" in e.value.fix
+        assert not (tmp_path / "m.onnx").exists()
+        return
     fig = export_onnx(m, tmp_path / "m.onnx", x, samples=[torch.randn(2, 5, 37) * 4])
     assert fig["ort_int8_ops"] == {"DynamicQuantizeMatMul": 2}
     assert fig["max_abs_diff"] < 1e-6  # same integer arithmetic as ORT (GELU in float differs by 1 ulp)
@@ -48,6 +60,7 @@ def test_only_plain_linear():
         convert_dynamic_(MyLinear(3, 3))
 
 
+@pytest.mark.ort_isa
 def test_single_layer_bit_exact(tmp_path):
     layer = convert_dynamic_(nn.Linear(1536, 384), bits=8, signed=False).eval()
     x = torch.randn(2, 33, 1536).abs() * 3

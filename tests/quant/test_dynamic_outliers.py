@@ -87,6 +87,7 @@ class _QKV(nn.Module):
         return self.o(a)
 
 
+@pytest.mark.ort_isa
 def test_step_outliers_and_ort_parity(tmp_path):
     torch.manual_seed(0)
     model = _QKV().eval()
@@ -121,6 +122,7 @@ def test_fp16_ceil_is_smallest_fp16_not_below():
     assert torch.equal(fp16_ceil(torch.tensor([1e-6, 0.1])), torch.tensor([1e-6, 0.1]))  # outside fp16 normals
 
 
+@pytest.mark.ort_isa
 def test_embedding_scales_and_outliers_stored_as_fp16_exactly(tmp_path):
     import onnx
     from onnx import numpy_helper

@@ -118,6 +118,7 @@ def test_pack_unpack_bit_exact(sch):
     assert torch.equal(sd["weight"], layer.fake_quant_weight().detach())
 
 
+@pytest.mark.ort_isa
 @pytest.mark.parametrize("sch,int8", [(WeightScheme(bits=4), True), (WeightScheme(bits=3, granularity="per-tensor"), True),
                                       (WeightScheme(bits=4, granularity="per-group", group_size=3), False),
                                       (WeightScheme(bits=4, symmetric=False), False),

@@ -62,12 +62,14 @@ def _err(model, ref_model, data):
     return num / den
 
 
+@pytest.mark.ort_isa
 def test_smoothed_layer_is_exact_in_torch_and_in_ort(tmp_path):
     torch.manual_seed(0)
     layer = nn.Linear(11, 7)
     ref = layer.weight.detach().clone()
     s = torch.rand(11, dtype=torch.float64) * 4 + 0.25
-    q = convert_dynamic_(layer, bits=8, signed=True, smooth=s).eval()
+    # bits=None: 8-bit codes, 7 where this CPU's ORT u8s8 kernels saturate (else ORT cannot be exact)
+    q = convert_dynamic_(layer, bits=None, signed=True, smooth=s).eval()
     x = torch.randn(3, 5, 11)
     # Stored weight is W*s; the layer multiplies its input by 1/s in float32 first.
     assert torch.allclose(q.weight.double(), ref.double() * s, rtol=1e-6)

@@ -177,9 +177,14 @@ def verify_onnx(model: nn.Module, onnx_bytes: bytes, batches: list, quantized: b
             if d > tol or d != d:
                 fix = ("check custom ops in forward; compare with verify=False and inspect the graph")
                 if quantized:
-                    fix = ("on x86 CPUs without VNNI, ORT's u8s8 kernels saturate int16 sums with 8-bit weights: "
-                           "quantize on this machine with weights.reduce_range: auto (the default) or true; "
-                           "otherwise pass atol=... if the difference is acceptable")
+                    from ..isa import describe
+
+                    isa = describe()
+                    fix = "pass atol=... if the difference is acceptable"
+                    if isa["u8s8_saturates"]:
+                        fix = (f"this CPU ({isa['isa']}, no VNNI) runs ORT's u8s8 kernels, which saturate int16 sums "
+                               "with 8-bit weights: quantize with weights.reduce_range: auto (the default) or true "
+                               "(7-bit weight codes), or weights.symmetric: false (u8u8) for dynamic layers; " + fix)
                 raise ExportError(where, f"ONNX Runtime output {oi} differs from the torch model by {d:.4g} "
                                   f"({'mean' if statistic == 'mean' else 'max'} abs) "
                                   f"(tolerance {tol:.4g}) on verification batch {bi}", fix=fix)

@@ -35,43 +35,12 @@ from ..limits import cap_threads
 Tensor = torch.Tensor
 
 
-_VNNI_FLAGS = {"avx512_vnni", "avx512vnni", "avx_vnni", "avxvnni", "amx_int8"}
-
-
-def _cpu_flags() -> set[str] | None:
-    """Lower-case CPU feature flags of this machine, or None when they cannot be read."""
-    import platform
-    import subprocess
-
-    try:
-        if platform.system() == "Linux":
-            with open("/proc/cpuinfo") as f:
-                for line in f:
-                    if line.startswith("flags"):
-                        return set(line.split(":", 1)[1].lower().split())
-        elif platform.system() == "Darwin":
-            out = subprocess.run(["sysctl", "-n", "machdep.cpu.features", "machdep.cpu.leaf7_features"],
-                                 capture_output=True, text=True, timeout=5).stdout
-            return {f.replace(".", "_") for f in out.lower().split()}
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return None
-
-
 def u8s8_may_saturate() -> bool:
-    """True where ONNX Runtime's uint8 x int8 kernels may saturate: x86 CPUs without VNNI.
+    """True where ONNX Runtime's uint8 x int8 kernels may saturate (x86 without VNNI); kept for
+    callers of earlier versions: see :func:`nnsqueeze.isa.u8s8_saturates`."""
+    from ..isa import u8s8_saturates
 
-    There MLAS multiplies with VPMADDUBSW, which adds two u8*s8 products into an int16 with
-    saturation (255 * 127 * 2 > 32767), so outputs drift from the exact int32 result. Weight
-    codes limited to 7 bits (|w| <= 63, ``reduce_range``) cannot saturate. VNNI (AVX512-VNNI,
-    AVX-VNNI) and non-x86 CPUs accumulate in int32 directly. Unknown x86 CPUs count as saturating.
-    """
-    import platform
-
-    if platform.machine().lower() not in ("x86_64", "amd64", "i386", "i686", "x86"):
-        return False
-    flags = _cpu_flags()
-    return True if flags is None else not (flags & _VNNI_FLAGS)
+    return u8s8_saturates()
 
 
 def session_options(threads: int | None = None, optimized_model_path: str | None = None,

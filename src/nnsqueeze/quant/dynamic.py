@@ -214,9 +214,12 @@ class DynamicQuantLinear(nn.Linear):
         return f"{super().extra_repr()}, w {kind} per-channel, a uint8 dynamic per-tensor{sm}"
 
 
-def convert_dynamic_(module: nn.Linear, bits: int = 8, signed: bool = True,
+def convert_dynamic_(module: nn.Linear, bits: int | None = None, signed: bool = True,
                      smooth: Tensor | None = None, outliers: Tensor | None = None) -> DynamicQuantLinear:
     """Turn a plain ``nn.Linear`` into a :class:`DynamicQuantLinear`, in place (same object).
+
+    ``bits=None``: 8, or 7 for signed codes where this CPU's ONNX Runtime u8s8 kernels saturate
+    (:func:`nnsqueeze.isa.u8s8_saturates`), so the exported layer computes what the layer does.
 
     ``smooth``: optional (in_features,) positive scales ``s``; ``outliers``: optional input channel
     indices computed in float32 instead (see the module docstring). The layer's float function is
@@ -224,6 +227,10 @@ def convert_dynamic_(module: nn.Linear, bits: int = 8, signed: bool = True,
     """
     if type(module) is not nn.Linear:
         raise TypeError(f"dynamic quantization converts plain nn.Linear, not {type(module).__name__}")
+    if bits is None:
+        from ..isa import u8s8_saturates
+
+        bits = 7 if signed and u8s8_saturates() else 8
     w0 = module.weight.detach().clone()
     module.__class__ = DynamicQuantLinear
     try:

@@ -322,18 +322,25 @@ class Quantize(Step):
             w = cfg.layer_weights.get(lname, cfg.weights)
             bits = w.bits
             sch = weight_scheme(w, bits)
-            if bits == 8 and sch.int8_kernels and w.reduce_range is not False:
-                from ..export.ort import u8s8_may_saturate
+            if bits == 8 and sch.int8_kernels:
+                from ..isa import describe
 
+                isa = describe()
                 if w.reduce_range is True:
                     bits = 7
-                elif u8s8_may_saturate():
+                elif w.reduce_range == "auto" and isa["u8s8_saturates"]:
                     bits = 7
                     if not rr_noted:
-                        ctx.fallback(name, "this CPU has no VNNI, where ONNX Runtime's u8s8 kernels saturate with "
-                                     "8-bit weights: using 7-bit weight codes (weights.reduce_range: auto; set "
-                                     "false to keep 8)")
+                        ctx.fallback(name, f"this CPU ({isa['isa']}) has no VNNI, where ONNX Runtime's u8s8 kernels "
+                                     "saturate with 8-bit weights: using 7-bit weight codes (weights.reduce_range: "
+                                     "auto; set false to keep 8)")
                         rr_noted = True
+                elif isa["u8s8_saturates"] and not rr_noted:
+                    # Kept as asked, but ORT on this CPU will not compute what the simulation does.
+                    ctx.fallback(name, f"weights.reduce_range: false on a CPU ({isa['isa']}) whose ONNX Runtime "
+                                 "u8s8 kernels saturate with 8-bit weights: ORT here will differ from the "
+                                 "simulation (fine for deployment on VNNI/ARM CPUs; use auto or true to run here)")
+                    rr_noted = True
                 sch = weight_scheme(w, bits)
             # A group_size that does not divide a row (C_in/groups * k) is kept: the last group of each
             # output channel is shorter, with its own scale (FakeQuantMixin.weight_groups).

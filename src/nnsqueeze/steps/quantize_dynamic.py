@@ -139,11 +139,12 @@ class QuantizeDynamic(Step):
             return w.bits
         if w.reduce_range is True:
             return 7
-        from ..export.ort import u8s8_may_saturate
+        from ..isa import describe
 
-        if u8s8_may_saturate():
-            ctx.fallback(self.registered_name, "this CPU has no VNNI, where ONNX Runtime's u8s8 kernels saturate "
-                         "with 8-bit weights: using 7-bit weight codes (weights.reduce_range: auto; "
+        isa = describe()
+        if isa["u8s8_saturates"]:
+            ctx.fallback(self.registered_name, f"this CPU ({isa['isa']}) has no VNNI, where ONNX Runtime's u8s8 "
+                         "kernels saturate with 8-bit weights: using 7-bit weight codes (weights.reduce_range: auto; "
                          "or use weights.symmetric: false for full 8-bit u8u8)")
             return 7
         return 8
