@@ -27,6 +27,7 @@ import csv
 import importlib.util
 import json
 import logging
+import struct
 from pathlib import Path
 from typing import Any
 
@@ -137,7 +138,8 @@ def load_gguf(path: str | Path) -> tuple[torch.nn.Module, Any]:
                          fix="pip install gguf (or pip install 'nnsqueeze[real]')")
     try:
         model = _gguf_model(p)
-    except (OSError, ValueError, KeyError, RuntimeError, NotImplementedError) as e:
+    # A truncated or foreign file fails inside the reader with struct/index errors.
+    except (OSError, ValueError, KeyError, RuntimeError, NotImplementedError, struct.error, IndexError, EOFError) as e:
         raise ModelError(str(path), f"transformers cannot load this GGUF file: {str(e)[:300]}",
                          fix="use a GGUF of an architecture transformers supports (llama, qwen2, mistral, ...)") from e
     return model, _tokenizer(p.parent, str(path), gguf_file=p.name)
