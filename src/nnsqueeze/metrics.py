@@ -56,6 +56,46 @@ def accuracy(model: Any, data: Iterable) -> float:
     return correct / total
 
 
+@METRICS.register("perplexity")
+@torch.no_grad()
+def perplexity(model: Any, data: Iterable) -> float:
+    """Perplexity of a causal LM over batches of token windows (LongTensor ``(b, seq_len)`` or dicts
+    with ``input_ids``): the protocol of :mod:`nnsqueeze.llm.perplexity`, i.e. within each window
+    token t is predicted from tokens < t, the first token is unscored, ``exp(mean NLL)`` in float64.
+    Lower is better."""
+    import torch.nn.functional as F
+
+    if hasattr(model, "eval"):
+        model.eval()
+    total, scored = 0.0, 0
+    for i, batch in enumerate(data):
+        inputs, _ = split(batch)
+        ids = inputs.get("input_ids") if isinstance(inputs, dict) else inputs
+        if not isinstance(ids, torch.Tensor) or ids.dim() != 2 or ids.is_floating_point():
+            raise DataError(_at(f"eval_data batch {i}"), "perplexity needs token ids: a (batch, seq_len) integer "
+                            "tensor or a dict with input_ids", fix="use nnsqueeze.hf_io.load_text_data for the data")
+        out = logits(call_model(model, inputs))
+        if out.dim() != 3 or out.shape[:2] != ids.shape:
+            raise DataError(_at(f"eval_data batch {i}"), f"the model's logits of shape {tuple(out.shape)} are not "
+                            f"(batch, seq_len, vocab) for input_ids {tuple(ids.shape)}",
+                            fix="perplexity is for causal LMs (task causal-lm)")
+        # Position t predicts token t+1.
+        total += float(F.cross_entropy(out[:, :-1].double().reshape(-1, out.shape[-1]),
+                                       ids[:, 1:].reshape(-1).to(out.device), reduction="sum"))
+        scored += ids[:, 1:].numel()
+    if scored == 0:
+        raise DataError("eval_data", "no tokens to score", fix="give windows of at least 2 tokens")
+    return math.exp(total / scored)
+
+
+perplexity.lower_is_better = True  # the report and the latency guard read this
+
+
+def lower_is_better(metric: Callable | None) -> bool:
+    """Whether smaller values of ``metric`` are better (set ``fn.lower_is_better = True`` on a callable)."""
+    return bool(getattr(metric, "lower_is_better", False))
+
+
 def get_metric(metric: str | Callable | None) -> tuple[Callable | None, str | None]:
     """(callable, name) for a metric name or a user callable ``(model, data) -> float``."""
     if metric is None:

@@ -30,7 +30,7 @@ from .env import environment
 from .errors import DataError, ModelError, NnsqueezeError, RecipeError
 from .isa import describe as isa_describe
 from .evaluate import latency_batch, measure
-from .metrics import checked, get_metric
+from .metrics import checked, get_metric, lower_is_better
 from .recipe import FORMAT_VERSION, Recipe, load_recipe
 from .registry import EXPORTERS, STEPS
 from .report import Report, ReportBuilder
@@ -255,6 +255,8 @@ def compress(
     onnx_cfg = recipe.export.onnx
     measured = {"latency_batch": _batch_size(lat_inputs), "threads": ev.threads, "runs": ev.runs,
                 "warmup": ev.warmup, "metric": metric_name}
+    if lower_is_better(metric_fn):  # e.g. perplexity: the report's change column reads it
+        measured["lower_is_better"] = True
 
     with tempfile.TemporaryDirectory(prefix="nnsqueeze-") as tmp:
         exporter = EXPORTERS.get("onnx") if onnx_cfg is not None else None
@@ -364,10 +366,18 @@ class _Guard:
                                          names + ops))
         cands.append(Candidate("baseline", bl, rb.baseline.get("accuracy"), rb.baseline.get("size_bytes"),
                                payload="baseline"))
-        best = choose(cands, rb.compressed.get("accuracy"))
+        # choose() keeps candidates whose metric is not lower than the reference: for a metric where
+        # lower is better (perplexity) it compares negated values; the report shows the real ones.
+        sign = -1 if lower_is_better(self.metric_fn) else 1
+        for c in cands:
+            c.metric = None if c.metric is None else sign * c.metric
+        best = choose(cands, None if rb.compressed.get("accuracy") is None else sign * rb.compressed["accuracy"])
+        rows = [c.row() for c in cands]
+        for r in rows:
+            r["metric"] = None if r["metric"] is None else sign * r["metric"]
         rb.export["latency_guard"] = {
             "baseline_ms": bl, "compressed_ms": cl,
-            "candidates": [c.row() for c in cands], "chosen": best.name,
+            "candidates": rows, "chosen": best.name,
             "applied": best.name != "compressed",
             "layer_ms": {n: {"quantized": round(q, 4), "float": round(f, 4)} for n, (q, f) in timings.items()}}
         what = (f"the compressed ONNX model is slower than the fp32 baseline in ONNX Runtime ({cl:.4g} ms vs "

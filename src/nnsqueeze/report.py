@@ -131,6 +131,15 @@ def _ratio(key: str, b: Any, c: Any) -> str:
     return f"{b / c:.2f}x {better}" if b >= c else f"{c / b:.2f}x {worse}"
 
 
+def _lower_change(b: Any, c: Any) -> str:
+    """Change of a metric where lower is better (perplexity): relative, with its direction named."""
+    if not isinstance(b, (int, float)) or not isinstance(c, (int, float)) or isinstance(b, bool) or b == 0:
+        return "-"
+    if b == c:
+        return "same"
+    return f"{100 * (c - b) / abs(b):+.2f}% ({'worse' if c > b else 'better'})"
+
+
 class Report(dict):
     """A finished report; a plain dict with renderers."""
 
@@ -164,9 +173,15 @@ class Report(dict):
 
     def summary_rows(self) -> list[tuple[str, str, str, str]]:
         b, c = self.get("baseline", {}), self.get("compressed", {})
+        measured = b.get("measured") or c.get("measured") or {}
         rows = []
         for k in SUMMARY_KEYS:
             if k in b or k in c:
+                if k == "accuracy" and measured.get("lower_is_better"):
+                    # The metric slot holds e.g. perplexity: name it, and call a rise worse.
+                    rows.append((measured.get("metric") or "metric", _fmt("", b.get(k)), _fmt("", c.get(k)),
+                                 _lower_change(b.get(k), c.get(k))))
+                    continue
                 rows.append((k, _fmt(k, b.get(k)), _fmt(k, c.get(k)), _ratio(k, b.get(k), c.get(k))))
         return rows
 
