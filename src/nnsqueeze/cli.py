@@ -24,7 +24,7 @@ from typing import Any, Optional
 import typer
 from rich.console import Console
 
-from .errors import DataError, ModelError, NnsqueezeError
+from .errors import DataError, ExportError, ModelError, NnsqueezeError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Make trained PyTorch models smaller and faster, measured and verified in ONNX Runtime.")
@@ -171,36 +171,68 @@ def _run(fn) -> None:
 
 @app.command()
 def compress(
-    model: str = typer.Option(..., help="MODULE:FACTORY returning the fp32 torch model"),
+    model: str = typer.Option(..., help="MODULE:FACTORY returning the fp32 torch model, path/file.py:FACTORY, "
+                              "a Hugging Face model directory, or a .gguf file"),
     recipe: str = typer.Option(..., help="recipe YAML file or preset name (see `nnsqueeze recipes`)"),
-    data: str = typer.Option(..., help="'mnist1d' or MODULE:FACTORY returning {'train','calib','eval'} batches"),
-    out: Path = typer.Option(..., help="artifact directory to write (a new or empty one appears whole, atomically)"),
+    data: str = typer.Option(..., help="'mnist1d', MODULE:FACTORY returning {'train','calib','eval'} batches, or "
+                             "(with a Hugging Face --model) a text corpus: .txt, .jsonl/.csv/.parquet[:COLUMN], "
+                             "or a datasets directory"),
+    out: Path = typer.Option(..., help="directory to write (a new or empty one appears whole, atomically)"),
     weights: Optional[Path] = typer.Option(None, help=".safetensors (or torch state_dict) for the model"),
-    metric: str = typer.Option("accuracy", help="metric name"),
+    metric: Optional[str] = typer.Option(None, help="metric name (default: accuracy; perplexity for text data)"),
+    task: Optional[str] = typer.Option(None, help="causal-lm, feature-extraction or sequence-classification "
+                                       "(default: from the Hugging Face config's architectures)"),
+    seq_len: int = typer.Option(512, "--seq-len", help="tokens per calibration/evaluation window (text data)"),
+    samples: int = typer.Option(32, help="calibration windows (text data)"),
+    format: Optional[str] = typer.Option(None, "--format", help="write --out as a checkpoint other runtimes load "
+                                         "instead of an nnsqueeze artifact: compressed-tensors, gptq or gguf "
+                                         "(packed causal LMs, see docs/llm.md)"),
     overwrite: bool = typer.Option(False, "--overwrite", help=OVERWRITE_HELP),
 ) -> None:
     """Compress a model with a recipe, verify the ONNX export, write the artifact and print the report."""
 
     def go() -> None:
+        from . import hf_io
         from .artifact import check_out
         from .pipeline import compress as run
         from .recipe import load_recipe
 
+        if format is not None:
+            from .export.hf_formats import FORMATS
+
+            if format not in FORMATS:
+                raise ExportError("--format", f"unknown format {format!r}", fix=f"use one of: {', '.join(FORMATS)}")
         check_out(out, overwrite, where="--out")  # a refused or unwritable --out, before a long run
         r = load_recipe(recipe)  # fail fast on a bad recipe, before the model is even built
-        m = _call_factory(model, "--model", ModelError)
+        tokenizer = None
+        if hf_io.is_model_path(model):
+            m, tokenizer = hf_io.load_model(model, task)
+        else:
+            if task is not None:
+                raise ModelError("--task", "applies to a Hugging Face model directory or .gguf file only",
+                                 fix="drop --task, or give --model PATH_TO_HF_DIR")
+            m = _call_factory(model, "--model", ModelError)
         if weights is not None:
             _load_weights(m, weights)
-        d = _load_data(data)
+        if hf_io.is_text_path(data):
+            if tokenizer is None:
+                raise DataError("--data", f"{data} is text, and only a Hugging Face --model brings a tokenizer",
+                                fix="give --model PATH_TO_HF_DIR (with tokenizer files), or a MODULE:FACTORY "
+                                    "--data that returns token batches")
+            d = hf_io.load_text_data(data, tokenizer, seq_len=seq_len, samples=samples)
+            name = metric or ("perplexity" if hf_io.task_of_model(m) == "causal-lm" else None)
+        else:
+            d = _load_data(data)
+            name = metric or "accuracy"
         result = run(m, r, train_data=d.get("train"), calib_data=d.get("calib"), eval_data=d.get("eval"),
-                     metric=metric)
+                     metric=name)
         from . import distributed
 
         if not distributed.is_main():  # under torchrun, every rank computes; rank 0 alone writes
             return
         result.report.print(Console())
-        path = result.save(out, overwrite=overwrite)
-        Console().print(f"artifact written to [bold]{path}[/]")
+        path = result.save(out, format=format, tokenizer=tokenizer, overwrite=overwrite)
+        Console().print(f"{format or 'artifact'} written to [bold]{path}[/]")
 
     _run(go)
 

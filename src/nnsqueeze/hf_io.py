@@ -92,6 +92,14 @@ def task_of(architectures: list[str] | None, where: str = "config.json") -> str:
                      fix=f"give a model of a supported kind, or force one with --task {'|'.join(TASKS)}")
 
 
+def task_of_model(model: torch.nn.Module) -> str | None:
+    """The task of a loaded model, from its class name (what it computes), or None when unknown."""
+    try:
+        return task_of([type(model).__name__], where=type(model).__name__)
+    except ModelError:
+        return None
+
+
 def _check_task(task: str | None) -> None:
     if task is not None and task not in TASKS:
         raise ModelError("task", f"unknown task {task!r}", fix=f"use one of: {', '.join(TASKS)}")

@@ -1,0 +1,59 @@
+"""`nnsqueeze compress` on a Hugging Face directory and a text file, out as an open format: a real
+subprocess on a tiny random LLaMA (tests/tiny_llm.py), no network."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import tiny_llm
+
+RECIPE = """version: 1
+steps:
+  - gptq: {bits: 4, group_size: 32, samples: 4}
+export: {onnx: null}
+evaluate: {warmup: 0, runs: 1, per_step: false}
+"""
+
+
+def nsq(*args, cwd):
+    return subprocess.run([sys.executable, "-m", "nnsqueeze", *args], capture_output=True, text=True, cwd=cwd,
+                          timeout=300)
+
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory):
+    d = tmp_path_factory.mktemp("cli_hf")
+    tiny_llm.write_hf_dir(d / "llm")
+    (d / "text.txt").write_text("\n".join(tiny_llm.SENTENCES * 40))
+    (d / "r.yaml").write_text(RECIPE)
+    (d / "build.py").write_text("import torch\ndef build():\n    return torch.nn.Linear(4, 4)\n")
+    return d
+
+
+def test_hf_dir_and_text_file_to_compressed_tensors(work):
+    p = nsq("compress", "--model", "llm", "--data", "text.txt", "--seq-len", "32", "--samples", "4",
+            "--recipe", "r.yaml", "--format", "compressed-tensors", "--out", "ct", cwd=work)
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert "perplexity" in p.stdout  # the metric defaults to perplexity for a causal LM on text
+    out = work / "ct"
+    qc = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert qc["format"] == "pack-quantized" and qc["config_groups"]["group_0"]["weights"]["group_size"] == 32
+    assert (out / "tokenizer.json").is_file() and (out / "generation_config.json").is_file()
+
+
+@pytest.mark.parametrize("args, words", [
+    (["--model", "build.py:build", "--data", "text.txt"], "only a Hugging Face --model brings a tokenizer"),
+    (["--model", "build.py:build", "--task", "causal-lm", "--data", "text.txt"], "--task"),
+    (["--model", "llm", "--data", "text.txt", "--format", "onnx-int3"], "unknown format 'onnx-int3'"),
+    (["--model", "llm", "--task", "translation", "--data", "text.txt"], "unknown task 'translation'"),
+    (["--model", "nowhere/llm", "--data", "text.txt"], "no such file or directory"),
+    (["--model", "llm", "--data", "missing.txt"], "missing.txt"),
+])
+def test_bad_hf_inputs_exit_2_without_writing(work, args, words):
+    p = nsq("compress", *args, "--recipe", "r.yaml", "--out", "bad", cwd=work)
+    assert p.returncode == 2, p.stderr[-2000:]
+    assert words in " ".join(p.stderr.split()) and "Traceback" not in p.stderr
+    assert not (work / "bad").exists()
