@@ -4,6 +4,8 @@ codes, packed int4 in the artifact, rebuilt by ``nsq.load``; logits equal the si
 from __future__ import annotations
 
 
+import json
+
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -154,3 +156,17 @@ def test_scale_dtype_fp16_packs_fp16_scales_and_bad_value_is_a_recipe_error():
     assert res.records[0]["record"]["scale_dtype"] == "fp16"
     with pytest.raises(RecipeError, match="scale_dtype"):
         load_recipe({"version": 1, "steps": [{"rtn": {"scale_dtype": "fp8"}}]})
+
+
+def test_clip_option_packs_records_and_bad_values_are_recipe_errors(tmp_path):
+    cfg = {"bits": 4, "group_size": 32, "samples": 4, "clip": {"method": "mse", "grid": 10, "min_ratio": 0.6}}
+    res = compress(tiny, "gptq", cfg)
+    res.save(tmp_path / "a")
+    rec = json.loads((tmp_path / "a" / "nnsqueeze.json").read_text())["steps"][0]["record"]
+    assert rec["clip"] == {"method": "mse", "grid": 10, "min_ratio": 0.6, "weighted": None}
+    assert torch.equal(logits(nsq.load(tmp_path / "a", model=tiny())), logits(res.model))
+    for step_name, bad in [("gptq", {"clip": {"method": "percentile"}}), ("gptq", {"clip": {"grid": 1}}),
+                           ("gptq", {"clip": {"min_ratio": 1.0}}), ("rtn", {"clip": {"weighted": True}}),
+                           ("awq", {"clip": {"method": "mse"}})]:
+        with pytest.raises(RecipeError):
+            load_recipe({"version": 1, "steps": [{step_name: bad}]})

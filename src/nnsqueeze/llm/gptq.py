@@ -27,6 +27,10 @@ Choices (the why):
   scale is computed when its first column is reached, from the already-updated weights (reference).
 - with ``H = c I`` nothing is propagated (the off-diagonal inverse is 0) and GPTQ equals RTN exactly.
 - math in float64 (Hessian, inverse, updates); the quantized values are float32 grid values.
+- MSE clipping (``clip_grid`` > 1): every group's scale is searched over clipped ranges (see
+  :mod:`nnsqueeze.llm.rtn`) before its columns are quantized, each column's squared error weighted
+  by ``H[i, i]`` (``clip_weighted``, the layer-output error without cross terms) or not; the error
+  feedback then works on that grid.
 """
 
 from __future__ import annotations
@@ -105,7 +109,8 @@ def gptq_quantize(w: Tensor, hessian: Tensor, bits: int = 4, group_size: int | N
                   symmetric: bool = True, damp_percent: float = 0.01, act_order: bool = False,
                   block_size: int = 128, max_damp_percent: float = 10.0,
                   on_note: Callable[[str], None] | None = None, where: str = "gptq",
-                  mask: Tensor | None = None, scale_dtype: str = "fp32") -> GPTQResult:
+                  mask: Tensor | None = None, scale_dtype: str = "fp32", clip_grid: int = 1,
+                  clip_min: float = 0.5, clip_weighted: bool = True) -> GPTQResult:
     """Quantize ``w`` (out, in) with GPTQ given the layer Hessian (in, in). See the module docstring.
 
     ``mask`` (out, in) bool, ``True`` = keep: pruned weights stay exactly 0 (a pruned model's zeros
@@ -116,7 +121,7 @@ def gptq_quantize(w: Tensor, hessian: Tensor, bits: int = 4, group_size: int | N
         raise ValueError(f"gptq_quantize: weight {tuple(w.shape)} and Hessian {tuple(hessian.shape)} do not match")
     if not torch.isfinite(hessian).all():
         raise HessianError(where, "the Hessian has non-finite entries", fix="check the calibration data")
-    grid = QuantGrid(bits, group_size, symmetric, scale_dtype)
+    grid = QuantGrid(bits, group_size, symmetric, scale_dtype, clip_grid, clip_min)
     rows, cols = w.shape
     W = w.detach().to(torch.float64).clone()
     H = hessian.detach().to(torch.float64).clone()
@@ -126,6 +131,7 @@ def gptq_quantize(w: Tensor, hessian: Tensor, bits: int = 4, group_size: int | N
     dead = torch.diagonal(H) == 0
     H[dead, dead] = 1.0
     W[:, dead] = 0.0
+    imp = torch.diagonal(H).clone() if clip_weighted else None  # original column order
 
     groups = grid.groups(cols)
     gsize = groups[0][1] - groups[0][0]
@@ -135,7 +141,7 @@ def gptq_quantize(w: Tensor, hessian: Tensor, bits: int = 4, group_size: int | N
     if act_order:
         # Static groups: params from the un-updated weight, then columns in decreasing H_ii order.
         for g, (a, b) in enumerate(groups):
-            scale[:, g], zero[:, g] = grid.params(W[:, a:b].float())
+            scale[:, g], zero[:, g] = grid.params(W[:, a:b].float(), None if imp is None else imp[a:b])
         perm = torch.argsort(torch.diagonal(H), descending=True, stable=True)
         W, H = W[:, perm], H[perm][:, perm]
         keep = None if keep is None else keep[:, perm]
@@ -158,7 +164,7 @@ def gptq_quantize(w: Tensor, hessian: Tensor, bits: int = 4, group_size: int | N
                 cur = W1[:, i:i + gsize]
                 if cur.shape[1] < gsize:
                     cur = torch.cat([cur, W[:, i2:i2 + gsize - cur.shape[1]]], 1)
-                scale[:, g], zero[:, g] = grid.params(cur.float())
+                scale[:, g], zero[:, g] = grid.params(cur.float(), None if imp is None else imp[col:col + cur.shape[1]])
             wcol = W1[:, i]
             q = grid.fake(wcol.float().unsqueeze(1), scale[:, g], zero[:, g]).squeeze(1).double()
             if keep is not None:

@@ -12,7 +12,13 @@ the grid and the rounding (half to even, fp32 division) are exactly ONNX Runtime
 ``group_size=None`` (or -1) means one group per row (per-channel). ``scale_dtype`` (``"fp16"``,
 ``"bf16"``; default ``"fp32"``) makes every scale a value of that type (rounded *up*, so the range
 still fits and nothing extra is clipped) and chooses the codes against it: a file format that
-stores fp16 scales (GPTQ, GGUF) then holds the model exactly. The scales stay float32 tensors::
+stores fp16 scales (GPTQ, GGUF) then holds the model exactly. The scales stay float32 tensors.
+
+MSE clipping (``clip_grid`` > 1): per (row, group), the range ``[lo, hi]`` is shrunk to
+``[r lo, r hi]`` for ``clip_grid`` ratios ``r`` evenly spaced from 1 down to ``clip_min``, and the
+ratio whose quantized group has the smallest squared error (weighted per column by ``importance``,
+e.g. GPTQ's Hessian diagonal) wins; ratio 1 (no clipping) is on the grid and wins ties, so the
+error never grows. Clipping a few outliers buys a finer step for all the other weights::
 
     >>> import torch
     >>> from nnsqueeze.llm.rtn import rtn_quantize
@@ -63,9 +69,13 @@ class QuantGrid:
     group_size: int | None = 128
     symmetric: bool = True
     scale_dtype: str = "fp32"
+    clip_grid: int = 1          # ratios searched per group (1: no clipping)
+    clip_min: float = 0.5       # smallest ratio of the range tried
 
     def __post_init__(self) -> None:
         qrange(self.bits, self.symmetric)  # validates bits
+        if self.clip_grid < 1 or not 0.0 < self.clip_min <= 1.0:
+            raise ValueError(f"clip_grid must be >= 1 and clip_min in (0, 1], got {self.clip_grid}, {self.clip_min}")
         if self.scale_dtype not in SCALE_DTYPES:
             raise ValueError(f"scale_dtype must be one of {sorted(SCALE_DTYPES)}, got {self.scale_dtype!r}")
         if self.group_size is not None and self.group_size == -1:
@@ -82,9 +92,36 @@ class QuantGrid:
         g = self.group_size or columns
         return [(s, min(s + g, columns)) for s in range(0, columns, g)]
 
-    def params(self, w: Tensor) -> tuple[Tensor, Tensor]:
-        """Per-row scale / zero point, shape ``(rows,)``, covering all columns of ``w`` (rows, cols)."""
+    @property
+    def clip_ratios(self) -> list[float]:
+        """The clip ratios searched, from 1.0 (no clipping) down to ``clip_min``."""
+        n = self.clip_grid
+        return [1.0] if n == 1 else [1.0 - (1.0 - self.clip_min) * i / (n - 1) for i in range(n)]
+
+    def params(self, w: Tensor, importance: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """Per-row scale / zero point, shape ``(rows,)``, for ``w`` (rows, cols): covering all columns,
+        or, with ``clip_grid`` > 1, the MSE-best clipped range (``importance`` (cols,): column weights)."""
         lo, hi = w.amin(dim=1), w.amax(dim=1)
+        scale, zp = self._params_at(lo, hi)
+        if self.clip_grid == 1:
+            return scale, zp
+        wt = (torch.ones(w.shape[1], dtype=torch.float64, device=w.device) if importance is None
+              else importance.to(w.device, torch.float64))
+        best = self._error(w, scale, zp, wt)
+        for r in self.clip_ratios[1:]:
+            s, z = self._params_at(lo * r, hi * r)
+            e = self._error(w, s, z, wt)
+            better = e < best  # strict: on ties the larger ratio (less clipping) stays
+            scale, zp, best = torch.where(better, s, scale), torch.where(better, z, zp), torch.where(better, e, best)
+        return scale, zp
+
+    def _error(self, w: Tensor, scale: Tensor, zp: Tensor, wt: Tensor) -> Tensor:
+        """Per-row ``sum_j wt_j (w - Q(w))_j^2`` (float64)."""
+        d = w.double() - self.fake(w.float(), scale, zp).double()
+        return (d * d * wt.unsqueeze(0)).sum(1)
+
+    def _params_at(self, lo: Tensor, hi: Tensor) -> tuple[Tensor, Tensor]:
+        """Scale / zero point covering ``[lo, hi]`` per row, the scale a value of ``scale_dtype``."""
         scale, zp = qparams(lo, hi, bits=self.bits, symmetric=self.symmetric)
         if self.scale_dtype == "fp32":
             return scale, zp
@@ -108,11 +145,12 @@ class QuantResult:
 
 
 def rtn_quantize(w: Tensor, bits: int = 4, group_size: int | None = 128, symmetric: bool = True,
-                 scale_dtype: str = "fp32") -> QuantResult:
-    """Round-to-nearest quantization of ``w`` (out, in), group-wise along the input dimension."""
+                 scale_dtype: str = "fp32", clip_grid: int = 1, clip_min: float = 0.5) -> QuantResult:
+    """Round-to-nearest quantization of ``w`` (out, in), group-wise along the input dimension
+    (``clip_grid`` > 1: MSE-searched clipping per group, see the module docstring)."""
     if w.dim() != 2:
         raise ValueError(f"rtn_quantize expects a 2-d (out, in) weight, got shape {tuple(w.shape)}")
-    grid = QuantGrid(bits, group_size, symmetric, scale_dtype)
+    grid = QuantGrid(bits, group_size, symmetric, scale_dtype, clip_grid, clip_min)
     w32 = w.detach().to(torch.float32)
     out = torch.empty_like(w32)
     scales, zps = [], []

@@ -17,7 +17,7 @@ import re
 from typing import Any, Callable, Literal
 
 import torch
-from pydantic import Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 from torch import nn
 
 from ..data import take
@@ -66,6 +66,18 @@ class QuantScheme(StepConfig):
         if v < 1:
             raise ValueError(f"group_size must be >= 1, -1 or null, got {v}")
         return v
+
+
+class ClipConfig(BaseModel):
+    """``clip: {method: mse, grid: 20, min_ratio: 0.5}`` (rtn, gptq): per group, the clip ratio of the
+    range (``grid`` values from 1.0 down to ``min_ratio``) with the least quantization error."""
+
+    model_config = ConfigDict(extra="forbid")
+    method: Literal["mse"] = "mse"
+    grid: int = Field(20, ge=2, le=1000, description="ratios tried per group, 1.0 included")
+    min_ratio: float = Field(0.5, gt=0.0, lt=1.0, description="smallest fraction of the range tried")
+    weighted: bool | None = Field(None, description="weight each column's error by the Hessian diagonal "
+                                  "(gptq; default true there); rtn has no data: plain MSE")
 
 
 class QuantFields(QuantScheme, LLMStepConfig):

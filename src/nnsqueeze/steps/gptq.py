@@ -16,6 +16,11 @@ codes and zero points are stored as they are. transformers' ``Conv1D`` (GPT-2) i
                samples: 128, ignore: ["re:.*\\\\.mlp\\\\.down_proj"]}
       - rtn:  {bits: 8, group_size: null}          # no calibration data needed
       - rtn:  {bits: 4, group_size: 32, scale_dtype: fp16}   # scales exact in fp16 (GPTQ/GGUF exports)
+      - gptq: {bits: 4, group_size: 128, clip: {method: mse, grid: 20, min_ratio: 0.5}}
+
+``clip`` (both steps): per group, the clipped range with the least squared quantization error
+(gptq: each column weighted by the Hessian diagonal unless ``weighted: false``) instead of the full
+min/max range; see :mod:`nnsqueeze.llm.rtn`. Off (null) by default.
 
 Per layer the report gets ``error`` (relative output error ``||X dW^T|| / ||X W^T||`` on the
 calibration tokens), ``rtn_error`` (the same for round-to-nearest, for comparison), the scheme and
@@ -45,7 +50,7 @@ from ..quant.weight_only import WeightOnlyLinear, convert_weight_only_
 from ..registry import STEPS
 from .base import recorded_module
 from ..targets import set_module
-from ._llm import LLMStep, QuantFields, QuantScheme, relative_error
+from ._llm import ClipConfig, LLMStep, QuantFields, QuantScheme, relative_error
 
 _PACK = Field(True, description="store WeightOnlyLinear modules with packed int4/int8 codes "
               "(bits 4/8, group_size a power of two >= 16 or null); false: simulated float weights")
@@ -63,14 +68,34 @@ def _check_pack(c):
     return c
 
 
+_CLIP = Field(None, description="MSE clipping search per group, e.g. {method: mse, grid: 20, min_ratio: 0.5}")
+
+
+def _clip_args(clip: ClipConfig | None) -> dict[str, Any]:
+    """``QuantGrid`` clip arguments of a ``clip`` config (None: no search)."""
+    if clip is None:
+        return {"clip_grid": 1}
+    return {"clip_grid": clip.grid, "clip_min": clip.min_ratio}
+
+
+def _check_rtn_clip(c):
+    if c.clip is not None and c.clip.weighted:
+        raise ValueError("clip.weighted needs the Hessian of calibration data, which rtn does not use; "
+                         "remove clip.weighted (rtn clips by plain MSE) or use gptq")
+    return c
+
+
 class RTNConfig(QuantScheme):
     pack: bool = _PACK
+    clip: ClipConfig | None = _CLIP
 
     _pack_ok = model_validator(mode="after")(_check_pack)
+    _clip_ok = model_validator(mode="after")(_check_rtn_clip)
 
 
 class GPTQConfig(QuantFields):
     pack: bool = _PACK
+    clip: ClipConfig | None = _CLIP
     damp_percent: float = Field(0.01, gt=0.0, le=1.0, description="dampening, fraction of mean(diag H)")
     act_order: bool = Field(False, description="quantize columns by decreasing Hessian diagonal")
     block_size: int = Field(128, ge=1, description="columns per lazy-update block")
@@ -181,8 +206,9 @@ class _WeightQuantStep(LLMStep):
     """Shared by rtn and gptq: the record names the layers and the scheme; rebuild re-packs them."""
 
     def record(self):
+        clip = self.config.clip
         return {"layers": self.layers_, **_scheme(self.config), "pack": self.config.pack,
-                "scale_dtype": self.config.scale_dtype}
+                "scale_dtype": self.config.scale_dtype, "clip": None if clip is None else clip.model_dump()}
 
     @classmethod
     def rebuild(cls, model, config, record):
@@ -229,7 +255,7 @@ class RTN(_WeightQuantStep):
         taken = {n for n, _ in layers}
         for name, mod in layers + [(n, m) for n, m in outside if n not in taken]:
             w = get_weight(mod)
-            r = rtn_quantize(w, c.bits, c.group_size, c.symmetric, c.scale_dtype)
+            r = rtn_quantize(w, c.bits, c.group_size, c.symmetric, c.scale_dtype, **_clip_args(c.clip))
             q = r.weight
             set_weight(mod, q)
             ctx.report.layer(name, method="rtn", weight_sqnr_db=round(sqnr_db(w, q), 3), **_scheme(c))
@@ -258,7 +284,8 @@ class GPTQ(_WeightQuantStep):
             w = get_weight(mod)
             r = gptq_quantize(w, acc.hessian, c.bits, c.group_size, c.symmetric, c.damp_percent, c.act_order,
                               c.block_size, c.max_damp_percent, on_note=lambda s: ctx.fallback("gptq", s),
-                              where=f"{self.where}: {name}", mask=_mask_oi(mod), scale_dtype=c.scale_dtype)
+                              where=f"{self.where}: {name}", mask=_mask_oi(mod), scale_dtype=c.scale_dtype,
+                              clip_weighted=c.clip is None or c.clip.weighted is not False, **_clip_args(c.clip))
             set_weight(mod, r.weight)
             if c.pack:
                 packs[name] = (r.weight, r.scale, r.zero_point)
