@@ -214,6 +214,10 @@ def compress(
             m = _call_factory(model, "--model", ModelError)
         if weights is not None:
             _load_weights(m, weights)
+        if format is not None:  # a scheme the format cannot hold fails now, not after the whole run
+            from .export.hf_formats import check_recipe
+
+            check_recipe(m, r, format)
         if hf_io.is_text_path(data):
             if tokenizer is None:
                 raise DataError("--data", f"{data} is text, and only a Hugging Face --model brings a tokenizer",

@@ -86,7 +86,8 @@ def packed_layers(model: nn.Module, fmt: str) -> dict[str, PackedLinear]:
     for name, m in layers.items():
         if "input_scale_" in m._buffers:
             raise ExportError(f"{name}", f"AWQ input scales (x / s before the layer) have no place in {fmt}",
-                              fix="quantize with `gptq` or `rtn` (pack: true), or awq with pack: false then rtn")
+                              fix="export with save_pretrained (it folds them into the previous ops), or quantize "
+                                  "with `gptq` or `rtn` (pack: true)")
     return layers
 
 
@@ -160,6 +161,10 @@ def save_pretrained(model: nn.Module, out: str | Path, format: str = "compressed
 
     if format not in FORMATS:
         raise ExportError("format", f"unknown format {format!r}", fix=f"use one of: {', '.join(FORMATS)}")
+    from .awq_fold import fold_awq
+
+    # AWQ input scales move into the previous ops (a folded copy; the caller's model is unchanged)
+    model = fold_awq(model, None if format == "compressed-tensors" else torch.float16)
     files, info = EXPORTERS.get(format)(model, tokenizer=tokenizer, config=config, **options)
     if format != "gguf":
         cfg = hf_config(model, config, format)
@@ -189,3 +194,8 @@ def pack_int32(codes: torch.Tensor, bits: int) -> torch.Tensor:
     shifts = torch.arange(per, dtype=torch.int64) * bits
     words = (c << shifts).sum(-1)                       # < 2**32, exact in int64
     return torch.where(words >= 2 ** 31, words - 2 ** 32, words).to(torch.int32)
+
+
+from .preflight import check_recipe  # noqa: E402  (preflight needs this module's names)
+
+__all__ = ["FORMATS", "check_recipe", "save_pretrained"]

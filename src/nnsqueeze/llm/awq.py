@@ -72,8 +72,10 @@ def quadratic_error(w: Tensor, w_hat: Tensor, hessian: Tensor) -> float:
 
 @torch.no_grad()
 def awq_search(w: Tensor, abs_mean: Tensor, hessian: Tensor, bits: int = 4, group_size: int | None = 128,
-               symmetric: bool = True, n_grid: int = 20, scale_dtype: str = "fp32") -> AWQResult:
-    """Search ``alpha`` in ``{0, 1/n_grid, ..., (n_grid-1)/n_grid}``; see the module docstring."""
+               symmetric: bool = True, n_grid: int = 20, scale_dtype: str = "fp32",
+               alpha: float | None = None) -> AWQResult:
+    """Search ``alpha`` in ``{0, 1/n_grid, ..., (n_grid-1)/n_grid}``; see the module docstring.
+    ``alpha`` given: use that exponent (found by :func:`shared_alpha` for layers sharing an input)."""
     cols = w.shape[1]
     if abs_mean.shape != (cols,) or hessian.shape != (cols, cols):
         raise ValueError(f"awq_search: weight {tuple(w.shape)}, abs_mean {tuple(abs_mean.shape)}, "
@@ -83,8 +85,9 @@ def awq_search(w: Tensor, abs_mean: Tensor, hessian: Tensor, bits: int = 4, grou
     a = abs_mean.to(torch.float64).clamp(min=max(float(abs_mean.max()) * 1e-6, 1e-12))
     best = None
     rtn_error = None
-    for k in range(n_grid):
-        alpha = k / n_grid
+    forced = alpha is not None   # k == 0 (plain RTN) still runs, for rtn_error
+    grid = [k / n_grid for k in range(n_grid)] if not forced else [0.0, float(alpha)]
+    for k, alpha in enumerate(grid):
         s = a ** alpha
         s = (s / (s.max() * s.min()).sqrt()).to(torch.float32)   # centre the scales around 1 (reference)
         r = rtn_quantize(w32 * s, bits, group_size, symmetric, scale_dtype)
@@ -92,7 +95,33 @@ def awq_search(w: Tensor, abs_mean: Tensor, hessian: Tensor, bits: int = 4, grou
         err = quadratic_error(w32, w_eff, hessian)
         if k == 0:
             rtn_error = err
-        if best is None or err < best[0]:
+        if best is None or err < best[0] or (forced and k == len(grid) - 1):
             best = (err, alpha, s, r, w_eff)
     err, alpha, s, r, w_eff = best
     return AWQResult(w_eff, r.weight, r.scale, r.zero_point, s, alpha, err, rtn_error)
+
+
+def awq_scales(abs_mean: Tensor, alpha: float) -> Tensor:
+    """The AWQ input scales ``mean|x|^alpha`` (centred around 1) that :func:`awq_search` uses."""
+    a = abs_mean.to(torch.float64).clamp(min=max(float(abs_mean.max()) * 1e-6, 1e-12))
+    s = a ** alpha
+    return (s / (s.max() * s.min()).sqrt()).to(torch.float32)
+
+
+@torch.no_grad()
+def shared_alpha(ws: list[Tensor], abs_mean: Tensor, hessian: Tensor, bits: int = 4, group_size: int | None = 128,
+                 symmetric: bool = True, n_grid: int = 20, scale_dtype: str = "fp32") -> float:
+    """The one ``alpha`` minimizing the summed output error of Linears that read the same input
+    (q/k/v, gate/up): their scales are then equal and fold into the op before them (AutoAWQ's way)."""
+    best = None
+    for k in range(n_grid):
+        alpha = k / n_grid
+        s = awq_scales(abs_mean, alpha)
+        err = 0.0
+        for w in ws:
+            w32 = w.detach().to(torch.float32)
+            err += quadratic_error(w32, rtn_quantize(w32 * s, bits, group_size, symmetric, scale_dtype).weight / s,
+                                   hessian)
+        if best is None or err < best[0]:
+            best = (err, alpha)
+    return best[1]

@@ -17,6 +17,14 @@ holding the int4/int8 codes of ``Q(W * s)`` plus an ``input_scale_`` ``s``: the 
 
     steps:
       - awq: {bits: 4, group_size: 128, pack: true}
+
+``share_scales: true`` (default false) gives the Linears that read the same input one exponent
+(q/k/v; gate/up; searched on their summed error) and, under grouped-query attention, ``o_proj`` scales
+averaged over the query heads that share a kv head: the scales then fold into the op before them as
+AutoAWQ does for LLaMA (the open-format exports need this, see :mod:`nnsqueeze.export.awq_fold`)::
+
+    steps:
+      - awq: {bits: 4, group_size: 128, pack: true, share_scales: true, scale_dtype: fp16}
 """
 
 from __future__ import annotations
@@ -24,7 +32,9 @@ from __future__ import annotations
 from pydantic import Field, model_validator
 from torch import nn
 
-from ..llm.awq import AWQAccumulator, awq_search
+import torch
+
+from ..llm.awq import AWQAccumulator, awq_search, shared_alpha
 from ..llm.packed import PackedLinear, add_input_scale_, pack_linear_
 from ..llm.rtn import rtn_quantize
 from ..llm.sequential import get_weight, set_weight
@@ -38,6 +48,9 @@ class AWQConfig(QuantFields):
     n_grid: int = Field(20, ge=1, le=200, description="alpha candidates: 0, 1/n, ..., (n-1)/n")
     pack: bool = Field(False, description="store PackedLinear modules: the codes of Q(W * s) and an input_scale_ "
                        "s (bits 4/8, group_size a power of two >= 16 or null); false: simulated float weights")
+    share_scales: bool = Field(False, description="one scale for the Linears reading the same input (q/k/v, "
+                               "gate/up) and GQA-consistent o_proj scales, so that they fold into the previous op "
+                               "(needed by the open-format exports)")
 
     _pack_ok = model_validator(mode="after")(_check_pack)
 
@@ -56,9 +69,22 @@ class AWQ(LLMStep):
 
         packs, scales = {}, {}
 
+        alphas: dict[str, float] = {}
+        chosen = {n for n, _ in layers}
+
         def apply(name, mod, acc):
             w = get_weight(mod)
-            r = awq_search(w, acc.abs_mean, acc.hessian, c.bits, c.group_size, c.symmetric, c.n_grid, c.scale_dtype)
+            mean, alpha = acc.abs_mean, None
+            if c.share_scales:
+                mean = gqa_mean(model, name, mean)
+                group = [n for n in siblings(name) if n in chosen]
+                if len(group) > 1:
+                    if name not in alphas:   # the first of the group searches for all (same input, same stats)
+                        a = shared_alpha([get_weight(model.get_submodule(n)) for n in group], mean, acc.hessian,
+                                         c.bits, c.group_size, c.symmetric, c.n_grid, c.scale_dtype)
+                        alphas.update(dict.fromkeys(group, a))
+                    alpha = alphas[name]
+            r = awq_search(w, mean, acc.hessian, c.bits, c.group_size, c.symmetric, c.n_grid, c.scale_dtype, alpha)
             set_weight(mod, r.weight)
             if c.pack:
                 packs[name], scales[name] = (r.scaled_weight, r.scale, r.zero_point), r.scales
@@ -82,7 +108,7 @@ class AWQ(LLMStep):
 
     def record(self):
         return {"layers": self.layers_, **_scheme(self.config), "pack": self.config.pack,
-                "scale_dtype": self.config.scale_dtype}
+                "scale_dtype": self.config.scale_dtype, "share_scales": self.config.share_scales}
 
     @classmethod
     def rebuild(cls, model: nn.Module, config, record):
@@ -95,3 +121,29 @@ class AWQ(LLMStep):
                 mod = pack_linear_(_convert(model, name, mod, c, "awq record"))
             add_input_scale_(mod)  # the stored scales are loaded with the weights
         return model
+
+
+SHARED = (("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), ("mlp.gate_proj", "mlp.up_proj"))
+
+
+def siblings(name: str) -> list[str]:
+    """The Linears of ``name``'s block that read the same input as it (itself included)."""
+    for group in SHARED:
+        for member in group:
+            if name.endswith("." + member):
+                base = name[: -len(member)]
+                return [base + m for m in group]
+    return [name]
+
+
+def gqa_mean(model: nn.Module, name: str, mean: torch.Tensor) -> torch.Tensor:
+    """``o_proj``'s mean |x| averaged over the query heads sharing a kv head (repeated back), so its
+    scales fold into ``v_proj``'s rows; other layers, or no GQA: unchanged."""
+    cfg = getattr(model, "config", None)
+    heads = getattr(cfg, "num_attention_heads", None)
+    kv = getattr(cfg, "num_key_value_heads", None) or heads
+    if not name.endswith("self_attn.o_proj") or not heads or kv == heads or mean.shape[0] % heads:
+        return mean
+    hd = mean.shape[0] // heads
+    m = mean.reshape(kv, heads // kv, hd).mean(1, keepdim=True)
+    return m.expand(kv, heads // kv, hd).reshape(-1).contiguous()
