@@ -71,3 +71,21 @@ def ids():
 def llama():
     """A fresh (unquantized) tiny random LLaMA, seed 0."""
     return hf_llama()
+
+
+@functools.lru_cache(maxsize=None)
+def _awq(share: bool):
+    import nnsqueeze as nsq
+
+    calib = [torch.randint(0, VOCAB, (1, 16), generator=torch.Generator().manual_seed(i)) for i in range(4)]
+    step = {"awq": {"bits": 4, "group_size": 32, "pack": True, "share_scales": share, "scale_dtype": "fp16",
+                    "samples": 4, "n_grid": 5}}
+    return nsq.compress(hf_llama(), {"version": 1, "steps": [step], "export": {"onnx": None},
+                                     "evaluate": {"warmup": 0, "runs": 1, "per_step": False}},
+                        calib_data=calib, metric=None, progress=False, example_inputs=IDS[:1]).model
+
+
+@pytest.fixture
+def awq_packed():
+    """``awq_packed(share_scales=True)`` -> the tiny LLaMA packed by ``awq`` int4 g32 fp16 scales (shared)."""
+    return lambda share_scales=True: _awq(share_scales)

@@ -29,9 +29,9 @@ def test_unknown_format_and_unpacked_model_are_export_errors(packed, llama, tmp_
 
 def test_awq_input_scales_and_short_groups_are_refused(llama, tmp_path):
     model = llama
-    lin = model.model.layers[0].mlp.down_proj                        # in_features 96
-    add_input_scale_(pack_linear_(convert_weight_only_(lin, bits=4, group_size=32)))
-    with pytest.raises(ExportError, match="AWQ input scales"):
+    lin = model.model.layers[0].self_attn.q_proj     # k/v read the same norm without scales: cannot fold
+    add_input_scale_(pack_linear_(convert_weight_only_(lin, bits=4, group_size=32)), torch.full((64,), 2.0))
+    with pytest.raises(ExportError, match="input scales cannot fold into model.layers.0.input_layernorm"):
         save_pretrained(model, tmp_path / "x", format="compressed-tensors")
     model = llama                                                    # reset the layer: plain again
     model.model.layers[0].mlp.down_proj = nn.Linear(96, 64, bias=False)
