@@ -34,6 +34,7 @@ def test_awq_input_scales_and_short_groups_are_refused(llama, tmp_path):
     with pytest.raises(ExportError, match="input scales cannot fold into model.layers.0.input_layernorm"):
         save_pretrained(model, tmp_path / "x", format="compressed-tensors")
     model = llama                                                    # reset the layer: plain again
+    model.model.layers[0].self_attn.q_proj = nn.Linear(64, 64, bias=False)
     model.model.layers[0].mlp.down_proj = nn.Linear(96, 64, bias=False)
     pack_linear_(convert_weight_only_(model.model.layers[0].mlp.down_proj, bits=4, group_size=64))
     with pytest.raises(ExportError, match="not a multiple of group_size 64") as e:
