@@ -82,3 +82,49 @@ def test_pack_int32_layout():
     assert words.dtype == torch.int32 and words.shape == (1, 2)
     assert int(words[0, 0]) & 0xFFFFFFFF == 0xF7654321 and int(words[0, 1]) == 9
     assert pack_int32(torch.tensor([[1, 2, 3, 255]], dtype=torch.uint8), 8).tolist() == [[0xFF030201 - 2 ** 32]]
+
+
+def _rtn(model, *steps):
+    import nnsqueeze as nsq
+
+    return nsq.compress(model, {"version": 1, "steps": [*steps, {"rtn": {"bits": 4, "group_size": 32,
+                                                                         "scale_dtype": "fp16"}}],
+                                "export": {"onnx": None}, "evaluate": {"warmup": 0, "runs": 1, "per_step": False}},
+                        metric=None, progress=False, example_inputs=torch.zeros(1, 8, dtype=torch.long)).model
+
+
+def test_tied_embeddings_are_stored_once_in_every_format(llama, ids, tmp_path):
+    import gguf
+    import transformers
+    from safetensors.torch import load_file
+
+    llama.config.tie_word_embeddings = True
+    llama.lm_head.weight = llama.model.embed_tokens.weight
+    model = _rtn(llama)
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    ct = save_pretrained(model, tmp_path / "ct", format="compressed-tensors")
+    assert "lm_head.weight" not in load_file(ct / "model.safetensors")
+    loaded = transformers.AutoModelForCausalLM.from_pretrained(ct).eval()
+    with torch.no_grad():
+        assert torch.equal(loaded(ids).logits, model(ids).logits)
+    gp = save_pretrained(model, tmp_path / "gptq", format="gptq")
+    assert "lm_head.weight" not in load_file(gp / "model.safetensors")
+    gg = save_pretrained(model, tmp_path / "gguf", format="gguf")
+    names = {t.name for t in gguf.GGUFReader(gg / "model.gguf").tensors}
+    assert "token_embd.weight" in names and "output.weight" not in names   # llama.cpp reuses token_embd
+
+
+def test_rotated_model_exports_and_online_hook_is_refused(llama, ids, tmp_path):
+    import transformers
+
+    model = _rtn(llama, {"rotate": {"rotation": "random", "online_hadamard": False}})
+    out = save_pretrained(model, tmp_path / "ct", format="compressed-tensors")
+    loaded = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
+    with torch.no_grad():
+        assert torch.equal(loaded(ids).logits, model(ids).logits)
+    hooked = _rtn(llama, {"rotate": {"rotation": "random", "online_hadamard": True, "online_block": "random"}})
+    for fmt in ("compressed-tensors", "gptq", "gguf"):
+        with pytest.raises(ExportError, match="online_hadamard: false") as e:
+            save_pretrained(hooked, tmp_path / "x", format=fmt)
+        assert "mlp.down_proj" in str(e.value)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ct"]

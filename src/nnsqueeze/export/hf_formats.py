@@ -163,6 +163,11 @@ def save_pretrained(model: nn.Module, out: str | Path, format: str = "compressed
         raise ExportError("format", f"unknown format {format!r}", fix=f"use one of: {', '.join(FORMATS)}")
     from .awq_fold import fold_awq
 
+    hooked = [n for n, m in model.named_modules() if getattr(m, "input_rotation", None) is not None]
+    if hooked:   # rotate's online Hadamard is a forward pre-hook: no format has an op for it
+        raise ExportError(hooked[0], f"rotates its input at run time (rotate's online Hadamard), which {format} "
+                          "cannot express", fix="rotate with online_hadamard: false")
+
     # AWQ input scales move into the previous ops (a folded copy; the caller's model is unchanged)
     model = fold_awq(model, None if format == "compressed-tensors" else torch.float16)
     files, info = EXPORTERS.get(format)(model, tokenizer=tokenizer, config=config, **options)
