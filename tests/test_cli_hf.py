@@ -57,3 +57,13 @@ def test_bad_hf_inputs_exit_2_without_writing(work, args, words):
     assert p.returncode == 2, p.stderr[-2000:]
     assert words in " ".join(p.stderr.split()) and "Traceback" not in p.stderr
     assert not (work / "bad").exists()
+
+
+def test_scheme_the_format_cannot_hold_fails_before_the_run(work):
+    (work / "g64.yaml").write_text(RECIPE.replace("group_size: 32", "group_size: 64"))
+    p = nsq("compress", "--model", "llm", "--data", "text.txt", "--seq-len", "32", "--samples", "4",
+            "--recipe", "g64.yaml", "--format", "gguf", "--out", "bad", cwd=work)
+    assert p.returncode == 2 and "Traceback" not in p.stderr
+    msg = " ".join(p.stderr.split())
+    assert "steps[0].gptq" in msg and "gptq: {bits: 4, group_size: 32, symmetric: true, scale_dtype: fp16}" in msg
+    assert "perplexity" not in p.stdout and not (work / "bad").exists()   # refused before any run or write
