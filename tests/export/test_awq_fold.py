@@ -16,6 +16,7 @@ from nnsqueeze.export.awq_fold import fold_awq
 from nnsqueeze.export.gguf_format import gguf_name, rope_rows
 from nnsqueeze.export.hf_formats import save_pretrained
 from nnsqueeze.llm.packed import PackedLinear
+from llm_fixtures import awq_packed, ids  # noqa: F401 - pytest fixtures
 
 # fp32 scales: the norm / row divisions round in float32. fp16 formats also round the folded
 # up_proj / v_proj group scales to float16 (relative weight change <= 2**-11).

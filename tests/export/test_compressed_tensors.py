@@ -14,6 +14,7 @@ from safetensors.torch import load_file
 
 from nnsqueeze.export.hf_formats import save_pretrained
 from nnsqueeze.llm.packed import PackedLinear
+from llm_fixtures import ids, packed, tokenizer  # noqa: F401 - pytest fixtures
 
 
 def _layers(model):

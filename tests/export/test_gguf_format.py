@@ -12,6 +12,7 @@ from nnsqueeze.errors import ExportError
 from nnsqueeze.export.gguf_format import gguf_name, rope_rows
 from nnsqueeze.export.hf_formats import save_pretrained
 from nnsqueeze.llm.packed import PackedLinear
+from llm_fixtures import packed, tokenizer  # noqa: F401 - pytest fixtures
 
 
 def _field(reader, key):

@@ -12,6 +12,7 @@ from safetensors.torch import load_file
 from nnsqueeze.errors import ExportError
 from nnsqueeze.export.hf_formats import save_pretrained
 from nnsqueeze.llm.packed import PackedLinear
+from llm_fixtures import packed  # noqa: F401 - pytest fixtures
 
 
 def unpack(words: torch.Tensor, bits: int, dim: int) -> torch.Tensor:

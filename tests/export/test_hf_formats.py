@@ -13,6 +13,7 @@ from nnsqueeze.errors import ArtifactError, ExportError
 from nnsqueeze.export.hf_formats import MARKER, pack_int32, save_pretrained
 from nnsqueeze.llm.packed import PackedLinear, add_input_scale_, pack_linear_
 from nnsqueeze.quant.weight_only import convert_weight_only_
+from llm_fixtures import ids, llama, packed  # noqa: F401 - pytest fixtures
 
 
 def test_unknown_format_and_unpacked_model_are_export_errors(packed, llama, tmp_path):

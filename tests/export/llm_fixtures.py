@@ -1,3 +1,5 @@
+# Imported by the format tests (not a conftest.py: a second conftest module would shadow tests/conftest.py
+# for `from conftest import ...` in the full run).
 """Fixtures of the open-format exports: a tiny random Hugging Face LLaMA packed by ``rtn``, and a
 tiny BPE tokenizer. Compressions are cached per scheme (rtn needs no data; the models are read only)."""
 
