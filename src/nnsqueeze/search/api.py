@@ -89,7 +89,7 @@ def search(model: nn.Module, space: Space | str | Path | dict, *, train_data: It
            target_size: float | None = None, trials: int = 40, out: str | Path, workers: int = 1,
            sampler: str = "nsga2", seed: int = 0, storage: str | None = None, pick: int | None = None,
            overwrite: bool = False, cache: bool = True, higher_is_better: bool = True,
-           heartbeat: int = 5, grace: int = 15) -> SearchResult:
+           heartbeat: int = 5, grace: int = 15, model_spec: str | None = None) -> SearchResult:
     """Search ``space`` for recipes on the Pareto front of metric drop, ONNX bytes and ONNX Runtime
     latency, within ``max_drop`` (and ``target_latency`` ms / ``target_size`` bytes when given).
 
@@ -97,7 +97,9 @@ def search(model: nn.Module, space: Space | str | Path | dict, *, train_data: It
     chosen recipe; an existing search ``out`` of the same arguments resumes (raise ``trials`` to
     extend it). ``pick``: choose that trial instead of the fastest feasible one. ``heartbeat`` /
     ``grace`` (seconds): how often a running trial proves its worker alive, and how long after its
-    last sign of life a trial counts as dead and is re-queued."""
+    last sign of life a trial counts as dead and is re-queued. ``model_spec`` (``MODULE:FACTORY``):
+    how spawned workers rebuild the model (then given ``model``'s weights) when its class cannot be
+    imported by name in a new process (the CLI passes its ``--model``)."""
     from ..data import as_batches
     from ..metrics import get_metric
     from ..pipeline import _check_model
@@ -114,7 +116,7 @@ def search(model: nn.Module, space: Space | str | Path | dict, *, train_data: It
     if workers > 1:  # spawned workers get their own copy of everything
         train, calib, evald = (list(d) if d is not None else None for d in (train, calib, evald))
         try:
-            pickle.dumps((model, metric))
+            pickle.dumps((model if model_spec is None else None, metric))
         except Exception as e:  # noqa: BLE001 - a lambda metric, a model class defined in __main__...
             raise DataError("--workers", f"the model or metric cannot be sent to worker processes: {e}",
                             fix="define them in an importable module (not a lambda or __main__), or use workers=1")
@@ -140,7 +142,8 @@ def search(model: nn.Module, space: Space | str | Path | dict, *, train_data: It
     if not resume:
         write_file(out / MARKER, json.dumps(marker, indent=2, default=str).encode(), "--out")
     job = _Job(model, space.raw, space.source, train, calib, evald, metric, float(max_drop), target_latency,
-               target_size, trials, str(out), url, name, sampler, seed, heartbeat, grace, cache, higher_is_better)
+               target_size, trials, str(out), url, name, sampler, seed, heartbeat, grace, cache, higher_is_better,
+               spec=model_spec)
     run_workers(job, workers)
     return finish(job, space, pick)
 

@@ -14,6 +14,7 @@ with the same parameters, so an interrupted search resumes where it stopped.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import fcntl
 import hashlib
 import json
@@ -81,6 +82,21 @@ class _Job:
     cache: bool
     higher_is_better: bool
     threads: int | None = None
+    spec: str | None = None  # MODULE:FACTORY that rebuilds the model in spawned workers (the CLI's --model)
+
+
+class _Rebuilt:
+    """The model as a spawned worker rebuilds it: the factory, then the parent's exact weights."""
+
+    def __init__(self, spec: str, model: nn.Module):
+        self.spec, self.state = spec, {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+    def build(self) -> nn.Module:
+        from ..cli import _call_factory
+
+        m = _call_factory(self.spec, "--model", ModelError)
+        m.load_state_dict(self.state)
+        return m
 
 
 # ---------------------------------------------------------------------------- storage
@@ -135,13 +151,22 @@ def _sampler(kind: str, seed: int, trials: int, lims: dict):
     def constraints(t) -> list[float]:
         return t.user_attrs.get("constraints") or [1.0] * len(lims)
 
+    # optuna >= 5 takes constraints per trial (_constrain); older versions through the sampler
+    kw = {} if hasattr(optuna.trial.Trial, "set_constraint") else {"constraints_func": constraints}
     if kind == "nsga2":  # a population ~ a quarter of the budget: several generations, not one random one
-        return optuna.samplers.NSGAIISampler(population_size=max(4, min(50, trials // 4)), seed=seed,
-                                             constraints_func=constraints)
+        return optuna.samplers.NSGAIISampler(population_size=max(4, min(50, trials // 4)), seed=seed, **kw)
     if kind == "tpe":
-        return optuna.samplers.TPESampler(seed=seed, constraints_func=constraints, multivariate=True,
-                                          n_startup_trials=max(4, min(10, trials // 4)))
+        return optuna.samplers.TPESampler(seed=seed, multivariate=True, n_startup_trials=max(4, min(10, trials // 4)),
+                                          **kw)
     raise RecipeError("sampler", f"unknown sampler {kind!r}", fix="use nsga2 or tpe")
+
+
+def _constrain(trial, names: list[str], values: list[float]) -> None:
+    """Constraint values (<= 0: met) for the samplers, and as a user attr for older optuna and us."""
+    trial.set_user_attr("constraints", values)
+    if hasattr(trial, "set_constraint"):
+        for n, v in zip(names, values):
+            trial.set_constraint(n, v)
 
 
 @contextlib.contextmanager
@@ -244,7 +269,7 @@ class _Objective:
                "params": c.get("params"), "nonzero_params": c.get("nonzero_params"), "metric_name": self.metric_name}
         trial.set_user_attr("figures", row)
         trial.set_user_attr("notes", res.report.get("notes", [])[:20])
-        trial.set_user_attr("constraints", fr.violations(row, self.lims))
+        _constrain(trial, list(self.lims), fr.violations(row, self.lims))
         return row["drop"], float(row["size_bytes"]), float(row["latency_ms"])
 
 
@@ -263,6 +288,8 @@ def run_worker(job: _Job, index: int = 0) -> None:
 
     if job.threads:
         torch.set_num_threads(job.threads)
+    if isinstance(job.model, _Rebuilt):
+        job.model = job.model.build()
     space = load_space(_space_from(job))
     storage = open_storage(job.storage, job.heartbeat, job.grace)
     lims = fr.limits(job.max_drop, job.target_latency, job.target_size)
@@ -288,7 +315,7 @@ def run_worker(job: _Job, index: int = 0) -> None:
             beat.stop()
             trial.set_user_attr("pruned", p.reason)
             drop = p.drop if p.drop is not None else math.inf
-            trial.set_user_attr("constraints", [drop - job.max_drop] + [0.0] * (len(lims) - 1))
+            _constrain(trial, list(lims), [drop - job.max_drop] + [0.0] * (len(lims) - 1))
             study.tell(trial, state=TrialState.PRUNED)
             log.info("trial %d pruned: %s", trial.number, p.reason)
             continue
@@ -332,7 +359,8 @@ def run_workers(job: _Job, workers: int) -> None:
 
     job.threads = max(1, (os.cpu_count() or 1) // workers)
     ctx = mp.get_context("spawn")
-    procs = [ctx.Process(target=_spawned, args=(job, i), daemon=False) for i in range(1, workers)]
+    sent = dataclasses.replace(job, model=_Rebuilt(job.spec, job.model)) if job.spec else job
+    procs = [ctx.Process(target=_spawned, args=(sent, i), daemon=False) for i in range(1, workers)]
     for p in procs:
         p.start()
     try:
