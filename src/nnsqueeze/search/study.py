@@ -21,6 +21,7 @@ import json
 import logging
 import math
 import os
+import socket
 import threading
 import time
 from dataclasses import dataclass, field
@@ -240,6 +241,7 @@ class _Objective:
             recipe = self.space.recipe(values)
         except RecipeError as e:
             raise _Pruned(f"invalid recipe: {e}") from None
+        trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")
         trial.set_user_attr("recipe", self.space.recipe_dict(values))
         trial.set_user_attr("steps", [e.name for e in recipe.steps])
         hits = self.cache.hits
