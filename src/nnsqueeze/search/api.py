@@ -23,7 +23,7 @@ from .space import Space, load_space
 from .study import CACHE, DB, MARKER, SEARCH_FORMAT, SearchResult, _Job, _redact, open_storage, run_workers, \
     study_name
 
-OWNED = (MARKER, DB, CACHE, "front.json", "front.png", "best.yaml", "best", "report.html", ".search.lock")
+OWNED = (MARKER, DB, DB + ".lock", CACHE, "front.json", "front.png", "best.yaml", "best", "report.html", ".search.lock")
 
 
 def _check_args(max_drop, target_latency, target_size, trials, workers, sampler, pick) -> None:

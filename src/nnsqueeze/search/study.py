@@ -181,6 +181,14 @@ def _lock(path: Path):
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
+def _lock_path(job: _Job) -> Path:
+    """Beside an SQLite study (every process on this machine that uses it takes the same lock), else
+    in DIR: processes on other machines may then start up to one trial each past the budget."""
+    if job.storage.startswith("sqlite:///"):
+        return Path(job.storage[len("sqlite:///"):] + ".lock")
+    return Path(job.out) / ".search.lock"
+
+
 class _Heartbeat:
     def __init__(self, storage, trial_id: int, interval: int):
         self._stop = threading.Event()
@@ -301,7 +309,7 @@ def run_worker(job: _Job, index: int = 0) -> None:
     key = data_key(job.train, job.calib, job.evald)
     objective = _Objective(job, space, PrefixCache(out / CACHE, job.model, key, job.cache))
     while True:
-        with _lock(out / ".search.lock"):
+        with _lock(_lock_path(job)):
             fail_stale_trials(study)  # trials of dead processes: failed, then re-queued as waiting
             done, running = _counts(study)
             trial = study.ask() if done + running < job.trials else None
