@@ -35,9 +35,10 @@ from .errors import (ArtifactError, DataError, ExportError, MetricError, ModelEr
                      RecipeError, TargetError)
 from .pipeline import CompressionResult, compress
 from .recipe import Recipe, load_recipe, presets
+from .search import SearchResult, search  # noqa: E402 - binds nnsqueeze.search to the function
 
 __all__ = [
-    "compress", "load", "export_onnx", "CompressionResult", "Recipe", "load_recipe", "presets",
+    "compress", "search", "SearchResult", "load", "export_onnx", "CompressionResult", "Recipe", "load_recipe", "presets",
     "NnsqueezeError", "RecipeError", "DataError", "MetricError", "ModelError", "ExportError", "ArtifactError",
     "TargetError",
     "__version__",

@@ -335,15 +335,84 @@ def demo(out: Optional[Path] = typer.Option(None, help="artifact directory to wr
 
 
 @app.command()
-def report(path: Path = typer.Argument(..., help="artifact directory"),
-           markdown: bool = typer.Option(False, "--markdown", help="print report.md instead of a table")) -> None:
-    """Print the report of an artifact directory."""
+def search(
+    model: str = typer.Option(..., help="MODULE:FACTORY returning the fp32 torch model"),
+    data: str = typer.Option(..., help="'mnist1d' or MODULE:FACTORY returning {'train','calib','eval'} batches"),
+    space: str = typer.Option(..., help="search space YAML, or a shipped space: cnn, encoder, llm"),
+    out: Path = typer.Option(..., help="search directory: new or empty, or an existing search of the same "
+                             "arguments, which resumes"),
+    max_drop: float = typer.Option(..., help="largest metric drop allowed (accuracy 0.01 = one point)"),
+    trials: int = typer.Option(40, help="finished trials (complete + pruned) to reach; raise it to extend a search"),
+    target_latency: Optional[float] = typer.Option(None, help="constraint: ONNX Runtime latency in ms"),
+    target_size: Optional[float] = typer.Option(None, help="constraint: ONNX file size in bytes"),
+    workers: int = typer.Option(1, help="trial processes on this machine (threads each: cpu_count // workers)"),
+    storage: Optional[str] = typer.Option(None, help="optuna storage URL shared by several machines "
+                                          "(postgresql://..., mysql+pymysql://...) [default: sqlite in --out]"),
+    pick: Optional[int] = typer.Option(None, help="choose this trial instead of the fastest within the constraints"),
+    sampler: str = typer.Option("nsga2", help="nsga2 or tpe"),
+    seed: int = typer.Option(0, help="sampler seed"),
+    weights: Optional[Path] = typer.Option(None, help=".safetensors (or torch state_dict) for the model"),
+    metric: str = typer.Option("accuracy", help="metric name"),
+    cache: bool = typer.Option(True, "--cache/--no-cache", help="share recipe prefixes between trials"),
+    overwrite: bool = typer.Option(False, "--overwrite", help="start over in an existing search directory (only "
+                                   "the search's own files are removed), or write beside other files"),
+) -> None:
+    """Search a space of recipes for the Pareto front of metric, ONNX size and ONNX Runtime latency."""
+
+    def go() -> None:
+        from .search.api import _check_args, search as run
+        from .search.front import table
+        from .search.space import load_space
+
+        _check_args(max_drop, target_latency, target_size, trials, workers, sampler, pick)
+        sp = load_space(space)  # a bad space fails before the model is built
+        m = _call_factory(model, "--model", ModelError)
+        if weights is not None:
+            _load_weights(m, weights)
+        d = _load_data(data)
+        res = run(m, sp, train_data=d.get("train"), calib_data=d.get("calib"), eval_data=d.get("eval"),
+                  metric=metric, max_drop=max_drop, target_latency=target_latency, target_size=target_size,
+                  trials=trials, out=out, workers=workers, sampler=sampler, seed=seed, storage=storage, pick=pick,
+                  overwrite=overwrite, cache=cache, model_spec=model)
+        c = Console()
+        c.print(table(res.front, f"Pareto front ({res.trials} trials, {res.pruned} pruned, "
+                                 f"{res.cache_hits} cache hits)"))
+        c.print(f"chosen: trial {res.best['trial']} -> [bold]{out / 'best.yaml'}[/], artifact [bold]{out / 'best'}[/]; "
+                f"front: {out / 'front.json'}, {out / 'front.png'}")
+
+    _run(go)
+
+
+@app.command()
+def report(path: Path = typer.Argument(..., help="artifact directory or search directory"),
+           markdown: bool = typer.Option(False, "--markdown", help="print report.md instead of a table"),
+           html: bool = typer.Option(False, "--html", help="write DIR/report.html (self-contained) and print its path")
+           ) -> None:
+    """Print the report of an artifact directory (or the front of a search directory)."""
 
     def go() -> None:
         from .artifact import read_manifest
         from .errors import ArtifactError
         from .report import Report
+        from .search.study import MARKER
 
+        if html:
+            from .safeio import write_file
+            from .search.html import report_html
+
+            text = report_html(path)
+            print(write_file(path / "report.html", text.encode(), "report --html"))
+            return
+        if (path / MARKER).is_file():
+            import json
+
+            from .search.front import table
+
+            fj = path / "front.json"
+            if not fj.is_file():
+                raise ArtifactError(str(path), "this search has no front.json yet", fix="run or resume it first")
+            Console().print(table(json.loads(fj.read_text()).get("front", [])))
+            return
         read_manifest(path)
         rp = path / "report.json"
         if not rp.is_file():

@@ -90,6 +90,39 @@ class CompressionResult:
         return artifact.write_dir(out, files, overwrite=overwrite)
 
 
+@dataclass
+class Checkpoint:
+    """A model part-way through a recipe: its state after the first ``done`` steps.
+
+    ``compress(..., on_step=fn)`` hands one to ``fn`` after every step; ``compress(..., start=cp)``
+    skips the first ``cp.done`` steps of the same recipe and continues from ``cp.model`` (the
+    baseline is still measured on the original model, which also stays the distillation teacher).
+    ``report`` holds the report entries the done steps made (steps, layers, skipped, notes);
+    ``pending`` counts training callbacks those steps left for a later step (e.g. gradual
+    pruning): such a point cannot be resumed from, since the callbacks live only in this run.
+    nnsqueeze.search uses this to share the work of common recipe prefixes between trials.
+    """
+
+    model: nn.Module
+    done: int
+    records: list[dict[str, Any]]
+    report: dict[str, Any]
+    rng: torch.Tensor | None = None
+    pending: int = 0
+    baseline: dict[str, Any] = field(default_factory=dict)
+
+
+def _check_start(start: Checkpoint, recipe: Recipe) -> None:
+    names = [e.name for e in recipe.steps]
+    if not 0 < start.done < len(names) or [r.get("name") for r in start.records] != names[:start.done]:
+        raise RecipeError("start", f"the checkpoint (after {start.done} step(s): "
+                          f"{[r.get('name') for r in start.records]}) is not a prefix of the recipe {names}",
+                          fix="resume only from a checkpoint of the same recipe's first steps")
+    if start.pending:
+        raise RecipeError("start", f"the checkpoint after step {start.done} left {start.pending} training "
+                          "callback(s) for a later step; it cannot be resumed from", fix="start from the beginning")
+
+
 def _check_model(model: Any) -> None:
     if isinstance(model, torch.jit.ScriptModule):  # script and trace: no Python layers to select or swap
         raise ModelError("model", f"TorchScript models are not supported (got a {type(model).__name__})",
@@ -208,10 +241,18 @@ def compress(
     teacher: nn.Module | None = None,
     device: str | torch.device = "cpu",
     progress: bool = True,
+    start: Checkpoint | None = None,
+    on_step: Callable[[Checkpoint, Context], None] | None = None,
 ) -> CompressionResult:
-    """Run ``recipe`` on a copy of ``model`` (the original is left untouched) and measure both."""
+    """Run ``recipe`` on a copy of ``model`` (the original is left untouched) and measure both.
+
+    ``on_step(checkpoint, ctx)`` is called after every step (it may raise to stop the run);
+    ``start`` continues from a :class:`Checkpoint` of this recipe's first steps instead of
+    running them again."""
     recipe = load_recipe(recipe)
     steps = _make_steps(recipe, model if isinstance(model, nn.Module) else None)  # fails before data is read
+    if start is not None:
+        _check_start(start, recipe)
     train_data = as_batches(train_data, "train_data")
     calib_data = as_batches(calib_data, "calib_data")
     eval_data = as_batches(eval_data, "eval_data")
@@ -270,8 +311,18 @@ def compress(
                                   threads=ev.threads, warmup=ev.warmup, runs=ev.runs, onnx_path=base_onnx,
                                   archive_bytes=len(artifact.weights_bytes(work)))
         rb.baseline["measured"] = measured
-        records = []
-        for step, entry in zip(steps, recipe.steps):
+        records: list[dict[str, Any]] = []
+        first_note = len(rb.notes)  # notes before this index are the run's own, not the steps'
+        if start is not None:  # the first steps' model, records and report entries, as they left them
+            work, records = start.model.to(device), copy.deepcopy(start.records)
+            part = copy.deepcopy(start.report)
+            rb.steps.extend(part.get("steps", []))
+            rb.layers.update(part.get("layers", {}))
+            rb.skipped.extend(part.get("skipped", []))
+            rb.notes.extend(part.get("notes", []))
+            if start.rng is not None:
+                torch.set_rng_state(start.rng)
+        for step, entry in list(zip(steps, recipe.steps))[start.done if start is not None else 0:]:
             log.info("step %d: %s", step.index, entry.name)
             rb.begin_step(entry.name, entry.config.model_dump(mode="json"))
             t0 = time.perf_counter()
@@ -286,6 +337,10 @@ def compress(
             rb.end_step(**fields)
             records.append({"name": entry.name, "config": entry.config.model_dump(mode="json"),
                             "record": step.record()})
+            if on_step is not None:
+                part = {"steps": rb.steps, "layers": rb.layers, "skipped": rb.skipped, "notes": rb.notes[first_note:]}
+                on_step(Checkpoint(work, step.index + 1, records, part, torch.get_rng_state(), len(ctx.callbacks),
+                                   rb.baseline), ctx)
         work.eval()
         onnx_bytes, comp_onnx = None, None
         with stage("compressed"):

@@ -1,0 +1,94 @@
+"""Search spaces: parsing, validation (typed errors naming the key), trial -> recipe mapping."""
+
+from __future__ import annotations
+
+import optuna
+import pytest
+
+from nnsqueeze.errors import RecipeError
+from nnsqueeze.recipe import Recipe
+from nnsqueeze.search.space import Space, load_space, spaces
+
+BASE = [{"prune": {"sparsity": 0.5}}, {"finetune": {"epochs": 1}}, {"quantize": {}}]
+
+
+def test_param_forms_and_mapping():
+    s = Space({"version": 1, "base": BASE, "params": {
+        "prune": {"optional": True}, "prune.sparsity": [0.3, 0.9], "finetune.epochs": [1, 3],
+        "finetune.lr": {"log": [1e-4, 1e-2]}, "quantize.weights.bits": {"choices": [4, 8]}}})
+    kinds = {k: p.kind for k, p in s.params.items()}
+    assert kinds == {"prune": "optional", "prune.sparsity": "float", "finetune.epochs": "int",
+                     "finetune.lr": "log", "quantize.weights.bits": "choices"}
+    r = s.recipe({"prune.sparsity": 0.7, "finetune.epochs": 2, "quantize.weights.bits": 4})
+    assert isinstance(r, Recipe)
+    assert [e.name for e in r.steps] == ["prune", "finetune", "quantize"]
+    assert r.steps[0].config.sparsity == 0.7 and r.steps[1].config.epochs == 2
+    assert r.steps[2].config.weights.bits == 4 and r.steps[2].config.activations.bits == 8  # the rest kept
+    off = s.recipe({"prune": False, "prune.sparsity": 0.7})
+    assert [e.name for e in off.steps] == ["finetune", "quantize"]
+
+
+def test_suggest_skips_fields_of_switched_off_steps():
+    s = Space({"base": BASE, "params": {"prune": {"optional": True}, "prune.sparsity": [0.3, 0.9]}})
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    for _ in range(12):
+        t = study.ask()
+        v = s.suggest(t)
+        assert ("prune.sparsity" in v) == v["prune"]
+        if v["prune"]:
+            assert 0.3 <= v["prune.sparsity"] <= 0.9
+        study.tell(t, 0.0)
+
+
+def test_repeated_step_is_named_by_occurrence():
+    s = Space({"base": [{"finetune": {"epochs": 1}}, {"quantize": {}}, {"finetune": {"epochs": 1}}],
+               "params": {"finetune#2.epochs": [1, 4]}})
+    assert s.recipe({"finetune#2.epochs": 3}).steps[2].config.epochs == 3
+    with pytest.raises(RecipeError, match="finetune#1 or finetune#2"):
+        Space({"base": [{"finetune": {}}, {"finetune": {}}], "params": {"finetune.epochs": [1, 4]}})
+
+
+@pytest.mark.parametrize("params, match", [
+    ({}, "searches nothing"),
+    ({"prun.sparsity": [0.1, 0.2]}, "no step 'prun'"),
+    ({"prune.sparsity": [0.9, 0.2]}, "low bound must be below"),
+    ({"prune.sparsity": [0.3, 1.2]}, "value 1.2 makes an invalid recipe"),
+    ({"prune.sparsity": {"floot": [0.1, 0.2]}}, "unknown key 'floot'"),
+    ({"prune.sparsity": {"float": [0.1, 0.2], "choices": [1]}}, "exactly one of"),
+    ({"prune.nope": [0.1, 0.2]}, "nope"),
+    ({"prune.sparsity": {"optional": True}}, "optional applies to a whole step"),
+    ({"prune": {"optional": True}, "finetune": {"optional": True}, "quantize": {"optional": True}},
+     "every step in base is optional"),
+])
+def test_bad_spaces(params, match):
+    with pytest.raises(RecipeError, match=match):
+        Space({"base": BASE, "params": params})
+
+
+def test_contradictory_optional_step():
+    # gradual pruning needs the fine-tuning step: switching it off can never make a valid recipe
+    with pytest.raises(RecipeError, match="params.finetune.*needs a training step"):
+        Space({"base": [{"prune": {"sparsity": 0.5, "schedule": "gradual"}}, {"finetune": {}}],
+               "params": {"finetune": {"optional": True}}})
+
+
+def test_version_and_unknown_top_key():
+    with pytest.raises(RecipeError, match="unknown search space version 2"):
+        Space({"version": 2, "base": BASE, "params": {"prune.sparsity": [0.3, 0.9]}})
+    with pytest.raises(RecipeError, match="unknown key 'parms'"):
+        Space({"base": BASE, "parms": {}})
+
+
+def test_shipped_spaces_load():
+    assert {"cnn", "encoder", "llm"} <= set(spaces())
+    for name in spaces():
+        assert load_space(name).params
+
+
+def test_load_space_file_errors(tmp_path):
+    with pytest.raises(RecipeError, match="not found"):
+        load_space(tmp_path / "missing.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("base: [\n")
+    with pytest.raises(RecipeError, match="malformed YAML"):
+        load_space(bad)

@@ -1,0 +1,109 @@
+"""nsq.search end to end on a tiny MLP: outputs, pruning, constraints, resuming, storage errors."""
+
+from __future__ import annotations
+
+import json
+
+import optuna
+import pytest
+from search_helpers import EVALUATE, datasets, model, space
+
+import nnsqueeze as nsq
+from nnsqueeze.errors import ArtifactError, DataError, RecipeError
+
+
+def _search(out, **kw):
+    d = datasets()
+    args = dict(train_data=d["train"], calib_data=d["calib"], eval_data=d["eval"], max_drop=0.05, trials=6,
+                out=out, seed=0, heartbeat=1, grace=2)
+    args.update(kw)
+    return nsq.search(kw.pop("model", None) or model(), args.pop("space", None) or space(), **args)
+
+
+def _finished(out) -> dict:
+    s = json.loads((out / "search.json").read_text())
+    study = optuna.load_study(study_name=s["study_name"], storage=f"sqlite:///{out / 'study.db'}")
+    return {t.number: (t.state.name, t.datetime_complete) for t in study.get_trials()
+            if t.state.name in ("COMPLETE", "PRUNED")}
+
+
+def test_search_outputs_and_resume(tmp_path):
+    out = tmp_path / "s"
+    res = _search(out)
+    assert res.trials == 6 and len(res.rows) + res.pruned == 6
+    assert res.cache_hits > 0  # the prune prefix is shared by the quantization variants
+    assert res.front and res.best["trial"] in {r["trial"] for r in res.front}
+    assert all(r["drop"] <= 0.05 for r in res.front)
+    summary = json.loads((out / "front.json").read_text())
+    assert summary["best"] == res.best["trial"] and summary["cache_hits"] == res.cache_hits
+    assert (out / "front.png").read_bytes()[:4] == b"\x89PNG"
+    best = nsq.load_recipe(out / "best.yaml")
+    assert [e.name for e in best.steps] == res.best["steps"]
+    loaded = nsq.load(out / "best", model())
+    x = datasets()["eval"][0][0]
+    assert loaded(x).shape == (64, 3)
+    before = _finished(out)
+    # the same call again: a finished search, nothing recomputed
+    again = _search(out)
+    assert _finished(out) == before and again.best["trial"] == res.best["trial"]
+    # raise --trials: the search is extended, the first trials kept as they were
+    more = _search(out, trials=8)
+    after = _finished(out)
+    assert more.trials == 8 and len(after) == 8 and {k: after[k] for k in before} == before
+    # --pick: any complete trial
+    other = next(r["trial"] for r in more.rows if r["trial"] != more.best["trial"])
+    assert _search(out, trials=8, pick=other).best["trial"] == other
+    assert f"# trial {other} " in (out / "best.yaml").read_text()
+
+
+def test_other_settings_refuse_to_resume(tmp_path):
+    out = tmp_path / "s"
+    _search(out, trials=2, max_drop=1.0)
+    with pytest.raises(ArtifactError, match="another model, data, space, settings"):
+        _search(out, trials=2, max_drop=0.5)
+    user = tmp_path / "user"
+    user.mkdir()
+    (user / "notes.txt").write_text("mine")
+    with pytest.raises(ArtifactError, match="not an nnsqueeze search"):
+        _search(user, trials=2)
+    assert [p.name for p in user.iterdir()] == ["notes.txt"]
+
+
+def test_constraint_breaking_trials_are_pruned(tmp_path):
+    # no fine-tuning after pruning: a drop over max_drop after the prune step cannot be repaired
+    sp = {"base": [{"prune": {"sparsity": 0.9}}, {"quantize": {}}],
+          "params": {"prune.sparsity": {"choices": [0.9, 0.95]}}, "evaluate": EVALUATE}
+    with pytest.raises(RecipeError, match="no trial completed .*after step 1 \\(prune\\)"):
+        _search(tmp_path / "s", space=sp, max_drop=0.0, trials=2)
+    summary = json.loads((tmp_path / "s" / "front.json").read_text())
+    assert summary["pruned"] == 2 and summary["front"] == []
+
+
+def test_constraint_nothing_meets_names_the_closest(tmp_path):
+    with pytest.raises(RecipeError, match="closest: target_latency missed by") as e:
+        _search(tmp_path / "s", max_drop=1.0, target_latency=1e-9, trials=2)
+    assert e.value.where == "--target-latency"
+    summary = json.loads((tmp_path / "s" / "front.json").read_text())
+    assert summary["closest"]["closest"] == "target_latency"
+
+
+@pytest.mark.parametrize("url", ["sqlite:////nonexistent-dir/x/study.db", "nosuchdb://host/db"])
+def test_unreachable_storage(tmp_path, url):
+    with pytest.raises(DataError, match="cannot open the study storage"):
+        _search(tmp_path / "s", storage=url, trials=1)
+    assert not (tmp_path / "s").exists()
+
+
+def test_bad_arguments_before_anything_is_written(tmp_path):
+    for kw, match in (({"max_drop": -1}, "--max-drop"), ({"trials": 0}, "--trials"),
+                      ({"sampler": "grid"}, "--sampler"), ({"workers": 0}, "--workers")):
+        with pytest.raises(RecipeError, match=match):
+            _search(tmp_path / "s", **kw)
+    with pytest.raises(DataError, match="eval_data"):
+        _search(tmp_path / "s", eval_data=None)
+    assert not (tmp_path / "s").exists()
+
+
+def test_tpe_sampler(tmp_path):
+    res = _search(tmp_path / "s", sampler="tpe", trials=3, max_drop=1.0)
+    assert res.trials == 3 and res.best is not None

@@ -1,0 +1,78 @@
+"""Several processes on one study: a killed search resumes; two processes share one SQLite file."""
+
+from __future__ import annotations
+
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from test_study import _finished, _search
+
+HERE = Path(__file__).resolve().parent
+SRC = HERE.parents[1] / "src"
+SCRIPT = """
+import sys
+from search_helpers import datasets, model, space
+import nnsqueeze as nsq
+d = datasets()
+nsq.search(model(), space(), train_data=d["train"], calib_data=d["calib"], eval_data=d["eval"], max_drop=0.05,
+           trials=int(sys.argv[2]), out=sys.argv[1], seed=0, heartbeat=1, grace=2,
+           storage=sys.argv[3] if len(sys.argv) > 3 else None)
+"""
+
+
+def _start(tmp_path, *args) -> subprocess.Popen:
+    script = tmp_path / "run_search.py"
+    script.write_text(SCRIPT)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(SRC), str(HERE)])}
+    return subprocess.Popen([sys.executable, str(script), *map(str, args)], env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE)
+
+
+def _count(db: Path) -> int:
+    try:
+        with sqlite3.connect(db, timeout=5) as c:
+            return c.execute("SELECT count(*) FROM trials WHERE state IN ('COMPLETE', 'PRUNED')").fetchone()[0]
+    except sqlite3.Error:
+        return 0
+
+
+@pytest.mark.slow
+def test_killed_search_resumes_without_recomputing(tmp_path):
+    out = tmp_path / "s"
+    p = _start(tmp_path, out, 8)
+    deadline = time.time() + 120
+    while _count(out / "study.db") < 3 and p.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    p.send_signal(signal.SIGKILL)
+    p.wait()
+    before = _finished(out)
+    assert 3 <= len(before) < 8, "the search must be killed half-way"
+    res = _search(out, trials=8)  # the same arguments: resumes
+    after = _finished(out)
+    assert res.trials == 8 and len(after) == 8
+    assert {k: after[k] for k in before} == before  # finished trials kept, not run again
+
+
+@pytest.mark.slow
+def test_two_processes_share_one_sqlite_study(tmp_path):
+    url = f"sqlite:///{tmp_path / 'shared.db'}"
+    procs = [_start(tmp_path, tmp_path / f"out{i}", 12, url) for i in range(2)]
+    for p in procs:
+        assert p.wait(timeout=300) == 0, p.stderr.read().decode()[-2000:]
+    assert _count(tmp_path / "shared.db") == 12  # the budget is shared, not doubled
+    with sqlite3.connect(tmp_path / "shared.db") as c:
+        workers = {v for (v,) in c.execute("SELECT value_json FROM trial_user_attributes WHERE key = 'worker'")}
+    assert len(workers) == 2, "both processes ran trials"
+
+
+@pytest.mark.slow
+def test_workers_option(tmp_path):
+    res = _search(tmp_path / "s", workers=2, trials=6)
+    assert res.trials == 6
