@@ -5,7 +5,7 @@ import json
 
 import pytest
 import torch
-from conftest import TinyCNN, make_data
+from tiny_cnn import TinyCNN, make_data
 from torch import nn
 
 import nnsqueeze as nsq

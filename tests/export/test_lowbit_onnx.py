@@ -193,7 +193,7 @@ def test_without_opset_upgrade(monkeypatch, tmp_path):
 
 def test_compress_report_counts_the_small_file(tmp_path):
     import nnsqueeze as nsq
-    from tests.conftest import TinyCNN, make_data
+    from tiny_cnn import TinyCNN, make_data
 
     torch.manual_seed(0)
     recipe = {"version": 1, "steps": [{"quantize": {"weights": {"bits": 4, "levels": "nf4"}}}],

@@ -163,7 +163,7 @@ def test_recipe_iterative_save_load_and_onnx(tmp_path, toy_data, tiny_cnn):
     m = res.model.eval()
     assert m.features[3].out_channels < 13
     res.save(tmp_path / "art")
-    fresh = __import__("conftest").TinyCNN()
+    fresh = __import__("tiny_cnn").TinyCNN()
     loaded = nsq.load(tmp_path / "art", model=fresh)
     x = toy_data["eval"][0][0]
     with torch.no_grad():

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import nnsqueeze as nsq
-from tests.conftest import TinyCNN, make_data
+from tiny_cnn import TinyCNN, make_data
 
 
 @pytest.mark.parametrize("preset,overrides", [

@@ -133,7 +133,7 @@ def test_cle_in_the_step_helps_per_tensor_weights():
 
 def test_bn_folded_model_pairs():
     # after folding, features.0 -> (Identity) -> ReLU -> features.3 is a pair
-    from tests.conftest import TinyCNN
+    from tiny_cnn import TinyCNN
     m = TinyCNN().eval()
     fold_batchnorm(m)
     assert ("features.0", "features.3") in find_pairs(m, ["features.0", "features.3", "classifier.1", "classifier.3"])
