@@ -65,8 +65,8 @@ def _split_column(spec: str) -> tuple[Path, str | None]:
 
 def is_text_path(spec: str) -> bool:
     """Whether ``--data spec`` names a text corpus (``path`` or ``path:COLUMN``) rather than
-    ``mnist1d`` or ``MODULE:FACTORY``: the path exists or has a text suffix (.txt/.jsonl/.csv/.parquet)."""
-    if spec == "mnist1d":
+    ``mnist1d``, ``images:DIR`` or ``MODULE:FACTORY``: the path exists or has a text suffix (.txt/.jsonl/.csv/.parquet)."""
+    if spec == "mnist1d" or spec.startswith("images:"):
         return False
     p, _ = _split_column(spec)
     return p.exists() or p.suffix.lower() in TEXT_SUFFIXES
