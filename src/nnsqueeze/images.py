@@ -173,10 +173,10 @@ class ImageBatches(Sequence):
         return sum(int(t.shape[0]) for t in self.pixels)
 
 
-def _load(files: list[tuple[Path, int]], p: Preprocess, batch_size: int, where: str,
-          modes: set[str]) -> ImageBatches:
-    """Decode ``files`` into batches; the modes of non-RGB images are added to ``modes``."""
-    arrays, labels, bad = [], [], []
+def _load(files: list[tuple[Path, int]], p: Preprocess, batch_size: int, modes: set[str],
+          bad: list[tuple[Path, str]]) -> ImageBatches:
+    """Decode ``files`` into batches; non-RGB modes are added to ``modes``, unreadable files to ``bad``."""
+    arrays, labels = [], []
     for path, label in files:
         try:
             a, mode = _read(path, p)
@@ -187,10 +187,6 @@ def _load(files: list[tuple[Path, int]], p: Preprocess, batch_size: int, where: 
             modes.add(mode)
         arrays.append(a)
         labels.append(label)
-    if bad:
-        raise DataError(f"--data {where}", f"{len(bad)} of {len(files)} image files cannot be read; first: "
-                        f"{bad[0][0]} ({bad[0][1]})", fix="remove or replace the corrupt files (or rename "
-                        "files that are not images so that their extension says so)")
     pix, lab = [], []
     for i in range(0, len(arrays), batch_size):
         pix.append(torch.from_numpy(np.stack(arrays[i:i + batch_size])))
@@ -240,7 +236,13 @@ def load_images(directory: str | Path, model: torch.nn.Module | None = None, siz
         raise DataError(f"--data {where}", f"no class has 2 images, so none is left for evaluation "
                         f"({len(files)} images in {len(classes)} classes)", fix="give at least 2 images per class")
     modes: set[str] = set()
-    calib, held = _load(calib_files, p, batch_size, where, modes), _load(eval_files, p, batch_size, where, modes)
+    bad: list[tuple[Path, str]] = []
+    calib, held = _load(calib_files, p, batch_size, modes, bad), _load(eval_files, p, batch_size, modes, bad)
+    if bad:  # every file is tried first, so that the message counts them all
+        path, why = min(bad)
+        raise DataError(f"--data {where}", f"{len(bad)} of {len(calib_files) + len(eval_files)} image files cannot "
+                        f"be read; first: {path} ({why})", fix="remove or replace the corrupt files (or rename "
+                        "files that are not images so that their extension says so)")
     if modes:  # said once, not per image
         log.info("%s: converted images in mode %s to RGB", where, ", ".join(sorted(modes)))
     labelled = bool(classes) and not agreement
