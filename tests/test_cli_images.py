@@ -32,6 +32,7 @@ def project(tmp_path, monkeypatch):
     return tmp_path
 
 
+@pytest.mark.slow  # ~15 s: the int8 preset measures latency in torch and ONNX Runtime
 def test_compress_images_end_to_end_in_a_subprocess(project):
     p = subprocess.run([sys.executable, "-m", "nnsqueeze", "compress", "--model", "net.py:build", "--data",
                         "images:photos", "--image-size", "32", "--recipe", "int8", "--out", "d"],

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import shutil
 import sys
 import types
@@ -135,6 +136,13 @@ def test_bad_folders_raise_data_error_naming_the_problem(tmp_path, make, words):
     with pytest.raises(DataError) as e:
         load_images(root, model=net(), size=16)
     assert words in str(e.value) and e.value.fix
+
+
+def test_fifo_named_jpg_is_refused_without_blocking(tmp_path):
+    root = image_folders.flat_folder(tmp_path / "flat")
+    os.mkfifo(root / "pipe.jpg")
+    with pytest.raises(DataError, match=r"pipe\.jpg .*not a regular file"):
+        load_images(root, model=net(), size=16)
 
 
 def test_corrupt_jpeg_is_named(tmp_path):

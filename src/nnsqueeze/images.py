@@ -27,7 +27,7 @@ import torch
 
 from .data import call_model, describe, logits
 from .errors import DataError, ModelError
-from .limits import quote
+from .limits import open_regular, quote
 
 log = logging.getLogger("nnsqueeze")
 
@@ -38,6 +38,7 @@ CROP_RATIO = 0.875     # torchvision's eval transform: resize to 256, crop 224
 MAX_CALIB = 512        # calibration images kept (seeded subset beyond): calibration cost grows with them
 MAX_EVAL = 2048        # evaluation images kept: each one is run several times (baseline, ORT, result)
 MAX_SIZE = 4096
+MAX_IMAGE_BYTES = 256 << 20  # one image file; PIL's own decompression-bomb check bounds its pixels
 
 # Preprocessing known for a model built here (torchvision weights meta, timm's data config).
 _KNOWN: "weakref.WeakKeyDictionary[torch.nn.Module, Preprocess]" = weakref.WeakKeyDictionary()
@@ -90,8 +91,8 @@ def _scan(root: Path) -> tuple[list[str], list[tuple[Path, int]], int]:
                         fix="give images:DIR, a folder of images or of one sub-folder of images per class")
     entries = sorted(p for p in root.iterdir() if not p.name.startswith("."))
     classes = [p.name for p in entries if p.is_dir()]
-    loose = [p for p in entries if p.is_file()]
-    skipped = sum(1 for p in root.iterdir() if p.is_file() and p.name.startswith("."))
+    loose = [p for p in entries if not p.is_dir()]  # FIFOs and dangling links too: refused when read
+    skipped = sum(1 for p in root.iterdir() if not p.is_dir() and p.name.startswith("."))
     if not classes:
         files = [(p, -1) for p in loose if p.suffix.lower() in EXTENSIONS]
         return [], files, skipped + len(loose) - len(files)
@@ -139,7 +140,8 @@ def _read(path: Path, p: Preprocess) -> tuple[np.ndarray, str]:
     """(uint8 CHW array, original mode) of one image, resized and center-cropped."""
     from PIL import Image
 
-    with Image.open(path) as im:
+    # A regular file only: a FIFO or a link to a device named x.jpg must not hang or flood the reader.
+    with open_regular(path, MAX_IMAGE_BYTES, "image", DataError) as f, Image.open(f) as im:
         im.load()  # decodes now: a truncated or corrupt file fails here, not half-way through a run
         mode = im.mode
         rgb = im.convert("RGB")
@@ -181,7 +183,7 @@ def _load(files: list[tuple[Path, int]], p: Preprocess, batch_size: int, modes: 
         try:
             a, mode = _read(path, p)
         except Exception as e:  # noqa: BLE001 - any decoder failure means a bad file for the user
-            bad.append((path, describe(e, 120)))
+            bad.append((path, e.problem if isinstance(e, DataError) else describe(e, 120)))
             continue
         if mode != "RGB":
             modes.add(mode)
