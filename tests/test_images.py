@@ -165,6 +165,11 @@ def test_bad_preprocessing_options(tmp_path, kw, words):
     assert words in str(e.value)
 
 
+def test_unlabelled_folder_without_a_model_is_refused(tmp_path):
+    with pytest.raises(DataError, match="unlabelled images need the model"):
+        load_images(image_folders.flat_folder(tmp_path / "flat"), size=16)
+
+
 def test_models_that_are_not_classifiers_are_refused_for_agreement(tmp_path):
     root = image_folders.flat_folder(tmp_path / "flat")
     with pytest.raises(DataError, match="is not class logits"):

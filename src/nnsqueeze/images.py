@@ -233,6 +233,10 @@ def load_images(directory: str | Path, model: torch.nn.Module | None = None, siz
     if len(files) < 2:
         raise DataError(f"--data {where}", f"holds {len(files)} image(s) ({', '.join(EXTENSIONS)}); at least 2 "
                         "are needed, for calibration and evaluation", fix="add images to the folder")
+    labelled = bool(classes) and not agreement
+    if not labelled and model is None:
+        raise DataError(f"--data {where}", "unlabelled images need the model to label them (agreement)",
+                        fix="pass model=... or use an ImageFolder layout DIR/<class>/<images>")
     calib_files, eval_files = _split(files, seed)
     if not eval_files:  # every class has one image: nothing left to measure on
         raise DataError(f"--data {where}", f"no class has 2 images, so none is left for evaluation "
@@ -247,11 +251,7 @@ def load_images(directory: str | Path, model: torch.nn.Module | None = None, siz
                         "files that are not images so that their extension says so)")
     if modes:  # said once, not per image
         log.info("%s: converted images in mode %s to RGB", where, ", ".join(sorted(modes)))
-    labelled = bool(classes) and not agreement
     if not labelled:
-        if model is None:
-            raise DataError(f"--data {where}", "unlabelled images need the model to label them (agreement)",
-                            fix="pass model=... or use an ImageFolder layout DIR/<class>/<images>")
         _top1(model, held)
         if not classes:
             _top1(model, calib)
