@@ -141,7 +141,27 @@ def _load_weights(model: Any, path: Path) -> None:
                          fix="check that --model builds the architecture these weights came from") from None
 
 
-def _load_data(spec: str) -> dict[str, Any]:
+def _model(spec: str) -> Any:
+    """``--model``: ``torchvision:NAME``/``timm:NAME`` (see nnsqueeze.images) or a factory."""
+    if spec.partition(":")[0] in ("torchvision", "timm"):
+        from .images import build_model
+
+        return build_model(spec)
+    return _call_factory(spec, "--model", ModelError)
+
+
+def _load_data(spec: str, model: Any = None, images: Optional[dict] = None) -> dict[str, Any]:
+    """``--data``; ``images`` holds the --image-size/--mean/--std/--metric options for ``images:DIR``."""
+    images = images or {}
+    if spec.startswith("images:"):
+        from .images import load_images
+
+        opts = {k: v for k, v in images.items() if k != "metric"}
+        return load_images(spec[len("images:"):], model, **opts, agreement=images.get("metric") == "agreement")
+    flags = {"size": "--image-size", "mean": "--mean", "std": "--std"}
+    given = [flag for k, flag in flags.items() if images.get(k) is not None]
+    if given:
+        raise DataError(given[0], "applies to --data images:DIR only", fix=f"drop {', '.join(given)}")
     if spec == "mnist1d":
         from .zoo import mnist1d
 
@@ -176,7 +196,7 @@ def compress(
     recipe: str = typer.Option(..., help="recipe YAML file or preset name (see `nnsqueeze recipes`)"),
     data: str = typer.Option(..., help="'mnist1d', MODULE:FACTORY returning {'train','calib','eval'} batches, or "
                              "(with a Hugging Face --model) a text corpus: .txt, .jsonl/.csv/.parquet[:COLUMN], "
-                             "or a datasets directory"),
+                             "or a datasets directory; or images:DIR (docs/vision.md)"),
     out: Path = typer.Option(..., help="directory to write (a new or empty one appears whole, atomically)"),
     weights: Optional[Path] = typer.Option(None, help=".safetensors (or torch state_dict) for the model"),
     metric: Optional[str] = typer.Option(None, help="metric name (default: accuracy; perplexity for text data)"),
@@ -184,6 +204,12 @@ def compress(
                                        "(default: from the Hugging Face config's architectures)"),
     seq_len: int = typer.Option(512, "--seq-len", help="tokens per calibration/evaluation window (text data)"),
     samples: int = typer.Option(32, help="calibration windows (text data)"),
+    image_size: Optional[int] = typer.Option(None, "--image-size", help="images:DIR crop size (default: the "
+                                             "model's own preprocessing, else 224)"),
+    mean: Optional[str] = typer.Option(None, help="images:DIR normalisation mean per channel "
+                                       "[default: 0.485,0.456,0.406, ImageNet's]"),
+    std: Optional[str] = typer.Option(None, help="images:DIR normalisation std per channel "
+                                      "[default: 0.229,0.224,0.225]"),
     format: Optional[str] = typer.Option(None, "--format", help="write --out as a checkpoint other runtimes load "
                                          "instead of an nnsqueeze artifact: compressed-tensors, gptq or gguf "
                                          "(packed causal LMs, see docs/llm.md)"),
@@ -211,7 +237,7 @@ def compress(
             if task is not None:
                 raise ModelError("--task", "applies to a Hugging Face model directory or .gguf file only",
                                  fix="drop --task, or give --model PATH_TO_HF_DIR")
-            m = _call_factory(model, "--model", ModelError)
+            m = _model(model)
         if weights is not None:
             _load_weights(m, weights)
         if format is not None:  # a scheme the format cannot hold fails now, not after the whole run
@@ -226,8 +252,8 @@ def compress(
             d = hf_io.load_text_data(data, tokenizer, seq_len=seq_len, samples=samples)
             name = metric or ("perplexity" if hf_io.task_of_model(m) == "causal-lm" else None)
         else:
-            d = _load_data(data)
-            name = metric or "accuracy"
+            d = _load_data(data, m, {"size": image_size, "mean": mean, "std": std, "metric": metric})
+            name = metric or d.get("metric") or "accuracy"
         result = run(m, r, train_data=d.get("train"), calib_data=d.get("calib"), eval_data=d.get("eval"),
                      metric=name)
         from . import distributed
@@ -243,12 +269,21 @@ def compress(
 
 @app.command()
 def sensitivity(
-    model: str = typer.Option(..., help="MODULE:FACTORY returning the fp32 torch model"),
-    data: str = typer.Option(..., help="'mnist1d' or MODULE:FACTORY returning {'train','calib','eval'} batches"),
+    model: str = typer.Option(..., help="MODULE:FACTORY returning the fp32 torch model, or torchvision:NAME / "
+                              "timm:NAME"),
+    data: str = typer.Option(..., help="'mnist1d', MODULE:FACTORY returning {'train','calib','eval'} batches, "
+                             "or images:DIR"),
     out: Path = typer.Option(..., help="JSON file to write (atomically)"),
     weights: Optional[Path] = typer.Option(None, help=".safetensors (or torch state_dict) for the model"),
     plot: Optional[Path] = typer.Option(None, help="also draw a bar chart (PNG) here"),
-    metric: str = typer.Option("accuracy", help="metric name (used when the data has 'eval' batches)"),
+    metric: Optional[str] = typer.Option(None, help="metric name, used when the data has 'eval' batches "
+                                         "(default: accuracy; agreement for unlabelled images)"),
+    image_size: Optional[int] = typer.Option(None, "--image-size", help="images:DIR crop size (default: the "
+                                             "model's own preprocessing, else 224)"),
+    mean: Optional[str] = typer.Option(None, help="images:DIR normalisation mean per channel "
+                                       "[default: 0.485,0.456,0.406, ImageNet's]"),
+    std: Optional[str] = typer.Option(None, help="images:DIR normalisation std per channel "
+                                      "[default: 0.229,0.224,0.225]"),
     formats: str = typer.Option("int8", help="comma-separated formats to try per layer "
                                 "(nnsqueeze.sensitivity.FORMATS, e.g. int8,int4; fp16,bf16 for half precision)"),
     overwrite: bool = typer.Option(False, "--overwrite", help="replace existing --out / --plot files"),
@@ -267,15 +302,16 @@ def sensitivity(
         targets = {"--out": out} if plot is None else {"--out": out, "--plot": plot}
         for opt, path in targets.items():  # before the run: it takes a while
             check_file_target(path, opt, overwrite=overwrite)
-        m = _call_factory(model, "--model", ModelError)
+        m = _model(model)
         if weights is not None:
             _load_weights(m, weights)
-        d = _load_data(data)
+        d = _load_data(data, m, {"size": image_size, "mean": mean, "std": std, "metric": metric})
+        name = metric or d.get("metric") or "accuracy"
         calib = d.get("calib") or d.get("train")
         if calib is None:
             raise DataError("--data", f"{data} gives no 'calib' (or 'train') batches",
                             fix="return {'calib': batches, 'eval': batches}")
-        rows = run(m, calib, eval_data=d.get("eval"), metric=metric if d.get("eval") is not None else None,
+        rows = run(m, calib, eval_data=d.get("eval"), metric=name if d.get("eval") is not None else None,
                    formats=[f.strip() for f in formats.split(",") if f.strip()])
         write_file(out, json.dumps({"model": model, "data": data, "rows": to_json_rows(rows)}, indent=2).encode(),
                    "--out", overwrite=overwrite)

@@ -64,11 +64,14 @@ def _split_column(spec: str) -> tuple[Path, str | None]:
 
 
 def is_text_path(spec: str) -> bool:
-    """Whether ``--data spec`` names a text corpus (``path`` or ``path:COLUMN``) rather than
-    ``mnist1d`` or ``MODULE:FACTORY``: the path exists or has a text suffix (.txt/.jsonl/.csv/.parquet)."""
-    if spec == "mnist1d":
+    """Whether ``--data spec`` names a text corpus (``path`` or ``path:COLUMN``) rather than ``mnist1d``,
+    ``images:DIR``, ``MODULE:FACTORY`` or ``path/file.py:FACTORY``: the path exists or has a text suffix
+    (.txt/.jsonl/.csv/.parquet)."""
+    if spec == "mnist1d" or spec.startswith("images:"):
         return False
-    p, _ = _split_column(spec)
+    p, column = _split_column(spec)
+    if column is not None and p.suffix == ".py":  # a factory in an existing file, not a column of a corpus
+        return False
     return p.exists() or p.suffix.lower() in TEXT_SUFFIXES
 
 

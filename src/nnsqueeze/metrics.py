@@ -56,6 +56,13 @@ def accuracy(model: Any, data: Iterable) -> float:
     return correct / total
 
 
+@METRICS.register("agreement")
+def agreement(model: Any, data: Iterable) -> float:
+    """Top-1 agreement with a reference model: accuracy against targets that are the reference's own
+    top-1 predictions (``images:DIR`` data labels unlabelled images with the fp32 model's)."""
+    return accuracy(model, data)
+
+
 @METRICS.register("perplexity")
 @torch.no_grad()
 def perplexity(model: Any, data: Iterable) -> float:
