@@ -141,11 +141,15 @@ def _load_weights(model: Any, path: Path) -> None:
                          fix="check that --model builds the architecture these weights came from") from None
 
 
-def _model(spec: str) -> Any:
+def _model(spec: str, has_weights: bool = True) -> Any:
     """``--model``: ``torchvision:NAME``/``timm:NAME`` (see nnsqueeze.images) or a factory."""
     if spec.partition(":")[0] in ("torchvision", "timm"):
         from .images import build_model
 
+        if not has_weights:  # never silently: a zoo name alone is an untrained network
+            logging.getLogger("nnsqueeze").warning(
+                "%s without --weights: the network is randomly initialised, so its figures mean nothing "
+                "for a trained model; pass --weights FILE", spec)
         return build_model(spec)
     return _call_factory(spec, "--model", ModelError)
 
@@ -237,7 +241,7 @@ def compress(
             if task is not None:
                 raise ModelError("--task", "applies to a Hugging Face model directory or .gguf file only",
                                  fix="drop --task, or give --model PATH_TO_HF_DIR")
-            m = _model(model)
+            m = _model(model, weights is not None)
         if weights is not None:
             _load_weights(m, weights)
         if format is not None:  # a scheme the format cannot hold fails now, not after the whole run
@@ -302,7 +306,7 @@ def sensitivity(
         targets = {"--out": out} if plot is None else {"--out": out, "--plot": plot}
         for opt, path in targets.items():  # before the run: it takes a while
             check_file_target(path, opt, overwrite=overwrite)
-        m = _model(model)
+        m = _model(model, weights is not None)
         if weights is not None:
             _load_weights(m, weights)
         d = _load_data(data, m, {"size": image_size, "mean": mean, "std": std, "metric": metric})
