@@ -118,6 +118,8 @@ def test_paths_are_told_from_factory_specs(hf_dir, tmp_path):
     assert is_text_path(str(tmp_path / "c.jsonl")) and is_text_path(f"{tmp_path / 'c.jsonl'}:content")
     assert is_text_path("missing.txt")
     assert not is_text_path("mnist1d") and not is_text_path("mypkg.data:load")
+    (tmp_path / "toy.py").write_text("")  # an existing file.py:FACTORY is code, not a corpus with a column
+    assert not is_text_path(f"{tmp_path / 'toy.py'}:data") and not is_model_path(f"{tmp_path / 'toy.py'}:build")
 
 
 # --------------------------------------------------------------------------- text data

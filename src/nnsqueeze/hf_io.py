@@ -69,6 +69,8 @@ def is_text_path(spec: str) -> bool:
     if spec == "mnist1d":
         return False
     p, _ = _split_column(spec)
+    if p.suffix.lower() == ".py":  # path/to/file.py:FACTORY names code, not a corpus with a column
+        return False
     return p.exists() or p.suffix.lower() in TEXT_SUFFIXES
 
 
