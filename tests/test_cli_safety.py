@@ -92,6 +92,23 @@ def test_refused_out_exits_2_before_the_run_and_writes_nothing(project, setup, o
         assert tree(project) == before
 
 
+def test_read_only_out_is_found_before_the_model_is_built(project, monkeypatch):
+    # Root ignores permission bits, so a read-only mount is simulated where the probe creates its file.
+    import nnsqueeze.safeio as safeio
+
+    def read_only(*a, **k):
+        raise OSError(30, "Read-only file system")
+
+    monkeypatch.setattr(safeio.tempfile, "mkstemp", read_only)
+    before = tree(project)
+    code, text = cli("compress", "--model", "toy.py:raises", "--recipe", "r.yaml", "--data", "toy.py:data",
+                     "--out", "art")
+    assert code == 2 and "Traceback" not in text, text
+    assert "--out" in text and "cannot write in" in text and "Read-only file system" in text
+    assert "checkpoint shard" not in text  # refused before the model factory ran
+    assert tree(project) == before and not (project / "art").exists()
+
+
 @pytest.mark.parametrize("spec, words", [
     ("toy.py:needs_args", ["toy.py:needs_args needs arguments", "width"]),
     ("toy.py:raises", ["toy.py:raises() raised RuntimeError", "checkpoint shard 3 is missing"]),

@@ -120,6 +120,8 @@ def test_paths_are_told_from_factory_specs(hf_dir, tmp_path):
     assert not is_text_path("mnist1d") and not is_text_path("mypkg.data:load")
     (tmp_path / "f.py").write_text("def data(): pass\n")  # an existing file's factory, not a text column
     assert not is_text_path(f"{tmp_path / 'f.py'}:data") and not is_text_path(f"images:{tmp_path}")
+    (tmp_path / "toy.py").write_text("")  # an existing file.py:FACTORY is code, not a corpus with a column
+    assert not is_text_path(f"{tmp_path / 'toy.py'}:data") and not is_model_path(f"{tmp_path / 'toy.py'}:build")
 
 
 # --------------------------------------------------------------------------- text data

@@ -119,6 +119,41 @@ def test_labels_out_of_range():
         nsq.compress(_mlp(), _recipe({"quantize": {}}), calib_data=_data(1), eval_data=ev, progress=False)
 
 
+@pytest.mark.parametrize("which", ["calib_data", "eval_data", "train_data"])
+def test_nan_inputs_are_refused_naming_data_and_batch(which):
+    data = _data(3)
+    data[1][0][2, 3] = float("nan")  # batch 1, so the first-batch probe alone would not see it
+    kwargs = {"calib_data": _data(1), "eval_data": _data(1), "train_data": _data(1), which: data}
+    model = Counting()
+    with pytest.raises(DataError, match=rf"(?s){which} batch 1: inputs hold NaN values.*fix: clean or impute"):
+        nsq.compress(model, _recipe({"finetune": {"steps": 1}}, {"quantize": {}}), progress=False, **kwargs)
+
+
+def test_nan_inside_tuple_or_dict_inputs_is_located():
+    x = torch.randn(8, 6)
+    x[0, 0] = float("nan")
+    with pytest.raises(DataError, match=r"calib_data batch 0: inputs\['x'\] hold NaN"):
+        nsq.compress(_mlp(), _recipe({"quantize": {}}), calib_data=[{"x": x}], progress=False)
+    with pytest.raises(DataError, match=r"calib_data batch 0: inputs\[1\] hold NaN"):
+        nsq.compress(_mlp(), _recipe({"quantize": {}}), calib_data=[((torch.randn(8, 6), x), None)], progress=False)
+
+
+def test_endless_generator_is_bounded(monkeypatch):
+    monkeypatch.setattr("nnsqueeze.data.MAX_GENERATOR_BATCHES", 50)
+    batch, pulled = _data(1)[0], []
+
+    def endless():
+        while True:
+            pulled.append(1)
+            yield batch
+
+    with pytest.raises(DataError, match=r"(?s)calib_data: the data generator yielded more than 50 batches.*islice"):
+        nsq.compress(_mlp(), _recipe({"quantize": {}}), calib_data=endless(), progress=False)
+    assert len(pulled) == 51  # read one past the limit, then stopped
+    gen = (b for b in _data(50))  # exactly at the limit: accepted
+    nsq.compress(_mlp(), _recipe({"quantize": {}}), calib_data=gen, progress=False)
+
+
 @pytest.mark.parametrize("data, words", [
     ({"x": torch.zeros(2)}, "got a dict"), ("batches.pt", "got a str"), ([[]], "empty batch tuple"),
     (iter([]), "empty"),

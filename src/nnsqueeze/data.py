@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from .errors import DataError, ModelError, NnsqueezeError
+from .limits import MAX_GENERATOR_BATCHES
 
 Batch = Any
 log = logging.getLogger("nnsqueeze")
@@ -79,8 +80,8 @@ class Batches:
     from them, the error names both (:func:`call_model`).
     """
 
-    def __init__(self, data: Iterable, where: str):
-        self.data, self.where = data, where
+    def __init__(self, data: Iterable, where: str, refuse_nan: bool = False):
+        self.data, self.where, self.refuse_nan = data, where, refuse_nan
         self.first: Any = None
 
     def __len__(self) -> int:
@@ -108,6 +109,11 @@ class Batches:
                                     fix="fix the data loader or generator (rerun with --debug for its "
                                     "traceback)") from e
                 inputs = split(batch)[0] if isinstance(batch, (tuple, list, dict, torch.Tensor)) else batch
+                bad = _nan_at(inputs) if self.refuse_nan else None
+                if bad is not None:  # NaN ranges, NaN metrics: every figure computed from it would be wrong
+                    raise DataError(_at(f"{self.where} batch {i}"), f"inputs{bad} hold NaN values",
+                                    fix="clean or impute the data before compressing (NaN makes calibration "
+                                    "ranges, losses and metrics meaningless)")
                 if i == 0 and self.first is None:
                     self.first = shapes(inputs)
                 _BATCH[0] = (self.where, i, self.first)
@@ -117,8 +123,25 @@ class Batches:
             _BATCH[0] = prev
 
 
-def as_batches(data: Iterable | None, where: str, required: bool = False) -> list | Iterable | None:
-    """Validate ``data``: re-iterable and non-empty. One-shot iterators are materialised once."""
+def _nan_at(inputs: Any, path: str = "") -> str | None:
+    """The place (``""``, ``[1]``, ``['x']``) of the first floating tensor in ``inputs`` holding NaN,
+    or None. Infinities are allowed: additive attention masks legitimately hold -inf."""
+    if isinstance(inputs, torch.Tensor):
+        return path if inputs.is_floating_point() and bool(torch.isnan(inputs).any()) else None
+    items = inputs.items() if isinstance(inputs, dict) else (
+        enumerate(inputs) if isinstance(inputs, (tuple, list)) else ())
+    for k, v in items:
+        found = _nan_at(v, f"{path}[{k!r}]")
+        if found is not None:
+            return found
+    return None
+
+
+def as_batches(data: Iterable | None, where: str, required: bool = False,
+               refuse_nan: bool = False) -> list | Iterable | None:
+    """Validate ``data``: re-iterable and non-empty. One-shot iterators are materialised once (at
+    most MAX_GENERATOR_BATCHES batches). ``refuse_nan`` (the API's entry points): a batch whose
+    inputs hold NaN is a DataError naming it, on every pass (steps given raw data name the layer)."""
     if data is None:
         if required:
             raise DataError(where, "no data given", fix=f"pass {where}=... (an iterable of (inputs, targets) batches)")
@@ -136,7 +159,7 @@ def as_batches(data: Iterable | None, where: str, required: bool = False) -> lis
     if isinstance(data, (str, bytes, dict)):  # iterable, but of characters / keys, never of batches
         raise DataError(where, f"got a {type(data).__name__}, expected an iterable of batches",
                         fix="pass a list of (inputs, targets) batches or a DataLoader")
-    if it is data:  # a generator: would be exhausted after the first pass
+    if it is data:  # a generator: would be exhausted after the first pass, so it is read once, bounded
         data = []
         while True:
             try:
@@ -148,7 +171,12 @@ def as_batches(data: Iterable | None, where: str, required: bool = False) -> lis
             except Exception as e:
                 raise DataError(f"{where} batch {len(data)}", f"the data generator raised {describe(e)}",
                                 fix="fix the generator (rerun with --debug for its traceback)") from e
-    data = Batches(data, where)
+            if len(data) > MAX_GENERATOR_BATCHES:  # an endless generator would hang and fill memory
+                raise DataError(where, f"the data generator yielded more than {MAX_GENERATOR_BATCHES:,} batches "
+                                "without ending (a one-shot generator is read whole and held in memory)",
+                                fix="bound it, e.g. itertools.islice(gen, n), or pass a list or a re-iterable "
+                                "loader (a DataLoader is read batch by batch, never held whole)")
+    data = Batches(data, where, refuse_nan)
     for first in data:
         break
     else:

@@ -25,6 +25,7 @@ MAX_JSON_BYTES = 64 << 20           # nnsqueeze.json, report.json: 64 MiB
 MAX_WEIGHTS_BYTES = 64 << 30        # a safetensors or torch weights file: 64 GiB
 MAX_HEADER_BYTES = 100 << 20        # a safetensors JSON header: 100 MiB (the format's own cap)
 MAX_PLOT_ROWS = 2_000              # layers drawn by `nnsqueeze plot` (figure height grows with them)
+MAX_GENERATOR_BATCHES = 100_000     # batches read from a one-shot generator (held in memory): an endless one stops here
 MAX_QUOTE_CHARS = 200               # input quoted back in an error message
 MAX_MESSAGE_CHARS = 4000            # any one part (where / problem / fix) of an error message
 

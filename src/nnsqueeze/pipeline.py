@@ -253,9 +253,9 @@ def compress(
     steps = _make_steps(recipe, model if isinstance(model, nn.Module) else None)  # fails before data is read
     if start is not None:
         _check_start(start, recipe)
-    train_data = as_batches(train_data, "train_data")
-    calib_data = as_batches(calib_data, "calib_data")
-    eval_data = as_batches(eval_data, "eval_data")
+    train_data = as_batches(train_data, "train_data", refuse_nan=True)
+    calib_data = as_batches(calib_data, "calib_data", refuse_nan=True)
+    eval_data = as_batches(eval_data, "eval_data", refuse_nan=True)
     metric_fn, metric_name = get_metric(metric)
     if metric_fn is not None and eval_data is None:
         if callable(metric):  # the user wrote a metric: ignoring it would be a silent surprise

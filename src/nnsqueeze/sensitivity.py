@@ -157,7 +157,7 @@ def sensitivity(
     when ``eval_data`` and ``metric`` are, and then orders the rows; otherwise the output SQNR
     (lower is more sensitive) does. ``model`` is not modified.
     """
-    calib = as_batches(calib_data, "calib_data", required=True)
+    calib = as_batches(calib_data, "calib_data", required=True, refuse_nan=True)
     if calib is None:
         raise DataError("calib_data", "sensitivity needs calibration data", fix="pass calib_data=...")
     formats = list(formats)
@@ -166,7 +166,7 @@ def sensitivity(
             raise RecipeError("sensitivity.formats", f"unknown format {f!r}", fix=f"one of {', '.join(ALL_FORMATS)}")
     if not formats:
         raise RecipeError("sensitivity.formats", "no format given", fix=f"one of {', '.join(ALL_FORMATS)}")
-    eval_data = as_batches(eval_data, "eval_data")
+    eval_data = as_batches(eval_data, "eval_data", refuse_nan=True)
     metric_fn, _ = get_metric(metric if eval_data is not None else None)
     samples = (calibration or {}).get("samples", 512)
     sqnr_data = take(calib, samples)

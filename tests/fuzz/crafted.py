@@ -92,6 +92,45 @@ def _weights(tmp: Path, name: str, obj=None, kind: str | None = None) -> list[st
     return _compress(tmp, "int8", weights=p)
 
 
+DATA = ("import torch\n\n"
+        "def endless():\n"
+        "    b = (torch.zeros(8, 4), torch.zeros(8, dtype=torch.long))\n"
+        "    while True:  # the same batch object: the bound is what stops it, not memory\n"
+        "        yield b\n\n"
+        "def load():\n"
+        "    return {'calib': endless(), 'eval': [(torch.zeros(8, 4), torch.zeros(8, dtype=torch.long))]}\n\n"
+        "def nan():\n"
+        "    x = torch.zeros(8, 4)\n"
+        "    x[3, 1] = float('nan')\n"
+        "    return {'calib': [(torch.zeros(8, 4), None), (x, None)]}\n")
+
+
+def _data_case(tmp: Path, factory: str) -> list[str]:
+    (tmp / "tiny_data.py").write_text(DATA)
+    argv = _compress(tmp, "int8")
+    argv[argv.index("mnist1d")] = f"{tmp / 'tiny_data.py'}:{factory}"
+    return argv
+
+
+def _out_link(tmp: Path, target: str) -> list[str]:
+    """--out a symlink: to someone else's non-empty directory, or dangling."""
+    if target == "foreign":
+        (tmp / "elsewhere").mkdir()
+        (tmp / "elsewhere" / "thesis.tex").write_text("years of work")
+    os.symlink(tmp / ("elsewhere" if target == "foreign" else "nowhere"), tmp / "link")
+    argv = _compress(tmp, "int8")
+    argv[argv.index("--out") + 1] = str(tmp / "link")
+    return argv + ["--overwrite"] if target == "dangling" else argv
+
+
+def _st_weights(tmp: Path, tensors: dict) -> list[str]:
+    """A well-formed safetensors --weights file whose tensors do not match the model's state dict."""
+    from safetensors.torch import save_file
+
+    save_file(tensors, tmp / "w.safetensors")
+    return _compress(tmp, "int8", weights=tmp / "w.safetensors")
+
+
 F32 = struct.pack("<4f", 1, 2, 3, 4)
 DEEP_JSON = '{"format_version": 1, "steps": [], "x": ' + "[" * 5000 + "]" * 5000 + "}"
 
@@ -150,4 +189,25 @@ CASES = {
     "weights-non-tensors": lambda t: (_weights(t, "w.pt", {"weight": 1, "bias": "x"}), "not a state_dict"),
     "weights-pt-dev-zero": lambda t: (_weights(t, "w.pt", kind="zero"), "not a regular file"),
     "weights-st-dev-zero": lambda t: (_weights(t, "w.safetensors", kind="zero"), "not a regular file"),
+    # beyond the issue's list
+    "recipe-yaml-scalar": lambda t: (_recipe(t, "int8\n"), "a recipe is a mapping with 'steps', got str"),
+    "recipe-list-of-lists": lambda t: (_recipe(t, "- [quantize, prune]\n- [1]\n"), r"steps\[0\].*valid dictionary"),
+    "recipe-steps-string": lambda t: (_recipe(t, "steps: quantize\n"), "steps.*valid list"),
+    "recipe-yaml-tag": lambda t: (_recipe(t, "steps: !!python/object/apply:os.system [echo pwned]\n"),
+                                  "malformed YAML|could not determine a constructor"),
+    "recipe-empty": lambda t: (_recipe(t, ""), "a recipe is a mapping with 'steps', got NoneType"),
+    "recipe-bom-nul": lambda t: (_recipe(t, b"\xef\xbb\xbfsteps: [\x00]\n"), "malformed YAML|special characters"),
+    "manifest-step-is-string": lambda t: (_artifact(t, manifest='{"format_version": 1, "steps": ["quantize"]}',
+                                                    cmd="report"), r"steps\[0\].*mapping with a string 'name'"),
+    "manifest-is-list": lambda t: (_artifact(t, manifest="[1, 2]", cmd="report"), "no integer format_version"),
+    "manifest-version-string": lambda t: (_artifact(t, manifest='{"format_version": "1", "steps": []}',
+                                                    cmd="report"), "format_version"),
+    "weights-other-keys": lambda t: (_st_weights(t, {"encoder.weight": torch.zeros(2, 4), "bias": torch.zeros(2)}),
+                                     "does not fit the model"),
+    "weights-other-width": lambda t: (_st_weights(t, {"weight": torch.zeros(3, 4), "bias": torch.zeros(3)}),
+                                      "does not fit the model.*size mismatch"),
+    "out-symlink-to-foreign-dir": lambda t: (_out_link(t, "foreign"), "not an nnsqueeze artifact"),
+    "out-dangling-symlink": lambda t: (_out_link(t, "dangling"), "exists and is not a directory"),
+    "data-endless-generator": lambda t: (_data_case(t, "load"), "yielded more than 100,000 batches"),
+    "data-nan-calibration": lambda t: (_data_case(t, "nan"), r"calib_data batch 1: inputs hold NaN"),
 }
