@@ -40,10 +40,10 @@ def chromium_path() -> str:
         missing.append("playwright (pip install -e '.[dev]')")
     if not missing:
         return path
-    why = " and ".join(missing) + " missing"
+    why = "missing: " + " and ".join(missing)
     if os.environ.get(OPT_OUT) == "1":
-        pytest.skip(f"{OPT_OUT}=1: browser tests skipped ({why})")
-    pytest.fail(f"{why}: install it, or set {OPT_OUT}=1 to skip the browser tests knowingly", pytrace=False)
+        pytest.skip(f"{OPT_OUT}=1: browser tests skipped; {why}")
+    pytest.fail(f"{why}; install it, or set {OPT_OUT}=1 to skip the browser tests knowingly", pytrace=False)
 
 
 @pytest.fixture(scope="module")
