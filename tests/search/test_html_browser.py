@@ -47,12 +47,16 @@ def chromium_path() -> str:
 
 
 @pytest.fixture(scope="module")
-def browser():
+def browser(tmp_path_factory):
     exe = chromium_path()
     from playwright.sync_api import sync_playwright
 
+    # Chromium writes crash-report settings and dconf files under HOME: keep them in a temporary one
+    home = tmp_path_factory.mktemp("chromium-home")
+    env = {**os.environ, "HOME": str(home), "XDG_CONFIG_HOME": str(home / ".config"),
+           "XDG_CACHE_HOME": str(home / ".cache")}
     with sync_playwright() as p:
-        b = p.chromium.launch(executable_path=exe, args=ARGS)
+        b = p.chromium.launch(executable_path=exe, args=ARGS, env=env)
         yield b
         b.close()
 
