@@ -313,7 +313,8 @@ def plot_artifact(path: str | Path) -> list[Path]:
         labels = [f"{k} ({_act_format(schemes.get(k))})" for k in names]
         ax.barh(labels, [h - l for l, h in zip(lo, hi)], left=lo, color="tab:green")
         ax.axvline(0, color="k", lw=0.5)
-        ax.set_xlabel("calibrated input clipping range (float): codes qmin..qmax of its format")
+        # two lines: on one, the label is wider than the figure and was cut off at both ends
+        ax.set_xlabel("calibrated input clipping range (float):\ncodes qmin..qmax of its format")
         ax.invert_yaxis()
         figs["activations.png"] = png(fig)
     sqnr = {k: v["weight_sqnr_db"] for k, v in layers.items() if isinstance(v.get("weight_sqnr_db"), (int, float))}

@@ -1,4 +1,4 @@
-"""The self-contained HTML reports (a real headless-browser check is a later task)."""
+"""The self-contained HTML reports, by their text (in a real headless browser: test_html_browser.py)."""
 
 from __future__ import annotations
 
