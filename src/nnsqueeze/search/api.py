@@ -158,6 +158,15 @@ def _rows(study, lims: dict) -> list[dict[str, Any]]:
              "seconds": t.user_attrs.get("seconds")}
         r["feasible"] = all(v <= 0 for v in fr.violations(r, lims))
         rows.append(r)
+    # One reference for every speed-up: the median of the fp32 baselines all trials measured. Each
+    # trial's own baseline is one noisy timing, and a per-trial ratio could order trials against
+    # their latencies (a faster trial shown with a smaller speed-up).
+    base = sorted(r["baseline_latency_ms"] for r in rows if r.get("baseline_latency_ms"))
+    if base:
+        ref = base[len(base) // 2] if len(base) % 2 else 0.5 * (base[len(base) // 2 - 1] + base[len(base) // 2])
+        for r in rows:
+            r["speedup"] = ref / r["latency_ms"] if r["latency_ms"] else math.inf
+            r["reference_latency_ms"] = ref
     return rows
 
 
