@@ -77,6 +77,8 @@ from ..targets import set_module
 SUPPORTED = (nn.Linear, nn.Conv1d, nn.Conv2d)
 _CONVS = (nn.Conv1d, nn.Conv2d)
 _TRANSPARENT = (nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d)
+# Activations a conv absorbs: its quantized output starts at 0 (and ends at 6), so ORT drops them.
+_ACTS = {nn.ReLU: "relu", nn.ReLU6: "relu6"}
 
 
 class _Strict(BaseModel):
@@ -163,10 +165,11 @@ def act_scheme(a: ActivationsConfig) -> ActScheme:
     return ActScheme(bits=int(a.bits), symmetric=bool(a.symmetric))
 
 
-def _relu_plan(model: nn.Module, convs: list[str]) -> dict[str, tuple[bool, str | None]]:
-    """For each conv name: (absorb a following ReLU?, name of an nn.ReLU module that can become Identity).
+def _relu_plan(model: nn.Module, convs: list[str]) -> dict[str, tuple[str, str | None]]:
+    """For each conv name: (the following activation to absorb, "relu" or "relu6"; name of its
+    nn.ReLU/nn.ReLU6 module when that can become Identity).
 
-    A ReLU is absorbed when the conv's output (through Identity/Dropout) feeds only that ReLU. The
+    A ReLU or ReLU6 is absorbed when the conv's output (through Identity/Dropout) feeds only that ReLU. The
     ReLU module is replaced only if it is called once and not shared; otherwise it stays (a second
     ReLU on non-negative values changes nothing).
     """
@@ -195,14 +198,16 @@ def _relu_plan(model: nn.Module, convs: list[str]) -> dict[str, tuple[bool, str 
                 if nxt.op == "call_module" and isinstance(gm.get_submodule(nxt.target), _TRANSPARENT):
                     cur = nxt
                     continue
-                if nxt.op == "call_module" and type(gm.get_submodule(nxt.target)) is nn.ReLU:
+                if nxt.op == "call_module" and type(gm.get_submodule(nxt.target)) in _ACTS:
                     relu = gm.get_submodule(nxt.target)
                     own = calls[nxt.target] == 1 and uses[id(relu)] == 1
-                    plan[node.target] = (True, nxt.target if own else None)
+                    plan[node.target] = (_ACTS[type(relu)], nxt.target if own else None)
                 elif (nxt.op == "call_function" and nxt.target in (torch.relu, torch.nn.functional.relu,
                                                                   torch.relu_)) or \
                         (nxt.op == "call_method" and nxt.target in ("relu", "relu_")):
-                    plan[node.target] = (True, None)
+                    plan[node.target] = ("relu", None)
+                elif nxt.op == "call_function" and nxt.target is torch.nn.functional.relu6:
+                    plan[node.target] = ("relu6", None)
                 break
         return plan
     # Untraceable model: adjacency inside nn.Sequential.
@@ -217,9 +222,9 @@ def _relu_plan(model: nn.Module, convs: list[str]) -> dict[str, tuple[bool, str 
             j = i + 1
             while j < len(children) and isinstance(children[j][1], _TRANSPARENT):
                 j += 1
-            if j < len(children) and type(children[j][1]) is nn.ReLU:
+            if j < len(children) and type(children[j][1]) in _ACTS:
                 relu = children[j][1]
-                plan[prefix + n] = (True, prefix + children[j][0] if uses[id(relu)] == 1 else None)
+                plan[prefix + n] = (_ACTS[type(relu)], prefix + children[j][0] if uses[id(relu)] == 1 else None)
     return plan
 
 
@@ -413,9 +418,12 @@ class Quantize(Step):
         # (earlier layers already quantized): keep a float copy for the targets.
         float_ref = copy.deepcopy(model) if any(w.adaround is not None for _, w in schemes.values()) else None
         for lname, mod in layers:
-            absorb = plan.get(lname, (False, None))[0]
+            act = plan.get(lname, (None, None))[0]
+            if act == "relu6" and not aschemes[lname].is_default:  # codes would need a ceiling too: keep it float
+                plan.pop(lname)
+                act = None
             sch, wcfg = schemes[lname]
-            convert_(mod, weight_bits=sch.bits, act="relu" if absorb else None, scheme=sch, act_scheme=aschemes[lname])
+            convert_(mod, weight_bits=sch.bits, act=act, scheme=sch, act_scheme=aschemes[lname])
             mod.start_calibration(lambda name, obs=observer: obs(axis=None, name=name), lname)
 
         # Calibration: float forward, ranges observed inside each layer.
@@ -461,7 +469,7 @@ class Quantize(Step):
             adaround_stats[lname].pop("_reference", None)
         for lname, mod in done:
             sch, wcfg = schemes[lname]
-            relu_name = plan.get(lname, (False, None))[1]
+            relu_name = plan.get(lname, (None, None))[1]
             if relu_name is not None:
                 set_module(model, relu_name, nn.Identity())
                 relu_removed.append(relu_name)
@@ -504,7 +512,7 @@ class Quantize(Step):
         figures: dict[str, Any] = dict(
             calibration_samples=n_samples, calibration_batches=n_batches, quantized_layers=len(record_layers),
             bn_folded=len(folded), bias_corrected=n_corrected,
-            relu_fused=sum(v["act"] == "relu" for v in record_layers.values()),
+            relu_fused=sum(v["act"] in ("relu", "relu6") for v in record_layers.values()),
             weight_bits=bits_used[0] if len(bits_used) == 1 else bits_used,
             scheme=f"{weight_scheme(cfg.weights, bits_used[-1]).describe()}, {' + '.join(acts_used)}"
                    + (", int32 bias" if weight_scheme(cfg.weights).int8_kernels else ""))
