@@ -7,7 +7,7 @@ default int8 symmetric per-channel; per-tensor activations in a
 :class:`~nnsqueeze.quant.act_scheme.ActScheme`, by default uint8 asymmetric; int32 bias),
 calibrates the activation ranges on ``ctx.calib_data`` (else ``ctx.train_data``), optionally learns
 the weight rounding with AdaRound (layer by layer, on the quantized model's inputs), corrects the
-biases for the mean weight rounding error, and absorbs a ReLU that directly follows a conv so that
+biases for the mean weight rounding error, and absorbs a ReLU or ReLU6 that directly follows a conv so that
 ONNX Runtime runs QLinearConv/QGemm end to end. Recipe::
 
     - quantize:
@@ -42,11 +42,12 @@ In Python::
     >>> [type(m).__name__ for m in model]
     ['QuantConv1d', 'Identity', 'Identity', 'Flatten', 'QuantLinear']
 
-Reduced range: on x86 CPUs without VNNI (AVX2, AVX-512 without VNNI), ONNX Runtime's u8s8 kernels
+Reduced range: on x86 CPUs without VNNI (AVX2, AVX-512 without VNNI), ONNX Runtime's u8s8 GEMM kernels
 add pairs of u8*s8 products into int16 with saturation, so full 8-bit weights make the int8 model
 drift from its simulation (measured: 4% of the logit range, 96.5% top-1 agreement on the demo CNN).
 ``weights.reduce_range: auto`` (default) then uses 7-bit weight codes, which cannot saturate, and
-notes it in the report; ``true``/``false`` force it. The choice is recorded, so a reloaded artifact
+notes it in the report; ``true``/``false`` force it. Depthwise convs keep 8 bits either way: ORT runs
+them with a kernel that accumulates in int32 on every CPU. The choice is recorded, so a reloaded artifact
 is the same on every machine.
 
 Activation formats (``activations`` / ``layer_activations``): uint8 and int8 export as plain
@@ -229,6 +230,12 @@ def _relu_plan(model: nn.Module, convs: list[str]) -> dict[str, tuple[str, str |
 
 
 
+def _depthwise(mod: nn.Module) -> bool:
+    """A depthwise conv (one input and one output channel per group): ORT's QLinearConv runs it with
+    its own kernel, which accumulates in int32 exactly, not with the u8s8 GEMM that may saturate."""
+    return isinstance(mod, _CONVS) and mod.groups > 1 and mod.in_channels == mod.groups == mod.out_channels
+
+
 @torch.no_grad()
 def _layer_inputs(model: nn.Module, lname: str, data: Any, samples: int, device: Any) -> torch.Tensor:
     """The inputs of module ``lname`` over the first ``samples`` examples of ``data`` (concatenated)."""
@@ -327,7 +334,9 @@ class Quantize(Step):
             w = cfg.layer_weights.get(lname, cfg.weights)
             bits = w.bits
             sch = weight_scheme(w, bits)
-            if bits == 8 and sch.int8_kernels:
+            # ORT's depthwise kernel widens u8*s8 products to int32 on every CPU (measured under an
+            # emulated Haswell: exact with full 8-bit codes), so only GEMM-based layers need 7 bits.
+            if bits == 8 and sch.int8_kernels and not _depthwise(mod):
                 from ..isa import describe
 
                 isa = describe()
