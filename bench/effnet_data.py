@@ -29,14 +29,14 @@ def photo(name: str) -> np.ndarray:
         import matplotlib.cbook as cbook
         import matplotlib.image as mpimg
 
-        return np.asarray(mpimg.imread(cbook.get_sample_data("grace_hopper.jpg", asfileobj=False)))[..., :3]
+        return np.array(mpimg.imread(cbook.get_sample_data("grace_hopper.jpg", asfileobj=False))[..., :3])
     import skimage.data as sd
 
     im = sd.stereo_motorcycle()[0] if name == "motorcycle" else getattr(sd, name)()
     im = np.asarray(im)
     if im.ndim == 2:
         im = np.repeat(im[..., None], 3, axis=2)
-    return im[..., :3].astype(np.uint8)
+    return np.array(im[..., :3], dtype=np.uint8)  # a writable copy
 
 
 def crops(names, n: int, seed: int, size: int = 224) -> torch.Tensor:

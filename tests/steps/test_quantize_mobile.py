@@ -163,3 +163,31 @@ def test_int8_weights_stored_per_layer_width(mobile, tmp_path):
     g = onnx.load(str(path)).graph
     codes = [numpy_helper.to_array(i) for i in g.initializer if numpy_helper.to_array(i).dtype == np.int8]
     assert len(codes) == 16
+
+
+def test_wide_first_gives_the_first_layers_16bit_activations(mobile, tmp_path):
+    fp, _ = mobile
+    torch.manual_seed(3)
+    calib = [(torch.randn(16, 3, 32, 32), None)]
+    ctx = Context(calib_data=calib)
+    ctx.report.begin_step("quantize", {})
+    q = Quantize(Quantize.Config(wide_first=2, layer_activations={"stem.0": {"bits": 8}})).run(copy.deepcopy(fp), ctx)
+    bits = {n: m.ascheme.bits for n, m in _convs(q).items()}
+    # stem.0 has its own entry, so the next two layers in order are the wide ones
+    assert bits["stem.0"] == 8 and bits["blocks.0.expand.0"] == 16 and bits["blocks.0.dw.0"] == 16
+    assert sum(b == 16 for b in bits.values()) == 2
+    # a wide layer keeps its ReLU6 as a float op (the absorbed form needs 8-bit codes)
+    assert _convs(q)["blocks.0.dw.0"].act is None and _convs(q)["blocks.1.dw.0"].act == "relu6"
+    assert any("16-bit activations (2 layers" in n["note"] for n in ctx.report.notes)
+    x = torch.randn(6, 3, 32, 32)
+    figs = export_onnx(q, tmp_path / "q.onnx", x)
+    assert figs["max_abs_diff"] <= figs["tolerance"]
+    assert figs["ort_int8_ops"]["QLinearConv"] == 13
+
+
+def test_wide_first_rejects_negative():
+    from nnsqueeze.errors import RecipeError
+    from nnsqueeze.recipe import load_recipe
+
+    with pytest.raises(RecipeError, match="wide_first"):
+        load_recipe([{"quantize": {"wide_first": -1}}])

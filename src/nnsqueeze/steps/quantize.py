@@ -20,6 +20,7 @@ ONNX Runtime runs QLinearConv/QGemm end to end. Recipe::
         # weights: {bits: 4, levels: nf4}                                # or pow2 / kmeans
         # layer_weights: {classifier.2: {bits: 8}}                       # per-layer schemes
         # layer_activations: {classifier.2: {bits: 16}}                  # per-layer activation formats
+        # wide_first: 3                            # the first 3 layers with 16-bit activations (mobile CNNs)
         # equalize: {method: cle, iterations: 2}                         # or smoothquant
         # ops: [add, matmul]   # residual adds + activation matmuls (fx), or HF attention q@k^T, p@v
 
@@ -144,6 +145,10 @@ class QuantizeConfig(StepConfig):
     layer_activations: dict[str, ActivationsConfig] = Field(
         default_factory=dict, description="per-layer activation formats by exact module name (override "
         "'activations'; the layer's input and, for convs, its output)")
+    wide_first: int = Field(0, ge=0, description="the first N quantized layers (in registration, usually "
+                            "forward, order) without a layer_activations entry get 16-bit activations: a mobile "
+                            "CNN's first layers carry the image in few channels at full resolution, where 8-bit "
+                            "per-tensor codes cost most; ORT runs them in float (a few % of the MACs)")
     ops: list[Literal["add", "matmul"]] = Field(
         default_factory=list, description="also quantize the inputs of these ops between two activations "
         "(uint8 per tensor; add: residual adds, output too -> QLinearAdd; matmul: matmul/bmm/@, and Hugging Face "
@@ -370,6 +375,8 @@ class Quantize(Step):
             raise RecipeError(f"{self.where}.layer_activations", f"{sorted(unknown)} are not quantized layers",
                               fix=f"use exact module names among {[n for n, _ in layers]}")
         out = {lname: act_scheme(cfg.layer_activations.get(lname, cfg.activations)) for lname, _ in layers}
+        for lname in [n for n, _ in layers if n not in cfg.layer_activations][:cfg.wide_first]:
+            out[lname] = ActScheme(bits=16, symmetric=bool(cfg.activations.symmetric))
         wide = sorted(n for n, a in out.items() if a.bits == 16)
         narrow = sorted(n for n, a in out.items() if a.bits < 8)
         if wide:
