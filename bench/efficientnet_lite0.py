@@ -11,6 +11,14 @@ held-out crops from other photos (scikit-image's and matplotlib's), see bench/ef
     python bench/efficientnet_lite0.py --recipe int8 --recipe int8-mobile   # more nnsqueeze rows
 
 Timings are only meaningful on an otherwise idle machine.
+
+AVX2 (no VNNI) from a VNNI machine: quantize for AVX2 natively, then run the saved ONNX models under
+qemu (only ORT inference is emulated; ``NNSQUEEZE_ISA=avx2`` makes the step choose what it would
+choose on an AVX2 CPU, and the simulation's logits are saved to check parity there)::
+
+    NNSQUEEZE_ISA=avx2 python bench/efficientnet_lite0.py --save /tmp/e --eval 32 --no-timing
+    qemu-x86_64 -cpu Haswell $(python -c 'import os,sys;print(os.path.realpath(sys.executable))') \
+        bench/efficientnet_lite0.py --load /tmp/e --no-timing
 """
 
 from __future__ import annotations
@@ -93,14 +101,21 @@ def main() -> None:
     ap.add_argument("--runs", type=int, default=30)
     ap.add_argument("--recipe", action="append", help="nnsqueeze presets/recipes (default: int8)")
     ap.add_argument("--no-timing", action="store_true", help="agreement figures only")
+    ap.add_argument("--save", help="keep the ONNX models, held-out crops and simulated logits in this folder")
+    ap.add_argument("--load", help="evaluate the models --save kept (e.g. under qemu), no quantization")
     args = ap.parse_args()
+    if args.load:
+        return evaluate(torch.load(os.path.join(args.load, "run.pt")), args)
     recipes = args.recipe or ["int8"]
     torch.manual_seed(0)
     calib = crops(CALIB_PHOTOS, args.calib, seed=0)
     held = crops(EVAL_PHOTOS, args.eval, seed=1)
     model = load_model()
+    sims: dict[str, torch.Tensor] = {}
 
-    with tempfile.TemporaryDirectory() as d:
+    with tempfile.TemporaryDirectory() as tmp:
+        d = args.save or tmp
+        os.makedirs(d, exist_ok=True)
         paths = {FP32: os.path.join(d, "fp32.onnx")}
         nsq.export_onnx(model, paths[FP32], example_inputs=held[:2])
         secs: dict[str, float] = {}
@@ -116,20 +131,30 @@ def main() -> None:
             secs[key] = time.perf_counter() - t
             paths[key] = os.path.join(d, f"{recipe.replace('/', '_')}.onnx")
             nsq.export_onnx(r, paths[key], example_inputs=held[:4])
+            with torch.no_grad():
+                sims[key] = torch.cat([r.model(held[i:i + 32]) for i in range(0, len(held), 32)])
+        run = {"paths": paths, "held": held, "sims": sims, "secs": secs, "calib": len(calib)}
+        if args.save:
+            torch.save(run, os.path.join(d, "run.pt"))
+        evaluate(run, args)
 
-        outs = {k: logits(p, held, args.threads) for k, p in paths.items()}
-        ms1 = ms8 = {}
-        if not args.no_timing:
-            ms1 = latencies(paths, held[:1], args.threads, args.runs)
-            ms8 = latencies(paths, held[:8], args.threads, args.runs)
-        sizes = {k: os.path.getsize(p) for k, p in paths.items()}
+
+def evaluate(run: dict, args) -> None:
+    """Run every ONNX model in ORT on the held-out crops, print the table (and sim-vs-ORT parity)."""
+    paths, held, sims, secs = run["paths"], run["held"], run["sims"], run["secs"]
+    outs = {k: logits(p, held, args.threads) for k, p in paths.items()}
+    ms1 = ms8 = {}
+    if not args.no_timing:
+        ms1 = latencies(paths, held[:1], args.threads, args.runs)
+        ms8 = latencies(paths, held[:8], args.threads, args.runs)
+    sizes = {k: os.path.getsize(p) for k, p in paths.items()}
 
     isa = describe()
     ref = outs[FP32]
     print(f"# EfficientNet-Lite0 (ImageNet weights), {date.today()}, CPU: {cpu_model()}, ISA: {isa['isa']} "
           f"(u8s8 saturates: {isa['u8s8_saturates']}, via {isa['source']}), ORT threads {args.threads}, median of "
           f"{args.runs}; torch {torch.__version__}, onnxruntime {isa['onnxruntime']}")
-    print(f"# {len(calib)} calibration crops of {', '.join(CALIB_PHOTOS)}; {len(held)} held-out crops of "
+    print(f"# {run['calib']} calibration crops of {', '.join(CALIB_PHOTOS)}; {len(held)} held-out crops of "
           f"{', '.join(EVAL_PHOTOS)} (different photos)")
     print("| model | top-1 agreement | KL(fp32 ‖ q) | ORT ms b1 | ORT ms b8 | speed vs fp32 (b1/b8) | "
           "speed vs ORT int8 (b1/b8) | ONNX bytes | time (s) |")
@@ -144,6 +169,11 @@ def main() -> None:
             timing = "- | - | - | -"
         print(f"| {k} | {100 * agree:.1f}% | {kl(ref, out):.4f} | {timing} | {sizes[k]:,} | "
               f"{secs.get(k, 0):.0f} |")
+    for k, sim in sims.items():
+        d = (outs[k] - sim).abs()
+        step = float(sim.max() - sim.min()) / 255
+        print(f"# {k}: ORT here vs the torch simulation: max abs {float(d.max()):.3g} ({float(d.max()) / step:.3f} "
+              f"8-bit steps of the logit range), top-1 equal {100 * float((outs[k].argmax(1) == sim.argmax(1)).float().mean()):.1f}%")
 
 
 if __name__ == "__main__":
