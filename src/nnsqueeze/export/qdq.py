@@ -198,15 +198,36 @@ def _same_params(gr: _Graph, a, b) -> bool:
     return pa[0].shape == pb[0].shape and np.array_equal(pa[0], pb[0]) and np.array_equal(pa[1], pb[1])
 
 
+def _clip_is_identity(gr: _Graph, clip, scale: np.ndarray, zp: np.ndarray) -> bool:
+    """Clip(min, max) of a per-tensor DQ's output changes nothing: every dequantized code (float32,
+    as ORT computes them) lies in [min, max]."""
+    lo = gr.const(clip.input[1]) if len(clip.input) > 1 and clip.input[1] else None
+    hi = gr.const(clip.input[2]) if len(clip.input) > 2 and clip.input[2] else None
+    if (len(clip.input) > 1 and clip.input[1] and lo is None) or (len(clip.input) > 2 and clip.input[2] and hi is None) \
+            or scale.ndim or zp.ndim:
+        return False
+    info = np.iinfo(zp.dtype)
+    s, z = np.float32(scale), np.int32(zp)
+    first = np.float32(np.int32(info.min) - z) * s
+    last = np.float32(np.int32(info.max) - z) * s
+    return (lo is None or first >= np.float32(lo)) and (hi is None or last <= np.float32(hi))
+
+
 def _drop_relu_after_dq(gr: _Graph) -> int:
-    """Relu(DQ(q)) with zero point == code minimum is the identity (values are >= 0)."""
+    """Relu(DQ(q)) with zero point == code minimum is the identity (values are >= 0), and so is a
+    Clip (ReLU6) whose range holds every dequantized code."""
     count = 0
-    for relu in [n for n in gr.g.node if n.op_type == "Relu"]:
+    for relu in [n for n in gr.g.node if n.op_type in ("Relu", "Clip")]:
         dq = gr.producer(relu.input[0])
         if dq is None or dq.op_type != "DequantizeLinear" or gr.is_graph_output(relu.output[0]):
             continue
         params = _qdq_params(gr, dq)
-        if params is None or not np.all(params[1] == np.iinfo(params[1].dtype).min):
+        if params is None:
+            continue
+        if relu.op_type == "Clip":
+            if not _clip_is_identity(gr, relu, *params):
+                continue
+        elif not np.all(params[1] == np.iinfo(params[1].dtype).min):
             continue
         gr.rewire(relu.output[0], relu.input[0])
         gr.remove(relu)

@@ -80,8 +80,8 @@ class FakeQuantMixin(WeightRowsMixin, PackingMixin):
     # -- setup -------------------------------------------------------------------------------
     def _setup_quant(self, weight_bits: int, act: str | None, quant_output: bool,
                      scheme: WeightScheme | None = None, act_scheme: ActScheme | None = None) -> None:
-        if act not in (None, "relu"):
-            raise ValueError(f"act must be None or 'relu', got {act!r}")
+        if act not in (None, "relu", "relu6"):
+            raise ValueError(f"act must be None, 'relu' or 'relu6', got {act!r}")
         self.ascheme = act_scheme or ActScheme()
         if self.ascheme.bits == 16:  # exported as com.microsoft 16-bit QuantizeLinear/DequantizeLinear
             self.onnx_custom_opsets = {"com.microsoft": 1}
@@ -298,12 +298,14 @@ class FakeQuantMixin(WeightRowsMixin, PackingMixin):
         """
         obs_in, obs_out = self._observers
         a = self.ascheme
+        from .integer import fit_clip_scale
+
         s, z = obs_in.qparams(bits=a.bits, symmetric=a.symmetric)
-        self.input_scale_.copy_(s)
+        self.input_scale_.copy_(fit_clip_scale(s, z, a.qrange))
         self.input_zero_point_.copy_(z)
         if obs_out is not None:
             s, z = obs_out.qparams(bits=a.bits, symmetric=a.symmetric)
-            self.output_scale_.copy_(s)
+            self.output_scale_.copy_(fit_clip_scale(s, z, a.qrange))
             self.output_zero_point_.copy_(z)
         self._observers = None
         self.refresh_weight_scale_()
@@ -336,7 +338,17 @@ class FakeQuantMixin(WeightRowsMixin, PackingMixin):
         raise NotImplementedError
 
     def _act(self, y: Tensor) -> Tensor:
+        if self.act == "relu6":
+            return F.relu6(y)
         return F.relu(y) if self.act == "relu" else y
+
+    def runs_integer(self) -> bool:
+        """True when ONNX Runtime runs this layer as one fused integer kernel (QLinearConv/QGemm with a
+        quantized output), whose requantization :mod:`nnsqueeze.quant.integer` reproduces exactly."""
+        from ..export.lowbit import stores_lowbit
+
+        return (self.quant_output and self.wscheme.int8_kernels and not stores_lowbit(self.wscheme)
+                and self.ascheme.bits <= 8 and self._modules.get("bn") is None)
 
     def _quant_act(self, x: Tensor, which: str) -> Tensor:
         """Fake-quantize an activation (``which``: "input" or "output"), with LSQ while training."""
@@ -360,7 +372,6 @@ class FakeQuantMixin(WeightRowsMixin, PackingMixin):
             return y
         if torch.onnx.is_in_onnx_export():
             return self._export_forward(x)
-        bn = self._modules.get("bn")
         if self.training:
             # Quantization-aware training: weights move, so their scales follow (unless learned).
             if self._parameters.get("weight_step") is not None:
@@ -368,6 +379,20 @@ class FakeQuantMixin(WeightRowsMixin, PackingMixin):
                     self.weight_scale_.copy_(self.weight_step.detach().abs().clamp(min=EPS))
             else:
                 self.refresh_weight_scale_()
+        if not self.training and self.runs_integer():
+            from .integer import requantized_forward
+
+            y = requantized_forward(self, x)
+            if torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad):
+                # same values, the float simulation's straight-through gradients
+                y_sim = self._float_sim(x)
+                y = y_sim + (y - y_sim).detach()
+            return y
+        return self._float_sim(x)
+
+    def _float_sim(self, x: Tensor) -> Tensor:
+        """Fake-quant forward in float: dequantized codes through the float layer."""
+        bn = self._modules.get("bn")
         x = self._quant_act(x, "input")
         if bn is not None and self.training and not getattr(self, "bn_frozen", False):
             y = bn_train_forward(lambda w, b: self._layer(x, w, b), self.masked_weight(), self.bias, bn,

@@ -7,7 +7,7 @@ default int8 symmetric per-channel; per-tensor activations in a
 :class:`~nnsqueeze.quant.act_scheme.ActScheme`, by default uint8 asymmetric; int32 bias),
 calibrates the activation ranges on ``ctx.calib_data`` (else ``ctx.train_data``), optionally learns
 the weight rounding with AdaRound (layer by layer, on the quantized model's inputs), corrects the
-biases for the mean weight rounding error, and absorbs a ReLU that directly follows a conv so that
+biases for the mean weight rounding error, and absorbs a ReLU or ReLU6 that directly follows a conv so that
 ONNX Runtime runs QLinearConv/QGemm end to end. Recipe::
 
     - quantize:
@@ -20,6 +20,7 @@ ONNX Runtime runs QLinearConv/QGemm end to end. Recipe::
         # weights: {bits: 4, levels: nf4}                                # or pow2 / kmeans
         # layer_weights: {classifier.2: {bits: 8}}                       # per-layer schemes
         # layer_activations: {classifier.2: {bits: 16}}                  # per-layer activation formats
+        # wide_first: 3                            # the first 3 layers with 16-bit activations (mobile CNNs)
         # equalize: {method: cle, iterations: 2}                         # or smoothquant
         # ops: [add, matmul]   # residual adds + activation matmuls (fx), or HF attention q@k^T, p@v
 
@@ -42,11 +43,12 @@ In Python::
     >>> [type(m).__name__ for m in model]
     ['QuantConv1d', 'Identity', 'Identity', 'Flatten', 'QuantLinear']
 
-Reduced range: on x86 CPUs without VNNI (AVX2, AVX-512 without VNNI), ONNX Runtime's u8s8 kernels
+Reduced range: on x86 CPUs without VNNI (AVX2, AVX-512 without VNNI), ONNX Runtime's u8s8 GEMM kernels
 add pairs of u8*s8 products into int16 with saturation, so full 8-bit weights make the int8 model
 drift from its simulation (measured: 4% of the logit range, 96.5% top-1 agreement on the demo CNN).
 ``weights.reduce_range: auto`` (default) then uses 7-bit weight codes, which cannot saturate, and
-notes it in the report; ``true``/``false`` force it. The choice is recorded, so a reloaded artifact
+notes it in the report; ``true``/``false`` force it. Depthwise convs keep 8 bits either way: ORT runs
+them with a kernel that accumulates in int32 on every CPU. The choice is recorded, so a reloaded artifact
 is the same on every machine.
 
 Activation formats (``activations`` / ``layer_activations``): uint8 and int8 export as plain
@@ -77,6 +79,8 @@ from ..targets import set_module
 SUPPORTED = (nn.Linear, nn.Conv1d, nn.Conv2d)
 _CONVS = (nn.Conv1d, nn.Conv2d)
 _TRANSPARENT = (nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d)
+# Activations a conv absorbs: its quantized output starts at 0 (and ends at 6), so ORT drops them.
+_ACTS = {nn.ReLU: "relu", nn.ReLU6: "relu6"}
 
 
 class _Strict(BaseModel):
@@ -141,6 +145,10 @@ class QuantizeConfig(StepConfig):
     layer_activations: dict[str, ActivationsConfig] = Field(
         default_factory=dict, description="per-layer activation formats by exact module name (override "
         "'activations'; the layer's input and, for convs, its output)")
+    wide_first: int = Field(0, ge=0, description="the first N quantized layers (in registration, usually "
+                            "forward, order) without a layer_activations entry get 16-bit activations: a mobile "
+                            "CNN's first layers carry the image in few channels at full resolution, where 8-bit "
+                            "per-tensor codes cost most; ORT runs them in float (a few % of the MACs)")
     ops: list[Literal["add", "matmul"]] = Field(
         default_factory=list, description="also quantize the inputs of these ops between two activations "
         "(uint8 per tensor; add: residual adds, output too -> QLinearAdd; matmul: matmul/bmm/@, and Hugging Face "
@@ -163,10 +171,11 @@ def act_scheme(a: ActivationsConfig) -> ActScheme:
     return ActScheme(bits=int(a.bits), symmetric=bool(a.symmetric))
 
 
-def _relu_plan(model: nn.Module, convs: list[str]) -> dict[str, tuple[bool, str | None]]:
-    """For each conv name: (absorb a following ReLU?, name of an nn.ReLU module that can become Identity).
+def _relu_plan(model: nn.Module, convs: list[str]) -> dict[str, tuple[str, str | None]]:
+    """For each conv name: (the following activation to absorb, "relu" or "relu6"; name of its
+    nn.ReLU/nn.ReLU6 module when that can become Identity).
 
-    A ReLU is absorbed when the conv's output (through Identity/Dropout) feeds only that ReLU. The
+    A ReLU or ReLU6 is absorbed when the conv's output (through Identity/Dropout) feeds only that ReLU. The
     ReLU module is replaced only if it is called once and not shared; otherwise it stays (a second
     ReLU on non-negative values changes nothing).
     """
@@ -195,14 +204,16 @@ def _relu_plan(model: nn.Module, convs: list[str]) -> dict[str, tuple[bool, str 
                 if nxt.op == "call_module" and isinstance(gm.get_submodule(nxt.target), _TRANSPARENT):
                     cur = nxt
                     continue
-                if nxt.op == "call_module" and type(gm.get_submodule(nxt.target)) is nn.ReLU:
+                if nxt.op == "call_module" and type(gm.get_submodule(nxt.target)) in _ACTS:
                     relu = gm.get_submodule(nxt.target)
                     own = calls[nxt.target] == 1 and uses[id(relu)] == 1
-                    plan[node.target] = (True, nxt.target if own else None)
+                    plan[node.target] = (_ACTS[type(relu)], nxt.target if own else None)
                 elif (nxt.op == "call_function" and nxt.target in (torch.relu, torch.nn.functional.relu,
                                                                   torch.relu_)) or \
                         (nxt.op == "call_method" and nxt.target in ("relu", "relu_")):
-                    plan[node.target] = (True, None)
+                    plan[node.target] = ("relu", None)
+                elif nxt.op == "call_function" and nxt.target is torch.nn.functional.relu6:
+                    plan[node.target] = ("relu6", None)
                 break
         return plan
     # Untraceable model: adjacency inside nn.Sequential.
@@ -217,11 +228,17 @@ def _relu_plan(model: nn.Module, convs: list[str]) -> dict[str, tuple[bool, str 
             j = i + 1
             while j < len(children) and isinstance(children[j][1], _TRANSPARENT):
                 j += 1
-            if j < len(children) and type(children[j][1]) is nn.ReLU:
+            if j < len(children) and type(children[j][1]) in _ACTS:
                 relu = children[j][1]
-                plan[prefix + n] = (True, prefix + children[j][0] if uses[id(relu)] == 1 else None)
+                plan[prefix + n] = (_ACTS[type(relu)], prefix + children[j][0] if uses[id(relu)] == 1 else None)
     return plan
 
+
+
+def _depthwise(mod: nn.Module) -> bool:
+    """A depthwise conv (one input and one output channel per group): ORT's QLinearConv runs it with
+    its own kernel, which accumulates in int32 exactly, not with the u8s8 GEMM that may saturate."""
+    return isinstance(mod, _CONVS) and mod.groups > 1 and mod.in_channels == mod.groups == mod.out_channels
 
 
 @torch.no_grad()
@@ -322,7 +339,9 @@ class Quantize(Step):
             w = cfg.layer_weights.get(lname, cfg.weights)
             bits = w.bits
             sch = weight_scheme(w, bits)
-            if bits == 8 and sch.int8_kernels:
+            # ORT's depthwise kernel widens u8*s8 products to int32 on every CPU (measured under an
+            # emulated Haswell: exact with full 8-bit codes), so only GEMM-based layers need 7 bits.
+            if bits == 8 and sch.int8_kernels and not _depthwise(mod):
                 from ..isa import describe
 
                 isa = describe()
@@ -356,6 +375,8 @@ class Quantize(Step):
             raise RecipeError(f"{self.where}.layer_activations", f"{sorted(unknown)} are not quantized layers",
                               fix=f"use exact module names among {[n for n, _ in layers]}")
         out = {lname: act_scheme(cfg.layer_activations.get(lname, cfg.activations)) for lname, _ in layers}
+        for lname in [n for n, _ in layers if n not in cfg.layer_activations][:cfg.wide_first]:
+            out[lname] = ActScheme(bits=16, symmetric=bool(cfg.activations.symmetric))
         wide = sorted(n for n, a in out.items() if a.bits == 16)
         narrow = sorted(n for n, a in out.items() if a.bits < 8)
         if wide:
@@ -413,9 +434,12 @@ class Quantize(Step):
         # (earlier layers already quantized): keep a float copy for the targets.
         float_ref = copy.deepcopy(model) if any(w.adaround is not None for _, w in schemes.values()) else None
         for lname, mod in layers:
-            absorb = plan.get(lname, (False, None))[0]
+            act = plan.get(lname, (None, None))[0]
+            if act == "relu6" and not aschemes[lname].is_default:  # codes would need a ceiling too: keep it float
+                plan.pop(lname)
+                act = None
             sch, wcfg = schemes[lname]
-            convert_(mod, weight_bits=sch.bits, act="relu" if absorb else None, scheme=sch, act_scheme=aschemes[lname])
+            convert_(mod, weight_bits=sch.bits, act=act, scheme=sch, act_scheme=aschemes[lname])
             mod.start_calibration(lambda name, obs=observer: obs(axis=None, name=name), lname)
 
         # Calibration: float forward, ranges observed inside each layer.
@@ -461,7 +485,7 @@ class Quantize(Step):
             adaround_stats[lname].pop("_reference", None)
         for lname, mod in done:
             sch, wcfg = schemes[lname]
-            relu_name = plan.get(lname, (False, None))[1]
+            relu_name = plan.get(lname, (None, None))[1]
             if relu_name is not None:
                 set_module(model, relu_name, nn.Identity())
                 relu_removed.append(relu_name)
@@ -504,7 +528,7 @@ class Quantize(Step):
         figures: dict[str, Any] = dict(
             calibration_samples=n_samples, calibration_batches=n_batches, quantized_layers=len(record_layers),
             bn_folded=len(folded), bias_corrected=n_corrected,
-            relu_fused=sum(v["act"] == "relu" for v in record_layers.values()),
+            relu_fused=sum(v["act"] in ("relu", "relu6") for v in record_layers.values()),
             weight_bits=bits_used[0] if len(bits_used) == 1 else bits_used,
             scheme=f"{weight_scheme(cfg.weights, bits_used[-1]).describe()}, {' + '.join(acts_used)}"
                    + (", int32 bias" if weight_scheme(cfg.weights).int8_kernels else ""))
