@@ -20,6 +20,11 @@ layers, so both tools also run at group 64); nnsqueeze's ``rotate`` + RTN and ``
 the Hessian-weighted MSE clip (preset ``w4-g128-quarot-gptq``); SmoothQuant (alpha 0.5) + W8A8
 (int8 per-channel symmetric weights, int8 per-tensor asymmetric static activations); SparseGPT and
 Wanda at 50% and 2:4. Calibration seconds = the tool's compression call only (no evaluation).
+Each tool runs with its own defaults otherwise: llm-compressor's symmetric grid is ``absmax / 7.5``
+(the positive end clipped), nnsqueeze's ``absmax / 7`` (ONNX Runtime's); its static activation
+observer is a moving-average min/max (nnsqueeze: the global min/max); its AWQ folds the scales into
+the preceding norm/Linear per mapping, nnsqueeze's searches one scale vector per Linear.
+A setting a tool refuses (llm-compressor: group 128 on 576-wide layers) is a row with its error.
 
 One tool per process (llm-compressor lives in its own venv), then merge::
 
@@ -144,6 +149,13 @@ def llmc_methods(n: int) -> list[tuple[str, str, object]]:
     from llmcompressor.modifiers.quantization import GPTQModifier, QuantizationModifier
     from llmcompressor.modifiers.transform.awq import AWQModifier
     from llmcompressor.modifiers.transform.smoothquant import SmoothQuantModifier
+    from llmcompressor.pipelines.cache import IntermediatesCache
+
+    if not torch.accelerator.is_available():
+        # llm-compressor 0.14's AWQ pins its cached activations (pin_memory), which raises "Cannot access
+        # accelerator device" on a CPU-only machine. Pinning only speeds up host-to-device copies:
+        # skipping it leaves the results unchanged.
+        IntermediatesCache.pin_memory = lambda self, *a, **k: None
 
     def groups(bits, g):
         return {"group_0": {"targets": ["Linear"], "weights": {"num_bits": bits, "type": "int", "symmetric": True,
@@ -160,8 +172,8 @@ def llmc_methods(n: int) -> list[tuple[str, str, object]]:
         gptq = lambda cg=cg: GPTQModifier(config_groups=cg, ignore=ig, actorder="static")  # noqa: E731
         out += [(wl, "RTN", llmc_run(rtn)),
                 (wl, "GPTQ (act order)", llmc_run(gptq)),
-                (wl, "AWQ", llmc_run(lambda rtn=rtn: [AWQModifier(ignore=ig), rtn()])),
-                (wl, "AWQ+GPTQ", llmc_run(lambda gptq=gptq: [AWQModifier(ignore=ig), gptq()]))]
+                (wl, "AWQ", llmc_run(lambda rtn=rtn: [AWQModifier(), rtn()])),
+                (wl, "AWQ+GPTQ", llmc_run(lambda gptq=gptq: [AWQModifier(), gptq()]))]
         if (bits, g) == (4, 64):
             out += [("W8A8", "SmoothQuant a=0.5", llmc_run(lambda: [SmoothQuantModifier(smoothing_strength=0.5),
                                                                      QuantizationModifier(config_groups=w8a8,
@@ -212,12 +224,14 @@ def run_tool(a) -> None:
 
 
 def merge(paths: list[str], out_dir: Path) -> None:
-    runs = [json.loads(Path(p).read_text()) for p in paths]
+    runs = [json.loads(Path(p).read_text()) for p in paths]  # same data and settings, or refuse
     for k in ("calib_sha", "eval_sha", "threads", "calib_windows", "eval_windows"):
         if len({r[k] for r in runs}) != 1:
             raise SystemExit(f"runs differ in {k}: {[r[k] for r in runs]}")
-    rows = [row for r in runs for row in r["rows"]]
-    tools = [r["tool"] for r in runs]
+    # A later file's row replaces an earlier one of the same tool, scheme and method (a re-run).
+    by_key = {(row["tool"], row["scheme"], row["method"]): row for r in runs for row in r["rows"]}
+    rows = list(by_key.values())
+    tools = list(dict.fromkeys(r["tool"] for r in runs))
     rows.sort(key=lambda x: (ORDER.index(x["scheme"]), x["method"], tools.index(x["tool"])))
     m = runs[0]
     print(f"# SmolLM2-135M-Instruct fp32  {m['date']}  CPU: {m['cpu']}  threads: {m['threads']}  calib: "
