@@ -65,6 +65,8 @@ EVAL_FILES = ("argparse.py", "asyncio/base_events.py", "collections/__init__.py"
 #: (bits, group) of the weight-only rows, in run order (the head-to-head g64 rows before the 3-bit ones).
 GRIDS = ((4, 128), (4, 64), (3, 128), (3, 64))
 ORDER = ["fp32", "W4 g128", "W4 g64", "W8A8", "50% unstructured", "2:4", "W3 g128", "W3 g64"]
+METHODS = ["fp32", "RTN", "GPTQ (act order)", "AWQ", "AWQ+GPTQ", "rotate+RTN", "rotate+GPTQ+mse clip",
+           "SmoothQuant a=0.5", "SparseGPT", "Wanda"]
 
 
 # --------------------------------------------------------------------------- data (same for both tools)
@@ -232,7 +234,7 @@ def merge(paths: list[str], out_dir: Path) -> None:
     by_key = {(row["tool"], row["scheme"], row["method"]): row for r in runs for row in r["rows"]}
     rows = list(by_key.values())
     tools = list(dict.fromkeys(r["tool"] for r in runs))
-    rows.sort(key=lambda x: (ORDER.index(x["scheme"]), x["method"], tools.index(x["tool"])))
+    rows.sort(key=lambda x: (ORDER.index(x["scheme"]), METHODS.index(x["method"]), tools.index(x["tool"])))
     m = runs[0]
     print(f"# SmolLM2-135M-Instruct fp32  {m['date']}  CPU: {m['cpu']}  threads: {m['threads']}  calib: "
           f"{m['calib_windows']} x {SEQ_LEN} tokens of stdlib docstrings  eval: {m['eval_windows']} x {SEQ_LEN}-token "
@@ -240,7 +242,7 @@ def merge(paths: list[str], out_dir: Path) -> None:
     print("| scheme | method | tool | perplexity | vs fp32 | calib s |\n|---|---|---|---|---|---|")
     for x in rows:
         if "error" in x:
-            print(f"| {x['scheme']} | {x['method']} | {x['tool']} | refused | | `{x['error'][:120]}` |")
+            print(f"| {x['scheme']} | {x['method']} | {x['tool']} | refused | | `{x['error'][:60]}...` |")
         else:
             print(f"| {x['scheme']} | {x['method']} | {x['tool']} | {x['ppl']:.2f} | {x['vs_fp32']:+.1f}% "
                   f"| {x['seconds']:.1f} |")
