@@ -191,3 +191,12 @@ def test_wide_first_rejects_negative():
 
     with pytest.raises(RecipeError, match="wide_first"):
         load_recipe([{"quantize": {"wide_first": -1}}])
+
+
+def test_wide_layers_before_integer_ones_are_verified_on_the_mean(mobile):
+    fp, q = mobile
+    assert not any(getattr(m, "onnx_verify_mean", False) for m in q.modules())  # all integer: max check
+    ctx = Context(calib_data=[(torch.randn(8, 3, 32, 32), None)])
+    ctx.report.begin_step("quantize", {})
+    w = Quantize(Quantize.Config(wide_first=1)).run(copy.deepcopy(fp), ctx)
+    assert [n for n, m in w.named_modules() if getattr(m, "onnx_verify_mean", False)] == ["stem.0"]

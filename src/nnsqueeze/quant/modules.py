@@ -125,7 +125,7 @@ class FakeQuantMixin(WeightRowsMixin, PackingMixin):
                   "output_scale_", "output_zero_point_"):
             self._buffers.pop(b, None)
         for a in ("weight_bits", "wscheme", "ascheme", "onnx_custom_opsets", "weight_frozen", "act", "quant_output",
-                  "_observers", "_export_cache", "_input_sum", "_input_mean"):
+                  "onnx_verify_mean", "_observers", "_export_cache", "_input_sum", "_input_mean"):
             self.__dict__.pop(a, None)
         cls = self._float_class
         self.__dict__.pop("_float_class", None)
