@@ -33,7 +33,7 @@ SKIP = {"int8-dynamic-bert", "w4-g128-gptq", "w4-g128-quarot-gptq"}
 
 
 def measure(name: str, model, data, evaluate: dict) -> dict:
-    raw = load_recipe(name).model_dump(mode="json")
+    raw = load_recipe(name).to_dict()
     raw["evaluate"] = {**raw.get("evaluate", {}), **evaluate}
     res = nsq.compress(model, raw, train_data=data["train"], calib_data=data["calib"], eval_data=data["test"],
                        progress=False)
