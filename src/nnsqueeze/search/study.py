@@ -116,7 +116,18 @@ def open_storage(url: str, heartbeat: int, grace: int):
         retry = {"failed_trial_callback": Retry(max_retry=3)}
     kwargs = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {"pool_pre_ping": True}
     try:
-        return RDBStorage(url, engine_kwargs=kwargs, heartbeat_interval=heartbeat, grace_period=grace, **retry)
+        for attempt in range(5):
+            try:
+                return RDBStorage(url, engine_kwargs=kwargs, heartbeat_interval=heartbeat, grace_period=grace,
+                                  **retry)
+            except Exception as e:  # noqa: BLE001
+                # Workers that start together on a new database race to create optuna's schema: the
+                # loser's insert of the schema version fails on a UNIQUE constraint while the winner's
+                # tables are complete, so opening again succeeds. Anything else is a real failure.
+                if not any(w in type(e).__name__ + str(e) for w in ("IntegrityError", "already exists")) \
+                        or attempt == 4:
+                    raise
+                time.sleep(0.2 * (attempt + 1))
     except Exception as e:  # noqa: BLE001 - a bad URL, a missing driver, a server that does not answer
         raise DataError("--storage", f"cannot open the study storage {_redact(url)}: {type(e).__name__}: "
                         f"{str(e).splitlines()[0][:200] if str(e) else ''}",
