@@ -41,28 +41,10 @@ from nnsqueeze.env import cpu_model  # noqa: E402
 from nnsqueeze.export.ort import OrtModule, make_session  # noqa: E402
 from nnsqueeze.isa import describe  # noqa: E402
 
+from demo_vs_ort import ort_static  # noqa: E402
 from effnet_data import CALIB_PHOTOS, EVAL_PHOTOS, crops, load_model  # noqa: E402
 
 FP32, ORT_ROW = "fp32", "ORT quantize_static (QDQ, per-channel, minmax)"
-
-
-def ort_static(fp32_path: str, out_path: str, calib: torch.Tensor, batch: int) -> None:
-    """ONNX Runtime's documented static QDQ flow: pre-process, then per-channel minmax."""
-    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
-    from onnxruntime.quantization.shape_inference import quant_pre_process
-
-    class Reader(CalibrationDataReader):
-        def __init__(self):
-            self.it = iter([{"input": calib[i:i + batch].numpy()} for i in range(0, len(calib), batch)])
-
-        def get_next(self):
-            return next(self.it, None)
-
-    pre = out_path + ".pre.onnx"
-    quant_pre_process(fp32_path, pre)
-    quantize_static(pre, out_path, Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
-                    activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
-    os.remove(pre)
 
 
 def logits(path: str, x: torch.Tensor, threads: int) -> torch.Tensor:
@@ -125,7 +107,7 @@ def main() -> None:
         secs: dict[str, float] = {}
         t = time.perf_counter()
         paths[ORT_ROW] = os.path.join(d, "ort.onnx")
-        ort_static(paths[FP32], paths[ORT_ROW], calib, batch=16)
+        ort_static(paths[FP32], paths[ORT_ROW], [(calib[i:i + 16], None) for i in range(0, len(calib), 16)])
         secs[ORT_ROW] = time.perf_counter() - t
         for recipe in recipes:
             key = f"nnsqueeze {recipe}"

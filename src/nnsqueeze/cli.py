@@ -13,18 +13,15 @@ refused unless ``--overwrite``, which replaces only nnsqueeze's own files (see n
 
 from __future__ import annotations
 
-import importlib
-import importlib.util
-import inspect
 import logging
-import sys
 from pathlib import Path
-from typing import Any, Optional
+from typing import Optional
 
 import typer
 from rich.console import Console
 
 from .errors import DataError, ExportError, ModelError, NnsqueezeError
+from .inputs import call_factory, data_from_spec, load_weights, model_from_spec
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Make trained PyTorch models smaller and faster, measured and verified in ONNX Runtime.")
@@ -44,142 +41,6 @@ def _main(debug: bool = typer.Option(False, "--debug", help="show tracebacks"),
                         handlers=[RichHandler(console=console, show_path=False, show_time=False)], force=True)
 
 
-def _import_object(spec: str, what: str, error: type[NnsqueezeError]) -> Any:
-    """Resolve ``module.path:name`` (imported from sys.path, never implicitly from the current
-    directory) or ``path/to/file.py:name`` (loaded from that file alone)."""
-    if ":" not in spec:
-        raise error(what, f"{spec!r} is not of the form MODULE:NAME or path/to/file.py:NAME",
-                    fix="e.g. mypkg.models:build_model or ./models.py:build_model")
-    mod_name, _, attr = spec.rpartition(":")
-    try:
-        module = _load_file(Path(mod_name), what, error) if mod_name.endswith(".py") else \
-            importlib.import_module(mod_name)
-    except ModuleNotFoundError as e:
-        raise error(what, f"cannot import {mod_name!r}: {e}", fix=f"name a file instead, e.g. path/to/"
-                    f"{mod_name.rpartition('.')[2]}.py:{attr} (the current directory is not searched), or "
-                    "put the module's folder on PYTHONPATH") from None
-    except NnsqueezeError:
-        raise
-    except BaseException as e:  # noqa: BLE001 - the user's module failed while importing
-        if isinstance(e, (KeyboardInterrupt, SystemExit)):
-            raise
-        raise error(what, f"importing {mod_name!r} for {spec!r} failed: {_describe(e)}",
-                    fix="fix the module so that it imports cleanly (try: python -c 'import ...')") from None
-    if not hasattr(module, attr):
-        raise error(what, f"{mod_name!r} has no attribute {attr!r}", fix="check the factory name")
-    return getattr(module, attr)
-
-
-def _load_file(path: Path, what: str, error: type[NnsqueezeError]) -> Any:
-    """Execute the Python file ``path`` as a module of its own (never shadowing an installed one)."""
-    if not path.is_file():
-        raise error(what, f"file {path} not found", fix="check the path")
-    # A private name: registering the file as, say, `numpy` would replace the real one everywhere.
-    name = f"_nnsqueeze_file_{path.stem}_{abs(hash(str(path.resolve()))):x}"
-    if name in sys.modules:  # --model and --data from the same file: one module
-        return sys.modules[name]
-    s = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(s)
-    sys.modules[name] = module  # dataclasses and the like look their module up here
-    try:
-        s.loader.exec_module(module)
-    except BaseException:
-        del sys.modules[name]
-        raise
-    return module
-
-
-def _describe(e: BaseException) -> str:
-    if isinstance(e, SyntaxError):
-        return f"SyntaxError: {e.msg} ({e.filename}, line {e.lineno})"
-    return f"{type(e).__name__}: {str(e)[:300]}"
-
-
-def _call_factory(spec: str, what: str, error: type[NnsqueezeError]) -> Any:
-    """Import ``spec`` and call it with no arguments; its failures become ``error`` naming the spec."""
-    factory = _import_object(spec, what, error)
-    if not callable(factory):
-        raise error(what, f"{spec} is a {type(factory).__name__}, not a function", fix="name a factory function")
-    try:
-        inspect.signature(factory).bind()
-    except TypeError as e:
-        raise error(what, f"{spec} needs arguments ({e}); it is called with none",
-                    fix="give its parameters defaults, or wrap it in a function that takes none") from None
-    except ValueError:  # no signature to inspect (a builtin): just call it
-        pass
-    try:
-        return factory()
-    except NnsqueezeError:
-        raise
-    except Exception as e:  # noqa: BLE001 - the user's own code raised; say so instead of a traceback
-        raise error(what, f"{spec}() raised {_describe(e)}", fix="fix the factory (--debug shows the traceback)") from e
-
-
-def _load_weights(model: Any, path: Path) -> None:
-    import torch
-
-    from .limits import MAX_WEIGHTS_BYTES, open_regular, quote
-    from .safe_weights import read_safetensors
-
-    if path.suffix == ".safetensors":  # every header field checked before a tensor is allocated
-        sd = read_safetensors(path, ModelError, what="--weights file")
-    else:  # weights_only: tensors and containers only, never arbitrary objects
-        with open_regular(path, MAX_WEIGHTS_BYTES, "--weights file", ModelError) as f:
-            try:
-                sd = torch.load(f, map_location="cpu", weights_only=True)
-            except Exception as e:  # noqa: BLE001 - any reader failure is a bad file for the user
-                raise ModelError("--weights", f"cannot read {path}: {quote(str(e))}",
-                                 fix="give a .safetensors file or a state_dict saved with torch.save") from None
-    if not isinstance(sd, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in sd.items()):
-        got = type(sd).__name__ if not isinstance(sd, dict) else "a dict holding non-tensors"
-        raise ModelError("--weights", f"{path} is not a state_dict (names to tensors), got {got}",
-                         fix="save model.state_dict(), not the model, a list or other objects")
-    try:
-        model.load_state_dict(sd)
-    except RuntimeError as e:
-        raise ModelError("--weights", f"{path} does not fit the model: {quote(str(e), 300)}",
-                         fix="check that --model builds the architecture these weights came from") from None
-
-
-def _model(spec: str, has_weights: bool = True) -> Any:
-    """``--model``: ``torchvision:NAME``/``timm:NAME`` (see nnsqueeze.images) or a factory."""
-    if spec.partition(":")[0] in ("torchvision", "timm"):
-        from .images import build_model
-
-        if not has_weights:  # never silently: a zoo name alone is an untrained network
-            logging.getLogger("nnsqueeze").warning(
-                "%s without --weights: the network is randomly initialised, so its figures mean nothing "
-                "for a trained model; pass --weights FILE", spec)
-        return build_model(spec)
-    return _call_factory(spec, "--model", ModelError)
-
-
-def _load_data(spec: str, model: Any = None, images: Optional[dict] = None) -> dict[str, Any]:
-    """``--data``; ``images`` holds the --image-size/--mean/--std/--metric options for ``images:DIR``."""
-    images = images or {}
-    if spec.startswith("images:"):
-        from .images import load_images
-
-        opts = {k: v for k, v in images.items() if k != "metric"}
-        return load_images(spec[len("images:"):], model, **opts, agreement=images.get("metric") == "agreement")
-    flags = {"size": "--image-size", "mean": "--mean", "std": "--std"}
-    given = [flag for k, flag in flags.items() if images.get(k) is not None]
-    if given:
-        raise DataError(given[0], "applies to --data images:DIR only", fix=f"drop {', '.join(given)}")
-    if spec == "mnist1d":
-        from .zoo import mnist1d
-
-        d = mnist1d.load_data()
-        return {"train": d["train"], "calib": d["calib"], "eval": d["test"]}
-    data = _call_factory(spec, "--data", DataError)
-    if not isinstance(data, dict) or not ({"train", "calib", "eval", "test"} & set(data)):
-        raise DataError("--data", f"{spec} must return a dict with keys among train, calib, eval (or test)",
-                        fix="return {'train': batches, 'calib': batches, 'eval': batches}")
-    if "eval" not in data and "test" in data:
-        data["eval"] = data["test"]
-    return data
-
-
 def _run(fn) -> None:
     try:
         fn()
@@ -191,6 +52,14 @@ def _run(fn) -> None:
     except KeyboardInterrupt:
         console.print("[red]interrupted[/]: nothing was written")
         raise typer.Exit(130) from None
+
+
+# The images:DIR options of `compress` and `sensitivity` (typer options may be shared as defaults).
+IMAGE_SIZE = typer.Option(None, "--image-size", help="images:DIR crop size (default: the model's own "
+                          "preprocessing, else 224)")
+IMAGE_MEAN = typer.Option(None, help="images:DIR normalisation mean per channel [default: 0.485,0.456,0.406, "
+                          "ImageNet's]")
+IMAGE_STD = typer.Option(None, help="images:DIR normalisation std per channel [default: 0.229,0.224,0.225]")
 
 
 @app.command()
@@ -208,12 +77,9 @@ def compress(
                                        "(default: from the Hugging Face config's architectures)"),
     seq_len: int = typer.Option(512, "--seq-len", help="tokens per calibration/evaluation window (text data)"),
     samples: int = typer.Option(32, help="calibration windows (text data)"),
-    image_size: Optional[int] = typer.Option(None, "--image-size", help="images:DIR crop size (default: the "
-                                             "model's own preprocessing, else 224)"),
-    mean: Optional[str] = typer.Option(None, help="images:DIR normalisation mean per channel "
-                                       "[default: 0.485,0.456,0.406, ImageNet's]"),
-    std: Optional[str] = typer.Option(None, help="images:DIR normalisation std per channel "
-                                      "[default: 0.229,0.224,0.225]"),
+    image_size: Optional[int] = IMAGE_SIZE,
+    mean: Optional[str] = IMAGE_MEAN,
+    std: Optional[str] = IMAGE_STD,
     format: Optional[str] = typer.Option(None, "--format", help="write --out as a checkpoint other runtimes load "
                                          "instead of an nnsqueeze artifact: compressed-tensors, gptq or gguf "
                                          "(packed causal LMs, see docs/llm.md)"),
@@ -241,9 +107,9 @@ def compress(
             if task is not None:
                 raise ModelError("--task", "applies to a Hugging Face model directory or .gguf file only",
                                  fix="drop --task, or give --model PATH_TO_HF_DIR")
-            m = _model(model, weights is not None)
+            m = model_from_spec(model, weights is not None)
         if weights is not None:
-            _load_weights(m, weights)
+            load_weights(m, weights)
         if format is not None:  # a scheme the format cannot hold fails now, not after the whole run
             from .export.hf_formats import check_recipe
 
@@ -256,7 +122,7 @@ def compress(
             d = hf_io.load_text_data(data, tokenizer, seq_len=seq_len, samples=samples)
             name = metric or ("perplexity" if hf_io.task_of_model(m) == "causal-lm" else None)
         else:
-            d = _load_data(data, m, {"size": image_size, "mean": mean, "std": std, "metric": metric})
+            d = data_from_spec(data, m, {"size": image_size, "mean": mean, "std": std, "metric": metric})
             name = metric or d.get("metric") or "accuracy"
         result = run(m, r, train_data=d.get("train"), calib_data=d.get("calib"), eval_data=d.get("eval"),
                      metric=name)
@@ -282,12 +148,9 @@ def sensitivity(
     plot: Optional[Path] = typer.Option(None, help="also draw a bar chart (PNG) here"),
     metric: Optional[str] = typer.Option(None, help="metric name, used when the data has 'eval' batches "
                                          "(default: accuracy; agreement for unlabelled images)"),
-    image_size: Optional[int] = typer.Option(None, "--image-size", help="images:DIR crop size (default: the "
-                                             "model's own preprocessing, else 224)"),
-    mean: Optional[str] = typer.Option(None, help="images:DIR normalisation mean per channel "
-                                       "[default: 0.485,0.456,0.406, ImageNet's]"),
-    std: Optional[str] = typer.Option(None, help="images:DIR normalisation std per channel "
-                                      "[default: 0.229,0.224,0.225]"),
+    image_size: Optional[int] = IMAGE_SIZE,
+    mean: Optional[str] = IMAGE_MEAN,
+    std: Optional[str] = IMAGE_STD,
     formats: str = typer.Option("int8", help="comma-separated formats to try per layer "
                                 "(nnsqueeze.sensitivity.FORMATS, e.g. int8,int4; fp16,bf16 for half precision)"),
     overwrite: bool = typer.Option(False, "--overwrite", help="replace existing --out / --plot files"),
@@ -306,10 +169,10 @@ def sensitivity(
         targets = {"--out": out} if plot is None else {"--out": out, "--plot": plot}
         for opt, path in targets.items():  # before the run: it takes a while
             check_file_target(path, opt, overwrite=overwrite)
-        m = _model(model, weights is not None)
+        m = model_from_spec(model, weights is not None)
         if weights is not None:
-            _load_weights(m, weights)
-        d = _load_data(data, m, {"size": image_size, "mean": mean, "std": std, "metric": metric})
+            load_weights(m, weights)
+        d = data_from_spec(data, m, {"size": image_size, "mean": mean, "std": std, "metric": metric})
         name = metric or d.get("metric") or "accuracy"
         calib = d.get("calib") or d.get("train")
         if calib is None:
@@ -406,10 +269,10 @@ def search(
 
         _check_args(max_drop, target_latency, target_size, trials, workers, sampler, pick)
         sp = load_space(space)  # a bad space fails before the model is built
-        m = _call_factory(model, "--model", ModelError)
+        m = call_factory(model, "--model", ModelError)
         if weights is not None:
-            _load_weights(m, weights)
-        d = _load_data(data)
+            load_weights(m, weights)
+        d = data_from_spec(data)
         res = run(m, sp, train_data=d.get("train"), calib_data=d.get("calib"), eval_data=d.get("eval"),
                   metric=metric, max_drop=max_drop, target_latency=target_latency, target_size=target_size,
                   trials=trials, out=out, workers=workers, sampler=sampler, seed=seed, storage=storage, pick=pick,

@@ -184,15 +184,17 @@ def _make_steps(recipe: Recipe, model: nn.Module | None = None) -> list[Step]:
 def _reach(step: Step, model: nn.Module) -> list[str] | None:
     """Module names ``step`` may change on ``model``, from its targets/ignore; None when unknown
     (no targets, or options such as ``ops`` that act beyond the selected layers)."""
-    from .targets import _matches
+    from .errors import TargetError
+    from .targets import select
 
     cfg = step.config
     targets = list(getattr(cfg, "targets", None) or step.default_targets)
     if not targets or getattr(cfg, "ops", None) or getattr(cfg, "attention", None):
         return None
-    ignore = list(getattr(cfg, "ignore", None) or [])
-    return [n for n, m in model.named_modules() if n and any(_matches(p, n, m) for p in targets)
-            and not any(_matches(p, n, m) for p in ignore)]
+    try:  # the step's own selection rule, without its layer-type filter
+        return select(model, targets, list(getattr(cfg, "ignore", None) or []), strict=False).names
+    except TargetError:  # a malformed pattern: the step reports it when it runs
+        return None
 
 
 def _overlap(a: list[str] | None, b: list[str] | None) -> bool:

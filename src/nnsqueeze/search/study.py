@@ -26,7 +26,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any
 
 import torch
 from torch import nn
@@ -93,9 +93,9 @@ class _Rebuilt:
         self.spec, self.state = spec, {k: v.detach().clone() for k, v in model.state_dict().items()}
 
     def build(self) -> nn.Module:
-        from ..cli import _call_factory
+        from ..inputs import call_factory
 
-        m = _call_factory(self.spec, "--model", ModelError)
+        m = call_factory(self.spec, "--model", ModelError)
         m.load_state_dict(self.state)
         return m
 
