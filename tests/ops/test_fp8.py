@@ -220,6 +220,7 @@ def test_fake_quantize_values_and_straight_through_gradient():
     out = fp8_fake_quantize(w, sc, E5M2, axis=1)
     assert not out.requires_grad and torch.equal(out, fp8_dequantize(fp8_quantize(w, sc, E5M2, axis=1), sc,
                                                                      E5M2, axis=1))
+    assert fp8_fake_quantize(w.bfloat16(), sc, E5M2, axis=1).dtype == torch.bfloat16   # keeps x's dtype
 
 
 def test_errors_are_typed():

@@ -50,6 +50,11 @@ def nearest_even(v: torch.Tensor, grid: torch.Tensor) -> torch.Tensor:
     return (mag | sign).to(torch.uint8)
 
 
+def unpad(blocks: torch.Tensor, shape) -> torch.Tensor:
+    """(..., nb, block) or (rows, nb, block) -> the original (..., n)."""
+    return blocks.reshape(*shape[:-1], -1)[..., :shape[-1]]
+
+
 def ref_mx(x: torch.Tensor, name: str):
     """Spec section 6.3, block by block in float64."""
     ebits, mbits, bias, max_val, emax = LAYOUT[name]
@@ -77,9 +82,7 @@ def ref_mx(x: torch.Tensor, name: str):
             codes[r, b] = c
             mag = grid[(c.long() & ((1 << (ebits + mbits)) - 1))]
             values[r, b] = torch.where(c >= 1 << (ebits + mbits), -mag, mag) * 2.0 ** shared
-    shape = (*x.shape[:-1], nb)
-    unpad = lambda t: t.reshape(*x.shape[:-1], nb * 32)[..., :n]  # noqa: E731
-    return unpad(codes), scales.reshape(shape), unpad(values).float()
+    return unpad(codes, x.shape), scales.reshape(*x.shape[:-1], nb), unpad(values, x.shape).float()
 
 
 def mixed_data(shape, seed: int) -> torch.Tensor:
@@ -207,8 +210,7 @@ def ref_nvfp4(x: torch.Tensor, s2: torch.Tensor):
     codes = nearest_even(v.double(), grid)
     mag = grid[codes.long() & 7].float()
     vals = torch.where(codes >= 8, -mag, mag) * denom
-    unpad = lambda t: t.reshape(*x.shape[:-1], nb * 16)[..., :n]  # noqa: E731
-    return unpad(codes), sb8.view(torch.uint8), unpad(vals)
+    return unpad(codes, x.shape), sb8.view(torch.uint8), unpad(vals, x.shape)
 
 
 @pytest.mark.parametrize("shape", [(4, 64), (3, 50), (17,), (2, 2, 31)])

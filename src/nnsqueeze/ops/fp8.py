@@ -117,7 +117,7 @@ def get_format(fmt: str | FloatFormat) -> FloatFormat:
     return FORMATS[fmt]
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _table(fmt: FloatFormat) -> Tensor:
     """float64 value of every code 0 .. 2**nbits - 1, from the bit layout (shared; do not modify)."""
     codes = torch.arange(1 << fmt.nbits, dtype=torch.int64)
@@ -165,8 +165,7 @@ def encode(v: Tensor, fmt: str | FloatFormat, saturate: bool = True) -> Tensor:
     # a / quantum is exact (power of two) and torch.round is half-to-even: this is the RNE step.
     # y may land one binade up (e.g. 15.5 -> 16 in E4M3's 8..16 binade), still exactly on the grid.
     y = torch.round(a / quantum) * quantum
-    table = _table(fmt)
-    pos = table[: fmt.max_code + 1]           # non-negative finite values, ascending with the code
+    pos = _table(fmt).to(v64.device)[: fmt.max_code + 1]           # non-negative finite values, ascending with the code
     mag = torch.searchsorted(pos, torch.clamp(y, max=fmt.max))   # exact hit: y is on the grid
     over = (y > fmt.max) | torch.isinf(v64)
     if saturate:
@@ -245,7 +244,7 @@ def fp8_dequantize(codes: Tensor, scale: Tensor, fmt: str | FloatFormat = E4M3,
 
 def fp8_fake_quantize(x: Tensor, scale: Tensor, fmt: str | FloatFormat = E4M3, axis: int | None = None,
                       saturate: bool = True) -> Tensor:
-    """``fp8_dequantize(fp8_quantize(x))`` (float32) with a clipped straight-through gradient.
+    """``fp8_dequantize(fp8_quantize(x))`` in ``x``'s dtype, with a clipped straight-through gradient.
 
     d(out)/dx = 1 where ``|x / scale| <= max_finite`` and 0 where the value saturates (the rule
     of :func:`nnsqueeze.ops.quant.fake_quantize_ste`); the scale gets no gradient.
@@ -254,7 +253,7 @@ def fp8_fake_quantize(x: Tensor, scale: Tensor, fmt: str | FloatFormat = E4M3, a
     s = _bcast(scale, x, axis, "fp8_fake_quantize")
     with torch.no_grad():
         v = x.to(torch.float32) / s
-        y = decode(encode(v, fmt, saturate), fmt) * s
+        y = (decode(encode(v, fmt, saturate), fmt) * s).to(x.dtype)
     if not x.requires_grad:
         return y
     inside = v.abs() <= fmt.max

@@ -116,7 +116,7 @@ def _check_scales(codes: Tensor, scales: Tensor, block: int, where: str) -> None
 
 def e8m0_decode(scales: Tensor) -> Tensor:
     """float32 ``2**(code - 127)`` of uint8 E8M0 codes; code 255 is NaN (code 0 is 2**-127)."""
-    v = torch.ldexp(torch.ones(scales.shape, dtype=torch.float64), scales.long() - E8M0_BIAS)
+    v = torch.ldexp(torch.ones(scales.shape, dtype=torch.float64, device=scales.device), scales.long() - E8M0_BIAS)
     return torch.where(scales == E8M0_NAN, torch.nan, v).to(torch.float32)
 
 
