@@ -127,6 +127,10 @@ def test_encode_equals_torch_cast_on_all_codes_edges_and_random(fmt):
     x = torch.cat([table[~torch.isnan(table)], edge_inputs(fmt), special, rnd.double()]).float()
     got = encode(x, fmt, saturate=TORCH_SATURATES[fmt])
     assert torch.equal(got, x.to(dt).view(torch.uint8))
+    # a strided sweep over all 2**32 float32 bit patterns: every exponent, subnormals, NaN payloads
+    bits = torch.arange(0, 1 << 32, 4093, dtype=torch.int64)                 # 1.05M patterns
+    sweep = (bits - ((bits >> 31) << 32)).to(torch.int32).view(torch.float32)  # as signed int32 bits
+    assert torch.equal(encode(sweep, fmt, saturate=TORCH_SATURATES[fmt]), sweep.to(dt).view(torch.uint8))
     # the NaN-free codes round trip exactly
     codes = torch.arange(256, dtype=torch.int32).to(torch.uint8)
     finite = ~torch.isnan(decode(codes, fmt))

@@ -181,11 +181,12 @@ def encode(v: Tensor, fmt: str | FloatFormat, saturate: bool = True) -> Tensor:
 def decode(codes: Tensor, fmt: str | FloatFormat, dtype: torch.dtype = torch.float32) -> Tensor:
     """Values (``dtype``, same shape) of uint8 ``codes`` of ``fmt``: exact in float32 for all formats here."""
     fmt = get_format(fmt)
-    _check_codes(codes, fmt, "decode")
+    check_codes(codes, fmt, "decode")
     return _table(fmt).to(codes.device)[codes.long()].to(dtype)
 
 
-def _check_codes(codes: Tensor, fmt: FloatFormat, where: str) -> None:
+def check_codes(codes: Tensor, fmt: FloatFormat, where: str) -> None:
+    """Raise :class:`DataError` unless ``codes`` are uint8 codes that fit ``fmt``'s bits."""
     if codes.dtype != torch.uint8:
         raise DataError(where, f"codes must be uint8, got {codes.dtype}", fix="pass the output of encode")
     if fmt.nbits < 8 and codes.numel() and int(codes.max()) >= 1 << fmt.nbits:

@@ -55,7 +55,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import DataError, RecipeError
-from .fp8 import E2M1, E2M3, E3M2, E4M3, E5M2, FloatFormat, _check_codes, _table, decode, encode
+from .fp8 import E2M1, E2M3, E3M2, E4M3, E5M2, FloatFormat, check_codes, decode, encode, values
 from .int4 import pack_int4, unpack_int4
 
 Tensor = torch.Tensor
@@ -145,9 +145,9 @@ def mx_dequantize(codes: Tensor, scales: Tensor, fmt: str | MXFormat = MXFP8_E4M
                   dtype: torch.dtype = torch.float32) -> Tensor:
     """Values ``elem(code) * 2**(scale - 127)`` (``dtype``, shape of ``codes``); a NaN scale gives NaN."""
     fmt = get_mx_format(fmt)
-    _check_codes(codes, fmt.elem, "mx_dequantize")
+    check_codes(codes, fmt.elem, "mx_dequantize")
     _check_scales(codes, scales, fmt.block, "mx_dequantize")
-    elem = _blocks(_table(fmt.elem).to(codes.device)[codes.long()], fmt.block)   # (..., nb, block) float64
+    elem = _blocks(values(fmt.elem).to(codes.device)[codes.long()], fmt.block)   # (..., nb, block) float64
     # exact in float64 (a power of two times a few-bit value), one rounding to dtype
     out = torch.ldexp(elem, scales.long().unsqueeze(-1) - E8M0_BIAS)
     out = torch.where((scales == E8M0_NAN).unsqueeze(-1), torch.nan, out)
@@ -206,7 +206,7 @@ def nvfp4_quantize(x: Tensor, tensor_scale: Tensor | float | None = None) -> tup
 def nvfp4_dequantize(codes: Tensor, block_scales: Tensor, tensor_scale: Tensor | float,
                      dtype: torch.dtype = torch.float32) -> Tensor:
     """``e2m1(code) * (e4m3(block_scale) * tensor_scale)`` in float32, then ``dtype``."""
-    _check_codes(codes, E2M1, "nvfp4_dequantize")
+    check_codes(codes, E2M1, "nvfp4_dequantize")
     _check_scales(codes, block_scales, NVFP4_BLOCK, "nvfp4_dequantize")
     denom = decode(block_scales, E4M3) * torch.as_tensor(tensor_scale, dtype=torch.float32)
     out = _blocks(decode(codes, E2M1), NVFP4_BLOCK) * denom.unsqueeze(-1)
@@ -221,7 +221,7 @@ def nvfp4_fake_quantize(x: Tensor, tensor_scale: Tensor | float | None = None) -
 
 def pack_fp4(codes: Tensor) -> Tensor:
     """uint8 FP4 codes (..., n), each < 16 -> uint8 (..., ceil(n / 2)), element 2i in the low nibble."""
-    _check_codes(codes, E2M1, "pack_fp4")
+    check_codes(codes, E2M1, "pack_fp4")
     if codes.dim() == 0:
         raise DataError("pack_fp4", "a 0-d tensor has no last axis to pack", fix="reshape it to (1,)")
     return pack_int4(codes)
