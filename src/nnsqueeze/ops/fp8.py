@@ -165,7 +165,7 @@ def encode(v: Tensor, fmt: str | FloatFormat, saturate: bool = True) -> Tensor:
     # a / quantum is exact (power of two) and torch.round is half-to-even: this is the RNE step.
     # y may land one binade up (e.g. 15.5 -> 16 in E4M3's 8..16 binade), still exactly on the grid.
     y = torch.round(a / quantum) * quantum
-    pos = _table(fmt).to(v64.device)[: fmt.max_code + 1]           # non-negative finite values, ascending with the code
+    pos = _table(fmt).to(v64.device)[: fmt.max_code + 1]   # the non-negative finite values, ascending
     mag = torch.searchsorted(pos, torch.clamp(y, max=fmt.max))   # exact hit: y is on the grid
     over = (y > fmt.max) | torch.isinf(v64)
     if saturate:

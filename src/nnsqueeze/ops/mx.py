@@ -187,7 +187,7 @@ def nvfp4_quantize(x: Tensor, tensor_scale: Tensor | float | None = None) -> tup
     if tensor_scale is None:
         s2 = nvfp4_tensor_scale(x32.abs().amax() if x32.numel() else 0.0)
     else:
-        s2 = torch.as_tensor(tensor_scale, dtype=torch.float32)
+        s2 = torch.as_tensor(tensor_scale, dtype=torch.float32, device=x.device)
         if s2.dim() != 0 or not bool(torch.isfinite(s2)) or float(s2) <= 0:
             raise DataError("nvfp4_quantize", f"tensor_scale must be a positive finite scalar, got {s2.tolist()}",
                             fix="use nvfp4_tensor_scale(amax)")
@@ -208,7 +208,7 @@ def nvfp4_dequantize(codes: Tensor, block_scales: Tensor, tensor_scale: Tensor |
     """``e2m1(code) * (e4m3(block_scale) * tensor_scale)`` in float32, then ``dtype``."""
     check_codes(codes, E2M1, "nvfp4_dequantize")
     _check_scales(codes, block_scales, NVFP4_BLOCK, "nvfp4_dequantize")
-    denom = decode(block_scales, E4M3) * torch.as_tensor(tensor_scale, dtype=torch.float32)
+    denom = decode(block_scales, E4M3) * torch.as_tensor(tensor_scale, dtype=torch.float32, device=codes.device)
     out = _blocks(decode(codes, E2M1), NVFP4_BLOCK) * denom.unsqueeze(-1)
     return _unblock(out, codes.shape[-1]).to(dtype)
 
