@@ -30,7 +30,6 @@ from typing import Any
 from torch import nn
 
 from ..errors import ExportError
-from .hf_formats import FORMATS
 
 PACKING = ("rtn", "gptq", "awq")
 # steps whose result the formats hold: float-to-float transforms and pruning (zeros in float weights)
@@ -82,6 +81,9 @@ def check_recipe(model: nn.Module, recipe: Any, format: str) -> None:
     run; see the module docstring. ``recipe``: anything :func:`nnsqueeze.recipe.load_recipe` takes."""
     from ..recipe import load_recipe
     from ..registry import STEPS
+    # Late: hf_formats re-exports check_recipe from here, so a top-level import makes
+    # `import nnsqueeze.export.preflight` (before hf_formats) fail on the cycle.
+    from .hf_formats import FORMATS
 
     if format not in FORMATS:
         raise ExportError("format", f"unknown format {format!r}", fix=f"use one of: {', '.join(FORMATS)}")
