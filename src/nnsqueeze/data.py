@@ -25,7 +25,7 @@ those are bugs, not user errors.
     >>> call_model(model, torch.randn(2, 1, 7))
     Traceback (most recent call last):
     ...
-    nnsqueeze.errors.ModelError: model: the model's forward raised RuntimeError: mat1 and mat2 shapes cannot be multiplied (2x7 and 40x10)
+    nnsqueeze.errors.ModelError: model: the model's forward raised RuntimeError: mat1 and mat2 shapes ... (2x7 and 40x10)
       fix: fix the model or its inputs (rerun with --debug for the original traceback)
 """
 

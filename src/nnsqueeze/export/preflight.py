@@ -8,7 +8,8 @@ after it and the nearest scheme that fits.
     >>> check_recipe(model, "w4-g128-gptq", "compressed-tensors")
     Traceback (most recent call last):
     ...
-    nnsqueeze.errors.ExportError: steps[0].gptq.group_size: group_size 128 does not divide the inputs of 7 selected layers (64, 96): compressed-tensors has no shorter last group
+    nnsqueeze.errors.ExportError: steps[0].gptq.group_size: group_size 128 does not divide the inputs of 7 selected
+    layers (64, 96): compressed-tensors has no shorter last group
       fix: group_size 32 divides every selected layer's inputs (64, 96): use group_size 32
     >>> check_recipe(model, [{"gptq": {"bits": 4, "group_size": 32, "pack": True}}], "compressed-tensors")  # fits
 
