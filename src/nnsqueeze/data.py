@@ -4,8 +4,16 @@
   ``targets = batch[1]`` (optional);
 - dict batch (Hugging Face style): passed as keyword arguments; ``labels`` is the target.
 
+    >>> import torch
+    >>> from torch import nn
+    >>> from nnsqueeze.data import call_model, split
+    >>> model = nn.Sequential(nn.Flatten(), nn.Linear(40, 10))
     >>> data = [(torch.randn(32, 1, 40), torch.randint(0, 10, (32,)))]
-    >>> out = call_model(model, data[0])
+    >>> inputs, targets = split(data[0])
+    >>> call_model(model, inputs).shape
+    torch.Size([32, 10])
+    >>> split({"input_ids": torch.tensor([[1, 2, 3]]), "labels": torch.tensor([[2, 3, 4]])})[1]
+    tensor([[2, 3, 4]])
 
 User code run here is fenced: an exception raised while iterating the user's data
 (:class:`Batches`) or inside the user's model forward (:func:`call_model`) becomes a
@@ -13,6 +21,12 @@ User code run here is fenced: an exception raised while iterating the user's dat
 e.g. ``steps[1].quantize``), the data and the batch index, raised ``from`` the original so that
 ``--debug`` still shows its traceback. Exceptions raised by nnsqueeze's own code keep their type:
 those are bugs, not user errors.
+
+    >>> call_model(model, torch.randn(2, 1, 7))
+    Traceback (most recent call last):
+    ...
+    nnsqueeze.errors.ModelError: model: the model's forward raised RuntimeError: mat1 and mat2 shapes ... (2x7 and 40x10)
+      fix: fix the model or its inputs (rerun with --debug for the original traceback)
 """
 
 from __future__ import annotations

@@ -3,8 +3,15 @@
 The CLI turns any ``NnsqueezeError`` into a one-paragraph message and exit code 2;
 anything else is a bug and keeps its traceback.
 
-    >>> from nnsqueeze.errors import RecipeError
+    >>> from nnsqueeze.errors import NnsqueezeError, RecipeError
     >>> raise RecipeError("steps[0].prune.sparsity", "must be in [0, 1)", fix="use e.g. 0.5")
+    Traceback (most recent call last):
+    ...
+    nnsqueeze.errors.RecipeError: steps[0].prune.sparsity: must be in [0, 1)
+      fix: use e.g. 0.5
+    >>> e = RecipeError("steps[0].prune.sparsity", "must be in [0, 1)", fix="use e.g. 0.5")
+    >>> isinstance(e, NnsqueezeError), e.where, e.problem, e.fix
+    (True, 'steps[0].prune.sparsity', 'must be in [0, 1)', 'use e.g. 0.5')
 """
 
 from __future__ import annotations

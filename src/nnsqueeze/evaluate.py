@@ -4,7 +4,20 @@ Latency is the median of ``runs`` timed calls after ``warmup`` calls, at a state
 thread count, in torch and in ONNX Runtime. Bytes are those of real files: the ONNX model and the
 safetensors weight archive.
 
-    >>> figs = measure(model, eval_data, metric, inputs, onnx_path="m.onnx", threads=2)
+    >>> import os, tempfile, torch
+    >>> from torch import nn
+    >>> from nnsqueeze.evaluate import measure
+    >>> from nnsqueeze.export.onnx import export_onnx
+    >>> from nnsqueeze.metrics import accuracy
+    >>> model = nn.Sequential(nn.Linear(8, 3)).eval()
+    >>> x, y = torch.randn(16, 8), torch.randint(0, 3, (16,))
+    >>> with tempfile.TemporaryDirectory() as d:
+    ...     path = os.path.join(d, "m.onnx")
+    ...     _ = export_onnx(model, path, x)
+    ...     figs = measure(model, eval_data=[(x, y)], metric=accuracy, latency_inputs=x,
+    ...                    onnx_path=path, threads=1, warmup=1, runs=3)
+    >>> figs["params"], figs["accuracy_torch"] == figs["accuracy_onnxruntime"], sorted(figs["latency_ms"])
+    (27, True, ['onnxruntime', 'torch'])
 """
 
 from __future__ import annotations

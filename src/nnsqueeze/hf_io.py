@@ -12,10 +12,32 @@
 
     >>> import nnsqueeze as nsq
     >>> from nnsqueeze.hf_io import load_model, load_text_data
-    >>> model, tok = load_model("SmolLM2-dir")
-    >>> data = load_text_data("corpus.jsonl:content", tok, seq_len=256, samples=32)
+    >>> model, tok = load_model("SmolLM2-dir")                                       # doctest: +SKIP
+    >>> data = load_text_data("corpus.jsonl:content", tok, seq_len=256, samples=32)  # doctest: +SKIP
     >>> r = nsq.compress(model, "w4-g128-gptq", calib_data=data["calib"], eval_data=data["eval"],
-    ...                  metric="perplexity")
+    ...                  metric="perplexity")                                         # doctest: +SKIP
+
+(skipped in the doctests: it needs transformers and a model directory). The corpus side needs
+neither: any callable with a tokenizer's ``tok(texts, add_special_tokens=False)["input_ids"]``
+will do, here one token per byte:
+
+    >>> import json, os, tempfile
+    >>> from nnsqueeze.hf_io import is_model_path, is_text_path, read_texts
+    >>> def byte_tok(texts, add_special_tokens=False):
+    ...     return {"input_ids": [list(t.encode()) for t in texts]}
+    >>> with tempfile.TemporaryDirectory() as d:
+    ...     path = os.path.join(d, "corpus.jsonl")
+    ...     with open(path, "w") as f:
+    ...         for i in range(10):                      # 10 documents of 44 bytes: 27 windows of 16
+    ...             print(json.dumps({"content": f"document {i} " * 4}), file=f)
+    ...     texts = read_texts(path + ":content")
+    ...     data = load_text_data(path + ":content", byte_tok, seq_len=16, samples=4, batch_size=2)
+    >>> len(texts), texts[9]
+    (10, 'document 9 document 9 document 9 document 9 ')
+    >>> [tuple(b.shape) for b in data["calib"]], [tuple(b.shape) for b in data["eval"]]
+    ([(2, 16), (2, 16)], [(2, 16)])
+    >>> is_text_path("corpus.jsonl:content"), is_text_path("mnist1d"), is_model_path("mypkg.models:make")
+    (True, False, False)
 
 Every wrong input raises :class:`~nnsqueeze.errors.ModelError` or :class:`~nnsqueeze.errors.DataError`
 naming it and the fix, before anything is written.

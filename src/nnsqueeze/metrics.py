@@ -3,8 +3,20 @@
 ``model`` is anything callable on batch inputs: a torch module or an ONNX Runtime stand-in
 (:class:`nnsqueeze.export.ort.OrtModule`), so the same metric measures both.
 
+    >>> import torch
+    >>> from torch import nn
     >>> from nnsqueeze.metrics import get_metric
-    >>> acc = get_metric("accuracy")(model, [(x, y)])
+    >>> metric, name = get_metric("accuracy")
+    >>> x = torch.tensor([[2.0, 1.0], [0.0, 3.0], [5.0, 1.0], [0.0, 1.0]])   # (4, 2): the logits themselves
+    >>> y = torch.tensor([0, 1, 1, 1])                                        # the third is wrong
+    >>> name, metric(nn.Identity(), [(x, y)])
+    ('accuracy', 0.75)
+
+A model with uniform logits over V tokens has perplexity exactly V:
+
+    >>> ppl, _ = get_metric("perplexity")
+    >>> round(ppl(lambda ids: torch.zeros(*ids.shape, 5), [torch.randint(0, 5, (2, 8))]), 6)
+    5.0
 """
 
 from __future__ import annotations

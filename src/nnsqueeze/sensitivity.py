@@ -8,9 +8,17 @@ measured: the metric drop on ``eval_data`` when a metric is given, else the SQNR
 model's output against the fp32 output on the calibration data. Rows come back most sensitive
 first; nothing is written::
 
+    >>> import torch
+    >>> from torch import nn
     >>> from nnsqueeze.sensitivity import sensitivity
-    >>> rows = sensitivity(model, calib, eval_data=test, metric="accuracy")
+    >>> model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 3)).eval()
+    >>> calib = [(torch.randn(32, 8), torch.randint(0, 3, (32,)))]
+    >>> rows = sensitivity(model, calib, formats=("int8", "int4"))   # no metric: SQNR, ~6 dB per bit
+    >>> [(r["layer"], r["format"], round(r["sqnr_db"])) for r in rows]
+    [('0', 'int4', 26), ('2', 'int4', 28), ('0', 'int8', 47), ('2', 'int8', 51)]
+    >>> rows = sensitivity(model, calib, eval_data=calib, metric="accuracy")
     >>> rows[0]["layer"], rows[0]["metric_drop"]
+    ('0', 0.0)
 
 ``nnsqueeze sensitivity`` is the command-line front end; the ``mixed-int8`` step uses it to keep the
 most sensitive layers in float, and ``half`` with ``keep_fp32`` to keep the most half-sensitive

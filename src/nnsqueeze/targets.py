@@ -5,11 +5,28 @@ A pattern is one of
 - an exact module name (``features.0``, ``classifier``);
 - ``re:<regex>``: a regex that must match the whole module name (``re:features\\.[0-2]``).
 
-    >>> select(model, ["Linear", "Conv1d"], ignore=["re:.*head.*"], supported=(nn.Linear, nn.Conv1d))
+    >>> from torch import nn
+    >>> from nnsqueeze.targets import select
+    >>> model = nn.Sequential()
+    >>> model.add_module("conv", nn.Conv1d(1, 4, 3))
+    >>> model.add_module("act", nn.ReLU())
+    >>> model.add_module("body", nn.Sequential(nn.Flatten(), nn.Linear(8, 8), nn.Conv1d(4, 4, 1)))
+    >>> model.add_module("head", nn.Linear(8, 2))
+    >>> sel = select(model, ["Linear", "Conv1d"], ignore=["re:.*head.*"], supported=(nn.Linear, nn.Conv1d))
+    >>> sel.names, sel.skipped
+    (['conv', 'body.1', 'body.2'], [('head', 'ignored by recipe')])
+    >>> select(model, ["act", "body.1"], supported=(nn.Linear,)).skipped
+    [('act', 'ReLU is not supported by this step')]
 
 A pattern that matches nothing is an error (a typo should never silently do nothing).
 Modules that match a target but cannot be handled are returned as ``skipped`` with a reason,
 so the caller can log them and list them in the report.
+
+    >>> select(model, ["Conv2d"])
+    Traceback (most recent call last):
+    ...
+    nnsqueeze.errors.TargetError: targets: pattern 'Conv2d' matches no module of Sequential
+      fix: use a class name (...) or 're:<regex>'
 """
 
 from __future__ import annotations

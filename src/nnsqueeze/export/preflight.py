@@ -3,9 +3,15 @@ float model *before* the (long) compression runs, with the same ExportErrors the
 after it and the nearest scheme that fits.
 
     >>> from nnsqueeze.export.hf_formats import check_recipe
-    >>> check_recipe(model, "w4-g128-gptq", "compressed-tensors")   # doctest: +SKIP
-    ExportError: steps[0].gptq.group_size: group_size 128 does not divide the inputs of 60 selected layers ...
-      fix: group_size 64 divides every selected layer's inputs (576, 1536): use group_size 64
+    >>> from nnsqueeze.llm.tiny import TinyLlama, TinyLlamaConfig
+    >>> model = TinyLlama(TinyLlamaConfig(vocab_size=50, hidden_size=64, intermediate_size=96, num_layers=1))
+    >>> check_recipe(model, "w4-g128-gptq", "compressed-tensors")
+    Traceback (most recent call last):
+    ...
+    nnsqueeze.errors.ExportError: steps[0].gptq.group_size: group_size 128 does not divide the inputs of 7 selected
+    layers (64, 96): compressed-tensors has no shorter last group
+      fix: group_size 32 divides every selected layer's inputs (64, 96): use group_size 32
+    >>> check_recipe(model, [{"gptq": {"bits": 4, "group_size": 32, "pack": True}}], "compressed-tensors")  # fits
 
 What is checked, per packing step (``rtn``/``gptq`` with ``pack: true``, ``awq`` with ``pack: true``)
 and the layers it selects (``targets``/``ignore``; a layer packed by an earlier step is not packed
@@ -25,7 +31,6 @@ from typing import Any
 from torch import nn
 
 from ..errors import ExportError
-from .hf_formats import FORMATS
 
 PACKING = ("rtn", "gptq", "awq")
 # steps whose result the formats hold: float-to-float transforms and pruning (zeros in float weights)
@@ -77,6 +82,9 @@ def check_recipe(model: nn.Module, recipe: Any, format: str) -> None:
     run; see the module docstring. ``recipe``: anything :func:`nnsqueeze.recipe.load_recipe` takes."""
     from ..recipe import load_recipe
     from ..registry import STEPS
+    # Late: hf_formats re-exports check_recipe from here, so a top-level import makes
+    # `import nnsqueeze.export.preflight` (before hf_formats) fail on the cycle.
+    from .hf_formats import FORMATS
 
     if format not in FORMATS:
         raise ExportError("format", f"unknown format {format!r}", fix=f"use one of: {', '.join(FORMATS)}")

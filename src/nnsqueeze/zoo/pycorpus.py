@@ -21,11 +21,14 @@ The corpus depends on the Python version (3.11: 1.66 MB of text, 79 topics and 3
 documents; 357 train / 38 validation documents); :func:`corpus_hash` names it in every cache key.
 
     >>> from nnsqueeze.zoo import pycorpus
-    >>> c = pycorpus.load_corpus()
+    >>> c = pycorpus.load_corpus("tiny")            # load_corpus() for the whole corpus (seconds)
     >>> sorted(c), len(c["train"]) > len(c["validation"]) > 0
     (['train', 'validation'], True)
-    >>> c["train"][0].name, c["train"][0].text[:20]                     # doctest: +SKIP
-    ('module:abc', 'Abstract Base Classes')
+    >>> bisect = next(d for d in c["train"] if d.name == "module:bisect")
+    >>> bisect.text[:20]
+    'Bisection algorithms'
+    >>> pycorpus.split_of("module:bisect"), pycorpus.split_of("topic:continue")   # crc32(name) % 10
+    ('train', 'validation')
 """
 
 from __future__ import annotations

