@@ -6,9 +6,8 @@ codes, group scales and zero points, packed in memory as in ``model.safetensors`
 per byte) and read directly by a matrix-vector kernel when generating; ``nsq.load`` rebuilds the
 modules; ``pack: false`` keeps the simulated float weights (fake-quantized Linears). Packing
 needs ``bits`` 4 or 8 and ``group_size`` a power of two >= 16 or null (ONNX Runtime's MatMulNBits);
-other grids are a RecipeError unless ``pack: false``. Grid bridge: symmetric signed codes ``q`` in
-``[-2**(b-1), 2**(b-1)-1]`` are stored as ``q + 2**(b-1)`` with zero point ``2**(b-1)``; asymmetric
-codes and zero points are stored as they are. transformers' ``Conv1D`` (GPT-2) is replaced by an
+other grids are a RecipeError unless ``pack: false``. The algorithms return their zero points in the
+stored (unsigned) layout of :mod:`nnsqueeze.ops.rtn`. transformers' ``Conv1D`` (GPT-2) is replaced by an
 ``nn.Linear`` with the transposed weight before packing (and so on ``rebuild``). Recipe::
 
     steps:
@@ -20,7 +19,7 @@ codes and zero points are stored as they are. transformers' ``Conv1D`` (GPT-2) i
 
 ``clip`` (both steps): per group, the clipped range with the least squared quantization error
 (gptq: each column weighted by the Hessian diagonal unless ``weighted: false``) instead of the full
-min/max range; see :mod:`nnsqueeze.llm.rtn`. Off (null) by default.
+min/max range; see :mod:`nnsqueeze.ops.rtn`. Off (null) by default.
 
 Per layer the report gets ``error`` (relative output error ``||X dW^T|| / ||X W^T||`` on the
 calibration tokens), ``rtn_error`` (the same for round-to-nearest, for comparison), the scheme and
@@ -42,10 +41,10 @@ from torch import nn
 
 from ..llm.gptq import HessianAccumulator, gptq_quantize
 from ..llm.packed import PackedLinear, fallback_reason, pack_linear_
-from ..llm.rtn import rtn_quantize
 from ..errors import TargetError
 from ..llm.sequential import find_blocks, get_weight, is_linear, set_weight
 from ..ops.quant import sqnr_db
+from ..ops.rtn import rtn_quantize
 from ..quant.weight_only import WeightOnlyLinear, convert_weight_only_
 from ..registry import STEPS
 from .base import recorded_module
@@ -146,13 +145,13 @@ def _pack(model: nn.Module, packs: dict[str, tuple[torch.Tensor, torch.Tensor, t
           c: QuantScheme, where: str) -> int:
     """Turn each layer into a WeightOnlyLinear with exactly the algorithm's codes/scales/zero points.
 
-    ``packs``: name -> (simulated (out, in) weight, scale (out, G), zero point (out, G) in the
-    ``llm/rtn.py`` convention). Returns the number of converted layers. The stored dequantized
+    ``packs``: name -> (simulated (out, in) weight, scale (out, G), zero point (out, G) in the unsigned
+    storage layout of :mod:`nnsqueeze.ops.rtn`). Returns the number of converted layers. The stored dequantized
     weight equals the simulated one (checked).
     """
     for name, (q, scale, zero) in packs.items():
         mod = _convert(model, name, model.get_submodule(name), c, where)
-        zp = zero.to(torch.int32) + ((1 << (c.bits - 1)) if c.symmetric else 0)
+        zp = zero.to(torch.int32)
         if mod.weight_scale_.shape != scale.shape or int(zp.min()) < 0 or int(zp.max()) > (1 << c.bits) - 1:
             raise RuntimeError(f"{where}: {name}: cannot store scales {tuple(scale.shape)} / zero points in "
                                f"WeightOnlyLinear {tuple(mod.weight_scale_.shape)}")  # internal invariant
@@ -255,7 +254,7 @@ class RTN(_WeightQuantStep):
         taken = {n for n, _ in layers}
         for name, mod in layers + [(n, m) for n, m in outside if n not in taken]:
             w = get_weight(mod)
-            r = rtn_quantize(w, c.bits, c.group_size, c.symmetric, c.scale_dtype, **_clip_args(c.clip))
+            r = rtn_quantize(w, c.bits, c.group_size, c.symmetric, c.scale_dtype, **_clip_args(c.clip), unsigned=True)
             q = r.weight
             set_weight(mod, q)
             ctx.report.layer(name, method="rtn", weight_sqnr_db=round(sqnr_db(w, q), 3), **_scheme(c))
@@ -285,7 +284,8 @@ class GPTQ(_WeightQuantStep):
             r = gptq_quantize(w, acc.hessian, c.bits, c.group_size, c.symmetric, c.damp_percent, c.act_order,
                               c.block_size, c.max_damp_percent, on_note=lambda s: ctx.fallback("gptq", s),
                               where=f"{self.where}: {name}", mask=_mask_oi(mod), scale_dtype=c.scale_dtype,
-                              clip_weighted=c.clip is None or c.clip.weighted is not False, **_clip_args(c.clip))
+                              clip_weighted=c.clip is None or c.clip.weighted is not False, unsigned=True,
+                              **_clip_args(c.clip))
             set_weight(mod, r.weight)
             if c.pack:
                 packs[name] = (r.weight, r.scale, r.zero_point)
