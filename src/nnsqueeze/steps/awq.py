@@ -41,7 +41,7 @@ from ..llm.sequential import get_weight, set_weight
 from ..registry import STEPS
 from .base import recorded_module
 from ._llm import LLMStep, QuantFields, QuantScheme, relative_error
-from .gptq import _check_pack, _convert, _pack, _scheme, note_kernel
+from .rtn import _check_pack, _convert, _pack, _scheme, note_kernel
 
 
 class AWQConfig(QuantFields):
