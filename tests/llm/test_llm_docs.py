@@ -7,7 +7,7 @@ import importlib
 
 import pytest
 
-MODULES = ["rtn", "gptq", "awq", "smoothquant", "sparsegpt", "wanda", "sequential", "tiny", "perplexity", "gemv",
+MODULES = ["gptq", "awq", "smoothquant", "sparsegpt", "wanda", "sequential", "tiny", "perplexity", "gemv",
            "packed", "offload"]
 
 

@@ -8,12 +8,12 @@ import torch
 
 from nnsqueeze.errors import ModelError
 from nnsqueeze.llm.awq import AWQAccumulator, awq_search
-from nnsqueeze.llm.gptq import HessianAccumulator, HessianError, gptq_quantize
-from nnsqueeze.llm.rtn import output_error, rtn_quantize
+from nnsqueeze.llm.gptq import HessianAccumulator, HessianError, gptq_quantize, output_error
 from nnsqueeze.llm.smoothquant import AbsMaxAccumulator, smooth_activation, smooth_scales, smooth_weight
 from nnsqueeze.llm.sparsegpt import sparsegpt_prune
 from nnsqueeze.llm.wanda import InputNormAccumulator, wanda_prune
 from nnsqueeze.ops.quant import qrange
+from nnsqueeze.ops.rtn import rtn_quantize
 
 
 def correlated(tokens: int, cols: int, seed: int = 0) -> torch.Tensor:

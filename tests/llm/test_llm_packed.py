@@ -13,7 +13,8 @@ from nnsqueeze.context import Context
 from nnsqueeze.llm import gemv, packed
 from nnsqueeze.llm.packed import PackedLinear, pack_linear_
 from nnsqueeze.llm.tiny import TinyLlama
-from nnsqueeze.ops.int4 import groupwise_dequantize, pack_int4
+from nnsqueeze.ops.int4 import pack_int4
+from nnsqueeze.ops.rtn import dequantize_groups
 from nnsqueeze.quant.weight_only import convert_weight_only_
 from nnsqueeze.registry import STEPS
 
@@ -46,7 +47,7 @@ def test_gemv_and_dequant_match_float64(n, k, g, bits, sym, m):
     lib = lib_or_skip()
     q, s, z = codes(n, k, g, bits, sym)
     gs = k if g <= 0 else g
-    w = groupwise_dequantize(q, s, z, g)
+    w = dequantize_groups(q, s, z, g)
     blob = pack_int4(q) if bits == 4 else q
     assert torch.equal(gemv.dequantize(lib, bits, k, blob, s, z, gs, 1), w)       # same arithmetic, exact
     x = torch.randn(m, k, generator=torch.Generator().manual_seed(1))
@@ -135,7 +136,7 @@ def test_other_instruction_sets_match_float64(march, monkeypatch):
     for n, k, g, bits, sym in SHAPES[:4] + SHAPES[-2:]:
         q, s, z = codes(n, k, g, bits, sym)
         gs = k if g <= 0 else g
-        w = groupwise_dequantize(q, s, z, g)
+        w = dequantize_groups(q, s, z, g)
         blob = pack_int4(q) if bits == 4 else q
         assert torch.equal(gemv.dequantize(lib, bits, k, blob, s, z, gs, 1), w)
         x = torch.randn(2, k, generator=torch.Generator().manual_seed(1))

@@ -9,7 +9,7 @@ import torch
 from nnsqueeze.context import Context
 from nnsqueeze.errors import DataError, ModelError, TargetError
 from nnsqueeze.llm.gptq import HessianAccumulator, gptq_quantize
-from nnsqueeze.llm.rtn import rtn_quantize
+from nnsqueeze.ops.rtn import rtn_quantize
 from nnsqueeze.llm.sequential import (block_linears, capture_block_inputs, find_blocks, get_weight,
                                       run_sequential, set_weight)
 from nnsqueeze.llm.tiny import TinyLlama, TinyLlamaConfig

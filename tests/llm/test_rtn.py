@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from nnsqueeze.llm.gptq import gptq_quantize
-from nnsqueeze.llm.rtn import rtn_quantize, storable_scale
+from nnsqueeze.ops.rtn import rtn_quantize, storable_scale
 
 
 def test_storable_scale_rounds_up_to_the_type():
@@ -70,7 +70,7 @@ def _reference_errors(w, bits, symmetric, ratios, wt):
 @pytest.mark.parametrize("symmetric", [True, False])
 @pytest.mark.parametrize("weighted", [False, True])
 def test_mse_clip_picks_the_grid_minimizer_and_never_hurts(symmetric, weighted):
-    from nnsqueeze.llm.rtn import QuantGrid
+    from nnsqueeze.ops.rtn import QuantGrid
     g = torch.Generator().manual_seed(0)
     w = torch.randn(16, 32, generator=g)
     wt = torch.rand(32, generator=g, dtype=torch.float64) + 0.1 if weighted else torch.ones(32, dtype=torch.float64)

@@ -14,7 +14,7 @@ from torch import nn
 from nnsqueeze.export.onnx import export_onnx
 from nnsqueeze.export.ort import OrtModule
 from nnsqueeze.ops.int4 import unpack_int4
-from nnsqueeze.ops.quant import mse_clip_qparams
+from nnsqueeze.ops.rtn import row_qparams
 from nnsqueeze.quant.modules import convert_
 from nnsqueeze.quant.observers import MinMaxObserver
 from nnsqueeze.quant.scheme import WeightScheme as W
@@ -174,8 +174,8 @@ def test_mse_clip_uses_the_short_groups_own_values():
     got = layer.weight_scale_.reshape(w.shape[0], n_groups)
     full = rows[:, :(n_groups - 1) * g].reshape(-1, g)
     tail = rows[:, (n_groups - 1) * g:]
-    s_full, _, _ = mse_clip_qparams(full, 3, True)
-    s_tail, _, _ = mse_clip_qparams(tail, 3, True)
+    s_full, _ = row_qparams(full, 3, True, clip_grid=20, clip_min=0.3)   # clip: mse's search
+    s_tail, _ = row_qparams(tail, 3, True, clip_grid=20, clip_min=0.3)
     assert torch.equal(got[:, :-1].reshape(-1), s_full) and torch.equal(got[:, -1], s_tail)
     # and the search clipped something (a ratio < 1 somewhere), so this is not plain minmax
     minmax = torch.maximum(-tail.amin(1).clamp(max=0), tail.amax(1).clamp(min=0)) / 3

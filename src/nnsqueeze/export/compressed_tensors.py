@@ -28,7 +28,7 @@ import torch
 from safetensors.torch import save as st_save
 from torch import nn
 
-from ..llm.rtn import SCALE_DTYPES
+from ..ops.rtn import SCALE_DTYPES
 from ..registry import EXPORTERS
 from .hf_formats import (DTYPE_NAMES, Scheme, check_scale_dtype, exact_scales, float_tensors, group_count_ok,
                          hf_config, pack_int32, packed_layers, scheme_of)

@@ -45,7 +45,7 @@ from torch import nn
 
 from ..errors import ExportError
 from ..llm.packed import PackedLinear
-from ..llm.rtn import SCALE_DTYPES
+from ..ops.rtn import SCALE_DTYPES
 
 MARKER = "nnsqueeze_export.json"
 FORMATS = ("compressed-tensors", "gptq", "gguf")

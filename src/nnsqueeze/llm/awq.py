@@ -29,8 +29,8 @@ from dataclasses import dataclass
 
 import torch
 
+from ..ops.rtn import rtn_quantize
 from .gptq import HessianAccumulator
-from .rtn import rtn_quantize
 
 Tensor = torch.Tensor
 
@@ -73,9 +73,10 @@ def quadratic_error(w: Tensor, w_hat: Tensor, hessian: Tensor) -> float:
 @torch.no_grad()
 def awq_search(w: Tensor, abs_mean: Tensor, hessian: Tensor, bits: int = 4, group_size: int | None = 128,
                symmetric: bool = True, n_grid: int = 20, scale_dtype: str = "fp32",
-               alpha: float | None = None) -> AWQResult:
+               alpha: float | None = None, unsigned: bool = False) -> AWQResult:
     """Search ``alpha`` in ``{0, 1/n_grid, ..., (n_grid-1)/n_grid}``; see the module docstring.
-    ``alpha`` given: use that exponent (found by :func:`shared_alpha` for layers sharing an input)."""
+    ``alpha`` given: use that exponent (found by :func:`shared_alpha` for layers sharing an input).
+    ``unsigned``: scale / zero point in the packed storage layout (:mod:`nnsqueeze.ops.rtn`)."""
     cols = w.shape[1]
     if abs_mean.shape != (cols,) or hessian.shape != (cols, cols):
         raise ValueError(f"awq_search: weight {tuple(w.shape)}, abs_mean {tuple(abs_mean.shape)}, "
@@ -90,7 +91,7 @@ def awq_search(w: Tensor, abs_mean: Tensor, hessian: Tensor, bits: int = 4, grou
     for k, alpha in enumerate(grid):
         s = a ** alpha
         s = (s / (s.max() * s.min()).sqrt()).to(torch.float32)   # centre the scales around 1 (reference)
-        r = rtn_quantize(w32 * s, bits, group_size, symmetric, scale_dtype)
+        r = rtn_quantize(w32 * s, bits, group_size, symmetric, scale_dtype, unsigned=unsigned)
         w_eff = r.weight / s
         err = quadratic_error(w32, w_eff, hessian)
         if k == 0:

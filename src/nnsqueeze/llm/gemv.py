@@ -286,7 +286,7 @@ def gemv(lib, bits: int, x: torch.Tensor, codes: torch.Tensor, scale: torch.Tens
 
 def dequantize(lib, bits: int, k: int, codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
                gsize: int, threads: int) -> torch.Tensor:
-    """float32 (N, K) ``(q - z) * s``: the same values as :func:`nnsqueeze.ops.int4.groupwise_dequantize`."""
+    """float32 (N, K) ``(q - z) * s``: the same values as :func:`nnsqueeze.ops.rtn.dequantize_groups`."""
     n = codes.shape[0]
     out = torch.empty(n, k, dtype=torch.float32)
     lib.nsq_dequant(bits, n, k, scale.shape[1], gsize, _ptr(codes), _ptr(scale), _ptr(zero), _ptr(out), threads)

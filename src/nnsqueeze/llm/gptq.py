@@ -4,7 +4,7 @@ reconstruction loss ``||X W^T - X Q^T||^2``.
 
 Pure tensor math. Inputs: the weight ``W`` (out, in) and the Hessian ``H = 2/n X^T X`` (in, in),
 accumulated over calibration tokens with :class:`HessianAccumulator`. Output: the fake-quantized
-weight on the same grid as :func:`nnsqueeze.llm.rtn.rtn_quantize`, plus its scales and zero points::
+weight on the same grid as :func:`nnsqueeze.ops.rtn.rtn_quantize`, plus its scales and zero points::
 
     >>> import torch
     >>> from nnsqueeze.llm.gptq import HessianAccumulator, gptq_quantize
@@ -28,7 +28,7 @@ Choices (the why):
 - with ``H = c I`` nothing is propagated (the off-diagonal inverse is 0) and GPTQ equals RTN exactly.
 - math in float64 (Hessian, inverse, updates); the quantized values are float32 grid values.
 - MSE clipping (``clip_grid`` > 1): every group's scale is searched over clipped ranges (see
-  :mod:`nnsqueeze.llm.rtn`) before its columns are quantized, each column's squared error weighted
+  :mod:`nnsqueeze.ops.rtn`) before its columns are quantized, each column's squared error weighted
   by ``H[i, i]`` (``clip_weighted``, the layer-output error without cross terms) or not; the error
   feedback then works on that grid.
 """
@@ -41,7 +41,7 @@ from typing import Callable
 import torch
 
 from ..errors import NnsqueezeError
-from .rtn import QuantGrid
+from ..ops.rtn import QuantGrid
 
 Tensor = torch.Tensor
 
@@ -110,18 +110,19 @@ def gptq_quantize(w: Tensor, hessian: Tensor, bits: int = 4, group_size: int | N
                   block_size: int = 128, max_damp_percent: float = 10.0,
                   on_note: Callable[[str], None] | None = None, where: str = "gptq",
                   mask: Tensor | None = None, scale_dtype: str = "fp32", clip_grid: int = 1,
-                  clip_min: float = 0.5, clip_weighted: bool = True) -> GPTQResult:
+                  clip_min: float = 0.5, clip_weighted: bool = True, unsigned: bool = False) -> GPTQResult:
     """Quantize ``w`` (out, in) with GPTQ given the layer Hessian (in, in). See the module docstring.
 
     ``mask`` (out, in) bool, ``True`` = keep: pruned weights stay exactly 0 (a pruned model's zeros
     would otherwise be revived by the error feedback); their drift is compensated like rounding error.
-    ``scale_dtype``: scales representable in that type (see :func:`nnsqueeze.llm.rtn.storable_scale`).
+    ``scale_dtype``: scales representable in that type (see :func:`nnsqueeze.ops.rtn.storable_scale`).
+    ``unsigned``: scales / zero points in the packed storage layout (:mod:`nnsqueeze.ops.rtn`).
     """
     if w.dim() != 2 or hessian.shape != (w.shape[1], w.shape[1]):
         raise ValueError(f"gptq_quantize: weight {tuple(w.shape)} and Hessian {tuple(hessian.shape)} do not match")
     if not torch.isfinite(hessian).all():
         raise HessianError(where, "the Hessian has non-finite entries", fix="check the calibration data")
-    grid = QuantGrid(bits, group_size, symmetric, scale_dtype, clip_grid, clip_min)
+    grid = QuantGrid(bits, group_size, symmetric, scale_dtype, clip_grid, clip_min, unsigned)
     rows, cols = w.shape
     W = w.detach().to(torch.float64).clone()
     H = hessian.detach().to(torch.float64).clone()
@@ -181,3 +182,9 @@ def gptq_quantize(w: Tensor, hessian: Tensor, bits: int = 4, group_size: int | N
     if perm is not None:
         Q = Q[:, torch.argsort(perm)]
     return GPTQResult(Q.to(torch.float32), scale, zero, perm, used, loss)
+
+
+def output_error(x: Tensor, w: Tensor, w_hat: Tensor) -> float:
+    """Layer reconstruction error ``||X W^T - X W_hat^T||_F`` (float64); ``x`` is (tokens, in)."""
+    x64 = x.reshape(-1, x.shape[-1]).double()
+    return float(torch.linalg.matrix_norm(x64 @ (w.double() - w_hat.double()).T))

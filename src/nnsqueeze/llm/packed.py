@@ -47,8 +47,9 @@ import os
 import torch
 import torch.nn.functional as F
 
-from ..ops.int4 import groupwise_dequantize, groupwise_quantize, pack_int4, unpack_int4
-from ..quant.weight_only import WeightOnlyLinear
+from ..ops.int4 import pack_int4, unpack_int4
+from ..ops.rtn import dequantize_groups
+from ..quant.weight_only import WeightOnlyLinear, codes_of
 from . import gemv as _gemv
 
 Tensor = torch.Tensor
@@ -100,8 +101,7 @@ class PackedLinear(WeightOnlyLinear):
         return unpack_int4(self.weight, self.in_features) if self.bits == 4 else self.weight
 
     def dequantized_weight(self) -> Tensor:
-        return groupwise_dequantize(self.weight_codes(), self.weight_scale_, self.weight_zero_point_,
-                                    self.group_size)
+        return dequantize_groups(self.weight_codes(), self.weight_scale_, self.weight_zero_point_, self.group_size)
 
     def weight_sqnr_db(self) -> float:
         raise TypeError("PackedLinear keeps no float weight to compare with; measure before packing")
@@ -184,7 +184,7 @@ class PackedLinear(WeightOnlyLinear):
         if self.bits == 4 and zkey in sd and sd[zkey].shape[-1] != self.weight_zero_point_.shape[-1]:
             sd[zkey] = unpack_int4(sd[zkey], self.weight_zero_point_.shape[1])
         if q.is_floating_point():  # float weights (not written by nnsqueeze): quantize with the stored grid
-            codes = groupwise_quantize(q, sd[prefix + "weight_scale_"], sd[zkey], self.bits, self.group_size)
+            codes = codes_of(q, sd[prefix + "weight_scale_"], sd[zkey], self.bits, self.group_size)
             sd[key] = pack_int4(codes) if self.bits == 4 else codes
 
     def extra_repr(self) -> str:

@@ -203,30 +203,3 @@ def fake_quantize_levels(x: Tensor, scale: Tensor, levels: Tensor, axis: int | N
     with torch.no_grad():
         y = lv[nearest_level(x.to(torch.float32) / s, lv)] * s
     return y + (x - x.detach()) if x.requires_grad else y
-
-
-def mse_clip_qparams(rows: Tensor, bits: int, symmetric: bool, ratios: int = 20,
-                     lowest: float = 0.3) -> tuple[Tensor, Tensor, Tensor]:
-    """Per-row (axis 0) clipping ratio in ``[lowest, 1]`` minimizing the squared quantization error.
-
-    ``rows`` (R, D). Tries ``ratios`` evenly spaced ratios ``r`` of the row's range and keeps, per row,
-    the scale/zero point with the smallest ``sum (x - Q(x))**2`` (ratio 1 = plain minmax, so the result
-    is never worse than minmax). Returns ``(scale (R,), zero_point (R,), ratio (R,))``.
-    """
-    rows = rows.detach().float()
-    lo, hi = rows.amin(1), rows.amax(1)
-    signed = symmetric
-    qmin, qmax = qrange(bits, signed=signed)
-    best_err = torch.full((rows.shape[0],), float("inf"), dtype=torch.float64, device=rows.device)
-    best_s = torch.ones_like(lo)
-    best_z = torch.zeros_like(lo, dtype=torch.int32)
-    best_r = torch.ones_like(lo)
-    for i in range(ratios):
-        r = 1.0 - (1.0 - lowest) * i / max(ratios - 1, 1)
-        s, z = qparams(lo * r, hi * r, bits=bits, symmetric=symmetric)
-        err = ((fake_quantize(rows, s, z, qmin, qmax, axis=0) - rows).double() ** 2).sum(1)
-        better = err < best_err
-        best_err = torch.where(better, err, best_err)
-        best_s, best_z = torch.where(better, s, best_s), torch.where(better, z, best_z)
-        best_r = torch.where(better, torch.full_like(best_r, r), best_r)
-    return best_s, best_z, best_r

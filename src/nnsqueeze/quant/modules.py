@@ -45,8 +45,8 @@ from torch import nn
 
 from ..ops.lsq import lsq_fake_quantize, lsq_grad_scale
 from ..ops.quant import (EPS, NF4_LEVELS, dequantize, fake_quantize_bias, fake_quantize_levels, fake_quantize_ste,
-                         mse_clip_qparams, nearest_level, pow2_levels, qparams, qrange, quantize, quantize_bias,
-                         sqnr_db)
+                         nearest_level, pow2_levels, qrange, quantize, quantize_bias, sqnr_db)
+from ..ops.rtn import row_qparams
 from .act_scheme import ActScheme, act_qdq_export
 from .fold import bn_factor, bn_train_forward
 from .packing import PackingMixin
@@ -193,12 +193,11 @@ class FakeQuantMixin(WeightRowsMixin, PackingMixin):
             rows_for_range = rows.reshape(1, -1)
         else:
             rows_for_range = rows
-        if sc.clip == "mse":
-            def stats(r):
-                return mse_clip_qparams(r, sc.bits, sc.symmetric)[:2]
-        else:
-            def stats(r):
-                return qparams(r.amin(1), r.amax(1), bits=sc.bits, symmetric=sc.symmetric)
+        # clip: mse searches 20 ratios of the range down to 0.3 (nnsqueeze.ops.rtn.row_qparams)
+        clip = {"clip_grid": 20, "clip_min": 0.3} if sc.clip == "mse" else {}
+
+        def stats(r):
+            return row_qparams(r, sc.bits, sc.symmetric, **clip)
         # per-group: a partial last group gets its own scale/zero point from its own values only
         scale, zp = stats(rows_for_range) if sc.granularity == "per-tensor" else self.per_row(stats, rows)
         self.weight_scale_.copy_(scale.expand(rows.shape[0]))

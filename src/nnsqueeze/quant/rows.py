@@ -1,5 +1,6 @@
 """How a fake-quant layer's weight is cut into rows that each get one scale (mixed into
-:class:`nnsqueeze.quant.modules.FakeQuantMixin`).
+:class:`nnsqueeze.quant.modules.FakeQuantMixin`): the geometry of :mod:`nnsqueeze.ops.rtn` applied to
+``self.weight`` under ``self.wscheme``.
 
 Per-channel: one row per output channel. Per-group: each output channel's ``D = C_in/groups * k``
 weights are cut into ``G = ceil(D / group_size)`` rows; a short last group is zero-padded in the
@@ -19,71 +20,39 @@ from __future__ import annotations
 from typing import Callable
 
 import torch
-import torch.nn.functional as F
+
+from ..ops import rtn
 
 Tensor = torch.Tensor
 
 
 class WeightRowsMixin:
-    """Row geometry of ``self.weight`` under ``self.wscheme``."""
+    """Row geometry of ``self.weight`` under ``self.wscheme`` (see :mod:`nnsqueeze.ops.rtn`)."""
 
     weight: torch.nn.Parameter
 
     def weight_groups(self) -> tuple[int, int, int]:
-        """``(G, L, pad)``: each output channel's ``D = C_in/groups * k`` weights are cut into ``G``
-        rows of ``L`` values (``L = min(group_size, D)``; per-channel/per-tensor: ``G = 1, L = D``).
-        When ``group_size`` does not divide ``D`` the last group holds only ``L - pad`` real values:
-        its row is zero-padded in :meth:`weight_rows` and every statistic ignores the padding."""
-        d = self.weight[0].numel()
-        gs = self.wscheme.group_size
-        if gs is None:
-            return 1, d, 0
-        length = min(gs, d)
-        g = -(-d // length)
-        return g, length, g * length - d
+        """``(G, L, pad)`` of :func:`nnsqueeze.ops.rtn.group_shape` for one output channel
+        (per-channel/per-tensor: ``G = 1, L = D``)."""
+        return rtn.group_shape(self.weight[0].numel(), self.wscheme.group_size)
 
     def weight_rows_count(self) -> int:
         """Rows of the weight's (R, L) view: C_out, or C_out * G for per-group schemes."""
         return self.weight.shape[0] * self.weight_groups()[0]
 
     def weight_rows(self, w: Tensor) -> Tensor:
-        """``w`` (C_out, ...) viewed as (R, L) rows (see :mod:`nnsqueeze.quant.scheme`); a partial
-        last group is zero-padded (its padding is dropped again by :meth:`weight_from_rows`)."""
-        _, length, pad = self.weight_groups()
-        flat = w.reshape(w.shape[0], -1)
-        if pad:
-            flat = F.pad(flat, (0, pad))
-        return flat.reshape(-1, length)
+        """``w`` (C_out, ...) viewed as (R, L) rows; a partial last group is zero-padded."""
+        return rtn.to_rows(w, self.wscheme.group_size)
 
     def weight_from_rows(self, rows: Tensor) -> Tensor:
         """Inverse of :meth:`weight_rows`: (R, L) rows back to the weight's shape, padding dropped."""
-        _, _, pad = self.weight_groups()
-        flat = rows.reshape(self.weight.shape[0], -1)
-        if pad:
-            flat = flat[:, :flat.shape[1] - pad]
-        return flat.reshape(self.weight.shape)
+        return rtn.from_rows(rows, self.weight.shape, self.wscheme.group_size)
 
     def weight_row_mask(self) -> Tensor | None:
-        """Bool (R, L): True on real weights, False on the padding of partial last groups; None when
-        there is no padding."""
-        g, length, pad = self.weight_groups()
-        if not pad:
-            return None
-        mask = torch.ones(self.weight.shape[0], g * length, dtype=torch.bool, device=self.weight.device)
-        mask[:, g * length - pad:] = False
-        return mask.reshape(-1, length)
+        """Bool (R, L): True on real weights, False on padding; None when there is no padding."""
+        return rtn.rows_mask(self.weight.shape[0], self.weight[0].numel(), self.wscheme.group_size,
+                             self.weight.device)
 
     def per_row(self, fn: Callable[[Tensor], tuple[Tensor, ...]], rows: Tensor) -> tuple[Tensor, ...]:
-        """``fn`` maps rows (n, l) to per-row statistics ``(n,)`` tensors; applied to the (R, L) rows
-        of :meth:`weight_rows` so that a partial last group's statistics come from its own values
-        only (full groups and last groups go through ``fn`` separately, never the padding)."""
-        g, length, pad = self.weight_groups()
-        if not pad:
-            return tuple(fn(rows))
-        c = rows.shape[0] // g
-        grid = rows.reshape(c, g, length)
-        tail = tuple(fn(grid[:, -1, :length - pad]))
-        if g == 1:
-            return tail
-        full = tuple(fn(grid[:, :-1].reshape(-1, length)))
-        return tuple(torch.cat([a.reshape(c, g - 1), b.reshape(c, 1)], 1).reshape(-1) for a, b in zip(full, tail))
+        """:func:`nnsqueeze.ops.rtn.per_group` on the (R, L) rows of :meth:`weight_rows`."""
+        return rtn.per_group(fn, rows, self.weight[0].numel(), self.wscheme.group_size)

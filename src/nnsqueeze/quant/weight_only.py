@@ -8,7 +8,8 @@ converted in place and gains ``weight_scale_`` (N, G) and ``weight_zero_point_``
 
 Export (opset ``com.microsoft``): ``MatMulNBits(x, B, scales[, zero_points], K, N, bits,
 block_size) -> Add(bias)``, where ``B`` is (N, blocks, block_size * bits / 8) uint8 with two 4-bit
-codes per byte (low nibble first, :mod:`nnsqueeze.ops.int4`). ``block_size`` is the group size,
+codes per byte (low nibble first, :mod:`nnsqueeze.ops.int4`); the grid is
+:mod:`nnsqueeze.ops.rtn`'s in its unsigned storage layout. ``block_size`` is the group size,
 which ORT wants a power of two >= 16; the symmetric zero point (``2**(bits-1)``) is ORT's default
 and is not stored. In the artifact, 4-bit codes are packed two per byte too::
 
@@ -28,10 +29,24 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..ops.int4 import (groupwise_dequantize, groupwise_qparams, groupwise_quantize, pack_int4, unpack_int4)
+from ..ops.int4 import pack_int4, unpack_int4
+from ..ops.rtn import QuantGrid, dequantize_groups, quantize_groups
 from ..ops.quant import sqnr_db
 
 Tensor = torch.Tensor
+
+
+def weight_only_qparams(w: Tensor, bits: int, group_size: int, symmetric: bool) -> tuple[Tensor, Tensor]:
+    """Scales (N, G) float32 and zero points (N, G) int32 of ``w`` (N, K) on this layer's grid:
+    :class:`~nnsqueeze.ops.rtn.QuantGrid` in the unsigned (``MatMulNBits``) layout, a zero scale
+    (all-zero group) stored as 1."""
+    grid = QuantGrid(bits, None if group_size <= 0 else group_size, symmetric, unsigned=True, empty_scale=1.0)
+    return grid.qparams(w)
+
+
+def codes_of(w: Tensor, scale: Tensor, zero_point: Tensor, bits: int, group_size: int) -> Tensor:
+    """uint8 codes (N, K) of ``w`` (N, K) with group parameters (N, G) (unsigned layout)."""
+    return quantize_groups(w, scale, zero_point, group_size, 0, (1 << bits) - 1).to(torch.uint8)
 
 
 def _block_size(k: int, group_size: int) -> int:
@@ -84,16 +99,16 @@ class WeightOnlyLinear(nn.Linear):
 
     @torch.no_grad()
     def refresh_weight_qparams_(self) -> None:
-        s, z = groupwise_qparams(self.weight.detach(), self.bits, self.group_size, self.symmetric)
+        s, z = weight_only_qparams(self.weight.detach(), self.bits, self.group_size, self.symmetric)
         self.weight_scale_.copy_(s)
-        self.weight_zero_point_.copy_(z)
+        self.weight_zero_point_.copy_(z.to(torch.uint8))
 
     def weight_codes(self) -> Tensor:
-        return groupwise_quantize(self.weight, self.weight_scale_, self.weight_zero_point_, self.bits, self.group_size)
+        return codes_of(self.weight, self.weight_scale_, self.weight_zero_point_, self.bits, self.group_size)
 
     def dequantized_weight(self) -> Tensor:
-        return groupwise_dequantize(self.weight_codes(), self.weight_scale_, self.weight_zero_point_,
-                                    self.group_size).to(self.weight.dtype)
+        return dequantize_groups(self.weight_codes(), self.weight_scale_, self.weight_zero_point_,
+                                 self.group_size).to(self.weight.dtype)
 
     def weight_sqnr_db(self) -> float:
         return sqnr_db(self.weight.detach(), self.dequantized_weight())
@@ -130,7 +145,7 @@ class WeightOnlyLinear(nn.Linear):
         key, zkey = prefix + "weight", prefix + "weight_zero_point_"
         w = sd.get(key)
         if w is not None and w.is_floating_point():
-            q = groupwise_quantize(w, sd[prefix + "weight_scale_"], sd[zkey], self.bits, self.group_size)
+            q = codes_of(w, sd[prefix + "weight_scale_"], sd[zkey], self.bits, self.group_size)
             sd[key] = pack_int4(q) if self.bits == 4 else q
             if self.bits == 4:
                 sd[zkey] = pack_int4(sd[zkey])
@@ -143,8 +158,8 @@ class WeightOnlyLinear(nn.Linear):
             if self.bits == 4:
                 q = unpack_int4(q, k)
                 sd[zkey] = unpack_int4(sd[zkey], self.weight_scale_.shape[1])
-            sd[key] = groupwise_dequantize(q, sd[prefix + "weight_scale_"], sd[zkey],
-                                           self.group_size).to(self.weight.dtype)
+            sd[key] = dequantize_groups(q, sd[prefix + "weight_scale_"], sd[zkey],
+                                        self.group_size).to(self.weight.dtype)
 
     def extra_repr(self) -> str:
         g = "per-row" if self.group_size <= 0 else f"g{self.group_size}"

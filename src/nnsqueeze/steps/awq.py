@@ -36,12 +36,12 @@ import torch
 
 from ..llm.awq import AWQAccumulator, awq_search, shared_alpha
 from ..llm.packed import PackedLinear, add_input_scale_, pack_linear_
-from ..llm.rtn import rtn_quantize
+from ..ops.rtn import rtn_quantize
 from ..llm.sequential import get_weight, set_weight
 from ..registry import STEPS
 from .base import recorded_module
 from ._llm import LLMStep, QuantFields, QuantScheme, relative_error
-from .gptq import _check_pack, _convert, _pack, _scheme, note_kernel
+from .rtn import _check_pack, _convert, _pack, _scheme, note_kernel
 
 
 class AWQConfig(QuantFields):
@@ -84,7 +84,8 @@ class AWQ(LLMStep):
                                          c.bits, c.group_size, c.symmetric, c.n_grid, c.scale_dtype)
                         alphas.update(dict.fromkeys(group, a))
                     alpha = alphas[name]
-            r = awq_search(w, mean, acc.hessian, c.bits, c.group_size, c.symmetric, c.n_grid, c.scale_dtype, alpha)
+            r = awq_search(w, mean, acc.hessian, c.bits, c.group_size, c.symmetric, c.n_grid, c.scale_dtype, alpha,
+                           unsigned=True)  # zero points in the packed layout
             set_weight(mod, r.weight)
             if c.pack:
                 packs[name], scales[name] = (r.scaled_weight, r.scale, r.zero_point), r.scales
