@@ -42,17 +42,22 @@ WEIGHTS = "model.safetensors"
 
 
 def pack_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The model's state dict with compact storage where modules provide it (``pack_state``)."""
+    """The model's state dict with compact storage where modules declare it
+    (:class:`~nnsqueeze.quant.protocol.Packable`)."""
+    from .quant.protocol import Packable
+
     sd = {k: v.detach().contiguous().clone() for k, v in model.state_dict().items()}
     for name, mod in model.named_modules():
-        if hasattr(mod, "pack_state"):
+        if isinstance(mod, Packable):
             mod.pack_state(sd, f"{name}." if name else "")
     return sd
 
 
 def unpack_state(model: nn.Module, sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    from .quant.protocol import Packable
+
     for name, mod in model.named_modules():
-        if hasattr(mod, "unpack_state"):
+        if isinstance(mod, Packable):
             mod.unpack_state(sd, f"{name}." if name else "")
     return sd
 
