@@ -22,6 +22,14 @@ offer::
     steps:
       - quantize-dynamic: {}
 
+The runner calls :class:`LatencyGuard` through :data:`nnsqueeze.registry.GUARDS`. An applied
+candidate leaves the steps' records as they are and adds the guard's own ``revert`` record
+(``{"by", "candidate", "latency_ms", "layer_ms", "reverted": {"layers", "ops"}}``), which
+``nsq.load`` replays after them (:func:`replay_revert`, registered in
+:data:`nnsqueeze.registry.REPLAYS`): the recorded layers and op quantizers go back to float before
+the stored tensors load. Falling back to the fp32 baseline keeps no step record (none of their
+changes is in the model); its revert record names the ``discarded_steps``.
+
 Pure decision logic (no timing) so it can be tested on injected timings::
 
     >>> from nnsqueeze.export.latency_guard import Candidate, choose
@@ -97,7 +105,8 @@ def quantized_ops(model: nn.Module) -> list[str]:
     """Activation-op quantizers that can go back to float (:class:`QuantizedOp`), by their own
     names: an attention module's ``AttentionQuant`` (``<attention>.attn_quant``) and the fx
     ``QuantAdd``/``QuantMatMul`` modules of a ``GraphModule`` (``nsq_<node>``)."""
-    return [n for n, m in model.named_modules() if n and isinstance(m, QuantizedOp) and m.revertible_in(_parent(model, n))]
+    return [n for n, m in model.named_modules()
+            if n and isinstance(m, QuantizedOp) and m.revertible_in(_parent(model, n))]
 
 
 def _parent(model: nn.Module, name: str) -> nn.Module:
@@ -293,7 +302,8 @@ class LatencyGuard(Guard):
         figs["measured"] = rb.compressed.get("measured")
         rb.compressed, rb.export["compressed"] = figs, export
         reverted = {"layers": [n for n in best.reverted if n not in ops], "ops": [n for n in best.reverted if n in ops]}
-        record = {**why, "reverted": reverted, "layer_ms": {n: layer_ms[n] for n in reverted["layers"] if n in layer_ms}}
+        record = {**why, "reverted": reverted,
+                  "layer_ms": {n: layer_ms[n] for n in reverted["layers"] if n in layer_ms}}
         return GuardOutcome(out, data, revert_entry(record))
 
 
