@@ -10,7 +10,8 @@ Layout of ``result.save("out/")``::
     out/model.onnx          the deployable model (when export is on)
 
 ``load("out/", model=fresh_fp32_model)`` replays each step's structural changes on the fresh model
-(no data needed), then loads the tensors. Nothing is unpickled; loading never executes code.
+(no data needed), then any record a guard appended (the latency guard's ``revert``: layers back to
+float), then loads the tensors. Nothing is unpickled; loading never executes code.
 
 A non-empty ``out`` is refused unless ``save(out, overwrite=True)``, which replaces only the files
 above (and ``plots/`` when ``nnsqueeze plot`` wrote it) and keeps everything else.
@@ -31,7 +32,7 @@ from torch import nn
 from .errors import ArtifactError, ModelError, NnsqueezeError
 from .limits import quote, read_json
 from .recipe import FORMAT_VERSION
-from .registry import STEPS
+from .registry import REPLAYS, STEPS
 from .safeio import check_dir_target, marker_ok
 from .safeio import write_dir as safe_write_dir
 
@@ -39,20 +40,35 @@ log = logging.getLogger("nnsqueeze")
 
 MANIFEST = "nnsqueeze.json"
 WEIGHTS = "model.safetensors"
+# Manifest format versions this nnsqueeze reads. 1: step records only (a latency guard edited them
+# in place); 2: may also hold records no step wrote (the guard's ``revert``, replayed through
+# REPLAYS). A manifest is written as 2 only when it holds such a record, so that older nnsqueeze
+# versions refuse it with "newer, upgrade" instead of failing on an unknown step, and read the rest.
+MANIFEST_VERSION = 2
+
+
+def manifest_version(steps: list[dict[str, Any]]) -> int:
+    """The format version a manifest with these ``steps`` entries needs (see MANIFEST_VERSION)."""
+    return MANIFEST_VERSION if any(e.get("name") in REPLAYS for e in steps) else FORMAT_VERSION
 
 
 def pack_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The model's state dict with compact storage where modules provide it (``pack_state``)."""
+    """The model's state dict with compact storage where modules declare it
+    (:class:`~nnsqueeze.quant.protocol.Packable`)."""
+    from .quant.protocol import Packable
+
     sd = {k: v.detach().contiguous().clone() for k, v in model.state_dict().items()}
     for name, mod in model.named_modules():
-        if hasattr(mod, "pack_state"):
+        if isinstance(mod, Packable):
             mod.pack_state(sd, f"{name}." if name else "")
     return sd
 
 
 def unpack_state(model: nn.Module, sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    from .quant.protocol import Packable
+
     for name, mod in model.named_modules():
-        if hasattr(mod, "unpack_state"):
+        if isinstance(mod, Packable):
             mod.unpack_state(sd, f"{name}." if name else "")
     return sd
 
@@ -135,9 +151,9 @@ def read_manifest(path: str | os.PathLike) -> dict[str, Any]:
     manifest = read_json(mpath, "manifest", ArtifactError)
     if not isinstance(manifest, dict) or type(manifest.get("format_version")) is not int:
         raise ArtifactError(str(mpath), "manifest has no integer format_version", fix="re-create the artifact")
-    if manifest["format_version"] > FORMAT_VERSION:
+    if manifest["format_version"] > MANIFEST_VERSION:
         raise ArtifactError(str(mpath), f"format version {manifest['format_version']} is newer than this "
-                            f"nnsqueeze reads ({FORMAT_VERSION})", fix="upgrade nnsqueeze")
+                            f"nnsqueeze reads ({MANIFEST_VERSION})", fix="upgrade nnsqueeze")
     _check_steps(manifest.get("steps", []), str(mpath))
     return manifest
 
@@ -175,6 +191,9 @@ def load(path: str | os.PathLike, model: nn.Module) -> nn.Module:
     for i, entry in enumerate(manifest.get("steps", [])):
         where = f"{path / MANIFEST}: steps[{i}] ({quote(entry['name'], 60)})"
         try:
+            if manifest["format_version"] >= 2 and entry["name"] in REPLAYS:  # e.g. the latency guard's revert
+                model = REPLAYS.get(entry["name"])(model, entry.get("record", {}))
+                continue
             step_cls = STEPS.get(entry["name"], where=where)
             config = step_cls.Config.model_validate(entry.get("config", {}))
             model = step_cls.rebuild(model, config, entry.get("record", {}))

@@ -30,9 +30,10 @@ from .env import environment
 from .errors import DataError, ModelError, NnsqueezeError, RecipeError
 from .isa import describe as isa_describe
 from .evaluate import latency_batch, measure
+from .guard import GuardInputs
 from .metrics import checked, get_metric, lower_is_better
-from .recipe import FORMAT_VERSION, Recipe, load_recipe
-from .registry import EXPORTERS, STEPS
+from .recipe import Recipe, load_recipe
+from .registry import EXPORTERS, GUARDS, STEPS
 from .report import Report, ReportBuilder
 from .steps.base import Step
 
@@ -52,7 +53,7 @@ class CompressionResult:
         from . import __version__
 
         return {
-            "format_version": FORMAT_VERSION, "nnsqueeze_version": __version__,
+            "format_version": artifact.manifest_version(self.records), "nnsqueeze_version": __version__,
             "recipe": self.recipe.to_dict(), "steps": self.records, "layers": self.report.get("layers", {}),
             "files": {"weights": artifact.WEIGHTS, "onnx": "model.onnx" if self.onnx else None},
             # the CPU kernel class reduce_range 'auto' and the ORT parity check assumed (see nnsqueeze.isa)
@@ -358,102 +359,20 @@ def compress(
                                     archive_bytes=len(artifact.weights_bytes(work)))
         rb.compressed["measured"] = measured
         if base_onnx is not None and comp_onnx is not None:
-            guard = _Guard(recipe, rb, ctx, exporter, samples, lat_inputs, eval_data, metric_fn, Path(tmp))
+            inputs = GuardInputs(recipe=recipe, report=rb, ctx=ctx, exporter=exporter, samples=samples,
+                                 latency_inputs=lat_inputs, eval_data=eval_data, metric=metric_fn, tmp=Path(tmp),
+                                 original=original, base_onnx=base_onnx)
             with stage("latency-guard"):
-                work, onnx_bytes, records = guard.run(work, original, records, onnx_bytes, base_onnx)
+                out = GUARDS.get("latency")().run(work, onnx_bytes, inputs)
+            # a guard appends its own record; it never edits the steps' records, which go only
+            # when the guard kept none of their changes (the fp32 model)
+            work, onnx_bytes = out.model, out.onnx
+            records = (records if out.keeps_steps else []) + ([out.record] if out.record is not None else [])
     _flag_regressions(rb)
     report = rb.build()
     _log_summary(report)
     return CompressionResult(model=work, report=report, recipe=recipe, records=records, onnx=onnx_bytes,
                              example_inputs=example_inputs)
-
-
-class _Guard:
-    """Never slower (:mod:`nnsqueeze.export.latency_guard`): when the compressed ONNX model is slower
-    than the baseline in ONNX Runtime, measure faster configurations, report them, and with
-    ``latency_guard: true`` apply the fastest that keeps the accuracy."""
-
-    def __init__(self, recipe, rb, ctx, exporter, samples, lat_inputs, eval_data, metric_fn, tmp: Path):
-        self.recipe, self.rb, self.ctx, self.exporter = recipe, rb, ctx, exporter
-        self.samples, self.lat_inputs, self.eval_data, self.metric_fn, self.tmp = \
-            samples, lat_inputs, eval_data, metric_fn, tmp
-
-    def _measure(self, model: nn.Module, path: str) -> dict[str, Any]:
-        ev = self.recipe.evaluate
-        return measure(model, eval_data=self.eval_data, metric=self.metric_fn, latency_inputs=self.lat_inputs,
-                       threads=ev.threads, warmup=ev.warmup, runs=ev.runs, onnx_path=path,
-                       archive_bytes=len(artifact.weights_bytes(model)))
-
-    def _candidate(self, name: str, model: nn.Module, reverted: list[str]):
-        from .export.latency_guard import Candidate
-
-        path = str(self.tmp / f"guard-{len(reverted)}-{name.split()[0]}.onnx")
-        onnx_cfg = self.recipe.export.onnx
-        export = self.exporter(model, path, self.ctx.example_inputs, opset=onnx_cfg.opset, verify=onnx_cfg.verify,
-                               samples=self.samples, atol=onnx_cfg.atol)
-        figs = self._measure(model, path)
-        return Candidate(name, figs["latency_ms"]["onnxruntime"], figs.get("accuracy"), figs.get("size_bytes"),
-                         reverted, payload=(model, Path(path).read_bytes(), figs, export))
-
-    def run(self, work: nn.Module, original: nn.Module, records: list, onnx_bytes: bytes | None, base_onnx: str):
-        from .export.latency_guard import (Candidate, choose, drop_reverted, layer_timings, quantized_ops,
-                                           reverted_copy, revertible_layers, slower_layers)
-
-        rb, ev = self.rb, self.recipe.evaluate
-        bl, cl = rb.baseline["latency_ms"].get("onnxruntime"), rb.compressed["latency_ms"].get("onnxruntime")
-        if bl is None or cl is None or cl <= bl:
-            return work, onnx_bytes, records
-        if not self.recipe.latency_guard:  # measuring candidates costs exports and timings: only on request
-            rb.note("latency-guard", f"the compressed ONNX model is slower than the fp32 baseline in ONNX Runtime "
-                    f"({cl:.4g} ms vs {bl:.4g} ms); set latency_guard: true to measure faster configurations "
-                    "(slow layers back to float, or the fp32 model) and apply the fastest that keeps the accuracy")
-            return work, onnx_bytes, records
-        # Order matters on ties (choose() keeps the earlier): the more compressed configuration wins.
-        cands = [Candidate("compressed", cl, rb.compressed.get("accuracy"), rb.compressed.get("size_bytes"))]
-        names = [n for n, _ in revertible_layers(work)]
-        ops = quantized_ops(work)  # attention / residual op quantizers: not timed alone, reverted with "all"
-        timings: dict[str, tuple[float, float]] = {}
-        if names:
-            timings = layer_timings(work, self.lat_inputs, ev.threads, ev.warmup, ev.runs, names)
-            slow = slower_layers(timings)
-            if slow and (len(slow) < len(names) or ops):
-                cands.append(self._candidate("slow layers in float", reverted_copy(work, slow), slow))
-        if names or ops:
-            cands.append(self._candidate("all quantized layers in float", reverted_copy(work, names + ops),
-                                         names + ops))
-        cands.append(Candidate("baseline", bl, rb.baseline.get("accuracy"), rb.baseline.get("size_bytes"),
-                               payload="baseline"))
-        # choose() keeps candidates whose metric is not lower than the reference: for a metric where
-        # lower is better (perplexity) it compares negated values; the report shows the real ones.
-        sign = -1 if lower_is_better(self.metric_fn) else 1
-        for c in cands:
-            c.metric = None if c.metric is None else sign * c.metric
-        best = choose(cands, None if rb.compressed.get("accuracy") is None else sign * rb.compressed["accuracy"])
-        rows = [c.row() for c in cands]
-        for r in rows:
-            r["metric"] = None if r["metric"] is None else sign * r["metric"]
-        rb.export["latency_guard"] = {
-            "baseline_ms": bl, "compressed_ms": cl,
-            "candidates": rows, "chosen": best.name,
-            "applied": best.name != "compressed",
-            "layer_ms": {n: {"quantized": round(q, 4), "float": round(f, 4)} for n, (q, f) in timings.items()}}
-        what = (f"the compressed ONNX model is slower than the fp32 baseline in ONNX Runtime ({cl:.4g} ms vs "
-                f"{bl:.4g} ms); fastest configuration that keeps the accuracy: '{best.name}' ({best.latency_ms:.4g} ms"
-                + (f", {len(best.reverted)} layer(s) back to float" if best.reverted else "") + ")")
-        if best.name == "compressed":
-            rb.note("latency-guard", what + ": kept")
-            return work, onnx_bytes, records
-        self.ctx.fallback("latency-guard", what + ": applied (latency_guard: true)")
-        if best.payload == "baseline":
-            model = copy.deepcopy(original).to(self.ctx.device).eval()
-            rb.compressed = {**rb.baseline}
-            rb.export["compressed"] = rb.export["baseline"]
-            return model, Path(base_onnx).read_bytes(), []
-        model, data, figs, export = best.payload
-        figs["measured"] = rb.compressed.get("measured")
-        rb.compressed, rb.export["compressed"] = figs, export
-        # the replay record must not re-quantize the layers and ops now in float
-        return model, data, drop_reverted(records, set(best.reverted))
 
 
 def _flag_regressions(rb: ReportBuilder) -> None:

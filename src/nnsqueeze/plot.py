@@ -90,6 +90,11 @@ def _layer_kinds(manifest: dict) -> dict[str, tuple[str, dict]]:
             for name in d.get("embeddings", []) if isinstance(d.get("embeddings"), list) else []:
                 if isinstance(name, str):
                     out[name] = ("embedding", {})
+            rev = d.get("reverted")  # the latency guard's revert record: these layers are float again
+            if isinstance(rev, dict) and isinstance(rev.get("layers"), list):
+                for name in rev["layers"]:
+                    if isinstance(name, str):
+                        out.pop(name, None)
     return out
 
 

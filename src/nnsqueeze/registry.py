@@ -73,3 +73,7 @@ STEPS: Registry = Registry("step", "nnsqueeze.steps")
 METRICS: Registry = Registry("metric", "nnsqueeze.metrics")
 EXPORTERS: Registry = Registry("exporter", "nnsqueeze.export")
 OBSERVERS: Registry = Registry("observer", "nnsqueeze.quant.observers")
+# Stages after export that may replace the result (nnsqueeze.guard.Guard; the latency guard), and the
+# replays of the records they append (record name -> replay(model, record) -> model) for nsq.load.
+GUARDS: Registry = Registry("guard", "nnsqueeze.export")
+REPLAYS: Registry = Registry("record", "nnsqueeze.export")

@@ -165,7 +165,11 @@ def test_all_float_candidate_reverts_hf_attention_quantization(monkeypatch, tmp_
     ops = optimized_op_types(res.onnx)
     assert "MatMul" in ops and not any(k in ops for k in INT_OPS), sorted(set(ops))
     (rec,) = [r["record"] for r in res.records if r["name"] == "quantize-dynamic"]
-    assert rec["attention"]["modules"] == [] and not rec["layers"]  # replay quantizes nothing
+    (rev,) = [r["record"] for r in res.records if r["name"] == "revert"]
+    # the step's record stays as the step wrote it; the guard's own revert record undoes all of it on replay
+    assert len(rec["layers"]) == 6 and len(rec["attention"]["modules"]) == 1
+    assert sorted(rev["reverted"]["layers"]) == sorted(rec["layers"])
+    assert rev["reverted"]["ops"] == [f"{rec['attention']['modules'][0]}.attn_quant"]
 
     held = batch(2, 11, 5)  # other batch size and sequence length
     with torch.no_grad():

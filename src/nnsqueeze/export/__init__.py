@@ -4,6 +4,8 @@
 :mod:`nnsqueeze.export.ort` runs and times the exported files.
 ``compressed-tensors``, ``gptq``, ``gguf``: a packed causal LM as a checkpoint other loaders open
 (transformers, vLLM, llama.cpp); :func:`nnsqueeze.export.hf_formats.save_pretrained` dispatches.
+``latency_guard``: registers the ``latency`` guard (:data:`nnsqueeze.registry.GUARDS`) and the replay
+of its ``revert`` record (:data:`nnsqueeze.registry.REPLAYS`).
 """
 
-__all__ = ["onnx", "compressed_tensors", "gptq_format", "gguf_format"]
+__all__ = ["onnx", "compressed_tensors", "gptq_format", "gguf_format", "latency_guard"]

@@ -40,6 +40,7 @@ from torch import nn
 from ..data import as_tuple
 from ..errors import ExportError
 from ..quant.modules import export_mode, fake_quant_modules
+from ..quant.protocol import ExportHints
 from ..registry import EXPORTERS
 from ..safeio import check_file_target, write_file
 from .lowbit import DOMAIN as LOWBIT_DOMAIN
@@ -225,11 +226,12 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, example_inputs: Any, 
     check_file_target(path, where, ExportError)  # a directory or unwritable place: say so before the work
     if opset < 13:
         raise ExportError(where, f"opset {opset} is too old for per-channel QDQ", fix="use opset >= 13 (default 17)")
-    quantized = any(True for _ in fake_quant_modules(model)) or \
-        any(getattr(m, "onnx_quantized", False) for m in model.modules())
-    custom_opsets = {}
-    for m in model.modules():
-        custom_opsets.update(getattr(m, "onnx_custom_opsets", {}))
+    hints = [m for m in model.modules() if isinstance(m, ExportHints)]  # declared by quantized modules and ops
+    quantized = any(True for _ in fake_quant_modules(model)) or any(m.onnx_quantized for m in hints)
+    bf16 = any(m.onnx_bf16_storage for m in hints)
+    custom_opsets: dict[str, int] = {}
+    for m in hints:
+        custom_opsets.update(m.onnx_custom_opsets)
     if any(stores_lowbit(m.wscheme) for _, m in fake_quant_modules(model)):
         custom_opsets.setdefault(LOWBIT_DOMAIN, 1)   # export/lowbit.py's markers, replaced before writing
     user_model = model
@@ -272,7 +274,6 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, example_inputs: Any, 
             stats.update(lowbit_postprocess(proto))
             from .half import fp16_storage
 
-            bf16 = any(getattr(m, "onnx_bf16_storage", False) for m in model.modules())
             narrowed = 0 if bf16 else fp16_storage(proto, min_size=256)  # fp16-exact scales / outlier weights: half the bytes, same values
             if narrowed:
                 stats["fp16_exact_constants"] = narrowed
@@ -280,7 +281,7 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, example_inputs: Any, 
                 from .names import compact_value_names
 
                 stats["renamed_values"] = compact_value_names(proto)  # names are ~0.5% of an int8 file
-        if any(getattr(m, "onnx_bf16_storage", False) for m in model.modules()):
+        if bf16:
             from .half import bf16_storage
 
             stats["bf16_constants"] = bf16_storage(proto)
@@ -296,7 +297,7 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, example_inputs: Any, 
                                    "size_ratio": round(len(data) / len(raw), 4), **stats}
         if verify:
             batches = [example_inputs] + list(samples or [])
-            statistic = "mean" if any(getattr(m, "onnx_verify_mean", False) for m in model.modules()) else "max"
+            statistic = "mean" if any(m.onnx_verify_mean for m in hints) else "max"
             figures.update(verify_onnx(model, data, batches, quantized, atol, where, statistic))
             if quantized and not figures["ort_int8_ops"]:
                 figures["warning"] = "ONNX Runtime fused no int8 kernel: the model runs in float"

@@ -50,6 +50,7 @@ from ..ops.dynamic import dynamic_int_matmul, dynamic_qparams
 from ..ops.quant import fake_quantize_ste, qrange
 from .act_scheme import ActScheme
 from .functional import ActQuantState
+from .protocol import QuantizedOp
 
 Tensor = torch.Tensor
 
@@ -87,10 +88,14 @@ class _DynamicMatMulFn(torch.autograd.Function):
 # ------------------------------------------------------------------------------------------------
 # Per-layer state
 # ------------------------------------------------------------------------------------------------
-class AttentionQuant(ActQuantState):
+class AttentionQuant(ActQuantState, QuantizedOp):
     """Quantization of one attention layer's two matmuls (``mode``: ``static`` or ``dynamic``)."""
 
     onnx_quantized = True
+
+    def revert_in(self, owner: nn.Module, attr: str) -> None:
+        """Drop it: the ``nnsqueeze_int8`` attention without a quantizer is eager float attention."""
+        del owner._modules[attr]
 
     def __init__(self, mode: str, scheme: ActScheme | None = None) -> None:
         super().__init__()

@@ -43,6 +43,7 @@ from torch import nn
 
 from ..ops.dynamic import dynamic_qparams, dynamic_quantize, int_linear
 from ..ops.quant import dequantize, fake_quantize_ste, qparams, qrange, quantize, sqnr_db
+from .protocol import Packable, QuantizedModule
 
 Tensor = torch.Tensor
 
@@ -64,11 +65,12 @@ class _DynamicLinearFn(torch.autograd.Function):
         return g.op("Add", y, bias)
 
 
-class DynamicQuantLinear(nn.Linear):
+class DynamicQuantLinear(QuantizedModule, Packable, nn.Linear):
     """See the module docstring. Attributes ``bits``/``signed`` are set by :func:`convert_dynamic_`."""
 
     bits: int = 8
     signed: bool = True
+    revertible = True  # revert_() folds a smoothing back: the same float function
     onnx_quantized = True  # tells the exporter to verify with quantized tolerances
     onnx_verify_mean = True  # ... on the mean difference (run-time ranges amplify float noise, see verify_onnx)
 
@@ -139,6 +141,13 @@ class DynamicQuantLinear(nn.Linear):
     def fake_quant_weight(self) -> Tensor:
         return fake_quantize_ste(self.weight, self.weight_scale_, self.weight_zero_point_, *self.qmin_qmax, axis=0)
 
+    def dequantized_weight(self) -> Tensor:
+        """(N, K) the weight the int8 path multiplies (smoothed ``W * s`` when smoothed; outlier columns 0)."""
+        return dequantize(self.weight_codes(), self.weight_scale_, self.weight_zero_point_, axis=0)
+
+    def qparams(self) -> dict[str, Tensor]:
+        return {"weight_scale_": self.weight_scale_, "weight_zero_point_": self.weight_zero_point_}
+
     def weight_sqnr_db(self) -> float:
         return sqnr_db(self.weight.detach(), self.fake_quant_weight().detach())
 
@@ -190,7 +199,7 @@ class DynamicQuantLinear(nn.Linear):
         self.__class__ = nn.Linear
         return self
 
-    # -- artifact packing (duck-typed by nnsqueeze.artifact) ---------------------------------
+    # -- artifact packing (Packable) ----------------------------------------------------------
     def pack_state(self, sd: dict, prefix: str) -> None:
         key = prefix + "weight"
         w = sd.get(key)

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..ops.quant import dequantize, qparams, quantize, sqnr_db
+from .protocol import Packable, QuantizedModule
 
 Tensor = torch.Tensor
 FP16_MIN_NORMAL, FP16_MAX = 2.0 ** -14, 65504.0
@@ -50,7 +51,7 @@ class _GatherInt8Fn(torch.autograd.Function):
         return g.op("Mul", rows, g.op("Gather", scales, ids, axis_i=0))
 
 
-class QuantEmbedding(nn.Embedding):
+class QuantEmbedding(QuantizedModule, Packable, nn.Embedding):
     onnx_quantized = True
 
     def _setup(self) -> None:
@@ -68,6 +69,9 @@ class QuantEmbedding(nn.Embedding):
 
     def dequantized_weight(self) -> Tensor:
         return self.weight_codes().to(torch.float32) * self.weight_scale_.reshape(-1, 1)
+
+    def qparams(self) -> dict[str, Tensor]:
+        return {"weight_scale_": self.weight_scale_}
 
     def weight_sqnr_db(self) -> float:
         return sqnr_db(self.weight.detach(), self.dequantized_weight())

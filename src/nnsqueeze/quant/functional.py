@@ -57,6 +57,7 @@ from torch import nn
 
 from ..ops.quant import fake_quantize_ste, qrange
 from .act_scheme import ActScheme, act_qdq_export
+from .protocol import QuantizedOp
 
 Tensor = torch.Tensor
 
@@ -109,13 +110,20 @@ class ActQuantState(nn.Module):
         return fake_quantize_ste(x, s, z, qmin, qmax).to(x.dtype)
 
 
-class _OpQuant(ActQuantState):
+class _OpQuant(ActQuantState, QuantizedOp):
     """Shared state: per-tensor qparams for inputs ``a``, ``b`` (and ``output`` for add) in the codes
     of ``scheme`` (default uint8 asymmetric)."""
 
     kind = "op"
     quant_output = False
     onnx_quantized = True  # tells the exporter to verify with quantized tolerances
+
+    def revertible_in(self, owner: nn.Module) -> bool:
+        return isinstance(owner, torch.fx.GraphModule)  # the op is a call_module node of owner's graph
+
+    def revert_in(self, owner: nn.Module, attr: str) -> None:
+        """Route the graph's call back to the plain function; this module leaves ``owner``."""
+        restore_op(owner, attr)
 
     def __init__(self, scheme: ActScheme | None = None) -> None:
         super().__init__()

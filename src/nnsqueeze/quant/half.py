@@ -23,6 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .protocol import QuantizedModule
+
 Tensor = torch.Tensor
 _BF16 = 16  # onnx.TensorProto.BFLOAT16
 _FLOAT = 1
@@ -67,11 +69,18 @@ class _Bf16ConvFn(torch.autograd.Function):
         return _round_bf16(g, y)
 
 
-class HalfMixin:
+class HalfMixin(QuantizedModule):
     """Forward in the weight's half type; inputs and outputs keep the caller's dtype."""
 
     onnx_quantized = True  # verify the export with reduced-precision tolerances
     _float_class: type | None = None
+
+    def dequantized_weight(self) -> Tensor:
+        """The half weight widened to float32 (exact)."""
+        return self.weight.float()  # type: ignore[attr-defined]
+
+    def qparams(self) -> dict[str, Tensor]:
+        return {}  # the dtype is the format
 
     def _half_forward(self, x: Tensor) -> Tensor:
         return super().forward(x.to(self.weight.dtype)).to(x.dtype)  # type: ignore[misc]

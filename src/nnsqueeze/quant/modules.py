@@ -50,6 +50,7 @@ from ..ops.rtn import row_qparams
 from .act_scheme import ActScheme, act_qdq_export
 from .fold import bn_factor, bn_train_forward
 from .packing import PackingMixin
+from .protocol import Packable, QuantizedModule
 from .rows import WeightRowsMixin
 from .scheme import WeightScheme
 
@@ -58,8 +59,15 @@ Tensor = torch.Tensor
 ACT_QMIN, ACT_QMAX = qrange(8, signed=False)  # default activations: asymmetric uint8 per tensor (ActScheme())
 
 
-class FakeQuantMixin(WeightRowsMixin, PackingMixin):
+# qparam buffers a fake-quant layer may hold (revert_ drops them; qparams() returns those present)
+QPARAM_BUFFERS = ("weight_scale_", "weight_zero_point_", "weight_levels_", "input_scale_", "input_zero_point_",
+                  "output_scale_", "output_zero_point_")
+
+
+class FakeQuantMixin(WeightRowsMixin, PackingMixin, QuantizedModule, Packable):
     """Shared state and maths of the fake-quant layers (mixed into nn.Linear / nn.Conv*d)."""
+
+    onnx_quantized = True  # export hint (:mod:`nnsqueeze.quant.protocol`); fake-quant layers export as QDQ
 
     weight: nn.Parameter
     bias: nn.Parameter | None
@@ -119,10 +127,21 @@ class FakeQuantMixin(WeightRowsMixin, PackingMixin):
         """Code range of the input (and quantized output): the layer's :class:`ActScheme`."""
         return self.ascheme.qrange
 
+    @property
+    def revertible(self) -> bool:  # type: ignore[override]
+        """A fused activation (``act``) would be lost by going back to the float layer alone."""
+        return self.act is None
+
+    def qparams(self) -> dict[str, Tensor]:
+        return {b: self._buffers[b] for b in QPARAM_BUFFERS if self._buffers.get(b) is not None}
+
+    def dequantized_weight(self) -> Tensor:
+        """The fake-quantized (BN-folded, masked) weight the layer computes with."""
+        return self.fake_quant_weight()
+
     def revert_(self) -> nn.Module:
         """Back to the plain float layer (same object); qparam buffers are dropped."""
-        for b in ("weight_scale_", "weight_zero_point_", "weight_levels_", "input_scale_", "input_zero_point_",
-                  "output_scale_", "output_zero_point_"):
+        for b in QPARAM_BUFFERS:
             self._buffers.pop(b, None)
         for a in ("weight_bits", "wscheme", "ascheme", "onnx_custom_opsets", "weight_frozen", "act", "quant_output",
                   "onnx_verify_mean", "_observers", "_export_cache", "_input_sum", "_input_mean"):

@@ -26,7 +26,7 @@ from ..ops.quant import dequantize, nearest_level, quantize
 
 
 class PackingMixin:
-    """``pack_state`` / ``unpack_state`` (duck-typed by :mod:`nnsqueeze.artifact`)."""
+    """``pack_state`` / ``unpack_state``: the :class:`~nnsqueeze.quant.protocol.Packable` part of the fake-quant layers."""
 
     def pack_state(self, sd: dict, prefix: str) -> None:
         """In place: ``sd[prefix + "weight"]`` (float) becomes its codes (int8 for symmetric grids,

@@ -32,6 +32,7 @@ from torch import nn
 from ..ops.int4 import pack_int4, unpack_int4
 from ..ops.rtn import QuantGrid, dequantize_groups, quantize_groups
 from ..ops.quant import sqnr_db
+from .protocol import Packable, QuantizedModule
 
 Tensor = torch.Tensor
 
@@ -76,7 +77,7 @@ class _MatMulNBitsFn(torch.autograd.Function):
         return g.op("Add", y, bias)
 
 
-class WeightOnlyLinear(nn.Linear):
+class WeightOnlyLinear(QuantizedModule, Packable, nn.Linear):
     """See the module docstring; attributes set by :func:`convert_weight_only_`."""
 
     bits: int = 4
@@ -109,6 +110,9 @@ class WeightOnlyLinear(nn.Linear):
     def dequantized_weight(self) -> Tensor:
         return dequantize_groups(self.weight_codes(), self.weight_scale_, self.weight_zero_point_,
                                  self.group_size).to(self.weight.dtype)
+
+    def qparams(self) -> dict[str, Tensor]:
+        return {"weight_scale_": self.weight_scale_, "weight_zero_point_": self.weight_zero_point_}
 
     def weight_sqnr_db(self) -> float:
         return sqnr_db(self.weight.detach(), self.dequantized_weight())

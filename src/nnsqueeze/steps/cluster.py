@@ -52,6 +52,7 @@ from torch import nn
 from ..errors import ArtifactError, ModelError
 from ..ops.kmeans import Init, kmeans1d
 from ..quant.fold import fold_batchnorm, refold_structure
+from ..quant.protocol import Packable, QuantizedModule
 from ..registry import STEPS
 from ..storage.entropy import pack_codes, unpack_codes
 from .base import Step, StepConfig, record_int, recorded_module
@@ -70,10 +71,17 @@ class ClusterConfig(StepConfig):
                           "(exact in eval mode; drops the BN's parameters and statistics from the artifact)")
 
 
-class ClusteredMixin:
-    """Weight = ``[0, *centroids][weight_code]``; packs ``weight_code`` entropy-coded."""
+class ClusteredMixin(QuantizedModule, Packable):
+    """Weight = ``[0, *centroids][weight_code]``; packs ``weight_code`` entropy-coded. Export hints
+    stay the defaults: the export is a plain float graph (the decoded weight as a constant)."""
 
     centroids: nn.Parameter
+
+    def dequantized_weight(self) -> torch.Tensor:
+        return self._decoded()
+
+    def qparams(self) -> dict[str, torch.Tensor]:
+        return {"centroids": self.centroids}
 
     @property
     def weight(self) -> torch.Tensor:  # type: ignore[override]

@@ -38,6 +38,7 @@ from pydantic import Field, field_validator, model_validator
 from torch import nn
 
 from ..errors import ModelError
+from ..quant.protocol import Packable
 from ..registry import STEPS
 from .base import Step, StepConfig, recorded_module
 
@@ -65,8 +66,10 @@ class ShareConfig(StepConfig):
         return self
 
 
-class SharedMixin:
-    """A layer whose ``weight`` (and maybe ``bias``) is another layer's Parameter (``shared_from_``)."""
+class SharedMixin(Packable):
+    """A layer whose ``weight`` (and maybe ``bias``) is another layer's Parameter (``shared_from_``).
+    Only :class:`~nnsqueeze.quant.protocol.Packable` (tied tensors stored once): it holds no codes
+    or qparams, so it is not a QuantizedModule."""
 
     shared_from_: dict[str, str]  # own tensor name -> the state-dict key it is stored under
 
@@ -80,7 +83,9 @@ class SharedMixin:
                 sd[prefix + attr] = sd[key]
 
 
-_CLASSES: dict[type, type] = {b: type(f"Shared{b.__name__}", (SharedMixin, b), {}) for b in SUPPORTED}
+# __module__ given: ABCMeta (Packable's metaclass) would otherwise name the creating frame's module, abc
+_CLASSES: dict[type, type] = {b: type(f"Shared{b.__name__}", (SharedMixin, b), {"__module__": __name__})
+                              for b in SUPPORTED}
 
 
 def _tie(leader: nn.Module, leader_name: str, m: nn.Module, bias: bool) -> None:

@@ -1,0 +1,103 @@
+"""The declared interface of quantized layers: what export, the artifact and the latency guard may
+ask of a module, as nominal types checked with ``isinstance`` instead of ``hasattr`` probes.
+
+Three small ABCs, because the module families do not all have all three parts:
+
+- :class:`ExportHints`: what the ONNX exporter reads (verify with quantized tolerances, on the mean
+  difference, extra opset domains, bf16 constant storage). Declared class defaults; a family or an
+  instance overrides them (``steps/quantize.py`` marks some fake-quant layers ``onnx_verify_mean``).
+- :class:`Packable`: ``pack_state`` / ``unpack_state`` store a compact form of the module's tensors
+  in the artifact's state dict (codes, entropy-coded blobs, tied tensors once) and restore it exactly.
+- :class:`QuantizedModule` (an :class:`ExportHints`): a layer whose weight is held in a reduced
+  format: ``dequantized_weight()`` (the float weight it computes with), ``qparams()`` (its
+  quantization-parameter tensors by state-dict name), ``revertible`` and ``revert_()`` (back to
+  the plain float layer, same object).
+- :class:`QuantizedOp` (an :class:`ExportHints`): an activation-op quantizer a parent module holds
+  (attention matmuls, fx add/matmul); ``revert_in(owner, attr)`` takes it out so the op runs in float.
+
+Families swap in by reassigning ``__class__``, so ``abstractmethod`` is never enforced by
+instantiation; ``tests/quant/test_protocol.py`` checks that every family class leaves none abstract.
+The bases use ``metaclass=ABCMeta``, not ``ABC``: ``ABC``'s empty ``__slots__`` would give the
+families another object layout than the float layers, and ``__class__`` assignment refuses that.
+
+    >>> import torch
+    >>> from torch import nn
+    >>> from nnsqueeze.quant.dynamic import convert_dynamic_
+    >>> from nnsqueeze.quant.protocol import Packable, QuantizedModule
+    >>> q = convert_dynamic_(nn.Linear(4, 3), bits=8)
+    >>> isinstance(q, QuantizedModule), isinstance(q, Packable), q.revertible, sorted(q.qparams())
+    (True, True, True, ['weight_scale_', 'weight_zero_point_'])
+    >>> q.dequantized_weight().shape
+    torch.Size([3, 4])
+    >>> type(q.revert_()).__name__, isinstance(q, QuantizedModule)
+    ('Linear', False)
+"""
+
+from __future__ import annotations
+
+from abc import ABCMeta, abstractmethod
+from types import MappingProxyType
+from typing import ClassVar, Mapping
+
+import torch
+from torch import nn
+
+from ..errors import ModelError
+
+
+class ExportHints(metaclass=ABCMeta):
+    """Declared export hints (read by :func:`nnsqueeze.export.onnx.export_onnx`); defaults: none."""
+
+    #: verify the export with quantized tolerances (and run the QDQ post-processing)
+    onnx_quantized: bool = False
+    #: verify on the mean absolute difference instead of the max (run-time activation ranges)
+    onnx_verify_mean: bool = False
+    #: opset domains the export emits (e.g. ``{"com.microsoft": 1}``); never mutated in place
+    onnx_custom_opsets: Mapping[str, int] = MappingProxyType({})
+    #: store bf16-exact constants as bf16 (bf16 layers)
+    onnx_bf16_storage: bool = False
+
+
+class Packable(metaclass=ABCMeta):
+    """Tensors stored compactly in the artifact (``nnsqueeze.artifact.pack_state`` calls these)."""
+
+    @abstractmethod
+    def pack_state(self, sd: dict[str, torch.Tensor], prefix: str) -> None:
+        """Replace this module's entries of ``sd`` (keys ``prefix + name``) by their stored form."""
+
+    @abstractmethod
+    def unpack_state(self, sd: dict[str, torch.Tensor], prefix: str) -> None:
+        """Turn the stored form back into the module's state-dict entries, exactly."""
+
+
+class QuantizedModule(ExportHints):
+    """A layer whose weight is held in a reduced format (see the module docstring)."""
+
+    #: ``revert_()`` gives the plain float layer computing the layer's float function on its own
+    #: (no fused activation lost); the latency guard reverts only such layers
+    revertible: ClassVar[bool] = False
+
+    @abstractmethod
+    def dequantized_weight(self) -> torch.Tensor:
+        """The float weight the layer computes with, shaped like the float layer's weight."""
+
+    @abstractmethod
+    def qparams(self) -> dict[str, torch.Tensor]:
+        """Quantization-parameter tensors by their state-dict name (empty: the dtype is the format)."""
+
+    def revert_(self) -> nn.Module:
+        """Back to the plain float layer, in place; families that cannot say ``revertible = False``."""
+        raise ModelError(type(self).__name__, "this quantized layer cannot go back to float",
+                         fix="check `revertible` before calling revert_()")
+
+
+class QuantizedOp(ExportHints):
+    """An activation-op quantizer held by a parent module (``owner``) under the attribute ``attr``."""
+
+    def revertible_in(self, owner: nn.Module) -> bool:
+        """Whether :meth:`revert_in` can take this quantizer out of ``owner``."""
+        return True
+
+    @abstractmethod
+    def revert_in(self, owner: nn.Module, attr: str) -> None:
+        """Take this quantizer out of ``owner`` so that its op runs in float again."""
