@@ -11,9 +11,10 @@ import logging
 import os
 import stat
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from .errors import NnsqueezeError
+if TYPE_CHECKING:  # annotations only: errors.py imports this module for its message bound
+    from .errors import NnsqueezeError
 
 log = logging.getLogger(__name__)
 

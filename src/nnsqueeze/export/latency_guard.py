@@ -93,13 +93,13 @@ def quantized_ops(model: nn.Module) -> list[str]:
     ``AttentionQuant`` (the attention module's name) and fx ``QuantAdd``/``QuantMatMul`` modules of
     a ``GraphModule`` (their own names, ``nsq_<node>``)."""
     from ..quant.attention import ATTR, AttentionQuant
-    from ..quant.functional import _OpQuant
+    from ..quant.functional import OpQuant
 
     out = []
     for n, m in model.named_modules():
         if isinstance(m._modules.get(ATTR), AttentionQuant):
             out.append(n)
-        elif isinstance(m, _OpQuant) and isinstance(_parent(model, n), torch.fx.GraphModule):
+        elif isinstance(m, OpQuant) and isinstance(_parent(model, n), torch.fx.GraphModule):
             out.append(n)
     return out
 

@@ -25,7 +25,10 @@ from typing import Any
 from torch import nn
 
 from ..errors import ExportError
-from .hf_formats import FORMATS
+
+# The open formats :func:`nnsqueeze.export.hf_formats.save_pretrained` writes (one exporter module each).
+# Here, below hf_formats, which imports this module: the pre-flight needs the names, not the writers.
+FORMATS = ("compressed-tensors", "gptq", "gguf")
 
 PACKING = ("rtn", "gptq", "awq")
 # steps whose result the formats hold: float-to-float transforms and pruning (zeros in float weights)

@@ -49,7 +49,7 @@ from torch import nn
 from ..ops.dynamic import dynamic_int_matmul, dynamic_qparams
 from ..ops.quant import fake_quantize_ste, qrange
 from .act_scheme import ActScheme
-from .functional import ActQuantState
+from .act_state import ActQuantState, op_kernels
 
 Tensor = torch.Tensor
 
@@ -232,7 +232,6 @@ def quantize_attention_static(model: nn.Module, batches: list, make_observer: Ca
     """Static attention matmuls in the codes of ``scheme`` (default uint8 asymmetric): attach,
     calibrate on ``batches``, report. Returns the record."""
     from ..data import call_model, split, to_device
-    from .functional import op_kernels
 
     scheme = scheme or ActScheme()
     previous = sorted({str(pm.config._attn_implementation) for pm in _pretrained(model)})
