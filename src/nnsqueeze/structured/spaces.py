@@ -146,7 +146,7 @@ class Builder:
             self.freeze(i, f"{name}: {reason}")
 
     # rules
-    def unioninfos(self, infos: list[Info], where: str) -> Info | None:
+    def union_infos(self, infos: list[Info], where: str) -> Info | None:
         """Elementwise between tensors: channel i of each is the same channel."""
         infos = [i for i in infos if i is not None]
         if not infos:
