@@ -126,7 +126,7 @@ def output_sqnr(reference: nn.Module, model: nn.Module, data: Iterable, device: 
     return 10.0 * math.log10(sig / err)
 
 
-def _resolve_reduce_range(weights: dict[str, Any]) -> dict[str, Any]:
+def resolve_reduce_range(weights: dict[str, Any]) -> dict[str, Any]:
     """Decide 'auto' reduced range once, so every trial uses the same grid and logs nothing."""
     w = dict(weights)
     if w.get("bits", 8) == 8 and w.get("reduce_range", "auto") == "auto":
@@ -185,7 +185,7 @@ def sensitivity(
                 if fmt in HALF_FORMATS:
                     q = half_copy(ref, [name], HALF_FORMATS[fmt])
                 else:
-                    weights = _resolve_reduce_range({**FORMATS[fmt], "reduce_range": reduce_range})
+                    weights = resolve_reduce_range({**FORMATS[fmt], "reduce_range": reduce_range})
                     q = quantize_copy(ref, calib, targets=[name], weights=weights, calibration=calibration,
                                       device=device)
                 row: dict[str, Any] = {"layer": name, "type": cls, "format": fmt,

@@ -225,5 +225,5 @@ def test_gradual_without_training_step_is_a_recipe_error():
 
     from nnsqueeze.errors import RecipeError
     with pytest.raises(RecipeError, match=r"steps\[0\]\.prune"):
-        pipeline._make_steps(FakeRecipe)
+        pipeline.make_steps(FakeRecipe)
     assert steps[0].requires_training and not Prune(PruneConfig(sparsity=0.5), 0).requires_training

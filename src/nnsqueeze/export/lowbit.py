@@ -56,7 +56,7 @@ from ..ops.quant import code_range
 # the exporters; the names stay importable from here, where the pass that replaces the marker is.
 from ..quant.lowbit_marker import (DOMAIN, INT4_FOR_INT8_KERNEL_SCHEMES, MARKER, LowBitWeightFn, lowbit_weight,
                                    stores_lowbit)
-from .qdq import _attr
+from .qdq import node_attr
 
 __all__ = ["DOMAIN", "MARKER", "INT4_FOR_INT8_KERNEL_SCHEMES", "LowBitWeightFn", "lowbit_weight", "stores_lowbit",
            "lowbit_postprocess"]
@@ -190,9 +190,9 @@ def _replace(gr, node, opset21: bool) -> str:
     if w is None or scale is None or (len(node.input) > 2 and extra is None):
         raise ExportError(where, "a low-bit weight, its scales or zero points are not constants in the graph",
                           fix="export in eval mode with nnsqueeze.export.onnx.export_onnx")
-    bits, symmetric, table = _attr(node, "bits", 8), bool(_attr(node, "symmetric", 1)), bool(_attr(node, "table", 0))
+    bits, symmetric, table = node_attr(node, "bits", 8), bool(node_attr(node, "symmetric", 1)), bool(node_attr(node, "table", 0))
     scale = scale.astype(np.float32).reshape(-1)
-    blocks = _blocks(w, scale, extra, int(_attr(node, "group", 0)), table)
+    blocks = _blocks(w, scale, extra, int(node_attr(node, "group", 0)), table)
     coded = [_codes(bw, bs, be, bits, symmetric, table) for bw, bs, be in blocks]
     q = coded[0][0] if len(coded) == 1 else np.concatenate([c[0].reshape(w.shape[0], -1) for c in coded], 1)
     decoded = np.concatenate([c[1].reshape(w.shape[0], -1) for c in coded], 1)
@@ -223,7 +223,7 @@ def _replace(gr, node, opset21: bool) -> str:
         codes = q.reshape(w.shape)
         axis = 0
         if tr is not None:   # Linear as MatMul(x, W^T): store W^T, the per-channel axis follows
-            perm = list(_attr(tr, "perm", list(reversed(range(codes.ndim)))))
+            perm = list(node_attr(tr, "perm", list(reversed(range(codes.ndim)))))
             codes, axis = np.ascontiguousarray(codes.transpose(perm)), perm.index(0)
             out = tr.output[0]
         g.initializer.append(_raw_tensor(c_name, dtype, list(codes.shape), codes, bits if four_bit else 8, signed))
@@ -279,25 +279,25 @@ def lowbit_postprocess(model, upgrade_opset: bool = True) -> dict[str, Any]:
     schemes keep int8 codes. Returns ``{"lowbit_weights": {container: count}, ...}`` ({} without markers)."""
     from onnx import helper
 
-    from .qdq import _Graph, _quantize_biases
+    from .qdq import Graph, quantize_biases
 
     markers = [n for n in model.graph.node if n.domain == DOMAIN and n.op_type == MARKER]
     if not markers:
         return {}
     stats: dict[str, Any] = {}
     opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
-    if opset < 21 and upgrade_opset and any(_attr(n, "bits", 8) <= 4 for n in markers):
+    if opset < 21 and upgrade_opset and any(node_attr(n, "bits", 8) <= 4 for n in markers):
         why = _upgrade_to_21(model)
         if why is None:
             stats["lowbit_opset_upgrade"] = f"{opset} -> 21 (int4 storage)"
             opset = 21
         else:
             stats["lowbit_opset_upgrade"] = f"not possible ({why}): int4 via com.microsoft DequantizeLinear"
-    gr = _Graph(model)
+    gr = Graph(model)
     markers = [n for n in gr.g.node if n.domain == DOMAIN and n.op_type == MARKER]
     counts = Counter(_replace(gr, n, opset >= 21) for n in markers)
     # Int8-kernel layers: their (already int32-rounded) float bias becomes int32 codes, as in qdq.py.
-    stats["int32_biases_lowbit"] = _quantize_biases(gr)
+    stats["int32_biases_lowbit"] = quantize_biases(gr)
     gr.prune()
     keep = [o for o in model.opset_import if o.domain != DOMAIN]
     del model.opset_import[:]

@@ -59,15 +59,15 @@ FP32_RTOL = 1e-4
 # ------------------------------------------------------------------------------------------------
 # Export + verification
 # ------------------------------------------------------------------------------------------------
-def _flatten_outputs(out: Any) -> list[torch.Tensor]:
+def flatten_outputs(out: Any) -> list[torch.Tensor]:
     if isinstance(out, torch.Tensor):
         return [out]
     if isinstance(out, dict):
-        return [t for v in out.values() for t in _flatten_outputs(v)]
+        return [t for v in out.values() for t in flatten_outputs(v)]
     if isinstance(out, (tuple, list)):
-        return [t for v in out for t in _flatten_outputs(v)]
+        return [t for v in out for t in flatten_outputs(v)]
     if hasattr(out, "to_tuple"):  # transformers ModelOutput
-        return _flatten_outputs(out.to_tuple())
+        return flatten_outputs(out.to_tuple())
     raise ExportError("export", f"model output contains a {type(out).__name__}",
                       fix="return tensors (or tuples/dicts of tensors) from forward")
 
@@ -152,8 +152,8 @@ def verify_onnx(model: nn.Module, onnx_bytes: bytes, batches: list, quantized: b
     tol_used, mean_diff, max_seen = 0.0, 0.0, 0.0
     for bi, inputs in enumerate(batches):
         with torch.no_grad():
-            ref = _flatten_outputs(_call(model, inputs))
-        got = _flatten_outputs(_call(ort_model, inputs))
+            ref = flatten_outputs(_call(model, inputs))
+        got = flatten_outputs(_call(ort_model, inputs))
         if len(ref) != len(got):
             raise ExportError(where, f"ONNX model returns {len(got)} outputs, torch returns {len(ref)}",
                               fix="return a fixed structure of tensors from forward")
@@ -239,7 +239,7 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, example_inputs: Any, 
     model.eval()
     try:
         with torch.no_grad():
-            ref_out = _flatten_outputs(_call(model, example_inputs))
+            ref_out = flatten_outputs(_call(model, example_inputs))
         in_names = _input_names(model, example_inputs)
         out_names = ["output"] if len(ref_out) == 1 else [f"output_{i}" for i in range(len(ref_out))]
         dyn = {n: {0: "batch"} for n in in_names + out_names}

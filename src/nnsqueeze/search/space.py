@@ -212,10 +212,10 @@ class Space:
         """:meth:`recipe_dict`, validated by the recipe loader (RecipeError when it does not hold)."""
         if not any(True for _ in self.recipe_dict(values)["steps"]):
             raise RecipeError(self.source, "every step is switched off", fix="keep at least one step on")
-        from ..pipeline import _make_steps
+        from ..pipeline import make_steps
 
         recipe = Recipe.from_dict(self.recipe_dict(values), f"{self.source} trial")
-        _make_steps(recipe)  # step order and training needs, as compress checks them
+        make_steps(recipe)  # step order and training needs, as compress checks them
         return recipe
 
     def suggest(self, trial: Any) -> dict[str, Any]:

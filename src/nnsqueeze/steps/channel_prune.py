@@ -63,7 +63,7 @@ from ..structured.hf import HFGraph, hf_graph, set_attrs, sync_attrs
 from ..structured.importance import CRITERIA, NEEDS, Part
 from ..structured.macs import count
 from ..structured.pruners import dim_size, shrink
-from ..targets import _matches
+from ..targets import pattern_matches
 from .base import Step, StepConfig, record_indices
 from ..targets import set_module
 
@@ -216,7 +216,7 @@ class StructuredPrune(Step):
         out: list[float | None] = []
         for g in groups:
             hit = [r for p, r in self.config.overrides.items()
-                   for n in _group_layers(model, g) if _matches(p, n, model.get_submodule(n))]
+                   for n in _group_layers(model, g) if pattern_matches(p, n, model.get_submodule(n))]
             if not hit and id(g) in self._head_groups and self.config.head_ratio is not None:
                 hit = [self.config.head_ratio]
             out.append(min(hit) if hit else None)
@@ -341,7 +341,7 @@ class StructuredPrune(Step):
             if reason:
                 ctx.skip(self.registered_name, name, f"heads kept: {reason}")
                 continue
-            r = min([v for p, v in c.overrides.items() if _matches(p, name, mod)] or [ratio])
+            r = min([v for p, v in c.overrides.items() if pattern_matches(p, name, mod)] or [ratio])
             n = mod.num_heads
             gone = allocate.lowest(CRITERIA[crit]([Part("linear", "out", t) for t in head_parts(mod)]),
                                    allocate.keep_count(n, r, 1, c.min_channels))

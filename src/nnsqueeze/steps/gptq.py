@@ -56,7 +56,7 @@ _PACK = Field(True, description="store WeightOnlyLinear modules with packed int4
               "(bits 4/8, group_size a power of two >= 16 or null); false: simulated float weights")
 
 
-def _check_pack(c):
+def check_pack(c):
     if c.pack:
         if c.bits not in (4, 8):
             raise ValueError(f"pack: true stores 4- or 8-bit codes (ONNX Runtime MatMulNBits), got bits {c.bits}; "
@@ -89,7 +89,7 @@ class RTNConfig(QuantScheme):
     pack: bool = _PACK
     clip: ClipConfig | None = _CLIP
 
-    _pack_ok = model_validator(mode="after")(_check_pack)
+    _pack_ok = model_validator(mode="after")(check_pack)
     _clip_ok = model_validator(mode="after")(_check_rtn_clip)
 
 
@@ -101,7 +101,7 @@ class GPTQConfig(QuantFields):
     block_size: int = Field(128, ge=1, description="columns per lazy-update block")
     max_damp_percent: float = Field(10.0, gt=0.0, description="give up (HessianError) past this dampening")
 
-    _pack_ok = model_validator(mode="after")(_check_pack)
+    _pack_ok = model_validator(mode="after")(check_pack)
 
 
 def _mask_oi(mod) -> torch.Tensor | None:
@@ -112,7 +112,7 @@ def _mask_oi(mod) -> torch.Tensor | None:
     return m.T if type(mod).__name__ == "Conv1D" else m
 
 
-def _scheme(c: QuantScheme) -> dict[str, Any]:
+def scheme_dict(c: QuantScheme) -> dict[str, Any]:
     return {"bits": c.bits, "group_size": c.group_size, "symmetric": c.symmetric}
 
 
@@ -132,7 +132,7 @@ def _as_linear(model: nn.Module, name: str, mod: nn.Module) -> nn.Module:
     return lin
 
 
-def _convert(model: nn.Module, name: str, mod: nn.Module, c: QuantScheme, where: str) -> WeightOnlyLinear:
+def to_weight_only(model: nn.Module, name: str, mod: nn.Module, c: QuantScheme, where: str) -> WeightOnlyLinear:
     mod = _as_linear(model, name, mod)
     if type(mod) is not nn.Linear:
         from ..errors import RecipeError
@@ -142,7 +142,7 @@ def _convert(model: nn.Module, name: str, mod: nn.Module, c: QuantScheme, where:
 
 
 @torch.no_grad()
-def _pack(model: nn.Module, packs: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
+def pack_layers(model: nn.Module, packs: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
           c: QuantScheme, where: str) -> int:
     """Turn each layer into a WeightOnlyLinear with exactly the algorithm's codes/scales/zero points.
 
@@ -151,7 +151,7 @@ def _pack(model: nn.Module, packs: dict[str, tuple[torch.Tensor, torch.Tensor, t
     weight equals the simulated one (checked).
     """
     for name, (q, scale, zero) in packs.items():
-        mod = _convert(model, name, model.get_submodule(name), c, where)
+        mod = to_weight_only(model, name, model.get_submodule(name), c, where)
         zp = zero.to(torch.int32) + ((1 << (c.bits - 1)) if c.symmetric else 0)
         if mod.weight_scale_.shape != scale.shape or int(zp.min()) < 0 or int(zp.max()) > (1 << c.bits) - 1:
             raise RuntimeError(f"{where}: {name}: cannot store scales {tuple(scale.shape)} / zero points in "
@@ -179,7 +179,7 @@ def _rebuild(model: nn.Module, config: QuantScheme, record: dict[str, Any]) -> n
     for name in record.get("layers", []):
         mod = recorded_module(model, name, (nn.Module,), "rtn/gptq record")
         if not isinstance(mod, PackedLinear):  # already rebuilt by an earlier record: nothing to redo
-            pack_linear_(_convert(model, name, mod, c, "rtn/gptq record"))
+            pack_linear_(to_weight_only(model, name, mod, c, "rtn/gptq record"))
     return model
 
 
@@ -207,7 +207,7 @@ class _WeightQuantStep(LLMStep):
 
     def record(self):
         clip = self.config.clip
-        return {"layers": self.layers_, **_scheme(self.config), "pack": self.config.pack,
+        return {"layers": self.layers_, **scheme_dict(self.config), "pack": self.config.pack,
                 "scale_dtype": self.config.scale_dtype, "clip": None if clip is None else clip.model_dump()}
 
     @classmethod
@@ -258,10 +258,10 @@ class RTN(_WeightQuantStep):
             r = rtn_quantize(w, c.bits, c.group_size, c.symmetric, c.scale_dtype, **_clip_args(c.clip))
             q = r.weight
             set_weight(mod, q)
-            ctx.report.layer(name, method="rtn", weight_sqnr_db=round(sqnr_db(w, q), 3), **_scheme(c))
+            ctx.report.layer(name, method="rtn", weight_sqnr_db=round(sqnr_db(w, q), 3), **scheme_dict(c))
             self.layers_.append(name)
             if c.pack:
-                _pack(model, {name: (q, r.scale, r.zero_point)}, c, self.where)
+                pack_layers(model, {name: (q, r.scale, r.zero_point)}, c, self.where)
         if c.pack:
             note_kernel(ctx, "rtn")
         return model
@@ -290,7 +290,7 @@ class GPTQ(_WeightQuantStep):
             if c.pack:
                 packs[name] = (r.weight, r.scale, r.zero_point)
             rtn = rtn_quantize(w, c.bits, c.group_size, c.symmetric).weight
-            return {"method": "gptq", **_scheme(c), "damp_percent": r.damp_percent,
+            return {"method": "gptq", **scheme_dict(c), "damp_percent": r.damp_percent,
                     "error": round(relative_error(w, r.weight, acc.hessian), 6),
                     "rtn_error": round(relative_error(w, rtn, acc.hessian), 6)}
 
@@ -299,7 +299,7 @@ class GPTQ(_WeightQuantStep):
             # block's inputs come from the packed layers, whose dequantized weights equal the
             # simulated ones exactly, and an offloaded block goes back to disk already packed.
             if c.pack and packs:
-                _pack(model, packs, c, self.where)
+                pack_layers(model, packs, c, self.where)
                 packs.clear()
 
         self.figures_ = self.calibrate(model, ctx, layers,

@@ -211,7 +211,7 @@ class MixedPrecision(Step):
     def run(self, model: nn.Module, ctx) -> nn.Module:
         from ..data import take
         from ..errors import RecipeError
-        from ..sensitivity import (FORMATS, HALF_FORMATS, _resolve_reduce_range, half_layers, output_sqnr,
+        from ..sensitivity import (FORMATS, HALF_FORMATS, resolve_reduce_range, half_layers, output_sqnr,
                                    quantizable_layers, sensitivity)
 
         cfg, name, b = self.config, self.registered_name, self.config.budget
@@ -219,7 +219,7 @@ class MixedPrecision(Step):
         if calib is None:
             raise DataError(f"{self.where}.calibration", "mixed precision needs calibration data",
                             fix="pass calib_data=... (a few hundred representative examples)")
-        self._rr = _resolve_reduce_range({"bits": 8})["reduce_range"]
+        self._rr = resolve_reduce_range({"bits": 8})["reduce_range"]
         model.eval()
         names = [n for n, _ in quantizable_layers(model, list(cfg.targets) or None, list(cfg.ignore))]
         # Formats each layer can take (the half step leaves subclasses and bf16 string-padded convs),
