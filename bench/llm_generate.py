@@ -252,7 +252,7 @@ def main() -> None:
     if args.variants:
         variants = [v for i, v in enumerate(variants) if i == 0 or i in args.variants]
     models = {}
-    for name, steps, _ in variants:
+    for _name, steps, _ in variants:
         key = repr(steps)
         if key not in models:
             m = build()[0]

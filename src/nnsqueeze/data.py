@@ -36,6 +36,7 @@ log = logging.getLogger("nnsqueeze")
 
 # Where the runner is (e.g. "steps[1].quantize", "baseline evaluation"), for error locations.
 _STAGE: contextvars.ContextVar[str] = contextvars.ContextVar("nnsqueeze_stage", default="")
+_EMPTY = object()  # next()'s default: no first batch
 # The user batch being processed, as (data name, index, input shapes); None outside a data pass.
 _BATCH: list[tuple[str, int, Any] | None] = [None]
 
@@ -177,9 +178,8 @@ def as_batches(data: Iterable | None, where: str, required: bool = False,
                                 fix="bound it, e.g. itertools.islice(gen, n), or pass a list or a re-iterable "
                                 "loader (a DataLoader is read batch by batch, never held whole)")
     data = Batches(data, where, refuse_nan)
-    for first in data:
-        break
-    else:
+    first = next(iter(data), _EMPTY)
+    if first is _EMPTY:
         raise DataError(where, "data is empty", fix="give at least one batch")
     if not isinstance(first, (tuple, list, dict, torch.Tensor)):
         raise DataError(where, f"a batch is a {type(first).__name__}",

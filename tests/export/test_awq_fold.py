@@ -26,7 +26,7 @@ TOL = {"compressed-tensors": 1e-5, "gptq": 2e-3, "gguf": 2e-3}
 def _gptq_float(out, cfg):
     """A float LLaMA from a GPTQ checkpoint by the GPTQ formula ``(q - z) * s`` (gptqmodel's)."""
     sd, model = load_file(out / "model.safetensors"), transformers.LlamaForCausalLM(cfg).eval()
-    dense = {k: v for k, v in sd.items() if not k.rsplit(".", 1)[1] in ("qweight", "qzeros", "scales", "g_idx")}
+    dense = {k: v for k, v in sd.items() if k.rsplit(".", 1)[1] not in ("qweight", "qzeros", "scales", "g_idx")}
     for key in [k for k in sd if k.endswith(".qweight")]:
         name = key[: -len(".qweight")]
         shifts = torch.arange(8) * 4

@@ -246,7 +246,7 @@ def _replace(gr, node, opset21: bool) -> str:
         # (C_out, r) with its own codes and scales: Reshape both to (C_out, .) and Concat along the
         # inputs. No padding is stored or decoded, so every stored code is a real weight.
         parts = []
-        for k, ((bw, bs, be), (bq, _)) in enumerate(zip(blocks, coded)):
+        for k, ((_bw, bs, be), (bq, _)) in enumerate(zip(blocks, coded)):
             name = c_name if k == 0 else f"{base}_codes{gr._n}"
             gr._n += k > 0
             rows = out + (f"_rows{k}" if k else "_rows")

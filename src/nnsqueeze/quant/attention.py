@@ -202,7 +202,7 @@ def attach_attention(model: nn.Module, mode: str, names: list[str] | None = None
         if missing:
             raise KeyError(f"attention modules {missing} not found (or not dispatching through AttentionInterface)")
         mods = {n: mods[n] for n in names}
-    for n, m in mods.items():
+    for m in mods.values():
         m.add_module(ATTR, AttentionQuant(mode, scheme).to(_device(m)))
     for pm in _pretrained(model):
         if pm.config._attn_implementation != IMPL:

@@ -119,7 +119,8 @@ def search(model: nn.Module, space: Space | str | Path | dict, *, train_data: It
             pickle.dumps((model if model_spec is None else None, metric))
         except Exception as e:  # noqa: BLE001 - a lambda metric, a model class defined in __main__...
             raise DataError("--workers", f"the model or metric cannot be sent to worker processes: {e}",
-                            fix="define them in an importable module (not a lambda or __main__), or use workers=1")
+                            fix="define them in an importable module (not a lambda or __main__), or use workers=1"
+                            ) from e
     out = Path(out).resolve()
     key = data_key(train, calib, evald)
     settings = {"metric": metric_name, "max_drop": max_drop, "target_latency": target_latency,

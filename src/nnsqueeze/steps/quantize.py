@@ -222,7 +222,7 @@ def _relu_plan(model: nn.Module, convs: list[str]) -> dict[str, tuple[str, str |
             continue
         children = list(seq.named_children())
         prefix = f"{seq_name}." if seq_name else ""
-        for i, (n, m) in enumerate(children):
+        for i, (n, _) in enumerate(children):
             if prefix + n not in convs:
                 continue
             j = i + 1
@@ -298,8 +298,8 @@ class Quantize(Step):
             if w.adaround is not None and w.levels != "uniform":
                 raise RecipeError(f"{where}.{key}.adaround", "AdaRound learns rounding on a uniform grid",
                                   fix="use levels: uniform with adaround, or drop adaround")
-        for key, a in [("activations", a)] + [(f"layer_activations.{k}", v)
-                                              for k, v in self.config.layer_activations.items()]:
+        acts = [("activations", a)] + [(f"layer_activations.{k}", v) for k, v in self.config.layer_activations.items()]
+        for key, a in acts:
             if a.granularity != "per-tensor":
                 raise RecipeError(f"{where}.{key}", f"{a.granularity} activations are not supported (activations "
                                   "are quantized per tensor)", fix=f"supported: {SUPPORTED_TEXT}")

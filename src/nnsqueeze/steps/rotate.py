@@ -186,7 +186,7 @@ class Rotate(Step):
             _untie(model, head)
             ctx.log.info("rotate: lm_head was tied to embed_tokens; untied (the final norm's weight folds "
                          "into lm_head only)")
-        for i, blk in enumerate(blocks):
+        for blk in blocks:
             self._fold(blk, "input_layernorm", READERS, q)
             self._fold(blk, "post_attention_layernorm", MLP_READERS, q)
             for n in WRITERS:

@@ -115,7 +115,7 @@ def build_graph(model: nn.Module, example_inputs: Any) -> DependencyGraph:
     for s in range(len(b.parent)):
         roots.setdefault(b.find(s), []).append(s)
     g = DependencyGraph(skipped=dict(b.skipped))
-    for root, spaces in roots.items():
+    for spaces in roots.values():
         members = [m for s in spaces for m in b.members[s]]
         reasons = [b.frozen[s] for s in spaces if s in b.frozen]
         n = max(b.length[s] for s in spaces)    # spaces of other lengths join through chunk pieces

