@@ -38,7 +38,8 @@ from .recipe import Recipe, load_recipe, presets  # noqa: E402
 from .search import SearchResult, search  # noqa: E402 - binds nnsqueeze.search to the function
 
 __all__ = [
-    "compress", "search", "SearchResult", "load", "export_onnx", "CompressionResult", "Recipe", "load_recipe", "presets",
+    "compress", "search", "SearchResult", "load", "export_onnx", "CompressionResult", "Recipe", "load_recipe",
+    "presets",
     "NnsqueezeError", "RecipeError", "DataError", "MetricError", "ModelError", "ExportError", "ArtifactError",
     "TargetError",
     "__version__",

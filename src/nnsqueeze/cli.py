@@ -1,7 +1,8 @@
 """The ``nnsqueeze`` command line.
 
     nnsqueeze demo --out nnsqueeze-demo
-    nnsqueeze compress --model mypkg.models:build --weights w.safetensors --recipe int8 --data mypkg.data:load --out out/
+    nnsqueeze compress --model mypkg.models:build --weights w.safetensors --recipe int8 \
+        --data mypkg.data:load --out out/
     nnsqueeze report out/
     nnsqueeze recipes
 

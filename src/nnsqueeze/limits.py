@@ -65,7 +65,8 @@ def depth(value: Any, limit: int = MAX_DEPTH) -> int:
 
 def check_depth(value: Any, where: str, error: type[NnsqueezeError], limit: int = MAX_DEPTH) -> None:
     if depth(value, limit) > limit:
-        raise error(where, f"nested more than {limit} levels deep", fix="flatten the structure; no valid file nests this deep")
+        raise error(where, f"nested more than {limit} levels deep",
+                    fix="flatten the structure; no valid file nests this deep")
 
 
 def open_regular(path: str | os.PathLike, max_bytes: int, what: str, error: type[NnsqueezeError]):

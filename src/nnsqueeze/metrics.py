@@ -39,7 +39,8 @@ def accuracy(model: Any, data: Iterable) -> float:
             raise DataError(at_stage(f"eval_data batch {i}"), f"predictions of shape {tuple(pred.shape)} do not match "
                             f"targets {tuple(targets.shape)}", fix="accuracy expects class logits (batch, classes)")
         if targets.is_floating_point() or targets.is_complex():
-            raise DataError(at_stage(f"eval_data batch {i}"), f"accuracy needs integer class targets, got {targets.dtype}",
+            raise DataError(at_stage(f"eval_data batch {i}"),
+                            f"accuracy needs integer class targets, got {targets.dtype}",
                             fix="give class indices (torch.long) or pass metric=callable")
         # A label the model cannot predict would silently count as wrong: an accuracy of 0 for a
         # labelling mistake (1-based labels, another label set).

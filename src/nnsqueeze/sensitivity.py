@@ -37,8 +37,10 @@ from .targets import select
 FORMATS: dict[str, dict[str, Any]] = {
     "int8": {"bits": 8}, "int7": {"bits": 7}, "int6": {"bits": 6}, "int5": {"bits": 5}, "int4": {"bits": 4},
     "int3": {"bits": 3}, "int2": {"bits": 2},
-    "int4-mse": {"bits": 4, "clip": "mse"}, "int3-mse": {"bits": 3, "clip": "mse"}, "int2-mse": {"bits": 2, "clip": "mse"},
-    "nf4": {"bits": 4, "levels": "nf4"}, "pow2-4": {"bits": 4, "levels": "pow2"}, "kmeans4": {"bits": 4, "levels": "kmeans"},
+    "int4-mse": {"bits": 4, "clip": "mse"}, "int3-mse": {"bits": 3, "clip": "mse"},
+    "int2-mse": {"bits": 2, "clip": "mse"},
+    "nf4": {"bits": 4, "levels": "nf4"}, "pow2-4": {"bits": 4, "levels": "pow2"},
+    "kmeans4": {"bits": 4, "levels": "kmeans"},
 }
 
 # Half formats -> the ``half`` step's dtype (weights AND compute of the one layer in that type).

@@ -31,7 +31,8 @@ def _gptq_float(out, cfg):
         name = key[: -len(".qweight")]
         shifts = torch.arange(8) * 4
         q = ((sd[key].unsqueeze(1) >> shifts.view(1, 8, 1)) & 15).reshape(-1, sd[key].shape[1])      # (K, N)
-        z = ((sd[f"{name}.qzeros"].unsqueeze(2) >> shifts.view(1, 1, 8)) & 15).reshape(sd[f"{name}.qzeros"].shape[0], -1)
+        qz = sd[f"{name}.qzeros"]
+        z = ((qz.unsqueeze(2) >> shifts.view(1, 1, 8)) & 15).reshape(qz.shape[0], -1)
         g = sd[f"{name}.g_idx"].long()
         dense[f"{name}.weight"] = ((q - (z[g] + 1)) * sd[f"{name}.scales"][g].float()).T.contiguous()   # v1: z - 1
     model.load_state_dict(dense, strict=False)

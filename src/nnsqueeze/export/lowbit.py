@@ -190,7 +190,8 @@ def _replace(gr, node, opset21: bool) -> str:
     if w is None or scale is None or (len(node.input) > 2 and extra is None):
         raise ExportError(where, "a low-bit weight, its scales or zero points are not constants in the graph",
                           fix="export in eval mode with nnsqueeze.export.onnx.export_onnx")
-    bits, symmetric, table = node_attr(node, "bits", 8), bool(node_attr(node, "symmetric", 1)), bool(node_attr(node, "table", 0))
+    bits = node_attr(node, "bits", 8)
+    symmetric, table = bool(node_attr(node, "symmetric", 1)), bool(node_attr(node, "table", 0))
     scale = scale.astype(np.float32).reshape(-1)
     blocks = _blocks(w, scale, extra, int(node_attr(node, "group", 0)), table)
     coded = [_codes(bw, bs, be, bits, symmetric, table) for bw, bs, be in blocks]
@@ -198,11 +199,13 @@ def _replace(gr, node, opset21: bool) -> str:
     decoded = np.concatenate([c[1].reshape(w.shape[0], -1) for c in coded], 1)
     if not np.array_equal(decoded.reshape(w.shape), w.astype(np.float32)):
         raise ExportError(where, f"the {bits}-bit codes do not reproduce the simulated weight exactly "
-                          f"(max diff {float(np.abs(decoded.reshape(w.shape) - w).max()):.3g})", fix="report this as a bug")
+                          f"(max diff {float(np.abs(decoded.reshape(w.shape) - w).max()):.3g})",
+                          fix="report this as a bug")
     signed = symmetric and not table
     lo, hi = code_range(bits, signed)
     if q.size and (q.min() < lo or q.max() > hi):
-        raise ExportError(where, f"codes in [{q.min()}, {q.max()}] exceed the {bits}-bit range", fix="report this as a bug")
+        raise ExportError(where, f"codes in [{q.min()}, {q.max()}] exceed the {bits}-bit range",
+                          fix="report this as a bug")
     four_bit = bits <= 4
     # Uniform per-channel/per-tensor rows (R = C_out) are what ORT's int8 kernels read.
     kernel_able = not table and scale.size == w.shape[0]

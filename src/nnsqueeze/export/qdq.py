@@ -203,8 +203,8 @@ def _clip_is_identity(gr: Graph, clip, scale: np.ndarray, zp: np.ndarray) -> boo
     as ORT computes them) lies in [min, max]."""
     lo = gr.const(clip.input[1]) if len(clip.input) > 1 and clip.input[1] else None
     hi = gr.const(clip.input[2]) if len(clip.input) > 2 and clip.input[2] else None
-    if (len(clip.input) > 1 and clip.input[1] and lo is None) or (len(clip.input) > 2 and clip.input[2] and hi is None) \
-            or scale.ndim or zp.ndim:
+    if (len(clip.input) > 1 and clip.input[1] and lo is None) \
+            or (len(clip.input) > 2 and clip.input[2] and hi is None) or scale.ndim or zp.ndim:
         return False
     info = np.iinfo(zp.dtype)
     s, z = np.float32(scale), np.int32(zp)

@@ -9,10 +9,10 @@ modules call a *function* looked up by name in ``transformers.AttentionInterface
 
 (``Q8``: uint8 asymmetric per tensor; static mode takes the ``quantize`` step's ``activations``
 format instead, an :class:`~nnsqueeze.quant.act_scheme.ActScheme`: int8 symmetric, 2..7 bits in an
-8-bit container, or 16 bits, where ORT multiplies in float on the exact dequantized values). Softmax, the mask add and the scaling stay float by
-design: ORT has no int8 softmax for these graphs and the probabilities are re-quantized for
-``p @ v`` anyway. The qparams live on an :class:`AttentionQuant` child (``attn_quant``) of each
-attention module (the function receives the module), one set per layer:
+8-bit container, or 16 bits, where ORT multiplies in float on the exact dequantized values). Softmax,
+the mask add and the scaling stay float by design: ORT has no int8 softmax for these graphs and the
+probabilities are re-quantized for ``p @ v`` anyway. The qparams live on an :class:`AttentionQuant`
+child (``attn_quant``) of each attention module (the function receives the module), one set per layer:
 
 - ``static`` (the ``quantize`` step with ``ops: [matmul]``): calibrated per-tensor scales and zero
   points (buffers, saved with the model); exported as QDQ around the two MatMuls, which ONNX

@@ -284,7 +284,8 @@ class _Objective:
         if c.get("accuracy") is None or cl is None or c.get("size_bytes") is None:
             raise DataError("search", "a trial needs the metric, the ONNX size and the ONNX Runtime latency",
                             fix="pass eval_data and a metric, and keep export.onnx on in the space")
-        row = {"metric": c["accuracy"], "baseline_metric": b["accuracy"], "drop": self.drop(b["accuracy"], c["accuracy"]),
+        row = {"metric": c["accuracy"], "baseline_metric": b["accuracy"],
+               "drop": self.drop(b["accuracy"], c["accuracy"]),
                "size_bytes": c["size_bytes"], "baseline_size_bytes": b["size_bytes"], "latency_ms": cl,
                "baseline_latency_ms": bl, "speedup": bl / cl if cl else math.inf,
                "params": c.get("params"), "nonzero_params": c.get("nonzero_params"), "metric_name": self.metric_name}

@@ -90,7 +90,8 @@ class AWQ(LLMStep):
                 packs[name], scales[name] = (r.scaled_weight, r.scale, r.zero_point), r.scales
             return {"method": "awq", **scheme_dict(c), "alpha": r.alpha,
                     "error": round(relative_error(w, r.weight, acc.hessian), 6),
-                    "rtn_error": round(relative_error(w, rtn_quantize(w, c.bits, c.group_size, c.symmetric).weight, acc.hessian), 6)}
+                    "rtn_error": round(relative_error(w, rtn_quantize(w, c.bits, c.group_size, c.symmetric).weight,
+                                                      acc.hessian), 6)}
 
         def on_block(i, block):  # pack as soon as a block is done (see gptq); the next block sees the packed layers
             if packs:
@@ -100,7 +101,8 @@ class AWQ(LLMStep):
                 packs.clear()
                 scales.clear()
 
-        self.figures_ = self.calibrate(model, ctx, layers, lambda n, m: AWQAccumulator(get_weight(m).shape[1], m.weight.device),
+        self.figures_ = self.calibrate(model, ctx, layers,
+                                       lambda n, m: AWQAccumulator(get_weight(m).shape[1], m.weight.device),
                                        apply, on_block=on_block)
         if c.pack:
             note_kernel(ctx, "awq")

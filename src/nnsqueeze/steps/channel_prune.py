@@ -98,7 +98,8 @@ class StructuredPruneConfig(StepConfig):
 
 
 def _group_layers(model: nn.Module, g: Group) -> list[str]:
-    return sorted({m.module for m in g.members if m.role == "out" and isinstance(model.get_submodule(m.module), LAYERS)})
+    return sorted({m.module for m in g.members
+                   if m.role == "out" and isinstance(model.get_submodule(m.module), LAYERS)})
 
 
 def keep_indices(model: nn.Module, groups: list[Group], pruned: list[torch.Tensor]) -> list[tuple[str, str, list[int]]]:
@@ -166,7 +167,8 @@ class StructuredPrune(Step):
                 raise ModelError(self.where, f"{e.problem}; and no Hugging Face attention / feed-forward block was "
                                  "recognised", fix=e.fix) from None
             ctx.fallback(self.registered_name, "torch.fx cannot trace the model: groups from Hugging Face module "
-                         f"patterns ({sum(b.kind == 'heads' for b in graph.blocks)} attention blocks by KV-head groups, "
+                         f"patterns ({sum(b.kind == 'heads' for b in graph.blocks)} attention blocks by KV-head "
+                         "groups, "
                          f"{sum(b.kind == 'ffn' for b in graph.blocks)} feed-forward blocks by neurons)")
         self._blocks = graph.blocks if isinstance(graph, HFGraph) else []
         self._head_groups = {id(b.group) for b in self._blocks if b.kind == "heads"}
@@ -304,7 +306,8 @@ class StructuredPrune(Step):
         heads += self._report_hf_heads(model, groups, pruned, ctx)
         channels = sum(g.size for g in groups)
         removed = sum(int(p.numel()) for p in pruned)
-        ctx.report.step(groups=len(groups), heads_removed=heads, channels=channels, channels_removed=removed, ratio=round(ratio, 4),
+        ctx.report.step(groups=len(groups), heads_removed=heads, channels=channels, channels_removed=removed,
+                        ratio=round(ratio, 4),
                         scope=scope, importance=c.importance, params_before=before.total_params,
                         params_after=after.total_params, macs_before=before.total_macs, macs_after=after.total_macs,
                         macs_reduction=round(before.total_macs / max(1, after.total_macs), 3))

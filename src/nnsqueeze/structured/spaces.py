@@ -132,7 +132,8 @@ class Builder:
             self.members[s.space].append(Member(module, role, off, s.expand, s.span))
             off += s.length * s.expand
         if module in self.shared:
-            self.freeze(info, f"{module} shares a weight with {', '.join(x for x in self.shared[module] if x != module)}")
+            others = ", ".join(x for x in self.shared[module] if x != module)
+            self.freeze(info, f"{module} shares a weight with {others}")
 
     def fold(self, space: int, period: int) -> None:
         self.period[space] = math.gcd(self.period.get(space, 0), period)

@@ -143,7 +143,8 @@ def _train_tokenizer(size: str):
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=TOKENIZER[size]["vocab_size"], min_frequency=TOKENIZER[size]["min_frequency"],
+    trainer = trainers.BpeTrainer(vocab_size=TOKENIZER[size]["vocab_size"],
+                                  min_frequency=TOKENIZER[size]["min_frequency"],
                                   special_tokens=[EOS], initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
                                   show_progress=False)
     tok.train_from_iterator([d.text for d in pycorpus.load_corpus(size)["train"]], trainer=trainer)
@@ -330,7 +331,8 @@ def pretrained(arch: str = "llama", size: str = "default", cache_dir: str | os.P
     return cls.from_pretrained(str(path)).eval()
 
 
-def info(arch: str = "llama", size: str = "default", cache_dir: str | os.PathLike | None = None) -> dict[str, Any] | None:
+def info(arch: str = "llama", size: str = "default",
+         cache_dir: str | os.PathLike | None = None) -> dict[str, Any] | None:
     """The cached model's ``pylm.json`` (training time, steps/s, validation perplexity) or None."""
     p = model_dir(arch, size, cache_dir) / "pylm.json"
     return json.loads(p.read_text()) if p.is_file() else None
