@@ -106,8 +106,9 @@ def main() -> None:
         ort_static(fp32_path, ort_path, calib)
         ort_secs = time.perf_counter() - t
         ort_ops = Counter(t for t in optimized_op_types(open(ort_path, "rb").read()) if t in INT8_OPS)
-        rows.append(("ORT quantize_static QDQ per-channel minmax", accuracy(OrtModule(ort_path, threads=args.threads), test),
-                     None, os.path.getsize(ort_path), ort_secs, ",".join(f"{k}x{v}" for k, v in sorted(ort_ops.items())), ""))
+        ort_acc = accuracy(OrtModule(ort_path, threads=args.threads), test)
+        rows.append(("ORT quantize_static QDQ per-channel minmax", ort_acc, None, os.path.getsize(ort_path), ort_secs,
+                     ",".join(f"{k}x{v}" for k, v in sorted(ort_ops.items())), ""))
         for name, steps in systems.items():
             t = time.perf_counter()
             model, ctx = run_steps(copy.deepcopy(base), steps, data)

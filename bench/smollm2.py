@@ -238,7 +238,8 @@ def merge(paths: list[str], out_dir: Path) -> None:
     m = runs[0]
     print(f"# SmolLM2-135M-Instruct fp32  {m['date']}  CPU: {m['cpu']}  threads: {m['threads']}  calib: "
           f"{m['calib_windows']} x {SEQ_LEN} tokens of stdlib docstrings  eval: {m['eval_windows']} x {SEQ_LEN}-token "
-          f"windows of stdlib comments ({m['eval_windows'] * (SEQ_LEN - 1)} scored of {m['eval_text_tokens']} tokens)\n")
+          f"windows of stdlib comments ({m['eval_windows'] * (SEQ_LEN - 1)} scored of {m['eval_text_tokens']} "
+          "tokens)\n")
     print("| scheme | method | tool | perplexity | vs fp32 | calib s |\n|---|---|---|---|---|---|")
     for x in rows:
         if "error" in x:

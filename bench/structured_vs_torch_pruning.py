@@ -2,8 +2,8 @@
 
 Both prune the pretrained demo CNN at a 50% channel ratio with L2 group magnitude (the final
 classifier's outputs kept), then fine-tune with the *same* loop and budget (``mnist1d.train``:
-AdamW + one-cycle, 1500 steps, lr 3e-3 (the demo's training lr), seed 0). Reported: test accuracy (torch, and ONNX Runtime
-for the final models), MACs and parameters, and ONNX Runtime latency measured in interleaved
+AdamW + one-cycle, 1500 steps, lr 3e-3 (the demo's training lr), seed 0). Reported: test accuracy (torch,
+and ONNX Runtime for the final models), MACs and parameters, and ONNX Runtime latency measured in interleaved
 blocks (median of block medians; the gain is the median of per-block baseline/pruned ratios, so
 load from other processes on the machine cancels out)::
 
@@ -127,7 +127,8 @@ def main() -> None:
     print(f"\n{datetime.date.today()} | {cpu_name()} | torch {torch.__version__} | ORT batch {args.batch}, "
           f"{args.threads} thread(s), {args.blocks} interleaved blocks | ratio {args.ratio}, "
           f"fine-tune {args.steps} steps lr {args.lr}\n")
-    print("| model | acc. after prune | acc. after fine-tune (torch / ORT) | MACs | params | ORT latency ms | latency gain |")
+    print("| model | acc. after prune | acc. after fine-tune (torch / ORT) | MACs | params | ORT latency ms "
+          "| latency gain |")
     print("|---|---|---|---|---|---|---|")
     for name, r in rows.items():
         mac = f"{r['macs']:,} ({b['macs'] / r['macs']:.2f}x fewer)" if name != "baseline" else f"{r['macs']:,}"

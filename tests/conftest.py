@@ -6,7 +6,6 @@ import os
 
 import pytest
 import torch
-from torch import nn
 
 
 @pytest.fixture(autouse=True)

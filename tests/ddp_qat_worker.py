@@ -107,8 +107,8 @@ def run(train: list, calib: list, qat_overrides: dict | None = None):
 
     qat.finalize_qat_ = spy
     try:
-        result = nsq.compress(make_model(), recipe(**(qat_overrides or {})), train_data=train, calib_data=calib, metric=None,
-                              progress=False)
+        result = nsq.compress(make_model(), recipe(**(qat_overrides or {})), train_data=train, calib_data=calib,
+                              metric=None, progress=False)
     finally:
         qat.finalize_qat_ = finalize
     return result, seen

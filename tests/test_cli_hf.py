@@ -4,7 +4,6 @@ subprocess on a tiny random LLaMA (tests/tiny_llm.py), no network."""
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 

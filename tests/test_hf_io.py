@@ -86,7 +86,8 @@ def test_load_model_errors_name_the_problem_and_fix(hf_dir, tmp_path, case, matc
         "no-weights": lambda: _copy_dir(src, tmp_path / "d", drop=("model.safetensors",)),
         "no-tokenizer": lambda: _copy_dir(src, tmp_path / "d", drop=("tokenizer.json", "tokenizer_config.json",
                                                                       "special_tokens_map.json")),
-        "unsupported": lambda: _copy_dir(src, tmp_path / "d", config={"architectures": ["LlamaForTokenClassification"]}),
+        "unsupported": lambda: _copy_dir(src, tmp_path / "d",
+                                         config={"architectures": ["LlamaForTokenClassification"]}),
         "no-architectures": lambda: _copy_dir(src, tmp_path / "d", config={"architectures": None}),
         "not-gguf": lambda: src / "config.json",
     }[case]()

@@ -7,7 +7,7 @@ from torch import nn
 
 import nnsqueeze as nsq
 from nnsqueeze.errors import DataError, MetricError, ModelError, RecipeError
-from nnsqueeze.pipeline import _make_steps
+from nnsqueeze.pipeline import make_steps
 from nnsqueeze.recipe import load_recipe, presets
 
 FAST = {"evaluate": {"runs": 1, "warmup": 0, "per_step": False}, "export": {"onnx": None}}
@@ -249,7 +249,7 @@ def test_impossible_step_order_is_rejected_before_any_step_runs(steps, words):
 
 @pytest.mark.parametrize("name", sorted(presets()))
 def test_every_preset_has_a_valid_order(name):
-    _make_steps(load_recipe(name))
+    make_steps(load_recipe(name))
 
 
 @pytest.mark.parametrize("steps", [
@@ -261,7 +261,7 @@ def test_every_preset_has_a_valid_order(name):
 def test_legitimate_orders_are_accepted(steps):
     required = {"group-lasso": {"strength": 1e-4}, "share": {"groups": [["0", "2"]]}, "prune": {"sparsity": 0.5},
                 "structured-prune": {"ratio": 0.3}}
-    _make_steps(load_recipe([{s: required.get(s, {})} for s in steps]))
+    make_steps(load_recipe([{s: required.get(s, {})} for s in steps]))
 
 
 class ConvFc(nn.Module):

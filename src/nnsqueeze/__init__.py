@@ -33,12 +33,13 @@ _drop_cwd_for_main()
 from .artifact import load  # noqa: E402 - the path fix above must come first
 from .errors import (ArtifactError, DataError, ExportError, MetricError, ModelError, NnsqueezeError,  # noqa: E402
                      RecipeError, TargetError)
-from .pipeline import CompressionResult, compress
-from .recipe import Recipe, load_recipe, presets
+from .pipeline import CompressionResult, compress  # noqa: E402
+from .recipe import Recipe, load_recipe, presets  # noqa: E402
 from .search import SearchResult, search  # noqa: E402 - binds nnsqueeze.search to the function
 
 __all__ = [
-    "compress", "search", "SearchResult", "load", "export_onnx", "CompressionResult", "Recipe", "load_recipe", "presets",
+    "compress", "search", "SearchResult", "load", "export_onnx", "CompressionResult", "Recipe", "load_recipe",
+    "presets",
     "NnsqueezeError", "RecipeError", "DataError", "MetricError", "ModelError", "ExportError", "ArtifactError",
     "TargetError",
     "__version__",

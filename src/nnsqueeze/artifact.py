@@ -161,7 +161,8 @@ def read_manifest(path: str | os.PathLike) -> dict[str, Any]:
 def _check_steps(steps: Any, where: str) -> None:
     """The manifest's step list has the shape ``load`` replays: ``[{name, config, record?}, ...]``."""
     if not isinstance(steps, list):
-        raise ArtifactError(f"{where}: steps", f"must be a list, got {type(steps).__name__}", fix="re-create the artifact")
+        raise ArtifactError(f"{where}: steps", f"must be a list, got {type(steps).__name__}",
+                            fix="re-create the artifact")
     for i, entry in enumerate(steps):
         at = f"{where}: steps[{i}]"
         if not isinstance(entry, dict) or not isinstance(entry.get("name"), str):

@@ -1,7 +1,8 @@
 """The ``nnsqueeze`` command line.
 
     nnsqueeze demo --out nnsqueeze-demo
-    nnsqueeze compress --model mypkg.models:build --weights w.safetensors --recipe int8 --data mypkg.data:load --out out/
+    nnsqueeze compress --model mypkg.models:build --weights w.safetensors --recipe int8 \
+        --data mypkg.data:load --out out/
     nnsqueeze report out/
     nnsqueeze recipes
 
@@ -263,11 +264,11 @@ def search(
     """Search a space of recipes for the Pareto front of metric, ONNX size and ONNX Runtime latency."""
 
     def go() -> None:
-        from .search.api import _check_args, search as run
+        from .search.api import check_args, search as run
         from .search.front import table
         from .search.space import load_space
 
-        _check_args(max_drop, target_latency, target_size, trials, workers, sampler, pick)
+        check_args(max_drop, target_latency, target_size, trials, workers, sampler, pick)
         sp = load_space(space)  # a bad space fails before the model is built
         m = call_factory(model, "--model", ModelError)
         if weights is not None:

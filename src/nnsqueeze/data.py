@@ -25,7 +25,7 @@ those are bugs, not user errors.
     >>> call_model(model, torch.randn(2, 1, 7))
     Traceback (most recent call last):
     ...
-    nnsqueeze.errors.ModelError: model: the model's forward raised RuntimeError: mat1 and mat2 shapes ... (2x7 and 40x10)
+    nnsqueeze.errors.ModelError: model: the model's forward raised RuntimeError: mat1 and mat2 ...
       fix: fix the model or its inputs (rerun with --debug for the original traceback)
 """
 
@@ -50,6 +50,7 @@ log = logging.getLogger("nnsqueeze")
 
 # Where the runner is (e.g. "steps[1].quantize", "baseline evaluation"), for error locations.
 _STAGE: contextvars.ContextVar[str] = contextvars.ContextVar("nnsqueeze_stage", default="")
+_EMPTY = object()  # next()'s default: no first batch
 # The user batch being processed, as (data name, index, input shapes); None outside a data pass.
 _BATCH: list[tuple[str, int, Any] | None] = [None]
 
@@ -64,7 +65,7 @@ def stage(name: str) -> Iterator[None]:
         _STAGE.reset(token)
 
 
-def _at(*parts: str | None) -> str:
+def at_stage(*parts: str | None) -> str:
     return ": ".join(p for p in (_STAGE.get(), *parts) if p)
 
 
@@ -107,7 +108,7 @@ class Batches:
         except NnsqueezeError:
             raise
         except Exception as e:
-            raise DataError(_at(self.where), f"iterating the data raised {describe(e)}",
+            raise DataError(at_stage(self.where), f"iterating the data raised {describe(e)}",
                             fix="fix the data loader (rerun with --debug for its traceback)") from e
         i, prev = 0, _BATCH[0]
         try:
@@ -119,13 +120,13 @@ class Batches:
                 except NnsqueezeError:
                     raise
                 except Exception as e:
-                    raise DataError(_at(f"{self.where} batch {i}"), f"reading the batch raised {describe(e)}",
+                    raise DataError(at_stage(f"{self.where} batch {i}"), f"reading the batch raised {describe(e)}",
                                     fix="fix the data loader or generator (rerun with --debug for its "
                                     "traceback)") from e
                 inputs = split(batch)[0] if isinstance(batch, (tuple, list, dict, torch.Tensor)) else batch
                 bad = _nan_at(inputs) if self.refuse_nan else None
                 if bad is not None:  # NaN ranges, NaN metrics: every figure computed from it would be wrong
-                    raise DataError(_at(f"{self.where} batch {i}"), f"inputs{bad} hold NaN values",
+                    raise DataError(at_stage(f"{self.where} batch {i}"), f"inputs{bad} hold NaN values",
                                     fix="clean or impute the data before compressing (NaN makes calibration "
                                     "ranges, losses and metrics meaningless)")
                 if i == 0 and self.first is None:
@@ -191,9 +192,8 @@ def as_batches(data: Iterable | None, where: str, required: bool = False,
                                 fix="bound it, e.g. itertools.islice(gen, n), or pass a list or a re-iterable "
                                 "loader (a DataLoader is read batch by batch, never held whole)")
     data = Batches(data, where, refuse_nan)
-    for first in data:
-        break
-    else:
+    first = next(iter(data), _EMPTY)
+    if first is _EMPTY:
         raise DataError(where, "data is empty", fix="give at least one batch")
     if not isinstance(first, (tuple, list, dict, torch.Tensor)):
         raise DataError(where, f"a batch is a {type(first).__name__}",
@@ -245,12 +245,12 @@ def call_model(model: nn.Module | Any, inputs: Any) -> Any:
             name, i, first = cur
             now = shapes(inputs)
             if i > 0 and first is not None and now != first:
-                raise DataError(_at(f"{name} batch {i}"), f"inputs of shape {now} differ from batch 0's {first} "
+                raise DataError(at_stage(f"{name} batch {i}"), f"inputs of shape {now} differ from batch 0's {first} "
                                 f"and the model fails on them ({describe(e, 200)})",
                                 fix="give batches of one input shape (pad or resize them)") from e
         if not _raised_by_user(e):
             raise
-        where = _at(f"{cur[0]} batch {cur[1]}" if cur is not None else None) or "model"
+        where = at_stage(f"{cur[0]} batch {cur[1]}" if cur is not None else None) or "model"
         raise ModelError(where, f"the model's forward raised {describe(e)}",
                          fix="fix the model or its inputs (rerun with --debug for the original traceback)") from e
 
@@ -307,7 +307,7 @@ def logits(output: Any, strict: bool = True) -> torch.Tensor:
             return output["logits"]
         if (len(keys) == 1 or not strict) and keys and isinstance(output[keys[0]], torch.Tensor):
             return output[keys[0]]
-        raise ModelError(_at("model output"), f"the model returns a dict with keys {list(keys)} and no 'logits' "
+        raise ModelError(at_stage("model output"), f"the model returns a dict with keys {list(keys)} and no 'logits' "
                          "entry: which one is the prediction is ambiguous",
                          fix="name the prediction 'logits', return it alone, or pass metric=/loss_fn= callables "
                          "that pick it")

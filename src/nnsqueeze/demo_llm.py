@@ -78,7 +78,8 @@ def check_targets(m: dict[str, Any]) -> list[tuple[str, str, bool]]:
     ratio = m["quantized_fp32_bytes"] / m["quantized_packed_bytes"]
     speed = m["gen_tokens_per_s_int4"] / m["gen_tokens_per_s_fp32"]
     return [
-        (f"int4 perplexity within {100 * MAX_PPL_INCREASE:.0f}% of fp32", f"{100 * inc:+.2f}%", inc <= MAX_PPL_INCREASE),
+        (f"int4 perplexity within {100 * MAX_PPL_INCREASE:.0f}% of fp32", f"{100 * inc:+.2f}%",
+         inc <= MAX_PPL_INCREASE),
         (f"quantized weights >= {MIN_WEIGHT_RATIO:.0f}x smaller", f"{ratio:.2f}x", ratio >= MIN_WEIGHT_RATIO),
         ("packed generation at least as fast as fp32", f"{speed:.2f}x", speed >= MIN_SPEED_RATIO),
         ("artifact reloads to the compressed model's logits (max |diff| <= 1e-4)", f"{m['reload_max_abs_diff']:.1e}",
@@ -155,7 +156,8 @@ def run_demo_llm(out: str | Path = "nnsqueeze-demo-llm", size: str = "default", 
     t.add_row("quantized Linears' weight bytes", f"{q32:,}", f"{m['quantized_packed_bytes']:,}",
               f"{q32 / m['quantized_packed_bytes']:.2f}x smaller")
     t.add_row("whole model weight bytes (embeddings, lm_head fp32)", f"{m['model_fp32_bytes']:,}",
-              f"{m['model_safetensors_bytes']:,}", f"{m['model_fp32_bytes'] / m['model_safetensors_bytes']:.2f}x smaller")
+              f"{m['model_safetensors_bytes']:,}",
+              f"{m['model_fp32_bytes'] / m['model_safetensors_bytes']:.2f}x smaller")
     t.add_row("artifact bytes on disk (all files)", "", f"{m['artifact_bytes']:,}", "")
     t.add_row(f"generation tokens/s (greedy, {n_new} tokens, {m['threads']} threads)", f"{s32:.1f}", f"{s4:.1f}",
               f"{s4 / s32:.2f}x")
@@ -170,6 +172,7 @@ def run_demo_llm(out: str | Path = "nnsqueeze-demo-llm", size: str = "default", 
     for name, val, ok in rows:
         tt.add_row(name, val, "[green]yes[/]" if ok else "[red]NO[/]")
     console.print(tt)
-    console.print(f"artifact written to [bold]{path}[/] (model.safetensors, nnsqueeze.json manifest, report, demo-llm.json); "
+    console.print(f"artifact written to [bold]{path}[/] (model.safetensors, nnsqueeze.json manifest, report, "
+                  "demo-llm.json); "
                   f"compression {compress_s:.1f} s, demo {m['seconds']:.0f} s")
     return size == "tiny" or all(ok for _, _, ok in rows)

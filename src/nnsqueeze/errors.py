@@ -16,15 +16,15 @@ anything else is a bug and keeps its traceback.
 
 from __future__ import annotations
 
+from .limits import MAX_MESSAGE_CHARS, clip
+
 
 class NnsqueezeError(Exception):
     """Base class: a problem with the user's input, with where it is and how to fix it."""
 
     def __init__(self, where: str, problem: str, fix: str | None = None):
         # A safety net under the per-site quoting (limits.quote): no part of a message may echo a
-        # whole hostile input. The bound lives in limits.py; imported late, limits imports us.
-        from .limits import MAX_MESSAGE_CHARS, clip
-
+        # whole hostile input. The bound lives in limits.py (which needs this module for annotations only).
         where, problem = clip(str(where), MAX_MESSAGE_CHARS), clip(str(problem), MAX_MESSAGE_CHARS)
         fix = clip(str(fix), MAX_MESSAGE_CHARS) if fix else fix
         self.where, self.problem, self.fix = where, problem, fix

@@ -41,6 +41,7 @@ class GuardInputs:
     tmp: Path                   # a scratch directory that lives for the run
     original: nn.Module         # the fp32 model the recipe started from
     base_onnx: str              # path of the exported fp32 baseline
+    measure: Callable[..., dict[str, Any]]  # nnsqueeze.evaluate.measure (the runner's own figures)
 
 
 @dataclass

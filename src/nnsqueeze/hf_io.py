@@ -217,7 +217,8 @@ def load_model(path: str, task: str | None = None) -> tuple[torch.nn.Module, Any
         model = cls.from_pretrained(str(p), dtype=torch.float32)
     except (OSError, ValueError, KeyError, RuntimeError) as e:
         raise ModelError(str(path), f"cannot be loaded as a {task} model: {str(e).splitlines()[0][:300]}",
-                         fix=f"check the architecture in config.json or pick another --task ({', '.join(TASKS)})") from e
+                         fix=f"check the architecture in config.json or pick another --task ({', '.join(TASKS)})"
+                         ) from e
     return model.eval(), tok
 
 

@@ -91,7 +91,8 @@ def call_factory(spec: str, what: str, error: type[NnsqueezeError]) -> Any:
     except NnsqueezeError:
         raise
     except Exception as e:  # noqa: BLE001 - the user's own code raised; say so instead of a traceback
-        raise error(what, f"{spec}() raised {describe_error(e)}", fix="fix the factory (--debug shows the traceback)") from e
+        raise error(what, f"{spec}() raised {describe_error(e)}",
+                    fix="fix the factory (--debug shows the traceback)") from e
 
 
 def load_weights(model: Any, path: Path) -> None:

@@ -11,9 +11,10 @@ import logging
 import os
 import stat
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from .errors import NnsqueezeError
+if TYPE_CHECKING:  # annotations only: errors.py imports this module for its message bound
+    from .errors import NnsqueezeError
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +65,8 @@ def depth(value: Any, limit: int = MAX_DEPTH) -> int:
 
 def check_depth(value: Any, where: str, error: type[NnsqueezeError], limit: int = MAX_DEPTH) -> None:
     if depth(value, limit) > limit:
-        raise error(where, f"nested more than {limit} levels deep", fix="flatten the structure; no valid file nests this deep")
+        raise error(where, f"nested more than {limit} levels deep",
+                    fix="flatten the structure; no valid file nests this deep")
 
 
 def open_regular(path: str | os.PathLike, max_bytes: int, what: str, error: type[NnsqueezeError]):

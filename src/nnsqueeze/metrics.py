@@ -28,7 +28,7 @@ from typing import Any, Callable, Iterable
 
 import torch
 
-from .data import _at, call_model, describe, logits, split
+from .data import at_stage, call_model, describe, logits, split
 from .errors import DataError, MetricError, NnsqueezeError
 from .registry import METRICS
 
@@ -43,21 +43,22 @@ def accuracy(model: Any, data: Iterable) -> float:
     for i, batch in enumerate(data):
         inputs, targets = split(batch)
         if targets is None:
-            raise DataError(_at(f"eval_data batch {i}"), "accuracy needs targets, the batch has none",
+            raise DataError(at_stage(f"eval_data batch {i}"), "accuracy needs targets, the batch has none",
                             fix="give (inputs, targets) batches or pass metric=callable")
         out = logits(call_model(model, inputs))
         pred = out.argmax(-1)
         if pred.shape != targets.shape:
-            raise DataError(_at(f"eval_data batch {i}"), f"predictions of shape {tuple(pred.shape)} do not match "
+            raise DataError(at_stage(f"eval_data batch {i}"), f"predictions of shape {tuple(pred.shape)} do not match "
                             f"targets {tuple(targets.shape)}", fix="accuracy expects class logits (batch, classes)")
         if targets.is_floating_point() or targets.is_complex():
-            raise DataError(_at(f"eval_data batch {i}"), f"accuracy needs integer class targets, got {targets.dtype}",
+            raise DataError(at_stage(f"eval_data batch {i}"),
+                            f"accuracy needs integer class targets, got {targets.dtype}",
                             fix="give class indices (torch.long) or pass metric=callable")
         # A label the model cannot predict would silently count as wrong: an accuracy of 0 for a
         # labelling mistake (1-based labels, another label set).
         lo, hi, classes = int(targets.min()), int(targets.max()), out.shape[-1]
         if targets.numel() and (lo < 0 or hi >= classes):
-            raise DataError(_at(f"eval_data batch {i}"), f"labels range over [{lo}, {hi}] but the model has "
+            raise DataError(at_stage(f"eval_data batch {i}"), f"labels range over [{lo}, {hi}] but the model has "
                             f"{classes} outputs (classes 0..{classes - 1})",
                             fix="give labels in 0..classes-1 (e.g. subtract 1 from 1-based labels) or a model "
                             "with one output per class")
@@ -91,11 +92,11 @@ def perplexity(model: Any, data: Iterable) -> float:
         inputs, _ = split(batch)
         ids = inputs.get("input_ids") if isinstance(inputs, dict) else inputs
         if not isinstance(ids, torch.Tensor) or ids.dim() != 2 or ids.is_floating_point():
-            raise DataError(_at(f"eval_data batch {i}"), "perplexity needs token ids: a (batch, seq_len) integer "
+            raise DataError(at_stage(f"eval_data batch {i}"), "perplexity needs token ids: a (batch, seq_len) integer "
                             "tensor or a dict with input_ids", fix="use nnsqueeze.hf_io.load_text_data for the data")
         out = logits(call_model(model, inputs))
         if out.dim() != 3 or out.shape[:2] != ids.shape:
-            raise DataError(_at(f"eval_data batch {i}"), f"the model's logits of shape {tuple(out.shape)} are not "
+            raise DataError(at_stage(f"eval_data batch {i}"), f"the model's logits of shape {tuple(out.shape)} are not "
                             f"(batch, seq_len, vocab) for input_ids {tuple(ids.shape)}",
                             fix="perplexity is for causal LMs (task causal-lm)")
         # Position t predicts token t+1.
@@ -131,15 +132,15 @@ def as_number(value: Any, name: str) -> float:
     """A metric's value as a finite float, else :class:`MetricError` (never a silent NaN in a report)."""
     if isinstance(value, torch.Tensor):
         if value.numel() != 1 or value.is_complex():
-            raise MetricError(_at(f"metric {name!r}"), f"returned a tensor of shape {tuple(value.shape)}, "
+            raise MetricError(at_stage(f"metric {name!r}"), f"returned a tensor of shape {tuple(value.shape)}, "
                               "expected one number", fix="return a float, e.g. tensor.mean().item()")
         value = value.item()
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise MetricError(_at(f"metric {name!r}"), f"returned {type(value).__name__} {str(value)[:60]!r}, "
+        raise MetricError(at_stage(f"metric {name!r}"), f"returned {type(value).__name__} {str(value)[:60]!r}, "
                           "expected a number", fix="return a float from the metric callable")
     value = float(value)
     if not math.isfinite(value):
-        raise MetricError(_at(f"metric {name!r}"), f"is {value}: the model's outputs or the metric are "
+        raise MetricError(at_stage(f"metric {name!r}"), f"is {value}: the model's outputs or the metric are "
                           "not finite on eval_data", fix="check the eval data and the metric; after a step, "
                           "the step broke the model (e.g. an fp16 overflow: keep that layer in fp32)")
     return value
@@ -156,7 +157,7 @@ def checked(metric: Callable, name: str) -> Callable[[Any, Iterable], float]:
         except NnsqueezeError:
             raise
         except Exception as e:
-            raise MetricError(_at(f"metric {name!r}"), f"raised {describe(e)}",
+            raise MetricError(at_stage(f"metric {name!r}"), f"raised {describe(e)}",
                               fix="fix the metric callable (rerun with --debug for its traceback)") from e
         return as_number(value, name)
 

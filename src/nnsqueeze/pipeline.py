@@ -124,7 +124,7 @@ def _check_start(start: Checkpoint, recipe: Recipe) -> None:
                           "callback(s) for a later step; it cannot be resumed from", fix="start from the beginning")
 
 
-def _check_model(model: Any) -> None:
+def check_model(model: Any) -> None:
     if isinstance(model, torch.jit.ScriptModule):  # script and trace: no Python layers to select or swap
         raise ModelError("model", f"TorchScript models are not supported (got a {type(model).__name__})",
                          fix="pass the original nn.Module, before torch.jit.script/trace")
@@ -171,7 +171,7 @@ def _probe(model: nn.Module, inputs: Any, where: str) -> None:
                          fix="check the weights and the input normalisation")
 
 
-def _make_steps(recipe: Recipe, model: nn.Module | None = None) -> list[Step]:
+def make_steps(recipe: Recipe, model: nn.Module | None = None) -> list[Step]:
     steps = [STEPS.get(e.name)(e.config, i) for i, e in enumerate(recipe.steps)]
     for i, s in enumerate(steps):
         if getattr(s, "requires_training", False) and not any(getattr(t, "trains", False) for t in steps[i + 1:]):
@@ -253,7 +253,7 @@ def compress(
     ``start`` continues from a :class:`Checkpoint` of this recipe's first steps instead of
     running them again."""
     recipe = load_recipe(recipe)
-    steps = _make_steps(recipe, model if isinstance(model, nn.Module) else None)  # fails before data is read
+    steps = make_steps(recipe, model if isinstance(model, nn.Module) else None)  # fails before data is read
     if start is not None:
         _check_start(start, recipe)
     train_data = as_batches(train_data, "train_data", refuse_nan=True)
@@ -271,7 +271,7 @@ def compress(
         i = next(i for i, s in enumerate(steps) if getattr(s, "trains", False))
         raise DataError("train_data", f"steps[{i}].{steps[i].registered_name} trains but no train_data was given",
                         fix="pass train_data=... (batches of (inputs, targets)) or remove the training step")
-    _check_model(model)
+    check_model(model)
     if example_inputs is None:
         example_inputs = _first_inputs(calib_data, train_data, eval_data)
     if example_inputs is None:
@@ -332,7 +332,7 @@ def compress(
             with stage(step.where):
                 work = step.run(work, ctx)
                 fields: dict[str, Any] = {"seconds": time.perf_counter() - t0}
-                _check_model(work)
+                check_model(work)
                 if metric_fn is not None and ev.per_step:
                     with torch.inference_mode():
                         fields["accuracy"] = metric_fn(work, eval_data)
@@ -361,7 +361,7 @@ def compress(
         if base_onnx is not None and comp_onnx is not None:
             inputs = GuardInputs(recipe=recipe, report=rb, ctx=ctx, exporter=exporter, samples=samples,
                                  latency_inputs=lat_inputs, eval_data=eval_data, metric=metric_fn, tmp=Path(tmp),
-                                 original=original, base_onnx=base_onnx)
+                                 original=original, base_onnx=base_onnx, measure=measure)
             with stage("latency-guard"):
                 out = GUARDS.get("latency")().run(work, onnx_bytes, inputs)
             # a guard appends its own record; it never edits the steps' records, which go only

@@ -316,7 +316,7 @@ def plot_artifact(path: str | Path) -> list[Path]:
         lo = [acts[k][0] for k in names]
         hi = [acts[k][1] for k in names]
         labels = [f"{k} ({_act_format(schemes.get(k))})" for k in names]
-        ax.barh(labels, [h - l for l, h in zip(lo, hi)], left=lo, color="tab:green")
+        ax.barh(labels, [h - low for low, h in zip(lo, hi)], left=lo, color="tab:green")
         ax.axvline(0, color="k", lw=0.5)
         # two lines: on one, the label is wider than the figure and was cut off at both ends
         ax.set_xlabel("calibrated input clipping range (float):\ncodes qmin..qmax of its format")

@@ -25,7 +25,8 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from .errors import RecipeError
-from .limits import MAX_DEPTH, MAX_RECIPE_BYTES, MAX_YAML_ALIASES, MAX_YAML_NODES, cap_threads, check_depth, clip, quote, read_text
+from .limits import (MAX_DEPTH, MAX_RECIPE_BYTES, MAX_YAML_ALIASES, MAX_YAML_NODES, cap_threads, check_depth, clip,
+                     quote, read_text)
 from .registry import STEPS
 from .steps.base import StepConfig
 

@@ -7,12 +7,22 @@ A plug-in is a new file that registers itself by name; the runner never changes:
     @STEPS.register("my-step")
     class MyStep(Step): ...
 
-``STEPS.get("nope")`` raises a :class:`RecipeError` that lists the accepted names.
+A registry names the module that holds its plug-ins and imports it on the first lookup. When that
+is a package (``nnsqueeze.steps``, ``nnsqueeze.export``), every module in it is found with
+:func:`pkgutil.iter_modules` and imported, so its ``@register`` runs: a new file in the package is
+found with no list to edit (modules whose name starts with ``_`` are helpers and are skipped). When
+it is a module (``nnsqueeze.metrics``, ``nnsqueeze.quant.observers``), importing it registers its
+plug-ins. ``STEPS.get("nope")`` raises a :class:`RecipeError` that lists the accepted names::
+
+    >>> from nnsqueeze.registry import STEPS
+    >>> "prune" in STEPS and "quantize" in STEPS.names()
+    True
 """
 
 from __future__ import annotations
 
 import importlib
+import pkgutil
 from typing import Callable, Generic, TypeVar
 
 from .errors import RecipeError
@@ -44,9 +54,8 @@ class Registry(Generic[T]):
     def _load(self) -> None:
         if not self._loaded:
             self._loaded = True
-            pkg = importlib.import_module(self._package)
-            for mod in getattr(pkg, "__all__", []):
-                importlib.import_module(f"{self._package}.{mod}")
+            for mod in plugin_modules(self._package):
+                importlib.import_module(mod)
 
     def get(self, name: str, where: str = "") -> T:
         from .limits import quote
@@ -67,6 +76,17 @@ class Registry(Generic[T]):
     def __contains__(self, name: str) -> bool:
         self._load()
         return name in self._items
+
+
+def plugin_modules(package: str) -> list[str]:
+    """The modules a registry imports for ``package``: the package's own modules (not ``_private``
+    ones, not subpackages' contents), sorted so the import order is the same everywhere; or the
+    module itself when ``package`` is a plain module."""
+    pkg = importlib.import_module(package)
+    if not hasattr(pkg, "__path__"):
+        return [package]
+    return sorted(info.name for info in pkgutil.iter_modules(pkg.__path__, prefix=f"{package}.")
+                  if not info.name.rpartition(".")[2].startswith("_"))
 
 
 STEPS: Registry = Registry("step", "nnsqueeze.steps")

@@ -98,7 +98,7 @@ def _check_report(data: Any) -> None:
             raise ValueError(f"number {quote(v, 40)} is out of range")
 
 
-def _fmt(key: str, v: Any) -> str:
+def fmt_value(key: str, v: Any) -> str:
     if v is None:
         return "-"
     if key == "accuracy" and isinstance(v, float):
@@ -106,7 +106,7 @@ def _fmt(key: str, v: Any) -> str:
     if key in ("size_bytes", "archive_bytes") and isinstance(v, (int, float)):
         return f"{v / 1024:.1f} KiB"
     if isinstance(v, dict):
-        return ", ".join(f"{k} {_fmt(key, x)}" for k, x in v.items())
+        return ", ".join(f"{k} {fmt_value(key, x)}" for k, x in v.items())
     if isinstance(v, float):
         return f"{v:.4g}"
     if isinstance(v, int):
@@ -179,10 +179,10 @@ class Report(dict):
             if k in b or k in c:
                 if k == "accuracy" and measured.get("lower_is_better"):
                     # The metric slot holds e.g. perplexity: name it, and call a rise worse.
-                    rows.append((measured.get("metric") or "metric", _fmt("", b.get(k)), _fmt("", c.get(k)),
+                    rows.append((measured.get("metric") or "metric", fmt_value("", b.get(k)), fmt_value("", c.get(k)),
                                  _lower_change(b.get(k), c.get(k))))
                     continue
-                rows.append((k, _fmt(k, b.get(k)), _fmt(k, c.get(k)), _ratio(k, b.get(k), c.get(k))))
+                rows.append((k, fmt_value(k, b.get(k)), fmt_value(k, c.get(k)), _ratio(k, b.get(k), c.get(k))))
         return rows
 
     def to_markdown(self) -> str:
@@ -196,14 +196,14 @@ class Report(dict):
         if self.get("steps"):
             out += ["", "## Steps", "", "| # | step | seconds | figures |", "|---|---|---|---|"]
             for i, s in enumerate(self["steps"]):
-                figs = ", ".join(f"{k}={_fmt(k, v)}" for k, v in s.get("figures", {}).items())
+                figs = ", ".join(f"{k}={fmt_value(k, v)}" for k, v in s.get("figures", {}).items())
                 out.append(f"| {i} | {s['name']} | {s.get('seconds', 0):.2f} | {figs} |")
         layers = self.get("layers", {})
         if layers:
             cols = sorted({k for v in layers.values() for k in v})
             out += ["", "## Layers", "", "| layer | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
             for name, v in layers.items():
-                out.append(f"| {name} | " + " | ".join(_fmt(c, v.get(c)) for c in cols) + " |")
+                out.append(f"| {name} | " + " | ".join(fmt_value(c, v.get(c)) for c in cols) + " |")
         if self.get("skipped"):
             out += ["", "## Skipped layers", ""] + [f"- {s['step']}: `{s['layer']}`: {s['reason']}"
                                                     for s in self["skipped"]]

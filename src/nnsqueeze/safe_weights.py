@@ -32,7 +32,8 @@ for _name, _attr in (("U16", "uint16"), ("U32", "uint32"), ("U64", "uint64"),
         DTYPES[_name] = getattr(torch, _attr)
 
 
-def _entries(header: Any, data_len: int, where: str, error: type[NnsqueezeError]) -> list[tuple[str, torch.dtype, list[int], int, int]]:
+def _entries(header: Any, data_len: int, where: str,
+             error: type[NnsqueezeError]) -> list[tuple[str, torch.dtype, list[int], int, int]]:
     """(name, dtype, shape, begin, end) of each tensor, every field checked; ``end`` relative to the data."""
     if not isinstance(header, dict):
         raise error(where, f"header is a {type(header).__name__}, not a mapping", fix="re-create the file")
@@ -49,7 +50,8 @@ def _entries(header: Any, data_len: int, where: str, error: type[NnsqueezeError]
         if not isinstance(dtype, str) or dtype not in DTYPES:
             raise error(at, f"unknown dtype {quote(dtype)}", fix=f"known dtypes: {', '.join(DTYPES)}")
         if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
-            raise error(at, f"shape must be a list of non-negative integers, got {quote(shape)}", fix="re-create the file")
+            raise error(at, f"shape must be a list of non-negative integers, got {quote(shape)}",
+                        fix="re-create the file")
         if (not isinstance(offsets, list) or len(offsets) != 2 or not all(type(o) is int for o in offsets)
                 or not 0 <= offsets[0] <= offsets[1] <= data_len):
             raise error(at, f"data_offsets {quote(offsets)} lie outside the {data_len:,} data bytes of the file",

@@ -178,7 +178,8 @@ def _write_in_place(out: Path, files: dict[str, bytes | str], marker: str, owned
         fd = os.open(out / LOCK, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
     except FileExistsError:
         raise ArtifactError(str(out), "another nnsqueeze process is writing this directory",
-                            fix=f"wait for it, or write to another --out; if none is running, delete {out / LOCK}") from None
+                            fix=f"wait for it, or write to another --out; if none is running, delete {out / LOCK}"
+                            ) from None
     try:
         os.write(fd, str(os.getpid()).encode())
         os.close(fd)

@@ -45,8 +45,10 @@ from .targets import select
 FORMATS: dict[str, dict[str, Any]] = {
     "int8": {"bits": 8}, "int7": {"bits": 7}, "int6": {"bits": 6}, "int5": {"bits": 5}, "int4": {"bits": 4},
     "int3": {"bits": 3}, "int2": {"bits": 2},
-    "int4-mse": {"bits": 4, "clip": "mse"}, "int3-mse": {"bits": 3, "clip": "mse"}, "int2-mse": {"bits": 2, "clip": "mse"},
-    "nf4": {"bits": 4, "levels": "nf4"}, "pow2-4": {"bits": 4, "levels": "pow2"}, "kmeans4": {"bits": 4, "levels": "kmeans"},
+    "int4-mse": {"bits": 4, "clip": "mse"}, "int3-mse": {"bits": 3, "clip": "mse"},
+    "int2-mse": {"bits": 2, "clip": "mse"},
+    "nf4": {"bits": 4, "levels": "nf4"}, "pow2-4": {"bits": 4, "levels": "pow2"},
+    "kmeans4": {"bits": 4, "levels": "kmeans"},
 }
 
 # Half formats -> the ``half`` step's dtype (weights AND compute of the one layer in that type).
@@ -134,7 +136,7 @@ def output_sqnr(reference: nn.Module, model: nn.Module, data: Iterable, device: 
     return 10.0 * math.log10(sig / err)
 
 
-def _resolve_reduce_range(weights: dict[str, Any]) -> dict[str, Any]:
+def resolve_reduce_range(weights: dict[str, Any]) -> dict[str, Any]:
     """Decide 'auto' reduced range once, so every trial uses the same grid and logs nothing."""
     w = dict(weights)
     if w.get("bits", 8) == 8 and w.get("reduce_range", "auto") == "auto":
@@ -193,7 +195,7 @@ def sensitivity(
                 if fmt in HALF_FORMATS:
                     q = half_copy(ref, [name], HALF_FORMATS[fmt])
                 else:
-                    weights = _resolve_reduce_range({**FORMATS[fmt], "reduce_range": reduce_range})
+                    weights = resolve_reduce_range({**FORMATS[fmt], "reduce_range": reduce_range})
                     q = quantize_copy(ref, calib, targets=[name], weights=weights, calibration=calibration,
                                       device=device)
                 row: dict[str, Any] = {"layer": name, "type": cls, "format": fmt,

@@ -39,7 +39,7 @@ from torch import nn
 from .errors import TargetError
 
 
-def _matches(pattern: str, name: str, module: nn.Module) -> bool:
+def pattern_matches(pattern: str, name: str, module: nn.Module) -> bool:
     if pattern.startswith("re:"):
         return re.fullmatch(pattern[3:], name) is not None
     return pattern == name or pattern == type(module).__name__
@@ -84,7 +84,7 @@ def select(
     _check_patterns(ignore, where.replace("targets", "ignore"))
     modules = [(n, m) for n, m in model.named_modules() if n]
     for p in targets if strict else ():
-        if not any(_matches(p, n, m) for n, m in modules):
+        if not any(pattern_matches(p, n, m) for n, m in modules):
             names = ", ".join(n for n, _ in modules[:8])
             raise TargetError(
                 where, f"pattern {p!r} matches no module of {type(model).__name__}",
@@ -92,14 +92,14 @@ def select(
                 f"a module name ({names}...) or 're:<regex>'",
             )
     for p in ignore:
-        if not any(_matches(p, n, m) for n, m in modules):
+        if not any(pattern_matches(p, n, m) for n, m in modules):
             raise TargetError(where.replace("targets", "ignore"), f"ignore pattern {p!r} matches no module",
                               fix="remove it or fix the name; `nnsqueeze` lists module names in errors like this one")
     sel = Selection()
     for name, mod in modules:
-        if not any(_matches(p, name, mod) for p in targets):
+        if not any(pattern_matches(p, name, mod) for p in targets):
             continue
-        if any(_matches(p, name, mod) for p in ignore):
+        if any(pattern_matches(p, name, mod) for p in ignore):
             sel.skipped.append((name, "ignored by recipe"))
         elif supported and not isinstance(mod, supported):
             # Only report leaves the user named explicitly; containers are silently walked through.

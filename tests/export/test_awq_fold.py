@@ -26,12 +26,13 @@ TOL = {"compressed-tensors": 1e-5, "gptq": 2e-3, "gguf": 2e-3}
 def _gptq_float(out, cfg):
     """A float LLaMA from a GPTQ checkpoint by the GPTQ formula ``(q - z) * s`` (gptqmodel's)."""
     sd, model = load_file(out / "model.safetensors"), transformers.LlamaForCausalLM(cfg).eval()
-    dense = {k: v for k, v in sd.items() if not k.rsplit(".", 1)[1] in ("qweight", "qzeros", "scales", "g_idx")}
+    dense = {k: v for k, v in sd.items() if k.rsplit(".", 1)[1] not in ("qweight", "qzeros", "scales", "g_idx")}
     for key in [k for k in sd if k.endswith(".qweight")]:
         name = key[: -len(".qweight")]
         shifts = torch.arange(8) * 4
         q = ((sd[key].unsqueeze(1) >> shifts.view(1, 8, 1)) & 15).reshape(-1, sd[key].shape[1])      # (K, N)
-        z = ((sd[f"{name}.qzeros"].unsqueeze(2) >> shifts.view(1, 1, 8)) & 15).reshape(sd[f"{name}.qzeros"].shape[0], -1)
+        qz = sd[f"{name}.qzeros"]
+        z = ((qz.unsqueeze(2) >> shifts.view(1, 1, 8)) & 15).reshape(qz.shape[0], -1)
         g = sd[f"{name}.g_idx"].long()
         dense[f"{name}.weight"] = ((q - (z[g] + 1)) * sd[f"{name}.scales"][g].float()).T.contiguous()   # v1: z - 1
     model.load_state_dict(dense, strict=False)

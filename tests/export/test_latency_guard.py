@@ -191,7 +191,7 @@ def test_fx_op_quantizers_revert_to_plain_ops_and_replay():
 
     from nnsqueeze.context import Context
     from nnsqueeze.export.latency_guard import drop_reverted, quantized_ops, reverted_copy, revertible_layers
-    from nnsqueeze.quant.functional import _OpQuant
+    from nnsqueeze.quant.functional import OpQuant
     from nnsqueeze.steps.quantize import Quantize
 
     class Attn(nn.Module):
@@ -215,7 +215,7 @@ def test_fx_op_quantizers_revert_to_plain_ops_and_replay():
     assert sorted(ops) == ["nsq_add", "nsq_matmul", "nsq_matmul_1"]
     names = [n for n, _ in revertible_layers(model)] + ops
     back = reverted_copy(model, names)
-    assert not any(isinstance(m, _OpQuant) for m in back.modules()) and quantized_ops(back) == []
+    assert not any(isinstance(m, OpQuant) for m in back.modules()) and quantized_ops(back) == []
     x = torch.randn(3, 7, 5, generator=g)
     with torch.no_grad():
         assert not torch.allclose(model(x), fresh(x), atol=1e-4)  # it was quantized

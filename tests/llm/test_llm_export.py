@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from nnsqueeze.context import Context
-from nnsqueeze.llm.export import export_causal_lm_onnx
+from nnsqueeze.export.causal_lm import export_causal_lm_onnx
 from nnsqueeze.llm.packed import PackedLinear
-from nnsqueeze.registry import STEPS
+from nnsqueeze.registry import EXPORTERS, STEPS
 
 transformers = pytest.importorskip("transformers", reason="transformers is not installed (optional extra)")
 ort = pytest.importorskip("onnxruntime")
@@ -44,6 +44,7 @@ def test_int4_llama_exports_to_matmulnbits(step, cfg, tmp_path):
     assert sum(isinstance(m, PackedLinear) for m in model.modules()) == 14
 
     path = tmp_path / "m.onnx"
+    assert EXPORTERS.get("onnx-causal-lm") is export_causal_lm_onnx
     fig = export_causal_lm_onnx(model, path, vocab_size=VOCAB)
     assert fig["ort_int8_ops"].get("MatMulNBits") == 14 and fig["max_abs_diff"] <= ATOL
 

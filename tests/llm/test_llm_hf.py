@@ -73,7 +73,7 @@ def test_sequential_equals_whole_model_hf(build):
     seq, ref = build(), build()
     run_sequential(seq, batches, block_linears(seq), _stats, _apply)
     prefix, blocks = find_blocks(ref)
-    for k, blk in enumerate(blocks):  # reference: hooks on block k while the whole model runs
+    for blk in blocks:  # reference: hooks on each block while the whole model runs
         mods = [(n, m) for n, m in blk.named_modules() if is_linear(m)]
         accs = {n: _stats(n, m) for n, m in mods}
         hs = [m.register_forward_hook(lambda mod, i, o, a=accs[n]: a.add(i[0])) for n, m in mods]

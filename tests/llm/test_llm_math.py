@@ -165,7 +165,9 @@ def test_smoothquant_keeps_outputs_and_flattens_activations():
     xs = smooth_activation(x, s)
     for w in ws:
         assert (xs @ smooth_weight(w, s).T - x @ w.T).abs().max() < 1e-5
-    ratio = lambda a: float(a.abs().amax(0).max() / a.abs().amax(0).median())
+    def ratio(a):
+        return float(a.abs().amax(0).max() / a.abs().amax(0).median())
+
     assert ratio(xs) < ratio(x) / 4
     with pytest.raises(ValueError):
         smooth_scales(acc.absmax, ws, alpha=1.5)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from pydantic import ValidationError
 
 from nnsqueeze.context import Context
 from nnsqueeze.errors import DataError, ModelError, TargetError
@@ -155,7 +156,7 @@ def test_pruning_steps(name, pattern):
     assert q.weight_mask.dtype == torch.bool and torch.equal(q.weight == 0, ~q.weight_mask)
     if pattern == "2:4":
         assert (q.weight_mask.reshape(64, -1, 4).sum(-1) == 2).all()
-    for n, v in ctx.report.layers.items():
+    for v in ctx.report.layers.values():
         assert v["sparsity"] == pytest.approx(0.5, abs=0.02) and v["error"] < 1
     fresh = cls.rebuild(tiny_model(), step.config, step.record())
     fresh.load_state_dict(model.state_dict())
@@ -192,7 +193,7 @@ def test_step_errors():
         cls(cls.Config(targets=["lm_head"]), 0).run(model, make_ctx(batches(1)))
     with pytest.raises(Exception, match="pattern"):
         STEPS.get("wanda").Config(pattern="4:4")
-    with pytest.raises(Exception):
+    with pytest.raises(ValidationError, match="colour"):
         cls.Config(bits=4, colour="red")
     ctx = make_ctx(batches(1))
     cls(cls.Config(ignore=["re:.*mlp.*"]), 0).run(model, ctx)

@@ -34,7 +34,8 @@ def test_never_worse_than_nearest(seed, shape, bits, sym):
     assert int(res.codes.min()) >= qmin and int(res.codes.max()) <= qmax
     # every code is floor or ceil of w/s (+ zero point): rounding only, no other change
     v = w / s[:, None] + z[:, None].float()
-    assert bool(((res.codes == torch.floor(v).clamp(qmin, qmax)) | (res.codes == torch.ceil(v).clamp(qmin, qmax))).all())
+    down, up = torch.floor(v).clamp(qmin, qmax), torch.ceil(v).clamp(qmin, qmax)
+    assert bool(((res.codes == down) | (res.codes == up)).all())
 
 
 def test_learned_rounding_beats_nearest_on_correlated_inputs():

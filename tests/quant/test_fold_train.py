@@ -23,7 +23,8 @@ def pair(kind: str, bias: bool):
         bn.running_var.uniform_(0.5, 2)
         bn.weight.uniform_(0.5, 1.5)
         bn.bias.uniform_(-0.5, 0.5)
-    x = torch.randn(8, 3, 9) if kind == "conv1d" else (torch.randn(4, 3, 6, 7) if kind == "conv2d" else torch.randn(16, 7))
+    shape = {"conv1d": (8, 3, 9), "conv2d": (4, 3, 6, 7)}.get(kind, (16, 7))
+    x = torch.randn(*shape)
     return conv, bn, x
 
 

@@ -144,7 +144,7 @@ def test_weight_bits_7_uses_reduced_range():
 def test_fake_quant_modules_lists_converted_layers():
     m = nn.Sequential(nn.Linear(3, 3), nn.ReLU(), nn.Linear(3, 2))
     convert_(m[2])
-    assert [(n, type(l)) for n, l in fake_quant_modules(m)] == [("2", QuantLinear)]
+    assert [(n, type(q)) for n, q in fake_quant_modules(m)] == [("2", QuantLinear)]
     assert QuantConv2d.__mro__[1].__name__ == "FakeQuantMixin"
 
 

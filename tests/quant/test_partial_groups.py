@@ -68,7 +68,8 @@ def make(kind: str, bits: int, sym: bool, seed: int = 0, **extra):
     with torch.no_grad():  # heavy tails so that groups differ in range
         layer.weight.copy_(torch.randn_like(layer.weight) ** 3)
     w = layer.weight.detach().numpy().copy()
-    convert_(layer, quant_output=False, scheme=W(bits=bits, symmetric=sym, granularity="per-group", group_size=g, **extra))
+    convert_(layer, quant_output=False,
+             scheme=W(bits=bits, symmetric=sym, granularity="per-group", group_size=g, **extra))
     layer.start_calibration(MinMaxObserver, kind)
     with torch.no_grad():
         layer(x)
@@ -146,7 +147,8 @@ def test_nonuniform_levels_with_partial_groups(tmp_path):
         model, x, w, g = make("conv1d21", 4, True, levels=levels)
         layer = model[0]
         rows = w.reshape(w.shape[0], -1)
-        absmax = np.array([[np.abs(rows[o, a:a + g]).max() for a in range(0, rows.shape[1], g)] for o in range(rows.shape[0])])
+        absmax = np.array([[np.abs(rows[o, a:a + g]).max() for a in range(0, rows.shape[1], g)]
+                           for o in range(rows.shape[0])])
         np.testing.assert_allclose(layer.weight_scale_.numpy().reshape(absmax.shape), absmax, rtol=1e-7)
         if levels == "kmeans":  # the table is learned from the real weights (each over its group's absmax) only
             from nnsqueeze.ops.kmeans import kmeans1d
@@ -244,7 +246,8 @@ def test_qat_grid_distance_ignores_the_padding():
     model, _, w, g = make("depthwise", 3, True)
     layer = model[0]
     with torch.no_grad():  # move the weights off the grid (scales stay)
-        layer.weight.add_(0.37 * layer.weight_scale_.reshape(5, -1).repeat_interleave(g, 1)[:, :9].reshape(layer.weight.shape))
+        per_weight = layer.weight_scale_.reshape(5, -1).repeat_interleave(g, 1)[:, :9]
+        layer.weight.add_(0.37 * per_weight.reshape(layer.weight.shape))
     s = layer.weight_scale_.double().numpy().reshape(5, -1).repeat(g, 1)[:, :9]
     wr = layer.weight.detach().double().numpy().reshape(5, 9)
     q = np.clip(np.rint(wr / s), -4, 3) * s

@@ -25,7 +25,8 @@ def test_registered():
 def test_percentile_exact_below_capacity():
     x = torch.randn(5001, generator=_gen())
     obs = OBSERVERS.get("percentile-99.9")(name="x")
-    obs.observe(x[:2000]); obs.observe(x[2000:])
+    obs.observe(x[:2000])
+    obs.observe(x[2000:])
     lo, hi = obs._range(8, False)
     assert math.isclose(float(lo), np.percentile(x.numpy().astype(np.float64), 0.1), rel_tol=1e-5)
     assert math.isclose(float(hi), np.percentile(x.numpy().astype(np.float64), 99.9), rel_tol=1e-5)

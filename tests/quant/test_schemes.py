@@ -119,7 +119,8 @@ def test_pack_unpack_bit_exact(sch):
 
 
 @pytest.mark.ort_isa
-@pytest.mark.parametrize("sch,int8", [(WeightScheme(bits=4), True), (WeightScheme(bits=3, granularity="per-tensor"), True),
+@pytest.mark.parametrize("sch,int8", [(WeightScheme(bits=4), True),
+                                      (WeightScheme(bits=3, granularity="per-tensor"), True),
                                       (WeightScheme(bits=4, granularity="per-group", group_size=3), False),
                                       (WeightScheme(bits=4, symmetric=False), False),
                                       (WeightScheme(bits=3, levels="pow2"), False)])

@@ -1,4 +1,5 @@
-"""(tests/search is on sys.path under pytest) A tiny MLP task for the search tests: synthetic data, trained in well under a second."""
+"""(tests/search is on sys.path under pytest) A tiny MLP task for the search tests: synthetic data,
+trained in well under a second."""
 
 from __future__ import annotations
 

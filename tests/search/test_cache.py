@@ -11,7 +11,8 @@ from nnsqueeze.search.cache import PrefixCache, data_key
 from search_helpers import EVALUATE, datasets, model
 
 RECIPE = {"seed": 3, "evaluate": EVALUATE, "steps": [
-    {"prune": {"sparsity": 0.5}}, {"finetune": {"epochs": 1, "lr": 1e-3}}, {"quantize": {"calibration": {"samples": 64}}}]}
+    {"prune": {"sparsity": 0.5}}, {"finetune": {"epochs": 1, "lr": 1e-3}},
+    {"quantize": {"calibration": {"samples": 64}}}]}
 
 
 def _run(m, d, recipe, cache: PrefixCache | None):

@@ -10,8 +10,10 @@ from tiny_cnn import TinyCNN, make_data
 
 
 @pytest.mark.parametrize("preset,overrides", [
-    ("w4a8-adaround", {"steps": [{"quantize": {"weights": {"bits": 4, "clip": "mse", "adaround": {"iters": 20, "samples": 32}}}}]}),
-    ("int4-qat", {"steps": [{"qat": {"weights": {"bits": 4}, "freeze_bn_after": 2}}, {"finetune": {"steps": 4, "lr": 1.0e-3}}]}),
+    ("w4a8-adaround",
+     {"steps": [{"quantize": {"weights": {"bits": 4, "clip": "mse", "adaround": {"iters": 20, "samples": 32}}}}]}),
+    ("int4-qat",
+     {"steps": [{"qat": {"weights": {"bits": 4}, "freeze_bn_after": 2}}, {"finetune": {"steps": 4, "lr": 1.0e-3}}]}),
     ("mixed-int4", None),
 ])
 def test_low_bit_preset_end_to_end(preset, overrides, tmp_path):

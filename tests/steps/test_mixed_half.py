@@ -24,7 +24,7 @@ import nnsqueeze as nsq
 from nnsqueeze.context import Context
 from nnsqueeze.errors import RecipeError
 from nnsqueeze.registry import STEPS
-from nnsqueeze.sensitivity import _resolve_reduce_range, half_copy, output_sqnr, quantize_copy
+from nnsqueeze.sensitivity import resolve_reduce_range, half_copy, output_sqnr, quantize_copy
 from nnsqueeze.steps.mixed_precision import MixedPrecision, cheapest_allocation, format_bytes
 
 BUDGET = 2950
@@ -67,7 +67,7 @@ def reference(model, alloc, data):
     ints = [n for n, f in alloc.items() if f == "int8"]
     if not ints:
         return copy.deepcopy(m).eval()
-    w = _resolve_reduce_range({"bits": 8, "reduce_range": "auto"})
+    w = resolve_reduce_range({"bits": 8, "reduce_range": "auto"})
     return quantize_copy(m, data, targets=ints, ignore=[n for n in alloc if n not in ints], weights=w)
 
 

@@ -36,7 +36,8 @@ class Block(nn.Module):
 
     def forward(self, x):
         y = self.ln(x)
-        return self.out(torch.cat([self.q(y), self.k(y), self.v(y)], -1)) + y[..., 8:13]  # residual (channels without outliers)
+        # residual (channels without outliers)
+        return self.out(torch.cat([self.q(y), self.k(y), self.v(y)], -1)) + y[..., 8:13]
 
 
 def _data(n=3, b=6, t=7, d=13, seed=0):

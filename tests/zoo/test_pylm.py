@@ -109,7 +109,7 @@ def test_a_crash_while_building_leaves_no_half_cache(tmp_path):
         raise RuntimeError("killed")
 
     with pytest.raises(RuntimeError, match="killed"):
-        pylm._publish(tmp_path, "llama-tiny-x", boom)
+        pylm.publish(tmp_path, "llama-tiny-x", boom)
     assert list(tmp_path.iterdir()) == []
     assert not pylm._complete(tmp_path / "llama-tiny-x")
 

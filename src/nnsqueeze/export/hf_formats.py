@@ -46,9 +46,9 @@ from torch import nn
 from ..errors import ExportError
 from ..llm.packed import PackedLinear
 from ..ops.rtn import SCALE_DTYPES
+from .preflight import FORMATS, check_recipe
 
 MARKER = "nnsqueeze_export.json"
-FORMATS = ("compressed-tensors", "gptq", "gguf")
 DTYPE_NAMES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
 
 
@@ -200,7 +200,5 @@ def pack_int32(codes: torch.Tensor, bits: int) -> torch.Tensor:
     words = (c << shifts).sum(-1)                       # < 2**32, exact in int64
     return torch.where(words >= 2 ** 31, words - 2 ** 32, words).to(torch.int32)
 
-
-from .preflight import check_recipe  # noqa: E402  (preflight needs this module's names)
 
 __all__ = ["FORMATS", "check_recipe", "save_pretrained"]

@@ -223,10 +223,9 @@ class LatencyGuard(Guard):
 
     def _measure(self, model: nn.Module, path: str, g: GuardInputs) -> dict[str, Any]:
         from ..artifact import weights_bytes
-        from ..evaluate import measure
 
         ev = g.recipe.evaluate
-        return measure(model, eval_data=g.eval_data, metric=g.metric, latency_inputs=g.latency_inputs,
+        return g.measure(model, eval_data=g.eval_data, metric=g.metric, latency_inputs=g.latency_inputs,
                        threads=ev.threads, warmup=ev.warmup, runs=ev.runs, onnx_path=path,
                        archive_bytes=len(weights_bytes(model)))
 

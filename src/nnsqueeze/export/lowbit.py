@@ -52,57 +52,16 @@ import torch
 
 from ..errors import ExportError
 from ..ops.quant import code_range
-from .qdq import _attr
+# The tracing side (the marker a quantized layer's export forward emits) lives with the layers, below
+# the exporters; the names stay importable from here, where the pass that replaces the marker is.
+from ..quant.lowbit_marker import (DOMAIN, INT4_FOR_INT8_KERNEL_SCHEMES, MARKER, LowBitWeightFn, lowbit_weight,
+                                   stores_lowbit)
+from .qdq import node_attr
+
+__all__ = ["DOMAIN", "MARKER", "INT4_FOR_INT8_KERNEL_SCHEMES", "LowBitWeightFn", "lowbit_weight", "stores_lowbit",
+           "lowbit_postprocess"]
 
 Tensor = torch.Tensor
-DOMAIN = "nnsqueeze"        # marker op domain: never left in a written file
-MARKER = "LowBitWeight"
-
-
-class _LowBitWeightFn(torch.autograd.Function):
-    """Identity on the (already quantized) weight; exports as the marker node."""
-
-    @staticmethod
-    def forward(ctx, w, scale, extra, bits, symmetric, table, group):
-        return w.clone()
-
-    @staticmethod
-    def symbolic(g, w, scale, extra, bits, symmetric, table, group):
-        ins = [w, scale] + ([] if extra is None else [extra])
-        out = g.op(f"{DOMAIN}::{MARKER}", *ins, bits_i=int(bits), symmetric_i=int(symmetric), table_i=int(table),
-                   group_i=int(group))
-        out.setType(w.type())   # same shape and dtype as the weight (the conv symbolic needs the kernel shape)
-        return out
-
-
-# Uniform symmetric per-channel/per-tensor weights of 2..4 bits go through the marker too: at opset
-# 21 they are stored as int4 and cast to int8 at load (ORT keeps QLinearConv/QGemm); where the
-# model cannot be upgraded to opset 21 they keep int8 codes (int4 would force float kernels).
-INT4_FOR_INT8_KERNEL_SCHEMES = True
-
-
-def stores_lowbit(scheme: Any) -> bool:
-    """True when a layer with this :class:`~nnsqueeze.quant.scheme.WeightScheme` exports through
-    :func:`lowbit_weight`: every scheme without int8 kernels, and 2..4-bit ones with."""
-    return not scheme.int8_kernels or (INT4_FOR_INT8_KERNEL_SCHEMES and scheme.bits <= 4)
-
-
-def lowbit_weight(layer: Any, w: Tensor, group: int = 0) -> Tensor:
-    """``w`` (the layer's fake-quantized weight, a constant while tracing) tagged for
-    :func:`lowbit_postprocess` with the layer's scale (R,), and zero points (R,) int32 (uniform
-    asymmetric) or level table (K,) (non-uniform), and ``group``: the group length L of per-group rows
-    (0 otherwise; a plain int computed before tracing, see ``FakeQuantMixin.export_constants``)."""
-    sc = layer.wscheme
-    scale = layer.weight_scale_.detach().float().clone()
-    table = sc.levels != "uniform"
-    if table:
-        extra = layer.weight_levels_.detach().float().clone()
-    elif not sc.symmetric:
-        extra = layer.weight_zero_point_.detach().to(torch.int32).clone()
-    else:
-        extra = None
-    return _LowBitWeightFn.apply(w, scale, extra, sc.bits, sc.symmetric, table, group)
-
 
 def _codes(w: np.ndarray, scale: np.ndarray, extra: np.ndarray | None, bits: int, symmetric: bool,
            table: bool) -> tuple[np.ndarray, np.ndarray]:
@@ -231,19 +190,22 @@ def _replace(gr, node, opset21: bool) -> str:
     if w is None or scale is None or (len(node.input) > 2 and extra is None):
         raise ExportError(where, "a low-bit weight, its scales or zero points are not constants in the graph",
                           fix="export in eval mode with nnsqueeze.export.onnx.export_onnx")
-    bits, symmetric, table = _attr(node, "bits", 8), bool(_attr(node, "symmetric", 1)), bool(_attr(node, "table", 0))
+    bits = node_attr(node, "bits", 8)
+    symmetric, table = bool(node_attr(node, "symmetric", 1)), bool(node_attr(node, "table", 0))
     scale = scale.astype(np.float32).reshape(-1)
-    blocks = _blocks(w, scale, extra, int(_attr(node, "group", 0)), table)
+    blocks = _blocks(w, scale, extra, int(node_attr(node, "group", 0)), table)
     coded = [_codes(bw, bs, be, bits, symmetric, table) for bw, bs, be in blocks]
     q = coded[0][0] if len(coded) == 1 else np.concatenate([c[0].reshape(w.shape[0], -1) for c in coded], 1)
     decoded = np.concatenate([c[1].reshape(w.shape[0], -1) for c in coded], 1)
     if not np.array_equal(decoded.reshape(w.shape), w.astype(np.float32)):
         raise ExportError(where, f"the {bits}-bit codes do not reproduce the simulated weight exactly "
-                          f"(max diff {float(np.abs(decoded.reshape(w.shape) - w).max()):.3g})", fix="report this as a bug")
+                          f"(max diff {float(np.abs(decoded.reshape(w.shape) - w).max()):.3g})",
+                          fix="report this as a bug")
     signed = symmetric and not table
     lo, hi = code_range(bits, signed)
     if q.size and (q.min() < lo or q.max() > hi):
-        raise ExportError(where, f"codes in [{q.min()}, {q.max()}] exceed the {bits}-bit range", fix="report this as a bug")
+        raise ExportError(where, f"codes in [{q.min()}, {q.max()}] exceed the {bits}-bit range",
+                          fix="report this as a bug")
     four_bit = bits <= 4
     # Uniform per-channel/per-tensor rows (R = C_out) are what ORT's int8 kernels read.
     kernel_able = not table and scale.size == w.shape[0]
@@ -264,7 +226,7 @@ def _replace(gr, node, opset21: bool) -> str:
         codes = q.reshape(w.shape)
         axis = 0
         if tr is not None:   # Linear as MatMul(x, W^T): store W^T, the per-channel axis follows
-            perm = list(_attr(tr, "perm", list(reversed(range(codes.ndim)))))
+            perm = list(node_attr(tr, "perm", list(reversed(range(codes.ndim)))))
             codes, axis = np.ascontiguousarray(codes.transpose(perm)), perm.index(0)
             out = tr.output[0]
         g.initializer.append(_raw_tensor(c_name, dtype, list(codes.shape), codes, bits if four_bit else 8, signed))
@@ -287,7 +249,7 @@ def _replace(gr, node, opset21: bool) -> str:
         # (C_out, r) with its own codes and scales: Reshape both to (C_out, .) and Concat along the
         # inputs. No padding is stored or decoded, so every stored code is a real weight.
         parts = []
-        for k, ((bw, bs, be), (bq, _)) in enumerate(zip(blocks, coded)):
+        for k, ((_bw, bs, be), (bq, _)) in enumerate(zip(blocks, coded)):
             name = c_name if k == 0 else f"{base}_codes{gr._n}"
             gr._n += k > 0
             rows = out + (f"_rows{k}" if k else "_rows")
@@ -320,25 +282,25 @@ def lowbit_postprocess(model, upgrade_opset: bool = True) -> dict[str, Any]:
     schemes keep int8 codes. Returns ``{"lowbit_weights": {container: count}, ...}`` ({} without markers)."""
     from onnx import helper
 
-    from .qdq import _Graph, _quantize_biases
+    from .qdq import Graph, quantize_biases
 
     markers = [n for n in model.graph.node if n.domain == DOMAIN and n.op_type == MARKER]
     if not markers:
         return {}
     stats: dict[str, Any] = {}
     opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
-    if opset < 21 and upgrade_opset and any(_attr(n, "bits", 8) <= 4 for n in markers):
+    if opset < 21 and upgrade_opset and any(node_attr(n, "bits", 8) <= 4 for n in markers):
         why = _upgrade_to_21(model)
         if why is None:
             stats["lowbit_opset_upgrade"] = f"{opset} -> 21 (int4 storage)"
             opset = 21
         else:
             stats["lowbit_opset_upgrade"] = f"not possible ({why}): int4 via com.microsoft DequantizeLinear"
-    gr = _Graph(model)
+    gr = Graph(model)
     markers = [n for n in gr.g.node if n.domain == DOMAIN and n.op_type == MARKER]
     counts = Counter(_replace(gr, n, opset >= 21) for n in markers)
     # Int8-kernel layers: their (already int32-rounded) float bias becomes int32 codes, as in qdq.py.
-    stats["int32_biases_lowbit"] = _quantize_biases(gr)
+    stats["int32_biases_lowbit"] = quantize_biases(gr)
     gr.prune()
     keep = [o for o in model.opset_import if o.domain != DOMAIN]
     del model.opset_import[:]

@@ -8,9 +8,10 @@ output (intermediate tensors, initializers, Constant outputs) to ``v<N>``; node 
 module path, so a node is still traceable to its layer (Netron shows them). ::
 
     >>> from onnx import helper
-    >>> g = helper.make_graph([helper.make_node("Relu", ["x"], ["/model/layer/Relu_output_0"], name="/model/layer/Relu"),
-    ...                        helper.make_node("Neg", ["/model/layer/Relu_output_0"], ["y"])], "g",
-    ...                       [helper.make_tensor_value_info("x", 1, [2])], [helper.make_tensor_value_info("y", 1, [2])])
+    >>> relu = helper.make_node("Relu", ["x"], ["/model/layer/Relu_output_0"], name="/model/layer/Relu")
+    >>> g = helper.make_graph([relu, helper.make_node("Neg", ["/model/layer/Relu_output_0"], ["y"])], "g",
+    ...                       [helper.make_tensor_value_info("x", 1, [2])],
+    ...                       [helper.make_tensor_value_info("y", 1, [2])])
     >>> m = helper.make_model(g); compact_value_names(m)
     1
     >>> [list(n.input) for n in m.graph.node], m.graph.node[0].name

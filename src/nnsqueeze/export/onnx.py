@@ -60,15 +60,15 @@ FP32_RTOL = 1e-4
 # ------------------------------------------------------------------------------------------------
 # Export + verification
 # ------------------------------------------------------------------------------------------------
-def _flatten_outputs(out: Any) -> list[torch.Tensor]:
+def flatten_outputs(out: Any) -> list[torch.Tensor]:
     if isinstance(out, torch.Tensor):
         return [out]
     if isinstance(out, dict):
-        return [t for v in out.values() for t in _flatten_outputs(v)]
+        return [t for v in out.values() for t in flatten_outputs(v)]
     if isinstance(out, (tuple, list)):
-        return [t for v in out for t in _flatten_outputs(v)]
+        return [t for v in out for t in flatten_outputs(v)]
     if hasattr(out, "to_tuple"):  # transformers ModelOutput
-        return _flatten_outputs(out.to_tuple())
+        return flatten_outputs(out.to_tuple())
     raise ExportError("export", f"model output contains a {type(out).__name__}",
                       fix="return tensors (or tuples/dicts of tensors) from forward")
 
@@ -153,8 +153,8 @@ def verify_onnx(model: nn.Module, onnx_bytes: bytes, batches: list, quantized: b
     tol_used, mean_diff, max_seen = 0.0, 0.0, 0.0
     for bi, inputs in enumerate(batches):
         with torch.no_grad():
-            ref = _flatten_outputs(_call(model, inputs))
-        got = _flatten_outputs(_call(ort_model, inputs))
+            ref = flatten_outputs(_call(model, inputs))
+        got = flatten_outputs(_call(ort_model, inputs))
         if len(ref) != len(got):
             raise ExportError(where, f"ONNX model returns {len(got)} outputs, torch returns {len(ref)}",
                               fix="return a fixed structure of tensors from forward")
@@ -199,7 +199,8 @@ def verify_onnx(model: nn.Module, onnx_bytes: bytes, batches: list, quantized: b
     ops = Counter(optimized_op_types(onnx_bytes))
     return {
         "verified_batches": len(batches), "verified_samples": n_samples, "check": f"{statistic} abs diff",
-        "max_abs_diff": max(max_diff, max_seen), "mean_abs_diff": mean_diff, "tolerance": tol_used, "diff_to_tolerance": round(worst_ratio, 4),
+        "max_abs_diff": max(max_diff, max_seen), "mean_abs_diff": mean_diff, "tolerance": tol_used,
+        "diff_to_tolerance": round(worst_ratio, 4),
         "top1_agreement": (agree / total) if total else None,
         "ort_int8_ops": {k: v for k, v in sorted(ops.items()) if k in INT8_OPS},
         "ort_float_ops": {k: v for k, v in sorted(ops.items()) if k in FLOAT_COMPUTE_OPS},
@@ -217,7 +218,8 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, example_inputs: Any, 
     verify on (each like ``example_inputs``; targets already split off). Tolerance: ``atol`` if
     given, else 1e-4 relative for float models and 4 steps of an 8-bit grid over each output's range
     for quantized ones. ``dynamic_axes``: more dynamic axes by input/output name, merged with the batch
-    axis (e.g. ``{"input_ids": {1: "seq"}, "attention_mask": {1: "seq"}}``). Returns JSON-able figures (sizes, max_abs_diff, top1_agreement, ORT op types).
+    axis (e.g. ``{"input_ids": {1: "seq"}, "attention_mask": {1: "seq"}}``). Returns JSON-able figures
+    (sizes, max_abs_diff, top1_agreement, ORT op types).
     """
     import onnx
 
@@ -241,13 +243,15 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, example_inputs: Any, 
     model.eval()
     try:
         with torch.no_grad():
-            ref_out = _flatten_outputs(_call(model, example_inputs))
+            ref_out = flatten_outputs(_call(model, example_inputs))
         in_names = _input_names(model, example_inputs)
         out_names = ["output"] if len(ref_out) == 1 else [f"output_{i}" for i in range(len(ref_out))]
         dyn = {n: {0: "batch"} for n in in_names + out_names}
         if isinstance(model, _NoCache):  # token sequences: the sequence axis is dynamic too
             ins = example_inputs if isinstance(example_inputs, dict) else dict(zip(in_names, as_tuple(example_inputs)))
-            for n in [n for n in in_names if ins[n].dim() >= 2] + [n for n, o in zip(out_names, ref_out) if o.dim() >= 2]:
+            seq_names = [n for n in in_names if ins[n].dim() >= 2]
+            seq_names += [n for n, o in zip(out_names, ref_out) if o.dim() >= 2]
+            for n in seq_names:
                 dyn[n][1] = "seq"
         for n, axes in (dynamic_axes or {}).items():
             dyn.setdefault(n, {}).update(axes)
@@ -274,7 +278,8 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, example_inputs: Any, 
             stats.update(lowbit_postprocess(proto))
             from .half import fp16_storage
 
-            narrowed = 0 if bf16 else fp16_storage(proto, min_size=256)  # fp16-exact scales / outlier weights: half the bytes, same values
+            # fp16-exact scales / outlier weights: half the bytes, same values
+            narrowed = 0 if bf16 else fp16_storage(proto, min_size=256)
             if narrowed:
                 stats["fp16_exact_constants"] = narrowed
             if not any(a.type in (5, 10) for n in proto.graph.node for a in n.attribute):  # no subgraphs

@@ -32,6 +32,10 @@ from torch import nn
 
 from ..errors import ExportError
 
+# The open formats :func:`nnsqueeze.export.hf_formats.save_pretrained` writes (one exporter module each).
+# Here, below hf_formats, which imports this module: the pre-flight needs the names, not the writers.
+FORMATS = ("compressed-tensors", "gptq", "gguf")
+
 PACKING = ("rtn", "gptq", "awq")
 # steps whose result the formats hold: float-to-float transforms and pruning (zeros in float weights)
 FLOAT_STEPS = ("rotate", "sparsegpt", "wanda", "prune", "nm-prune")
@@ -82,9 +86,6 @@ def check_recipe(model: nn.Module, recipe: Any, format: str) -> None:
     run; see the module docstring. ``recipe``: anything :func:`nnsqueeze.recipe.load_recipe` takes."""
     from ..recipe import load_recipe
     from ..registry import STEPS
-    # Late: hf_formats re-exports check_recipe from here, so a top-level import makes
-    # `import nnsqueeze.export.preflight` (before hf_formats) fail on the cycle.
-    from .hf_formats import FORMATS
 
     if format not in FORMATS:
         raise ExportError("format", f"unknown format {format!r}", fix=f"use one of: {', '.join(FORMATS)}")

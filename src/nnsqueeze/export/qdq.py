@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-class _Graph:
+class Graph:
     """Small helper over an ONNX GraphProto: constants, producers and consumers of values."""
 
     def __init__(self, model) -> None:
@@ -43,7 +43,7 @@ class _Graph:
         elif node.op_type == "Cast":
             v = self.const(node.input[0], _depth + 1)
             if v is not None:
-                return v.astype(helper.tensor_dtype_to_np_dtype(_attr(node, "to", 1)))
+                return v.astype(helper.tensor_dtype_to_np_dtype(node_attr(node, "to", 1)))
         return None
 
     def producer(self, name: str):
@@ -87,7 +87,7 @@ class _Graph:
         self.g.initializer.extend(keep)
 
 
-def _attr(node, name: str, default: Any) -> Any:
+def node_attr(node, name: str, default: Any) -> Any:
     from onnx import helper
 
     for a in node.attribute:
@@ -104,13 +104,13 @@ def _bshape(param: np.ndarray, ndim: int, axis: int) -> np.ndarray:
     return param.reshape(shape)
 
 
-def _qdq_params(gr: _Graph, node) -> tuple[np.ndarray, np.ndarray] | None:
+def _qdq_params(gr: Graph, node) -> tuple[np.ndarray, np.ndarray] | None:
     scale = gr.const(node.input[1])
     zp = gr.const(node.input[2]) if len(node.input) > 2 and node.input[2] else np.zeros((), np.uint8)
     return None if scale is None or zp is None else (scale, zp)
 
 
-def _fold_weight_quantize(gr: _Graph) -> int:
+def _fold_weight_quantize(gr: Graph) -> int:
     """QuantizeLinear(constant float) -> int8/uint8 initializer (ONNX rounding: half to even)."""
     count = 0
     for q in [n for n in gr.g.node if n.op_type == "QuantizeLinear"]:
@@ -121,7 +121,7 @@ def _fold_weight_quantize(gr: _Graph) -> int:
             continue
         scale, zp = params
         info = np.iinfo(zp.dtype)
-        axis = _attr(q, "axis", 1)
+        axis = node_attr(q, "axis", 1)
         s, z = _bshape(scale.astype(np.float32), x.ndim, axis), _bshape(zp.astype(np.int32), x.ndim, axis)
         codes = np.clip(np.rint(x.astype(np.float32) / s) + z, info.min, info.max).astype(zp.dtype)
         gr.rewire(q.output[0], gr.add_init(codes, q.input[0].replace("::", "_") + "_quantized"))
@@ -130,7 +130,7 @@ def _fold_weight_quantize(gr: _Graph) -> int:
     return count
 
 
-def _transpose_constant_dq(gr: _Graph) -> None:
+def _transpose_constant_dq(gr: Graph) -> None:
     """DQ(int8 constant) -> Transpose  ==>  DQ(transposed constant) (per-channel axis follows)."""
     for dq in [n for n in gr.g.node if n.op_type == "DequantizeLinear"]:
         codes = gr.const(dq.input[0])
@@ -138,11 +138,11 @@ def _transpose_constant_dq(gr: _Graph) -> None:
         if codes is None or len(users) != 1 or users[0].op_type != "Transpose" or gr.is_graph_output(dq.output[0]):
             continue
         tr = users[0]
-        perm = list(_attr(tr, "perm", list(reversed(range(codes.ndim)))))
+        perm = list(node_attr(tr, "perm", list(reversed(range(codes.ndim)))))
         dq.input[0] = gr.add_init(np.ascontiguousarray(codes.transpose(perm)), dq.input[0] + "_t")
         scale = gr.const(dq.input[1])
         if scale is not None and scale.ndim == 1:
-            axis = _attr(dq, "axis", 1) % codes.ndim
+            axis = node_attr(dq, "axis", 1) % codes.ndim
             for a in dq.attribute:
                 if a.name == "axis":
                     a.i = perm.index(axis)
@@ -150,7 +150,7 @@ def _transpose_constant_dq(gr: _Graph) -> None:
         gr.remove(tr)
 
 
-def _quantize_biases(gr: _Graph) -> int:
+def quantize_biases(gr: Graph) -> int:
     """Conv/Gemm float bias -> DQ(int32 codes, scale s_x * s_w) when the bias is exactly such codes."""
     from onnx import helper
 
@@ -166,12 +166,12 @@ def _quantize_biases(gr: _Graph) -> int:
         px, pw, codes_w = _qdq_params(gr, dq_x), _qdq_params(gr, dq_w), gr.const(dq_w.input[0])
         if px is None or pw is None or codes_w is None or px[0].ndim != 0:
             continue
-        if node.op_type == "Gemm" and (_attr(node, "transA", 0) or _attr(node, "alpha", 1.0) != 1.0
-                                       or _attr(node, "beta", 1.0) != 1.0):
+        if node.op_type == "Gemm" and (node_attr(node, "transA", 0) or node_attr(node, "alpha", 1.0) != 1.0
+                                       or node_attr(node, "beta", 1.0) != 1.0):
             continue
-        out_axis = 0 if node.op_type == "Conv" or _attr(node, "transB", 0) else 1
+        out_axis = 0 if node.op_type == "Conv" or node_attr(node, "transB", 0) else 1
         sw = pw[0].astype(np.float32)
-        if sw.ndim == 1 and (_attr(dq_w, "axis", 1) % codes_w.ndim != out_axis or sw.size != bias.size):
+        if sw.ndim == 1 and (node_attr(dq_w, "axis", 1) % codes_w.ndim != out_axis or sw.size != bias.size):
             continue
         sb = (np.float32(px[0]) * np.broadcast_to(sw, bias.shape)).astype(np.float32)
         qb = np.clip(np.rint(bias.astype(np.float32) / sb), -2**31, 2**31 - 1).astype(np.int32)
@@ -189,22 +189,22 @@ def _quantize_biases(gr: _Graph) -> int:
     return count
 
 
-def _same_params(gr: _Graph, a, b) -> bool:
+def _same_params(gr: Graph, a, b) -> bool:
     pa, pb = _qdq_params(gr, a), _qdq_params(gr, b)
     if pa is None or pb is None or pa[1].dtype != pb[1].dtype:
         return False
-    if _attr(a, "axis", 1) != _attr(b, "axis", 1) and pa[0].ndim > 0:
+    if node_attr(a, "axis", 1) != node_attr(b, "axis", 1) and pa[0].ndim > 0:
         return False
     return pa[0].shape == pb[0].shape and np.array_equal(pa[0], pb[0]) and np.array_equal(pa[1], pb[1])
 
 
-def _clip_is_identity(gr: _Graph, clip, scale: np.ndarray, zp: np.ndarray) -> bool:
+def _clip_is_identity(gr: Graph, clip, scale: np.ndarray, zp: np.ndarray) -> bool:
     """Clip(min, max) of a per-tensor DQ's output changes nothing: every dequantized code (float32,
     as ORT computes them) lies in [min, max]."""
     lo = gr.const(clip.input[1]) if len(clip.input) > 1 and clip.input[1] else None
     hi = gr.const(clip.input[2]) if len(clip.input) > 2 and clip.input[2] else None
-    if (len(clip.input) > 1 and clip.input[1] and lo is None) or (len(clip.input) > 2 and clip.input[2] and hi is None) \
-            or scale.ndim or zp.ndim:
+    if (len(clip.input) > 1 and clip.input[1] and lo is None) \
+            or (len(clip.input) > 2 and clip.input[2] and hi is None) or scale.ndim or zp.ndim:
         return False
     info = np.iinfo(zp.dtype)
     s, z = np.float32(scale), np.int32(zp)
@@ -213,7 +213,7 @@ def _clip_is_identity(gr: _Graph, clip, scale: np.ndarray, zp: np.ndarray) -> bo
     return (lo is None or first >= np.float32(lo)) and (hi is None or last <= np.float32(hi))
 
 
-def _drop_relu_after_dq(gr: _Graph) -> int:
+def _drop_relu_after_dq(gr: Graph) -> int:
     """Relu(DQ(q)) with zero point == code minimum is the identity (values are >= 0), and so is a
     Clip (ReLU6) whose range holds every dequantized code."""
     count = 0
@@ -235,7 +235,7 @@ def _drop_relu_after_dq(gr: _Graph) -> int:
     return count
 
 
-def _drop_redundant_qdq(gr: _Graph) -> int:
+def _drop_redundant_qdq(gr: Graph) -> int:
     """DQ(s, z) -> Q(s, z) is an exact round trip: the Q's readers read the DQ's input instead."""
     count = 0
     for q in [n for n in gr.g.node if n.op_type == "QuantizeLinear"]:
@@ -253,10 +253,10 @@ def _drop_redundant_qdq(gr: _Graph) -> int:
 
 def qdq_postprocess(model) -> dict[str, int]:
     """Rewrite an exported QDQ ``onnx.ModelProto`` in place (see the module docstring). Returns counts."""
-    gr = _Graph(model)
+    gr = Graph(model)
     stats = {"int8_weights": _fold_weight_quantize(gr)}
     _transpose_constant_dq(gr)
-    stats["int32_biases"] = _quantize_biases(gr)
+    stats["int32_biases"] = quantize_biases(gr)
     stats["relu_removed"] = _drop_relu_after_dq(gr)
     stats["qdq_pairs_removed"] = _drop_redundant_qdq(gr)
     gr.prune()

@@ -79,7 +79,7 @@ class GPTQResult:
     loss: float           # GPTQ's own estimate of the added loss, sum over columns of err^2 / Hinv_ii
 
 
-def _inverse_cholesky(h: Tensor, damp_percent: float, max_damp_percent: float,
+def inverse_cholesky(h: Tensor, damp_percent: float, max_damp_percent: float,
                       on_note: Callable[[str], None] | None, where: str) -> tuple[Tensor, float]:
     """Upper Cholesky factor of ``(H + λI)^-1``, raising λ tenfold until it factorizes."""
     mean_diag = float(torch.diagonal(h).mean())
@@ -149,7 +149,7 @@ def gptq_quantize(w: Tensor, hessian: Tensor, bits: int = 4, group_size: int | N
     order = perm if perm is not None else torch.arange(cols, device=W.device)
     group_of = (order // gsize).tolist()  # group (original columns) of the column at each position
 
-    U, used = _inverse_cholesky(H, damp_percent, max_damp_percent, on_note, where)  # (in, in) upper
+    U, used = inverse_cholesky(H, damp_percent, max_damp_percent, on_note, where)  # (in, in) upper
     Q = torch.zeros_like(W)
     loss = 0.0
     for i1 in range(0, cols, block_size):

@@ -120,7 +120,8 @@ class PackedLinear(WeightOnlyLinear):
         if torch.onnx.is_in_onnx_export():
             return self._export_forward(x)
         fast = (x.dtype == torch.float32 and x.device.type == "cpu" and self.weight.device.type == "cpu"
-                and self.weight_scale_.dtype == torch.float32 and (self.bias is None or self.bias.dtype == torch.float32)
+                and self.weight_scale_.dtype == torch.float32
+                and (self.bias is None or self.bias.dtype == torch.float32)
                 and not (x.requires_grad and torch.is_grad_enabled()))
         name, lib, why = backend() if fast else ("dequant", None, "")
         x2 = x.reshape(-1, k)

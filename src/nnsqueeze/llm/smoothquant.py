@@ -21,9 +21,14 @@ from __future__ import annotations
 
 import torch
 
-Tensor = torch.Tensor
+# The scale formula is pure math shared with the CNN path (quant/equalize.py), so it lives in the ops
+# layer; re-exported here, where the LLM steps and the docs have always found it.
+from ..ops.equalize import SMOOTH_EPS as EPS
+from ..ops.equalize import smooth_scales
 
-EPS = 1e-5  # floor for both maxima: a dead channel must not give s = 0 or inf
+__all__ = ["EPS", "AbsMaxAccumulator", "smooth_scales", "smooth_weight", "smooth_activation"]
+
+Tensor = torch.Tensor
 
 
 class AbsMaxAccumulator:
@@ -37,19 +42,6 @@ class AbsMaxAccumulator:
         x = x.detach().reshape(-1, x.shape[-1])
         self.absmax = torch.maximum(self.absmax, x.abs().amax(0).to(self.absmax.device, torch.float64))
         self.tokens += x.shape[0]
-
-
-def smooth_scales(act_absmax: Tensor, weights: list[Tensor], alpha: float = 0.5) -> Tensor:
-    """Scales ``s`` (in,) for activations with per-channel ``act_absmax`` (in,) feeding ``weights``
-    (each (out_k, in)); same dtype as ``act_absmax`` (float64 for the accumulator's)."""
-    if not 0.0 <= alpha <= 1.0:
-        raise ValueError(f"alpha must be in [0, 1], got {alpha}")
-    cols = act_absmax.shape[0]
-    if not weights or any(w.shape[1] != cols for w in weights):
-        raise ValueError(f"smooth_scales: every weight must have {cols} input columns")
-    w_absmax = torch.stack([w.detach().abs().amax(0).to(act_absmax.dtype) for w in weights]).amax(0)
-    a = act_absmax.clamp(min=EPS)
-    return (a ** alpha / w_absmax.clamp(min=EPS) ** (1 - alpha)).clamp(min=EPS)
 
 
 def smooth_weight(w: Tensor, s: Tensor) -> Tensor:

@@ -28,7 +28,7 @@ from typing import Callable
 import torch
 
 from ..errors import ModelError
-from .gptq import HessianError, _inverse_cholesky
+from .gptq import HessianError, inverse_cholesky
 
 Tensor = torch.Tensor
 
@@ -77,7 +77,7 @@ def sparsegpt_prune(w: Tensor, hessian: Tensor, sparsity: float = 0.5, prune_n: 
     dead = torch.diagonal(H) == 0
     H[dead, dead] = 1.0
     W[:, dead] = 0.0
-    U, used = _inverse_cholesky(H, damp_percent, max_damp_percent, on_note, where)
+    U, used = inverse_cholesky(H, damp_percent, max_damp_percent, on_note, where)
     pruned = torch.zeros(rows, cols, dtype=torch.bool, device=W.device)
     loss = 0.0
     for i1 in range(0, cols, block_size):

@@ -12,7 +12,7 @@ in exact arithmetic. Only the choice of ``s`` differs:
   channels with tiny ranges);
 - SmoothQuant (Xiao et al. 2023): ``s_i = max|a_i|**alpha / max|W2_:,i|**(1-alpha)`` with ``a`` the
   activation entering L2: outlier activation channels shrink, the weights absorb them
-  (:func:`nnsqueeze.llm.smoothquant.smooth_scales`).
+  (:func:`smooth_scales`, also what :mod:`nnsqueeze.llm.smoothquant` uses for a norm feeding Linears).
 
 Weights are (C_out, C_in, *k) (conv) or (C_out, C_in) (linear); groups must be 1. ::
 
@@ -35,6 +35,7 @@ import torch
 Tensor = torch.Tensor
 
 EPS = 1e-8
+SMOOTH_EPS = 1e-5  # SmoothQuant's floor for both maxima: a dead channel must not give s = 0 or inf
 
 
 def out_channel_absmax(w: Tensor) -> Tensor:
@@ -56,10 +57,22 @@ def cle_scales(w1: Tensor, w2: Tensor) -> Tensor:
     return torch.where(ok, torch.sqrt(r1 / r2.clamp(min=EPS)), torch.ones_like(r1))
 
 
-def smoothquant_scales(act_absmax: Tensor, w2: Tensor, alpha: float = 0.5) -> Tensor:
-    """SmoothQuant scales for L2's input channels (float64), via :mod:`nnsqueeze.llm.smoothquant`."""
-    from ..llm.smoothquant import smooth_scales
+def smooth_scales(act_absmax: Tensor, weights: list[Tensor], alpha: float = 0.5) -> Tensor:
+    """SmoothQuant scales ``s`` (in,) for activations with per-channel ``act_absmax`` (in,) feeding
+    ``weights`` (each (out_k, in)); same dtype as ``act_absmax`` (float64 for the accumulator's)."""
+    if not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"alpha must be in [0, 1], got {alpha}")
+    cols = act_absmax.shape[0]
+    if not weights or any(w.shape[1] != cols for w in weights):
+        raise ValueError(f"smooth_scales: every weight must have {cols} input columns")
+    w_absmax = torch.stack([w.detach().abs().amax(0).to(act_absmax.dtype) for w in weights]).amax(0)
+    a = act_absmax.clamp(min=SMOOTH_EPS)
+    return (a ** alpha / w_absmax.clamp(min=SMOOTH_EPS) ** (1 - alpha)).clamp(min=SMOOTH_EPS)
 
+
+def smoothquant_scales(act_absmax: Tensor, w2: Tensor, alpha: float = 0.5) -> Tensor:
+    """SmoothQuant scales for L2's input channels (float64): :func:`smooth_scales` on L2's weight
+    read as (C_out * k, C_in) columns."""
     cols = w2.detach().transpose(0, 1).reshape(w2.shape[1], -1).T   # (C_out * k, C_in)
     return smooth_scales(act_absmax.double(), [cols.double()], alpha=alpha)
 

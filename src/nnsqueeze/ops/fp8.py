@@ -44,12 +44,17 @@ from dataclasses import dataclass
 
 import torch
 
-from ..errors import DataError, RecipeError
 
 Tensor = torch.Tensor
 
 _SPECIALS = ("fn", "ieee", "none")
 
+
+
+def value_error(where: str, problem: str, fix: str = "") -> ValueError:
+    """The ops layer imports nothing of nnsqueeze, so bad input is a plain ValueError whose message
+    keeps nnsqueeze's where / problem / fix shape; the steps that call these wrap it in their own types."""
+    return ValueError(f"{where}: {problem}" + (f"; fix: {fix}" if fix else ""))
 
 @dataclass(frozen=True)
 class FloatFormat:
@@ -68,7 +73,7 @@ class FloatFormat:
 
     def __post_init__(self):
         if self.specials not in _SPECIALS or not (1 <= self.ebits and 0 <= self.mbits and self.nbits <= 8):
-            raise RecipeError(f"format {self.name!r}", f"unsupported layout 1.{self.ebits}.{self.mbits} "
+            raise value_error(f"format {self.name!r}", f"unsupported layout 1.{self.ebits}.{self.mbits} "
                               f"with specials {self.specials!r}",
                               fix=f"use at most 8 bits and specials in {_SPECIALS}")
 
@@ -113,7 +118,7 @@ def get_format(fmt: str | FloatFormat) -> FloatFormat:
     if isinstance(fmt, FloatFormat):
         return fmt
     if fmt not in FORMATS:
-        raise RecipeError("format", f"unknown float format {fmt!r}", fix=f"use one of {sorted(FORMATS)}")
+        raise value_error("format", f"unknown float format {fmt!r}", fix=f"use one of {sorted(FORMATS)}")
     return FORMATS[fmt]
 
 
@@ -152,10 +157,10 @@ def encode(v: Tensor, fmt: str | FloatFormat, saturate: bool = True) -> Tensor:
     nan = torch.isnan(v64)
     if fmt.specials == "none":
         if not saturate:
-            raise DataError(f"encode({fmt.name})", "the format has no infinity or NaN to overflow to",
+            raise value_error(f"encode({fmt.name})", "the format has no infinity or NaN to overflow to",
                             fix="use saturate=True")
         if bool(nan.any()):
-            raise DataError(f"encode({fmt.name})", "input contains NaN, which the format cannot encode",
+            raise value_error(f"encode({fmt.name})", "input contains NaN, which the format cannot encode",
                             fix="remove NaNs first (MX blocks carry them in the scale)")
     a = torch.where(torch.isfinite(v64), v64.abs(), 0.0)
     # Binade of a: a = f * 2**ex with 0.5 <= f < 1, so floor(log2(a)) = ex - 1, exactly (no log2
@@ -186,11 +191,11 @@ def decode(codes: Tensor, fmt: str | FloatFormat, dtype: torch.dtype = torch.flo
 
 
 def check_codes(codes: Tensor, fmt: FloatFormat, where: str) -> None:
-    """Raise :class:`DataError` unless ``codes`` are uint8 codes that fit ``fmt``'s bits."""
+    """Raise ValueError unless ``codes`` are uint8 codes that fit ``fmt``'s bits."""
     if codes.dtype != torch.uint8:
-        raise DataError(where, f"codes must be uint8, got {codes.dtype}", fix="pass the output of encode")
+        raise value_error(where, f"codes must be uint8, got {codes.dtype}", fix="pass the output of encode")
     if fmt.nbits < 8 and codes.numel() and int(codes.max()) >= 1 << fmt.nbits:
-        raise DataError(where, f"code {int(codes.max())} does not fit {fmt.name}'s {fmt.nbits} bits",
+        raise value_error(where, f"code {int(codes.max())} does not fit {fmt.name}'s {fmt.nbits} bits",
                         fix="unpack packed codes first (unpack_fp4)")
 
 
@@ -198,11 +203,11 @@ def _bcast(scale: Tensor, x: Tensor, axis: int | None, where: str) -> Tensor:
     """A per-tensor (0-d) or per-channel ``(C,)`` float32 scale, checked, shaped to broadcast on ``x``."""
     s = torch.as_tensor(scale, dtype=torch.float32, device=x.device)
     if not bool(torch.isfinite(s).all()) or not bool((s > 0).all()):
-        raise DataError(where, "scale must be positive and finite", fix="compute it with fp8_scale")
+        raise value_error(where, "scale must be positive and finite", fix="compute it with fp8_scale")
     if s.dim() == 0 or s.numel() == 1 and axis is None:
         return s.reshape(())
     if axis is None or s.dim() != 1 or s.numel() != x.shape[axis]:
-        raise DataError(where, f"a per-channel scale of shape {tuple(s.shape)} does not match axis {axis} "
+        raise value_error(where, f"a per-channel scale of shape {tuple(s.shape)} does not match axis {axis} "
                         f"of a tensor of shape {tuple(x.shape)}", fix="pass axis= and one scale per slice")
     shape = [1] * x.dim()
     shape[axis] = -1
@@ -224,7 +229,7 @@ def fp8_scale(x: Tensor, fmt: str | FloatFormat = E4M3, axis: int | None = None)
         axis = axis % x.dim()
         amax = a.movedim(axis, 0).reshape(x.shape[axis], -1).amax(1)
     if not bool(torch.isfinite(amax).all()):
-        raise DataError("fp8_scale", "the tensor has non-finite values, so no finite scale covers it",
+        raise value_error("fp8_scale", "the tensor has non-finite values, so no finite scale covers it",
                         fix="find where the inf/NaN comes from before quantizing")
     scale = torch.clamp(amax / fmt.max, min=torch.finfo(torch.float32).tiny)
     return torch.where(amax == 0, torch.ones_like(scale), scale)

@@ -4,8 +4,8 @@ orthogonal matrices, and a fast Walsh-Hadamard transform for rotating activation
 Pure tensor math. Every matrix returned here is *orthogonal* (``R @ R.T == I``), already divided by
 ``sqrt(n)``. Hadamard sizes: ``n = 2**k * m`` with ``m = 1`` (Sylvester) or ``m = q + 1`` for a
 prime ``q % 4 == 3`` (Paley I: 4, 12, 20, 24, 32, 44, 48, 60, 72, ...), built as the Kronecker
-product ``H_m ⊗ H_(2**k)``. The smallest such ``m`` is used. That covers 576 (SmolLM2: 8 x 72), 768, 1536 (128 x 12), 2048,
-4096, 11008 (2 x 5504, a large dense block) ...; other sizes (any odd size > 1, 36, 100) raise
+product ``H_m ⊗ H_(2**k)``. The smallest such ``m`` is used. That covers 576 (SmolLM2: 8 x 72), 768,
+1536 (128 x 12), 2048, 4096, 11008 (2 x 5504, a large dense block) ...; other sizes (any odd size > 1, 36, 100) raise
 ValueError; :class:`KronRotation` with ``block="random"`` handles every size as ``O_m ⊗ H_(2**k)``,
 ``O_m`` a seeded random orthogonal block (``m`` the odd part of ``n``)::
 

@@ -26,7 +26,7 @@ import math
 
 import torch
 
-from .quant import EPS, _bcast
+from .quant import EPS, bcast
 
 Tensor = torch.Tensor
 
@@ -73,8 +73,8 @@ def lsq_fake_quantize(x: Tensor, scale: Tensor, zero_point: Tensor, qmin: int, q
 
     ``grad_scale`` defaults to :func:`lsq_grad_scale` of ``x``'s size per scale.
     """
-    s = _bcast(scale, x, axis)
-    z = _bcast(zero_point, x, axis)
+    s = bcast(scale, x, axis)
+    z = bcast(zero_point, x, axis)
     if grad_scale is None:
         grad_scale = lsq_grad_scale(x.numel(), scale.numel(), qmax)
     return _LSQ.apply(x, s, z, qmin, qmax, float(grad_scale))

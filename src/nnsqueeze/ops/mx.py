@@ -54,8 +54,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from ..errors import DataError, RecipeError
-from .fp8 import E2M1, E2M3, E3M2, E4M3, E5M2, FloatFormat, check_codes, decode, encode, values
+from .fp8 import E2M1, E2M3, E3M2, E4M3, E5M2, FloatFormat, check_codes, decode, encode, value_error, values
 from .int4 import pack_int4, unpack_int4
 
 Tensor = torch.Tensor
@@ -87,14 +86,14 @@ def get_mx_format(fmt: str | MXFormat) -> MXFormat:
     if isinstance(fmt, MXFormat):
         return fmt
     if fmt not in MX_FORMATS:
-        raise RecipeError("format", f"unknown MX format {fmt!r}", fix=f"use one of {sorted(MX_FORMATS)}")
+        raise value_error("format", f"unknown MX format {fmt!r}", fix=f"use one of {sorted(MX_FORMATS)}")
     return MX_FORMATS[fmt]
 
 
 def _blocks(x: Tensor, block: int) -> Tensor:
     """(..., n) -> (..., ceil(n / block), block), the short last block padded with zeros."""
     if x.dim() == 0:
-        raise DataError("block quantization", "a 0-d tensor has no last axis to block",
+        raise value_error("block quantization", "a 0-d tensor has no last axis to block",
                         fix="reshape it to (1,)")
     n = x.shape[-1]
     nb = -(-n // block)
@@ -109,7 +108,7 @@ def _unblock(b: Tensor, n: int) -> Tensor:
 def _check_scales(codes: Tensor, scales: Tensor, block: int, where: str) -> None:
     nb = -(-codes.shape[-1] // block)
     if scales.dtype != torch.uint8 or tuple(scales.shape) != (*codes.shape[:-1], nb):
-        raise DataError(where, f"scales must be uint8 of shape {(*codes.shape[:-1], nb)} for codes of shape "
+        raise value_error(where, f"scales must be uint8 of shape {(*codes.shape[:-1], nb)} for codes of shape "
                         f"{tuple(codes.shape)}, got {scales.dtype} {tuple(scales.shape)}",
                         fix="pass the scales returned with the codes")
 
@@ -168,7 +167,7 @@ def nvfp4_tensor_scale(amax: Tensor | float) -> Tensor:
     """NVFP4's fp32 per-tensor scale ``amax / (6 * 448)`` (1 for ``amax == 0``), a 0-d tensor."""
     a = torch.as_tensor(amax, dtype=torch.float32)
     if a.dim() != 0 or not bool(torch.isfinite(a)) or float(a) < 0:
-        raise DataError("nvfp4_tensor_scale", f"amax must be a finite non-negative number, got {a.tolist()}",
+        raise value_error("nvfp4_tensor_scale", f"amax must be a finite non-negative number, got {a.tolist()}",
                         fix="pass the calibrated max |x| of the tensor")
     s = a / (E2M1.max * E4M3.max)
     return torch.where(s > 0, s, torch.ones_like(s))
@@ -182,14 +181,14 @@ def nvfp4_quantize(x: Tensor, tensor_scale: Tensor | float | None = None) -> tup
     """
     x32 = x.detach().to(torch.float32)
     if not bool(torch.isfinite(x32).all()):
-        raise DataError("nvfp4_quantize", "the tensor has inf or NaN, which NVFP4 cannot encode",
+        raise value_error("nvfp4_quantize", "the tensor has inf or NaN, which NVFP4 cannot encode",
                         fix="find where the non-finite values come from before quantizing")
     if tensor_scale is None:
         s2 = nvfp4_tensor_scale(x32.abs().amax() if x32.numel() else 0.0)
     else:
         s2 = torch.as_tensor(tensor_scale, dtype=torch.float32, device=x.device)
         if s2.dim() != 0 or not bool(torch.isfinite(s2)) or float(s2) <= 0:
-            raise DataError("nvfp4_quantize", f"tensor_scale must be a positive finite scalar, got {s2.tolist()}",
+            raise value_error("nvfp4_quantize", f"tensor_scale must be a positive finite scalar, got {s2.tolist()}",
                             fix="use nvfp4_tensor_scale(amax)")
     xb = _blocks(x32, NVFP4_BLOCK)                                   # (..., nb, 16)
     amax = xb.abs().amax(-1)                                         # (..., nb)
@@ -223,13 +222,13 @@ def pack_fp4(codes: Tensor) -> Tensor:
     """uint8 FP4 codes (..., n), each < 16 -> uint8 (..., ceil(n / 2)), element 2i in the low nibble."""
     check_codes(codes, E2M1, "pack_fp4")
     if codes.dim() == 0:
-        raise DataError("pack_fp4", "a 0-d tensor has no last axis to pack", fix="reshape it to (1,)")
+        raise value_error("pack_fp4", "a 0-d tensor has no last axis to pack", fix="reshape it to (1,)")
     return pack_int4(codes)
 
 
 def unpack_fp4(packed: Tensor, n: int) -> Tensor:
     """Inverse of :func:`pack_fp4`: uint8 (..., ceil(n / 2)) -> FP4 codes (..., n), bit-exact."""
     if packed.dtype != torch.uint8 or packed.dim() == 0 or packed.shape[-1] != (n + 1) // 2:
-        raise DataError("unpack_fp4", f"{packed.dtype} of shape {tuple(packed.shape)} cannot hold {n} "
+        raise value_error("unpack_fp4", f"{packed.dtype} of shape {tuple(packed.shape)} cannot hold {n} "
                         "packed FP4 codes", fix="pass pack_fp4's output and the original last-axis length")
     return unpack_int4(packed, n)

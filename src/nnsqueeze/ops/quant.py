@@ -83,7 +83,7 @@ def range_qparams(min_val: Tensor, max_val: Tensor, qmin: int, qmax: int,
     return scale, zp
 
 
-def _bcast(p: Tensor, x: Tensor, axis: int | None) -> Tensor:
+def bcast(p: Tensor, x: Tensor, axis: int | None) -> Tensor:
     """Reshape a per-channel parameter (C,) to broadcast along ``axis`` of ``x``; 0-d stays 0-d."""
     p = torch.as_tensor(p, device=x.device)
     if axis is None or p.dim() == 0:
@@ -98,24 +98,24 @@ def _bcast(p: Tensor, x: Tensor, axis: int | None) -> Tensor:
 
 def quantize(x: Tensor, scale: Tensor, zero_point: Tensor, qmin: int, qmax: int, axis: int | None = None) -> Tensor:
     """Integer codes (int32 tensor) ``clamp(round(x / scale) + zero_point, qmin, qmax)``."""
-    s = _bcast(scale, x, axis).to(torch.float32)
-    z = _bcast(zero_point, x, axis)
+    s = bcast(scale, x, axis).to(torch.float32)
+    z = bcast(zero_point, x, axis)
     q = torch.round(x.to(torch.float32) / s) + z.to(torch.float32)
     return torch.clamp(q, qmin, qmax).to(torch.int32)
 
 
 def dequantize(q: Tensor, scale: Tensor, zero_point: Tensor, axis: int | None = None) -> Tensor:
     """Real values ``(q - zero_point) * scale`` (float32)."""
-    s = _bcast(scale, q, axis).to(torch.float32)
-    z = _bcast(zero_point, q, axis)
+    s = bcast(scale, q, axis).to(torch.float32)
+    z = bcast(zero_point, q, axis)
     return (q.to(torch.int32) - z.to(torch.int32)).to(torch.float32) * s
 
 
 def fake_quantize(x: Tensor, scale: Tensor, zero_point: Tensor, qmin: int, qmax: int,
                   axis: int | None = None) -> Tensor:
     """``dequantize(quantize(x))`` in float32, no gradient path (use :func:`fake_quantize_ste` to train)."""
-    s = _bcast(scale, x, axis).to(torch.float32)
-    z = _bcast(zero_point, x, axis).to(torch.float32)
+    s = bcast(scale, x, axis).to(torch.float32)
+    z = bcast(zero_point, x, axis).to(torch.float32)
     q = torch.clamp(torch.round(x.to(torch.float32) / s) + z, qmin, qmax)
     return (q - z) * s
 
@@ -127,8 +127,8 @@ def fake_quantize_ste(x: Tensor, scale: Tensor, zero_point: Tensor, qmin: int, q
     d(out)/dx = 1 where ``round(x / scale) + zero_point`` lies in ``[qmin, qmax]``, else 0 (the
     same rule as ``torch.fake_quantize_*``); scale and zero point get no gradient.
     """
-    s = _bcast(scale, x, axis).to(torch.float32)
-    z = _bcast(zero_point, x, axis).to(torch.float32)
+    s = bcast(scale, x, axis).to(torch.float32)
+    z = bcast(zero_point, x, axis).to(torch.float32)
     with torch.no_grad():
         q = torch.round(x.to(torch.float32) / s) + z
         inside = (q >= qmin) & (q <= qmax)
@@ -198,7 +198,7 @@ def fake_quantize_levels(x: Tensor, scale: Tensor, levels: Tensor, axis: int | N
     ``levels`` (K,) sorted, normalized so that ``scale`` (per tensor or per slice along ``axis``)
     maps them to real values; usually ``scale = absmax`` and levels span [-1, 1].
     """
-    s = _bcast(scale, x, axis).to(torch.float32)
+    s = bcast(scale, x, axis).to(torch.float32)
     lv = levels.to(device=x.device, dtype=torch.float32)
     with torch.no_grad():
         y = lv[nearest_level(x.to(torch.float32) / s, lv)] * s

@@ -53,7 +53,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from .quant import EPS, code_range, qrange, range_qparams
+from .quant import code_range, qrange, range_qparams
 
 Tensor = torch.Tensor
 

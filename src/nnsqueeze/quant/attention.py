@@ -9,10 +9,10 @@ modules call a *function* looked up by name in ``transformers.AttentionInterface
 
 (``Q8``: uint8 asymmetric per tensor; static mode takes the ``quantize`` step's ``activations``
 format instead, an :class:`~nnsqueeze.quant.act_scheme.ActScheme`: int8 symmetric, 2..7 bits in an
-8-bit container, or 16 bits, where ORT multiplies in float on the exact dequantized values). Softmax, the mask add and the scaling stay float by
-design: ORT has no int8 softmax for these graphs and the probabilities are re-quantized for
-``p @ v`` anyway. The qparams live on an :class:`AttentionQuant` child (``attn_quant``) of each
-attention module (the function receives the module), one set per layer:
+8-bit container, or 16 bits, where ORT multiplies in float on the exact dequantized values). Softmax,
+the mask add and the scaling stay float by design: ORT has no int8 softmax for these graphs and the
+probabilities are re-quantized for ``p @ v`` anyway. The qparams live on an :class:`AttentionQuant`
+child (``attn_quant``) of each attention module (the function receives the module), one set per layer:
 
 - ``static`` (the ``quantize`` step with ``ops: [matmul]``): calibrated per-tensor scales and zero
   points (buffers, saved with the model); exported as QDQ around the two MatMuls, which ONNX
@@ -49,7 +49,7 @@ from torch import nn
 from ..ops.dynamic import dynamic_int_matmul, dynamic_qparams
 from ..ops.quant import fake_quantize_ste, qrange
 from .act_scheme import ActScheme
-from .functional import ActQuantState
+from .act_state import ActQuantState, op_kernels
 from .protocol import QuantizedOp
 
 Tensor = torch.Tensor
@@ -207,7 +207,7 @@ def attach_attention(model: nn.Module, mode: str, names: list[str] | None = None
         if missing:
             raise KeyError(f"attention modules {missing} not found (or not dispatching through AttentionInterface)")
         mods = {n: mods[n] for n in names}
-    for n, m in mods.items():
+    for m in mods.values():
         m.add_module(ATTR, AttentionQuant(mode, scheme).to(_device(m)))
     for pm in _pretrained(model):
         if pm.config._attn_implementation != IMPL:
@@ -237,7 +237,6 @@ def quantize_attention_static(model: nn.Module, batches: list, make_observer: Ca
     """Static attention matmuls in the codes of ``scheme`` (default uint8 asymmetric): attach,
     calibrate on ``batches``, report. Returns the record."""
     from ..data import call_model, split, to_device
-    from .functional import op_kernels
 
     scheme = scheme or ActScheme()
     previous = sorted({str(pm.config._attn_implementation) for pm in _pretrained(model)})

@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 
 from ..registry import OBSERVERS
-from .observers import MinMaxObserver
+from .minmax import MinMaxObserver
 
 Tensor = torch.Tensor
 

@@ -55,13 +55,20 @@ from typing import Any, Callable, Iterable
 import torch
 from torch import nn
 
-from ..ops.quant import fake_quantize_ste, qrange
-from .act_scheme import ActScheme, act_qdq_export
+from ..data import call_model, split, to_device
+from ..errors import ModelError
+from . import attention
+from .act_scheme import ActScheme
+# The qparam state and the report's kernel wording are shared with quant/attention.py, so they sit
+# below both (quant/act_state.py); re-exported here for the callers that have always found them here.
+from .act_state import ACT_QMAX, ACT_QMIN, ActQuantState, op_kernels
 from .protocol import QuantizedOp
+
+__all__ = ["ACT_QMIN", "ACT_QMAX", "OPS", "OP_MODULES", "ActQuantState", "OpQuant", "QuantAdd", "QuantMatMul", "trace",
+           "insert_quant_ops", "restore_op", "op_kernels", "op_modules", "quantize_ops", "rebuild_ops"]
 
 Tensor = torch.Tensor
 
-ACT_QMIN, ACT_QMAX = qrange(8, signed=False)
 OPS = ("add", "matmul")
 
 # fx node targets of each op kind (call_function targets, call_method names).
@@ -69,48 +76,7 @@ _FUNCS: dict[str, tuple] = {"add": (operator.add, torch.add), "matmul": (operato
 _METHODS: dict[str, tuple[str, ...]] = {"add": ("add",), "matmul": ("matmul", "bmm")}
 
 
-class ActQuantState(nn.Module):
-    """Per-tensor qparams for named activations (``<name>_scale_``, ``<name>_zero_point_``) in the
-    codes of :attr:`ascheme` (default uint8 asymmetric), calibrated by one observer each; shared by
-    :class:`_OpQuant` and the attention quantizer."""
-
-    ascheme: ActScheme = ActScheme()
-
-    def _register_qparams(self, names: Iterable[str], scheme: ActScheme | None = None) -> None:
-        self.ascheme = scheme or ActScheme()
-        self._qnames = tuple(names)
-        for n in self._qnames:
-            self.register_buffer(f"{n}_scale_", torch.ones(()))
-            self.register_buffer(f"{n}_zero_point_", torch.zeros((), dtype=torch.int32))
-        self._observers: dict[str, Any] | None = None
-
-    def start_calibration(self, make_observer: Callable[..., Any], name: str) -> None:
-        self._observers = {n: make_observer(name=f"{name} {n}") for n in self._qnames}
-
-    @property
-    def calibrated_batches(self) -> int:
-        return 0 if self._observers is None else self._observers[self._qnames[0]].count_
-
-    @torch.no_grad()
-    def finish_calibration(self) -> None:
-        a = self.ascheme
-        for n, obs in (self._observers or {}).items():
-            s, z = obs.qparams(bits=a.bits, symmetric=a.symmetric)
-            self._buffers[f"{n}_scale_"].copy_(s)
-            self._buffers[f"{n}_zero_point_"].copy_(z)
-        self._observers = None
-
-    def _fq(self, x: Tensor, n: str) -> Tensor:
-        s, z = self._buffers[f"{n}_scale_"], self._buffers[f"{n}_zero_point_"]
-        if torch.onnx.is_in_onnx_export():  # exported as QuantizeLinear -> [Clip ->] DequantizeLinear
-            if self.ascheme.is_default:
-                return torch.fake_quantize_per_tensor_affine(x, s, z, ACT_QMIN, ACT_QMAX)
-            return act_qdq_export(x, s, z, self.ascheme)
-        qmin, qmax = self.ascheme.qrange
-        return fake_quantize_ste(x, s, z, qmin, qmax).to(x.dtype)
-
-
-class _OpQuant(ActQuantState, QuantizedOp):
+class OpQuant(ActQuantState, QuantizedOp):
     """Shared state: per-tensor qparams for inputs ``a``, ``b`` (and ``output`` for add) in the codes
     of ``scheme`` (default uint8 asymmetric)."""
 
@@ -164,7 +130,7 @@ class _OpQuant(ActQuantState, QuantizedOp):
         return f"{self.ascheme.describe()} inputs" + (" and output" if self.quant_output else "")
 
 
-class QuantAdd(_OpQuant):
+class QuantAdd(OpQuant):
     """``a + b`` with both inputs and the output fake-quantized (ORT: ``QLinearAdd``)."""
 
     kind = "add"
@@ -174,7 +140,7 @@ class QuantAdd(_OpQuant):
         return a + b
 
 
-class QuantMatMul(_OpQuant):
+class QuantMatMul(OpQuant):
     """``a @ b`` with both inputs fake-quantized (ORT: integer MatMul on the codes)."""
 
     kind = "matmul"
@@ -183,7 +149,7 @@ class QuantMatMul(_OpQuant):
         return torch.matmul(a, b)
 
 
-OP_MODULES: dict[str, type[_OpQuant]] = {"add": QuantAdd, "matmul": QuantMatMul}
+OP_MODULES: dict[str, type[OpQuant]] = {"add": QuantAdd, "matmul": QuantMatMul}
 
 
 # ------------------------------------------------------------------------------------------------
@@ -282,15 +248,8 @@ def restore_op(gm: torch.fx.GraphModule, mod_name: str) -> None:
     gm.recompile()
 
 
-def op_kernels(kind: str, scheme: ActScheme) -> str:
-    """How ONNX Runtime runs an op quantized in ``scheme`` (for the report)."""
-    if not scheme.int8_kernels:
-        return f"float {'Add' if kind == 'add' else 'MatMul'} on exact 16-bit Q/DQ values (no 16-bit kernel)"
-    return "QLinearAdd" if kind == "add" else "integer MatMul"
-
-
-def op_modules(model: nn.Module) -> list[tuple[str, _OpQuant]]:
-    return [(n, m) for n, m in model.named_modules() if isinstance(m, _OpQuant)]
+def op_modules(model: nn.Module) -> list[tuple[str, OpQuant]]:
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, OpQuant)]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -307,9 +266,6 @@ def quantize_ops(model: nn.Module, ops: Iterable[str], batches: list, make_obser
     result (a ``GraphModule``) is returned in place of ``model``. Ops left in float go through
     ``ctx.skip``. Returns ``(model, record)`` for :func:`rebuild_ops`.
     """
-    from ..data import call_model, split, to_device
-    from . import attention
-
     ops = [o for o in OPS if o in set(ops)]
     scheme = scheme or ActScheme()
     record: dict[str, Any] = {}
@@ -369,9 +325,6 @@ def quantize_ops(model: nn.Module, ops: Iterable[str], batches: list, make_obser
 def rebuild_ops(model: nn.Module, record: dict[str, Any]) -> nn.Module:
     """Recreate :func:`quantize_ops`' structure on a fresh (already layer-converted) model; the
     qparams come from the state dict."""
-    from ..errors import ModelError
-    from . import attention
-
     if record.get("attention"):
         attention.rebuild_attention(model, record["attention"])
     if record.get("fx"):

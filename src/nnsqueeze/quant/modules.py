@@ -49,6 +49,7 @@ from ..ops.quant import (EPS, NF4_LEVELS, dequantize, fake_quantize_bias, fake_q
 from ..ops.rtn import row_qparams
 from .act_scheme import ActScheme, act_qdq_export
 from .fold import bn_factor, bn_train_forward
+from .lowbit_marker import lowbit_weight, stores_lowbit
 from .packing import PackingMixin
 from .protocol import Packable, QuantizedModule
 from .rows import WeightRowsMixin
@@ -363,8 +364,6 @@ class FakeQuantMixin(WeightRowsMixin, PackingMixin, QuantizedModule, Packable):
     def runs_integer(self) -> bool:
         """True when ONNX Runtime runs this layer as one fused integer kernel (QLinearConv/QGemm with a
         quantized output), whose requantization :mod:`nnsqueeze.quant.integer` reproduces exactly."""
-        from ..export.lowbit import stores_lowbit
-
         return (self.quant_output and self.wscheme.int8_kernels and not stores_lowbit(self.wscheme)
                 and self.ascheme.bits <= 8 and self._modules.get("bn") is None)
 
@@ -443,10 +442,8 @@ class FakeQuantMixin(WeightRowsMixin, PackingMixin, QuantizedModule, Packable):
         QuantizeLinear/DequantizeLinear. Weight and bias are constants here; the exporter's
         post-processing stores the weight as int8 and the bias as int32 (see export/onnx.py).
         Schemes without int8 kernels (per-group, asymmetric, non-uniform levels) and 2..4-bit ones
-        trace their quantized weight through a marker that export/lowbit.py turns into codes of the
-        scheme's width (int4/uint4/int8/uint8) decoded in the graph."""
-        from ..export.lowbit import lowbit_weight, stores_lowbit
-
+        trace their quantized weight through a marker (quant/lowbit_marker.py) that export/lowbit.py
+        turns into codes of the scheme's width (int4/uint4/int8/uint8) decoded in the graph."""
         cache = self._export_cache or self.export_constants()
         x = self._export_act(x, "input")
         if self.ascheme.bits > 8 and isinstance(self, nn.Linear) and x.dim() > 2:

@@ -26,12 +26,14 @@ from ..ops.quant import dequantize, nearest_level, quantize
 
 
 class PackingMixin:
-    """``pack_state`` / ``unpack_state``: the :class:`~nnsqueeze.quant.protocol.Packable` part of the fake-quant layers."""
+    """``pack_state`` / ``unpack_state``: the :class:`~nnsqueeze.quant.protocol.Packable` part of the
+    fake-quant layers."""
 
     def pack_state(self, sd: dict, prefix: str) -> None:
         """In place: ``sd[prefix + "weight"]`` (float) becomes its codes (int8 for symmetric grids,
-        uint8 for asymmetric grids and level indices; 2..4-bit codes two per byte, flattened), and a bool ``weight_mask`` (from pruning)
-        becomes 8 mask entries per byte (uint8, flattened). Layers with an attached BN stay float."""
+        uint8 for asymmetric grids and level indices; 2..4-bit codes two per byte, flattened), and a
+        bool ``weight_mask`` (from pruning) becomes 8 mask entries per byte (uint8, flattened). Layers
+        with an attached BN stay float."""
         key, mkey = prefix + "weight", prefix + "weight_mask"
         w, mask = sd.get(key), sd.get(mkey)
         if w is not None and w.is_floating_point() and self._modules.get("bn") is None:

@@ -45,7 +45,7 @@ from torch import nn
 from ..errors import ModelError
 
 
-class ExportHints(metaclass=ABCMeta):
+class ExportHints(metaclass=ABCMeta):  # noqa: B024 - a declared mixin of defaults, checked by isinstance
     """Declared export hints (read by :func:`nnsqueeze.export.onnx.export_onnx`); defaults: none."""
 
     #: verify the export with quantized tolerances (and run the QDQ post-processing)

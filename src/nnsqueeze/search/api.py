@@ -20,13 +20,13 @@ from ..safeio import marker_ok, probe_writable, write_file
 from . import front as fr
 from .cache import PrefixCache, data_key
 from .space import Space, load_space
-from .study import CACHE, DB, MARKER, SEARCH_FORMAT, SearchResult, _Job, _redact, open_storage, run_workers, \
+from .study import CACHE, DB, MARKER, SEARCH_FORMAT, SearchResult, Job, redact, open_storage, run_workers, \
     study_name
 
 OWNED = (MARKER, DB, DB + ".lock", CACHE, "front.json", "front.png", "best.yaml", "best", "report.html", ".search.lock")
 
 
-def _check_args(max_drop, target_latency, target_size, trials, workers, sampler, pick) -> None:
+def check_args(max_drop, target_latency, target_size, trials, workers, sampler, pick) -> None:
     def bad(where, problem, fix):
         raise RecipeError(where, problem, fix=fix)
 
@@ -102,14 +102,14 @@ def search(model: nn.Module, space: Space | str | Path | dict, *, train_data: It
     imported by name in a new process (the CLI passes its ``--model``)."""
     from ..data import as_batches
     from ..metrics import get_metric
-    from ..pipeline import _check_model
+    from ..pipeline import check_model
 
-    _check_args(max_drop, target_latency, target_size, trials, workers, sampler, pick)
+    check_args(max_drop, target_latency, target_size, trials, workers, sampler, pick)
     space = load_space(space)
     if space.export is not None and space.export.get("onnx", {}) is None:
         raise RecipeError(f"{space.source}: export.onnx", "a search measures the ONNX model; export is off",
                           fix="remove 'export: {onnx: null}' from the space")
-    _check_model(model)
+    check_model(model)
     train, calib = as_batches(train_data, "train_data"), as_batches(calib_data, "calib_data")
     evald = as_batches(eval_data, "eval_data", required=True)
     metric_name = get_metric(metric)[1]
@@ -119,7 +119,8 @@ def search(model: nn.Module, space: Space | str | Path | dict, *, train_data: It
             pickle.dumps((model if model_spec is None else None, metric))
         except Exception as e:  # noqa: BLE001 - a lambda metric, a model class defined in __main__...
             raise DataError("--workers", f"the model or metric cannot be sent to worker processes: {e}",
-                            fix="define them in an importable module (not a lambda or __main__), or use workers=1")
+                            fix="define them in an importable module (not a lambda or __main__), or use workers=1"
+                            ) from e
     out = Path(out).resolve()
     key = data_key(train, calib, evald)
     settings = {"metric": metric_name, "max_drop": max_drop, "target_latency": target_latency,
@@ -127,7 +128,7 @@ def search(model: nn.Module, space: Space | str | Path | dict, *, train_data: It
     name = study_name(space, model, key, settings)
     url = storage or f"sqlite:///{out / DB}"
     marker = {"format_version": SEARCH_FORMAT, "kind": "nnsqueeze-search", "study_name": name,
-              "storage": "study.db" if storage is None else _redact(storage), "settings": settings,
+              "storage": "study.db" if storage is None else redact(storage), "settings": settings,
               "space": space.raw}
     resume = _prepare_out(out, overwrite, marker)
     if storage is not None:  # an unreachable server fails here, before anything is written
@@ -141,7 +142,7 @@ def search(model: nn.Module, space: Space | str | Path | dict, *, train_data: It
                         directions=["minimize"] * 3, load_if_exists=True)
     if not resume:
         write_file(out / MARKER, json.dumps(marker, indent=2, default=str).encode(), "--out")
-    job = _Job(model, space.raw, space.source, train, calib, evald, metric, float(max_drop), target_latency,
+    job = Job(model, space.raw, space.source, train, calib, evald, metric, float(max_drop), target_latency,
                target_size, trials, str(out), url, name, sampler, seed, heartbeat, grace, cache, higher_is_better,
                spec=model_spec)
     run_workers(job, workers)
@@ -170,7 +171,7 @@ def _rows(study, lims: dict) -> list[dict[str, Any]]:
     return rows
 
 
-def finish(job: _Job, space: Space, pick: int | None = None) -> SearchResult:
+def finish(job: Job, space: Space, pick: int | None = None) -> SearchResult:
     """Read the study, write front.json / front.png / best.yaml / best/, and return the result."""
     import optuna
 
@@ -186,7 +187,7 @@ def finish(job: _Job, space: Space, pick: int | None = None) -> SearchResult:
     front = fr.pareto([r for r in rows if r["feasible"]])
     hits = sum(1 for t in trials if t.user_attrs.get("cache_reused_steps"))
     res = SearchResult(out, rows, front, None, len(rows) + len(pruned), len(pruned), hits, job.study_name,
-                       _redact(job.storage))
+                       redact(job.storage))
     summary = {"format_version": SEARCH_FORMAT, "study_name": job.study_name, "trials": res.trials,
                "complete": len(rows), "pruned": len(pruned), "cache_hits": hits,
                "constraints": {k: v[1] for k, v in lims.items()}, "metric": job.metric if isinstance(job.metric, str)

@@ -104,7 +104,7 @@ def search_html(path: Path) -> str:
 
 def artifact_html(path: Path) -> str:
     from ..artifact import plot_names, read_manifest
-    from ..report import Report, _fmt
+    from ..report import Report, fmt_value
 
     read_manifest(path)
     rp = path / "report.json"
@@ -117,13 +117,13 @@ def artifact_html(path: Path) -> str:
     body = ["<h2>Baseline vs compressed</h2>", _table(("figure", "baseline", "compressed", "change"), r.summary_rows())]
     if r.get("steps"):
         body += ["<h2>Steps</h2>", _table(("#", "step", "seconds", "figures"), [
-            (i, s["name"], f"{s.get('seconds', 0):.2f}", ", ".join(f"{k}={_fmt(k, v)}" for k, v in
+            (i, s["name"], f"{s.get('seconds', 0):.2f}", ", ".join(f"{k}={fmt_value(k, v)}" for k, v in
                                                                     s.get("figures", {}).items()))
             for i, s in enumerate(r["steps"])])]
     layers = r.get("layers", {})
     if layers:
         cols = sorted({k for v in layers.values() for k in v})
-        body += ["<h2>Layers</h2>", _table(("layer", *cols), [(n, *(_fmt(c, v.get(c)) for c in cols))
+        body += ["<h2>Layers</h2>", _table(("layer", *cols), [(n, *(fmt_value(c, v.get(c)) for c in cols))
                                                               for n, v in layers.items()])]
     for n in r.get("notes", []):
         body.append(f"<p>note {html.escape(n['step'])}: {html.escape(n['note'])}</p>")

@@ -127,7 +127,8 @@ class Space:
             raise RecipeError(loc, err["msg"]) from None
         self.raw = data
         self.source, self.name, self.description, self.seed = source, top.name, top.description, top.seed
-        self.base, self.evaluate, self.export, self.latency_guard = top.base, top.evaluate, top.export, top.latency_guard
+        self.base, self.evaluate, self.export = top.base, top.evaluate, top.export
+        self.latency_guard = top.latency_guard
         self.keys = self._step_keys()
         self.params: dict[str, Param] = {}
         for key, raw in top.params.items():
@@ -212,10 +213,10 @@ class Space:
         """:meth:`recipe_dict`, validated by the recipe loader (RecipeError when it does not hold)."""
         if not any(True for _ in self.recipe_dict(values)["steps"]):
             raise RecipeError(self.source, "every step is switched off", fix="keep at least one step on")
-        from ..pipeline import _make_steps
+        from ..pipeline import make_steps
 
         recipe = Recipe.from_dict(self.recipe_dict(values), f"{self.source} trial")
-        _make_steps(recipe)  # step order and training needs, as compress checks them
+        make_steps(recipe)  # step order and training needs, as compress checks them
         return recipe
 
     def suggest(self, trial: Any) -> dict[str, Any]:
@@ -257,7 +258,8 @@ class Space:
                     self.recipe({key: v})
                 except RecipeError as e:
                     raise RecipeError(f"{self.source}: params.{key}", f"the value {v!r} makes an invalid recipe: "
-                                      f"{e.where}: {e.problem}", fix=e.fix or "narrow the range or the choices") from None
+                                      f"{e.where}: {e.problem}",
+                                      fix=e.fix or "narrow the range or the choices") from None
 
 
 def load_space(space: "Space | str | Path | dict") -> Space:

@@ -59,7 +59,7 @@ class SearchResult:
 
 
 @dataclass
-class _Job:
+class Job:
     """Everything a worker process needs (pickled to spawned workers)."""
 
     model: nn.Module
@@ -129,7 +129,7 @@ def open_storage(url: str, heartbeat: int, grace: int):
                     raise
                 time.sleep(0.2 * (attempt + 1))
     except Exception as e:  # noqa: BLE001 - a bad URL, a missing driver, a server that does not answer
-        raise DataError("--storage", f"cannot open the study storage {_redact(url)}: {type(e).__name__}: "
+        raise DataError("--storage", f"cannot open the study storage {redact(url)}: {type(e).__name__}: "
                         f"{str(e).splitlines()[0][:200] if str(e) else ''}",
                         fix="give a reachable optuna storage URL, e.g. sqlite:///DIR/study.db or "
                         "postgresql://user:pass@host/db (its driver installed: psycopg2, pymysql)") from None
@@ -148,7 +148,7 @@ def _quiet() -> None:
     warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to be used")
 
 
-def _redact(url: str) -> str:
+def redact(url: str) -> str:
     """The URL without its password, for messages."""
     if "@" in url and "://" in url:
         scheme, rest = url.split("://", 1)
@@ -192,7 +192,7 @@ def _lock(path: Path):
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
-def _lock_path(job: _Job) -> Path:
+def _lock_path(job: Job) -> Path:
     """Beside an SQLite study (every process on this machine that uses it takes the same lock), else
     in DIR: processes on other machines may then start up to one trial each past the budget."""
     if job.storage.startswith("sqlite:///"):
@@ -226,7 +226,7 @@ class _Pruned(Exception):
 
 
 class _Objective:
-    def __init__(self, job: _Job, space: Space, cache: PrefixCache):
+    def __init__(self, job: Job, space: Space, cache: PrefixCache):
         from ..metrics import get_metric
 
         self.job, self.space, self.cache = job, space, cache
@@ -284,7 +284,8 @@ class _Objective:
         if c.get("accuracy") is None or cl is None or c.get("size_bytes") is None:
             raise DataError("search", "a trial needs the metric, the ONNX size and the ONNX Runtime latency",
                             fix="pass eval_data and a metric, and keep export.onnx on in the space")
-        row = {"metric": c["accuracy"], "baseline_metric": b["accuracy"], "drop": self.drop(b["accuracy"], c["accuracy"]),
+        row = {"metric": c["accuracy"], "baseline_metric": b["accuracy"],
+               "drop": self.drop(b["accuracy"], c["accuracy"]),
                "size_bytes": c["size_bytes"], "baseline_size_bytes": b["size_bytes"], "latency_ms": cl,
                "baseline_latency_ms": bl, "speedup": bl / cl if cl else math.inf,
                "params": c.get("params"), "nonzero_params": c.get("nonzero_params"), "metric_name": self.metric_name}
@@ -301,7 +302,7 @@ def _counts(study) -> tuple[int, int]:
     return sum(s in DONE for s in states), states.count("RUNNING")
 
 
-def run_worker(job: _Job, index: int = 0) -> None:
+def run_worker(job: Job, index: int = 0) -> None:
     """Run trials until the study holds ``job.trials`` finished ones (several workers share it)."""
     import optuna
     from optuna.storages import fail_stale_trials
@@ -349,11 +350,11 @@ def run_worker(job: _Job, index: int = 0) -> None:
         log.info("trial %d: drop %.4g, %d bytes, %.4g ms", trial.number, *values)
 
 
-def _space_from(job: _Job) -> Space:
+def _space_from(job: Job) -> Space:
     return Space(job.space, job.space_source)
 
 
-def _spawned(job: _Job, index: int) -> None:
+def _spawned(job: Job, index: int) -> None:
     logging.basicConfig(level=logging.WARNING)
     try:
         run_worker(job, index)
@@ -371,7 +372,7 @@ def study_name(space: Space, model: nn.Module, data: str, settings: dict[str, An
     return f"nnsqueeze-{space.name or 'search'}-{hashlib.sha256(text.encode()).hexdigest()[:10]}"
 
 
-def run_workers(job: _Job, workers: int) -> None:
+def run_workers(job: Job, workers: int) -> None:
     """``workers`` processes on this machine (this one included), each with cpu_count // workers threads."""
     if workers <= 1:
         run_worker(job, 0)

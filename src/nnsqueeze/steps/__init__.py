@@ -1,3 +1,5 @@
-"""Built-in steps; each module registers itself in :data:`nnsqueeze.registry.STEPS`."""
+"""Built-in steps; each module registers itself in :data:`nnsqueeze.registry.STEPS`.
 
-__all__ = ["prune", "finetune", "quantize", "channel_prune", "nm_prune", "group_lasso", "cluster", "lowrank", "distill", "share", "quantize_dynamic", "rtn", "half", "gptq", "awq", "smoothquant", "sparsegpt", "wanda", "mixed", "qat", "mixed_precision", "rotate"]
+There is no list of them here: :data:`~nnsqueeze.registry.STEPS` finds every module of this package
+with :mod:`pkgutil` on its first lookup and imports it, so a new step is a new file.
+"""

@@ -41,7 +41,7 @@ from ..llm.sequential import get_weight, set_weight
 from ..registry import STEPS
 from .base import recorded_module
 from ._llm import LLMStep, QuantFields, QuantScheme, relative_error
-from .rtn import _check_pack, _convert, _pack, _scheme, note_kernel
+from .rtn import check_pack, to_weight_only, pack_layers, scheme_dict, note_kernel
 
 
 class AWQConfig(QuantFields):
@@ -52,7 +52,7 @@ class AWQConfig(QuantFields):
                                "gate/up) and GQA-consistent o_proj scales, so that they fold into the previous op "
                                "(needed by the open-format exports)")
 
-    _pack_ok = model_validator(mode="after")(_check_pack)
+    _pack_ok = model_validator(mode="after")(check_pack)
 
 
 @STEPS.register("awq")
@@ -89,26 +89,28 @@ class AWQ(LLMStep):
             set_weight(mod, r.weight)
             if c.pack:
                 packs[name], scales[name] = (r.scaled_weight, r.scale, r.zero_point), r.scales
-            return {"method": "awq", **_scheme(c), "alpha": r.alpha,
+            return {"method": "awq", **scheme_dict(c), "alpha": r.alpha,
                     "error": round(relative_error(w, r.weight, acc.hessian), 6),
-                    "rtn_error": round(relative_error(w, rtn_quantize(w, c.bits, c.group_size, c.symmetric).weight, acc.hessian), 6)}
+                    "rtn_error": round(relative_error(w, rtn_quantize(w, c.bits, c.group_size, c.symmetric).weight,
+                                                      acc.hessian), 6)}
 
         def on_block(i, block):  # pack as soon as a block is done (see gptq); the next block sees the packed layers
             if packs:
-                _pack(model, packs, c, self.where)
+                pack_layers(model, packs, c, self.where)
                 for name, s in scales.items():
                     add_input_scale_(model.get_submodule(name), s)
                 packs.clear()
                 scales.clear()
 
-        self.figures_ = self.calibrate(model, ctx, layers, lambda n, m: AWQAccumulator(get_weight(m).shape[1], m.weight.device),
+        self.figures_ = self.calibrate(model, ctx, layers,
+                                       lambda n, m: AWQAccumulator(get_weight(m).shape[1], m.weight.device),
                                        apply, on_block=on_block)
         if c.pack:
             note_kernel(ctx, "awq")
         return model
 
     def record(self):
-        return {"layers": self.layers_, **_scheme(self.config), "pack": self.config.pack,
+        return {"layers": self.layers_, **scheme_dict(self.config), "pack": self.config.pack,
                 "scale_dtype": self.config.scale_dtype, "share_scales": self.config.share_scales}
 
     @classmethod
@@ -119,7 +121,7 @@ class AWQ(LLMStep):
         for name in record.get("layers", []):
             mod = recorded_module(model, name, (nn.Module,), "awq record")
             if not isinstance(mod, PackedLinear):
-                mod = pack_linear_(_convert(model, name, mod, c, "awq record"))
+                mod = pack_linear_(to_weight_only(model, name, mod, c, "awq record"))
             add_input_scale_(mod)  # the stored scales are loaded with the weights
         return model
 

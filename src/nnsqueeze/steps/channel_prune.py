@@ -63,7 +63,7 @@ from ..structured.hf import HFGraph, hf_graph, set_attrs, sync_attrs
 from ..structured.importance import CRITERIA, NEEDS, Part
 from ..structured.macs import count
 from ..structured.pruners import dim_size, shrink
-from ..targets import _matches
+from ..targets import pattern_matches
 from .base import Step, StepConfig, record_indices
 from ..targets import set_module
 
@@ -98,7 +98,8 @@ class StructuredPruneConfig(StepConfig):
 
 
 def _group_layers(model: nn.Module, g: Group) -> list[str]:
-    return sorted({m.module for m in g.members if m.role == "out" and isinstance(model.get_submodule(m.module), LAYERS)})
+    return sorted({m.module for m in g.members
+                   if m.role == "out" and isinstance(model.get_submodule(m.module), LAYERS)})
 
 
 def keep_indices(model: nn.Module, groups: list[Group], pruned: list[torch.Tensor]) -> list[tuple[str, str, list[int]]]:
@@ -166,7 +167,8 @@ class StructuredPrune(Step):
                 raise ModelError(self.where, f"{e.problem}; and no Hugging Face attention / feed-forward block was "
                                  "recognised", fix=e.fix) from None
             ctx.fallback(self.registered_name, "torch.fx cannot trace the model: groups from Hugging Face module "
-                         f"patterns ({sum(b.kind == 'heads' for b in graph.blocks)} attention blocks by KV-head groups, "
+                         f"patterns ({sum(b.kind == 'heads' for b in graph.blocks)} attention blocks by KV-head "
+                         "groups, "
                          f"{sum(b.kind == 'ffn' for b in graph.blocks)} feed-forward blocks by neurons)")
         self._blocks = graph.blocks if isinstance(graph, HFGraph) else []
         self._head_groups = {id(b.group) for b in self._blocks if b.kind == "heads"}
@@ -216,7 +218,7 @@ class StructuredPrune(Step):
         out: list[float | None] = []
         for g in groups:
             hit = [r for p, r in self.config.overrides.items()
-                   for n in _group_layers(model, g) if _matches(p, n, model.get_submodule(n))]
+                   for n in _group_layers(model, g) if pattern_matches(p, n, model.get_submodule(n))]
             if not hit and id(g) in self._head_groups and self.config.head_ratio is not None:
                 hit = [self.config.head_ratio]
             out.append(min(hit) if hit else None)
@@ -304,7 +306,8 @@ class StructuredPrune(Step):
         heads += self._report_hf_heads(model, groups, pruned, ctx)
         channels = sum(g.size for g in groups)
         removed = sum(int(p.numel()) for p in pruned)
-        ctx.report.step(groups=len(groups), heads_removed=heads, channels=channels, channels_removed=removed, ratio=round(ratio, 4),
+        ctx.report.step(groups=len(groups), heads_removed=heads, channels=channels, channels_removed=removed,
+                        ratio=round(ratio, 4),
                         scope=scope, importance=c.importance, params_before=before.total_params,
                         params_after=after.total_params, macs_before=before.total_macs, macs_after=after.total_macs,
                         macs_reduction=round(before.total_macs / max(1, after.total_macs), 3))
@@ -341,7 +344,7 @@ class StructuredPrune(Step):
             if reason:
                 ctx.skip(self.registered_name, name, f"heads kept: {reason}")
                 continue
-            r = min([v for p, v in c.overrides.items() if _matches(p, name, mod)] or [ratio])
+            r = min([v for p, v in c.overrides.items() if pattern_matches(p, name, mod)] or [ratio])
             n = mod.num_heads
             gone = allocate.lowest(CRITERIA[crit]([Part("linear", "out", t) for t in head_parts(mod)]),
                                    allocate.keep_count(n, r, 1, c.min_channels))

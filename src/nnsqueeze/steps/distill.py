@@ -30,8 +30,10 @@ Hugging Face ``*SelfAttention`` module returns them when the model runs the eage
 4-layer teacher -> 2-layer student map::
 
       - distill: {epochs: 3, lr: 1.0e-4, alpha: 0.5,
-                  attention: [{student: bert.encoder.layer.0.attention.self, teacher: bert.encoder.layer.1.attention.self},
-                              {student: bert.encoder.layer.1.attention.self, teacher: bert.encoder.layer.3.attention.self}]}
+                  attention: [{student: bert.encoder.layer.0.attention.self,
+                               teacher: bert.encoder.layer.1.attention.self},
+                              {student: bert.encoder.layer.1.attention.self,
+                               teacher: bert.encoder.layer.3.attention.self}]}
 
 The teacher is ``teacher=`` given to :func:`nnsqueeze.compress`, else the model as it was before
 the recipe ran (``ctx.teacher``); it runs in eval mode without gradients and is never modified.

@@ -31,18 +31,18 @@ from ..llm.sequential import get_weight, set_weight
 from ..ops.rtn import rtn_quantize
 from ..registry import STEPS
 from ._llm import ClipConfig, QuantFields, relative_error
-from .rtn import _CLIP, _PACK, _check_pack, _clip_args, _pack, _scheme, _WeightQuantStep, note_kernel
+from .rtn import CLIP_FIELD, PACK_FIELD, check_pack, clip_args, pack_layers, scheme_dict, WeightQuantStep, note_kernel
 
 
 class GPTQConfig(QuantFields):
-    pack: bool = _PACK
-    clip: ClipConfig | None = _CLIP
+    pack: bool = PACK_FIELD
+    clip: ClipConfig | None = CLIP_FIELD
     damp_percent: float = Field(0.01, gt=0.0, le=1.0, description="dampening, fraction of mean(diag H)")
     act_order: bool = Field(False, description="quantize columns by decreasing Hessian diagonal")
     block_size: int = Field(128, ge=1, description="columns per lazy-update block")
     max_damp_percent: float = Field(10.0, gt=0.0, description="give up (HessianError) past this dampening")
 
-    _pack_ok = model_validator(mode="after")(_check_pack)
+    _pack_ok = model_validator(mode="after")(check_pack)
 
 
 def _mask_oi(mod) -> torch.Tensor | None:
@@ -54,7 +54,7 @@ def _mask_oi(mod) -> torch.Tensor | None:
 
 
 @STEPS.register("gptq")
-class GPTQ(_WeightQuantStep):
+class GPTQ(WeightQuantStep):
     needs_float = True
     quantizes = True
     trainable_after = False
@@ -72,12 +72,12 @@ class GPTQ(_WeightQuantStep):
                               c.block_size, c.max_damp_percent, on_note=lambda s: ctx.fallback("gptq", s),
                               where=f"{self.where}: {name}", mask=_mask_oi(mod), scale_dtype=c.scale_dtype,
                               clip_weighted=c.clip is None or c.clip.weighted is not False, unsigned=True,
-                              **_clip_args(c.clip))
+                              **clip_args(c.clip))
             set_weight(mod, r.weight)
             if c.pack:
                 packs[name] = (r.weight, r.scale, r.zero_point)
             rtn = rtn_quantize(w, c.bits, c.group_size, c.symmetric).weight
-            return {"method": "gptq", **_scheme(c), "damp_percent": r.damp_percent,
+            return {"method": "gptq", **scheme_dict(c), "damp_percent": r.damp_percent,
                     "error": round(relative_error(w, r.weight, acc.hessian), 6),
                     "rtn_error": round(relative_error(w, rtn, acc.hessian), 6)}
 
@@ -86,7 +86,7 @@ class GPTQ(_WeightQuantStep):
             # block's inputs come from the packed layers, whose dequantized weights equal the
             # simulated ones exactly, and an offloaded block goes back to disk already packed.
             if c.pack and packs:
-                _pack(model, packs, c, self.where)
+                pack_layers(model, packs, c, self.where)
                 packs.clear()
 
         self.figures_ = self.calibrate(model, ctx, layers,

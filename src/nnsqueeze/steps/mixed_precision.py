@@ -211,7 +211,7 @@ class MixedPrecision(Step):
     def run(self, model: nn.Module, ctx) -> nn.Module:
         from ..data import take
         from ..errors import RecipeError
-        from ..sensitivity import (FORMATS, HALF_FORMATS, _resolve_reduce_range, half_layers, output_sqnr,
+        from ..sensitivity import (FORMATS, HALF_FORMATS, resolve_reduce_range, half_layers, output_sqnr,
                                    quantizable_layers, sensitivity)
 
         cfg, name, b = self.config, self.registered_name, self.config.budget
@@ -219,7 +219,7 @@ class MixedPrecision(Step):
         if calib is None:
             raise DataError(f"{self.where}.calibration", "mixed precision needs calibration data",
                             fix="pass calib_data=... (a few hundred representative examples)")
-        self._rr = _resolve_reduce_range({"bits": 8})["reduce_range"]
+        self._rr = resolve_reduce_range({"bits": 8})["reduce_range"]
         model.eval()
         names = [n for n, _ in quantizable_layers(model, list(cfg.targets) or None, list(cfg.ignore))]
         # Formats each layer can take (the half step leaves subclasses and bf16 string-padded convs),
@@ -246,7 +246,8 @@ class MixedPrecision(Step):
         use_metric = b.max_metric_drop is not None and ctx.eval_data is not None and ctx.metric is not None
         if b.max_metric_drop is not None and not use_metric:
             ctx.fallback(name, "max_metric_drop needs eval data and a metric; using min_sqnr_db (30 dB if unset)")
-        min_sqnr = b.min_sqnr_db if b.min_sqnr_db is not None else (30.0 if b.max_metric_drop is not None and not use_metric else None)
+        min_sqnr = b.min_sqnr_db if b.min_sqnr_db is not None else (
+            30.0 if b.max_metric_drop is not None and not use_metric else None)
         measured = [f for f in cfg.formats if f != "fp32"]
         rows = sensitivity(model, calib, formats=measured, targets=names, ignore=list(cfg.ignore),
                            calibration=cfg.calibration.model_dump(), reduce_range=self._rr,
@@ -305,7 +306,9 @@ class MixedPrecision(Step):
             if all(f == "fp32" for f in a.values()):
                 return 0.0 if use_metric else math.inf
             q = self._quantized_copy(model, a, calib, ctx)
-            return base - float(ctx.metric(q, ctx.eval_data)) if use_metric else output_sqnr(model, q, sqnr_data, ctx.device)
+            if use_metric:
+                return base - float(ctx.metric(q, ctx.eval_data))
+            return output_sqnr(model, q, sqnr_data, ctx.device)
 
         def ok(v: float) -> bool:
             if use_metric:

@@ -33,7 +33,7 @@ reaches exactly ``round(sparsity * total)`` zeros overall (layers end up at diff
 
 Gradual schedule contract (for the runner and training steps)
 - the step's ``requires_training`` property is True; the runner must reject a recipe without a
-  later step whose ``trains`` is True (``pipeline._make_steps`` does).
+  later step whose ``trains`` is True (``pipeline.make_steps`` does).
 - ``run`` registers all-``True`` masks and appends a :class:`GradualPruning` callback to
   ``ctx.callbacks``. A training step calls ``on_train_begin(model, total)``, then
   ``on_step_end(model, step, total)`` after every optimizer step (``step`` = 0 .. total-1), then

@@ -26,8 +26,9 @@ ONNX Runtime runs QLinearConv/QGemm end to end. Recipe::
 
 ``ops`` quantizes what sits between layers (:mod:`nnsqueeze.quant.functional`): on fx-traceable
 models every ``add`` / ``matmul`` of two activations gets per-tensor inputs (and output, for
-``add``) in the step's ``activations`` format, so ORT runs QLinearAdd and integer MatMuls; Hugging Face encoders get int8 attention
-matmuls through :mod:`nnsqueeze.quant.attention`. An untraceable model is reported via ``ctx.skip``.
+``add``) in the step's ``activations`` format, so ORT runs QLinearAdd and integer MatMuls; Hugging Face
+encoders get int8 attention matmuls through :mod:`nnsqueeze.quant.attention`. An untraceable model is
+reported via ``ctx.skip``.
 
 In Python::
 
@@ -222,7 +223,7 @@ def _relu_plan(model: nn.Module, convs: list[str]) -> dict[str, tuple[str, str |
             continue
         children = list(seq.named_children())
         prefix = f"{seq_name}." if seq_name else ""
-        for i, (n, m) in enumerate(children):
+        for i, (n, _) in enumerate(children):
             if prefix + n not in convs:
                 continue
             j = i + 1
@@ -298,8 +299,8 @@ class Quantize(Step):
             if w.adaround is not None and w.levels != "uniform":
                 raise RecipeError(f"{where}.{key}.adaround", "AdaRound learns rounding on a uniform grid",
                                   fix="use levels: uniform with adaround, or drop adaround")
-        for key, a in [("activations", a)] + [(f"layer_activations.{k}", v)
-                                              for k, v in self.config.layer_activations.items()]:
+        acts = [("activations", a)] + [(f"layer_activations.{k}", v) for k, v in self.config.layer_activations.items()]
+        for key, a in acts:
             if a.granularity != "per-tensor":
                 raise RecipeError(f"{where}.{key}", f"{a.granularity} activations are not supported (activations "
                                   "are quantized per tensor)", fix=f"supported: {SUPPORTED_TEXT}")
@@ -394,7 +395,8 @@ class Quantize(Step):
         if wide:
             ctx.fallback(name, f"16-bit activations ({len(wide)} layers: {', '.join(wide[:4])}"
                          f"{'...' if len(wide) > 4 else ''}): ONNX Runtime has no 16-bit conv/matmul kernels, these "
-                         "layers run in float on the exact dequantized 16-bit values (com.microsoft Q/DQ; a Linear on 3-D "
+                         "layers run in float on the exact dequantized 16-bit values (com.microsoft Q/DQ; a Linear "
+                         "on 3-D "
                          "inputs stores its weight as float, since ORT would turn an int8-coded one into "
                          "MatMulNBits, which re-quantizes its input to 8 bits)")
         if narrow:
@@ -536,8 +538,8 @@ class Quantize(Step):
                                                       lambda name, obs=observer: obs(axis=None, name=name), ctx,
                                                       name, ctx.device, scheme=act_scheme(cfg.activations))
         bits_used = sorted({v["weight_bits"] for v in record_layers.values()})
-        acts_used = [a.describe() for a in sorted({ActScheme.from_dict(v.get("act_scheme")) for v in record_layers.values()},
-                                                  key=lambda a: (a.bits, a.symmetric))]
+        act_schemes = {ActScheme.from_dict(v.get("act_scheme")) for v in record_layers.values()}
+        acts_used = [a.describe() for a in sorted(act_schemes, key=lambda a: (a.bits, a.symmetric))]
         figures: dict[str, Any] = dict(
             calibration_samples=n_samples, calibration_batches=n_batches, quantized_layers=len(record_layers),
             bn_folded=len(folded), bias_corrected=n_corrected,

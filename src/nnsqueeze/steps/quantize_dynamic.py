@@ -55,7 +55,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from torch import Tensor, nn
 
 from ..data import call_model, split, take
-from ..export.onnx import _flatten_outputs
+from ..export.onnx import flatten_outputs
 from ..errors import DataError, ModelError
 from ..llm.smoothquant import AbsMaxAccumulator, smooth_scales
 from ..ops.dynamic import outlier_channels
@@ -293,7 +293,7 @@ class QuantizeDynamic(Step):
         was = model.training
         model.eval()
         try:
-            refs = [[t.float() for t in _flatten_outputs(call_model(model, split(b)[0])) if t.is_floating_point()]
+            refs = [[t.float() for t in flatten_outputs(call_model(model, split(b)[0])) if t.is_floating_point()]
                     for b in batches]
             errs = {n: self._output_error(model, batches, {n: (m, smooth.get(n, (None,))[0])}, bits, signed, refs)
                     for n, m in plain}
@@ -319,10 +319,10 @@ class QuantizeDynamic(Step):
         for bi, b in enumerate(batches):
             x = split(b)[0]
             ref = refs[bi] if refs is not None else \
-                [t.float() for t in _flatten_outputs(call_model(model, x)) if t.is_floating_point()]
+                [t.float() for t in flatten_outputs(call_model(model, x)) if t.is_floating_point()]
             handles = [m.register_forward_hook(swap(n, s)) for n, (m, s) in layers.items()]
             try:
-                got = [t.float() for t in _flatten_outputs(call_model(model, x)) if t.is_floating_point()]
+                got = [t.float() for t in flatten_outputs(call_model(model, x)) if t.is_floating_point()]
             finally:
                 for h in handles:
                     h.remove()

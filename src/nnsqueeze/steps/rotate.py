@@ -83,7 +83,8 @@ def _sub(model: nn.Module, name: str, where: str) -> nn.Module:
     except AttributeError:
         raise ModelError(f"{where}: {name}", "not found: rotate supports LLaMA-architecture models "
                          "(embed_tokens, input_layernorm, self_attn.{q,k,v,o}_proj, post_attention_layernorm, "
-                         "mlp.{gate,up,down}_proj, norm, lm_head)", fix="use a LLaMA-like model or drop rotate") from None
+                         "mlp.{gate,up,down}_proj, norm, lm_head)",
+                         fix="use a LLaMA-like model or drop rotate") from None
 
 
 def _check_norm(norm: nn.Module, name: str, where: str) -> None:
@@ -156,7 +157,8 @@ class Rotate(Step):
             q = random_hadamard(d, c.seed) if c.rotation == "hadamard" else random_orthogonal(d, c.seed)
         except ValueError as e:
             raise RecipeError(f"{self.where}.rotation", f"hidden size {d}: {e}",
-                              fix="use rotation: random (a seeded random orthogonal matrix works for any size)") from None
+                              fix="use rotation: random (a seeded random orthogonal matrix works for any size)"
+                              ) from None
         mlp_width = _w(_sub(model, f"{prefix}.0.mlp.down_proj", self.where)).shape[1]
         online = None
         if c.online_hadamard:
@@ -186,7 +188,7 @@ class Rotate(Step):
             _untie(model, head)
             ctx.log.info("rotate: lm_head was tied to embed_tokens; untied (the final norm's weight folds "
                          "into lm_head only)")
-        for i, blk in enumerate(blocks):
+        for blk in blocks:
             self._fold(blk, "input_layernorm", READERS, q)
             self._fold(blk, "post_attention_layernorm", MLP_READERS, q)
             for n in WRITERS:

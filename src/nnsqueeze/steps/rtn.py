@@ -60,11 +60,11 @@ from ..targets import set_module
 from ._llm import ClipConfig, LLMStep, QuantScheme
 from .base import StepConfig, recorded_module
 
-_PACK = Field(True, description="store WeightOnlyLinear modules with packed int4/int8 codes "
+PACK_FIELD = Field(True, description="store WeightOnlyLinear modules with packed int4/int8 codes "
               "(bits 4/8, group_size a power of two >= 16 or null); false: simulated float weights")
 
 
-def _check_pack(c):
+def check_pack(c):
     if c.pack:
         if c.bits not in (4, 8):
             raise ValueError(f"pack: true stores 4- or 8-bit codes (ONNX Runtime MatMulNBits), got bits {c.bits}; "
@@ -76,10 +76,10 @@ def _check_pack(c):
     return c
 
 
-_CLIP = Field(None, description="MSE clipping search per group, e.g. {method: mse, grid: 20, min_ratio: 0.5}")
+CLIP_FIELD = Field(None, description="MSE clipping search per group, e.g. {method: mse, grid: 20, min_ratio: 0.5}")
 
 
-def _clip_args(clip: ClipConfig | None) -> dict[str, Any]:
+def clip_args(clip: ClipConfig | None) -> dict[str, Any]:
     """``QuantGrid`` clip arguments of a ``clip`` config (None: no search)."""
     if clip is None:
         return {"clip_grid": 1}
@@ -94,14 +94,14 @@ def _check_rtn_clip(c):
 
 
 class RTNConfig(QuantScheme):
-    pack: bool = _PACK
-    clip: ClipConfig | None = _CLIP
+    pack: bool = PACK_FIELD
+    clip: ClipConfig | None = CLIP_FIELD
 
-    _pack_ok = model_validator(mode="after")(_check_pack)
+    _pack_ok = model_validator(mode="after")(check_pack)
     _clip_ok = model_validator(mode="after")(_check_rtn_clip)
 
 
-def _scheme(c: QuantScheme) -> dict[str, Any]:
+def scheme_dict(c: QuantScheme) -> dict[str, Any]:
     return {"bits": c.bits, "group_size": c.group_size, "symmetric": c.symmetric}
 
 
@@ -121,7 +121,7 @@ def _as_linear(model: nn.Module, name: str, mod: nn.Module) -> nn.Module:
     return lin
 
 
-def _convert(model: nn.Module, name: str, mod: nn.Module, c: QuantScheme, where: str) -> WeightOnlyLinear:
+def to_weight_only(model: nn.Module, name: str, mod: nn.Module, c: QuantScheme, where: str) -> WeightOnlyLinear:
     mod = _as_linear(model, name, mod)
     if type(mod) is not nn.Linear:
         raise RecipeError(f"{where}: {name}", f"pack: true converts plain nn.Linear / Conv1D, not {type(mod).__name__}",
@@ -130,7 +130,7 @@ def _convert(model: nn.Module, name: str, mod: nn.Module, c: QuantScheme, where:
 
 
 @torch.no_grad()
-def _pack(model: nn.Module, packs: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
+def pack_layers(model: nn.Module, packs: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
           c: QuantScheme, where: str) -> int:
     """Turn each layer into a WeightOnlyLinear with exactly the algorithm's codes/scales/zero points.
 
@@ -139,7 +139,7 @@ def _pack(model: nn.Module, packs: dict[str, tuple[torch.Tensor, torch.Tensor, t
     weight equals the simulated one (checked).
     """
     for name, (q, scale, zero) in packs.items():
-        mod = _convert(model, name, model.get_submodule(name), c, where)
+        mod = to_weight_only(model, name, model.get_submodule(name), c, where)
         zp = zero.to(torch.int32)
         if mod.weight_scale_.shape != scale.shape or int(zp.min()) < 0 or int(zp.max()) > (1 << c.bits) - 1:
             raise RuntimeError(f"{where}: {name}: cannot store scales {tuple(scale.shape)} / zero points in "
@@ -167,7 +167,7 @@ def _rebuild(model: nn.Module, config: QuantScheme, record: dict[str, Any]) -> n
     for name in record.get("layers", []):
         mod = recorded_module(model, name, (nn.Module,), "rtn/gptq record")
         if not isinstance(mod, PackedLinear):  # already rebuilt by an earlier record: nothing to redo
-            pack_linear_(_convert(model, name, mod, c, "rtn/gptq record"))
+            pack_linear_(to_weight_only(model, name, mod, c, "rtn/gptq record"))
     return model
 
 
@@ -190,12 +190,12 @@ class _SkipFilter:
         return getattr(self._ctx, key)
 
 
-class _WeightQuantStep(LLMStep):
+class WeightQuantStep(LLMStep):
     """Shared by rtn and gptq: the record names the layers and the scheme; rebuild re-packs them."""
 
     def record(self):
         clip = self.config.clip
-        return {"layers": self.layers_, **_scheme(self.config), "pack": self.config.pack,
+        return {"layers": self.layers_, **scheme_dict(self.config), "pack": self.config.pack,
                 "scale_dtype": self.config.scale_dtype, "clip": None if clip is None else clip.model_dump()}
 
     @classmethod
@@ -204,7 +204,7 @@ class _WeightQuantStep(LLMStep):
 
 
 @STEPS.register("rtn")
-class RTN(_WeightQuantStep):
+class RTN(WeightQuantStep):
     """Round-to-nearest, group-wise; uses no data (the report gets the weight SQNR per layer).
 
     One loop (:meth:`run`): :meth:`layers` selects, :meth:`quantize_layer` quantizes and stores one
@@ -248,11 +248,11 @@ class RTN(_WeightQuantStep):
     def quantize_layer(self, model: nn.Module, name: str, mod: nn.Module, ctx: Any) -> None:
         c = self.config
         w = get_weight(mod)
-        r = rtn_quantize(w, c.bits, c.group_size, c.symmetric, c.scale_dtype, **_clip_args(c.clip), unsigned=True)
+        r = rtn_quantize(w, c.bits, c.group_size, c.symmetric, c.scale_dtype, **clip_args(c.clip), unsigned=True)
         set_weight(mod, r.weight)
-        ctx.report.layer(name, method="rtn", weight_sqnr_db=round(sqnr_db(w, r.weight), 3), **_scheme(c))
+        ctx.report.layer(name, method="rtn", weight_sqnr_db=round(sqnr_db(w, r.weight), 3), **scheme_dict(c))
         if c.pack:
-            _pack(model, {name: (r.weight, r.scale, r.zero_point)}, c, self.where)
+            pack_layers(model, {name: (r.weight, r.scale, r.zero_point)}, c, self.where)
 
     def finish(self, model: nn.Module, ctx: Any) -> None:
         if self.config.pack:

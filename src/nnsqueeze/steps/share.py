@@ -114,7 +114,8 @@ class Share(Step):
             try:
                 m = model.get_submodule(n)
             except AttributeError:
-                raise ModelError(where, f"no module named {n!r}", fix="use exact names from model.named_modules()") from None
+                raise ModelError(where, f"no module named {n!r}",
+                                 fix="use exact names from model.named_modules()") from None
             if type(m) not in SUPPORTED or not isinstance(getattr(m, "weight", None), nn.Parameter):
                 raise ModelError(f"{where}: {n}", f"{type(m).__name__} is not a plain Linear/Conv1d/Conv2d layer",
                                  fix="name layers that have not been replaced by an earlier step")

@@ -30,6 +30,11 @@ from ..registry import STEPS
 from ._llm import LLMStep, LLMStepConfig
 
 
+def _peak_ratio(absmax) -> float:
+    """Largest over median per-channel ``max |x|`` (the outlier figure in the report)."""
+    return float(absmax.max() / absmax.median().clamp(min=1e-12))
+
+
 class SmoothQuantConfig(LLMStepConfig):
     alpha: float = Field(0.5, ge=0.0, le=1.0, description="migration strength: 0 = none, 1 = all to weights")
 
@@ -88,8 +93,9 @@ class SmoothQuant(LLMStep):
             stats.clear()
             norms.clear()
 
-        self.figures_ = self.calibrate(model, ctx, layers, lambda n, m: _FirstInput(get_weight(m).shape[1], m.weight.device),
-                                       apply, on_block=on_block, extra_hooks=extra_hooks)
+        self.figures_ = self.calibrate(model, ctx, layers,
+                                       lambda n, m: _FirstInput(get_weight(m).shape[1], m.weight.device), apply,
+                                       on_block=on_block, extra_hooks=extra_hooks)
         return model
 
     @torch.no_grad()
@@ -98,7 +104,8 @@ class SmoothQuant(LLMStep):
         mods = [model.get_submodule(n) for n in lnames]
         weights = [get_weight(m) for m in mods]
         s = smooth_scales(accs[0].absmax, weights, self.config.alpha)           # (in,) float64
-        saved = (norm.weight.detach().clone(), None if getattr(norm, "bias", None) is None else norm.bias.detach().clone())
+        saved = (norm.weight.detach().clone(),
+                 None if getattr(norm, "bias", None) is None else norm.bias.detach().clone())
         norm.weight.div_(s.to(norm.weight.dtype))
         if saved[1] is not None:
             norm.bias.div_(s.to(norm.bias.dtype))
@@ -114,8 +121,8 @@ class SmoothQuant(LLMStep):
         for lname, m, w in zip(lnames, mods, weights):
             set_weight(m, smooth_weight(w.double(), s).float())
             ctx.report.layer(lname, smoothquant_alpha=self.config.alpha, smoothed_by=nname,
-                             act_absmax_ratio_before=round(float(accs[0].absmax.max() / accs[0].absmax.median().clamp(min=1e-12)), 3),
-                             act_absmax_ratio_after=round(float((accs[0].absmax / s).max() / (accs[0].absmax / s).median().clamp(min=1e-12)), 3))
+                             act_absmax_ratio_before=round(_peak_ratio(accs[0].absmax), 3),
+                             act_absmax_ratio_after=round(_peak_ratio(accs[0].absmax / s), 3))
             self.layers_.append(lname)
 
     def record(self):

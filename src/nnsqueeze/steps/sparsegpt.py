@@ -52,5 +52,6 @@ class SparseGPT(PruneStep):
                     "error": round(relative_error(w, get_weight(mod), acc.hessian), 6)}
 
         self.figures_ = self.calibrate(model, ctx, layers,
-                                       lambda nm, mod: HessianAccumulator(get_weight(mod).shape[1], mod.weight.device), apply)
+                                       lambda nm, mod: HessianAccumulator(get_weight(mod).shape[1], mod.weight.device),
+                                       apply)
         return model

@@ -62,5 +62,7 @@ class Wanda(PruneStep):
             return fields
 
         self.figures_ = self.calibrate(model, ctx, layers,
-                                       lambda nm, mod: _Both(get_weight(mod).shape[1], c.report_error, mod.weight.device), apply)
+                                       lambda nm, mod: _Both(get_weight(mod).shape[1], c.report_error,
+                                                             mod.weight.device),
+                                       apply)
         return model

@@ -30,173 +30,23 @@ groups are left intact and reported, never broken::
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
 from typing import Any
 
 from torch import nn
 
 from ..errors import ModelError
+from .attention import ATTENTION
+from .rules import function_rule, module_rule
+# The channel spaces and their union-find are shared with the per-op rules, so they sit below both
+# (structured/spaces.py); re-exported here, where callers have always found the graph's types.
+from .spaces import Builder, DependencyGraph, Group, Info, Member, Seg, infos, node_shape
 
-# ---- data structures ---------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Seg:
-    """``length`` channels of ``space`` laid out along an axis; each channel spans ``expand`` positions.
-
-    ``span`` > 0: a piece of a ``chunk`` along channels: ``length`` channels that stand for channel
-    ``c``, ``c + length``, ... of the (folded) space.
-    """
-    space: int
-    length: int
-    expand: int = 1
-    span: int = 0
-
-
-@dataclass(frozen=True)
-class Member:
-    """A layer dimension that follows a space: channel ``c`` is index ``offset + c*expand + j`` of it.
-
-    ``role`` is ``out`` (the layer's output dimension: conv/linear rows, BN/GroupNorm vectors,
-    depthwise conv channels, embedding columns) or ``in`` (conv/linear input columns). ``span``
-    (internal, 0 = the whole space) is how many channels of its space a member indexes: a grouped
-    conv's weight reads only ``C_in / groups`` input columns, shared by every group.
-    """
-    module: str
-    role: str
-    offset: int
-    expand: int = 1
-    span: int = 0
-
-
-@dataclass
-class Group:
-    """Channels that must be removed together: ``size`` channels, the layer dims that follow them."""
-    id: int
-    size: int
-    members: list[Member]
-
-    @property
-    def producers(self) -> list[str]:
-        """Layers whose *weights produce* these channels (conv/linear/embedding ``out``)."""
-        return sorted({m.module for m in self.members if m.role == "out"})
-
-
-@dataclass
-class Info:
-    """What flows along one tensor: its channel axis (non-negative) and rank, and the segments."""
-    axis: int
-    ndim: int
-    segs: tuple[Seg, ...]
-
-
-@dataclass
-class DependencyGraph:
-    groups: list[Group] = field(default_factory=list)
-    frozen: list[tuple[str, str]] = field(default_factory=list)   # (layers, reason), one per frozen space
-    skipped: dict[str, str] = field(default_factory=dict)         # layer -> reason it is left intact
-
-
-class _Builder:
-    def __init__(self, model: nn.Module):
-        self.model = model
-        self.parent: list[int] = []
-        self.length: list[int] = []
-        self.members: list[list[Member]] = []
-        self.frozen: dict[int, str] = {}   # space -> reason (only on spaces, resolved at the end)
-        self.origin: list[str] = []
-        self.period: dict[int, int] = {}   # space -> fold period (grouped conv): c couples with c + k*period
-        self.block: dict[int, int] = {}    # space -> block size (GroupNorm): c couples with its block
-        self.skipped: dict[str, str] = {}
-        owners: dict[int, list[str]] = {}
-        for name, mod in model.named_modules():
-            for p in mod.parameters(recurse=False):
-                owners.setdefault(id(p), []).append(name)
-        self.shared = {n: ns for ns in owners.values() if len(ns) > 1 for n in ns}
-
-    # union-find
-    def new(self, length: int, origin: str, frozen: str | None = None) -> int:
-        self.parent.append(len(self.parent))
-        self.length.append(length)
-        self.members.append([])
-        self.origin.append(origin)
-        if frozen:
-            self.frozen[len(self.parent) - 1] = frozen
-        return len(self.parent) - 1
-
-    def find(self, s: int) -> int:
-        while self.parent[s] != s:
-            self.parent[s] = self.parent[self.parent[s]]
-            s = self.parent[s]
-        return s
-
-    def union(self, a: int, b: int) -> None:
-        ra, rb = self.find(a), self.find(b)
-        if ra != rb:
-            self.parent[rb] = ra
-
-    def freeze(self, info: Any, reason: str) -> None:
-        for i in _infos(info):
-            for s in i.segs:
-                self.frozen.setdefault(s.space, reason)
-
-    def member(self, info: Info, module: str, role: str) -> None:
-        off = 0
-        for s in info.segs:
-            self.members[s.space].append(Member(module, role, off, s.expand, s.span))
-            off += s.length * s.expand
-        if module in self.shared:
-            self.freeze(info, f"{module} shares a weight with {', '.join(x for x in self.shared[module] if x != module)}")
-
-    def fold(self, space: int, period: int) -> None:
-        self.period[space] = math.gcd(self.period.get(space, 0), period)
-
-    def coarsen(self, space: int, size: int) -> None:
-        self.block[space] = math.lcm(self.block.get(space, 1), size)
-
-    def leave(self, name: str, reason: str, *infos: Any) -> None:
-        self.skipped.setdefault(name, reason)
-        for i in infos:
-            self.freeze(i, f"{name}: {reason}")
-
-    # rules
-    def union_infos(self, infos: list[Info], where: str) -> Info | None:
-        """Elementwise between tensors: channel i of each is the same channel."""
-        infos = [i for i in infos if i is not None]
-        if not infos:
-            return None
-        ref = infos[0]
-        for o in infos[1:]:
-            if ((ref.axis - ref.ndim) != (o.axis - o.ndim) or [(s.length, s.expand) for s in ref.segs]
-                    != [(s.length, s.expand) for s in o.segs]):
-                for i in infos:
-                    self.freeze(i, f"{where}: branches with different channel layouts")
-                return None
-            for a, b in zip(ref.segs, o.segs):
-                self.union(a.space, b.space)
-        return max(infos, key=lambda i: i.ndim)
-
-
-def _infos(x: Any) -> list[Info]:
-    if isinstance(x, Info):
-        return [x]
-    if isinstance(x, (tuple, list)):
-        return [i for v in x for i in _infos(v)]
-    if isinstance(x, dict):
-        return [i for v in x.values() for i in _infos(v)]
-    return []
-
-
-def _shape(node: Any) -> tuple[int, ...] | None:
-    tm = node.meta.get("tensor_meta") if hasattr(node, "meta") else None
-    return tuple(tm.shape) if tm is not None and hasattr(tm, "shape") else None
+__all__ = ["Seg", "Member", "Group", "Info", "DependencyGraph", "build_graph"]
 
 
 def _trace(model: nn.Module, example_inputs: Any):
     import torch.fx
     from torch.fx.passes.shape_prop import ShapeProp
-
-    from .attention import ATTENTION
 
     class _Tracer(torch.fx.Tracer):
         def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
@@ -220,10 +70,8 @@ def _trace(model: nn.Module, example_inputs: Any):
 
 def build_graph(model: nn.Module, example_inputs: Any) -> DependencyGraph:
     """Trace ``model`` on ``example_inputs`` and return its prunable channel groups."""
-    from .rules import function_rule, module_rule
-
     gm = _trace(model, example_inputs)
-    b = _Builder(model)
+    b = Builder(model)
     env: dict[str, Any] = {}
     mods = dict(model.named_modules())
 
@@ -241,11 +89,11 @@ def build_graph(model: nn.Module, example_inputs: Any) -> DependencyGraph:
         if node.op == "call_module":
             calls[node.target] = calls.get(node.target, 0) + 1
     for node in gm.graph.nodes:
-        shape = _shape(node)
+        shape = node_shape(node)
         args = [get(a) for a in node.args]
-        ins = [i for a in args for i in _infos(a)]
+        ins = [i for a in args for i in infos(a)]
         kw = {k: get(v) for k, v in node.kwargs.items()}
-        ins += [i for v in kw.values() for i in _infos(v)]
+        ins += [i for v in kw.values() for i in infos(v)]
         out: Any = None
         where = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", str(node.target))
         if node.op == "placeholder":
@@ -267,7 +115,7 @@ def build_graph(model: nn.Module, example_inputs: Any) -> DependencyGraph:
     for s in range(len(b.parent)):
         roots.setdefault(b.find(s), []).append(s)
     g = DependencyGraph(skipped=dict(b.skipped))
-    for root, spaces in roots.items():
+    for spaces in roots.values():
         members = [m for s in spaces for m in b.members[s]]
         reasons = [b.frozen[s] for s in spaces if s in b.frozen]
         n = max(b.length[s] for s in spaces)    # spaces of other lengths join through chunk pieces

@@ -1,7 +1,8 @@
 """MACs and parameters per layer, counted with forward hooks on one example batch (per sample).
 
 Counted: Conv (``out.numel() * in/groups * kernel``), Linear (``out.numel() * in``), Embedding (0
-MACs), attention (q/k/v and output projections plus ``QK^T`` and ``AV``). Elementwise ops, norms and pools are not counted (they are memory-bound and small)::
+MACs), attention (q/k/v and output projections plus ``QK^T`` and ``AV``). Elementwise ops, norms and
+pools are not counted (they are memory-bound and small)::
 
     >>> import torch
     >>> from torch import nn

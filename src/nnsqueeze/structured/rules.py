@@ -23,7 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .graph import Info, Member, Seg, _Builder, _shape
+from .attention import ATTENTION
+from .spaces import Builder, Info, Member, Seg, node_shape
 
 ELEMENTWISE_MODULES = (nn.ReLU, nn.ReLU6, nn.GELU, nn.SiLU, nn.Sigmoid, nn.Tanh, nn.LeakyReLU, nn.ELU,
                        nn.Hardswish, nn.Hardsigmoid, nn.Hardtanh, nn.Mish, nn.Softplus, nn.Dropout,
@@ -67,7 +68,7 @@ def _index_axis(x: Info, index: Any) -> int | None:
     return len(items) + (x.axis - dim)  # the axis is among the untouched trailing dims
 
 
-def module_rule(b: _Builder, name: str, mod: nn.Module, x: Info | None, ins: list[Info],
+def module_rule(b: Builder, name: str, mod: nn.Module, x: Info | None, ins: list[Info],
                  shape: tuple[int, ...] | None, node: Any) -> Info | None:
     if isinstance(mod, nn.modules.conv._ConvNd) and not mod.transposed:
         if x is not None and x.axis != 1:
@@ -150,7 +151,6 @@ def module_rule(b: _Builder, name: str, mod: nn.Module, x: Info | None, ins: lis
         return x
     if isinstance(mod, nn.Flatten):
         return _flatten(b, name, x, mod.start_dim, shape)
-    from .attention import ATTENTION
 
     reason = ("attention: its embed_dim channels are kept (heads are pruned inside the layer)"
               if isinstance(mod, ATTENTION) else f"{type(mod).__name__} is not supported by structured pruning")
@@ -158,7 +158,7 @@ def module_rule(b: _Builder, name: str, mod: nn.Module, x: Info | None, ins: lis
     return None
 
 
-def _flatten(b: _Builder, where: str, x: Info | None, start: int, shape: tuple[int, ...] | None) -> Info | None:
+def _flatten(b: Builder, where: str, x: Info | None, start: int, shape: tuple[int, ...] | None) -> Info | None:
     if x is None or shape is None:
         return None
     start = start % x.ndim
@@ -171,7 +171,7 @@ def _flatten(b: _Builder, where: str, x: Info | None, start: int, shape: tuple[i
     return None
 
 
-def function_rule(b: _Builder, node: Any, where: str, args: list, ins: list[Info],
+def function_rule(b: Builder, node: Any, where: str, args: list, ins: list[Info],
                    shape: tuple[int, ...] | None) -> Any:
     t, method = node.target, node.op == "call_method"
     x = args[0] if args and isinstance(args[0], Info) else None
@@ -186,7 +186,7 @@ def function_rule(b: _Builder, node: Any, where: str, args: list, ins: list[Info
     if (method and t in BINARY_METHODS) or (not method and t in BINARY):
         out = b.union_infos(ins, node.name)
         for a, info in zip(node.args, args):  # an untracked operand with a channel axis pins the channels
-            sh = _shape(a) if info is None and hasattr(a, "meta") else None
+            sh = node_shape(a) if info is None and hasattr(a, "meta") else None
             if out is not None and sh is not None and 0 <= len(sh) + out.axis - out.ndim < len(sh) \
                     and sh[len(sh) + out.axis - out.ndim] != 1:
                 b.leave(node.name, "combined with a tensor whose channels the graph does not track", out)

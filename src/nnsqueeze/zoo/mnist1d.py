@@ -78,7 +78,7 @@ def cache_root(cache_dir: str | os.PathLike | None = None) -> Path:
     return Path(cache_dir).expanduser()
 
 
-def _hash(obj: Any) -> str:
+def content_hash(obj: Any) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:12]
 
 
@@ -125,7 +125,7 @@ def _generate(seed: int) -> dict[str, np.ndarray]:
 
 
 def _raw_data(seed: int, cache_dir: str | os.PathLike | None) -> dict[str, np.ndarray]:
-    path = cache_root(cache_dir) / "mnist1d" / f"data-seed{seed}-{_hash([FORMAT_VERSION, DATA_ARGS])}.npz"
+    path = cache_root(cache_dir) / "mnist1d" / f"data-seed{seed}-{content_hash([FORMAT_VERSION, DATA_ARGS])}.npz"
     keys = ("x", "y", "x_test", "y_test")
     if path.exists():
         try:
@@ -320,7 +320,7 @@ def pretrained(cache_dir: str | os.PathLike | None = None, force: bool = False) 
     JSON file with the test accuracy and the config hash; both are written atomically.
     """
     config = _config()
-    config_hash = _hash(config)
+    config_hash = content_hash(config)
     root = cache_root(cache_dir) / "mnist1d"
     weights, meta_path = root / f"cnn-{config_hash}.safetensors", root / f"cnn-{config_hash}.json"
     if not force:

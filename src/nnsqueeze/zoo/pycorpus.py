@@ -76,7 +76,8 @@ def _docstrings(path: Path) -> str:
         return ""
     out = []
     # ast.walk is breadth-first; sort by line so a document reads in source order.
-    nodes = [n for n in ast.walk(tree) if isinstance(n, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef))]
+    documented = (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)
+    nodes = [n for n in ast.walk(tree) if isinstance(n, documented)]
     nodes.sort(key=lambda n: getattr(n, "lineno", 0))
     for node in nodes:
         doc = ast.get_docstring(node, clean=True)

@@ -49,7 +49,7 @@ from typing import Any, Iterator
 import torch
 
 from . import pycorpus
-from .mnist1d import _hash, cache_root
+from .mnist1d import content_hash, cache_root
 
 log = logging.getLogger("nnsqueeze")
 
@@ -103,7 +103,7 @@ def _check(arch: str | None, size: str) -> None:
 # --------------------------------------------------------------------------- cache plumbing
 
 @contextlib.contextmanager
-def _locked(root: Path, name: str) -> Iterator[None]:
+def locked(root: Path, name: str) -> Iterator[None]:
     """An exclusive ``flock`` on ``root/.name.lock`` (released on exit, also if the process dies)."""
     root.mkdir(parents=True, exist_ok=True)
     with open(root / f".{name}.lock", "a+") as f:
@@ -114,7 +114,7 @@ def _locked(root: Path, name: str) -> Iterator[None]:
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
-def _publish(root: Path, name: str, build) -> Path:
+def publish(root: Path, name: str, build) -> Path:
     """Run ``build(tmp_dir)`` in a fresh temporary directory under ``root``, then rename it to ``root/name``."""
     final = root / name
     tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=root))
@@ -133,7 +133,7 @@ def _publish(root: Path, name: str, build) -> Path:
 # --------------------------------------------------------------------------- tokenizer
 
 def _tokenizer_key(size: str) -> str:
-    return f"tokenizer-{size}-{_hash([FORMAT_VERSION, TOKENIZER[size], pycorpus.corpus_hash(size)])}"
+    return f"tokenizer-{size}-{content_hash([FORMAT_VERSION, TOKENIZER[size], pycorpus.corpus_hash(size)])}"
 
 
 def _train_tokenizer(size: str):
@@ -143,7 +143,8 @@ def _train_tokenizer(size: str):
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=TOKENIZER[size]["vocab_size"], min_frequency=TOKENIZER[size]["min_frequency"],
+    trainer = trainers.BpeTrainer(vocab_size=TOKENIZER[size]["vocab_size"],
+                                  min_frequency=TOKENIZER[size]["min_frequency"],
                                   special_tokens=[EOS], initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
                                   show_progress=False)
     tok.train_from_iterator([d.text for d in pycorpus.load_corpus(size)["train"]], trainer=trainer)
@@ -160,11 +161,11 @@ def load_tokenizer(size: str = "default", cache_dir: str | os.PathLike | None = 
     key = _tokenizer_key(size)
     path = root / key
     if not (path / "tokenizer.json").is_file():
-        with _locked(root, key):
+        with locked(root, key):
             if not (path / "tokenizer.json").is_file():
                 log.info("pylm: training the %s tokenizer (once; cached in %s)", size, path)
                 tok = _train_tokenizer(size)
-                _publish(root, key, lambda tmp: tok.save_pretrained(tmp))
+                publish(root, key, lambda tmp: tok.save_pretrained(tmp))
     return PreTrainedTokenizerFast.from_pretrained(str(path))
 
 
@@ -275,7 +276,7 @@ def train(model, tokens: torch.Tensor, config: dict[str, Any], losses: list[floa
 
 def _model_key(arch: str, size: str) -> str:
     cfg = [FORMAT_VERSION, arch, MODELS[size][arch], TRAIN[size], TOKENIZER[size], pycorpus.corpus_hash(size)]
-    return f"{arch}-{size}-{_hash(cfg)}"
+    return f"{arch}-{size}-{content_hash(cfg)}"
 
 
 def model_dir(arch: str = "llama", size: str = "default", cache_dir: str | os.PathLike | None = None) -> Path:
@@ -302,7 +303,7 @@ def pretrained(arch: str = "llama", size: str = "default", cache_dir: str | os.P
     path = model_dir(arch, size, cache_dir)
     cls = transformers.LlamaForCausalLM if arch == "llama" else transformers.GPT2LMHeadModel
     if force or not _complete(path):
-        with _locked(path.parent, path.name):
+        with locked(path.parent, path.name):
             if force or not _complete(path):
                 tok = load_tokenizer(size, cache_dir)
                 tokens = token_stream("train", size, tokenizer=tok)
@@ -326,11 +327,12 @@ def pretrained(arch: str = "llama", size: str = "default", cache_dir: str | os.P
                     tok.save_pretrained(tmp)
                     (tmp / "pylm.json").write_text(json.dumps(meta, indent=2) + "\n")
 
-                _publish(path.parent, path.name, build)
+                publish(path.parent, path.name, build)
     return cls.from_pretrained(str(path)).eval()
 
 
-def info(arch: str = "llama", size: str = "default", cache_dir: str | os.PathLike | None = None) -> dict[str, Any] | None:
+def info(arch: str = "llama", size: str = "default",
+         cache_dir: str | os.PathLike | None = None) -> dict[str, Any] | None:
     """The cached model's ``pylm.json`` (training time, steps/s, validation perplexity) or None."""
     p = model_dir(arch, size, cache_dir) / "pylm.json"
     return json.loads(p.read_text()) if p.is_file() else None

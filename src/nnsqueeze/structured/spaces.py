@@ -1,0 +1,181 @@
+"""Channel spaces: the data structures of the channel dependency graph and the union-find that ties them.
+
+A *space* is the set of output channels one producer creates; a tensor's channel axis is a list of
+:class:`Seg` slices of spaces; a :class:`Member` is a layer dimension that follows a space. The
+:class:`Builder` merges spaces (union-find), records folds (grouped convolutions), blocks (GroupNorm)
+and freezes; :mod:`.rules` says what each operation does to them and :mod:`.graph` traces the model
+and resolves the merged spaces into prunable :class:`Group` s. ::
+
+    >>> from torch import nn
+    >>> b = Builder(nn.Linear(2, 2))
+    >>> s, t = b.new(4, "a"), b.new(4, "b")
+    >>> b.union(s, t); b.find(t) == b.find(s)
+    True
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+from torch import nn
+
+@dataclass(frozen=True)
+class Seg:
+    """``length`` channels of ``space`` laid out along an axis; each channel spans ``expand`` positions.
+
+    ``span`` > 0: a piece of a ``chunk`` along channels: ``length`` channels that stand for channel
+    ``c``, ``c + length``, ... of the (folded) space.
+    """
+    space: int
+    length: int
+    expand: int = 1
+    span: int = 0
+
+
+@dataclass(frozen=True)
+class Member:
+    """A layer dimension that follows a space: channel ``c`` is index ``offset + c*expand + j`` of it.
+
+    ``role`` is ``out`` (the layer's output dimension: conv/linear rows, BN/GroupNorm vectors,
+    depthwise conv channels, embedding columns) or ``in`` (conv/linear input columns). ``span``
+    (internal, 0 = the whole space) is how many channels of its space a member indexes: a grouped
+    conv's weight reads only ``C_in / groups`` input columns, shared by every group.
+    """
+    module: str
+    role: str
+    offset: int
+    expand: int = 1
+    span: int = 0
+
+
+@dataclass
+class Group:
+    """Channels that must be removed together: ``size`` channels, the layer dims that follow them."""
+    id: int
+    size: int
+    members: list[Member]
+
+    @property
+    def producers(self) -> list[str]:
+        """Layers whose *weights produce* these channels (conv/linear/embedding ``out``)."""
+        return sorted({m.module for m in self.members if m.role == "out"})
+
+
+@dataclass
+class Info:
+    """What flows along one tensor: its channel axis (non-negative) and rank, and the segments."""
+    axis: int
+    ndim: int
+    segs: tuple[Seg, ...]
+
+
+@dataclass
+class DependencyGraph:
+    groups: list[Group] = field(default_factory=list)
+    frozen: list[tuple[str, str]] = field(default_factory=list)   # (layers, reason), one per frozen space
+    skipped: dict[str, str] = field(default_factory=dict)         # layer -> reason it is left intact
+
+
+class Builder:
+    """The channel spaces of one traced model: a union-find over spaces, the layer dims that follow
+    each, and the couplings (fold, block) and freezes the rules record; :func:`~.graph.build_graph`
+    resolves them into groups."""
+
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+        self.parent: list[int] = []
+        self.length: list[int] = []
+        self.members: list[list[Member]] = []
+        self.frozen: dict[int, str] = {}   # space -> reason (only on spaces, resolved at the end)
+        self.origin: list[str] = []
+        self.period: dict[int, int] = {}   # space -> fold period (grouped conv): c couples with c + k*period
+        self.block: dict[int, int] = {}    # space -> block size (GroupNorm): c couples with its block
+        self.skipped: dict[str, str] = {}
+        owners: dict[int, list[str]] = {}
+        for name, mod in model.named_modules():
+            for p in mod.parameters(recurse=False):
+                owners.setdefault(id(p), []).append(name)
+        self.shared = {n: ns for ns in owners.values() if len(ns) > 1 for n in ns}
+
+    # union-find
+    def new(self, length: int, origin: str, frozen: str | None = None) -> int:
+        self.parent.append(len(self.parent))
+        self.length.append(length)
+        self.members.append([])
+        self.origin.append(origin)
+        if frozen:
+            self.frozen[len(self.parent) - 1] = frozen
+        return len(self.parent) - 1
+
+    def find(self, s: int) -> int:
+        while self.parent[s] != s:
+            self.parent[s] = self.parent[self.parent[s]]
+            s = self.parent[s]
+        return s
+
+    def union(self, a: int, b: int) -> None:
+        ra, rb = self.find(a), self.find(b)
+        if ra != rb:
+            self.parent[rb] = ra
+
+    def freeze(self, info: Any, reason: str) -> None:
+        for i in infos(info):
+            for s in i.segs:
+                self.frozen.setdefault(s.space, reason)
+
+    def member(self, info: Info, module: str, role: str) -> None:
+        off = 0
+        for s in info.segs:
+            self.members[s.space].append(Member(module, role, off, s.expand, s.span))
+            off += s.length * s.expand
+        if module in self.shared:
+            others = ", ".join(x for x in self.shared[module] if x != module)
+            self.freeze(info, f"{module} shares a weight with {others}")
+
+    def fold(self, space: int, period: int) -> None:
+        self.period[space] = math.gcd(self.period.get(space, 0), period)
+
+    def coarsen(self, space: int, size: int) -> None:
+        self.block[space] = math.lcm(self.block.get(space, 1), size)
+
+    def leave(self, name: str, reason: str, *infos: Any) -> None:
+        self.skipped.setdefault(name, reason)
+        for i in infos:
+            self.freeze(i, f"{name}: {reason}")
+
+    # rules
+    def union_infos(self, infos: list[Info], where: str) -> Info | None:
+        """Elementwise between tensors: channel i of each is the same channel."""
+        infos = [i for i in infos if i is not None]
+        if not infos:
+            return None
+        ref = infos[0]
+        for o in infos[1:]:
+            if ((ref.axis - ref.ndim) != (o.axis - o.ndim) or [(s.length, s.expand) for s in ref.segs]
+                    != [(s.length, s.expand) for s in o.segs]):
+                for i in infos:
+                    self.freeze(i, f"{where}: branches with different channel layouts")
+                return None
+            for a, b in zip(ref.segs, o.segs):
+                self.union(a.space, b.space)
+        return max(infos, key=lambda i: i.ndim)
+
+
+def infos(x: Any) -> list[Info]:
+    """Every :class:`Info` in ``x`` (an Info, or nested tuples/lists/dicts of them)."""
+    if isinstance(x, Info):
+        return [x]
+    if isinstance(x, (tuple, list)):
+        return [i for v in x for i in infos(v)]
+    if isinstance(x, dict):
+        return [i for v in x.values() for i in infos(v)]
+    return []
+
+
+def node_shape(node: Any) -> tuple[int, ...] | None:
+    """The shape ``ShapeProp`` recorded on an fx node, or None."""
+    tm = node.meta.get("tensor_meta") if hasattr(node, "meta") else None
+    return tuple(tm.shape) if tm is not None and hasattr(tm, "shape") else None
