@@ -111,6 +111,35 @@ def perplexity(model: Any, data: Iterable) -> float:
 perplexity.lower_is_better = True  # the report and the latency guard read this
 
 
+@METRICS.register("cosine")
+@torch.no_grad()
+def cosine(model: Any, data: Iterable) -> float:
+    """Mean cosine similarity (float64) between the model's output vectors and the batch targets, the
+    reference model's outputs for the same inputs: embedding fidelity for sentence encoders and other
+    models whose output is a vector per example. Each example's ``(..., dim)`` output is compared row by
+    row along the last axis; 1.0 means the same directions. Higher is better."""
+    if hasattr(model, "eval"):
+        model.eval()
+    total, n = 0.0, 0
+    for i, batch in enumerate(data):
+        inputs, targets = split(batch)
+        if targets is None or not isinstance(targets, torch.Tensor) or not targets.is_floating_point():
+            raise DataError(_at(f"eval_data batch {i}"), "cosine needs float reference outputs as targets",
+                            fix="give (inputs, reference_outputs) batches: the original model's outputs")
+        out = logits(call_model(model, inputs))
+        if out.shape != targets.shape:
+            raise DataError(_at(f"eval_data batch {i}"), f"outputs of shape {tuple(out.shape)} do not match the "
+                            f"reference outputs {tuple(targets.shape)}",
+                            fix="give the original model's outputs for the same inputs as targets")
+        a, b = out.double().reshape(-1, out.shape[-1]), targets.double().reshape(-1, out.shape[-1])
+        cos = (a * b).sum(-1) / (a.norm(dim=-1) * b.norm(dim=-1)).clamp_min(1e-300)
+        total += float(cos.sum())
+        n += cos.numel()
+    if n == 0:
+        raise DataError("eval_data", "no examples to evaluate", fix="give at least one non-empty batch")
+    return total / n
+
+
 def lower_is_better(metric: Callable | None) -> bool:
     """Whether smaller values of ``metric`` are better (set ``fn.lower_is_better = True`` on a callable)."""
     return bool(getattr(metric, "lower_is_better", False))

@@ -40,6 +40,29 @@ def test_suggest_skips_fields_of_switched_off_steps():
         study.tell(t, 0.0)
 
 
+def test_optional_field_is_removed_when_off_and_its_subfields_not_sampled():
+    base = [{"quantize": {"weights": {"bits": 4, "clip": "mse", "adaround": {"iters": 10, "samples": 8}}}}]
+    s = Space({"base": base, "params": {"quantize.weights.adaround": {"optional": True},
+                                        "quantize.weights.adaround.iters": {"int": [5, 20]},
+                                        "quantize.weights.bits": {"choices": [4, 8]}}})
+    on = s.recipe({"quantize.weights.adaround": True, "quantize.weights.adaround.iters": 7})
+    assert on.steps[0].config.weights.adaround.iters == 7 and on.steps[0].config.weights.adaround.samples == 8
+    off = s.recipe({"quantize.weights.adaround": False})
+    assert off.steps[0].config.weights.adaround is None          # removed: the field's default
+    assert off.steps[0].config.weights.clip == "mse"             # its siblings kept
+    assert base[0]["quantize"]["weights"]["adaround"] == {"iters": 10, "samples": 8}  # base untouched
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=1))
+    seen = set()
+    for _ in range(16):
+        t = study.ask()
+        v = s.suggest(t)
+        seen.add(v["quantize.weights.adaround"])
+        assert ("quantize.weights.adaround.iters" in v) == v["quantize.weights.adaround"]
+        assert "quantize.weights.bits" in v
+        study.tell(t, 0.0)
+    assert seen == {True, False}
+
+
 def test_repeated_step_is_named_by_occurrence():
     s = Space({"base": [{"finetune": {"epochs": 1}}, {"quantize": {}}, {"finetune": {"epochs": 1}}],
                "params": {"finetune#2.epochs": [1, 4]}})
@@ -56,7 +79,7 @@ def test_repeated_step_is_named_by_occurrence():
     ({"prune.sparsity": {"floot": [0.1, 0.2]}}, "unknown key 'floot'"),
     ({"prune.sparsity": {"float": [0.1, 0.2], "choices": [1]}}, "exactly one of"),
     ({"prune.nope": [0.1, 0.2]}, "nope"),
-    ({"prune.sparsity": {"optional": True}}, "optional applies to a whole step"),
+    ({"prune.scope": {"optional": True}}, "optional field must be set in base"),
     ({"prune": {"optional": True}, "finetune": {"optional": True}, "quantize": {"optional": True}},
      "every step in base is optional"),
 ])

@@ -11,6 +11,7 @@ from torch import nn
 import nnsqueeze as nsq
 from nnsqueeze.context import Context
 from nnsqueeze.errors import DataError, ModelError
+from nnsqueeze.metrics import cosine
 from nnsqueeze.ops.distill import hint_loss, kd_loss, soft_kl
 from nnsqueeze.report import ReportBuilder
 from nnsqueeze.steps.distill import Distill, DistillConfig
@@ -110,3 +111,36 @@ def test_unlabeled_batches_get_the_soft_term_only(tiny_cnn, toy_data):
         want = 0.5 * float(torch.nn.functional.cross_entropy(student(x), y)) + 0.5 * float(soft_kl(student(x), t, 3.0))
         assert float(step._loss(student, (x, y), ctx)) == pytest.approx(want, rel=1e-6)
     Distill(DistillConfig(steps=4, lr=1e-3, alpha=0.5, temperature=3.0), 0).run(student, ctx)  # trains through both
+
+
+def test_output_loss_closed_forms():
+    from nnsqueeze.ops.distill import output_loss
+    s = torch.tensor([[1.0, 0.0], [3.0, 4.0]])
+    t = torch.tensor([[0.0, 2.0], [6.0, 8.0]])
+    # cosines: 0 (orthogonal) and 1 (same direction) -> 1 - mean = 0.5
+    assert float(output_loss(s, t, "cosine")) == pytest.approx(0.5, abs=1e-7)
+    assert float(output_loss(s, t, "mse")) == pytest.approx((1 + 4 + 9 + 16) / 4, abs=1e-6)
+    with pytest.raises(ValueError, match="outputs differ"):
+        output_loss(s, t[:, :1], "mse")
+
+
+def test_cosine_soft_term_for_embedding_models():
+    # An "encoder" whose output is a 6-d vector: targets are the teacher's embeddings, not labels.
+    torch.manual_seed(3)
+    teacher = nn.Sequential(nn.Linear(9, 12), nn.Tanh(), nn.Linear(12, 6)).eval()
+    x = torch.randn(64, 9)
+    with torch.no_grad():
+        ref = teacher(x)
+    data = [(x[i:i + 16], ref[i:i + 16]) for i in range(0, 64, 16)]
+    student = nn.Sequential(nn.Linear(9, 12), nn.Tanh(), nn.Linear(12, 6))
+    cfg = DistillConfig(steps=60, lr=2e-2, soft="cosine", alpha=0.5)
+    step = Distill(cfg, 0)
+    ctx = _ctx(data, teacher)
+    step._setup(student, ctx)
+    with torch.no_grad():  # no loss_fn: the soft term alone, whatever alpha says
+        want = 1 - float(torch.nn.functional.cosine_similarity(student(x[:16]), ref[:16], dim=-1).mean())
+        assert float(step._loss(student, data[0], ctx)) == pytest.approx(want, rel=1e-5)
+    before = cosine(student, data)
+    student = Distill(cfg, 0).run(student, _ctx(data, teacher))
+    after = cosine(student, data)
+    assert after > before and after > 0.9

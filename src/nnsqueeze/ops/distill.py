@@ -76,3 +76,16 @@ def attention_kl(student_probs: Tensor, teacher_probs: Tensor, eps: float = 1e-1
         raise ValueError(f"attention maps differ beyond the head count: {tuple(s.shape)} vs {tuple(t.shape)}")
     kl = torch.xlogy(t, t) - torch.xlogy(t, s.clamp_min(eps))   # 0 where the teacher's weight is 0
     return kl.sum(-1).mean()
+
+
+def output_loss(student_out: Tensor, teacher_out: Tensor, kind: str) -> Tensor:
+    """Soft term for models whose outputs are vectors, not class logits (sentence embeddings):
+    ``mse``, the mean squared difference, or ``cosine``, ``1 - mean cosine`` along the last axis."""
+    if student_out.shape != teacher_out.shape:
+        raise ValueError(f"outputs differ: {tuple(student_out.shape)} vs {tuple(teacher_out.shape)}")
+    s, t = student_out.float(), teacher_out.float()
+    if kind == "mse":
+        return F.mse_loss(s, t)
+    if kind == "cosine":
+        return 1.0 - F.cosine_similarity(s, t, dim=-1, eps=1e-12).mean()
+    raise ValueError(f"unknown output loss {kind!r} (mse or cosine)")

@@ -6,13 +6,14 @@ name: cnn
 base:                                  # a recipe's steps: every field not searched keeps this value
   - prune: {sparsity: 0.5}
   - finetune: {epochs: 2, lr: 5.0e-4}
-  - quantize: {weights: {bits: 8}}
+  - quantize: {weights: {bits: 8, clip: mse}}
 params:
   prune: {optional: true}              # the step is on or off
   prune.sparsity: [0.3, 0.9]           # a float range (int range when both bounds are integers)
   finetune.epochs: {int: [1, 5]}
   finetune.lr: {log: [1.0e-4, 1.0e-2]} # log-uniform float range
   quantize.weights.bits: {choices: [4, 8]}
+  quantize.weights.clip: {optional: true}  # a field of base switched on or off (off: its default)
 evaluate: {runs: 20, warmup: 5}        # the recipe's evaluate / export / seed, for every trial
 ```
 
@@ -54,7 +55,8 @@ class Param(_Strict):
     log: list[float] | None = Field(None, min_length=2, max_length=2, description="[low, high], log-uniform")
     choices: list[Any] | None = Field(None, min_length=1)
     step: float | None = Field(None, gt=0, description="grid step of a float or int range")
-    optional: bool | None = Field(None, description="the step is switched on or off (a step key only)")
+    optional: bool | None = Field(None, description="the step or field is switched on or off (off: the step is "
+                                  "dropped, or the field removed so its default applies)")
 
     @model_validator(mode="after")
     def _one_kind(self) -> "Param":
@@ -145,7 +147,11 @@ class Space:
             raise RecipeError(f"{source}: params", "the space searches nothing (no params)",
                               fix="add e.g. 'prune.sparsity: [0.3, 0.9]' under params")
         for key, p in self.params.items():
-            self._locate(key, p)
+            i, fields = self._locate(key, p)
+            if p.optional is not None and fields and not self._in_base(i, fields):
+                raise RecipeError(f"{self.source}: params.{key}", "an optional field must be set in base (its "
+                                  "value when on); it is not", fix=f"give {'.'.join(fields)} a value in base's "
+                                  f"{self.keys[i]} step")
         self._check()
 
     # ------------------------------------------------------------------ keys
@@ -173,13 +179,18 @@ class Space:
                               (f" ({step} appears more than once: name it {' or '.join(hint)})" if hint else ""),
                               fix=f"steps in base: {', '.join(self.keys)}")
         fields = path.split(".") if path else []
-        if p.optional is not None and fields:
-            raise RecipeError(f"{self.source}: params.{key}", "optional applies to a whole step",
-                              fix=f"write '{step}: {{optional: true}}'")
         if p.optional is None and not fields:
             raise RecipeError(f"{self.source}: params.{key}", "a step key takes only {optional: true}",
                               fix=f"name a field, e.g. '{step}.<field>: [low, high]'")
         return self.keys.index(step), fields
+
+    def _in_base(self, i: int, fields: list[str]) -> bool:
+        cfg = next(iter(self.base[i].values())) or {}
+        for f in fields:
+            if not isinstance(cfg, dict) or f not in cfg:
+                return False
+            cfg = cfg[f]
+        return True
 
     # ------------------------------------------------------------------ trial -> recipe
 
@@ -192,8 +203,20 @@ class Space:
             if key not in values:
                 continue
             i, fields = self._locate(key, p)
-            if p.optional is not None:
+            if p.optional is not None and not fields:
                 keep[i] = bool(values[key])
+                continue
+            if p.optional is not None:  # an optional field: off removes it (its default applies), on keeps base
+                if not values[key]:
+                    (name, cfg), = steps[i].items()
+                    cfg = steps[i][name] = dict(cfg or {})
+                    for f in fields[:-1]:
+                        if not isinstance(cfg.get(f), dict):
+                            break
+                        cfg[f] = dict(cfg[f])
+                        cfg = cfg[f]
+                    else:
+                        cfg.pop(fields[-1], None)
                 continue
             (name, cfg), = steps[i].items()
             cfg = steps[i][name] = dict(cfg or {})
@@ -222,12 +245,18 @@ class Space:
     def suggest(self, trial: Any) -> dict[str, Any]:
         """Sample the values of one optuna trial (fields of a switched-off step are not sampled)."""
         values: dict[str, Any] = {}
-        on = {}
+        off: list[str] = []  # optional steps and fields switched off: nothing under them is sampled
+
+        def under_off(key: str) -> bool:
+            return any(key.startswith(o + ".") for o in off)
+
+        for key, p in sorted(self.params.items(), key=lambda kv: kv[0].count(".")):  # parents first
+            if p.optional is not None and not under_off(key):
+                values[key] = trial.suggest_categorical(key, [True, False])
+                if not values[key]:
+                    off.append(key)
         for key, p in self.params.items():
-            if p.optional is not None:
-                values[key] = on[key] = trial.suggest_categorical(key, [True, False])
-        for key, p in self.params.items():
-            if p.optional is not None or not on.get(key.partition(".")[0], True):
+            if p.optional is not None or under_off(key):
                 continue
             if p.choices is not None:
                 values[key] = trial.suggest_categorical(key, p.choices)
@@ -245,7 +274,7 @@ class Space:
         """Reject a contradictory space before any trial: every value each param can take must
         make a valid recipe with the rest at base (or all optional steps on), and at least one
         step must stay on."""
-        optional = [k for k, p in self.params.items() if p.optional is not None]
+        optional = [k for k, p in self.params.items() if p.optional is not None and "." not in k]
         if len(optional) == len(self.base):
             raise RecipeError(f"{self.source}: params", "every step in base is optional, so a trial could run no "
                               "step at all", fix="make at least one step mandatory (drop its 'optional: true')")

@@ -20,6 +20,11 @@ shapes agree, else a learned 1x1 projection (Linear on the last dim for 2-D feat
 3-D/4-D ones), trained with the student and discarded afterwards. For dict batches the hard term is
 the model's own ``.loss``; ``ctx.loss_fn``, when given, replaces the hard term.
 
+Embedding models (a sentence encoder's pooled vector is not a class distribution): ``soft: cosine``
+(``1 - cosine(student output, teacher output)``) or ``soft: mse`` replaces the KL term
+(:func:`nnsqueeze.ops.distill.output_loss`); the batch targets are then not labels, and only
+``loss_fn`` adds a hard term. ``{distill: {epochs: 1, lr: 5.0e-5, soft: cosine}}``.
+
 Attention-map transfer (transformers): every ``attention`` entry adds
 ``weight * attention_kl(student map, teacher map)`` (:func:`nnsqueeze.ops.distill.attention_kl`:
 KL of each query's attention distribution, teacher || student, averaged; head-averaged when the
@@ -44,7 +49,7 @@ before it runs its schedule during distillation, and clustered centroids train a
 from __future__ import annotations
 
 import copy
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
@@ -52,7 +57,7 @@ from torch import nn
 
 from ..data import call_model, logits, split, take, to_device
 from ..errors import DataError, ModelError
-from ..ops.distill import attention_kl, hint_loss, kd_loss
+from ..ops.distill import attention_kl, hint_loss, kd_loss, output_loss
 from ..registry import STEPS
 from .finetune import Finetune, FinetuneConfig
 
@@ -74,6 +79,10 @@ class AttentionConfig(BaseModel):
 class DistillConfig(FinetuneConfig):
     alpha: float = Field(0.5, ge=0.0, le=1.0, description="weight of the hard-label loss")
     temperature: float = Field(4.0, gt=0.0, description="softmax temperature of the soft term")
+    soft: Literal["kl", "mse", "cosine"] = Field(
+        "kl", description="the soft term: kl between softened class/token distributions (classifiers, LMs); "
+        "mse or cosine between the raw outputs (embedding models, whose outputs are vectors, not logits). With "
+        "mse/cosine the batch targets are not class labels, so the hard term comes only from loss_fn")
     hints: list[HintConfig] = Field(default_factory=list, description="feature hints between named layers")
     attention: list[AttentionConfig] = Field(default_factory=list, description="attention-map transfer between "
                                              "named attention modules")
@@ -159,7 +168,11 @@ class Distill(Finetune):
         if s_logits.shape != t_logits.shape:
             raise ModelError(f"{self.where}", f"student logits {tuple(s_logits.shape)} and teacher logits "
                              f"{tuple(t_logits.shape)} differ", fix="distill between models with the same outputs")
-        if ctx.loss_fn is not None or isinstance(batch, dict):
+        if c.soft != "kl":
+            soft = output_loss(s_logits, t_logits, c.soft)
+            hard = ctx.loss_fn(out, targets) if ctx.loss_fn is not None else None
+            loss = soft if hard is None or c.alpha == 0 else c.alpha * hard + (1 - c.alpha) * soft
+        elif ctx.loss_fn is not None or isinstance(batch, dict):
             hard = ctx.loss_fn(out, targets) if ctx.loss_fn is not None else getattr(out, "loss", None)
             if hard is None and isinstance(out, dict):
                 hard = out.get("loss")

@@ -1,0 +1,135 @@
+"""Benchmark: ``nnsqueeze search`` resumed after a kill, and one worker against two (issue #15).
+
+Three runs of the same search (the MNIST-1D demo CNN, the shipped ``cnn`` space, the CLI as a user
+types it), each in its own new directory:
+
+1. **one worker**: ``--workers 1`` (2 threads); wall time.
+2. **two workers**: ``--workers 2`` (1 thread each, two processes on one SQLite study); wall time.
+   The trials differ from run 1 (two samplers ask in parallel), so the table also gives the sum of
+   the trials' own seconds: wall time / trial-seconds is the parallel efficiency, independent of
+   which recipes were drawn.
+3. **killed and resumed**: ``--workers 1``; when half the trials are finished the whole process group
+   gets SIGKILL (no clean-up), then the same command runs again. It must end with exactly
+   ``--trials`` finished trials, and every trial finished before the kill must be untouched (same
+   number, values and completion time): nothing recomputed. The trial that was running when the
+   process died is marked failed after the heartbeat grace period and re-queued.
+
+The prefix cache is off (``--no-cache``) so that wall times measure parallelism, not cache luck.
+
+    python bench/search_workers.py --trials 12
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import date
+from pathlib import Path
+
+import optuna
+
+from nnsqueeze.env import cpu_model
+from nnsqueeze.isa import describe
+
+
+def cli(out: Path, trials: int, workers: int) -> list[str]:
+    return [sys.executable, "-m", "nnsqueeze", "-q", "search", "--model", "nnsqueeze.zoo.mnist1d:pretrained",
+            "--data", "mnist1d", "--space", "cnn", "--max-drop", "0.02", "--trials", str(trials),
+            "--workers", str(workers), "--no-cache", "--out", str(out)]
+
+
+def study_of(out: Path) -> optuna.Study:
+    marker = json.loads((out / "search.json").read_text())
+    return optuna.load_study(study_name=marker["study_name"], storage=marker["storage"])
+
+
+def finished(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
+    return [t for t in study.get_trials(deepcopy=False) if t.state.name in ("COMPLETE", "PRUNED")]
+
+
+def trial_seconds(study: optuna.Study) -> float:
+    return sum((t.datetime_complete - t.datetime_start).total_seconds() for t in finished(study))
+
+
+def run(out: Path, trials: int, workers: int) -> float:
+    t0 = time.perf_counter()
+    subprocess.run(cli(out, trials, workers), check=True, stdout=subprocess.DEVNULL)
+    return time.perf_counter() - t0
+
+
+def killed_and_resumed(out: Path, trials: int) -> dict:
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    t0 = time.perf_counter()
+    p = subprocess.Popen(cli(out, trials, 1), stdout=subprocess.DEVNULL, start_new_session=True)
+    half = trials // 2
+    while True:
+        time.sleep(1.0)
+        if (out / "search.json").is_file() and (out / "study.db").is_file():
+            try:
+                if len(finished(study_of(out))) >= half:
+                    break
+            except Exception:  # noqa: BLE001 - the study is still being created
+                pass
+        if p.poll() is not None:
+            raise SystemExit(f"the search ended (exit {p.returncode}) before it could be killed")
+    os.killpg(p.pid, signal.SIGKILL)
+    p.wait()
+    first = time.perf_counter() - t0
+    before = {t.number: (t.state.name, t.values, t.datetime_complete) for t in finished(study_of(out))}
+    running = [t.number for t in study_of(out).get_trials(deepcopy=False) if t.state.name == "RUNNING"]
+    t1 = time.perf_counter()
+    subprocess.run(cli(out, trials, 1), check=True, stdout=subprocess.DEVNULL)
+    second = time.perf_counter() - t1
+    study = study_of(out)
+    after = {t.number: (t.state.name, t.values, t.datetime_complete) for t in finished(study)}
+    states = {}
+    for t in study.get_trials(deepcopy=False):
+        states[t.state.name] = states.get(t.state.name, 0) + 1
+    return {"finished_at_kill": len(before), "running_at_kill": running, "finished_after": len(after),
+            "recomputed": sum(1 for n, v in before.items() if after.get(n) != v),
+            "new_trials": len(set(after) - set(before)), "states": states, "first_s": first, "resume_s": second}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--trials", type=int, default=12)
+    ap.add_argument("--keep", help="keep the three search directories here instead of a temporary one")
+    ap.add_argument("--only", choices=["workers", "resume"], help="run one part")
+    args = ap.parse_args()
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    root_ctx = tempfile.TemporaryDirectory() if args.keep is None else None
+    root = Path(args.keep or root_ctx.name)
+    root.mkdir(parents=True, exist_ok=True)
+    print(f"# search workers and resume, {date.today()}, CPU {cpu_model()} ({describe()['isa']}), "
+          f"{os.cpu_count()} cores; demo CNN, space cnn, {args.trials} trials, --no-cache")
+    if args.only in (None, "workers"):
+        w1 = run(root / "one", args.trials, 1)
+        s1 = study_of(root / "one")
+        w2 = run(root / "two", args.trials, 2)
+        s2 = study_of(root / "two")
+        ts1, ts2 = trial_seconds(s1), trial_seconds(s2)
+        print("\n| workers | threads each | finished trials | wall s | sum of trial s | wall / trial-s |")
+        print("|---|---|---|---|---|---|")
+        print(f"| 1 | {os.cpu_count()} | {len(finished(s1))} | {w1:.0f} | {ts1:.0f} | {w1 / ts1:.2f} |")
+        print(f"| 2 | {max(1, (os.cpu_count() or 1) // 2)} | {len(finished(s2))} | {w2:.0f} | {ts2:.0f} | "
+              f"{w2 / ts2:.2f} |")
+        print(f"\ntwo workers / one worker, wall time: {w2 / w1:.2f}x (target <= 0.6x)")
+    if args.only in (None, "resume"):
+        r = killed_and_resumed(root / "resume", args.trials)
+        print(f"\nkilled (SIGKILL to the process group) after {r['finished_at_kill']} finished trials "
+              f"({r['first_s']:.0f} s; running then: {r['running_at_kill']}); the same command again ran "
+              f"{r['new_trials']} more in {r['resume_s']:.0f} s and ended with {r['finished_after']} finished "
+              f"(target {args.trials}); trials finished before the kill and changed or recomputed: "
+              f"{r['recomputed']}; trial states: {r['states']}")
+    if root_ctx is not None:
+        root_ctx.cleanup()
+
+
+if __name__ == "__main__":
+    main()
