@@ -102,14 +102,14 @@ def main() -> None:
 
     print("\n| system | mean-cosine loss | ONNX bytes | ORT ms (batch) | speed-up vs fp32 |")
     print("|---|---|---|---|---|")
-    print(f"| fp32 (search trials' baselines, median) | 0 | {res.rows[0]['baseline_size_bytes']:,} | {base_ms:.1f} | 1.00x |"
-          if res.rows else "| fp32 | | | | |")
+    fp32_bytes = res.rows[0]["baseline_size_bytes"] if res.rows else 0
+    print(f"| fp32 (search trials' baselines, median) | 0 | {fp32_bytes:,} | {base_ms:.1f} | 1.00x |")
     print(f"| int8-dynamic-bert preset | {100 * preset['drop']:.3f}% | {preset['size_bytes']:,} | "
           f"{preset['latency_ms']:.1f} (fp32 {preset['base_ms']:.1f}) | {preset['speedup']:.2f}x |")
     feasible = [r for r in res.front if r["drop"] <= args.max_drop]
     for r in sorted(feasible, key=lambda r: -r["speedup"])[:8]:
-        print(f"| trial {r['trial']}: {' + '.join(r.get('steps', []))} | {100 * r['drop']:.3f}% | {r['size_bytes']:,} | "
-              f"{r['latency_ms']:.1f} (fp32 {r['baseline_latency_ms']:.1f}) | {r['speedup']:.2f}x |")
+        print(f"| trial {r['trial']}: {' + '.join(r.get('steps', []))} | {100 * r['drop']:.3f}% | "
+              f"{r['size_bytes']:,} | {r['latency_ms']:.1f} (fp32 {r['baseline_latency_ms']:.1f}) | {r['speedup']:.2f}x |")
     if res.best is not None:
         best = res.best
         print(f"\nchosen (fastest within {100 * args.max_drop:.1f}%): trial {best['trial']}, "

@@ -124,11 +124,11 @@ def cosine(model: Any, data: Iterable) -> float:
     for i, batch in enumerate(data):
         inputs, targets = split(batch)
         if targets is None or not isinstance(targets, torch.Tensor) or not targets.is_floating_point():
-            raise DataError(_at(f"eval_data batch {i}"), "cosine needs float reference outputs as targets",
+            raise DataError(at_stage(f"eval_data batch {i}"), "cosine needs float reference outputs as targets",
                             fix="give (inputs, reference_outputs) batches: the original model's outputs")
         out = logits(call_model(model, inputs))
         if out.shape != targets.shape:
-            raise DataError(_at(f"eval_data batch {i}"), f"outputs of shape {tuple(out.shape)} do not match the "
+            raise DataError(at_stage(f"eval_data batch {i}"), f"outputs of shape {tuple(out.shape)} do not match the "
                             f"reference outputs {tuple(targets.shape)}",
                             fix="give the original model's outputs for the same inputs as targets")
         a, b = out.double().reshape(-1, out.shape[-1]), targets.double().reshape(-1, out.shape[-1])
