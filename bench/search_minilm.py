@@ -109,7 +109,8 @@ def main() -> None:
     feasible = [r for r in res.front if r["drop"] <= args.max_drop]
     for r in sorted(feasible, key=lambda r: -r["speedup"])[:8]:
         print(f"| trial {r['trial']}: {' + '.join(r.get('steps', []))} | {100 * r['drop']:.3f}% | "
-              f"{r['size_bytes']:,} | {r['latency_ms']:.1f} (fp32 {r['baseline_latency_ms']:.1f}) | {r['speedup']:.2f}x |")
+              f"{r['size_bytes']:,} | {r['latency_ms']:.1f} (fp32 {r['baseline_latency_ms']:.1f}) | "
+              f"{r['speedup']:.2f}x |")
     if res.best is not None:
         best = res.best
         print(f"\nchosen (fastest within {100 * args.max_drop:.1f}%): trial {best['trial']}, "
