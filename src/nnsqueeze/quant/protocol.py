@@ -1,7 +1,7 @@
 """The declared interface of quantized layers: what export, the artifact and the latency guard may
 ask of a module, as nominal types checked with ``isinstance`` instead of ``hasattr`` probes.
 
-Three small ABCs, because the module families do not all have all three parts:
+Four small ABCs, because the module families do not all have every part:
 
 - :class:`ExportHints`: what the ONNX exporter reads (verify with quantized tolerances, on the mean
   difference, extra opset domains, bf16 constant storage). Declared class defaults; a family or an
