@@ -20,9 +20,9 @@ first; nothing is written::
     >>> rows[0]["layer"], rows[0]["metric_drop"]
     ('0', 0.0)
 
-``nnsqueeze sensitivity`` is the command-line front end; the ``mixed-int8`` step uses it to keep the
-most sensitive layers in float, and ``half`` with ``keep_fp32`` to keep the most half-sensitive
-layers in fp32.
+``nnsqueeze sensitivity`` is the command-line front end; the ``mixed`` step measures it once to
+allocate formats per layer (and through it ``mixed-int8`` keeps the most int8-sensitive layers in
+float, and ``half`` with ``keep_fp32`` the most half-sensitive ones).
 """
 
 from __future__ import annotations

@@ -132,10 +132,11 @@ class Half(Step):
 
     def _keep_fp32(self, model: nn.Module, names: list[str], ctx) -> tuple[dict[str, str], dict[str, Any]]:
         """({layer: reason} for the layers kept in fp32, most sensitive first; the whole converted
-        model's measured figures with them kept), see the module docstring."""
-        from ..data import take
+        model's measured figures with them kept), see the module docstring. The choice is the
+        ``mixed`` step's (``formats: [fp16 or bf16, fp32], search: raise``), with both bounds applied."""
         from ..metrics import get_metric
-        from ..sensitivity import HALF_FORMATS, half_copy, output_sqnr, sensitivity
+        from ..sensitivity import HALF_FORMATS
+        from .mixed_precision import MixedPrecision, Quality
 
         k, where = self.config.keep_fp32, f"{self.where}.keep_fp32"
         calib = ctx.calib_data if ctx.calib_data is not None else ctx.train_data
@@ -147,39 +148,23 @@ class Half(Step):
             raise DataError(where, "max_metric_drop needs eval data and a metric",
                             fix="pass eval_data=... and metric=..., or use min_sqnr_db / most_sensitive")
         fmt = {v: f for f, v in HALF_FORMATS.items()}[self.config.dtype]
+        mixed = MixedPrecision(MixedPrecision.Config.model_validate({
+            "formats": [fmt, "fp32"], "search": "raise", "min_raised": k.most_sensitive or 0,
+            "calibration": {"samples": k.samples}}), self.index)
+        mixed.registered_name = self.registered_name
         was_training = model.training
         model.eval()
         try:
-            rows = sensitivity(model, calib, eval_data=ctx.eval_data if metric_fn else None, metric=metric_fn,
-                               formats=[fmt], targets=names, calibration={"samples": k.samples}, device=ctx.device)
-            ranked = [r["layer"] for r in rows]  # most sensitive first
-            sqnr_data = take(calib, k.samples)
-            base = float(metric_fn(model, ctx.eval_data)) if metric_fn is not None else None
-
-            def whole(keep: set[str]) -> dict[str, float]:
-                trial = half_copy(model, [n for n in names if n not in keep], self.config.dtype)
-                out = {"output_sqnr_db": output_sqnr(model, trial, sqnr_data, ctx.device)}
-                if base is not None:
-                    out["metric_drop"] = base - float(metric_fn(trial, ctx.eval_data))
-                return out
-
-            def misses(fig: dict[str, float]) -> bool:
-                return (k.max_metric_drop is not None and fig["metric_drop"] > k.max_metric_drop) or \
-                    (k.min_sqnr_db is not None and fig["output_sqnr_db"] < k.min_sqnr_db)
-
-            n = min(k.most_sensitive or 0, len(ranked))
-            fig = whole(set(ranked[:n]))
-            while n < len(ranked) and misses(fig):  # keep the next most sensitive layer, re-measure all
-                n += 1
-                fig = whole(set(ranked[:n]))
+            a = mixed.allocate(model, ctx, calib, names=names, metric=metric_fn, whole_sqnr=True,
+                               quality=Quality(max_metric_drop=k.max_metric_drop, min_sqnr_db=k.min_sqnr_db))
         finally:
             model.train(was_training)
-        whole = {f"whole_model_{key}": (v if math.isfinite(v) else str(v)) for key, v in fig.items()}
-        if misses(fig):  # all layers kept (the fp32 model) still misses: a noisy metric; say so
+        whole = {f"whole_model_{key}": (v if math.isfinite(v) else str(v)) for key, v in a.whole.items()}
+        if not a.quality_met:  # all layers kept (the fp32 model) still misses: a noisy metric; say so
             ctx.fallback(self.registered_name, f"keep_fp32 budget not met: {whole}")
-        by = {r["layer"]: r for r in rows}
+        by = {r["layer"]: r for r in a.rows}
         out = {}
-        for i, lname in enumerate(ranked[:n]):
+        for i, lname in enumerate(a.ranking[:a.raised]):
             r = by[lname]
             figs = [f"output SQNR {r['sqnr_db']:.1f} dB"]
             if "metric_drop" in r:

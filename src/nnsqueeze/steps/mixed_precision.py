@@ -7,16 +7,23 @@ Recipe::
         formats: [int4, int8, fp16, fp32]      # also bf16 and every nnsqueeze.sensitivity.FORMATS name
         budget: {size_ratio: 0.3, max_metric_drop: 0.003}   # also size_bytes, min_sqnr_db, latency_ms
         calibration: {method: minmax, samples: 512}
+        search: lower                          # or raise (below)
 
 The result is the ``half`` step's conversion on the fp16/bf16 layers (2 bytes per parameter), then the
 ``quantize`` step with per-layer ``layer_weights`` on the integer layers (fp32 and half layers
 ignored), so export and rebuild are theirs; each layer's format and byte figures are in the report.
+
+This is the one mixed-precision allocator. ``mixed-int8`` (:mod:`nnsqueeze.steps.mixed`) is this
+step with ``formats: [int8, fp32], search: raise``, and ``half``'s ``keep_fp32`` is it with
+``formats: [fp16 or bf16, fp32], search: raise``: both map their configs onto
+:meth:`MixedPrecision.allocate` and keep their own records, so their artifacts load as before.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Any
+from dataclasses import dataclass, field
+from typing import Any, Callable, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from torch import nn
@@ -56,6 +63,13 @@ class MixedPrecisionConfig(StepConfig):
                                "bf16 or fp32)")
     budget: MixedBudget = Field(default_factory=MixedBudget)
     calibration: CalibrationConfig = Field(default_factory=CalibrationConfig)
+    search: Literal["lower", "raise"] = Field(
+        "lower", description="lower: from the least-noise allocation that fits the size budget, lower one "
+        "layer at a time (least noise per byte saved first) while the latency / quality budget allows. raise: "
+        "every layer at its cheapest format, then the most sensitive layers (ranked alone in that format) "
+        "go to their most precise format, one more at a time, until the whole model meets the quality budget")
+    min_raised: int = Field(0, ge=0, description="search: raise: raise at least this many of the most "
+                            "sensitive layers, whatever the figures say")
 
 
 def format_bytes(layer: nn.Module, fmt: str) -> int:
@@ -63,7 +77,7 @@ def format_bytes(layer: nn.Module, fmt: str) -> int:
     from ..sensitivity import FORMATS, HALF_FORMATS
 
     n_w = layer.weight.numel()
-    n_b = 0 if layer.bias is None else layer.bias.numel()
+    n_b = 0 if getattr(layer, "bias", None) is None else layer.bias.numel()  # Embedding: no bias
     if fmt == "fp32":
         return 4 * (n_w + n_b)
     if fmt in HALF_FORMATS:  # the half step stores weight and bias in 16 bits
@@ -109,6 +123,147 @@ def cheapest_allocation(options: dict[str, list[tuple[str, int, float]]], limit:
     return dict(zip(names, best[2]))
 
 
+@dataclass
+class Quality:
+    """Bounds on the WHOLE model's measured figures; every bound given must hold. ::
+
+        >>> Quality(max_metric_drop=0.01).holds({"metric_drop": 0.02, "output_sqnr_db": 40.0})
+        False
+        >>> Quality(min_sqnr_db=30.0).holds({"output_sqnr_db": 31.0}), Quality().given
+        (True, False)
+    """
+    max_metric_drop: float | None = None
+    min_sqnr_db: float | None = None
+
+    @property
+    def given(self) -> bool:
+        return self.max_metric_drop is not None or self.min_sqnr_db is not None
+
+    def holds(self, fig: dict[str, float]) -> bool:
+        return (self.max_metric_drop is None or fig["metric_drop"] <= self.max_metric_drop) and \
+            (self.min_sqnr_db is None or fig["output_sqnr_db"] >= self.min_sqnr_db)
+
+
+def quality_budget(max_metric_drop: float | None, min_sqnr_db: float | None, ctx, step: str) -> Quality:
+    """The quality rule of ``mixed`` and ``mixed-int8``: ``max_metric_drop`` when there are eval data
+    and a metric, else ``min_sqnr_db`` (30 dB when only ``max_metric_drop`` was given; noted)."""
+    if max_metric_drop is not None and ctx.eval_data is not None and ctx.metric is not None:
+        return Quality(max_metric_drop=max_metric_drop)
+    if max_metric_drop is not None:
+        min_sqnr_db = 30.0 if min_sqnr_db is None else min_sqnr_db
+        ctx.fallback(step, f"max_metric_drop needs eval data and a metric; using output SQNR >= {min_sqnr_db} dB "
+                     "vs fp32 on the calibration data instead")
+    return Quality(min_sqnr_db=min_sqnr_db)
+
+
+def convert_half_layers(model: nn.Module, alloc: dict[str, str]) -> dict[str, str]:
+    """The half step's conversion of the fp16/bf16 layers of ``alloc``, in place; {layer: dtype}."""
+    from ..quant.half import DTYPES, convert_half_
+    from ..sensitivity import HALF_FORMATS
+
+    half = {n: HALF_FORMATS[f] for n, f in alloc.items() if f in HALF_FORMATS}
+    for n, dtype in half.items():
+        convert_half_(model.get_submodule(n), DTYPES[dtype])
+    return half
+
+
+class Trials:
+    """Whole-model trials of allocations ``{layer: format}``, each built on a copy of ``model`` as the
+    step builds it (fp16/bf16 layers by the half step's conversion, then ``qconfig(alloc)``'s quantize
+    step on the int layers) and measured against ``model``: output SQNR (dB) on the first ``samples``
+    calibration examples (when ``sqnr``) and, given ``metric``, the metric drop on ``eval_data``."""
+
+    def __init__(self, model: nn.Module, calib, ctx, qconfig: Callable[[dict[str, str]], Any], samples: int, *,
+                 metric: Callable | None = None, eval_data=None, sqnr: bool = True):
+        from ..data import take
+
+        self.model, self.calib, self.ctx, self.qconfig = model, calib, ctx, qconfig
+        self.sqnr_data = take(calib, samples) if sqnr else None
+        self.metric, self.eval_data = metric, eval_data
+        self.base = float(metric(model, eval_data)) if metric is not None else None
+        self.count = 0  # measured trials
+
+    def build(self, alloc: dict[str, str]) -> nn.Module:
+        import copy
+        import logging
+
+        from ..context import Context
+        from ..sensitivity import FORMATS
+
+        q = copy.deepcopy(self.model).eval()
+        convert_half_layers(q, alloc)
+        if not any(f in FORMATS for f in alloc.values()):
+            return q
+        qctx = Context(calib_data=self.calib, progress=False, log=logging.getLogger("nnsqueeze.mixed.trial"),
+                       device=self.ctx.device)
+        qctx.report.begin_step("quantize", {})
+        return Quantize(self.qconfig(alloc)).run(q, qctx).eval()
+
+    def measure(self, alloc: dict[str, str]) -> dict[str, float]:
+        """{'output_sqnr_db', 'metric_drop'} of the whole model built with ``alloc`` (those asked for)."""
+        from ..sensitivity import output_sqnr
+
+        self.count += 1
+        fig: dict[str, float] = {}
+        if all(f == "fp32" for f in alloc.values()):  # the fp32 model itself
+            if self.sqnr_data is not None:
+                fig["output_sqnr_db"] = math.inf
+            if self.metric is not None:
+                fig["metric_drop"] = 0.0
+            return fig
+        q = self.build(alloc)
+        if self.sqnr_data is not None:
+            fig["output_sqnr_db"] = output_sqnr(self.model, q, self.sqnr_data, self.ctx.device)
+        if self.metric is not None:
+            fig["metric_drop"] = self.base - float(self.metric(q, self.eval_data))
+        return fig
+
+
+def raise_until(quality: Quality, measure_k: Callable[[int], dict[str, float]], k_min: int,
+                k_max: int) -> tuple[int, dict[str, float], bool]:
+    """The smallest ``k`` in ``[k_min, k_max]`` whose whole model (``measure_k(k)``: the ``k`` most
+    sensitive layers raised) meets ``quality``, else ``k_max``; with its figures and whether it met.
+    ::
+
+        >>> raise_until(Quality(min_sqnr_db=30), lambda k: {"output_sqnr_db": 10.0 * k}, 0, 5)
+        (3, {'output_sqnr_db': 30.0}, True)
+    """
+    k, fig = k_min, measure_k(k_min)
+    while k < k_max and not quality.holds(fig):  # raise the next most sensitive, re-measure all
+        k += 1
+        fig = measure_k(k)
+    return k, fig, quality.holds(fig)
+
+
+@dataclass
+class Allocation:
+    """What :meth:`MixedPrecision.allocate` chose, with the figures that chose it."""
+    formats: dict[str, str]                      # layer -> chosen format
+    size: dict[tuple[str, str], int]             # (layer, format) -> estimated bytes
+    order: dict[str, list[str]]                  # layer -> its candidate formats, most bytes first
+    sqnr: dict[tuple[str, str], float]           # (layer, format) -> output SQNR (dB) with that layer alone
+    rows: list[dict[str, Any]]                   # the sensitivity rows, most sensitive first
+    quality: Quality
+    fp32_bytes: int                              # every parameter of the model in fp32
+    other_bytes: int                             # parameters outside the allocated layers (fp32)
+    limit: float | None = None                   # the size budget in bytes
+    allocator: str | None = None                 # exact | greedy | raise
+    ranking: list[str] = field(default_factory=list)   # search raise: most sensitive first
+    raised: int = 0                              # search raise: how many of ``ranking`` were raised
+    raise_max: int = 0                           # search raise: the most the size budget allowed
+    whole: dict[str, float] = field(default_factory=dict)  # the whole model's measured figures
+    quality_met: bool = True
+    latency: float | None = None
+    trials: int = 0
+
+    def bytes(self, alloc: dict[str, str] | None = None) -> int:
+        """Estimated bytes of every parameter with ``alloc`` (default: the chosen formats)."""
+        return self.other_bytes + sum(self.size[(n, f)] for n, f in (alloc or self.formats).items())
+
+    def smallest(self) -> dict[str, str]:
+        return {n: fs[-1] for n, fs in self.order.items()}
+
+
 @STEPS.register("mixed")
 class MixedPrecision(Step):
     """Per-layer format allocation; see the ``mixed`` recipe in docs/quantization.md.
@@ -119,10 +274,13 @@ class MixedPrecision(Step):
     2. Size budget: the assignment with the least summed noise whose estimated bytes fit, found
        exactly (Pareto front over the layers; greedy past 20000 front states). A budget below the
        smallest achievable size is a :class:`RecipeError` naming both figures.
-    3. Latency / quality budgets: from there, repeatedly take the one-layer move to a cheaper format
-       with the least added noise per byte saved: while the ONNX Runtime latency (measured) is over
-       ``latency_ms``, then while the WHOLE model (measured) stays within ``max_metric_drop`` /
-       ``min_sqnr_db``.
+    3. Latency / quality budgets (``search: lower``): from there, repeatedly take the one-layer move to
+       a cheaper format with the least added noise per byte saved: while the ONNX Runtime latency
+       (measured) is over ``latency_ms``, then while the WHOLE model (measured) stays within
+       ``max_metric_drop`` / ``min_sqnr_db``. ``search: raise`` instead starts from every layer at its
+       cheapest format and raises the k most sensitive ones (ranked alone in that format: by metric
+       drop when the budget uses the metric, else by SQNR) to their most precise format, for
+       k = ``min_raised``, ... until the whole model meets the quality budget or the size budget stops it.
     4. The fp16/bf16 layers are converted as the ``half`` step converts them, then the int layers
        are quantized by the ``quantize`` step (``layer_weights``; fp32 and half layers ignored), so
        calibration sees the half layers as they will run. Each layer's format is in the report.
@@ -143,7 +301,15 @@ class MixedPrecision(Step):
         if bad or not config.formats:
             raise RecipeError(f"{self.where}.formats", f"unknown formats {bad}" if bad else "no format given",
                               fix=f"choose among fp32, {', '.join(HALF_FORMATS)}, {', '.join(FORMATS)}")
+        if config.search == "raise" and config.budget.latency_ms is not None:
+            raise RecipeError(f"{self.where}.budget.latency_ms", "a latency budget needs search: lower",
+                              fix="use search: lower, or drop latency_ms")
         self._record: dict[str, Any] = {}
+        # What the aliases change (mixed-int8 keeps its own byte estimate and size-cap behaviour):
+        self.layer_bytes: Callable[[nn.Module, str], int] = format_bytes
+        self.size_error = True          # a size budget below the smallest size is a RecipeError
+        self.keep_one_lowered = False   # search raise: at least one layer stays at its cheapest format
+        self._rr = False
 
     def _qconfig(self, alloc: dict[str, str]) -> Any:
         from ..sensitivity import FORMATS
@@ -155,34 +321,7 @@ class MixedPrecision(Step):
             "ignore": list(self.config.ignore) + [n for n in alloc if n not in lw], "layer_weights": lw,
             "calibration": self.config.calibration.model_dump()})
 
-    @staticmethod
-    def _convert_half(model: nn.Module, alloc: dict[str, str]) -> dict[str, str]:
-        """The half step's conversion of the fp16/bf16 layers of ``alloc``, in place; {layer: dtype}."""
-        from ..quant.half import DTYPES, convert_half_
-        from ..sensitivity import HALF_FORMATS
-
-        half = {n: HALF_FORMATS[f] for n, f in alloc.items() if f in HALF_FORMATS}
-        for n, dtype in half.items():
-            convert_half_(model.get_submodule(n), DTYPES[dtype])
-        return half
-
-    def _quantized_copy(self, model: nn.Module, alloc: dict[str, str], calib, ctx) -> nn.Module:
-        import copy
-        import logging
-
-        from ..context import Context
-        from ..sensitivity import FORMATS
-
-        q = copy.deepcopy(model).eval()
-        self._convert_half(q, alloc)
-        if not any(f in FORMATS for f in alloc.values()):
-            return q
-        qctx = Context(calib_data=calib, progress=False, log=logging.getLogger("nnsqueeze.mixed.trial"),
-                       device=ctx.device)
-        qctx.report.begin_step("quantize", {})
-        return Quantize(self._qconfig(alloc), self.index).run(q, qctx).eval()
-
-    def _latency(self, model: nn.Module, alloc: dict[str, str], calib, ctx) -> float:
+    def _latency(self, trials: Trials, alloc: dict[str, str], calib) -> float:
         """Median ONNX Runtime latency (ms) of the model quantized with ``alloc``, first calib batch."""
         import statistics
         import tempfile
@@ -194,7 +333,7 @@ class MixedPrecision(Step):
         from ..export.ort import OrtModule
 
         b = self.config.budget
-        q = self._quantized_copy(model, alloc, calib, ctx)
+        q = trials.build(alloc)
         x, _ = split(next(iter(calib)))
         with tempfile.TemporaryDirectory() as d:
             export_onnx(q, Path(d) / "m.onnx", x, verify=False)
@@ -208,141 +347,172 @@ class MixedPrecision(Step):
             times.append((time.perf_counter() - t) * 1e3)
         return statistics.median(times)
 
-    def run(self, model: nn.Module, ctx) -> nn.Module:
-        from ..data import take
+    def allocate(self, model: nn.Module, ctx, calib, *, names: list[str] | None = None,
+                 quality: Quality | None = None, metric: Callable | None = None,
+                 whole_sqnr: bool | None = None) -> Allocation:
+        """Choose a format per layer of ``names`` (default: the selected Linear/Conv layers); ``model``
+        is not modified. ``quality`` defaults to :func:`quality_budget` of the config's budget;
+        ``metric`` (default: the context's, when the quality uses it) ranks the layers (search raise)
+        and measures the trials; ``whole_sqnr`` also measures the trials' SQNR when the quality does
+        not need it."""
         from ..errors import RecipeError
-        from ..sensitivity import (FORMATS, HALF_FORMATS, resolve_reduce_range, half_layers, output_sqnr,
-                                   quantizable_layers, sensitivity)
+        from ..sensitivity import HALF_FORMATS, half_layers, quantizable_layers, resolve_reduce_range, sensitivity
 
         cfg, name, b = self.config, self.registered_name, self.config.budget
-        calib = ctx.calib_data if ctx.calib_data is not None else ctx.train_data
-        if calib is None:
-            raise DataError(f"{self.where}.calibration", "mixed precision needs calibration data",
-                            fix="pass calib_data=... (a few hundred representative examples)")
         self._rr = resolve_reduce_range({"bits": 8})["reduce_range"]
-        model.eval()
-        names = [n for n, _ in quantizable_layers(model, list(cfg.targets) or None, list(cfg.ignore))]
+        if names is None:
+            names = [n for n, _ in quantizable_layers(model, list(cfg.targets) or None, list(cfg.ignore))]
         # Formats each layer can take (the half step leaves subclasses and bf16 string-padded convs),
         # from most to fewest bytes; ties keep the recipe's order.
         can_half = {f: {n for n, _ in half_layers(model, names, list(cfg.ignore), d)} for f, d in HALF_FORMATS.items()}
-        size = {(n, f): format_bytes(model.get_submodule(n), f) for n in names for f in cfg.formats}
+        size = {(n, f): self.layer_bytes(model.get_submodule(n), f) for n in names for f in cfg.formats}
         order = {n: sorted([f for f in cfg.formats if f not in HALF_FORMATS or n in can_half[f]],
                            key=lambda f, n=n: -size[(n, f)]) for n in names}
         fp32_total = sum(p.numel() * 4 for p in model.parameters())
-        other = fp32_total - sum(format_bytes(model.get_submodule(n), "fp32") for n in names)
+        other = fp32_total - sum(self.layer_bytes(model.get_submodule(n), "fp32") for n in names)
         limit = min([x for x in (b.size_bytes, None if b.size_ratio is None else b.size_ratio * fp32_total)
                      if x is not None], default=None)
-        total = lambda a: other + sum(size[(n, f)] for n, f in a.items())  # noqa: E731
-        smallest = {n: order[n][-1] for n in names}
-        if limit is not None and total(smallest) > limit:  # no assignment fits: say so before measuring
+        a = Allocation({}, size, order, {}, [], Quality(), fp32_total, other, limit)
+        smallest = a.smallest()
+        if self.size_error and limit is not None and a.bytes(smallest) > limit:  # say so before measuring
             key = "size_bytes" if b.size_bytes is not None and b.size_bytes <= limit else "size_ratio"
+            least = a.bytes(smallest)
             raise RecipeError(f"{self.where}.budget.{key}",
                               f"size budget {limit:.0f} bytes ({limit / fp32_total:.4f} of fp32) cannot be met "
-                              f"with formats {list(cfg.formats)}: the smallest achievable is {total(smallest)} "
-                              f"bytes ({total(smallest) / fp32_total:.4f} of fp32), every layer at its cheapest "
+                              f"with formats {list(cfg.formats)}: the smallest achievable is {least} "
+                              f"bytes ({least / fp32_total:.4f} of fp32), every layer at its cheapest "
                               f"format{'' if other == 0 else f', {other} bytes of other parameters in fp32'}",
-                              fix=f"raise the budget to at least {total(smallest)} bytes, or add a cheaper format "
+                              fix=f"raise the budget to at least {least} bytes, or add a cheaper format "
                                   "(e.g. int4)")
-        use_metric = b.max_metric_drop is not None and ctx.eval_data is not None and ctx.metric is not None
-        if b.max_metric_drop is not None and not use_metric:
-            ctx.fallback(name, "max_metric_drop needs eval data and a metric; using min_sqnr_db (30 dB if unset)")
-        min_sqnr = b.min_sqnr_db if b.min_sqnr_db is not None else (
-            30.0 if b.max_metric_drop is not None and not use_metric else None)
+        a.quality = quality if quality is not None else quality_budget(b.max_metric_drop, b.min_sqnr_db, ctx, name)
+        if metric is None and a.quality.max_metric_drop is not None:
+            metric = ctx.metric
         measured = [f for f in cfg.formats if f != "fp32"]
-        rows = sensitivity(model, calib, formats=measured, targets=names, ignore=list(cfg.ignore),
-                           calibration=cfg.calibration.model_dump(), reduce_range=self._rr,
-                           device=ctx.device) if measured else []
-        sqnr = {(r["layer"], r["format"]): r["sqnr_db"] for r in rows}
+        ranked_by_metric = cfg.search == "raise" and metric is not None
+        a.rows = sensitivity(model, calib, eval_data=ctx.eval_data if ranked_by_metric else None,
+                             metric=metric if ranked_by_metric else None, formats=measured, targets=names,
+                             ignore=list(cfg.ignore), calibration=cfg.calibration.model_dump(),
+                             reduce_range=self._rr, device=ctx.device) if measured else []
+        a.sqnr = {(r["layer"], r["format"]): r["sqnr_db"] for r in a.rows}
         for n in names:
-            sqnr[(n, "fp32")] = math.inf
-        noise = {k: (0.0 if v == math.inf else 10 ** (-v / 10)) for k, v in sqnr.items()}
+            a.sqnr[(n, "fp32")] = math.inf
+        sqnr = a.quality.min_sqnr_db is not None or metric is None if whole_sqnr is None else whole_sqnr
+        trials = Trials(model, calib, ctx, self._qconfig, cfg.calibration.samples, metric=metric,
+                        eval_data=ctx.eval_data if metric is not None else None, sqnr=sqnr)
+        if cfg.search == "raise":
+            self._raise(a, trials)
+        else:
+            self._lower(a, trials, calib, ctx)
+        a.trials = trials.count
+        return a
 
-        allocator = None
+    def _raise(self, a: Allocation, trials: Trials) -> None:
+        """search raise: the k most sensitive layers at their most precise format, the rest at their
+        cheapest; k from ``min_raised`` up until the whole model meets the quality budget."""
+        b, smallest = self.config.budget, a.smallest()
+        a.allocator = "raise"
+        a.ranking = [r["layer"] for r in a.rows if r["format"] == smallest[r["layer"]]]
+
+        def at(k: int) -> dict[str, str]:
+            top = set(a.ranking[:k])
+            return {n: (fs[0] if n in top else fs[-1]) for n, fs in a.order.items()}
+
+        def fits(alloc: dict[str, str]) -> bool:
+            total = a.bytes(alloc)
+            return (b.size_bytes is None or total <= b.size_bytes) and \
+                (b.size_ratio is None or total / a.fp32_bytes <= b.size_ratio)
+
+        k_max = len(a.ranking) - (1 if self.keep_one_lowered else 0)
+        while k_max > 0 and not fits(at(k_max)):
+            k_max -= 1
+        a.raise_max = k_max
+        a.raised, a.whole, a.quality_met = raise_until(a.quality, lambda k: trials.measure(at(k)),
+                                                       min(self.config.min_raised, k_max), k_max)
+        a.formats = at(a.raised)
+
+    def _lower(self, a: Allocation, trials: Trials, calib, ctx) -> None:
+        """search lower: least noise within the size budget, then lower while latency / quality allow."""
+        name, b, order, size, limit = self.registered_name, self.config.budget, a.order, a.size, a.limit
+        names = list(order)
+        noise = {k: (0.0 if v == math.inf else 10 ** (-v / 10)) for k, v in a.sqnr.items()}
         if limit is None:
             alloc = {n: order[n][0] for n in names}
         else:
             alloc = cheapest_allocation({n: [(f, size[(n, f)], noise[(n, f)]) for f in order[n]] for n in names},
-                                        limit - other) or None
-            allocator = "exact" if alloc else "greedy"
+                                        limit - a.other_bytes) or None
+            a.allocator = "exact" if alloc else "greedy"
             alloc = alloc or {n: order[n][0] for n in names}
 
-        def next_move(a):
+        def next_move(al):
             """(noise added per byte saved, layer, format) of the best one-layer move to fewer bytes."""
             best = None
             for n in names:
                 for f in order[n]:
-                    saved = size[(n, a[n])] - size[(n, f)]
+                    saved = size[(n, al[n])] - size[(n, f)]
                     if saved <= 0:
                         continue
-                    new, cur = noise[(n, f)], noise[(n, a[n])]
+                    new, cur = noise[(n, f)], noise[(n, al[n])]
                     cost = (0.0 if new == cur else new - cur) / saved  # inf - inf: no change
                     if best is None or (cost, -saved) < best[:2]:
                         best = (cost, -saved, n, f)
             return None if best is None else (best[0], best[2], best[3])
 
-        while limit is not None and total(alloc) > limit:  # greedy (huge fronts only); all-cheapest fits
+        while limit is not None and a.bytes(alloc) > limit:  # greedy (huge fronts only); all-cheapest fits
             _, n_, f_ = next_move(alloc)
             alloc[n_] = f_
-        latency = None
         if b.latency_ms is not None:  # measured: keep lowering (same greedy order) until fast enough
-            latency = self._latency(model, alloc, calib, ctx)
-            while latency > b.latency_ms:
+            a.latency = self._latency(trials, alloc, calib)
+            while a.latency > b.latency_ms:
                 mv = next_move(alloc)
                 if mv is None:
                     break
                 alloc[mv[1]] = mv[2]
-                latency = self._latency(model, alloc, calib, ctx)
-            if latency > b.latency_ms:
-                ctx.fallback(name, f"latency budget {b.latency_ms} ms not met: {latency:.3f} ms with every layer "
+                a.latency = self._latency(trials, alloc, calib)
+            if a.latency > b.latency_ms:
+                ctx.fallback(name, f"latency budget {b.latency_ms} ms not met: {a.latency:.3f} ms with every layer "
                              "at its cheapest format")
-
-        sqnr_data = take(calib, cfg.calibration.samples)
-        base = float(ctx.metric(model, ctx.eval_data)) if use_metric else None
-        trials = 0
-
-        def measure(a) -> float:
-            nonlocal trials
-            trials += 1
-            if all(f == "fp32" for f in a.values()):
-                return 0.0 if use_metric else math.inf
-            q = self._quantized_copy(model, a, calib, ctx)
-            if use_metric:
-                return base - float(ctx.metric(q, ctx.eval_data))
-            return output_sqnr(model, q, sqnr_data, ctx.device)
-
-        def ok(v: float) -> bool:
-            if use_metric:
-                return v <= b.max_metric_drop
-            return min_sqnr is None or v >= min_sqnr
-
-        value = measure(alloc) if (use_metric or min_sqnr is not None) else None
-        if value is not None:
-            if ok(value):  # room left: keep lowering while the whole model stays within budget
-                while True:
-                    mv = next_move(alloc)
-                    if mv is None:
-                        break
+        if a.quality.given:
+            a.whole = trials.measure(alloc)
+            if a.quality.holds(a.whole):  # room left: keep lowering while the whole model stays within budget
+                while (mv := next_move(alloc)) is not None:
                     trial = {**alloc, mv[1]: mv[2]}
-                    v = measure(trial)
-                    if not ok(v):
+                    fig = trials.measure(trial)
+                    if not a.quality.holds(fig):
                         break
-                    alloc, value = trial, v
+                    alloc, a.whole = trial, fig
             else:
+                key = "metric_drop" if a.quality.max_metric_drop is not None else "output_sqnr_db"
                 ctx.fallback(name, f"quality budget not met at the size budget: "
-                             f"{'metric drop' if use_metric else 'output SQNR'} {value:.4g}")
-        quality_met = value is None or ok(value)
-        latency_met = latency is None or latency <= b.latency_ms
+                             f"{'metric drop' if key == 'metric_drop' else 'output SQNR'} {a.whole[key]:.4g}")
+            a.quality_met = a.quality.holds(a.whole)
+        a.formats = alloc
+
+    def run(self, model: nn.Module, ctx) -> nn.Module:
+        from ..sensitivity import FORMATS, HALF_FORMATS
+
+        name, b = self.registered_name, self.config.budget
+        calib = ctx.calib_data if ctx.calib_data is not None else ctx.train_data
+        if calib is None:
+            raise DataError(f"{self.where}.calibration", "mixed precision needs calibration data",
+                            fix="pass calib_data=... (a few hundred representative examples)")
+        model.eval()
+        a = self.allocate(model, ctx, calib)
+        alloc, size, order = a.formats, a.size, a.order
+        latency_met = a.latency is None or a.latency <= b.latency_ms
+        value = None
+        if a.whole:
+            value = a.whole["metric_drop" if a.quality.max_metric_drop is not None else "output_sqnr_db"]
 
         for n, f in alloc.items():
             if f == "fp32":
                 ctx.skip(name, n, "kept fp32 by the mixed-precision allocation")
         if all(f == "fp32" for f in alloc.values()):
             self._record = {"formats": alloc, "quantize": None}
-            ctx.report.step(formats=alloc, budget_met=quality_met and latency_met,
-                            **({} if latency is None else {"latency_ms": round(latency, 4),
-                                                           "latency_budget_ms": b.latency_ms}))
+            ctx.report.step(formats=alloc, budget_met=a.quality_met and latency_met,
+                            **({} if a.latency is None else {"latency_ms": round(a.latency, 4),
+                                                             "latency_budget_ms": b.latency_ms}))
             return model
-        half = self._convert_half(model, alloc)
+        half = convert_half_layers(model, alloc)
         qrec = None
         if any(f in FORMATS for f in alloc.values()):
             qstep = Quantize(self._qconfig(alloc), self.index)
@@ -350,22 +520,25 @@ class MixedPrecision(Step):
             model = qstep.run(model, ctx)
             qrec = qstep.record()
         for n, f in alloc.items():  # the format and the figures that chose it
-            cands = {g: {"bytes": size[(n, g)], "sqnr_db_alone": _finite(sqnr.get((n, g)))} for g in order[n]}
+            cands = {g: {"bytes": size[(n, g)], "sqnr_db_alone": _finite(a.sqnr.get((n, g)))} for g in order[n]}
             fields: dict[str, Any] = {"format": f, "bytes_estimate": size[(n, f)], "candidates": cands}
             if f in HALF_FORMATS:
                 fields.update(bits=16, act_bits=16, scheme=HALF_FORMATS[f])
             ctx.report.layer(n, **fields)
         self._record = {"formats": alloc, "reduce_range": self._rr, "half": half, "quantize": qrec}
-        figures: dict[str, Any] = {"formats": alloc, "size_bytes_estimate": total(alloc),
-                                   "size_ratio_estimate": round(total(alloc) / fp32_total, 4),
-                                   "size_budget_bytes": None if limit is None else int(limit),
-                                   "smallest_size_bytes": total(smallest), "allocator": allocator,
-                                   "budget_met": quality_met and latency_met, "trials": trials}
-        if latency is not None:
-            figures["latency_ms"] = round(latency, 4)
+        figures: dict[str, Any] = {"formats": alloc, "size_bytes_estimate": a.bytes(),
+                                   "size_ratio_estimate": round(a.bytes() / a.fp32_bytes, 4),
+                                   "size_budget_bytes": None if a.limit is None else int(a.limit),
+                                   "smallest_size_bytes": a.bytes(a.smallest()), "allocator": a.allocator,
+                                   "budget_met": a.quality_met and latency_met, "trials": a.trials}
+        if a.allocator == "raise":
+            figures["raised"] = a.ranking[:a.raised]
+        if a.latency is not None:
+            figures["latency_ms"] = round(a.latency, 4)
             figures["latency_budget_ms"] = b.latency_ms
         if value is not None:
-            figures["metric_drop" if use_metric else "output_sqnr_db"] = value if math.isfinite(value) else None
+            figures["metric_drop" if a.quality.max_metric_drop is not None else "output_sqnr_db"] = \
+                value if math.isfinite(value) else None
         ctx.report.step(**figures)
         return model
 
