@@ -46,7 +46,8 @@ def cli(out: Path, trials: int, workers: int) -> list[str]:
 
 def study_of(out: Path) -> optuna.Study:
     marker = json.loads((out / "search.json").read_text())
-    return optuna.load_study(study_name=marker["study_name"], storage=marker["storage"])
+    url = f"sqlite:///{out / 'study.db'}" if marker["storage"] == "study.db" else marker["storage"]
+    return optuna.load_study(study_name=marker["study_name"], storage=url)
 
 
 def finished(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:

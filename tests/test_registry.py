@@ -98,7 +98,7 @@ def test_registered_names():
     assert EXPORTERS.names() == ["compressed-tensors", "gguf", "gptq", "onnx", "onnx-causal-lm"]
     assert OBSERVERS.names() == ["ema-minmax", "ema-minmax-0.1", "kl", "minmax", "mse", "percentile",
                                  "percentile-99.9", "percentile-99.99", "percentile-99.999"]
-    assert METRICS.names() == ["accuracy", "agreement", "perplexity"]
+    assert METRICS.names() == ["accuracy", "agreement", "cosine", "perplexity"]
 
 
 def test_a_plain_module_registry_imports_that_module():

@@ -30,6 +30,7 @@ from typing import Any, Callable, Iterable
 import torch
 from torch import nn
 
+from . import cpu
 from .data import call_model
 from .limits import cap_threads
 
@@ -79,7 +80,7 @@ def _median_ms(fn: Callable[[], Any], warmup: int, runs: int) -> float:
 @torch.inference_mode()
 def torch_latency_ms(model: nn.Module, inputs: Any, threads: int, warmup: int = 5, runs: int = 20) -> float:
     model.eval()
-    with torch_threads(threads):
+    with cpu.timing(), torch_threads(threads):  # workers sharing the machine take turns (nnsqueeze.cpu)
         return _median_ms(lambda: call_model(model, inputs), warmup, runs)
 
 

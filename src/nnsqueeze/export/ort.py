@@ -29,6 +29,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from .. import cpu
 from ..errors import DataError, ExportError
 from ..limits import cap_threads
 
@@ -66,8 +67,14 @@ def session_options(threads: int | None = None, optimized_model_path: str | None
 
 
 def make_session(path_or_bytes: str | os.PathLike | bytes, threads: int | None = None,
-                 optimized_model_path: str | None = None, spinning: bool | None = None):
+                 optimized_model_path: str | None = None, spinning: bool | None = None, timed: bool = False):
+    """An ORT CPU session. ``timed``: for a latency measurement, which keeps ``threads`` even when
+    this process shares the machine with other workers (:mod:`nnsqueeze.cpu`); other sessions there
+    compute with the shared thread count and no spinning."""
     import onnxruntime as ort
+
+    if not timed:
+        threads, spinning = cpu.compute_threads(threads), cpu.spinning(spinning)
 
     src = path_or_bytes if isinstance(path_or_bytes, (bytes, bytearray)) else str(path_or_bytes)
     try:
@@ -100,8 +107,8 @@ class OrtModule:
     """
 
     def __init__(self, path_or_bytes: str | os.PathLike | bytes, threads: int | None = None,
-                 spinning: bool | None = None):
-        self.session = make_session(path_or_bytes, threads, spinning=spinning)
+                 spinning: bool | None = None, timed: bool = False):
+        self.session = make_session(path_or_bytes, threads, spinning=spinning, timed=timed)
         self.input_names = [i.name for i in self.session.get_inputs()]
         self.output_names = [o.name for o in self.session.get_outputs()]
         self.training = False
@@ -161,13 +168,15 @@ def ort_latency_ms(path: str | os.PathLike | bytes, inputs: Any, threads: int | 
     """Median wall time of one ``session.run`` on ``inputs`` (tensor, tuple or dict), in ms."""
     if runs < 1:
         raise DataError("ort_latency_ms", "runs must be >= 1", fix="use e.g. runs=20")
-    m = OrtModule(path if isinstance(path, (bytes, bytearray)) else Path(path), threads=threads)
-    feeds = m.feeds(**inputs) if isinstance(inputs, dict) else m.feeds(*_flat_tensors([inputs]))
-    for _ in range(warmup):
-        m.session.run(None, feeds)
-    times = []
-    for _ in range(runs):
-        t0 = time.perf_counter()
-        m.session.run(None, feeds)
-        times.append((time.perf_counter() - t0) * 1e3)
+    with cpu.timing():  # workers sharing the machine take turns (nnsqueeze.cpu)
+        m = OrtModule(path if isinstance(path, (bytes, bytearray)) else Path(path), threads=threads, timed=True)
+        feeds = m.feeds(**inputs) if isinstance(inputs, dict) else m.feeds(*_flat_tensors([inputs]))
+        for _ in range(warmup):
+            m.session.run(None, feeds)
+        times = []
+        for _ in range(runs):
+            t0 = time.perf_counter()
+            m.session.run(None, feeds)
+            times.append((time.perf_counter() - t0) * 1e3)
+        del m
     return float(statistics.median(times))

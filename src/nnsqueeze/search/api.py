@@ -20,10 +20,11 @@ from ..safeio import marker_ok, probe_writable, write_file
 from . import front as fr
 from .cache import PrefixCache, data_key
 from .space import Space, load_space
-from .study import CACHE, DB, MARKER, SEARCH_FORMAT, SearchResult, Job, redact, open_storage, run_workers, \
-    study_name
+from .study import (CACHE, DB, MARKER, SEARCH_FORMAT, TIMING_LOCK, Job, SearchResult, open_storage, redact,
+                    run_workers, study_name)
 
-OWNED = (MARKER, DB, DB + ".lock", CACHE, "front.json", "front.png", "best.yaml", "best", "report.html", ".search.lock")
+OWNED = (MARKER, DB, DB + ".lock", CACHE, "front.json", "front.png", "best.yaml", "best", "report.html", ".search.lock",
+         TIMING_LOCK)
 
 
 def check_args(max_drop, target_latency, target_size, trials, workers, sampler, pick) -> None:

@@ -31,6 +31,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .. import cpu
 from ..errors import DataError, MetricError, ModelError, NnsqueezeError, RecipeError
 from ..registry import STEPS
 from . import front as fr
@@ -39,6 +40,7 @@ from .space import Space, load_space
 
 log = logging.getLogger("nnsqueeze")
 MARKER, DB, CACHE = "search.json", "study.db", "cache"
+TIMING_LOCK = ".timing.lock"  # workers on one machine time latency one at a time
 SEARCH_FORMAT = 1
 DONE = ("COMPLETE", "PRUNED")
 
@@ -308,8 +310,9 @@ def run_worker(job: Job, index: int = 0) -> None:
     from optuna.storages import fail_stale_trials
     from optuna.trial import TrialState
 
-    if job.threads:
+    if job.threads:  # one of several workers on this machine: share its cores (nnsqueeze.cpu)
         torch.set_num_threads(job.threads)
+        cpu.share(job.threads, Path(job.out) / TIMING_LOCK)
     if isinstance(job.model, _Rebuilt):
         job.model = job.model.build()
     space = load_space(_space_from(job))
@@ -385,12 +388,15 @@ def run_workers(job: Job, workers: int) -> None:
     procs = [ctx.Process(target=_spawned, args=(sent, i), daemon=False) for i in range(1, workers)]
     for p in procs:
         p.start()
+    old_threads = torch.get_num_threads()
     try:
         torch.set_num_threads(job.threads)
         run_worker(job, 0)
     finally:
         for p in procs:
             p.join()
+        cpu.unshare()  # this process goes on alone (the chosen recipe's artifact): all the cores again
+        torch.set_num_threads(old_threads)
     bad = [(i + 1, p.exitcode) for i, p in enumerate(procs) if p.exitcode]
     if bad:
         raise DataError("--workers", f"worker(s) {', '.join(f'{i} (exit {c})' for i, c in bad)} failed",
