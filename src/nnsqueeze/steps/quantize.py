@@ -72,6 +72,7 @@ from ..errors import DataError, ModelError, RecipeError
 from ..quant.fold import fold_batchnorm, refold_structure
 from ..quant.modules import MODULE_MAP, convert_
 from ..quant.act_scheme import ActScheme
+from ..quant.args import QuantArgs
 from ..quant.scheme import WeightScheme
 from ..registry import OBSERVERS, STEPS
 from .base import Step, StepConfig, record_int, recorded_module
@@ -112,12 +113,20 @@ class WeightsConfig(_Strict):
         "auto", description="7-bit weight codes (|w| <= 63) so that ONNX Runtime's u8s8 kernels cannot saturate "
         "on x86 CPUs without VNNI; 'auto': only when the CPU running the step lacks VNNI")
 
+    def args(self, bits: int | None = None) -> QuantArgs:
+        """The weights' :class:`~nnsqueeze.quant.args.QuantArgs` (``bits``: the reduced-range choice)."""
+        return weight_scheme(self, bits).args()
+
 
 class ActivationsConfig(_Strict):
     bits: Literal[2, 3, 4, 5, 6, 7, 8, 16] = Field(8, description="2..8 or 16 bits per activation code")
     granularity: Literal["per-tensor", "per-channel"] = "per-tensor"
     symmetric: bool = Field(False, description="true: signed codes, zero point 0; false: unsigned codes with "
                             "a zero point (uint8 by default)")
+
+    def args(self, observer: str | None = "minmax") -> QuantArgs:
+        """The activations' :class:`~nnsqueeze.quant.args.QuantArgs` (``observer``: the calibration method)."""
+        return act_scheme(self).args(observer)
 
 
 class CalibrationConfig(_Strict):
