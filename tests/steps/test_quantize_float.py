@@ -173,3 +173,15 @@ def test_revert_gives_the_float_layer_back():
     layer = model[3].revert_()
     assert type(layer) is nn.Linear and not hasattr(layer, "input_scale_")
     assert torch.equal(layer.weight, ref[3].weight)
+
+
+def test_float_family_implements_the_protocol():
+    from nnsqueeze.quant.floatq import FLOAT_MODULE_MAP
+    from nnsqueeze.quant.protocol import ExportHints, Packable, QuantizedModule
+
+    for cls in FLOAT_MODULE_MAP.values():
+        assert issubclass(cls, QuantizedModule) and issubclass(cls, Packable) and issubclass(cls, ExportHints)
+        assert not getattr(cls, "__abstractmethods__", None), cls
+    model, _ = _run(_net(), {"format": "nvfp4"})
+    assert model[0].onnx_unsupported and model[0].revertible
+    assert sorted(model[0].qparams()) == ["weight_tensor_scale_"]
