@@ -39,6 +39,7 @@ from .context import Context
 from .data import as_batches, call_model, logits, split, take, to_device
 from .errors import DataError, RecipeError
 from .metrics import get_metric
+from .quant.args import QuantArgs
 from .targets import select
 
 # Candidate formats -> quantize step weight settings.
@@ -54,6 +55,24 @@ FORMATS: dict[str, dict[str, Any]] = {
 # Half formats -> the ``half`` step's dtype (weights AND compute of the one layer in that type).
 HALF_FORMATS: dict[str, str] = {"fp16": "float16", "bf16": "bfloat16"}
 ALL_FORMATS = [*FORMATS, *HALF_FORMATS]
+
+
+
+def format_args(name: str) -> QuantArgs | None:
+    """A candidate format name as the weights' :class:`~nnsqueeze.quant.args.QuantArgs` (None: ``fp32``).
+
+        >>> format_args("int4-mse").describe(), format_args("bf16").format, format_args("fp32")
+        ('int4 channel sym mse-clip', 'bf16', None)
+    """
+    if name == "fp32":
+        return None
+    if name in HALF_FORMATS:
+        return QuantArgs(format="fp16" if HALF_FORMATS[name] == "float16" else "bf16")
+    if name not in FORMATS:
+        raise RecipeError("sensitivity.formats", f"unknown format {name!r}",
+                          fix=f"use one of {', '.join(ALL_FORMATS)} or fp32")
+    return QuantArgs(**FORMATS[name])
+
 
 _quiet = logging.getLogger("nnsqueeze.sensitivity.trial")
 _quiet.setLevel(logging.ERROR)

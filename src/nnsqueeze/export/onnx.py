@@ -45,6 +45,7 @@ from ..registry import EXPORTERS
 from ..safeio import check_file_target, write_file
 from .lowbit import DOMAIN as LOWBIT_DOMAIN
 from .lowbit import lowbit_postprocess, stores_lowbit
+from .fp8 import fp8_postprocess
 from .qdq import qdq_postprocess
 
 INT8_OPS = {"QLinearConv", "QLinearMatMul", "QGemm", "ConvInteger", "MatMulInteger", "MatMulIntegerToFloat",
@@ -229,6 +230,12 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, example_inputs: Any, 
     if opset < 13:
         raise ExportError(where, f"opset {opset} is too old for per-channel QDQ", fix="use opset >= 13 (default 17)")
     hints = [m for m in model.modules() if isinstance(m, ExportHints)]  # declared by quantized modules and ops
+    unsupported = sorted({m.onnx_unsupported for m in hints if m.onnx_unsupported})
+    if unsupported:  # e.g. MX / NVFP4 block formats: no ONNX Runtime CPU kernel to verify the file on
+        raise ExportError(where, "; ".join(unsupported),
+                          fix="no dequantized-weight ONNX export exists yet: set export: {onnx: null} and use the "
+                          "torch model and the artifact (nsq.load), or quantize with weights: {format: fp8-e4m3}, "
+                          "which ONNX Runtime runs as float8 Q/DQ")
     quantized = any(True for _ in fake_quant_modules(model)) or any(m.onnx_quantized for m in hints)
     bf16 = any(m.onnx_bf16_storage for m in hints)
     custom_opsets: dict[str, int] = {}
@@ -274,6 +281,7 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, example_inputs: Any, 
         raw = buf.getvalue()
         proto = onnx.load_from_string(raw)
         stats = qdq_postprocess(proto) if quantized else {}
+        stats.update(fp8_postprocess(proto, where))   # float8 Q/DQ (opset 19) for FP8 layers' markers
         if quantized:  # sub-8-bit / per-group / non-uniform weights: codes of their own width
             stats.update(lowbit_postprocess(proto))
             from .half import fp16_storage
@@ -304,7 +312,7 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, example_inputs: Any, 
             batches = [example_inputs] + list(samples or [])
             statistic = "mean" if any(m.onnx_verify_mean for m in hints) else "max"
             figures.update(verify_onnx(model, data, batches, quantized, atol, where, statistic))
-            if quantized and not figures["ort_int8_ops"]:
+            if quantized and not figures["ort_int8_ops"] and "fp8_tensors" not in stats:  # fp8: float kernels
                 figures["warning"] = "ONNX Runtime fused no int8 kernel: the model runs in float"
         write_file(path, data, where, ExportError)
     finally:

@@ -39,6 +39,7 @@ from typing import Any
 import torch
 
 from ..ops.quant import code_range, range_qparams
+from .args import QuantArgs
 
 Tensor = torch.Tensor
 
@@ -98,6 +99,17 @@ class ActScheme:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+    def args(self, observer: str | None = "minmax") -> QuantArgs:
+        """This format as :class:`~nnsqueeze.quant.args.QuantArgs`; ``observer``: the step's calibration method."""
+        return QuantArgs(bits=self.bits, symmetric=self.symmetric, granularity="tensor", observer=observer)
+
+    @classmethod
+    def from_args(cls, a: QuantArgs) -> "ActScheme":
+        """The format of int per-tensor static args (what the fake-quant layers take); ValueError for others."""
+        if a.format != "int" or a.granularity != "tensor" or a.levels != "uniform" or a.dynamic:
+            raise ValueError(f"{a.describe()} has no ActScheme (int, uniform, per tensor, static)")
+        return cls(bits=a.bits, symmetric=a.symmetric)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any] | None) -> "ActScheme":

@@ -56,6 +56,8 @@ class ExportHints(metaclass=ABCMeta):  # noqa: B024 - a declared mixin of defaul
     onnx_custom_opsets: Mapping[str, int] = MappingProxyType({})
     #: store bf16-exact constants as bf16 (bf16 layers)
     onnx_bf16_storage: bool = False
+    #: why ONNX Runtime cannot run this layer's form (the exporter raises ExportError with it); None: it can
+    onnx_unsupported: str | None = None
 
 
 class Packable(metaclass=ABCMeta):

@@ -33,6 +33,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from .args import QuantArgs
+
 GRANULARITIES = ("per-channel", "per-tensor", "per-group")
 LEVELS = ("uniform", "pow2", "nf4", "kmeans")
 CLIPS = ("none", "mse")
@@ -78,6 +80,20 @@ class WeightScheme:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+    def args(self) -> QuantArgs:
+        """This scheme as :class:`~nnsqueeze.quant.args.QuantArgs` (the one scheme type)."""
+        return QuantArgs(bits=self.bits, symmetric=self.symmetric, granularity=self.granularity,
+                         group_size=self.group_size, levels=self.levels, clip=self.clip)
+
+    @classmethod
+    def from_args(cls, a: QuantArgs) -> "WeightScheme":
+        """The scheme of int weight args (what the fake-quant layers take); ValueError for others."""
+        if a.format != "int" or a.bits > 8 or a.dynamic or a.scale_dtype != "fp32" or a.clip_grid or a.clip_min:
+            raise ValueError(f"{a.describe()} has no WeightScheme (int, 2..8 bits, static, fp32 scales, "
+                             "the default clip search)")
+        return cls(bits=a.bits, symmetric=a.symmetric, granularity=f"per-{a.granularity}",
+                   group_size=a.group_size, levels=a.levels, clip=a.clip)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any] | None, bits: int = 8) -> "WeightScheme":

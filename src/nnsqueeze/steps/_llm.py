@@ -25,6 +25,7 @@ from ..errors import DataError, TargetError
 from ..llm.offload import parse_bytes
 from ..llm.packed import PackedLinear
 from ..llm.sequential import find_blocks, is_linear, run_sequential, set_weight
+from ..quant.args import QuantArgs
 from .base import Step, StepConfig
 from .prune import MASK, Prune, ensure_mask
 
@@ -66,6 +67,13 @@ class QuantScheme(StepConfig):
         if v < 1:
             raise ValueError(f"group_size must be >= 1, -1 or null, got {v}")
         return v
+
+    def args(self) -> QuantArgs:
+        """The grid as :class:`~nnsqueeze.quant.args.QuantArgs` (with ``clip`` where the step has one)."""
+        clip = getattr(self, "clip", None)
+        search = {} if clip is None else {"clip": "mse", "clip_grid": clip.grid, "clip_min": clip.min_ratio}
+        return QuantArgs(bits=self.bits, symmetric=self.symmetric, scale_dtype=self.scale_dtype,
+                         granularity=f"group({self.group_size})" if self.group_size else "channel", **search)
 
 
 class ClipConfig(BaseModel):

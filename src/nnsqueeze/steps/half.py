@@ -45,6 +45,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import nn
 
 from ..errors import DataError, ModelError
+from ..quant.args import QuantArgs
 from ..quant.half import DTYPES, HALF_MAP, HalfMixin, convert_half_
 from ..registry import STEPS
 from .base import Step, StepConfig, recorded_module
@@ -68,6 +69,10 @@ class KeepFp32(BaseModel):
 
 class HalfConfig(StepConfig):
     dtype: Literal["float16", "bfloat16"] = "float16"
+
+    def args(self) -> QuantArgs:
+        """The converted layers' :class:`~nnsqueeze.quant.args.QuantArgs`: ``fp16`` or ``bf16``."""
+        return QuantArgs(format="fp16" if self.dtype == "float16" else "bf16")
     keep_fp32: KeepFp32 | None = Field(None, description="keep the most half-sensitive layers in fp32 "
                                        "(measured with nnsqueeze.sensitivity)")
 

@@ -39,7 +39,7 @@ from __future__ import annotations
 from typing import Any, Literal
 
 import torch
-from pydantic import Field
+from pydantic import Field, model_validator
 from torch import nn
 
 from .. import distributed as dd
@@ -59,6 +59,12 @@ class QatConfig(QuantizeConfig):
     lsq: bool = Field(True, description="learn the weight and activation step sizes (LSQ)")
     grid_lambda: float = Field(0.0, ge=0, description="weight of the distance-to-grid regularizer")
     bias_correction: bool = False
+
+    @model_validator(mode="after")
+    def _int_only(self) -> "QatConfig":
+        if self.weights.format != "int":
+            raise ValueError(f"qat trains int grids; weights format {self.weights.format} is a quantize option")
+        return self
 
 
 def add_lsq_(layer: nn.Module) -> None:

@@ -23,6 +23,8 @@ ONNX Runtime runs QLinearConv/QGemm end to end. Recipe::
         # wide_first: 3                            # the first 3 layers with 16-bit activations (mobile CNNs)
         # equalize: {method: cle, iterations: 2}                         # or smoothquant
         # ops: [add, matmul]   # residual adds + activation matmuls (fx), or HF attention q@k^T, p@v
+        # weights: {format: fp8-e4m3}, activations: {format: fp8-e4m3}   # float formats, or
+        # weights: {format: mxfp4}   # mxfp8-e4m3 / nvfp4 ...: steps/quantize_float.py, docs/formats.md
 
 ``ops`` quantizes what sits between layers (:mod:`nnsqueeze.quant.functional`): on fx-traceable
 models every ``add`` / ``matmul`` of two activations gets per-tensor inputs (and output, for
@@ -64,7 +66,7 @@ import copy
 from typing import Any, Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import nn
 
 from ..data import as_batches, call_model, split, take, to_device
@@ -72,6 +74,7 @@ from ..errors import DataError, ModelError, RecipeError
 from ..quant.fold import fold_batchnorm, refold_structure
 from ..quant.modules import MODULE_MAP, convert_
 from ..quant.act_scheme import ActScheme
+from ..quant.args import FORMATS, QuantArgs
 from ..quant.scheme import WeightScheme
 from ..registry import OBSERVERS, STEPS
 from .base import Step, StepConfig, record_int, recorded_module
@@ -96,7 +99,16 @@ class AdaRoundConfig(_Strict):
     batch: int = Field(64, ge=1, description="examples per iteration")
 
 
+WEIGHT_FORMATS = Literal["int", "fp8-e4m3", "fp8-e5m2", "mxfp8-e4m3", "mxfp8-e5m2", "mxfp6-e3m2", "mxfp6-e2m3",
+                         "mxfp4", "nvfp4"]
+# the int grid's own options: a float format refuses them when set
+_INT_ONLY = ("group_size", "levels", "clip", "adaround")
+
+
 class WeightsConfig(_Strict):
+    format: WEIGHT_FORMATS = Field("int", description="int (the integer grid below), fp8-e4m3 / fp8-e5m2 (per "
+                                   "tensor or channel) or a block format simulated weight-only: mxfp8-e4m3, "
+                                   "mxfp8-e5m2, mxfp6-e3m2, mxfp6-e2m3, mxfp4, nvfp4 (docs/formats.md)")
     bits: int = Field(8, ge=2, le=8, description="2..8 (8 may become 7 with reduce_range)")
     granularity: Literal["per-channel", "per-tensor", "per-group"] = "per-channel"
     group_size: int | None = Field(None, ge=1, description="weights per group (per-group only), along each "
@@ -112,12 +124,69 @@ class WeightsConfig(_Strict):
         "auto", description="7-bit weight codes (|w| <= 63) so that ONNX Runtime's u8s8 kernels cannot saturate "
         "on x86 CPUs without VNNI; 'auto': only when the CPU running the step lacks VNNI")
 
+    def args(self, bits: int | None = None) -> QuantArgs:
+        """The weights' :class:`~nnsqueeze.quant.args.QuantArgs` (``bits``: the reduced-range choice)."""
+        if self.format == "int":
+            return weight_scheme(self, bits).args()
+        bad = [k for k in _INT_ONLY if getattr(self, k) not in (None, "uniform", "none")]
+        if bad:
+            raise ValueError(f"{', '.join(bad)} belong to the int grid, not format {self.format}")
+        gran = self.granularity
+        if FORMATS[self.format].kind == "block":  # blocks run along each output channel's inputs
+            if gran != "per-channel":
+                raise ValueError(f"{self.format} is block({FORMATS[self.format].block}) by its spec: leave "
+                                 "granularity out")
+            gran = ""
+        return QuantArgs(format=self.format, bits=self.bits, symmetric=self.symmetric, granularity=gran)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _format_bits(cls, data: Any) -> Any:
+        """A float format fixes the width: ``bits`` defaults to it (so the resolved config says it)."""
+        if isinstance(data, dict) and data.get("format", "int") in FORMATS and data.get("format", "int") != "int" \
+                and "bits" not in data:
+            data = {**data, "bits": FORMATS[data["format"]].bits}
+        return data
+
+    @model_validator(mode="after")
+    def _format_fits(self) -> "WeightsConfig":
+        if self.format != "int":
+            self.args()  # raises ValueError (a RecipeError in a recipe) for a combination the format refuses
+        return self
+
 
 class ActivationsConfig(_Strict):
+    format: Literal["int", "fp8-e4m3", "fp8-e5m2", "none"] = Field(
+        "int", description="int (bits below), fp8: static per-tensor FP8 codes, scale = calibrated amax / max, or "
+        "none: float activations (fp8 and none need a float weights format, where none is the default)")
     bits: Literal[2, 3, 4, 5, 6, 7, 8, 16] = Field(8, description="2..8 or 16 bits per activation code")
     granularity: Literal["per-tensor", "per-channel"] = "per-tensor"
     symmetric: bool = Field(False, description="true: signed codes, zero point 0; false: unsigned codes with "
                             "a zero point (uint8 by default)")
+
+    def args(self, observer: str | None = "minmax") -> QuantArgs:
+        """The activations' :class:`~nnsqueeze.quant.args.QuantArgs` (``observer``: the calibration method)."""
+        if self.format == "int":
+            return act_scheme(self).args(observer)
+        if self.format == "none":
+            raise ValueError("activations format none has no QuantArgs: they stay float")
+        if (self.bits, self.symmetric) != (8, True):
+            raise ValueError(f"format {self.format} is 8-bit and symmetric: leave bits and symmetric out")
+        return QuantArgs(format=self.format, granularity=self.granularity, observer=observer)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _fp8_symmetric(cls, data: Any) -> Any:
+        """FP8 is sign-magnitude: ``symmetric`` defaults to true there (so the resolved config says it)."""
+        if isinstance(data, dict) and str(data.get("format", "")).startswith("fp8") and "symmetric" not in data:
+            data = {**data, "symmetric": True}
+        return data
+
+    @model_validator(mode="after")
+    def _format_fits(self) -> "ActivationsConfig":
+        if self.format.startswith("fp8"):
+            self.args()
+        return self
 
 
 class CalibrationConfig(_Strict):
@@ -154,6 +223,36 @@ class QuantizeConfig(StepConfig):
         default_factory=list, description="also quantize the inputs of these ops between two activations "
         "(uint8 per tensor; add: residual adds, output too -> QLinearAdd; matmul: matmul/bmm/@, and Hugging Face "
         "attention's q@k^T and p@v); see nnsqueeze.quant.functional")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _float_activations(cls, data: Any) -> Any:
+        """Float weights without an ``activations`` entry: float activations (weight-only), said explicitly."""
+        if isinstance(data, dict) and isinstance(data.get("weights"), dict) and "activations" not in data \
+                and data["weights"].get("format", "int") != "int":
+            data = {**data, "activations": {"format": "none"}}
+        return data
+
+    @model_validator(mode="after")
+    def _one_family(self) -> "QuantizeConfig":
+        """Float formats (FP8/MX/NVFP4) run in their own module kind: no int layers, activations or ops beside."""
+        floats = self.weights.format != "int"
+        if self.activations.format != "int" and not floats:
+            raise ValueError(f"activations format {self.activations.format} needs float weights: add weights: "
+                             "{format: fp8-e4m3} (or another float format)")
+        if not floats:
+            if any(w.format != "int" for w in self.layer_weights.values()):
+                raise ValueError("layer_weights: a float format needs the step's weights in a float format too")
+            return self
+        if self.activations.format == "int":
+            raise ValueError(f"weights format {self.weights.format} takes fp8 activations or none: write "
+                             "activations: {format: fp8-e4m3} or leave activations out (float activations)")
+        unsupported = [k for k in ("layer_weights", "layer_activations", "ops", "equalize") if getattr(self, k)]
+        unsupported += ["wide_first"] * bool(self.wide_first)
+        if unsupported:
+            raise ValueError(f"{', '.join(unsupported)} are not supported with float formats yet "
+                             f"(weights format {self.weights.format})")
+        return self
 
 
 SUPPORTED_TEXT = ("weights: bits 2..8, symmetric or not, per-channel / per-tensor / per-group (group_size), "
@@ -421,6 +520,10 @@ class Quantize(Step):
         if not layers:
             raise ModelError(self.where, "no plain Linear/Conv1d/Conv2d left to quantize",
                              fix="target plain nn.Linear / nn.Conv1d / nn.Conv2d modules")
+        if cfg.weights.format != "int":  # FP8 / MX / NVFP4: their own module kind (steps/quantize_float.py)
+            from .quantize_float import run_float
+
+            return run_float(self, model, ctx, layers, data, folded, was_training)
         equalized: list[dict[str, Any]] = []
         if cfg.equalize is not None:
             from ..quant.equalize import equalize
@@ -583,6 +686,11 @@ class Quantize(Step):
     def rebuild(cls, model: nn.Module, config: QuantizeConfig, record: dict[str, Any]) -> nn.Module:
         refold_structure(model, [tuple(p) for p in record.get("folded", [])])
         for lname, info in record.get("layers", {}).items():
+            if "weights" in info:  # a float-format layer (its QuantArgs)
+                from .quantize_float import rebuild_float
+
+                rebuild_float(model, lname, info)
+                continue
             mod = recorded_module(model, lname, (nn.Module,), "quantize record")
             if type(mod).__name__ != info["type"] or type(mod) not in MODULE_MAP:
                 raise ModelError(f"quantize record: {lname}",
@@ -594,7 +702,7 @@ class Quantize(Step):
             convert_(mod, weight_bits=sch.bits, act=info["act"], quant_output=info["quant_output"], scheme=sch,
                      act_scheme=asch)
         _mark_float_boundaries([recorded_module(model, n, (nn.Module,), "quantize record")
-                                for n in record.get("layers", {})])
+                                for n, info in record.get("layers", {}).items() if "weights" not in info])
         for relu_name in record.get("relu_removed", []):
             set_module(model, relu_name, nn.Identity())
         if record.get("ops"):

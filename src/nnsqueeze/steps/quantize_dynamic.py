@@ -59,6 +59,7 @@ from ..export.onnx import flatten_outputs
 from ..errors import DataError, ModelError
 from ..llm.smoothquant import AbsMaxAccumulator, smooth_scales
 from ..ops.dynamic import outlier_channels
+from ..quant.args import QuantArgs
 from ..quant.dynamic import convert_dynamic_, dynamic_fake_linear
 from ..quant.embedding import convert_embeddings, rebuild_embeddings
 from ..registry import STEPS
@@ -76,6 +77,11 @@ class DynamicWeightsConfig(BaseModel):
     reduce_range: bool | Literal["auto"] = Field(
         "auto", description="symmetric only: 7-bit codes where ONNX Runtime's u8s8 kernels saturate "
         "(x86 without VNNI); 'auto' decides on the machine running the step")
+
+    def args(self) -> QuantArgs:
+        """The weights' :class:`~nnsqueeze.quant.args.QuantArgs` as asked (``reduce_range: auto`` may
+        give 7 bits on the machine running the step: that choice is the step's record)."""
+        return QuantArgs(bits=self.bits, symmetric=self.symmetric, granularity="channel")
 
 
 class SmoothConfig(BaseModel):
@@ -116,6 +122,10 @@ class QuantizeDynamicConfig(StepConfig):
                               "alone (with its smoothing) moves the model's outputs on calib_data the most")
     attention: bool = Field(False, description="Hugging Face encoders: quantize the inputs of the attention "
                             "matmuls (q@k^T, p@v) at run time too (DynamicQuantizeLinear + MatMulInteger)")
+
+    def activation_args(self) -> QuantArgs:
+        """The layers' inputs: uint8 per tensor, range taken at run time (ONNX DynamicQuantizeLinear)."""
+        return QuantArgs(bits=8, symmetric=False, granularity="tensor", dynamic=True)
 
 
 @STEPS.register("quantize-dynamic")

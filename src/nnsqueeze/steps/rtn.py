@@ -48,6 +48,7 @@ import torch
 from pydantic import Field, field_validator, model_validator
 from torch import nn
 
+from ..quant.args import QuantArgs
 from ..errors import ModelError, RecipeError, TargetError
 from ..llm.packed import PackedLinear, fallback_reason, pack_linear_
 from ..llm.sequential import find_blocks, get_weight, is_linear, set_weight
@@ -286,6 +287,11 @@ class WeightOnlyConfig(StepConfig):
         if v != -1 and (v < 16 or v & (v - 1)):
             raise ValueError("must be a power of two >= 16 (e.g. 32, 64, 128) or -1 for one group per row")
         return v
+
+    def args(self) -> QuantArgs:
+        """The weights' :class:`~nnsqueeze.quant.args.QuantArgs` (activations stay float)."""
+        return QuantArgs(bits=self.bits, symmetric=self.symmetric,
+                         granularity="channel" if self.group_size < 0 else f"group({self.group_size})")
 
 
 @STEPS.register("weight-only")
