@@ -24,7 +24,7 @@ import torch
 # The scale formula is pure math shared with the CNN path (quant/equalize.py), so it lives in the ops
 # layer; re-exported here, where the LLM steps and the docs have always found it.
 from ..ops.equalize import SMOOTH_EPS as EPS
-from ..ops.equalize import smooth_scales
+from ..ops.equalize import fold_scales, smooth_scales
 
 __all__ = ["EPS", "AbsMaxAccumulator", "smooth_scales", "smooth_weight", "smooth_activation"]
 
@@ -45,8 +45,9 @@ class AbsMaxAccumulator:
 
 
 def smooth_weight(w: Tensor, s: Tensor) -> Tensor:
-    """``W * s`` (each input column ``j`` times ``s_j``), in ``w``'s dtype."""
-    return w * s.to(w.dtype).unsqueeze(0)
+    """``W * s`` (each input column ``j`` times ``s_j``), computed in float64, in ``w``'s dtype
+    (:func:`nnsqueeze.ops.equalize.fold_scales` with no producer)."""
+    return fold_scales(s, [], [w])[1][0]
 
 
 def smooth_activation(x: Tensor, s: Tensor) -> Tensor:

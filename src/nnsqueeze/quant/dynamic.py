@@ -42,6 +42,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..ops.dynamic import dynamic_qparams, dynamic_quantize, int_linear
+from ..ops.equalize import fold_scales
 from ..ops.quant import dequantize, fake_quantize_ste, qparams, qrange, quantize, sqnr_db
 from .protocol import Packable, QuantizedModule
 
@@ -105,11 +106,12 @@ class DynamicQuantLinear(QuantizedModule, Packable, nn.Linear):
                 s[idx] = 1.0
                 self.weight[:, idx] = 0  # out of the int8 weights' per-row ranges
             if smooth is not None or idx is not None:
-                self.weight.copy_((self.weight.detach().double() * s).to(self.weight.dtype))
-                r = 1.0 / s
+                # The layer is its own producer: a multiplier of ones becomes r = 1/s, the weight W * s.
+                (r,), (w,) = fold_scales(s, [torch.ones(k, dtype=torch.float32, device=dev)], [self.weight])
+                self.weight.copy_(w)
                 if idx is not None:
                     r[idx] = 0.0
-                self.register_buffer("input_multiplier_", r.to(torch.float32))
+                self.register_buffer("input_multiplier_", r)
         self.refresh_weight_qparams_()
 
     def _outlier_part(self, x: Tensor) -> Tensor | None:

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from ..data import call_model, split, to_device
-from ..ops.equalize import cle_scales, in_channel_absmax, scale_pair, smoothquant_scales
+from ..ops.equalize import cle_scales, fold_scales, in_channel_absmax, smoothquant_scales
 
 LAYERS = (nn.Conv1d, nn.Conv2d, nn.Linear)
 PASS = (nn.ReLU, nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d)
@@ -127,7 +127,7 @@ def equalize(model: nn.Module, names: Iterable[str], method: str = "cle", iterat
                 if b not in act:
                     continue
                 s = smoothquant_scales(act[b], l2.weight, alpha)
-            w1, b1, w2 = scale_pair(l1.weight, l1.bias, l2.weight, s)
+            (w1, b1), (w2,) = fold_scales(s, [l1.weight, l1.bias], [l2.weight])
             l1.weight.copy_(w1)
             if b1 is not None:
                 l1.bias.copy_(b1)
