@@ -49,6 +49,20 @@ from .protocol import Packable, QuantizedModule
 Tensor = torch.Tensor
 
 
+def dynamic_matmul_symbolic(g, a, b, b_scale=None, b_zero_point=None):
+    """ONNX symbolic of ``a @ b`` with ``a`` quantized at run time (``DynamicQuantizeLinear``: uint8,
+    per tensor): ``MatMulInteger -> Cast -> Mul(scale_a * scale_b)``, the pattern ONNX Runtime's own
+    dynamic quantizer writes. ``b`` is quantized at run time the same way when ``b_scale`` is None
+    (the attention matmuls, :mod:`nnsqueeze.quant.attention`); otherwise ``b`` already holds codes
+    with ``b_scale`` / ``b_zero_point`` (a Linear's transposed (K, N) weight codes, per column)."""
+    qa, sa, za = g.op("DynamicQuantizeLinear", a, outputs=3)
+    if b_scale is None:
+        b, b_scale, b_zero_point = g.op("DynamicQuantizeLinear", b, outputs=3)
+    acc = g.op("MatMulInteger", qa, b, za, b_zero_point)
+    accf = g.op("Cast", acc, to_i=1)  # FLOAT
+    return g.op("Mul", accf, g.op("Mul", sa, b_scale))
+
+
 class _DynamicLinearFn(torch.autograd.Function):
     """Value: the ORT-exact computation; ONNX: the standard dynamic-quantization pattern."""
 
@@ -58,12 +72,7 @@ class _DynamicLinearFn(torch.autograd.Function):
 
     @staticmethod
     def symbolic(g, x, w_codes_t, w_scale, w_zp, bias):
-        xq, xs, xz = g.op("DynamicQuantizeLinear", x, outputs=3)
-        acc = g.op("MatMulInteger", xq, w_codes_t, xz, w_zp)
-        accf = g.op("Cast", acc, to_i=1)  # FLOAT
-        scale = g.op("Mul", xs, w_scale)
-        y = g.op("Mul", accf, scale)
-        return g.op("Add", y, bias)
+        return g.op("Add", dynamic_matmul_symbolic(g, x, w_codes_t, w_scale, w_zp), bias)
 
 
 class DynamicQuantLinear(QuantizedModule, Packable, nn.Linear):
