@@ -239,7 +239,7 @@ def convert_dynamic_(module: nn.Linear, bits: int | None = None, signed: bool = 
     """Turn a plain ``nn.Linear`` into a :class:`DynamicQuantLinear`, in place (same object).
 
     ``bits=None``: 8, or 7 for signed codes where this CPU's ONNX Runtime u8s8 kernels saturate
-    (:func:`nnsqueeze.isa.u8s8_saturates`), so the exported layer computes what the layer does.
+    (:func:`nnsqueeze.isa.weight_range`), so the exported layer computes what the layer does.
 
     ``smooth``: optional (in_features,) positive scales ``s``; ``outliers``: optional input channel
     indices computed in float32 instead (see the module docstring). The layer's float function is
@@ -248,9 +248,9 @@ def convert_dynamic_(module: nn.Linear, bits: int | None = None, signed: bool = 
     if type(module) is not nn.Linear:
         raise TypeError(f"dynamic quantization converts plain nn.Linear, not {type(module).__name__}")
     if bits is None:
-        from ..isa import u8s8_saturates
+        from ..isa import weight_range
 
-        bits = 7 if signed and u8s8_saturates() else 8
+        bits = weight_range(8, "auto", u8s8=signed).bits
     w0 = module.weight.detach().clone()
     module.__class__ = DynamicQuantLinear
     try:
