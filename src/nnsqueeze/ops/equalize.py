@@ -61,6 +61,28 @@ def cle_scales(w1: Tensor, w2: Tensor) -> Tensor:
     return torch.where(ok, torch.sqrt(r1 / r2.clamp(min=EPS)), torch.ones_like(r1))
 
 
+class AbsMaxAccumulator:
+    """Running per-channel ``max |x_j|`` over all calibration tokens (float64, (C,)): the activation
+    statistic of SmoothQuant. The channels are ``axis`` of each input (-1: a Linear's features, 1: a
+    conv's channels); every other axis counts as tokens. ::
+
+        >>> acc = AbsMaxAccumulator(2, axis=1)
+        >>> acc.add(torch.tensor([[[1.0, -5.0], [2.0, 0.5]]])); acc.absmax, acc.tokens
+        (tensor([5., 2.], dtype=torch.float64), 2)
+    """
+
+    def __init__(self, columns: int, device: torch.device | str = "cpu", axis: int = -1):
+        self.absmax = torch.zeros(columns, dtype=torch.float64, device=device)
+        self.tokens = 0
+        self.axis = axis
+
+    def add(self, x: Tensor) -> None:
+        x = x.detach().movedim(self.axis, -1)
+        x = x.reshape(-1, x.shape[-1])                                   # (tokens, C)
+        self.absmax = torch.maximum(self.absmax, x.abs().amax(0).to(self.absmax.device, torch.float64))
+        self.tokens += x.shape[0]
+
+
 def smooth_scales(act_absmax: Tensor, weights: list[Tensor], alpha: float = 0.5) -> Tensor:
     """SmoothQuant scales ``s`` (in,) for activations with per-channel ``act_absmax`` (in,) feeding
     ``weights`` (each (out_k, in)); same dtype as ``act_absmax`` (float64 for the accumulator's)."""
