@@ -103,3 +103,54 @@ def test_detected_kernel_class_is_what_onnx_runtime_runs(tmp_path, bits):
         exact = layer(x)  # the layer computes ORT's integer arithmetic in int32
     got = OrtModule(tmp_path / "l.onnx", threads=1)(x)
     assert torch.equal(got, exact) is not (bits == 8 and u8s8_saturates())
+
+
+@pytest.mark.parametrize("isa", ISAS)
+def test_weight_range_is_the_one_decision(monkeypatch, isa):
+    """7-bit codes only for 8-bit weights on u8s8 kernels: always with True, on saturating CPUs with
+    'auto'; a note when auto reduces and when False keeps 8 bits where ORT will differ."""
+    from nnsqueeze.isa import SATURATING, weight_range
+
+    monkeypatch.setenv("NNSQUEEZE_ISA", isa)
+    sat = isa in SATURATING
+    for bits in (4, 7, 8):
+        for rr in (True, False, "auto"):
+            for u8s8 in (True, False):
+                got = weight_range(bits, rr, u8s8=u8s8, hint="HINT")
+                concerned = bits == 8 and u8s8
+                assert got.bits == (7 if concerned and (rr is True or rr == "auto" and sat) else bits)
+                if concerned and sat and rr == "auto":
+                    assert f"({isa})" in got.note and "7-bit" in got.note and got.note.endswith("HINT)")
+                elif concerned and sat and rr is False:
+                    assert f"({isa})" in got.note and "will differ" in got.note
+                else:
+                    assert got.note is None
+
+
+@pytest.mark.parametrize("isa", ["avx2", "avx512-vnni"])
+def test_every_caller_takes_the_same_decision(monkeypatch, isa):
+    """quantize-dynamic, convert_dynamic_(bits=None) and sensitivity agree with weight_range (the
+    quantize step: tests/steps/test_quantize.py::test_reduce_range)."""
+    from nnsqueeze.context import Context
+    from nnsqueeze.isa import weight_range
+    from nnsqueeze.quant.dynamic import convert_dynamic_
+    from nnsqueeze.sensitivity import resolve_reduce_range
+    from nnsqueeze.steps.quantize_dynamic import QuantizeDynamic
+
+    def first(note):  # the decision's words; each step adds its own hint for keeping 8 bits
+        return note.split(" (weights.reduce_range: auto;")[0]
+
+    monkeypatch.setenv("NNSQUEEZE_ISA", isa)
+    for signed in (True, False):
+        assert convert_dynamic_(nn.Linear(3, 2), signed=signed).bits == weight_range(8, "auto", u8s8=signed).bits
+        for rr in (True, False, "auto"):
+            ctx = Context()
+            ctx.report.begin_step("quantize-dynamic", {})
+            step = QuantizeDynamic(QuantizeDynamic.Config(weights={"symmetric": signed, "reduce_range": rr}))
+            model = step.run(nn.Sequential(nn.Linear(6, 4)), ctx)
+            want = weight_range(8, rr, u8s8=signed)
+            assert model[0].bits == want.bits and step.record()["layers"]["0"]["bits"] == want.bits
+            notes = [first(n["note"]) for n in ctx.report.notes if "reduce_range" in n["note"]]
+            assert notes == ([first(want.note)] if want.note else [])
+    assert resolve_reduce_range({"bits": 8})["reduce_range"] is (weight_range(8, "auto").bits == 7)
+    assert resolve_reduce_range({"bits": 4}) == {"bits": 4}

@@ -28,7 +28,7 @@ from __future__ import annotations
 import os
 import platform
 from functools import lru_cache
-from typing import Any
+from typing import Any, NamedTuple
 
 from .errors import RecipeError
 
@@ -127,3 +127,42 @@ def describe() -> dict[str, Any]:
 def u8s8_saturates() -> bool:
     """True where ONNX Runtime's uint8 x int8 kernels saturate (x86 without VNNI); see the module docstring."""
     return bool(describe()["u8s8_saturates"])
+
+
+class WeightRange(NamedTuple):
+    """What :func:`weight_range` decided: the weight code ``bits`` and a ``note`` for the report
+    (None when there is nothing to say)."""
+
+    bits: int
+    note: str | None
+
+
+def weight_range(bits: int, reduce_range: bool | str = "auto", u8s8: bool = True,
+                 hint: str = "set false to keep 8") -> WeightRange:
+    """The reduced-range decision, made here for every step: 7-bit instead of 8-bit weight codes
+    where ONNX Runtime's u8s8 kernels would saturate (see the module docstring).
+
+    Only 8-bit codes that run on the uint8 x int8 kernels are concerned (``u8s8``: signed weights on
+    a GEMM-based op; uint8 weights and depthwise convs accumulate exactly everywhere): ``True`` gives
+    7 bits, ``"auto"`` 7 bits on a saturating CPU (with a note naming it; ``hint`` says how to keep 8),
+    ``False`` keeps 8 bits (with a note when ORT here will then differ from the simulation). ::
+
+        >>> weight_range(8, True)
+        WeightRange(bits=7, note=None)
+        >>> weight_range(8, "auto", u8s8=False), weight_range(4, "auto")
+        (WeightRange(bits=8, note=None), WeightRange(bits=4, note=None))
+    """
+    if bits != 8 or not u8s8:
+        return WeightRange(bits, None)
+    if reduce_range is True:
+        return WeightRange(7, None)
+    isa = describe()
+    if not isa["u8s8_saturates"]:
+        return WeightRange(8, None)
+    if reduce_range == "auto":
+        return WeightRange(7, f"this CPU ({isa['isa']}) has no VNNI, where ONNX Runtime's u8s8 kernels saturate "
+                           f"with 8-bit weights: using 7-bit weight codes (weights.reduce_range: auto; {hint})")
+    # Kept as asked, but ORT on this CPU will not compute what the simulation does.
+    return WeightRange(8, f"weights.reduce_range: false on a CPU ({isa['isa']}) whose ONNX Runtime u8s8 kernels "
+                       "saturate with 8-bit weights: ORT here will differ from the simulation (fine for "
+                       "deployment on VNNI/ARM CPUs; use auto or true to run here)")

@@ -159,9 +159,9 @@ def resolve_reduce_range(weights: dict[str, Any]) -> dict[str, Any]:
     """Decide 'auto' reduced range once, so every trial uses the same grid and logs nothing."""
     w = dict(weights)
     if w.get("bits", 8) == 8 and w.get("reduce_range", "auto") == "auto":
-        from .isa import u8s8_saturates
+        from .isa import weight_range
 
-        w["reduce_range"] = u8s8_saturates()
+        w["reduce_range"] = weight_range(8, "auto").bits == 7
     return w
 
 

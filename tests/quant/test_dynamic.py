@@ -67,3 +67,41 @@ def test_single_layer_bit_exact(tmp_path):
     export_onnx(layer, tmp_path / "l.onnx", x)
     with torch.no_grad():
         assert torch.equal(OrtModule(tmp_path / "l.onnx")(x), layer(x))
+
+
+def _graph(module: nn.Module, x, path) -> list:
+    import onnx
+
+    export_onnx(module, path, x, verify=False)
+    return [n for n in onnx.load(str(path)).graph.node if n.op_type != "Constant"]  # the constants: inputs
+
+
+def test_one_dynamic_matmul_symbolic(tmp_path):
+    """The dynamic Linear and the dynamic attention matmul write the same pattern (one symbolic):
+    DynamicQuantizeLinear -> MatMulInteger -> Cast -> Mul(scale_a * scale_b); the Linear's second
+    operand is its weight codes and scales, and it adds the bias."""
+    from nnsqueeze.quant.attention import AttentionQuant
+
+    class Matmul(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.q = AttentionQuant("dynamic")
+
+        def forward(self, a, b):
+            return self.q.matmul(a, b, "query", "key")
+
+    torch.manual_seed(0)
+    lin = convert_dynamic_(nn.Linear(6, 4), bits=8).eval()
+    nodes = _graph(lin, torch.randn(3, 6), tmp_path / "l.onnx")
+    assert [n.op_type for n in nodes] == ["DynamicQuantizeLinear", "MatMulInteger", "Cast", "Mul", "Mul", "Add"]
+    dql, mmi, cast, scale, mul, add = nodes
+    assert mmi.input[0] == dql.output[0] and mmi.input[2] == dql.output[2]      # a's codes, zero point
+    assert scale.input[0] == dql.output[1] and list(mul.input) == [cast.output[0], scale.output[0]]
+    assert add.input[0] == mul.output[0]
+
+    nodes = _graph(Matmul().eval(), (torch.randn(2, 3, 5), torch.randn(2, 5, 4)), tmp_path / "m.onnx")
+    assert [n.op_type for n in nodes] == ["DynamicQuantizeLinear", "DynamicQuantizeLinear", "MatMulInteger",
+                                          "Cast", "Mul", "Mul"]
+    qa, qb, mmi, cast, scale, mul = nodes
+    assert list(mmi.input) == [qa.output[0], qb.output[0], qa.output[2], qb.output[2]]
+    assert list(scale.input) == [qa.output[1], qb.output[1]] and list(mul.input) == [cast.output[0], scale.output[0]]

@@ -21,32 +21,21 @@ from __future__ import annotations
 
 import torch
 
-# The scale formula is pure math shared with the CNN path (quant/equalize.py), so it lives in the ops
-# layer; re-exported here, where the LLM steps and the docs have always found it.
+# The statistics, the scale formula and the fold are pure math shared with the CNN path
+# (quant/equalize.py) and quantize-dynamic, so they live in the ops layer; re-exported here, where the
+# LLM steps and the docs have always found them.
 from ..ops.equalize import SMOOTH_EPS as EPS
-from ..ops.equalize import smooth_scales
+from ..ops.equalize import AbsMaxAccumulator, fold_scales, smooth_scales
 
 __all__ = ["EPS", "AbsMaxAccumulator", "smooth_scales", "smooth_weight", "smooth_activation"]
 
 Tensor = torch.Tensor
 
 
-class AbsMaxAccumulator:
-    """Running per-channel ``max |x_j|`` over all calibration tokens (float64, (in,))."""
-
-    def __init__(self, columns: int, device: torch.device | str = "cpu"):
-        self.absmax = torch.zeros(columns, dtype=torch.float64, device=device)
-        self.tokens = 0
-
-    def add(self, x: Tensor) -> None:
-        x = x.detach().reshape(-1, x.shape[-1])
-        self.absmax = torch.maximum(self.absmax, x.abs().amax(0).to(self.absmax.device, torch.float64))
-        self.tokens += x.shape[0]
-
-
 def smooth_weight(w: Tensor, s: Tensor) -> Tensor:
-    """``W * s`` (each input column ``j`` times ``s_j``), in ``w``'s dtype."""
-    return w * s.to(w.dtype).unsqueeze(0)
+    """``W * s`` (each input column ``j`` times ``s_j``), computed in float64, in ``w``'s dtype
+    (:func:`nnsqueeze.ops.equalize.fold_scales` with no producer)."""
+    return fold_scales(s, [], [w])[1][0]
 
 
 def smooth_activation(x: Tensor, s: Tensor) -> Tensor:

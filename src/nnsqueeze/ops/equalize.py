@@ -4,7 +4,9 @@ SmoothQuant migration, as pure tensor math.
 For ``y = L2(relu(L1(x)))`` and any positive per-channel ``s`` (one per output channel of L1 =
 input channel of L2), ``relu(z / s) = relu(z) / s``, so dividing L1's output channel ``i`` (weight
 row and bias) by ``s_i`` and multiplying L2's input channel ``i`` by ``s_i`` leaves ``y`` unchanged
-in exact arithmetic. Only the choice of ``s`` differs:
+in exact arithmetic (:func:`fold_scales`, the one implementation of that fold: CLE, the
+``smoothquant`` step and ``quantize-dynamic``'s in-layer smoothing all use it). Only the choice of
+``s`` differs:
 
 - CLE (Nagel et al. 2019, "Data-free quantization"): ``s_i = sqrt(r1_i / r2_i)`` with ``r1_i`` the
   range (absmax) of L1's output channel ``i`` and ``r2_i`` that of L2's input channel ``i``; both
@@ -17,10 +19,10 @@ in exact arithmetic. Only the choice of ``s`` differs:
 Weights are (C_out, C_in, *k) (conv) or (C_out, C_in) (linear); groups must be 1. ::
 
     >>> import torch
-    >>> from nnsqueeze.ops.equalize import cle_scales, scale_pair
+    >>> from nnsqueeze.ops.equalize import cle_scales, fold_scales
     >>> w1, b1, w2 = torch.randn(4, 3), torch.randn(4), torch.randn(5, 4)
     >>> s = cle_scales(w1, w2)
-    >>> v1, c1, v2 = scale_pair(w1, b1, w2, s)
+    >>> (v1, c1), (v2,) = fold_scales(s, [w1, b1], [w2])
     >>> x = torch.randn(7, 3)
     >>> torch.allclose(torch.relu(x @ v1.T + c1) @ v2.T, torch.relu(x @ w1.T + b1) @ w2.T, atol=1e-5)
     True
@@ -29,6 +31,8 @@ Weights are (C_out, C_in, *k) (conv) or (C_out, C_in) (linear); groups must be 1
 """
 
 from __future__ import annotations
+
+from typing import Sequence
 
 import torch
 
@@ -57,6 +61,28 @@ def cle_scales(w1: Tensor, w2: Tensor) -> Tensor:
     return torch.where(ok, torch.sqrt(r1 / r2.clamp(min=EPS)), torch.ones_like(r1))
 
 
+class AbsMaxAccumulator:
+    """Running per-channel ``max |x_j|`` over all calibration tokens (float64, (C,)): the activation
+    statistic of SmoothQuant. The channels are ``axis`` of each input (-1: a Linear's features, 1: a
+    conv's channels); every other axis counts as tokens. ::
+
+        >>> acc = AbsMaxAccumulator(2, axis=1)
+        >>> acc.add(torch.tensor([[[1.0, -5.0], [2.0, 0.5]]])); acc.absmax, acc.tokens
+        (tensor([5., 2.], dtype=torch.float64), 2)
+    """
+
+    def __init__(self, columns: int, device: torch.device | str = "cpu", axis: int = -1):
+        self.absmax = torch.zeros(columns, dtype=torch.float64, device=device)
+        self.tokens = 0
+        self.axis = axis
+
+    def add(self, x: Tensor) -> None:
+        x = x.detach().movedim(self.axis, -1)
+        x = x.reshape(-1, x.shape[-1])                                   # (tokens, C)
+        self.absmax = torch.maximum(self.absmax, x.abs().amax(0).to(self.absmax.device, torch.float64))
+        self.tokens += x.shape[0]
+
+
 def smooth_scales(act_absmax: Tensor, weights: list[Tensor], alpha: float = 0.5) -> Tensor:
     """SmoothQuant scales ``s`` (in,) for activations with per-channel ``act_absmax`` (in,) feeding
     ``weights`` (each (out_k, in)); same dtype as ``act_absmax`` (float64 for the accumulator's)."""
@@ -77,13 +103,39 @@ def smoothquant_scales(act_absmax: Tensor, w2: Tensor, alpha: float = 0.5) -> Te
     return smooth_scales(act_absmax.double(), [cols.double()], alpha=alpha)
 
 
-def scale_pair(w1: Tensor, b1: Tensor | None, w2: Tensor, s: Tensor) -> tuple[Tensor, Tensor | None, Tensor]:
-    """``(w1 / s, b1 / s, w2 * s)`` along L1's output / L2's input channels, computed in float64 and
-    returned in the input dtypes."""
-    s64 = s.detach().double()
+def fold_scales(s: Tensor, producer: Sequence[Tensor | None],
+                consumers: Sequence[Tensor]) -> tuple[list[Tensor | None], list[Tensor]]:
+    """Fold per-channel scales ``s`` (C,) between an op and the layers that read its output: every
+    ``producer`` tensor is divided by ``s`` along dim 0 (the op's output rows: a weight (C, ...), a
+    bias or a norm's weight (C,)) and every ``consumers`` weight multiplied by ``s`` along dim 1 (its
+    input columns: (out, C, *k)). ``consumer(producer(x))`` is unchanged in exact arithmetic.
+
+    The one implementation of the fold behind CLE and SmoothQuant (``quantize``'s ``equalize``, the
+    ``smoothquant`` step, and ``quantize-dynamic``'s in-layer smoothing, whose producer is the
+    layer's own input multiplier). Computed in float64 and returned in each tensor's own dtype; a
+    ``None`` producer (a missing bias) stays ``None``. ::
+
+        >>> import torch
+        >>> w1, b1, w2 = torch.randn(4, 3), torch.randn(4), torch.randn(5, 4)
+        >>> (v1, c1), (v2,) = fold_scales(torch.tensor([2.0, 0.5, 1.0, 4.0]), [w1, b1], [w2])
+        >>> torch.equal(c1 * torch.tensor([2.0, 0.5, 1.0, 4.0]), b1), v2.shape
+        (True, torch.Size([5, 4]))
+    """
+    s64 = s.detach().double().reshape(-1)
     if (s64 <= 0).any() or not torch.isfinite(s64).all():
         raise ValueError("scales must be positive and finite")
-    v1 = w1.detach().double() / s64.reshape(-1, *([1] * (w1.dim() - 1)))
-    c1 = None if b1 is None else (b1.detach().double() / s64).to(b1.dtype)
-    v2 = w2.detach().double() * s64.reshape(1, -1, *([1] * (w2.dim() - 2)))
-    return v1.to(w1.dtype), c1, v2.to(w2.dtype)
+    c = s64.numel()
+    if any(t is not None and (t.dim() < 1 or t.shape[0] != c) for t in producer) or \
+            any(t.dim() < 2 or t.shape[1] != c for t in consumers):
+        raise ValueError(f"fold_scales: producers need {c} rows (dim 0) and consumers {c} columns (dim 1)")
+
+    def div(t: Tensor | None) -> Tensor | None:
+        if t is None:
+            return None
+        return (t.detach().double() / s64.reshape(-1, *([1] * (t.dim() - 1)))).to(t.dtype)
+
+    def mul(t: Tensor) -> Tensor:
+        return (t.detach().double() * s64.reshape(1, -1, *([1] * (t.dim() - 2)))).to(t.dtype)
+
+    return [div(t) for t in producer], [mul(t) for t in consumers]
+

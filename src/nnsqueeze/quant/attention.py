@@ -50,6 +50,7 @@ from ..ops.dynamic import dynamic_int_matmul, dynamic_qparams
 from ..ops.quant import fake_quantize_ste, qrange
 from .act_scheme import ActScheme
 from .act_state import ActQuantState, op_kernels
+from .dynamic import dynamic_matmul_symbolic
 from .protocol import QuantizedOp
 
 Tensor = torch.Tensor
@@ -78,11 +79,7 @@ class _DynamicMatMulFn(torch.autograd.Function):
 
     @staticmethod
     def symbolic(g, a, b):
-        qa, sa, za = g.op("DynamicQuantizeLinear", a, outputs=3)
-        qb, sb, zb = g.op("DynamicQuantizeLinear", b, outputs=3)
-        acc = g.op("MatMulInteger", qa, qb, za, zb)
-        accf = g.op("Cast", acc, to_i=1)  # FLOAT
-        return g.op("Mul", accf, g.op("Mul", sa, sb))
+        return dynamic_matmul_symbolic(g, a, b)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -42,10 +42,25 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..ops.dynamic import dynamic_qparams, dynamic_quantize, int_linear
+from ..ops.equalize import fold_scales
 from ..ops.quant import dequantize, fake_quantize_ste, qparams, qrange, quantize, sqnr_db
 from .protocol import Packable, QuantizedModule
 
 Tensor = torch.Tensor
+
+
+def dynamic_matmul_symbolic(g, a, b, b_scale=None, b_zero_point=None):
+    """ONNX symbolic of ``a @ b`` with ``a`` quantized at run time (``DynamicQuantizeLinear``: uint8,
+    per tensor): ``MatMulInteger -> Cast -> Mul(scale_a * scale_b)``, the pattern ONNX Runtime's own
+    dynamic quantizer writes. ``b`` is quantized at run time the same way when ``b_scale`` is None
+    (the attention matmuls, :mod:`nnsqueeze.quant.attention`); otherwise ``b`` already holds codes
+    with ``b_scale`` / ``b_zero_point`` (a Linear's transposed (K, N) weight codes, per column)."""
+    qa, sa, za = g.op("DynamicQuantizeLinear", a, outputs=3)
+    if b_scale is None:
+        b, b_scale, b_zero_point = g.op("DynamicQuantizeLinear", b, outputs=3)
+    acc = g.op("MatMulInteger", qa, b, za, b_zero_point)
+    accf = g.op("Cast", acc, to_i=1)  # FLOAT
+    return g.op("Mul", accf, g.op("Mul", sa, b_scale))
 
 
 class _DynamicLinearFn(torch.autograd.Function):
@@ -57,12 +72,7 @@ class _DynamicLinearFn(torch.autograd.Function):
 
     @staticmethod
     def symbolic(g, x, w_codes_t, w_scale, w_zp, bias):
-        xq, xs, xz = g.op("DynamicQuantizeLinear", x, outputs=3)
-        acc = g.op("MatMulInteger", xq, w_codes_t, xz, w_zp)
-        accf = g.op("Cast", acc, to_i=1)  # FLOAT
-        scale = g.op("Mul", xs, w_scale)
-        y = g.op("Mul", accf, scale)
-        return g.op("Add", y, bias)
+        return g.op("Add", dynamic_matmul_symbolic(g, x, w_codes_t, w_scale, w_zp), bias)
 
 
 class DynamicQuantLinear(QuantizedModule, Packable, nn.Linear):
@@ -105,11 +115,12 @@ class DynamicQuantLinear(QuantizedModule, Packable, nn.Linear):
                 s[idx] = 1.0
                 self.weight[:, idx] = 0  # out of the int8 weights' per-row ranges
             if smooth is not None or idx is not None:
-                self.weight.copy_((self.weight.detach().double() * s).to(self.weight.dtype))
-                r = 1.0 / s
+                # The layer is its own producer: a multiplier of ones becomes r = 1/s, the weight W * s.
+                (r,), (w,) = fold_scales(s, [torch.ones(k, dtype=torch.float32, device=dev)], [self.weight])
+                self.weight.copy_(w)
                 if idx is not None:
                     r[idx] = 0.0
-                self.register_buffer("input_multiplier_", r.to(torch.float32))
+                self.register_buffer("input_multiplier_", r)
         self.refresh_weight_qparams_()
 
     def _outlier_part(self, x: Tensor) -> Tensor | None:
@@ -228,7 +239,7 @@ def convert_dynamic_(module: nn.Linear, bits: int | None = None, signed: bool = 
     """Turn a plain ``nn.Linear`` into a :class:`DynamicQuantLinear`, in place (same object).
 
     ``bits=None``: 8, or 7 for signed codes where this CPU's ONNX Runtime u8s8 kernels saturate
-    (:func:`nnsqueeze.isa.u8s8_saturates`), so the exported layer computes what the layer does.
+    (:func:`nnsqueeze.isa.weight_range`), so the exported layer computes what the layer does.
 
     ``smooth``: optional (in_features,) positive scales ``s``; ``outliers``: optional input channel
     indices computed in float32 instead (see the module docstring). The layer's float function is
@@ -237,9 +248,9 @@ def convert_dynamic_(module: nn.Linear, bits: int | None = None, signed: bool = 
     if type(module) is not nn.Linear:
         raise TypeError(f"dynamic quantization converts plain nn.Linear, not {type(module).__name__}")
     if bits is None:
-        from ..isa import u8s8_saturates
+        from ..isa import weight_range
 
-        bits = 7 if signed and u8s8_saturates() else 8
+        bits = weight_range(8, "auto", u8s8=signed).bits
     w0 = module.weight.detach().clone()
     module.__class__ = DynamicQuantLinear
     try:

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from ..data import call_model, split, to_device
-from ..ops.equalize import cle_scales, in_channel_absmax, scale_pair, smoothquant_scales
+from ..ops.equalize import AbsMaxAccumulator, cle_scales, fold_scales, in_channel_absmax, smoothquant_scales
 
 LAYERS = (nn.Conv1d, nn.Conv2d, nn.Linear)
 PASS = (nn.ReLU, nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d)
@@ -92,15 +92,13 @@ def _run(model: nn.Module, hooks: list, data: Iterable, device: Any) -> None:
 @torch.no_grad()
 def _input_absmax(model: nn.Module, names: list[str], data: Iterable, device: Any) -> dict[str, torch.Tensor]:
     """Per-input-channel ``max |x|`` entering each named layer over ``data`` (float64)."""
-    stats: dict[str, torch.Tensor] = {}
-    hooks = []
+    accs, hooks = {}, []
     for n in names:
-        def hook(m, args, n=n):
-            a = _rows(m, args[0].detach()).abs().amax(0).double()
-            stats[n] = a if n not in stats else torch.maximum(stats[n], a)
-        hooks.append(model.get_submodule(n).register_forward_pre_hook(hook))
+        m = model.get_submodule(n)
+        accs[n] = AbsMaxAccumulator(_channels(m, False), m.weight.device, -1 if isinstance(m, nn.Linear) else 1)
+        hooks.append(m.register_forward_pre_hook(lambda m, args, acc=accs[n]: acc.add(args[0])))
     _run(model, hooks, data, device)
-    return stats
+    return {n: acc.absmax for n, acc in accs.items() if acc.tokens}
 
 
 @torch.no_grad()
@@ -127,7 +125,7 @@ def equalize(model: nn.Module, names: Iterable[str], method: str = "cle", iterat
                 if b not in act:
                     continue
                 s = smoothquant_scales(act[b], l2.weight, alpha)
-            w1, b1, w2 = scale_pair(l1.weight, l1.bias, l2.weight, s)
+            (w1, b1), (w2,) = fold_scales(s, [l1.weight, l1.bias], [l2.weight])
             l1.weight.copy_(w1)
             if b1 is not None:
                 l1.bias.copy_(b1)

@@ -71,6 +71,7 @@ from torch import nn
 
 from ..data import as_batches, call_model, split, take, to_device
 from ..errors import DataError, ModelError, RecipeError
+from ..isa import weight_range
 from ..quant.fold import fold_batchnorm, refold_structure
 from ..quant.modules import MODULE_MAP, convert_
 from ..quant.act_scheme import ActScheme
@@ -449,30 +450,15 @@ class Quantize(Step):
         out = {}
         for lname, mod in layers:
             w = cfg.layer_weights.get(lname, cfg.weights)
-            bits = w.bits
-            sch = weight_scheme(w, bits)
+            sch = weight_scheme(w, w.bits)
             # ORT's depthwise kernel widens u8*s8 products to int32 on every CPU (measured under an
             # emulated Haswell: exact with full 8-bit codes), so only GEMM-based layers need 7 bits.
-            if bits == 8 and sch.int8_kernels and not _depthwise(mod):
-                from ..isa import describe
-
-                isa = describe()
-                if w.reduce_range is True:
-                    bits = 7
-                elif w.reduce_range == "auto" and isa["u8s8_saturates"]:
-                    bits = 7
-                    if not rr_noted:
-                        ctx.fallback(name, f"this CPU ({isa['isa']}) has no VNNI, where ONNX Runtime's u8s8 kernels "
-                                     "saturate with 8-bit weights: using 7-bit weight codes (weights.reduce_range: "
-                                     "auto; set false to keep 8)")
-                        rr_noted = True
-                elif isa["u8s8_saturates"] and not rr_noted:
-                    # Kept as asked, but ORT on this CPU will not compute what the simulation does.
-                    ctx.fallback(name, f"weights.reduce_range: false on a CPU ({isa['isa']}) whose ONNX Runtime "
-                                 "u8s8 kernels saturate with 8-bit weights: ORT here will differ from the "
-                                 "simulation (fine for deployment on VNNI/ARM CPUs; use auto or true to run here)")
-                    rr_noted = True
-                sch = weight_scheme(w, bits)
+            rng = weight_range(w.bits, w.reduce_range, u8s8=sch.int8_kernels and not _depthwise(mod))
+            if rng.note is not None and not rr_noted:
+                ctx.fallback(name, rng.note)
+                rr_noted = True
+            if rng.bits != w.bits:
+                sch = weight_scheme(w, rng.bits)
             # A group_size that does not divide a row (C_in/groups * k) is kept: the last group of each
             # output channel is shorter, with its own scale (FakeQuantMixin.weight_groups).
             out[lname] = (sch, w)

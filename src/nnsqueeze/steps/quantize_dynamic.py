@@ -57,6 +57,7 @@ from torch import Tensor, nn
 from ..data import call_model, split, take
 from ..export.onnx import flatten_outputs
 from ..errors import DataError, ModelError
+from ..isa import weight_range
 from ..llm.smoothquant import AbsMaxAccumulator, smooth_scales
 from ..ops.dynamic import outlier_channels
 from ..quant.args import QuantArgs
@@ -145,19 +146,11 @@ class QuantizeDynamic(Step):
 
     def _bits(self, ctx) -> int:
         w = self.config.weights
-        if not w.symmetric or w.bits == 7 or w.reduce_range is False:
-            return w.bits
-        if w.reduce_range is True:
-            return 7
-        from ..isa import describe
-
-        isa = describe()
-        if isa["u8s8_saturates"]:
-            ctx.fallback(self.registered_name, f"this CPU ({isa['isa']}) has no VNNI, where ONNX Runtime's u8s8 "
-                         "kernels saturate with 8-bit weights: using 7-bit weight codes (weights.reduce_range: auto; "
-                         "or use weights.symmetric: false for full 8-bit u8u8)")
-            return 7
-        return 8
+        rng = weight_range(w.bits, w.reduce_range, u8s8=w.symmetric,
+                           hint="or use weights.symmetric: false for full 8-bit u8u8")
+        if rng.note is not None:
+            ctx.fallback(self.registered_name, rng.note)
+        return rng.bits
 
     def run(self, model: nn.Module, ctx) -> nn.Module:
         name, signed = self.registered_name, self.config.weights.symmetric

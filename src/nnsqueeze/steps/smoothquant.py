@@ -4,7 +4,9 @@ A float-to-float transform (the model's outputs do not change beyond rounding): 
 Linears that read the output of the same LayerNorm/RMSNorm (q/k/v after ``input_layernorm``,
 gate/up after ``post_attention_layernorm``, GPT-2's ``c_attn`` after ``ln_1``), computes
 ``s = max|x|^alpha / max|W|^(1-alpha)`` (:mod:`nnsqueeze.llm.smoothquant`), divides the norm's weight
-(and bias) by ``s`` and multiplies the Linears' input columns by ``s``. Run ``quantize`` after it::
+(and bias) by ``s`` and multiplies the Linears' input columns by ``s``
+(:func:`nnsqueeze.ops.equalize.fold_scales`, the fold ``quantize``'s ``equalize`` and
+``quantize-dynamic``'s ``smooth`` use too). Run ``quantize`` after it::
 
     steps:
       - smoothquant: {alpha: 0.5, samples: 128}
@@ -25,7 +27,8 @@ from pydantic import Field
 from torch import nn
 
 from ..llm.sequential import get_weight, set_weight
-from ..llm.smoothquant import AbsMaxAccumulator, smooth_scales, smooth_weight
+from ..llm.smoothquant import AbsMaxAccumulator, smooth_activation, smooth_scales
+from ..ops.equalize import fold_scales
 from ..registry import STEPS
 from ._llm import LLMStep, LLMStepConfig
 
@@ -102,24 +105,26 @@ class SmoothQuant(LLMStep):
     def _fold(self, model, ctx, nname, norm_io, accs, lnames):
         norm, x_in, y_old = norm_io
         mods = [model.get_submodule(n) for n in lnames]
-        weights = [get_weight(m) for m in mods]
+        weights = [get_weight(m) for m in mods]                                 # each (out, in) float32
         s = smooth_scales(accs[0].absmax, weights, self.config.alpha)           # (in,) float64
-        saved = (norm.weight.detach().clone(),
-                 None if getattr(norm, "bias", None) is None else norm.bias.detach().clone())
-        norm.weight.div_(s.to(norm.weight.dtype))
-        if saved[1] is not None:
-            norm.bias.div_(s.to(norm.bias.dtype))
+        bias = getattr(norm, "bias", None)
+        # 1/s into the norm's output channels (weight and bias), s into every Linear's input columns
+        (norm_w, norm_b), smoothed = fold_scales(s, [norm.weight, bias], weights)
+        saved = (norm.weight.detach().clone(), None if bias is None else bias.detach().clone())
+        norm.weight.copy_(norm_w)
+        if bias is not None:
+            bias.copy_(norm_b)
         y_new = norm(x_in)
-        ref = y_old / s.to(y_old.dtype)
+        ref = smooth_activation(y_old, s)
         if not torch.allclose(y_new, ref, rtol=1e-4, atol=1e-5 * float(ref.abs().max().clamp(min=1))):
             norm.weight.copy_(saved[0])
-            if saved[1] is not None:
-                norm.bias.copy_(saved[1])
+            if bias is not None:
+                bias.copy_(saved[1])
             ctx.fallback("smoothquant", f"{nname}: dividing its weight by s does not divide its output by s "
                          f"({type(norm).__name__}); left {', '.join(lnames)} unsmoothed")
             return
-        for lname, m, w in zip(lnames, mods, weights):
-            set_weight(m, smooth_weight(w.double(), s).float())
+        for lname, m, w in zip(lnames, mods, smoothed):
+            set_weight(m, w)
             ctx.report.layer(lname, smoothquant_alpha=self.config.alpha, smoothed_by=nname,
                              act_absmax_ratio_before=round(_peak_ratio(accs[0].absmax), 3),
                              act_absmax_ratio_after=round(_peak_ratio(accs[0].absmax / s), 3))
