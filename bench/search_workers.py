@@ -1,22 +1,22 @@
 """Benchmark: ``nnsqueeze search`` resumed after a kill, and one worker against two (issue #15).
 
-Three runs of the same search (the MNIST-1D demo CNN, the shipped ``cnn`` space, the CLI as a user
-types it), each in its own new directory:
+Three runs of a search on the MNIST-1D demo CNN (the CLI as a user types it), each in its own new
+directory:
 
 1. **one worker**: ``--workers 1`` (2 threads); wall time.
 2. **two workers**: ``--workers 2`` (1 thread each, two processes on one SQLite study); wall time.
-   The trials differ from run 1 (two samplers ask in parallel), so the table also gives the sum of
-   the trials' own seconds: wall time / trial-seconds is the parallel efficiency, independent of
-   which recipes were drawn.
-3. **killed and resumed**: ``--workers 1``; when half the trials are finished the whole process group
-   gets SIGKILL (no clean-up), then the same command runs again. It must end with exactly
-   ``--trials`` finished trials, and every trial finished before the kill must be untouched (same
-   number, values and completion time): nothing recomputed. The trial that was running when the
+   Two samplers asking in parallel draw other recipes than one does, so runs 1 and 2 use a space
+   whose trials all cost about the same (:data:`UNIFORM`: the same steps every trial, only ratios and
+   bit widths vary); the table also gives the sum of the trials' own seconds.
+3. **killed and resumed** (the shipped ``cnn`` space): ``--workers 1``; when half the trials are
+   finished the whole process group gets SIGKILL (no clean-up), then the same command runs again.
+   It must end with exactly ``--trials`` finished trials, and every trial finished before the kill
+   must be untouched (same number, values and completion time): nothing recomputed. The trial that was running when the
    process died is marked failed after the heartbeat grace period and re-queued.
 
 The prefix cache is off (``--no-cache``) so that wall times measure parallelism, not cache luck.
 
-    python bench/search_workers.py --trials 12
+    python bench/search_workers.py --trials 24
 """
 
 from __future__ import annotations
@@ -38,9 +38,28 @@ from nnsqueeze.env import cpu_model
 from nnsqueeze.isa import describe
 
 
-def cli(out: Path, trials: int, workers: int) -> list[str]:
+# Every trial runs the same four steps; only the ratios and the weight bits are searched.
+UNIFORM = """version: 1
+name: uniform-cost
+base:
+  - structured-prune: {ratio: 0.25, importance: l2}
+  - prune: {sparsity: 0.5, scope: global}
+  - distill: {epochs: 4, lr: 5.0e-4, optimizer: adamw, schedule: cosine, alpha: 0.5, temperature: 2.0}
+  - quantize:
+      weights: {bits: 8, granularity: per-channel, symmetric: true}
+      activations: {bits: 8, granularity: per-tensor, symmetric: false}
+      calibration: {method: minmax, samples: 256}
+params:
+  structured-prune.ratio: [0.1, 0.5]
+  prune.sparsity: [0.3, 0.9]
+  quantize.weights.bits: {choices: [4, 8]}
+evaluate: {latency_batch: 256, threads: 2, runs: 10, warmup: 3}
+"""
+
+
+def cli(out: Path, trials: int, workers: int, space: str = "cnn") -> list[str]:
     return [sys.executable, "-m", "nnsqueeze", "-q", "search", "--model", "nnsqueeze.zoo.mnist1d:pretrained",
-            "--data", "mnist1d", "--space", "cnn", "--max-drop", "0.02", "--trials", str(trials),
+            "--data", "mnist1d", "--space", space, "--max-drop", "0.02", "--trials", str(trials),
             "--workers", str(workers), "--no-cache", "--out", str(out)]
 
 
@@ -58,9 +77,9 @@ def trial_seconds(study: optuna.Study) -> float:
     return sum((t.datetime_complete - t.datetime_start).total_seconds() for t in finished(study))
 
 
-def run(out: Path, trials: int, workers: int) -> float:
+def run(out: Path, trials: int, workers: int, space: str) -> float:
     t0 = time.perf_counter()
-    subprocess.run(cli(out, trials, workers), check=True, stdout=subprocess.DEVNULL)
+    subprocess.run(cli(out, trials, workers, space), check=True, stdout=subprocess.DEVNULL)
     return time.perf_counter() - t0
 
 
@@ -99,7 +118,7 @@ def killed_and_resumed(out: Path, trials: int) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--trials", type=int, default=12)
+    ap.add_argument("--trials", type=int, default=24)
     ap.add_argument("--keep", help="keep the three search directories here instead of a temporary one")
     ap.add_argument("--only", choices=["workers", "resume"], help="run one part")
     args = ap.parse_args()
@@ -108,11 +127,14 @@ def main() -> None:
     root = Path(args.keep or root_ctx.name)
     root.mkdir(parents=True, exist_ok=True)
     print(f"# search workers and resume, {date.today()}, CPU {cpu_model()} ({describe()['isa']}), "
-          f"{os.cpu_count()} cores; demo CNN, space cnn, {args.trials} trials, --no-cache")
+          f"{os.cpu_count()} cores; demo CNN, {args.trials} trials, --no-cache; workers: space UNIFORM, "
+          "resume: space cnn")
     if args.only in (None, "workers"):
-        w1 = run(root / "one", args.trials, 1)
+        space = root / "uniform.yaml"
+        space.write_text(UNIFORM)
+        w1 = run(root / "one", args.trials, 1, str(space))
         s1 = study_of(root / "one")
-        w2 = run(root / "two", args.trials, 2)
+        w2 = run(root / "two", args.trials, 2, str(space))
         s2 = study_of(root / "two")
         ts1, ts2 = trial_seconds(s1), trial_seconds(s2)
         print("\n| workers | threads each | finished trials | wall s | sum of trial s | wall / trial-s |")

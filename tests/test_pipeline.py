@@ -153,3 +153,17 @@ def test_slower_or_larger_compressed_model_is_flagged():
     rb2.baseline, rb2.compressed = rb.compressed | {"measured": {"latency_batch": 8}}, rb.baseline
     _flag_regressions(rb2)
     assert rb2.notes == []
+
+
+def test_baselines_are_measured_once_per_setting(tiny_cnn, toy_data):
+    kw = dict(train_data=toy_data["train"], calib_data=toy_data["calib"], eval_data=toy_data["eval"], progress=False)
+    recipe = {"steps": [{"prune": {"sparsity": 0.5}}], "evaluate": {"runs": 2, "warmup": 1}}
+    cache: dict = {}
+    first = nsq.compress(tiny_cnn, recipe, baselines=cache, **kw).report
+    assert len(cache) == 1 and not any(n["step"] == "baseline" for n in first["notes"])
+    second = nsq.compress(tiny_cnn, {**recipe, "steps": [{"prune": {"sparsity": 0.7}}]}, baselines=cache, **kw).report
+    assert second["baseline"] == first["baseline"] and second["export"]["baseline"] == first["export"]["baseline"]
+    assert any(n["step"] == "baseline" and "reused" in n["note"] for n in second["notes"])
+    assert second["compressed"]["nonzero_params"] < first["compressed"]["nonzero_params"]  # measured anew
+    other = nsq.compress(tiny_cnn, {**recipe, "evaluate": {"runs": 3, "warmup": 1}}, baselines=cache, **kw).report
+    assert len(cache) == 2 and not any(n["step"] == "baseline" for n in other["notes"])  # other settings: measured

@@ -13,6 +13,7 @@ step with an explicit :class:`Context`, exports, verifies, and measures again.
 from __future__ import annotations
 
 import copy
+import json
 import logging
 import tempfile
 import time
@@ -246,12 +247,15 @@ def compress(
     progress: bool = True,
     start: Checkpoint | None = None,
     on_step: Callable[[Checkpoint, Context], None] | None = None,
+    baselines: dict | None = None,
 ) -> CompressionResult:
     """Run ``recipe`` on a copy of ``model`` (the original is left untouched) and measure both.
 
     ``on_step(checkpoint, ctx)`` is called after every step (it may raise to stop the run);
     ``start`` continues from a :class:`Checkpoint` of this recipe's first steps instead of
-    running them again."""
+    running them again. ``baselines``: a dict the caller keeps between calls on the *same model
+    and data* (a search's trials): the baseline's ONNX export and figures are measured once per
+    evaluation/export setting and reused from it (the report notes the reuse)."""
     recipe = load_recipe(recipe)
     steps = make_steps(recipe, model if isinstance(model, nn.Module) else None)  # fails before data is read
     if start is not None:
@@ -305,14 +309,29 @@ def compress(
     with tempfile.TemporaryDirectory(prefix="nnsqueeze-") as tmp:
         exporter = EXPORTERS.get("onnx") if onnx_cfg is not None else None
         base_onnx = None
+        key = json.dumps([ev.model_dump(mode="json"), None if onnx_cfg is None else onnx_cfg.model_dump(mode="json"),
+                          metric_name, measured["latency_batch"], str(device)], sort_keys=True, default=str)
         with stage("baseline"):
             if exporter is not None:
                 base_onnx = str(Path(tmp) / "baseline.onnx")
-                rb.export["baseline"] = exporter(work, base_onnx, example_inputs, opset=onnx_cfg.opset,
-                                                 verify=onnx_cfg.verify, samples=samples)
-            rb.baseline = measure(work, eval_data=eval_data, metric=metric_fn, latency_inputs=lat_inputs,
-                                  threads=ev.threads, warmup=ev.warmup, runs=ev.runs, onnx_path=base_onnx,
-                                  archive_bytes=len(artifact.weights_bytes(work)))
+            if baselines is not None and key in baselines:  # the same model, data and settings: measured once
+                figures, export_info, onnx_bytes = copy.deepcopy(baselines[key])
+                if base_onnx is not None:
+                    Path(base_onnx).write_bytes(onnx_bytes)
+                    rb.export["baseline"] = export_info
+                rb.baseline = figures
+                rb.note("baseline", "baseline figures reused from an earlier run on the same model, data and "
+                        "settings (measured once)")
+            else:
+                if exporter is not None:
+                    rb.export["baseline"] = exporter(work, base_onnx, example_inputs, opset=onnx_cfg.opset,
+                                                     verify=onnx_cfg.verify, samples=samples)
+                rb.baseline = measure(work, eval_data=eval_data, metric=metric_fn, latency_inputs=lat_inputs,
+                                      threads=ev.threads, warmup=ev.warmup, runs=ev.runs, onnx_path=base_onnx,
+                                      archive_bytes=len(artifact.weights_bytes(work)))
+                if baselines is not None:
+                    baselines[key] = copy.deepcopy((rb.baseline, rb.export.get("baseline"),
+                                                    Path(base_onnx).read_bytes() if base_onnx else None))
         rb.baseline["measured"] = measured
         records: list[dict[str, Any]] = []
         first_note = len(rb.notes)  # notes before this index are the run's own, not the steps'

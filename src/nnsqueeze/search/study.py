@@ -235,6 +235,7 @@ class _Objective:
         self.sign = 1.0 if job.higher_is_better else -1.0
         self.lims = fr.limits(job.max_drop, job.target_latency, job.target_size)
         self.metric_name = get_metric(job.metric)[1]
+        self.baselines: dict = {}  # the fp32 model's export and figures, measured once per worker
 
     def drop(self, base: float, value: float) -> float:
         return self.sign * (base - value)
@@ -272,7 +273,7 @@ class _Objective:
         try:
             res = compress(self.job.model, recipe, train_data=self.job.train, calib_data=self.job.calib,
                            eval_data=self.job.evald, metric=self.job.metric, progress=False, start=start,
-                           on_step=self._on_step(recipe))
+                           on_step=self._on_step(recipe), baselines=self.baselines)
         except NnsqueezeError as e:
             if isinstance(e, DataError) and not isinstance(e, MetricError) or \
                     isinstance(e, ModelError) and e.where == "model":
