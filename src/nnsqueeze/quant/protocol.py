@@ -4,8 +4,10 @@ ask of a module, as nominal types checked with ``isinstance`` instead of ``hasat
 Four small ABCs, because the module families do not all have every part:
 
 - :class:`ExportHints`: what the ONNX exporter reads (verify with quantized tolerances, on the mean
-  difference, extra opset domains, bf16 constant storage). Declared class defaults; a family or an
-  instance overrides them (``steps/quantize.py`` marks some fake-quant layers ``onnx_verify_mean``).
+  difference, extra opset domains, bf16 constant storage, why ONNX Runtime cannot run the layer's
+  form: ``onnx_unsupported``, which the exporter raises as ExportError). Declared class defaults;
+  a family or an instance overrides them (``steps/quantize.py`` marks some fake-quant layers
+  ``onnx_verify_mean``).
 - :class:`Packable`: ``pack_state`` / ``unpack_state`` store a compact form of the module's tensors
   in the artifact's state dict (codes, entropy-coded blobs, tied tensors once) and restore it exactly.
 - :class:`QuantizedModule` (an :class:`ExportHints`): a layer whose weight is held in a reduced
@@ -16,7 +18,8 @@ Four small ABCs, because the module families do not all have every part:
   (attention matmuls, fx add/matmul); ``revert_in(owner, attr)`` takes it out so the op runs in float.
 
 Families swap in by reassigning ``__class__``, so ``abstractmethod`` is never enforced by
-instantiation; ``tests/quant/test_protocol.py`` checks that every family class leaves none abstract.
+instantiation; ``tests/quant/test_protocol.py`` checks that every family class leaves none abstract
+(the float-format classes of :mod:`nnsqueeze.quant.floatq`: ``tests/steps/test_quantize_float.py``).
 The bases use ``metaclass=ABCMeta``, not ``ABC``: ``ABC``'s empty ``__slots__`` would give the
 families another object layout than the float layers, and ``__class__`` assignment refuses that.
 
