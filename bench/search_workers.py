@@ -44,7 +44,7 @@ name: uniform-cost
 base:
   - structured-prune: {ratio: 0.25, importance: l2}
   - prune: {sparsity: 0.5, scope: global}
-  - distill: {epochs: 4, lr: 5.0e-4, optimizer: adamw, schedule: cosine, alpha: 0.5, temperature: 2.0}
+  - distill: {epochs: EPOCHS, lr: 5.0e-4, optimizer: adamw, schedule: cosine, alpha: 0.5, temperature: 2.0}
   - quantize:
       weights: {bits: 8, granularity: per-channel, symmetric: true}
       activations: {bits: 8, granularity: per-tensor, symmetric: false}
@@ -119,6 +119,8 @@ def killed_and_resumed(out: Path, trials: int) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--trials", type=int, default=24)
+    ap.add_argument("--epochs", type=int, default=4, help="distillation epochs per trial in the workers runs "
+                    "(more: longer trials, so process start-up weighs less)")
     ap.add_argument("--keep", help="keep the three search directories here instead of a temporary one")
     ap.add_argument("--only", choices=["workers", "resume"], help="run one part")
     args = ap.parse_args()
@@ -127,11 +129,12 @@ def main() -> None:
     root = Path(args.keep or root_ctx.name)
     root.mkdir(parents=True, exist_ok=True)
     print(f"# search workers and resume, {date.today()}, CPU {cpu_model()} ({describe()['isa']}), "
-          f"{os.cpu_count()} cores; demo CNN, {args.trials} trials, --no-cache; workers: space UNIFORM, "
+          f"{os.cpu_count()} cores; demo CNN, {args.trials} trials, --no-cache; workers: space UNIFORM "
+          f"(distill {args.epochs} epochs), "
           "resume: space cnn")
     if args.only in (None, "workers"):
         space = root / "uniform.yaml"
-        space.write_text(UNIFORM)
+        space.write_text(UNIFORM.replace("EPOCHS", str(args.epochs)))
         w1 = run(root / "one", args.trials, 1, str(space))
         s1 = study_of(root / "one")
         w2 = run(root / "two", args.trials, 2, str(space))
