@@ -180,6 +180,13 @@ def make_steps(recipe: Recipe, model: nn.Module | None = None) -> list[Step]:
                               "(e.g. a gradual schedule runs during fine-tuning)",
                               fix="add '- finetune: {...}' after it or use schedule: oneshot")
     check_order(steps, model)
+    if recipe.export.onnx is not None:  # refused now, not after every step has run
+        for s in steps:
+            why = s.onnx_limit()
+            if why is not None:
+                raise RecipeError(f"{s.where}", f"{why}; the recipe exports ONNX (export.onnx)",
+                                  fix="set 'export: {onnx: null}' to keep the simulated model and its artifact only, "
+                                  "or use a format ONNX Runtime runs (fp8-e4m3, fp8-e5m2, int)")
     return steps
 
 

@@ -109,3 +109,28 @@ def test_block_formats_raise_export_error_naming_the_runtime_limit(tmp_path, fmt
     assert f"ONNX Runtime's CPU provider has no kernel for {fmt}" in e.value.problem
     assert "export: {onnx: null}" in e.value.fix and "fp8-e4m3" in e.value.fix
     assert not (tmp_path / "m.onnx").exists()
+
+
+@pytest.mark.parametrize("fmt", ["mxfp4", "nvfp4"])
+def test_compress_refuses_block_format_with_onnx_export_before_running(tmp_path, fmt):
+    from nnsqueeze.errors import RecipeError
+
+    calls = []
+
+    class Spy(nn.Module):  # counts forwards: none may run before the refusal
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(64, 8)
+
+        def forward(self, x):
+            calls.append(1)
+            return self.fc(x)
+
+    with pytest.raises(RecipeError) as e:
+        nsq.compress(Spy(), [{"quantize": {"weights": {"format": fmt}}}], calib_data=[torch.randn(4, 64)],
+                     progress=False)
+    assert "steps[0].quantize" in e.value.where and "block format" in e.value.problem
+    assert "export: {onnx: null}" in e.value.fix and not calls and not list(tmp_path.iterdir())
+    res = nsq.compress(Spy(), {"steps": [{"quantize": {"weights": {"format": fmt}}}], "export": {"onnx": None}},
+                       calib_data=[torch.randn(4, 64)], progress=False)
+    assert res.model is not None  # without ONNX export the simulation runs

@@ -87,6 +87,11 @@ class Step:
     def run(self, model: nn.Module, ctx: "Context") -> nn.Module:  # pragma: no cover - interface
         raise NotImplementedError
 
+    def onnx_limit(self) -> str | None:
+        """Why this step's result cannot be exported to an ONNX file that ONNX Runtime runs (None: it
+        can). The runner raises it as a RecipeError before any step runs when the recipe exports ONNX."""
+        return None
+
     def record(self) -> dict[str, Any]:
         """JSON-able facts that :meth:`rebuild` needs (e.g. which layers were wrapped)."""
         return {}

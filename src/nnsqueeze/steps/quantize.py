@@ -388,6 +388,13 @@ class Quantize(Step):
         self._check_supported()
         self._record: dict[str, Any] = {}
 
+    def onnx_limit(self) -> str | None:
+        fmt = self.config.weights.format
+        if fmt != "int" and FORMATS[fmt].kind == "block":
+            return (f"weights format {fmt} is a block format, and ONNX Runtime's CPU provider has no kernel for "
+                    "block-scaled DequantizeLinear, so the file could not be run or checked")
+        return None
+
     def _check_supported(self) -> None:
         a, where = self.config.activations, self.where
         for key, w in [("weights", self.config.weights)] + [(f"layer_weights.{k}", v)
