@@ -30,7 +30,7 @@ def _finished(out) -> dict:
 def test_search_outputs_and_resume(tmp_path):
     out = tmp_path / "s"
     res = _search(out)
-    assert res.trials == 6 and len(res.rows) + res.pruned == 6
+    assert res.trials == 6 and len(res.rows) + res.duplicates + res.pruned == 6
     assert res.cache_hits > 0  # the prune prefix is shared by the quantization variants
     assert res.front and res.best["trial"] in {r["trial"] for r in res.front}
     assert all(r["drop"] <= 0.05 for r in res.front)
@@ -54,6 +54,22 @@ def test_search_outputs_and_resume(tmp_path):
     other = next(r["trial"] for r in more.rows if r["trial"] != more.best["trial"])
     assert _search(out, trials=8, pick=other).best["trial"] == other
     assert f"# trial {other} " in (out / "best.yaml").read_text()
+
+
+def test_a_repeated_recipe_reuses_its_twins_figures(tmp_path):
+    # one possible recipe: the first trial runs it, every later one is its duplicate (nothing re-run)
+    sp = space()
+    sp["params"] = {"prune.sparsity": {"choices": [0.5]}}
+    res = _search(tmp_path / "s", space=sp, trials=4)
+    assert res.trials == 4 and len(res.rows) == 1 and res.duplicates == 3 and res.pruned == 0
+    s = json.loads((tmp_path / "s" / "search.json").read_text())
+    study = optuna.load_study(study_name=s["study_name"], storage=f"sqlite:///{tmp_path / 's' / 'study.db'}")
+    first, *rest = sorted(study.get_trials(), key=lambda t: t.number)
+    assert "duplicate_of" not in first.user_attrs
+    for t in rest:
+        assert t.user_attrs["duplicate_of"] == first.number and t.values == first.values
+        assert t.user_attrs["seconds"] == 0.0
+    assert json.loads((tmp_path / "s" / "front.json").read_text())["duplicates"] == 3
 
 
 def test_other_settings_refuse_to_resume(tmp_path):

@@ -153,8 +153,8 @@ def search(model: nn.Module, space: Space | str | Path | dict, *, train_data: It
 def _rows(study, lims: dict) -> list[dict[str, Any]]:
     rows = []
     for t in study.get_trials(deepcopy=False):
-        if t.state.name != "COMPLETE" or "figures" not in t.user_attrs:
-            continue
+        if t.state.name != "COMPLETE" or "figures" not in t.user_attrs or "duplicate_of" in t.user_attrs:
+            continue  # a duplicate's figures are its twin's row
         r = {"trial": t.number, **t.user_attrs["figures"], "steps": t.user_attrs.get("steps", []),
              "recipe": t.user_attrs.get("recipe"), "cache_reused_steps": t.user_attrs.get("cache_reused_steps", 0),
              "seconds": t.user_attrs.get("seconds")}
@@ -187,10 +187,12 @@ def finish(job: Job, space: Space, pick: int | None = None) -> SearchResult:
     pruned = [t for t in trials if t.state.name == "PRUNED"]
     front = fr.pareto([r for r in rows if r["feasible"]])
     hits = sum(1 for t in trials if t.user_attrs.get("cache_reused_steps"))
-    res = SearchResult(out, rows, front, None, len(rows) + len(pruned), len(pruned), hits, job.study_name,
-                       redact(job.storage))
+    dups = sum(1 for t in trials if t.state.name == "COMPLETE" and "duplicate_of" in t.user_attrs)
+    res = SearchResult(out, rows, front, None, len(rows) + dups + len(pruned), len(pruned), hits, job.study_name,
+                       redact(job.storage), duplicates=dups)
     summary = {"format_version": SEARCH_FORMAT, "study_name": job.study_name, "trials": res.trials,
                "complete": len(rows), "pruned": len(pruned), "cache_hits": hits,
+               "duplicates": dups,
                "constraints": {k: v[1] for k, v in lims.items()}, "metric": job.metric if isinstance(job.metric, str)
                else getattr(job.metric, "__name__", "metric"), "best": None, "front": front, "rows": rows,
                "pruned_trials": [{"trial": t.number, "reason": t.user_attrs.get("pruned", "")} for t in pruned]}

@@ -57,6 +57,7 @@ class SearchResult:
     study_name: str
     storage: str
     closest: dict[str, Any] | None = None
+    duplicates: int = 0  # complete trials whose recipe an earlier trial ran (its figures reused, not in rows)
     summary: dict[str, Any] = field(default_factory=dict)
 
 
@@ -255,6 +256,32 @@ class _Objective:
                               f"({recipe.steps[cp.done - 1].name}) and no training step follows", d)
         return hook
 
+    def _finished_twin(self, trial):
+        """A finished trial of this study whose recipe equals ``trial``'s (samplers repeat themselves,
+        NSGA-II often: every duplicate would re-run the same steps and re-measure the same model)."""
+        from optuna.trial import TrialState
+
+        recipe = trial.user_attrs["recipe"]
+        for t in trial.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED)):
+            if t.number != trial.number and t.user_attrs.get("recipe") == recipe and \
+                    (t.state == TrialState.PRUNED or "figures" in t.user_attrs):
+                return t
+        return None
+
+    def _copy(self, trial, twin) -> tuple[float, float, float]:
+        trial.set_user_attr("duplicate_of", twin.number)
+        trial.set_user_attr("seconds", 0.0)
+        if twin.state.name == "PRUNED":
+            raise _Pruned(f"same recipe as trial {twin.number}: {twin.user_attrs.get('pruned', 'pruned')}",
+                          twin.user_attrs.get("pruned_drop"))
+        row = twin.user_attrs["figures"]
+        for key in ("figures", "notes", "cache_reused_steps", "cache_hit"):
+            if key in twin.user_attrs:
+                trial.set_user_attr(key, twin.user_attrs[key])
+        _constrain(trial, list(self.lims), fr.violations(row, self.lims))
+        log.info("trial %d: the recipe of trial %d, figures reused", trial.number, twin.number)
+        return row["drop"], float(row["size_bytes"]), float(row["latency_ms"])
+
     def __call__(self, trial) -> tuple[float, float, float]:
         from ..pipeline import compress
 
@@ -266,6 +293,9 @@ class _Objective:
         trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")
         trial.set_user_attr("recipe", self.space.recipe_dict(values))
         trial.set_user_attr("steps", [e.name for e in recipe.steps])
+        same = self._finished_twin(trial)
+        if same is not None:  # the sampler drew a recipe already run: its figures, not a second run
+            return self._copy(trial, same)
         hits = self.cache.hits
         start = self.cache.lookup(recipe)
         trial.set_user_attr("cache_reused_steps", start.done if start is not None else 0)
@@ -340,6 +370,8 @@ def run_worker(job: Job, index: int = 0) -> None:
         except _Pruned as p:
             beat.stop()
             trial.set_user_attr("pruned", p.reason)
+            if p.drop is not None:
+                trial.set_user_attr("pruned_drop", p.drop)
             drop = p.drop if p.drop is not None else math.inf
             _constrain(trial, list(lims), [drop - job.max_drop] + [0.0] * (len(lims) - 1))
             study.tell(trial, state=TrialState.PRUNED)
