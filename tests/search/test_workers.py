@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import sqlite3
@@ -10,6 +11,7 @@ import sys
 import time
 from pathlib import Path
 
+import optuna
 import pytest
 
 from test_study import _finished, _search
@@ -58,6 +60,20 @@ def test_killed_search_resumes_without_recomputing(tmp_path):
     after = _finished(out)
     assert res.trials == 8 and len(after) == 8
     assert {k: after[k] for k in before} == before  # finished trials kept, not run again
+
+
+def test_a_trial_killed_before_its_first_heartbeat_is_rerun(tmp_path):
+    # a process killed between ask and its first heartbeat leaves a RUNNING trial no heartbeat
+    # names; optuna never calls it stale, so a resumed search used to wait for it forever
+    out = tmp_path / "s"
+    _search(out, trials=3)
+    s = json.loads((out / "search.json").read_text())
+    study = optuna.load_study(study_name=s["study_name"], storage=f"sqlite:///{out / 'study.db'}")
+    orphan = study.ask()  # RUNNING, never beaten
+    res = _search(out, trials=4)
+    states = {t.number: t.state.name for t in study.get_trials()}
+    assert res.trials == 4 and states[orphan.number] == "FAIL"
+    assert sum(st in ("COMPLETE", "PRUNED") for st in states.values()) == 4
 
 
 @pytest.mark.slow

@@ -356,9 +356,16 @@ def run_worker(job: Job, index: int = 0) -> None:
     objective = _Objective(job, space, PrefixCache(out / CACHE, job.model, key, job.cache))
     while True:
         with _lock(_lock_path(job)):
+            for tid in _orphans(storage, study, job.grace):
+                # a process killed between ask and its first heartbeat left a RUNNING trial that
+                # no heartbeat names, which optuna never calls stale: give it one beat, so the
+                # grace period ends it like any dead trial (failed, then re-queued)
+                storage.record_heartbeat(tid)
             fail_stale_trials(study)  # trials of dead processes: failed, then re-queued as waiting
             done, running = _counts(study)
             trial = study.ask() if done + running < job.trials else None
+            if trial is not None:  # beat now, inside the lock: the window above stays as small as it can be
+                storage.record_heartbeat(trial._trial_id)
         if trial is None:
             if done >= job.trials:
                 return
@@ -384,6 +391,31 @@ def run_worker(job: Job, index: int = 0) -> None:
         beat.stop()
         study.tell(trial, values)
         log.info("trial %d: drop %.4g, %d bytes, %.4g ms", trial.number, *values)
+
+
+def _orphans(storage, study, grace: int) -> list[int]:
+    """RUNNING trials of ``study`` started over ``grace`` seconds ago with no heartbeat recorded."""
+    import datetime
+
+    import sqlalchemy
+
+    engine = getattr(storage, "engine", None)
+    if engine is None:
+        return []
+    cutoff = datetime.datetime.now() - datetime.timedelta(seconds=grace)
+    with engine.connect() as c:
+        rows = c.execute(sqlalchemy.text(
+            "SELECT t.trial_id, t.datetime_start FROM trials t "
+            "LEFT JOIN trial_heartbeats h ON t.trial_id = h.trial_id "
+            "WHERE t.study_id = :sid AND t.state = 'RUNNING' AND h.trial_id IS NULL"),
+            {"sid": study._study_id}).fetchall()
+    return [tid for tid, start in rows if start is not None and _as_datetime(start) < cutoff]
+
+
+def _as_datetime(v):
+    import datetime
+
+    return v if isinstance(v, datetime.datetime) else datetime.datetime.fromisoformat(str(v))
 
 
 def _space_from(job: Job) -> Space:
