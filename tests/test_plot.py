@@ -179,6 +179,24 @@ def test_activation_ranges_use_the_layers_format(tmp_path, act, qr):
     assert (plot_artifact(out)[0]).name == "activations.png"
 
 
+@pytest.mark.parametrize("fmt,top", [("fp8-e4m3", 448.0), ("fp8-e5m2", 57344.0)])
+def test_fp8_activation_ranges_are_symmetric_at_the_formats_max(tmp_path, fmt, top):
+    model, out = _artifact(tmp_path, "quantize", {"weights": {"format": fmt}, "activations": {"format": fmt}})
+    from safetensors.torch import load
+
+    from nnsqueeze.artifact import read_manifest
+    from nnsqueeze.plot import _act_schemes, _float_act_formats
+
+    manifest = read_manifest(out)
+    floats = _float_act_formats(manifest)
+    assert floats == {"conv": fmt, "fc1": fmt, "fc2": fmt}
+    ranges = _act_ranges(load((out / WEIGHTS).read_bytes()), _act_schemes(manifest), floats)
+    for name, (lo, hi) in ranges.items():
+        s = float(model.get_submodule(name).input_scale_)   # amax / max_finite
+        assert (lo, hi) == (-top * s, top * s)                # i.e. +-amax, not uint8's [0, 255 s]
+    assert (plot_artifact(out)[0]).name == "activations.png"
+
+
 @pytest.mark.parametrize("bits", [4, 6])
 def test_static_per_group_histogram_with_a_short_last_group(bits):
     """10 inputs in groups of 4 (4+4+2): the record's weight_shape says how rows split into groups."""

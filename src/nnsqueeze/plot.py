@@ -235,14 +235,36 @@ def _act_schemes(manifest: dict) -> dict[str, Any]:
             if kind == "static"}
 
 
-def _act_ranges(sd: dict[str, torch.Tensor], schemes: dict[str, Any] | None = None
-                ) -> dict[str, tuple[float, float]]:
+def _float_act_formats(manifest: dict) -> dict[str, str]:
+    """Layer -> the float format of its input (FP8 ``quantize`` records: ``activations: {format: ...}``)."""
+    out: dict[str, str] = {}
+    for step in manifest.get("steps", []):
+        for d in _walk_records(step.get("record")):
+            layers = d.get("layers")
+            if not isinstance(layers, dict):
+                continue
+            for name, info in layers.items():
+                acts = info.get("activations") if isinstance(info, dict) else None
+                if isinstance(acts, dict) and isinstance(acts.get("format"), str) and acts["format"] != "int":
+                    out[name] = acts["format"]
+    return out
+
+
+def _act_ranges(sd: dict[str, torch.Tensor], schemes: dict[str, Any] | None = None,
+                floats: dict[str, str] | None = None) -> dict[str, tuple[float, float]]:
     """Layer -> float clipping range of its input quantizer: ``[(qmin - zp) * s, (qmax - zp) * s]``
-    with the layer's code range (``schemes``: layer -> ActScheme; absent: uint8 0..255)."""
+    with the layer's code range (``schemes``: layer -> ActScheme; absent: uint8 0..255), or
+    ``[-max * s, max * s]`` for a float format (``floats``: layer -> format, e.g. fp8-e4m3: max 448)."""
+    from .ops.fp8 import get_format
+
     out = {}
     for key, s in sd.items():
         if key.endswith(".input_scale_") and s.numel() == 1:
             name = key[: -len(".input_scale_")]
+            if name in (floats or {}):
+                top = get_format(floats[name]).max * float(s)
+                out[name] = (-top, top)
+                continue
             sch = (schemes or {}).get(name)
             qmin, qmax = sch.qrange if sch is not None else (0, 255)
             zp = sd.get(key.replace("input_scale_", "input_zero_point_"))
@@ -282,7 +304,8 @@ def plot_artifact(path: str | Path) -> list[Path]:
     hists = weight_histograms(path)
     with _crafted(f"{path}: activation records"):
         schemes = _act_schemes(manifest)
-        acts = _act_ranges(sd, schemes)
+        floats = _float_act_formats(manifest)
+        acts = _act_ranges(sd, schemes, floats)
     if len(hists) + len(acts) + len(layers) > MAX_PLOT_ROWS:  # figure size grows with the rows
         raise ArtifactError(str(path), f"{len(hists) + len(acts) + len(layers):,} layers to plot, over the "
                             f"limit of {MAX_PLOT_ROWS:,}", fix="plot an artifact of a smaller model")
@@ -315,7 +338,7 @@ def plot_artifact(path: str | Path) -> list[Path]:
         names = list(acts)
         lo = [acts[k][0] for k in names]
         hi = [acts[k][1] for k in names]
-        labels = [f"{k} ({_act_format(schemes.get(k))})" for k in names]
+        labels = [f"{k} ({floats[k] if k in floats else _act_format(schemes.get(k))})" for k in names]
         ax.barh(labels, [h - low for low, h in zip(lo, hi)], left=lo, color="tab:green")
         ax.axvline(0, color="k", lw=0.5)
         # two lines: on one, the label is wider than the figure and was cut off at both ends
