@@ -15,9 +15,10 @@ process that never calls :func:`share` (the default) is unaffected.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import os
 from typing import Iterator
+
+from .safeio import file_lock
 
 _THREADS: int | None = None
 _LOCK: str | None = None
@@ -57,9 +58,5 @@ def timing() -> Iterator[None]:
     if _LOCK is None:
         yield
         return
-    with open(_LOCK, "a+") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
+    with file_lock(_LOCK):
+        yield

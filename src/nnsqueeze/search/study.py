@@ -13,9 +13,7 @@ with the same parameters, so an interrupted search resumes where it stopped.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import fcntl
 import hashlib
 import json
 import logging
@@ -34,6 +32,7 @@ from torch import nn
 from .. import cpu
 from ..errors import DataError, MetricError, ModelError, NnsqueezeError, RecipeError
 from ..registry import STEPS
+from ..safeio import file_lock
 from . import front as fr
 from .cache import PrefixCache, data_key, model_key
 from .space import Space, load_space
@@ -184,15 +183,6 @@ def _constrain(trial, names: list[str], values: list[float]) -> None:
             trial.set_constraint(n, v)
 
 
-@contextlib.contextmanager
-def _lock(path: Path):
-    """One worker at a time counts and asks for a trial (on this machine; see docs/search.md)."""
-    with open(path, "a") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def _lock_path(job: Job) -> Path:
@@ -355,7 +345,7 @@ def run_worker(job: Job, index: int = 0) -> None:
     key = data_key(job.train, job.calib, job.evald)
     objective = _Objective(job, space, PrefixCache(out / CACHE, job.model, key, job.cache))
     while True:
-        with _lock(_lock_path(job)):
+        with file_lock(_lock_path(job)):  # one worker at a time counts and asks for a trial
             for tid in _orphans(storage, study, job.grace):
                 # a process killed between ask and its first heartbeat left a RUNNING trial that
                 # no heartbeat names, which optuna never calls stale: give it one beat, so the

@@ -35,7 +35,6 @@ The hash covers the model/training configuration and the corpus (so a new Python
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import json
 import logging
 import math
@@ -48,6 +47,7 @@ from typing import Any, Iterator
 
 import torch
 
+from ..safeio import file_lock
 from . import pycorpus
 from .mnist1d import content_hash, cache_root
 
@@ -106,12 +106,8 @@ def _check(arch: str | None, size: str) -> None:
 def locked(root: Path, name: str) -> Iterator[None]:
     """An exclusive ``flock`` on ``root/.name.lock`` (released on exit, also if the process dies)."""
     root.mkdir(parents=True, exist_ok=True)
-    with open(root / f".{name}.lock", "a+") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
+    with file_lock(root / f".{name}.lock"):
+        yield
 
 
 def publish(root: Path, name: str, build) -> Path:
