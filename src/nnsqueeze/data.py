@@ -359,3 +359,23 @@ class _Taken(list):
                 yield batch
         finally:
             _BATCH[0] = prev
+
+
+def batch_size(inputs: Any) -> int:
+    """Examples in a batch's inputs: the first dimension of its (first) tensor; 1 for anything else."""
+    t = next(iter(inputs.values())) if isinstance(inputs, dict) else (
+        inputs[0] if isinstance(inputs, (tuple, list)) else inputs)
+    return int(t.shape[0]) if isinstance(t, torch.Tensor) and t.dim() else 1
+
+
+@torch.no_grad()
+def forward_samples(model: nn.Module, data: Iterable, samples: int | None, device: Any) -> tuple[int, int]:
+    """Run ``model`` on the inputs of the first ``samples`` examples of ``data`` (a calibration pass:
+    observers inside the model see them); returns (examples, batches)."""
+    n_samples = n_batches = 0
+    for batch in take(data, samples):
+        inputs, _ = split(batch)
+        call_model(model, to_device(inputs, device))
+        n_samples += batch_size(inputs)
+        n_batches += 1
+    return n_samples, n_batches

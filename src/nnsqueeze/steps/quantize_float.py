@@ -31,22 +31,15 @@ from __future__ import annotations
 
 from typing import Any
 
-import torch
 from torch import nn
 
-from ..data import call_model, split, take, to_device
+from ..data import forward_samples
 from ..errors import DataError, ModelError
 from ..ops.quant import sqnr_db
 from ..quant.args import QuantArgs
 from ..quant.floatq import FLOAT_MODULE_MAP, convert_float_
 from ..registry import OBSERVERS
 from .base import recorded_module
-
-
-def _batch_size(inputs: Any) -> int:
-    t = next(iter(inputs.values())) if isinstance(inputs, dict) else (
-        inputs[0] if isinstance(inputs, (tuple, list)) else inputs)
-    return int(t.shape[0]) if isinstance(t, torch.Tensor) and t.dim() else 1
 
 
 def float_args(cfg: Any) -> tuple[QuantArgs, QuantArgs | None]:
@@ -68,12 +61,7 @@ def run_float(step: Any, model: nn.Module, ctx: Any, layers: list[tuple[str, nn.
     n_samples = n_batches = 0
     try:
         if aargs is not None:   # weight-only needs no data
-            with torch.no_grad():
-                for batch in take(data, cfg.calibration.samples):
-                    inputs, _ = split(batch)
-                    call_model(model, to_device(inputs, ctx.device))
-                    n_samples += _batch_size(inputs)
-                    n_batches += 1
+            n_samples, n_batches = forward_samples(model, data, cfg.calibration.samples, ctx.device)
     except BaseException:
         for _, mod in layers:
             mod.revert_()
