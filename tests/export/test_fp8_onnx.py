@@ -21,6 +21,9 @@ from nnsqueeze.steps.quantize import Quantize
 
 from tiny_cnn import TinyCNN, make_data
 
+# ORT's float8 Q/DQ kernels: also checked on an emulated AVX2-only CPU (.ci/avx2)
+pytestmark = pytest.mark.ort_isa
+
 ELEM = {"fp8-e4m3": TensorProto.FLOAT8E4M3FN, "fp8-e5m2": TensorProto.FLOAT8E5M2}
 # ORT computes Conv/Gemm in float32 on exactly the simulated dequantized values; what differs is the
 # order of the float32 sums (and, through it, an activation code now and then in a later layer):
