@@ -37,36 +37,40 @@ into rows that each get a scale is in :mod:`nnsqueeze.quant.rows`.
 from __future__ import annotations
 
 import contextlib
-from typing import Callable, Iterator
+from typing import Iterator
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..ops.lsq import lsq_fake_quantize, lsq_grad_scale
-from ..ops.quant import (EPS, NF4_LEVELS, dequantize, fake_quantize_bias, fake_quantize_levels, fake_quantize_ste,
-                         nearest_level, pow2_levels, qrange, quantize, quantize_bias, sqnr_db)
-from ..ops.rtn import row_qparams
-from .act_scheme import ActScheme, act_qdq_export
-from .fold import bn_factor, bn_train_forward
-from .lowbit_marker import lowbit_weight, stores_lowbit
+from ..ops.lsq import lsq_fake_quantize
+from ..ops.quant import EPS, NF4_LEVELS, fake_quantize_ste, pow2_levels, qrange
+from .act_scheme import ActScheme
+from .fakequant_calib import FakeQuantCalibrationMixin
+from .fakequant_export import ACT_QMAX, ACT_QMIN, FakeQuantExportMixin
+from .fold import bn_train_forward
+from .lowbit_marker import stores_lowbit
 from .packing import PackingMixin
 from .protocol import Packable, QuantizedModule
 from .rows import WeightRowsMixin
 from .scheme import WeightScheme
+from .fakequant_weight import FakeQuantWeightMixin
 
 Tensor = torch.Tensor
 
-ACT_QMIN, ACT_QMAX = qrange(8, signed=False)  # default activations: asymmetric uint8 per tensor (ActScheme())
-
+__all__ = ["ACT_QMAX", "ACT_QMIN", "QPARAM_BUFFERS", "FakeQuantMixin", "MODULE_MAP", "QuantConv1d", "QuantConv2d",
+           "QuantLinear", "convert_", "export_mode", "fake_quant_modules"]
 
 # qparam buffers a fake-quant layer may hold (revert_ drops them; qparams() returns those present)
 QPARAM_BUFFERS = ("weight_scale_", "weight_zero_point_", "weight_levels_", "input_scale_", "input_zero_point_",
                   "output_scale_", "output_zero_point_")
 
 
-class FakeQuantMixin(WeightRowsMixin, PackingMixin, QuantizedModule, Packable):
-    """Shared state and maths of the fake-quant layers (mixed into nn.Linear / nn.Conv*d)."""
+class FakeQuantMixin(FakeQuantWeightMixin, FakeQuantCalibrationMixin, FakeQuantExportMixin, WeightRowsMixin,
+                     PackingMixin, QuantizedModule, Packable):
+    """Shared state, setup, revert and forward of the fake-quant layers (mixed into nn.Linear /
+    nn.Conv*d). The weight maths are in :mod:`~nnsqueeze.quant.fakequant_weight`, calibration in
+    :mod:`~nnsqueeze.quant.fakequant_calib`, the ONNX trace in :mod:`~nnsqueeze.quant.fakequant_export`."""
 
     onnx_quantized = True  # export hint (:mod:`nnsqueeze.quant.protocol`); fake-quant layers export as QDQ
 
@@ -152,206 +156,6 @@ class FakeQuantMixin(WeightRowsMixin, PackingMixin, QuantizedModule, Packable):
         self.__class__ = cls
         return self
 
-    # -- weights -----------------------------------------------------------------------------
-    def masked_weight(self) -> Tensor:
-        """The weight with a prune mask (buffer ``weight_mask``) applied: pruned zeros stay zero."""
-        mask = getattr(self, "weight_mask", None)
-        if mask is None:
-            return self.weight
-        return torch.where(mask.to(torch.bool), self.weight, torch.zeros((), dtype=self.weight.dtype,
-                                                                        device=self.weight.device))
-
-    def effective_weight(self) -> Tensor:
-        """The float weight the codes approximate: the masked weight, times the folded BatchNorm
-        factor ``gamma / sqrt(running_var + eps)`` when a BN is attached for QAT (``self.bn``)."""
-        w = self.masked_weight()
-        bn = self._modules.get("bn")
-        if bn is None:
-            return w
-        f = bn_factor(bn)
-        return w * f.reshape(-1, *([1] * (w.dim() - 1)))
-
-    def effective_bias(self) -> Tensor | None:
-        """The float bias: ``bias``, or with an attached BN ``(bias - mean) * f + beta``."""
-        bn = self._modules.get("bn")
-        if bn is None:
-            return self.bias
-        b = self.bias if self.bias is not None else torch.zeros_like(bn.running_mean)
-        beta = bn.bias if bn.affine else torch.zeros_like(bn.running_mean)
-        return (b - bn.running_mean) * bn_factor(bn) + beta
-
-    @torch.no_grad()
-    def learn_levels_(self) -> None:
-        """k-means levels (``2**bits``) of the absmax-normalized weight rows (``levels: kmeans``)."""
-        from ..ops.kmeans import kmeans1d
-
-        rows = self.weight_rows(self.effective_weight().detach().float())
-        norm = rows / rows.abs().amax(1, keepdim=True).clamp(min=EPS)  # zero padding: absmax unchanged
-        mask = self.weight_row_mask()
-        if mask is not None:
-            norm = norm[mask]  # real weights only
-        centroids, _ = kmeans1d(norm, 1 << self.weight_bits, init="linear")
-        lv = torch.full((1 << self.weight_bits,), float(centroids[-1]))  # pad (when fewer distinct values)
-        lv[:centroids.numel()] = centroids
-        self.weight_levels_.copy_(torch.sort(lv).values)
-
-    @torch.no_grad()
-    def refresh_weight_scale_(self, force: bool = False) -> None:
-        """Weight scales (and zero points) from the current weights, per the scheme; a no-op once
-        ``weight_frozen`` (learned scales or codes) unless ``force``."""
-        if self.weight_frozen and not force:
-            return
-        sc = self.wscheme
-        rows = self.weight_rows(self.effective_weight().detach().float())
-        if sc.levels != "uniform":
-            (scale,) = self.per_row(lambda r: (r.abs().amax(1),), rows)
-            if sc.granularity == "per-tensor":
-                scale = scale.amax().expand_as(scale)
-            self.weight_scale_.copy_(scale.clamp(min=EPS))
-            return
-        if sc.granularity == "per-tensor":
-            rows_for_range = rows.reshape(1, -1)
-        else:
-            rows_for_range = rows
-        # clip: mse searches 20 ratios of the range down to 0.3 (nnsqueeze.ops.rtn.row_qparams)
-        clip = {"clip_grid": 20, "clip_min": 0.3} if sc.clip == "mse" else {}
-
-        def stats(r):
-            return row_qparams(r, sc.bits, sc.symmetric, **clip)
-        # per-group: a partial last group gets its own scale/zero point from its own values only
-        scale, zp = stats(rows_for_range) if sc.granularity == "per-tensor" else self.per_row(stats, rows)
-        self.weight_scale_.copy_(scale.expand(rows.shape[0]))
-        if not sc.symmetric:
-            self.weight_zero_point_.copy_(zp.expand(rows.shape[0]))
-
-    def _weight_zp(self) -> Tensor:
-        zp = self._buffers.get("weight_zero_point_")
-        return zp if zp is not None else torch.zeros_like(self.weight_scale_, dtype=torch.int32)
-
-    def fake_quant_weight(self) -> Tensor:
-        w = self.effective_weight()
-        rows = self.weight_rows(w)
-        if self.wscheme.levels != "uniform":
-            return self.weight_from_rows(fake_quantize_levels(rows, self.weight_scale_, self.weight_levels_, axis=0))
-        qmin, qmax = self.weight_qrange
-        lsq = self._parameters.get("weight_step")
-        if lsq is not None and self.training:  # padding outputs are dropped: no gradient to the step from them
-            return self.weight_from_rows(lsq_fake_quantize(rows, lsq, self._weight_zp(), qmin, qmax, axis=0,
-                                                           grad_scale=self._lsq_grad_scale()))
-        return self.weight_from_rows(fake_quantize_ste(rows, self.weight_scale_, self._weight_zp(), qmin, qmax, axis=0))
-
-    def weight_codes(self) -> Tensor:
-        """Weight codes, shaped like the weight: int8 for symmetric grids, uint8 for asymmetric grids
-        and level indices."""
-        w = self.effective_weight().detach()
-        rows = self.weight_rows(w)
-        if self.wscheme.levels != "uniform":
-            s = self.weight_scale_[:, None]
-            return self.weight_from_rows(nearest_level(rows.float() / s, self.weight_levels_).to(torch.uint8))
-        qmin, qmax = self.weight_qrange
-        q = quantize(rows, self.weight_scale_, self._weight_zp(), qmin, qmax, axis=0)
-        return self.weight_from_rows(q.to(torch.int8 if self.wscheme.symmetric else torch.uint8))
-
-    @torch.no_grad()
-    def set_weight_codes_(self, codes: Tensor) -> None:
-        """Make the weight exactly ``dequantize(codes)`` (uniform grids; e.g. AdaRound's learned codes)
-        and freeze the scales, so that nearest rounding reproduces ``codes``. No BN may be attached."""
-        if self._modules.get("bn") is not None or self.wscheme.levels != "uniform":
-            raise ValueError("set_weight_codes_ needs a uniform grid and no attached BatchNorm")
-        if tuple(codes.shape) == tuple(self.weight.shape):
-            codes = self.weight_rows(codes)  # codes given in the weight's shape -> (R, L) rows
-        w = dequantize(codes.reshape(self.weight_scale_.shape[0], -1), self.weight_scale_, self._weight_zp(), axis=0)
-        self.weight.copy_(self.weight_from_rows(w).to(self.weight.dtype))
-        self.weight_frozen = True
-
-    def weight_sqnr_db(self) -> float:
-        w = self.effective_weight().detach()
-        return sqnr_db(w, self.fake_quant_weight().detach())
-
-    def quant_bias(self) -> Tensor | None:
-        """The bias the simulation adds: int32 codes of scale ``input_scale_ * weight_scale_`` when
-        ORT runs int8 kernels (what they add to the accumulator), else the float bias."""
-        b = self.effective_bias()
-        if b is None or not self.wscheme.int8_kernels:
-            return b
-        return fake_quantize_bias(b, self.input_scale_, self.weight_scale_)
-
-    def bias_codes(self) -> Tensor | None:
-        """int32 bias codes of scale ``input_scale_ * weight_scale_`` (what ORT adds), or None."""
-        b = self.effective_bias()
-        if b is None:
-            return None
-        return quantize_bias(b.detach(), self.input_scale_, self.weight_scale_)[0]
-
-    # -- calibration -------------------------------------------------------------------------
-    def start_calibration(self, make_observer: Callable[..., object], name: str) -> None:
-        """Until :meth:`finish_calibration`, forward runs in float and observes input/output ranges."""
-        out = make_observer(name=f"{name} output") if self.quant_output else None
-        self._observers = (make_observer(name=f"{name} input"), out)
-        self._input_sum = [None, 0]
-
-    def _observe_input_mean(self, x: Tensor) -> None:
-        """Accumulate per-input-channel sums (channel dim 1 for convs, last dim for Linear)."""
-        x = x.detach().double()
-        flat = x.reshape(-1, x.shape[-1]) if isinstance(self, nn.Linear) else x.transpose(0, 1).reshape(x.shape[1], -1)
-        if isinstance(self, nn.Linear):
-            total, n = flat.sum(0), flat.shape[0]
-        else:
-            total, n = flat.sum(1), flat.shape[1]
-        acc = self._input_sum
-        acc[0] = total if acc[0] is None else acc[0] + total
-        acc[1] += n
-
-    @property
-    def calibrated_batches(self) -> int:
-        return 0 if self._observers is None else self._observers[0].count_
-
-    @torch.no_grad()
-    def finish_calibration(self, bias_correction: bool = False) -> float | None:
-        """Turn the observed ranges into ``input_*`` / ``output_*`` qparams (the layer's :class:`ActScheme`).
-
-        ``bias_correction``: shift the bias by ``-(Q(W) - W) @ E[x]`` so that the weight rounding
-        error has zero mean on the calibration inputs (Nagel et al. 2019, "Data-free quantization",
-        empirical variant; for convs the kernel taps share the channel mean, padding ignored).
-        Returns the largest absolute bias shift, or None when not applied.
-        """
-        obs_in, obs_out = self._observers
-        a = self.ascheme
-        from .integer import fit_clip_scale
-
-        s, z = obs_in.qparams(bits=a.bits, symmetric=a.symmetric)
-        self.input_scale_.copy_(fit_clip_scale(s, z, a.qrange))
-        self.input_zero_point_.copy_(z)
-        if obs_out is not None:
-            s, z = obs_out.qparams(bits=a.bits, symmetric=a.symmetric)
-            self.output_scale_.copy_(fit_clip_scale(s, z, a.qrange))
-            self.output_zero_point_.copy_(z)
-        self._observers = None
-        self.refresh_weight_scale_()
-        total, n = self._input_sum or (None, 0)
-        self._input_sum = None
-        self._input_mean = None if total is None or n == 0 else total / n
-        if not bias_correction:
-            return None
-        return self.correct_bias_()
-
-    @torch.no_grad()
-    def correct_bias_(self, reference_weight: Tensor | None = None) -> float | None:
-        """Shift the bias by ``-(Q(W) - W_ref) @ E[x]`` (``E[x]`` from calibration; ``W_ref`` the float
-        weight, by default the current one). Returns the largest shift, or None when not possible."""
-        mean = self._input_mean
-        if self.bias is None or mean is None or self._modules.get("bn") is not None:
-            return None
-        ref = self.masked_weight() if reference_weight is None else reference_weight
-        err = (self.fake_quant_weight() - ref).double()                      # (C_out, C_in/groups, *k)
-        err = err.reshape(err.shape[0], err.shape[1], -1).sum(-1)            # (C_out, C_in/groups)
-        groups = getattr(self, "groups", 1)
-        # Output channel o reads the input channels of its group.
-        mean_per_out = mean.reshape(groups, -1).repeat_interleave(err.shape[0] // groups, dim=0)
-        shift = (err * mean_per_out).sum(1)                                  # (C_out,)
-        self.bias.sub_(shift.to(self.bias.dtype))
-        return float(shift.abs().max())
-
     # -- forward -----------------------------------------------------------------------------
     def _layer(self, x: Tensor, w: Tensor, b: Tensor | None) -> Tensor:  # pragma: no cover - abstract
         raise NotImplementedError
@@ -420,72 +224,6 @@ class FakeQuantMixin(WeightRowsMixin, PackingMixin, QuantizedModule, Packable):
         if self.quant_output:
             y = self._quant_act(y, "output")
         return y
-
-    def _fq_folded(self, w_folded: Tensor) -> Tensor:
-        """Fake-quantize an already BN-folded weight (QAT with an attached BN, batch statistics)."""
-        rows = self.weight_rows(w_folded)
-        qmin, qmax = self.weight_qrange
-        if self.wscheme.levels != "uniform":
-            return self.weight_from_rows(fake_quantize_levels(rows, self.weight_scale_, self.weight_levels_, axis=0))
-        lsq = self._parameters.get("weight_step")
-        if lsq is not None:
-            return self.weight_from_rows(lsq_fake_quantize(rows, lsq, self._weight_zp(), qmin, qmax, axis=0,
-                                                           grad_scale=self._lsq_grad_scale()))
-        return self.weight_from_rows(fake_quantize_ste(rows, self.weight_scale_, self._weight_zp(), qmin, qmax, axis=0))
-
-    def _lsq_grad_scale(self) -> float:
-        """LSQ gradient scale from the real weights per step size (padding of partial groups excluded)."""
-        return lsq_grad_scale(self.weight.numel(), self.weight_scale_.numel(), self.weight_qrange[1])
-
-    def _export_forward(self, x: Tensor) -> Tensor:
-        """Same numbers through torch's fake-quant ops, which the TorchScript ONNX exporter turns into
-        QuantizeLinear/DequantizeLinear. Weight and bias are constants here; the exporter's
-        post-processing stores the weight as int8 and the bias as int32 (see export/onnx.py).
-        Schemes without int8 kernels (per-group, asymmetric, non-uniform levels) and 2..4-bit ones
-        trace their quantized weight through a marker (quant/lowbit_marker.py) that export/lowbit.py
-        turns into codes of the scheme's width (int4/uint4/int8/uint8) decoded in the graph."""
-        cache = self._export_cache or self.export_constants()
-        x = self._export_act(x, "input")
-        if self.ascheme.bits > 8 and isinstance(self, nn.Linear) and x.dim() > 2:
-            # 16-bit inputs run in float anyway; a DequantizeLinear'd weight feeding MatMul (a Linear
-            # on 3-D inputs; 2-D ones export as Gemm) would be turned into MatMulNBits by ONNX Runtime,
-            # which re-quantizes the input to 8 bits (measured: 1 output step off the simulation).
-            # The grid values as a float constant are exact.
-            w = cache["weight"]
-        elif stores_lowbit(self.wscheme):
-            w = lowbit_weight(self, cache["weight"], cache["group"])
-        else:  # int8 kernels: Q/DQ that export/qdq.py folds into int8 codes
-            zp = torch.zeros(self.weight.shape[0], dtype=torch.int32, device=self.weight.device)
-            # Codes are within the (possibly narrower) weight range already; ONNX only knows int8.
-            w = torch.fake_quantize_per_channel_affine(cache["weight"], self.weight_scale_, zp, 0, -128, 127)
-        y = self._layer(x, w, cache["bias"])
-        # A quantized output applies the ReLU itself (in the graph, or as a floor on the codes).
-        return self._export_act(y, "output") if self.quant_output else self._act(y)
-
-    def _export_act(self, x: Tensor, which: str) -> Tensor:
-        """Activation Q/DQ for the exporter (``which="output"`` applies ``act`` first): uint8 through
-        torch's op; other formats through :func:`~nnsqueeze.quant.act_scheme.act_qdq_export` (int8,
-        Clip'd 8-bit container, int16). For 2..8-bit formats other than uint8 an absorbed ReLU
-        becomes a floor at the zero point on the codes (exact: ``Q(relu(y)) = max(Q(y), zp)``), since
-        ONNX Runtime only drops a ReLU before a QuantizeLinear whose zero point is the type minimum."""
-        s, z = self._buffers[f"{which}_scale_"], self._buffers[f"{which}_zero_point_"]
-        relu = which == "output" and self.act == "relu"
-        if self.ascheme.is_default:
-            return torch.fake_quantize_per_tensor_affine(self._act(x) if relu else x, s, z, ACT_QMIN, ACT_QMAX)
-        if relu and self.ascheme.bits == 16:
-            return act_qdq_export(self._act(x), s, z, self.ascheme)
-        return act_qdq_export(x, s, z, self.ascheme, floor=int(z) if relu else None)
-
-    @torch.no_grad()
-    def export_constants(self) -> dict[str, Tensor | None]:
-        """Quantized weight (BN folded, mask applied) and the simulated bias as plain tensors for tracing."""
-        b = self.quant_bias()
-        # The dequantized weight: on the grid and inside the code range even when the scale is
-        # learned or clipped (the exporter's Q/DQ uses the full int8 range).
-        w = self.fake_quant_weight()
-        # per-group: the group length L as a plain int (shapes read while tracing would be graph values)
-        group = self.weight_groups()[1] if self.wscheme.granularity == "per-group" else 0
-        return {"weight": w.detach().clone(), "bias": None if b is None else b.detach().clone(), "group": group}
 
     def extra_repr(self) -> str:
         parts = [super().extra_repr(), f"{self.wscheme.describe()}, {self.ascheme.describe()}"]
