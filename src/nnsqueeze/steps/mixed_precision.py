@@ -17,251 +17,29 @@ This is the one mixed-precision allocator. ``mixed-int8`` (:mod:`nnsqueeze.steps
 step with ``formats: [int8, fp32], search: raise``, and ``half``'s ``keep_fp32`` is it with
 ``formats: [fp16 or bf16, fp32], search: raise``: both map their configs onto
 :meth:`MixedPrecision.allocate` and keep their own records, so their artifacts load as before.
+
+This file is the step; its parts live beside it: the recipe keys and quality rule in
+:mod:`~nnsqueeze.steps.mixed_config`, the allocation maths in :mod:`~nnsqueeze.steps.mixed_alloc`,
+the whole-model trials in :mod:`~nnsqueeze.steps.mixed_trials` (their names are re-exported here).
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
-from typing import Any, Callable, Literal
+from typing import Any, Callable
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
 from torch import nn
 
 from ..errors import DataError
-from ..limits import cap_threads
 from ..registry import STEPS
-from .base import Step, StepConfig, recorded_module
-from .quantize import CalibrationConfig, Quantize
+from .base import Step, recorded_module
+from .mixed_alloc import Allocation, cheapest_allocation, format_bytes, raise_until
+from .mixed_config import MixedBudget, MixedPrecisionConfig, Quality, quality_budget
+from .mixed_trials import Trials, convert_half_layers, ort_latency
+from .quantize import Quantize
 
-
-class _StrictModel(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-
-class MixedBudget(_StrictModel):
-    size_bytes: int | None = Field(None, ge=1, description="largest estimated weight bytes (packed codes, "
-                                   "scales, biases; fp32 layers at 4 bytes per parameter, fp16/bf16 at 2)")
-    size_ratio: float | None = Field(None, gt=0, description="largest estimated bytes / fp32 bytes")
-    max_metric_drop: float | None = Field(None, ge=0, description="largest metric drop of the whole model "
-                                          "(needs eval data and a metric); else min_sqnr_db applies")
-    min_sqnr_db: float | None = Field(None, description="smallest output SQNR (dB) vs fp32 on calib data")
-    latency_ms: float | None = Field(None, gt=0, description="largest ONNX Runtime latency (ms, median) of the "
-                                     "exported model on the first calibration batch, measured on this machine")
-    latency_threads: int = Field(1, ge=1, description="intra-op threads for the latency measurement")
-    latency_runs: int = Field(20, ge=3, description="timed runs (median)")
-
-    @field_validator("latency_threads")
-    @classmethod
-    def _cap_threads(cls, v: int) -> int:
-        return cap_threads(v, "latency_threads")
-
-
-class MixedPrecisionConfig(StepConfig):
-    formats: list[str] = Field(default_factory=lambda: ["int8", "int4", "fp32"],
-                               description="candidate formats (nnsqueeze.sensitivity.FORMATS names, fp16, "
-                               "bf16 or fp32)")
-    budget: MixedBudget = Field(default_factory=MixedBudget)
-    calibration: CalibrationConfig = Field(default_factory=CalibrationConfig)
-    search: Literal["lower", "raise"] = Field(
-        "lower", description="lower: from the least-noise allocation that fits the size budget, lower one "
-        "layer at a time (least noise per byte saved first) while the latency / quality budget allows. raise: "
-        "every layer at its cheapest format, then the most sensitive layers (ranked alone in that format) "
-        "go to their most precise format, one more at a time, until the whole model meets the quality budget")
-    min_raised: int = Field(0, ge=0, description="search: raise: raise at least this many of the most "
-                            "sensitive layers, whatever the figures say")
-
-
-def format_bytes(layer: nn.Module, fmt: str) -> int:
-    """Estimated stored bytes of a layer's parameters in ``fmt`` (what the artifact packs)."""
-    from ..sensitivity import FORMATS, HALF_FORMATS
-
-    n_w = layer.weight.numel()
-    n_b = 0 if getattr(layer, "bias", None) is None else layer.bias.numel()  # Embedding: no bias
-    if fmt == "fp32":
-        return 4 * (n_w + n_b)
-    if fmt in HALF_FORMATS:  # the half step stores weight and bias in 16 bits
-        return 2 * (n_w + n_b)
-    bits = FORMATS[fmt]["bits"]
-    codes = (n_w + 1) // 2 if bits <= 4 else n_w
-    rows = layer.weight.shape[0]
-    return codes + 4 * rows + 4 * n_b + (64 if FORMATS[fmt].get("levels") else 0)
-
-
-def cheapest_allocation(options: dict[str, list[tuple[str, int, float]]], limit: float,
-                        max_states: int = 20000) -> dict[str, str] | None:
-    """Exact multiple-choice knapsack: the format per layer with the least total ``noise`` whose total
-    ``bytes`` is at most ``limit``. ``options``: {layer: [(format, bytes, noise), ...]}.
-
-    Walks the layers keeping only the Pareto front of partial assignments (fewer bytes or less noise
-    than every other), pruned of those that cannot fit even with the cheapest formats left. Returns
-    ``None`` when the front grows past ``max_states`` (the caller then uses the greedy), ``{}`` when
-    nothing fits. Ties in noise go to fewer bytes. ::
-
-        >>> cheapest_allocation({"a": [("fp32", 40, 0.0), ("int8", 10, 0.1)],
-        ...                      "b": [("fp32", 40, 0.0), ("int8", 10, 0.2)]}, limit=50)
-        {'a': 'int8', 'b': 'fp32'}
-    """
-    names = list(options)
-    rest = [0] * (len(names) + 1)  # cheapest bytes of layers i.. (to prune hopeless partial states)
-    for i in range(len(names) - 1, -1, -1):
-        rest[i] = rest[i + 1] + min(b for _, b, _ in options[names[i]])
-    front: list[tuple[int, float, tuple[str, ...]]] = [(0, 0.0, ())]
-    for i, n in enumerate(names):
-        grown = [(b + fb, z + fz, ch + (f,)) for b, z, ch in front for f, fb, fz in options[n]
-                 if b + fb + rest[i + 1] <= limit]
-        grown.sort(key=lambda s: (s[0], s[1]))
-        front = []
-        for st in grown:  # bytes ascending: keep a state only if it beats every cheaper one on noise
-            if not front or st[1] < front[-1][1]:
-                front.append(st)
-        if len(front) > max_states:
-            return None
-    if not front:
-        return {}
-    best = min(front, key=lambda s: (s[1], s[0]))
-    return dict(zip(names, best[2]))
-
-
-@dataclass
-class Quality:
-    """Bounds on the WHOLE model's measured figures; every bound given must hold. ::
-
-        >>> Quality(max_metric_drop=0.01).holds({"metric_drop": 0.02, "output_sqnr_db": 40.0})
-        False
-        >>> Quality(min_sqnr_db=30.0).holds({"output_sqnr_db": 31.0}), Quality().given
-        (True, False)
-    """
-    max_metric_drop: float | None = None
-    min_sqnr_db: float | None = None
-
-    @property
-    def given(self) -> bool:
-        return self.max_metric_drop is not None or self.min_sqnr_db is not None
-
-    def holds(self, fig: dict[str, float]) -> bool:
-        return (self.max_metric_drop is None or fig["metric_drop"] <= self.max_metric_drop) and \
-            (self.min_sqnr_db is None or fig["output_sqnr_db"] >= self.min_sqnr_db)
-
-
-def quality_budget(max_metric_drop: float | None, min_sqnr_db: float | None, ctx, step: str) -> Quality:
-    """The quality rule of ``mixed`` and ``mixed-int8``: ``max_metric_drop`` when there are eval data
-    and a metric, else ``min_sqnr_db`` (30 dB when only ``max_metric_drop`` was given; noted)."""
-    if max_metric_drop is not None and ctx.eval_data is not None and ctx.metric is not None:
-        return Quality(max_metric_drop=max_metric_drop)
-    if max_metric_drop is not None:
-        min_sqnr_db = 30.0 if min_sqnr_db is None else min_sqnr_db
-        ctx.fallback(step, f"max_metric_drop needs eval data and a metric; using output SQNR >= {min_sqnr_db} dB "
-                     "vs fp32 on the calibration data instead")
-    return Quality(min_sqnr_db=min_sqnr_db)
-
-
-def convert_half_layers(model: nn.Module, alloc: dict[str, str]) -> dict[str, str]:
-    """The half step's conversion of the fp16/bf16 layers of ``alloc``, in place; {layer: dtype}."""
-    from ..quant.half import DTYPES, convert_half_
-    from ..sensitivity import HALF_FORMATS
-
-    half = {n: HALF_FORMATS[f] for n, f in alloc.items() if f in HALF_FORMATS}
-    for n, dtype in half.items():
-        convert_half_(model.get_submodule(n), DTYPES[dtype])
-    return half
-
-
-class Trials:
-    """Whole-model trials of allocations ``{layer: format}``, each built on a copy of ``model`` as the
-    step builds it (fp16/bf16 layers by the half step's conversion, then ``qconfig(alloc)``'s quantize
-    step on the int layers) and measured against ``model``: output SQNR (dB) on the first ``samples``
-    calibration examples (when ``sqnr``) and, given ``metric``, the metric drop on ``eval_data``."""
-
-    def __init__(self, model: nn.Module, calib, ctx, qconfig: Callable[[dict[str, str]], Any], samples: int, *,
-                 metric: Callable | None = None, eval_data=None, sqnr: bool = True):
-        from ..data import take
-
-        self.model, self.calib, self.ctx, self.qconfig = model, calib, ctx, qconfig
-        self.sqnr_data = take(calib, samples) if sqnr else None
-        self.metric, self.eval_data = metric, eval_data
-        self.base = float(metric(model, eval_data)) if metric is not None else None
-        self.count = 0  # measured trials
-
-    def build(self, alloc: dict[str, str]) -> nn.Module:
-        import copy
-        import logging
-
-        from ..context import Context
-        from ..sensitivity import FORMATS
-
-        q = copy.deepcopy(self.model).eval()
-        convert_half_layers(q, alloc)
-        if not any(f in FORMATS for f in alloc.values()):
-            return q
-        qctx = Context(calib_data=self.calib, progress=False, log=logging.getLogger("nnsqueeze.mixed.trial"),
-                       device=self.ctx.device)
-        qctx.report.begin_step("quantize", {})
-        return Quantize(self.qconfig(alloc)).run(q, qctx).eval()
-
-    def measure(self, alloc: dict[str, str]) -> dict[str, float]:
-        """{'output_sqnr_db', 'metric_drop'} of the whole model built with ``alloc`` (those asked for)."""
-        from ..sensitivity import output_sqnr
-
-        self.count += 1
-        fig: dict[str, float] = {}
-        if all(f == "fp32" for f in alloc.values()):  # the fp32 model itself
-            if self.sqnr_data is not None:
-                fig["output_sqnr_db"] = math.inf
-            if self.metric is not None:
-                fig["metric_drop"] = 0.0
-            return fig
-        q = self.build(alloc)
-        if self.sqnr_data is not None:
-            fig["output_sqnr_db"] = output_sqnr(self.model, q, self.sqnr_data, self.ctx.device)
-        if self.metric is not None:
-            fig["metric_drop"] = self.base - float(self.metric(q, self.eval_data))
-        return fig
-
-
-def raise_until(quality: Quality, measure_k: Callable[[int], dict[str, float]], k_min: int,
-                k_max: int) -> tuple[int, dict[str, float], bool]:
-    """The smallest ``k`` in ``[k_min, k_max]`` whose whole model (``measure_k(k)``: the ``k`` most
-    sensitive layers raised) meets ``quality``, else ``k_max``; with its figures and whether it met.
-    ::
-
-        >>> raise_until(Quality(min_sqnr_db=30), lambda k: {"output_sqnr_db": 10.0 * k}, 0, 5)
-        (3, {'output_sqnr_db': 30.0}, True)
-    """
-    k, fig = k_min, measure_k(k_min)
-    while k < k_max and not quality.holds(fig):  # raise the next most sensitive, re-measure all
-        k += 1
-        fig = measure_k(k)
-    return k, fig, quality.holds(fig)
-
-
-@dataclass
-class Allocation:
-    """What :meth:`MixedPrecision.allocate` chose, with the figures that chose it."""
-    formats: dict[str, str]                      # layer -> chosen format
-    size: dict[tuple[str, str], int]             # (layer, format) -> estimated bytes
-    order: dict[str, list[str]]                  # layer -> its candidate formats, most bytes first
-    sqnr: dict[tuple[str, str], float]           # (layer, format) -> output SQNR (dB) with that layer alone
-    rows: list[dict[str, Any]]                   # the sensitivity rows, most sensitive first
-    quality: Quality
-    fp32_bytes: int                              # every parameter of the model in fp32
-    other_bytes: int                             # parameters outside the allocated layers (fp32)
-    limit: float | None = None                   # the size budget in bytes
-    allocator: str | None = None                 # exact | greedy | raise
-    ranking: list[str] = field(default_factory=list)   # search raise: most sensitive first
-    raised: int = 0                              # search raise: how many of ``ranking`` were raised
-    raise_max: int = 0                           # search raise: the most the size budget allowed
-    whole: dict[str, float] = field(default_factory=dict)  # the whole model's measured figures
-    quality_met: bool = True
-    latency: float | None = None
-    trials: int = 0
-
-    def bytes(self, alloc: dict[str, str] | None = None) -> int:
-        """Estimated bytes of every parameter with ``alloc`` (default: the chosen formats)."""
-        return self.other_bytes + sum(self.size[(n, f)] for n, f in (alloc or self.formats).items())
-
-    def smallest(self) -> dict[str, str]:
-        return {n: fs[-1] for n, fs in self.order.items()}
+__all__ = ["Allocation", "MixedBudget", "MixedPrecision", "MixedPrecisionConfig", "Quality", "Trials",
+           "cheapest_allocation", "convert_half_layers", "format_bytes", "quality_budget", "raise_until"]
 
 
 @STEPS.register("mixed")
@@ -323,29 +101,8 @@ class MixedPrecision(Step):
 
     def _latency(self, trials: Trials, alloc: dict[str, str], calib) -> float:
         """Median ONNX Runtime latency (ms) of the model quantized with ``alloc``, first calib batch."""
-        import statistics
-        import tempfile
-        import time
-        from pathlib import Path
-
-        from ..data import split
-        from ..export.onnx import export_onnx
-        from ..export.ort import OrtModule
-
         b = self.config.budget
-        q = trials.build(alloc)
-        x, _ = split(next(iter(calib)))
-        with tempfile.TemporaryDirectory() as d:
-            export_onnx(q, Path(d) / "m.onnx", x, verify=False)
-            ort_model = OrtModule((Path(d) / "m.onnx").read_bytes(), threads=b.latency_threads)
-        for _ in range(3):
-            ort_model(x)
-        times = []
-        for _ in range(b.latency_runs):
-            t = time.perf_counter()
-            ort_model(x)
-            times.append((time.perf_counter() - t) * 1e3)
-        return statistics.median(times)
+        return ort_latency(trials.build(alloc), calib, b.latency_threads, b.latency_runs)
 
     def allocate(self, model: nn.Module, ctx, calib, *, names: list[str] | None = None,
                  quality: Quality | None = None, metric: Callable | None = None,
