@@ -138,10 +138,9 @@ def weight_histogram(kind: str, info: dict, st: dict[str, torch.Tensor]) -> Weig
     """Codes of one stored layer (``st``: its ``weight*`` tensors) through a stand-in module of the
     recorded kind; None when the layer is stored in float (e.g. a BatchNorm kept attached for QAT)."""
     from .quant.act_scheme import ActScheme
-    from .quant.dynamic import convert_dynamic_
-    from .quant.modules import convert_
+    from .quant.args import QuantArgs
+    from .quant.convert import DYNAMIC_UINT8, convert, weight_only_args
     from .quant.scheme import WeightScheme
-    from .quant.weight_only import convert_weight_only_
 
     q = st.get("weight")
     if q is None or q.is_floating_point():
@@ -155,7 +154,7 @@ def weight_histogram(kind: str, info: dict, st: dict[str, torch.Tensor]) -> Weig
         else:
             n = _packed_len(q.reshape(-1), rows) if (sch.bits <= 4 and q.dim() == 1) else q.numel()
             mod = _stand_in_weight(rows, n // rows)
-        convert_(mod, weight_bits=sch.bits, scheme=sch, act_scheme=ActScheme.from_dict(info.get("act_scheme")))
+        convert(mod, sch.args(), ActScheme.from_dict(info.get("act_scheme")).args(None))
         mod.unpack_state(st, "")
         _load(mod, st)
         codes = mod.weight_codes().to(torch.int64).reshape(-1)
@@ -167,7 +166,7 @@ def weight_histogram(kind: str, info: dict, st: dict[str, torch.Tensor]) -> Weig
         return WeightHist(kind, torch.bincount(codes - qmin, minlength=qmax - qmin + 1), qmin, qmax, (qmin, qmax))
     if kind == "dynamic":
         mod = _stand_in_weight(*q.shape)
-        convert_dynamic_(mod, bits=int(info["bits"]), signed=bool(info["signed"]))
+        convert(mod, QuantArgs(bits=int(info["bits"]), symmetric=bool(info["signed"])), DYNAMIC_UINT8)
         mod.unpack_state(st, "")
         _load(mod, st)
         codes, (qmin, qmax) = mod.weight_codes().to(torch.int64).reshape(-1), mod.qmin_qmax
@@ -176,24 +175,23 @@ def weight_histogram(kind: str, info: dict, st: dict[str, torch.Tensor]) -> Weig
         bits = int(info["bits"])
         k = _packed_len(q, q.shape[0]) if bits == 4 else q.shape[1]
         mod = _stand_in_weight(q.shape[0], k)
-        gs = -1 if info["group_size"] is None else int(info["group_size"])  # None: one group per row
-        convert_weight_only_(mod, bits=bits, group_size=gs, symmetric=bool(info["symmetric"]))
+        gs = None if info["group_size"] is None else int(info["group_size"])  # None: one group per row
+        args = weight_only_args(bits, gs, bool(info["symmetric"]))
+        convert(mod, args)
         if kind == "packed":
-            from .llm.packed import pack_linear_
+            from .llm import packed  # noqa: F401  (registers the packed form with convert)
 
-            pack_linear_(mod)  # the stored weight IS the packed codes; its unpack_state restores the zero points
+            convert(mod, args)  # the stored weight IS the packed codes; its unpack_state restores the zero points
         mod.unpack_state(st, "")
         _load(mod, st)
         codes, qmax = mod.weight_codes().to(torch.int64).reshape(-1), (1 << bits) - 1
         lo = 1 if info["symmetric"] else 0  # symmetric grids clip at codes 1..2^bits-1 (zero point 2^(bits-1))
         return WeightHist(kind, torch.bincount(codes, minlength=qmax + 1), 0, qmax, (lo, qmax))
     if kind == "embedding":
-        from .quant.embedding import convert_embedding_
-
         emb = nn.utils.skip_init(nn.Embedding, *q.shape)
         with torch.no_grad():
             emb.weight.copy_(torch.linspace(-1, 1, q.numel()).reshape(q.shape))
-        convert_embedding_(emb)
+        convert(emb, QuantArgs())  # int8 per row, symmetric
         emb.unpack_state(st, "")
         _load(emb, st)
         codes = emb.weight_codes().to(torch.int64).reshape(-1)

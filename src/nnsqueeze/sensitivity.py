@@ -108,11 +108,11 @@ def half_layers(model: nn.Module, targets: list[str] | None = None, ignore: list
 def half_copy(model: nn.Module, names: Iterable[str], dtype: str) -> nn.Module:
     """A deep copy of ``model`` with the layers ``names`` converted by the ``half`` step's own
     :func:`~nnsqueeze.quant.half.convert_half_` (``dtype``: 'float16' or 'bfloat16')."""
-    from .quant.half import DTYPES, convert_half_
+    from .quant.convert import convert, half_args
 
     m = copy.deepcopy(model)
     for n in names:
-        convert_half_(m.get_submodule(n), DTYPES[dtype])
+        convert(m.get_submodule(n), half_args(dtype))
     return m.eval()
 
 

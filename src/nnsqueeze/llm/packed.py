@@ -49,6 +49,9 @@ import torch.nn.functional as F
 
 from ..ops.int4 import pack_int4, unpack_int4
 from ..ops.rtn import dequantize_groups
+from ..quant.args import QuantArgs
+from ..quant.convert import register, weight_only_args
+from ..quant.swap import swap_class
 from ..quant.weight_only import WeightOnlyLinear, codes_of
 from . import gemv as _gemv
 
@@ -212,6 +215,16 @@ def pack_linear_(mod: WeightOnlyLinear) -> PackedLinear:
     codes = mod.weight_codes()
     packed = pack_int4(codes) if mod.bits == 4 else codes
     del mod.weight                      # the float Parameter goes; its memory is freed with it
-    mod.__class__ = PackedLinear
+    swap_class(mod, PackedLinear)
     mod.register_buffer("weight", packed.contiguous())
     return mod
+
+
+@register((WeightOnlyLinear, PackedLinear), "int-weight-only")
+def _pack(mod: WeightOnlyLinear, args: QuantArgs, aargs: None) -> PackedLinear:
+    """``convert(layer, args)`` of a weight-only layer with its own args: its packed form."""
+    own = weight_only_args(mod.bits, mod.group_size, mod.symmetric)
+    if args != own:
+        raise ValueError(f"a {type(mod).__name__} holds {own.describe()} codes, not {args.describe()}: "
+                         "convert the float layer instead")
+    return pack_linear_(mod)

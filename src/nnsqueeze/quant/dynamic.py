@@ -45,6 +45,7 @@ from ..ops.dynamic import dynamic_qparams, dynamic_quantize, int_linear
 from ..ops.equalize import fold_scales
 from ..ops.quant import dequantize, fake_quantize_ste, qparams, qrange, quantize, sqnr_db
 from .protocol import Packable, QuantizedModule
+from .swap import swap_class
 
 Tensor = torch.Tensor
 
@@ -207,7 +208,7 @@ class DynamicQuantLinear(QuantizedModule, Packable, nn.Linear):
             self._buffers.pop(b, None)
         for a in ("bits", "signed"):
             self.__dict__.pop(a, None)
-        self.__class__ = nn.Linear
+        swap_class(self, nn.Linear)
         return self
 
     # -- artifact packing (Packable) ----------------------------------------------------------
@@ -252,11 +253,11 @@ def convert_dynamic_(module: nn.Linear, bits: int | None = None, signed: bool = 
 
         bits = weight_range(8, "auto", u8s8=signed).bits
     w0 = module.weight.detach().clone()
-    module.__class__ = DynamicQuantLinear
+    swap_class(module, DynamicQuantLinear)
     try:
         module._setup(bits, signed, smooth, outliers)
     except ValueError:
-        module.__class__ = nn.Linear
+        swap_class(module, nn.Linear)
         with torch.no_grad():
             module.weight.copy_(w0)
         raise

@@ -23,6 +23,7 @@ from torch import nn
 
 from ..ops.quant import dequantize, qparams, quantize, sqnr_db
 from .protocol import Packable, QuantizedModule
+from .swap import swap_class
 
 Tensor = torch.Tensor
 FP16_MIN_NORMAL, FP16_MAX = 2.0 ** -14, 65504.0
@@ -111,7 +112,7 @@ def convert_embedding_(module: nn.Embedding) -> QuantEmbedding:
         raise TypeError(f"converts plain nn.Embedding, not {type(module).__name__}")
     if module.max_norm is not None or module.sparse:
         raise TypeError("an Embedding with max_norm or sparse=True cannot be int8-quantized")
-    module.__class__ = QuantEmbedding
+    swap_class(module, QuantEmbedding)
     module._setup()
     return module
 

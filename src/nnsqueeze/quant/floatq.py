@@ -48,6 +48,7 @@ from ..ops.mx import (mx_dequantize, mx_fake_quantize, mx_quantize, nvfp4_dequan
                       nvfp4_quantize, nvfp4_tensor_scale, pack_fp4, unpack_fp4)
 from .args import QuantArgs
 from .protocol import Packable, QuantizedModule
+from .swap import swap_class
 
 Tensor = torch.Tensor
 DOMAIN, MARKER = "nnsqueeze", "FloatQDQ"   # the marker export/fp8.py replaces; never left in a file
@@ -147,7 +148,7 @@ class FloatQuantMixin(QuantizedModule, Packable):
             self.__dict__.pop(a, None)
         cls = self._float_class
         self.__dict__.pop("_float_class", None)
-        self.__class__ = cls
+        swap_class(self, cls)
         return self
 
     # -- calibration of the activations ---------------------------------------------------------
@@ -259,7 +260,7 @@ def convert_float_(module: nn.Module, wargs: QuantArgs, aargs: QuantArgs | None 
         raise TypeError(f"cannot float-quantize a {type(module).__name__}; supported: "
                         f"{', '.join(c.__name__ for c in FLOAT_MODULE_MAP)}")
     float_class = type(module)
-    module.__class__ = cls
+    swap_class(module, cls)
     module._float_class = float_class
     try:
         module._setup_float(wargs, aargs)

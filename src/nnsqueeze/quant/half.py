@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .protocol import QuantizedModule
+from .swap import swap_class
 
 Tensor = torch.Tensor
 _BF16 = 16  # onnx.TensorProto.BFLOAT16
@@ -145,6 +146,6 @@ def convert_half_(module: nn.Module, dtype: torch.dtype) -> nn.Module:
     if isinstance(module, (nn.Conv1d, nn.Conv2d)) and isinstance(module.padding, str) and dtype == torch.bfloat16:
         raise TypeError("bf16 export needs numeric conv padding, not padding='same'/'valid'")
     module._float_class = type(module)
-    module.__class__ = cls
+    swap_class(module, cls)
     module.to(dtype)
     return module

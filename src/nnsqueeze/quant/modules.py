@@ -54,6 +54,7 @@ from .packing import PackingMixin
 from .protocol import Packable, QuantizedModule
 from .rows import WeightRowsMixin
 from .scheme import WeightScheme
+from .swap import swap_class
 from .fakequant_weight import FakeQuantWeightMixin
 
 Tensor = torch.Tensor
@@ -153,7 +154,7 @@ class FakeQuantMixin(FakeQuantWeightMixin, FakeQuantCalibrationMixin, FakeQuantE
             self.__dict__.pop(a, None)
         cls = self._float_class
         self.__dict__.pop("_float_class", None)
-        self.__class__ = cls
+        swap_class(self, cls)
         return self
 
     # -- forward -----------------------------------------------------------------------------
@@ -268,7 +269,7 @@ def convert_(module: nn.Module, weight_bits: int = 8, act: str | None = None,
     if quant_output is None:
         quant_output = not isinstance(module, nn.Linear)
     float_class = type(module)
-    module.__class__ = cls
+    swap_class(module, cls)
     module._float_class = float_class
     module._setup_quant(weight_bits, act, quant_output, scheme, act_scheme)
     return module

@@ -33,6 +33,7 @@ from ..ops.int4 import pack_int4, unpack_int4
 from ..ops.rtn import QuantGrid, dequantize_groups, quantize_groups
 from ..ops.quant import sqnr_db
 from .protocol import Packable, QuantizedModule
+from .swap import swap_class
 
 Tensor = torch.Tensor
 
@@ -175,6 +176,6 @@ def convert_weight_only_(module: nn.Linear, bits: int = 4, group_size: int = 128
     """Turn a plain ``nn.Linear`` into a :class:`WeightOnlyLinear`, in place (same object)."""
     if type(module) is not nn.Linear:
         raise TypeError(f"weight-only quantization converts plain nn.Linear, not {type(module).__name__}")
-    module.__class__ = WeightOnlyLinear
+    swap_class(module, WeightOnlyLinear)
     module._setup(bits, group_size, symmetric)
     return module

@@ -35,9 +35,10 @@ from torch import nn
 import torch
 
 from ..llm.awq import AWQAccumulator, awq_search, shared_alpha
-from ..llm.packed import PackedLinear, add_input_scale_, pack_linear_
+from ..llm.packed import PackedLinear, add_input_scale_
 from ..ops.rtn import rtn_quantize
 from ..llm.sequential import get_weight, set_weight
+from ..quant.convert import convert, weight_only_args
 from ..registry import STEPS
 from .base import recorded_module
 from ._llm import LLMStep, QuantFields, QuantScheme, relative_error
@@ -121,7 +122,8 @@ class AWQ(LLMStep):
         for name in record.get("layers", []):
             mod = recorded_module(model, name, (nn.Module,), "awq record")
             if not isinstance(mod, PackedLinear):
-                mod = pack_linear_(to_weight_only(model, name, mod, c, "awq record"))
+                mod = convert(to_weight_only(model, name, mod, c, "awq record"),
+                              weight_only_args(c.bits, c.group_size, c.symmetric))
             add_input_scale_(mod)  # the stored scales are loaded with the weights
         return model
 

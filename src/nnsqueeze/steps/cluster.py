@@ -53,6 +53,7 @@ from ..errors import ArtifactError, ModelError
 from ..ops.kmeans import Init, kmeans1d
 from ..quant.fold import fold_batchnorm, refold_structure
 from ..quant.protocol import Packable, QuantizedModule
+from ..quant.swap import swap_class
 from ..registry import STEPS
 from ..storage.entropy import pack_codes, unpack_codes
 from .base import Step, StepConfig, record_int, recorded_module
@@ -152,7 +153,7 @@ def _convert(m: nn.Module, centroids: torch.Tensor, codes: torch.Tensor) -> None
     dev = m.weight.device
     del m.weight  # the Parameter; ``weight`` becomes the class property
     m._buffers.pop("weight_mask", None)
-    m.__class__ = clustered_class(type(m))
+    swap_class(m, clustered_class(type(m)))
     m.centroids = nn.Parameter(centroids.to(dev))
     m.register_buffer(CODE, codes.to(torch.int16).to(dev))
 

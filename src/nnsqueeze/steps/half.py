@@ -46,7 +46,8 @@ from torch import nn
 
 from ..errors import DataError, ModelError
 from ..quant.args import QuantArgs
-from ..quant.half import DTYPES, HALF_MAP, HalfMixin, convert_half_
+from ..quant.convert import convert, half_args
+from ..quant.half import HALF_MAP, HalfMixin
 from ..registry import STEPS
 from .base import Step, StepConfig, recorded_module
 
@@ -98,7 +99,7 @@ class Half(Step):
         return super().select(model, ctx, supported)
 
     def run(self, model: nn.Module, ctx) -> nn.Module:
-        name, dtype = self.registered_name, DTYPES[self.config.dtype]
+        name, args = self.registered_name, half_args(self.config.dtype)
         todo = []
         for lname, mod in self.select(model, ctx, supported=tuple(HALF_MAP)).layers:
             if type(mod) not in HALF_MAP:
@@ -118,7 +119,7 @@ class Half(Step):
         for lname, mod in todo:
             if lname in kept:
                 continue
-            convert_half_(mod, dtype)
+            convert(mod, args)
             layers.append(lname)
             ctx.report.layer(lname, bits=16, act_bits=16, scheme=self.config.dtype)
         if not layers and kept:
@@ -182,9 +183,9 @@ class Half(Step):
 
     @classmethod
     def rebuild(cls, model: nn.Module, config: HalfConfig, record: dict[str, Any]) -> nn.Module:
-        dtype = DTYPES[record.get("dtype", config.dtype)]
+        args = half_args(record.get("dtype", config.dtype))
         for lname in record.get("layers", []):
             mod = recorded_module(model, lname, (nn.Module,), "half record")
             if not isinstance(mod, HalfMixin):
-                convert_half_(mod, dtype)
+                convert(mod, args)
         return model

@@ -304,12 +304,13 @@ class MixedPrecision(Step):
 
     @classmethod
     def rebuild(cls, model: nn.Module, config: MixedPrecisionConfig, record: dict[str, Any]) -> nn.Module:
-        from ..quant.half import DTYPES, HalfMixin, convert_half_
+        from ..quant.convert import convert, half_args
+        from ..quant.half import HalfMixin
 
         for lname, dtype in record.get("half", {}).items():  # first, as in run()
             mod = recorded_module(model, lname, (nn.Module,), "mixed record")
             if not isinstance(mod, HalfMixin):
-                convert_half_(mod, DTYPES[dtype])
+                convert(mod, half_args(dtype))
         if not record.get("quantize"):
             return model
         self = cls.__new__(cls)

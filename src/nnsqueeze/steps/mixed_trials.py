@@ -22,12 +22,12 @@ from .quantize import Quantize
 
 def convert_half_layers(model: nn.Module, alloc: dict[str, str]) -> dict[str, str]:
     """The half step's conversion of the fp16/bf16 layers of ``alloc``, in place; {layer: dtype}."""
-    from ..quant.half import DTYPES, convert_half_
+    from ..quant.convert import convert, half_args
     from ..sensitivity import HALF_FORMATS
 
     half = {n: HALF_FORMATS[f] for n, f in alloc.items() if f in HALF_FORMATS}
     for n, dtype in half.items():
-        convert_half_(model.get_submodule(n), DTYPES[dtype])
+        convert(model.get_submodule(n), half_args(dtype))
     return half
 
 

@@ -72,7 +72,8 @@ from ..data import as_batches, call_model, forward_samples, split, take, to_devi
 from ..errors import DataError, ModelError, RecipeError
 from ..isa import weight_range
 from ..quant.fold import fold_batchnorm, refold_structure
-from ..quant.modules import MODULE_MAP, convert_
+from ..quant.convert import convert
+from ..quant.modules import MODULE_MAP
 from ..quant.act_scheme import ActScheme
 from ..quant.args import FORMATS
 from ..quant.scheme import WeightScheme
@@ -361,7 +362,7 @@ class Quantize(Step):
                 plan.pop(lname)
                 act = None
             sch, wcfg = schemes[lname]
-            convert_(mod, weight_bits=sch.bits, act=act, scheme=sch, act_scheme=aschemes[lname])
+            convert(mod, sch.args(), aschemes[lname].args(cfg.calibration.method), act=act)
             mod.start_calibration(lambda name, obs=observer: obs(axis=None, name=name), lname)
 
         # Calibration: float forward, ranges observed inside each layer.
@@ -498,8 +499,7 @@ class Quantize(Step):
             bits = record_int(info["weight_bits"], 1, 16, f"quantize record: {lname}: weight_bits")
             sch = WeightScheme.from_dict(info.get("scheme"), bits=bits)
             asch = ActScheme.from_dict(info.get("act_scheme"))  # records without it: uint8 (the old default)
-            convert_(mod, weight_bits=sch.bits, act=info["act"], quant_output=info["quant_output"], scheme=sch,
-                     act_scheme=asch)
+            convert(mod, sch.args(), asch.args(None), act=info["act"], quant_output=info["quant_output"])
         _mark_float_boundaries([recorded_module(model, n, (nn.Module,), "quantize record")
                                 for n, info in record.get("layers", {}).items() if "weights" not in info])
         for relu_name in record.get("relu_removed", []):

@@ -61,7 +61,8 @@ from ..isa import weight_range
 from ..llm.smoothquant import AbsMaxAccumulator, smooth_scales
 from ..ops.dynamic import outlier_channels
 from ..quant.args import QuantArgs
-from ..quant.dynamic import convert_dynamic_, dynamic_fake_linear
+from ..quant.convert import DYNAMIC_UINT8, convert
+from ..quant.dynamic import dynamic_fake_linear
 from ..quant.embedding import convert_embeddings, rebuild_embeddings
 from ..registry import STEPS
 from .base import Step, StepConfig, record_indices, record_int, recorded_module
@@ -171,7 +172,7 @@ class QuantizeDynamic(Step):
         for lname, mod in plain:
             s, alpha = smooth.get(lname, (None, None))
             idx = self._outl.get(lname)
-            convert_dynamic_(mod, bits=bits, signed=signed, smooth=s, outliers=idx)
+            convert(mod, QuantArgs(bits=bits, symmetric=signed), DYNAMIC_UINT8, smooth=s, outliers=idx)
             layers[lname] = {"bits": bits, "signed": signed, "smoothed": s is not None}
             extra = {} if self.config.smooth is None else {"smooth_alpha": alpha}
             if idx is not None:
@@ -355,8 +356,8 @@ class QuantizeDynamic(Step):
             at = f"quantize-dynamic record: {lname}"
             idx = (torch.tensor(record_indices(info["outliers"], mod.in_features, f"{at}: outliers"), dtype=torch.int64)
                    if info.get("outliers") else None)
-            convert_dynamic_(mod, bits=record_int(info["bits"], 2, 16, f"{at}: bits"), signed=bool(info["signed"]),
-                             smooth=s, outliers=idx)
+            bits = record_int(info["bits"], 2, 16, f"{at}: bits")
+            convert(mod, QuantArgs(bits=bits, symmetric=bool(info["signed"])), DYNAMIC_UINT8, smooth=s, outliers=idx)
         rebuild_embeddings(model, record.get("embeddings", []))
         if record.get("attention"):
             from ..quant.attention import rebuild_attention

@@ -37,7 +37,8 @@ from ..data import forward_samples
 from ..errors import DataError, ModelError
 from ..ops.quant import sqnr_db
 from ..quant.args import QuantArgs
-from ..quant.floatq import FLOAT_MODULE_MAP, convert_float_
+from ..quant.convert import convert
+from ..quant.floatq import FLOAT_MODULE_MAP
 from ..registry import OBSERVERS
 from .base import recorded_module
 
@@ -56,7 +57,7 @@ def run_float(step: Any, model: nn.Module, ctx: Any, layers: list[tuple[str, nn.
     observer = OBSERVERS.get(cfg.calibration.method)
     refs = {lname: mod.weight.detach().clone() for lname, mod in layers}   # float weights, for the SQNR
     for lname, mod in layers:
-        convert_float_(mod, wargs, aargs)
+        convert(mod, wargs, aargs)
         mod.start_calibration(lambda name, obs=observer: obs(axis=None, name=name), lname)
     n_samples = n_batches = 0
     try:
@@ -104,4 +105,4 @@ def rebuild_float(model: nn.Module, lname: str, info: dict[str, Any]) -> None:
     except ValueError as e:
         raise ModelError(f"quantize record: {lname}", f"invalid quantization args: {e}",
                          fix="the artifact is damaged or from another nnsqueeze version") from None
-    convert_float_(mod, wargs, aargs)
+    convert(mod, wargs, aargs)

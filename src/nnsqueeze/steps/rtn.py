@@ -50,12 +50,13 @@ from torch import nn
 
 from ..quant.args import QuantArgs
 from ..errors import ModelError, RecipeError, TargetError
-from ..llm.packed import PackedLinear, fallback_reason, pack_linear_
+from ..llm.packed import PackedLinear, fallback_reason
 from ..llm.sequential import find_blocks, get_weight, is_linear, set_weight
 from ..ops.quant import sqnr_db
 from ..ops.rtn import rtn_quantize
 from ..quant.embedding import convert_embeddings, rebuild_embeddings
-from ..quant.weight_only import WeightOnlyLinear, convert_weight_only_
+from ..quant.convert import convert, weight_only_args
+from ..quant.weight_only import WeightOnlyLinear
 from ..registry import STEPS
 from ..targets import set_module
 from ._llm import ClipConfig, LLMStep, QuantScheme
@@ -127,7 +128,7 @@ def to_weight_only(model: nn.Module, name: str, mod: nn.Module, c: QuantScheme, 
     if type(mod) is not nn.Linear:
         raise RecipeError(f"{where}: {name}", f"pack: true converts plain nn.Linear / Conv1D, not {type(mod).__name__}",
                           fix="set pack: false (simulated float weights) or ignore this layer")
-    return convert_weight_only_(mod, c.bits, -1 if c.group_size is None else c.group_size, c.symmetric)
+    return convert(mod, weight_only_args(c.bits, c.group_size, c.symmetric))
 
 
 @torch.no_grad()
@@ -150,7 +151,7 @@ def pack_layers(model: nn.Module, packs: dict[str, tuple[torch.Tensor, torch.Ten
         mod.weight_zero_point_.copy_(zp.to(torch.uint8))
         if mod.weight.dtype == torch.float32 and not torch.equal(mod.dequantized_weight(), q.to(torch.float32)):
             raise RuntimeError(f"{where}: {name}: packed codes do not reproduce the quantized weight")
-        pack_linear_(mod)  # codes kept packed in memory; the float weight is dropped
+        convert(mod, weight_only_args(c.bits, c.group_size, c.symmetric))  # packed: the float weight is dropped
     return len(packs)
 
 
@@ -168,7 +169,8 @@ def _rebuild(model: nn.Module, config: QuantScheme, record: dict[str, Any]) -> n
     for name in record.get("layers", []):
         mod = recorded_module(model, name, (nn.Module,), "rtn/gptq record")
         if not isinstance(mod, PackedLinear):  # already rebuilt by an earlier record: nothing to redo
-            pack_linear_(to_weight_only(model, name, mod, c, "rtn/gptq record"))
+            convert(to_weight_only(model, name, mod, c, "rtn/gptq record"), weight_only_args(c.bits, c.group_size,
+                                                                                      c.symmetric))
     return model
 
 
@@ -317,7 +319,7 @@ class WeightOnly(RTN):
 
     def quantize_layer(self, model: nn.Module, name: str, mod: nn.Module, ctx: Any) -> None:
         c = self.config
-        convert_weight_only_(mod, c.bits, c.group_size, c.symmetric)
+        convert(mod, weight_only_args(c.bits, c.group_size, c.symmetric))
         sqnr = mod.weight_sqnr_db()
         ctx.report.layer(name, bits=c.bits, act_bits=None, scheme=self._scheme_text(),
                          weight_sqnr_db=round(sqnr, 2) if abs(sqnr) != float("inf") and sqnr == sqnr else None)
@@ -341,6 +343,6 @@ class WeightOnly(RTN):
     def rebuild(cls, model: nn.Module, config: WeightOnlyConfig, record: dict[str, Any]) -> nn.Module:
         for lname, info in record.get("layers", {}).items():
             mod = recorded_module(model, lname, (nn.Linear,), "weight-only record")
-            convert_weight_only_(mod, int(info["bits"]), int(info["group_size"]), bool(info["symmetric"]))
+            convert(mod, weight_only_args(int(info["bits"]), int(info["group_size"]), bool(info["symmetric"])))
         rebuild_embeddings(model, record.get("embeddings", []))
         return model

@@ -39,6 +39,7 @@ from torch import nn
 
 from ..errors import ModelError
 from ..quant.protocol import Packable
+from ..quant.swap import swap_class
 from ..registry import STEPS
 from .base import Step, StepConfig, recorded_module
 
@@ -94,7 +95,7 @@ def _tie(leader: nn.Module, leader_name: str, m: nn.Module, bias: bool) -> None:
     if bias and m.bias is not None:
         m.bias = leader.bias
         tied["bias"] = f"{leader_name}.bias"
-    m.__class__ = _CLASSES[type(m)]
+    swap_class(m, _CLASSES[type(m)])
     m.shared_from_ = tied
 
 
