@@ -28,7 +28,7 @@ from .errors import RecipeError
 from .limits import (MAX_DEPTH, MAX_RECIPE_BYTES, MAX_YAML_ALIASES, MAX_YAML_NODES, cap_threads, check_depth, clip,
                      quote, read_text)
 from .registry import STEPS
-from .steps.base import StepConfig
+from .step_config import StepConfig
 
 FORMAT_VERSION = 1
 PRESETS_DIR = Path(__file__).parent / "presets"

@@ -83,9 +83,9 @@ _quiet.addHandler(logging.NullHandler())
 def quantizable_layers(model: nn.Module, targets: list[str] | None = None,
                        ignore: list[str] | None = None) -> list[tuple[str, str]]:
     """(name, class name) of the Linear/Conv1d/Conv2d layers selected by ``targets``/``ignore``."""
-    from .steps.quantize import SUPPORTED
+    from .quant.modules import MODULE_MAP
 
-    sel = select(model, list(targets or ["Linear", "Conv1d", "Conv2d"]), list(ignore or []), SUPPORTED,
+    sel = select(model, list(targets or ["Linear", "Conv1d", "Conv2d"]), list(ignore or []), tuple(MODULE_MAP),
                  where="sensitivity.targets", strict=bool(targets))
     return [(n, type(m).__name__) for n, m in sel.layers]
 
@@ -120,8 +120,9 @@ def quantize_copy(model: nn.Module, calib_data: Iterable, *, targets: list[str] 
                   ignore: list[str] | None = None, weights: dict[str, Any] | None = None,
                   calibration: dict[str, Any] | None = None, device: Any = "cpu") -> nn.Module:
     """A deep copy of ``model`` run through the ``quantize`` step (quietly, with a throwaway report)."""
-    from .steps.quantize import Quantize
+    from .registry import STEPS
 
+    Quantize = STEPS.get("quantize")  # by name: sensitivity sits below the steps that use it
     cfg: dict[str, Any] = {"targets": list(targets or []), "ignore": list(ignore or []),
                            "weights": dict(weights or {})}
     if calibration:

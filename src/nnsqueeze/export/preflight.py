@@ -126,7 +126,7 @@ def check_recipe(model: nn.Module, recipe: Any, format: str) -> None:
 
 
 def _check_awq(where: str, c: Any, names: list[str]) -> None:
-    from ..steps.awq import siblings
+    from ..llm.awq import siblings
 
     if not c.share_scales:
         raise ExportError(f"{where}.share_scales", "AWQ's input scales must fold into the ops before the layers, "

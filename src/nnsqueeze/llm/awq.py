@@ -126,3 +126,16 @@ def shared_alpha(ws: list[Tensor], abs_mean: Tensor, hessian: Tensor, bits: int 
         if best is None or err < best[0]:
             best = (err, alpha)
     return best[1]
+
+
+SHARED = (("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), ("mlp.gate_proj", "mlp.up_proj"))
+
+
+def siblings(name: str) -> list[str]:
+    """The Linears of ``name``'s block that read the same input as it (itself included)."""
+    for group in SHARED:
+        for member in group:
+            if name.endswith("." + member):
+                base = name[: -len(member)]
+                return [base + m for m in group]
+    return [name]

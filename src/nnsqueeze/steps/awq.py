@@ -34,7 +34,7 @@ from torch import nn
 
 import torch
 
-from ..llm.awq import AWQAccumulator, awq_search, shared_alpha
+from ..llm.awq import AWQAccumulator, awq_search, shared_alpha, siblings
 from ..llm.packed import PackedLinear, add_input_scale_
 from ..ops.rtn import rtn_quantize
 from ..llm.sequential import get_weight, set_weight
@@ -126,19 +126,6 @@ class AWQ(LLMStep):
                               weight_only_args(c.bits, c.group_size, c.symmetric))
             add_input_scale_(mod)  # the stored scales are loaded with the weights
         return model
-
-
-SHARED = (("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), ("mlp.gate_proj", "mlp.up_proj"))
-
-
-def siblings(name: str) -> list[str]:
-    """The Linears of ``name``'s block that read the same input as it (itself included)."""
-    for group in SHARED:
-        for member in group:
-            if name.endswith("." + member):
-                base = name[: -len(member)]
-                return [base + m for m in group]
-    return [name]
 
 
 def gqa_mean(model: nn.Module, name: str, mean: torch.Tensor) -> torch.Tensor:

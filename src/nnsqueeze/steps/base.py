@@ -24,24 +24,15 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
 from ..errors import ArtifactError, ModelError, TargetError
 from ..limits import quote
+from ..step_config import StepConfig
 from ..targets import Selection, select
 
 if TYPE_CHECKING:
     from ..context import Context
-
-
-class StepConfig(BaseModel):
-    """Base config: every step accepts ``targets`` and ``ignore`` (see :mod:`nnsqueeze.targets`)."""
-
-    model_config = ConfigDict(extra="forbid")
-    targets: list[str] = Field(default_factory=list, description="class names, module names or 're:' regexes; "
-                               "empty means the step's default layer types")
-    ignore: list[str] = Field(default_factory=list)
 
 
 class Step:
