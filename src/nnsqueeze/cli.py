@@ -153,7 +153,8 @@ def sensitivity(
     mean: Optional[str] = IMAGE_MEAN,
     std: Optional[str] = IMAGE_STD,
     formats: str = typer.Option("int8", help="comma-separated formats to try per layer "
-                                "(nnsqueeze.sensitivity.FORMATS, e.g. int8,int4; fp16,bf16 for half precision)"),
+                                "(nnsqueeze.sensitivity.FORMATS, e.g. int8,int4; FLOAT_FORMATS, e.g. "
+                                "fp8-e4m3,mxfp4; fp16,bf16 for half precision)"),
     overwrite: bool = typer.Option(False, "--overwrite", help="replace existing --out / --plot files"),
 ) -> None:
     """Quantize (or cast to fp16/bf16) one layer at a time, the rest fp32, and rank the layers by the damage done."""

@@ -1,7 +1,8 @@
 """Per-layer quantization sensitivity: quantize ONE layer at a time, measure the damage.
 
 For each quantizable layer (Linear/Conv1d/Conv2d) and each candidate format, a deep copy of the
-model gets the ``quantize`` step with ``targets: [layer]`` (everything else stays float) -- or, for
+model gets the ``quantize`` step with ``targets: [layer]`` (everything else stays float; the float
+formats of :data:`FLOAT_FORMATS` through the same step's FP8/MX/NVFP4 path) -- or, for
 the half formats ``fp16``/``bf16``, that one layer converted exactly as the ``half`` step converts
 it (half weights and compute, fp32 in and out; Embedding included) -- and is
 measured: the metric drop on ``eval_data`` when a metric is given, else the SQNR (dB) of the
@@ -50,11 +51,24 @@ FORMATS: dict[str, dict[str, Any]] = {
     "int2-mse": {"bits": 2, "clip": "mse"},
     "nf4": {"bits": 4, "levels": "nf4"}, "pow2-4": {"bits": 4, "levels": "pow2"},
     "kmeans4": {"bits": 4, "levels": "kmeans"},
+    "int4-g32": {"bits": 4, "granularity": "per-group", "group_size": 32},
+    "int4-g128": {"bits": 4, "granularity": "per-group", "group_size": 128},
+}
+
+# Float candidate formats -> the quantize step's {weights, activations} (docs/formats.md). FP8 is
+# weights AND activations in FP8 (per-channel weights; activations static per tensor, or dynamic),
+# the counterpart of int8's W8A8; the block formats are weight-only (float activations).
+FLOAT_FORMATS: dict[str, dict[str, Any]] = {
+    "fp8-e4m3": {"weights": {"format": "fp8-e4m3"}, "activations": {"format": "fp8-e4m3"}},
+    "fp8-e5m2": {"weights": {"format": "fp8-e5m2"}, "activations": {"format": "fp8-e5m2"}},
+    "fp8-e4m3-dynamic": {"weights": {"format": "fp8-e4m3"}, "activations": {"format": "fp8-e4m3", "dynamic": True}},
+    **{f: {"weights": {"format": f}} for f in ("mxfp8-e4m3", "mxfp8-e5m2", "mxfp6-e3m2", "mxfp6-e2m3", "mxfp4",
+                                              "nvfp4")},
 }
 
 # Half formats -> the ``half`` step's dtype (weights AND compute of the one layer in that type).
 HALF_FORMATS: dict[str, str] = {"fp16": "float16", "bf16": "bfloat16"}
-ALL_FORMATS = [*FORMATS, *HALF_FORMATS]
+ALL_FORMATS = [*FORMATS, *FLOAT_FORMATS, *HALF_FORMATS]
 
 
 
@@ -63,11 +77,15 @@ def format_args(name: str) -> QuantArgs | None:
 
         >>> format_args("int4-mse").describe(), format_args("bf16").format, format_args("fp32")
         ('int4 channel sym mse-clip', 'bf16', None)
+        >>> format_args("mxfp4").describe(), format_args("int4-g32").describe()
+        ('mxfp4 block(32)', 'int4 group(32) sym')
     """
     if name == "fp32":
         return None
     if name in HALF_FORMATS:
         return QuantArgs(format="fp16" if HALF_FORMATS[name] == "float16" else "bf16")
+    if name in FLOAT_FORMATS:
+        return QuantArgs(format=FLOAT_FORMATS[name]["weights"]["format"])
     if name not in FORMATS:
         raise RecipeError("sensitivity.formats", f"unknown format {name!r}",
                           fix=f"use one of {', '.join(ALL_FORMATS)} or fp32")
@@ -118,13 +136,16 @@ def half_copy(model: nn.Module, names: Iterable[str], dtype: str) -> nn.Module:
 
 def quantize_copy(model: nn.Module, calib_data: Iterable, *, targets: list[str] | None = None,
                   ignore: list[str] | None = None, weights: dict[str, Any] | None = None,
-                  calibration: dict[str, Any] | None = None, device: Any = "cpu") -> nn.Module:
+                  calibration: dict[str, Any] | None = None, device: Any = "cpu",
+                  activations: dict[str, Any] | None = None) -> nn.Module:
     """A deep copy of ``model`` run through the ``quantize`` step (quietly, with a throwaway report)."""
     from .registry import STEPS
 
     Quantize = STEPS.get("quantize")  # by name: sensitivity sits below the steps that use it
     cfg: dict[str, Any] = {"targets": list(targets or []), "ignore": list(ignore or []),
                            "weights": dict(weights or {})}
+    if activations is not None:
+        cfg["activations"] = dict(activations)
     if calibration:
         cfg["calibration"] = dict(calibration)
     step = Quantize(Quantize.Config.model_validate(cfg))
@@ -180,8 +201,8 @@ def sensitivity(
 ) -> list[dict[str, Any]]:
     """Rows ``{layer, type, format, sqnr_db, metric, metric_drop}``, most sensitive first.
 
-    ``formats`` are :data:`FORMATS` names (the ``quantize`` step on that layer alone) and/or
-    ``fp16``/``bf16`` (:data:`HALF_FORMATS`: the ``half`` step on that layer alone).
+    ``formats`` are :data:`FORMATS` and :data:`FLOAT_FORMATS` names (the ``quantize`` step on that layer
+    alone) and/or ``fp16``/``bf16`` (:data:`HALF_FORMATS`: the ``half`` step on that layer alone).
 
     ``metric_drop`` (baseline metric minus the metric with only that layer quantized) is given
     when ``eval_data`` and ``metric`` are, and then orders the rows; otherwise the output SQNR
@@ -192,7 +213,7 @@ def sensitivity(
         raise DataError("calib_data", "sensitivity needs calibration data", fix="pass calib_data=...")
     formats = list(formats)
     for f in formats:
-        if f not in FORMATS and f not in HALF_FORMATS:
+        if f not in FORMATS and f not in FLOAT_FORMATS and f not in HALF_FORMATS:
             raise RecipeError("sensitivity.formats", f"unknown format {f!r}", fix=f"one of {', '.join(ALL_FORMATS)}")
     if not formats:
         raise RecipeError("sensitivity.formats", "no format given", fix=f"one of {', '.join(ALL_FORMATS)}")
@@ -214,6 +235,9 @@ def sensitivity(
             for fmt in fmts:
                 if fmt in HALF_FORMATS:
                     q = half_copy(ref, [name], HALF_FORMATS[fmt])
+                elif fmt in FLOAT_FORMATS:
+                    q = quantize_copy(ref, calib, targets=[name], calibration=calibration, device=device,
+                                      **FLOAT_FORMATS[fmt])
                 else:
                     weights = resolve_reduce_range({**FORMATS[fmt], "reduce_range": reduce_range})
                     q = quantize_copy(ref, calib, targets=[name], weights=weights, calibration=calibration,

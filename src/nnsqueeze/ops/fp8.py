@@ -35,6 +35,16 @@ tensor or per channel; the division ``x / scale`` is in float32, as ONNX Runtime
     >>> s = fp8_scale(w, E4M3, axis=0)            # per output channel: amax / 448
     >>> fp8_dequantize(fp8_quantize(w, s, E4M3, axis=0), s, E4M3, axis=0)[0].tolist()
     [0.5, -2.0]
+
+Dynamic activations take the scale from the tensor being quantized, at run time (per tensor, or
+per token: one scale per slice along the last axis)::
+
+    >>> from nnsqueeze.ops.fp8 import fp8_dynamic_scale, fp8_dynamic_fake_quantize
+    >>> x = torch.tensor([[1.0, -4.0], [0.25, 0.1]])
+    >>> torch.equal(fp8_dynamic_scale(x, E4M3, per_token=True), torch.tensor([[4.0], [0.25]]) / 448)
+    True
+    >>> fp8_dynamic_fake_quantize(x, E4M3, per_token=True)[0].tolist()
+    [1.0, -4.0]
 """
 
 from __future__ import annotations
@@ -265,3 +275,35 @@ def fp8_fake_quantize(x: Tensor, scale: Tensor, fmt: str | FloatFormat = E4M3, a
     inside = v.abs() <= fmt.max
     # Value is y exactly (x - x.detach() is 0); gradient is `inside`.
     return y + (x - x.detach()) * inside
+
+
+def fp8_dynamic_scale(x: Tensor, fmt: str | FloatFormat = E4M3, per_token: bool = False) -> Tensor:
+    """The run-time scale of dynamic FP8: ``max(amax / max_finite, tiny)`` in float32, ``tiny`` float32's
+    smallest normal (an all-zero tensor or token quantizes to zeros with it).
+
+    ``amax`` is over the whole tensor (a 0-d scale) or, ``per_token``, over the last axis (shape
+    ``(..., 1)``: one scale per row of a Linear's input). These are the ONNX graph's own operations,
+    ``Max(Div(ReduceMax(Abs(x)), max_finite), tiny)``, so ONNX Runtime computes the same float32 scale.
+    A non-finite input gives a non-finite scale (and NaN outputs), as in ONNX Runtime.
+    """
+    fmt = get_format(fmt)
+    a = x.detach().abs().to(torch.float32)
+    if per_token:
+        if x.dim() == 0 or x.shape[-1] == 0:
+            raise value_error("fp8_dynamic_scale", f"per-token scales need a last axis of length >= 1, got "
+                              f"shape {tuple(x.shape)}", fix="use per_token=False")
+        amax = a.amax(dim=-1, keepdim=True)
+    else:
+        amax = a.amax() if a.numel() else torch.zeros((), device=x.device)
+    return torch.clamp(amax / fmt.max, min=torch.finfo(torch.float32).tiny)
+
+
+def fp8_dynamic_fake_quantize(x: Tensor, fmt: str | FloatFormat = E4M3, per_token: bool = False) -> Tensor:
+    """``x`` quantized to FP8 with its own :func:`fp8_dynamic_scale` and dequantized (float32 ``x / s``,
+    round to nearest even, saturating; ``decode * s``), in ``x``'s dtype. The scale follows the
+    tensor's maximum, so nothing clips: the gradient passes straight through (1 everywhere)."""
+    fmt = get_format(fmt)
+    s = fp8_dynamic_scale(x, fmt, per_token)
+    with torch.no_grad():
+        y = (decode(encode(x.to(torch.float32) / s, fmt), fmt) * s).to(x.dtype)
+    return y if not x.requires_grad else y + (x - x.detach())

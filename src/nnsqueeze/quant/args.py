@@ -9,8 +9,9 @@ One pydantic model (``extra="forbid"``) with the fields every quantizer needs:
 - ``bits``: 2..8 or 16 for ``int``; fixed by the format otherwise (filled in when left out);
 - ``symmetric``: zero point 0 (the float formats are always symmetric);
 - ``granularity``: ``tensor``, ``channel`` (one scale per output channel, axis 0), ``group`` with
-  ``group_size`` inputs per scale (``int`` only) or ``block`` with the format's own block (MX: 32,
-  NVFP4: 16); written ``group(128)`` / ``block(32)`` in a recipe;
+  ``group_size`` inputs per scale (``int`` only), ``block`` with the format's own block (MX: 32,
+  NVFP4: 16), or ``token`` (dynamic activations: one scale per slice along the last axis); written
+  ``group(128)`` / ``block(32)`` in a recipe;
 - ``levels``: ``uniform``, ``pow2``, ``nf4`` (4 bits) or ``kmeans`` (``int`` only);
 - ``clip``: ``none`` or ``mse`` (a per-row / per-group search of the clipping ratio; ``clip_grid``
   ratios down to ``clip_min``, ``None``: the quantizer's own default);
@@ -76,10 +77,10 @@ FORMATS: dict[str, FormatInfo] = {
     "bf16": FormatInfo("half", 16, None, ()),
 }
 INT_BITS = (2, 3, 4, 5, 6, 7, 8, 16)
-GRANULARITIES = ("tensor", "channel", "group", "block")
+GRANULARITIES = ("tensor", "channel", "group", "block", "token")
 _SIZED = re.compile(r"(group|block)\((\d+)\)")
 # the spellings of the older scheme types
-_OLD_GRANULARITY = {"per-tensor": "tensor", "per-channel": "channel", "per-group": "group"}
+_OLD_GRANULARITY = {"per-tensor": "tensor", "per-channel": "channel", "per-group": "group", "per-token": "token"}
 
 
 class QuantArgs(BaseModel):
@@ -121,7 +122,8 @@ class QuantArgs(BaseModel):
                 raise ValueError(f"granularity {gran} and group_size {self.group_size} disagree; give one")
             gran, _ = m.group(1), put("group_size", size)
         if gran not in GRANULARITIES:
-            raise ValueError(f"granularity must be tensor, channel, group(n) or block(n), got {gran!r}")
+            raise ValueError(f"granularity must be tensor, channel, group(n) or block(n) (or token: dynamic "
+                             f"activations), got {gran!r}")
         put("granularity", gran)
         if info.kind == "int":
             bits = 8 if self.bits is None else self.bits
@@ -140,7 +142,10 @@ class QuantArgs(BaseModel):
                 raise ValueError(f"levels {self.levels} applies to the int format only; {fmt} has its own values")
             if self.clip != "none":
                 raise ValueError(f"clip: {self.clip} applies to the int format only")
-        if info.kind == "float" and gran not in ("tensor", "channel"):
+        if gran == "token" and (not self.dynamic or info.kind not in ("int", "float")):
+            raise ValueError("granularity token (one scale per row of the input, taken at run time) is for "
+                             "dynamic int / fp8 activations: set dynamic: true, or use granularity tensor")
+        if info.kind == "float" and gran not in ("tensor", "channel", "token"):
             raise ValueError(f"{fmt} has no group or block size: use granularity tensor or channel "
                              "(block scales are the mxfp8-e4m3 / mxfp8-e5m2 formats)")
         if info.kind == "half" and gran != "tensor":

@@ -8,6 +8,8 @@ is swapped, as the other families do) and gains buffers:
 - ``weight_scale_``: FP8 weights: ``amax / max_finite`` per tensor ``()`` or per output channel ``(C_out,)``;
 - ``weight_tensor_scale_`` ``()``: NVFP4's fp32 tensor scale ``amax / (6 * 448)``;
 - ``input_scale_`` ``()``: FP8 activations (static, per tensor): the calibrated ``amax / max_finite``.
+  Dynamic FP8 activations (``aargs.dynamic``) have no buffer: each forward takes the scale from the
+  current input, per tensor or per token (:func:`nnsqueeze.ops.fp8.fp8_dynamic_scale`).
 
 MX and NVFP4 block scales follow each block of 32 (16) consecutive inputs of an output channel
 (the weight viewed as ``(C_out, C_in/groups * k)``), so they are derived from the weight itself and are
@@ -29,8 +31,10 @@ quantize-dequantize; the bias stays float. ::
 
 For ONNX, FP8 tensors trace through :class:`FloatQDQFn`, one marker node ``nnsqueeze::FloatQDQ(x, scale)``
 that :mod:`nnsqueeze.export.fp8` replaces by QuantizeLinear/DequantizeLinear with float8 zero points
-(weights stored as float8 codes). The block formats declare ``onnx_unsupported``: ONNX Runtime's CPU
-provider has no kernel for them, and the exporter says so.
+(weights stored as float8 codes); dynamic activations through :class:`FloatDynQDQFn`
+(``nnsqueeze::FloatDynQDQ(x)``), which becomes the run-time scale's ops and Q/DQ. The block formats
+declare ``onnx_unsupported``: ONNX Runtime's CPU provider has no kernel for them, and the exporter
+says so.
 """
 
 from __future__ import annotations
@@ -43,7 +47,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import DataError
-from ..ops.fp8 import fp8_dequantize, fp8_fake_quantize, fp8_quantize, fp8_scale
+from ..ops.fp8 import fp8_dequantize, fp8_dynamic_fake_quantize, fp8_fake_quantize, fp8_quantize, fp8_scale
 from ..ops.mx import (mx_dequantize, mx_fake_quantize, mx_quantize, nvfp4_dequantize, nvfp4_fake_quantize,
                       nvfp4_quantize, nvfp4_tensor_scale, pack_fp4, unpack_fp4)
 from .args import QuantArgs
@@ -52,6 +56,7 @@ from .swap import swap_class
 
 Tensor = torch.Tensor
 DOMAIN, MARKER = "nnsqueeze", "FloatQDQ"   # the marker export/fp8.py replaces; never left in a file
+DYN_MARKER = "FloatDynQDQ"                  # dynamic FP8 activations: the scale is computed in the graph
 QPARAM_BUFFERS = ("weight_scale_", "weight_tensor_scale_", "input_scale_")
 
 
@@ -67,6 +72,22 @@ class FloatQDQFn(torch.autograd.Function):
     @staticmethod
     def symbolic(g, x, scale, fmt, axis):
         out = g.op(f"{DOMAIN}::{MARKER}", x, scale, fmt_s=fmt, axis_i=-1 if axis is None else int(axis))
+        out.setType(x.type())
+        return out
+
+
+class FloatDynQDQFn(torch.autograd.Function):
+    """The ONNX trace's stand-in for dynamic FP8 activations: marker ``nnsqueeze::FloatDynQDQ(x)``
+    (attributes ``fmt``, ``token``: 1 per token, 0 per tensor, ``block``: the row length per token);
+    a copy when run, as :class:`FloatQDQFn`."""
+
+    @staticmethod
+    def forward(ctx, x, fmt: str, per_token: bool, block: int):
+        return x.clone()
+
+    @staticmethod
+    def symbolic(g, x, fmt, per_token, block):
+        out = g.op(f"{DOMAIN}::{DYN_MARKER}", x, fmt_s=fmt, token_i=int(per_token), block_i=int(block))
         out.setType(x.type())
         return out
 
@@ -96,8 +117,13 @@ class FloatQuantMixin(QuantizedModule, Packable):
     def _setup_float(self, wargs: QuantArgs, aargs: QuantArgs | None) -> None:
         if not wargs.is_float:
             raise ValueError(f"float-format layers take FP8/MX/NVFP4 weights, got {wargs.describe()}")
-        if aargs is not None and (aargs.info.kind != "float" or aargs.granularity != "tensor" or aargs.dynamic):
-            raise ValueError(f"activations: static per-tensor fp8-e4m3 / fp8-e5m2 only, got {aargs.describe()}")
+        if aargs is not None and (aargs.info.kind != "float" or aargs.granularity not in ("tensor", "token")
+                                  or (aargs.granularity == "token" and not aargs.dynamic)):
+            raise ValueError("activations: fp8-e4m3 / fp8-e5m2, static per tensor or dynamic per tensor / per "
+                             f"token, got {aargs.describe()}")
+        if aargs is not None and aargs.granularity == "token" and not isinstance(self, nn.Linear):
+            raise ValueError(f"per-token activation scales are one per row of a Linear's input; a "
+                             f"{type(self).__name__} has none: use granularity per-tensor")
         self.wargs, self.aargs, self._observer = wargs, aargs, None
         self.onnx_unsupported = _unsupported(wargs)
         dev = self.weight.device
@@ -106,7 +132,7 @@ class FloatQuantMixin(QuantizedModule, Packable):
                                                              device=dev))
         elif wargs.format == "nvfp4":
             self.register_buffer("weight_tensor_scale_", torch.ones((), device=dev))
-        if aargs is not None:
+        if aargs is not None and not aargs.dynamic:
             self.register_buffer("input_scale_", torch.ones((), device=dev))
         self.refresh_weight_scale_()
 
@@ -153,8 +179,10 @@ class FloatQuantMixin(QuantizedModule, Packable):
 
     # -- calibration of the activations ---------------------------------------------------------
     def start_calibration(self, make_observer: Callable[..., object], name: str) -> None:
-        """Until :meth:`finish_calibration`, inputs stay float and their range is observed."""
-        self._observer = make_observer(name=f"{name} input") if self.aargs is not None else None
+        """Until :meth:`finish_calibration`, inputs stay float and their range is observed (static FP8
+        activations only: weight-only and dynamic layers need no calibration)."""
+        static = self.aargs is not None and not self.aargs.dynamic
+        self._observer = make_observer(name=f"{name} input") if static else None
 
     @property
     def calibrated_batches(self) -> int:
@@ -181,6 +209,10 @@ class FloatQuantMixin(QuantizedModule, Packable):
         exporting = torch.onnx.is_in_onnx_export()
         if self._observer is not None:
             self._observer.observe(x)
+        elif self.aargs is not None and self.aargs.dynamic:
+            token = self.aargs.granularity == "token"
+            x = FloatDynQDQFn.apply(x, self.aargs.format, token, getattr(self, "in_features", 0)) if exporting \
+                else fp8_dynamic_fake_quantize(x, self.aargs.format, token)
         elif self.aargs is not None:
             x = FloatQDQFn.apply(x, self.input_scale_, self.aargs.format, None) if exporting \
                 else fp8_fake_quantize(x, self.input_scale_, self.aargs.format)

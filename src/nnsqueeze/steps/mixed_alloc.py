@@ -21,8 +21,11 @@ from .mixed_config import Quality
 
 def format_bytes(layer: nn.Module, fmt: str) -> int:
     """Estimated stored bytes of a layer's parameters in ``fmt`` (what the artifact packs)."""
-    from ..sensitivity import FORMATS, HALF_FORMATS
+    from ..sensitivity import FLOAT_FORMATS, FORMATS, HALF_FORMATS
+    from .mixed_float import float_format_bytes
 
+    if fmt in FLOAT_FORMATS:
+        return float_format_bytes(layer, fmt)
     n_w = layer.weight.numel()
     n_b = 0 if getattr(layer, "bias", None) is None else layer.bias.numel()  # Embedding: no bias
     if fmt == "fp32":
@@ -32,7 +35,9 @@ def format_bytes(layer: nn.Module, fmt: str) -> int:
     bits = FORMATS[fmt]["bits"]
     codes = (n_w + 1) // 2 if bits <= 4 else n_w
     rows = layer.weight.shape[0]
-    return codes + 4 * rows + 4 * n_b + (64 if FORMATS[fmt].get("levels") else 0)
+    group = FORMATS[fmt].get("group_size")   # per-group: one fp32 scale per group of each row
+    scales = rows * (-(-(n_w // rows) // group) if group else 1)
+    return codes + 4 * scales + 4 * n_b + (64 if FORMATS[fmt].get("levels") else 0)
 
 
 def cheapest_allocation(options: dict[str, list[tuple[str, int, float]]], limit: float,

@@ -9,9 +9,11 @@ Recipe::
         calibration: {method: minmax, samples: 512}
         search: lower                          # or raise (below)
 
-The result is the ``half`` step's conversion on the fp16/bf16 layers (2 bytes per parameter), then the
-``quantize`` step with per-layer ``layer_weights`` on the integer layers (fp32 and half layers
-ignored), so export and rebuild are theirs; each layer's format and byte figures are in the report.
+The result is the ``half`` step's conversion on the fp16/bf16 layers (2 bytes per parameter), then one
+``quantize`` step per float format (``fp8-e4m3``, ``mxfp4``, ... :mod:`nnsqueeze.steps.mixed_float`) on
+its layers, then the ``quantize`` step with per-layer ``layer_weights`` on the integer layers (fp32,
+half and float layers ignored), so export and rebuild are theirs; each layer's format and byte
+figures are in the report.
 
 This is the one mixed-precision allocator. ``mixed-int8`` (:mod:`nnsqueeze.steps.mixed`) is this
 step with ``formats: [int8, fp32], search: raise``, and ``half``'s ``keep_fp32`` is it with
@@ -73,12 +75,14 @@ class MixedPrecision(Step):
     def __init__(self, config: MixedPrecisionConfig, index: int = 0):
         super().__init__(config, index)
         from ..errors import RecipeError
-        from ..sensitivity import FORMATS, HALF_FORMATS
+        from ..sensitivity import FLOAT_FORMATS, FORMATS, HALF_FORMATS
 
-        bad = [f for f in config.formats if f != "fp32" and f not in FORMATS and f not in HALF_FORMATS]
+        known = {"fp32", *HALF_FORMATS, *FORMATS, *FLOAT_FORMATS}
+        bad = [f for f in config.formats if f not in known]
         if bad or not config.formats:
             raise RecipeError(f"{self.where}.formats", f"unknown formats {bad}" if bad else "no format given",
-                              fix=f"choose among fp32, {', '.join(HALF_FORMATS)}, {', '.join(FORMATS)}")
+                              fix=f"choose among fp32, {', '.join(HALF_FORMATS)}, {', '.join(FORMATS)}, "
+                                  f"{', '.join(FLOAT_FORMATS)}")
         if config.search == "raise" and config.budget.latency_ms is not None:
             raise RecipeError(f"{self.where}.budget.latency_ms", "a latency budget needs search: lower",
                               fix="use search: lower, or drop latency_ms")
@@ -88,6 +92,11 @@ class MixedPrecision(Step):
         self.size_error = True          # a size budget below the smallest size is a RecipeError
         self.keep_one_lowered = False   # search raise: at least one layer stays at its cheapest format
         self._rr = False
+
+    def onnx_limit(self) -> str | None:
+        from .mixed_float import float_onnx_limit
+
+        return float_onnx_limit(list(self.config.formats))
 
     def _qconfig(self, alloc: dict[str, str]) -> Any:
         from ..sensitivity import FORMATS
@@ -245,7 +254,8 @@ class MixedPrecision(Step):
         a.formats = alloc
 
     def run(self, model: nn.Module, ctx) -> nn.Module:
-        from ..sensitivity import FORMATS, HALF_FORMATS
+        from ..sensitivity import FLOAT_FORMATS, FORMATS, HALF_FORMATS, format_args
+        from .mixed_float import quantize_float_layers
 
         name, b = self.registered_name, self.config.budget
         calib = ctx.calib_data if ctx.calib_data is not None else ctx.train_data
@@ -270,6 +280,8 @@ class MixedPrecision(Step):
                                                              "latency_budget_ms": b.latency_ms}))
             return model
         half = convert_half_layers(model, alloc)
+        model, floats = quantize_float_layers(model, alloc, ctx, self.config.calibration.model_dump(), name=name,
+                                              index=self.index)
         qrec = None
         if any(f in FORMATS for f in alloc.values()):
             qstep = Quantize(self._qconfig(alloc), self.index)
@@ -281,8 +293,11 @@ class MixedPrecision(Step):
             fields: dict[str, Any] = {"format": f, "bytes_estimate": size[(n, f)], "candidates": cands}
             if f in HALF_FORMATS:
                 fields.update(bits=16, act_bits=16, scheme=HALF_FORMATS[f])
+            elif f in FLOAT_FORMATS:
+                fields.update(bits=format_args(f).bits)
             ctx.report.layer(n, **fields)
-        self._record = {"formats": alloc, "reduce_range": self._rr, "half": half, "quantize": qrec}
+        self._record = {"formats": alloc, "reduce_range": self._rr, "half": half, "quantize": qrec,
+                        **({"float": floats} if floats else {})}
         figures: dict[str, Any] = {"formats": alloc, "size_bytes_estimate": a.bytes(),
                                    "size_ratio_estimate": round(a.bytes() / a.fp32_bytes, 4),
                                    "size_budget_bytes": None if a.limit is None else int(a.limit),
@@ -311,6 +326,10 @@ class MixedPrecision(Step):
             mod = recorded_module(model, lname, (nn.Module,), "mixed record")
             if not isinstance(mod, HalfMixin):
                 convert(mod, half_args(dtype))
+        if record.get("float"):   # then the float formats, as in run()
+            from .mixed_float import rebuild_float_layers
+
+            model = rebuild_float_layers(model, record["float"], config.calibration.model_dump())
         if not record.get("quantize"):
             return model
         self = cls.__new__(cls)

@@ -52,15 +52,19 @@ class Trials:
         import logging
 
         from ..context import Context
-        from ..sensitivity import FORMATS
+        from ..sensitivity import FLOAT_FORMATS, FORMATS
+        from .mixed_float import quantize_float_layers
 
         q = copy.deepcopy(self.model).eval()
         convert_half_layers(q, alloc)
-        if not any(f in FORMATS for f in alloc.values()):
+        if not any(f in FORMATS or f in FLOAT_FORMATS for f in alloc.values()):
             return q
         qctx = Context(calib_data=self.calib, progress=False, log=logging.getLogger("nnsqueeze.mixed.trial"),
                        device=self.ctx.device)
         qctx.report.begin_step("quantize", {})
+        q, _ = quantize_float_layers(q, alloc, qctx, self.qconfig(alloc).calibration.model_dump())
+        if not any(f in FORMATS for f in alloc.values()):
+            return q.eval()
         return Quantize(self.qconfig(alloc)).run(q, qctx).eval()
 
     def measure(self, alloc: dict[str, str]) -> dict[str, float]:

@@ -221,7 +221,7 @@ class Quantize(Step):
                                   fix="use levels: uniform with adaround, or drop adaround")
         acts = [("activations", a)] + [(f"layer_activations.{k}", v) for k, v in self.config.layer_activations.items()]
         for key, a in acts:
-            if a.granularity != "per-tensor":
+            if a.granularity not in ("per-tensor", "per-token"):   # per-token: fp8 dynamic (config checks it)
                 raise RecipeError(f"{where}.{key}", f"{a.granularity} activations are not supported (activations "
                                   "are quantized per tensor)", fix=f"supported: {SUPPORTED_TEXT}")
             try:

@@ -90,10 +90,14 @@ class WeightsConfig(_Strict):
 
 class ActivationsConfig(_Strict):
     format: Literal["int", "fp8-e4m3", "fp8-e5m2", "none"] = Field(
-        "int", description="int (bits below), fp8: static per-tensor FP8 codes, scale = calibrated amax / max, or "
-        "none: float activations (fp8 and none need a float weights format, where none is the default)")
+        "int", description="int (bits below), fp8: per-tensor FP8 codes, scale = calibrated amax / max (or the "
+        "current input's, dynamic), or none: float activations (fp8 and none need a float weights format, where "
+        "none is the default)")
     bits: Literal[2, 3, 4, 5, 6, 7, 8, 16] = Field(8, description="2..8 or 16 bits per activation code")
-    granularity: Literal["per-tensor", "per-channel"] = "per-tensor"
+    granularity: Literal["per-tensor", "per-channel", "per-token"] = Field(
+        "per-tensor", description="per-token: fp8 dynamic only, one scale per row of a Linear's input")
+    dynamic: bool = Field(False, description="fp8 only: the scale is amax(|x|) / max of the current input, "
+                          "computed at run time (in the ONNX graph too), per tensor or per token; no calibration")
     symmetric: bool = Field(False, description="true: signed codes, zero point 0; false: unsigned codes with "
                             "a zero point (uint8 by default)")
 
@@ -105,7 +109,13 @@ class ActivationsConfig(_Strict):
             raise ValueError("activations format none has no QuantArgs: they stay float")
         if (self.bits, self.symmetric) != (8, True):
             raise ValueError(f"format {self.format} is 8-bit and symmetric: leave bits and symmetric out")
-        return QuantArgs(format=self.format, granularity=self.granularity, observer=observer)
+        if self.granularity == "per-channel":
+            raise ValueError(f"activations format {self.format} takes granularity per-tensor (static or dynamic) "
+                             "or per-token (dynamic: true), not per-channel")
+        if self.granularity == "per-token" and not self.dynamic:
+            raise ValueError("granularity per-token is a run-time scale per row: add dynamic: true")
+        return QuantArgs(format=self.format, granularity=self.granularity,
+                         observer=None if self.dynamic else observer, dynamic=self.dynamic)
 
     @model_validator(mode="before")
     @classmethod
@@ -119,6 +129,9 @@ class ActivationsConfig(_Strict):
     def _format_fits(self) -> "ActivationsConfig":
         if self.format.startswith("fp8"):
             self.args()
+        elif self.dynamic or self.granularity == "per-token":
+            raise ValueError(f"dynamic / per-token activations here are fp8 only (format {self.format}): write "
+                             "format: fp8-e4m3, or use the quantize-dynamic step for dynamic int8")
         return self
 
 

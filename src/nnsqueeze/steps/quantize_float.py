@@ -5,11 +5,14 @@
 :mod:`nnsqueeze.quant.floatq` layer (weights on the format's grid; FP8 scales per tensor or per
 output channel, MX/NVFP4 block scales along each output channel's inputs). With
 ``activations: {format: fp8-e4m3}`` (or ``fp8-e5m2``) each layer's input gets a static per-tensor FP8
-scale, ``amax / max_finite``, from the calibration method's range; without an ``activations`` entry
-they stay float (weight-only). The record holds each layer's :class:`~nnsqueeze.quant.args.QuantArgs`,
+scale, ``amax / max_finite``, from the calibration method's range; with ``dynamic: true`` the scale is
+taken from each input at run time instead (per tensor, or ``granularity: per-token``: per row of a
+Linear's input; no calibration); without an ``activations`` entry they stay float (weight-only).
+The record holds each layer's :class:`~nnsqueeze.quant.args.QuantArgs`,
 so ``nsq.load`` rebuilds the same layers and the state dict fills their scales. Recipe::
 
     - quantize: {weights: {format: fp8-e4m3, granularity: per-channel}, activations: {format: fp8-e4m3}}
+    - quantize: {weights: {format: fp8-e4m3}, activations: {format: fp8-e4m3, dynamic: true}}
     - quantize: {weights: {format: mxfp4}}      # or mxfp8-e4m3, nvfp4, ...: weight-only simulation
 
 FP8 exports to ONNX as float8 QuantizeLinear/DequantizeLinear (:mod:`nnsqueeze.export.fp8`); the block
@@ -34,7 +37,7 @@ from typing import Any
 from torch import nn
 
 from ..data import forward_samples
-from ..errors import DataError, ModelError
+from ..errors import DataError, ModelError, RecipeError
 from ..ops.quant import sqnr_db
 from ..quant.args import QuantArgs
 from ..quant.convert import convert
@@ -54,6 +57,15 @@ def run_float(step: Any, model: nn.Module, ctx: Any, layers: list[tuple[str, nn.
     """Convert ``layers``, calibrate the FP8 input scales on ``data``, record and report."""
     cfg, name = step.config, step.registered_name
     wargs, aargs = float_args(cfg)
+    static = aargs is not None and not aargs.dynamic   # only static activation scales need calibration
+    if aargs is not None and aargs.granularity == "token":
+        convs = [lname for lname, mod in layers if not isinstance(mod, nn.Linear)]
+        if convs:
+            model.train(was_training)
+            raise RecipeError(f"{step.where}.activations.granularity", "per-token scales are one per row of a "
+                              f"Linear's input; {', '.join(convs[:5])} "
+                              f"{'is a convolution' if len(convs) == 1 else 'are convolutions'}",
+                              fix="use granularity per-tensor, or targets: [Linear]")
     observer = OBSERVERS.get(cfg.calibration.method)
     refs = {lname: mod.weight.detach().clone() for lname, mod in layers}   # float weights, for the SQNR
     for lname, mod in layers:
@@ -61,7 +73,7 @@ def run_float(step: Any, model: nn.Module, ctx: Any, layers: list[tuple[str, nn.
         mod.start_calibration(lambda name, obs=observer: obs(axis=None, name=name), lname)
     n_samples = n_batches = 0
     try:
-        if aargs is not None:   # weight-only needs no data
+        if static:   # weight-only and dynamic activations need no data
             n_samples, n_batches = forward_samples(model, data, cfg.calibration.samples, ctx.device)
     except BaseException:
         for _, mod in layers:
@@ -70,7 +82,7 @@ def run_float(step: Any, model: nn.Module, ctx: Any, layers: list[tuple[str, nn.
         raise
     record_layers: dict[str, dict[str, Any]] = {}
     for lname, mod in layers:
-        if aargs is not None and mod.calibrated_batches == 0:
+        if static and mod.calibrated_batches == 0:
             mod.revert_()
             ctx.skip(name, lname, "never called during calibration (not in the forward path)")
             continue
