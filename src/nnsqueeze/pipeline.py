@@ -335,7 +335,8 @@ def compress(
                                                      verify=onnx_cfg.verify, samples=samples)
                 rb.baseline = measure(work, eval_data=eval_data, metric=metric_fn, latency_inputs=lat_inputs,
                                       threads=ev.threads, warmup=ev.warmup, runs=ev.runs, onnx_path=base_onnx,
-                                      archive_bytes=len(artifact.weights_bytes(work)))
+                                      archive_bytes=len(artifact.weights_bytes(work)),
+                                      torch_latency=ev.torch_latency)
                 if baselines is not None:
                     baselines[key] = copy.deepcopy((rb.baseline, rb.export.get("baseline"),
                                                     Path(base_onnx).read_bytes() if base_onnx else None))
@@ -382,7 +383,9 @@ def compress(
                 rb.note("export", "ONNX export disabled by the recipe (export.onnx: null)")
             rb.compressed = measure(work, eval_data=eval_data, metric=metric_fn, latency_inputs=lat_inputs,
                                     threads=ev.threads, warmup=ev.warmup, runs=ev.runs, onnx_path=comp_onnx,
-                                    archive_bytes=len(artifact.weights_bytes(work)))
+                                    archive_bytes=len(artifact.weights_bytes(work)), torch_latency=ev.torch_latency)
+            if "torch" not in rb.compressed["latency_ms"]:
+                rb.note("evaluate", "torch latency not timed (evaluate.torch_latency: false): only ONNX Runtime's")
         rb.compressed["measured"] = measured
         if base_onnx is not None and comp_onnx is not None:
             inputs = GuardInputs(recipe=recipe, report=rb, ctx=ctx, exporter=exporter, samples=samples,

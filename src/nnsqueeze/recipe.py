@@ -54,6 +54,9 @@ class EvaluateConfig(_Strict):
     warmup: int = Field(5, ge=0)
     runs: int = Field(20, ge=1, description="timed runs; the median is reported")
     per_step: bool = Field(True, description="evaluate the metric after every step")
+    torch_latency: bool = Field(True, description="time the torch model too (for fake-quant models: the "
+                                "simulation's speed, not the deployed one); false skips it when an ONNX model is "
+                                "timed in ONNX Runtime (search trials do: their objective is ONNX Runtime's)")
 
     @field_validator("threads")
     @classmethod

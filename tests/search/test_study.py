@@ -123,3 +123,36 @@ def test_bad_arguments_before_anything_is_written(tmp_path):
 def test_tpe_sampler(tmp_path):
     res = _search(tmp_path / "s", sampler="tpe", trials=3, max_drop=1.0)
     assert res.trials == 3 and res.best is not None
+
+
+def test_trials_time_only_onnx_runtime_the_chosen_artifact_both(tmp_path, monkeypatch):
+    """A trial's objective is ONNX Runtime's latency: trials leave the torch model (the fake-quant
+    simulation) untimed, so workers do not hold the timing lock for it; the chosen artifact's report
+    still has both."""
+    import nnsqueeze.evaluate as ev
+
+    calls = []
+    real = ev.torch_latency_ms
+    monkeypatch.setattr(ev, "torch_latency_ms", lambda *a, **k: calls.append(1) or real(*a, **k))
+    out = tmp_path / "s"
+    res = _search(out, trials=3)
+    assert res.trials == 3
+    assert len(calls) == 2  # the chosen recipe's run only: baseline and compressed
+    report = json.loads((out / "best" / "report.json").read_text())
+    assert set(report["baseline"]["latency_ms"]) == set(report["compressed"]["latency_ms"]) == {"torch",
+                                                                                                 "onnxruntime"}
+
+
+def test_measure_skips_torch_latency_only_when_onnx_is_timed(tmp_path):
+    import torch
+
+    from nnsqueeze.evaluate import measure
+    from nnsqueeze.export.onnx import export_onnx
+
+    model = torch.nn.Sequential(torch.nn.Linear(5, 3)).eval()
+    x = torch.randn(7, 5)
+    path = str(tmp_path / "m.onnx")
+    export_onnx(model, path, x)
+    kw = dict(eval_data=None, metric=None, latency_inputs=x, threads=1, warmup=0, runs=2, torch_latency=False)
+    assert sorted(measure(model, onnx_path=path, **kw)["latency_ms"]) == ["onnxruntime"]
+    assert sorted(measure(model, **kw)["latency_ms"]) == ["torch"]  # the only latency there is
