@@ -106,6 +106,11 @@ def test_transformers_loads_bit_equal_logits_and_tokens(tmp_path, weights, acts,
         kw = dict(max_new_tokens=16, min_new_tokens=16, do_sample=False, pad_token_id=0)   # 16, EOS or not
         a, b = loaded.generate(IDS[:1], **kw), res.model.generate(IDS[:1], **kw)
     assert a.shape == (1, IDS.shape[1] + 16) and torch.equal(a, b)
+    # the weights compressed-tensors' ModelCompressor decompressed into the loaded model (on the first forward)
+    for name, m in res.model.named_modules():
+        if isinstance(m, FloatQuantMixin):
+            w = loaded.get_submodule(name).weight
+            assert w.dtype == torch.float32 and torch.equal(w, m.dequantized_weight()), name
 
 
 def test_fp8_lm_head_is_written_and_loads(tmp_path):
