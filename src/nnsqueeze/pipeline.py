@@ -384,8 +384,6 @@ def compress(
             rb.compressed = measure(work, eval_data=eval_data, metric=metric_fn, latency_inputs=lat_inputs,
                                     threads=ev.threads, warmup=ev.warmup, runs=ev.runs, onnx_path=comp_onnx,
                                     archive_bytes=len(artifact.weights_bytes(work)), torch_latency=ev.torch_latency)
-            if "torch" not in rb.compressed["latency_ms"]:
-                rb.note("evaluate", "torch latency not timed (evaluate.torch_latency: false): only ONNX Runtime's")
         rb.compressed["measured"] = measured
         if base_onnx is not None and comp_onnx is not None:
             inputs = GuardInputs(recipe=recipe, report=rb, ctx=ctx, exporter=exporter, samples=samples,
