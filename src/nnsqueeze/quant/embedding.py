@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..ops.quant import dequantize, qparams, quantize, sqnr_db
+from .args import QuantArgs
 from .protocol import Packable, QuantizedModule
 from .swap import swap_class
 
@@ -52,12 +53,20 @@ class _GatherInt8Fn(torch.autograd.Function):
         return g.op("Mul", rows, g.op("Gather", scales, ids, axis_i=0))
 
 
+_INT8_ROWS = QuantArgs()
+
+
 class QuantEmbedding(QuantizedModule, Packable, nn.Embedding):
     onnx_quantized = True
 
     def _setup(self) -> None:
         self.register_buffer("weight_scale_", torch.ones(self.num_embeddings, device=self.weight.device))
         self.refresh_weight_qparams_()
+
+    @property
+    def qargs(self) -> QuantArgs:
+        """int8 per row, symmetric (the scales are also rounded up to fp16 values, :func:`fp16_ceil`)."""
+        return _INT8_ROWS
 
     @torch.no_grad()
     def refresh_weight_qparams_(self) -> None:

@@ -216,7 +216,7 @@ class Quantize(Step):
                 weight_scheme(w)
             except ValueError as e:
                 raise RecipeError(f"{where}.{key}", str(e), fix=f"supported: {SUPPORTED_TEXT}") from None
-            if w.adaround is not None and w.levels != "uniform":
+            if w.adaround is not None and weight_scheme(w).args().nonuniform:
                 raise RecipeError(f"{where}.{key}.adaround", "AdaRound learns rounding on a uniform grid",
                                   fix="use levels: uniform with adaround, or drop adaround")
         acts = [("activations", a)] + [(f"layer_activations.{k}", v) for k, v in self.config.layer_activations.items()]
