@@ -23,7 +23,7 @@ from torch import nn
 
 from ..ops.quant import dequantize, qparams, quantize, sqnr_db
 from .args import QuantArgs
-from .protocol import Packable, QuantizedModule
+from .protocol import Packable, QuantizedModule, layer_bits
 from .swap import swap_class
 
 Tensor = torch.Tensor
@@ -139,7 +139,7 @@ def convert_embeddings(model: nn.Module, ignore: list[str], where: str, ctx, ste
         convert_embedding_(mod)
         names.append(name)
         sqnr = mod.weight_sqnr_db()
-        ctx.report.layer(name, bits=8, act_bits=None, scheme="w8 per-row sym embedding (weight-only)",
+        ctx.report.layer(name, **layer_bits(mod), scheme="w8 per-row sym embedding (weight-only)",
                          weight_sqnr_db=round(sqnr, 2) if abs(sqnr) != float("inf") and sqnr == sqnr else None)
     return names
 

@@ -132,6 +132,13 @@ class QuantizedModule(ExportHints):
                          fix="check `revertible` before calling revert_()")
 
 
+def layer_bits(module: QuantizedModule) -> dict[str, int | None]:
+    """The report's per-layer ``bits`` / ``act_bits`` of a quantized layer, from its declared
+    ``qargs`` / ``act_qargs`` (``act_bits`` None: float activations)."""
+    w, a = module.qargs, module.act_qargs
+    return {"bits": None if w is None else w.bits, "act_bits": None if a is None else a.bits}
+
+
 class QuantizedOp(ExportHints):
     """An activation-op quantizer held by a parent module (``owner``) under the attribute ``attr``."""
 
