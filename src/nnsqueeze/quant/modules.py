@@ -83,6 +83,8 @@ class FakeQuantMixin(FakeQuantWeightMixin, FakeQuantCalibrationMixin, FakeQuantE
     weight_bits: int = 8
     wscheme: WeightScheme = WeightScheme()
     ascheme: ActScheme = ActScheme()  # activation codes (input, and output when quantized)
+    _qargs: QuantArgs                # wscheme.args() and ascheme.args(None), set with them (qargs, act_qargs)
+    _act_qargs: QuantArgs
     weight_frozen: bool = False      # True: weight scales/codes were set (AdaRound, LSQ), never re-derived
     act: str | None = None          # "relu" or None
     quant_output: bool = False
@@ -102,7 +104,8 @@ class FakeQuantMixin(FakeQuantWeightMixin, FakeQuantCalibrationMixin, FakeQuantE
             self.onnx_custom_opsets = {"com.microsoft": 1}
         scheme = scheme or WeightScheme(bits=weight_bits)
         qrange(scheme.bits, signed=True)  # validates bits
-        self.wscheme, self.weight_bits = scheme, scheme.bits
+        self.wscheme, self.weight_bits, self._qargs = scheme, scheme.bits, scheme.args()
+        self._act_qargs = self.ascheme.args(None)
         self.act, self.quant_output = act, bool(quant_output)
         self._observers, self._export_cache, self._input_sum, self._input_mean = None, None, None, None
         self.weight_frozen = False
@@ -126,14 +129,15 @@ class FakeQuantMixin(FakeQuantWeightMixin, FakeQuantCalibrationMixin, FakeQuantE
 
     @property
     def qargs(self) -> QuantArgs:
-        """The weight's :class:`~nnsqueeze.quant.args.QuantArgs` (one cached object per scheme)."""
-        return self.wscheme.args()
+        """The weight's :class:`~nnsqueeze.quant.args.QuantArgs` (``wscheme.args()``, set with it by
+        ``convert_``: the forward reads it several times a call)."""
+        return self._qargs
 
     @property
     def act_qargs(self) -> QuantArgs:
         """The input's (and quantized output's) :class:`~nnsqueeze.quant.args.QuantArgs`: int, per
         tensor, static (the observer is the step's, kept in its record, not by the layer)."""
-        return self.ascheme.args(None)
+        return self._act_qargs
 
     @property
     def weight_qrange(self) -> tuple[int, int]:
@@ -160,8 +164,9 @@ class FakeQuantMixin(FakeQuantWeightMixin, FakeQuantCalibrationMixin, FakeQuantE
         """Back to the plain float layer (same object); qparam buffers are dropped."""
         for b in QPARAM_BUFFERS:
             self._buffers.pop(b, None)
-        for a in ("weight_bits", "wscheme", "ascheme", "onnx_custom_opsets", "weight_frozen", "act", "quant_output",
-                  "onnx_verify_mean", "_observers", "_export_cache", "_input_sum", "_input_mean"):
+        for a in ("weight_bits", "wscheme", "ascheme", "_qargs", "_act_qargs", "onnx_custom_opsets", "weight_frozen",
+                  "act", "quant_output", "onnx_verify_mean", "_observers", "_export_cache", "_input_sum",
+                  "_input_mean"):
             self.__dict__.pop(a, None)
         cls = self._float_class
         self.__dict__.pop("_float_class", None)
