@@ -66,3 +66,24 @@ def test_scheme_the_format_cannot_hold_fails_before_the_run(work):
     msg = " ".join(p.stderr.split())
     assert "steps[0].gptq" in msg and "gptq: {bits: 4, group_size: 32, symmetric: true, scale_dtype: fp16}" in msg
     assert "perplexity" not in p.stdout and not (work / "bad").exists()   # refused before any run or write
+
+
+FP8_RECIPE = """version: 1
+steps:
+  - quantize: {weights: {format: WFMT, granularity: per-channel},
+               activations: {format: fp8-e4m3, dynamic: true, granularity: per-token}}
+export: {onnx: null}
+evaluate: {warmup: 0, runs: 1, per_step: false}
+"""
+
+
+def test_fp8_to_compressed_tensors_float_quantized(work):
+    (work / "fp8.yaml").write_text(FP8_RECIPE.replace("WFMT", "fp8-e4m3"))
+    p = nsq("compress", "--model", "llm", "--data", "text.txt", "--seq-len", "32", "--samples", "4",
+            "--recipe", "fp8.yaml", "--format", "compressed-tensors", "--out", "ct-fp8", cwd=work)
+    assert p.returncode == 0, p.stderr[-2000:]
+    qc = json.loads((work / "ct-fp8" / "config.json").read_text())["quantization_config"]
+    group = qc["config_groups"]["group_0"]
+    assert qc["format"] == "float-quantized" and group["weights"]["strategy"] == "channel"
+    assert group["input_activations"]["strategy"] == "token" and group["input_activations"]["dynamic"] is True
+

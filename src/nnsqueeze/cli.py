@@ -83,7 +83,8 @@ def compress(
     std: Optional[str] = IMAGE_STD,
     format: Optional[str] = typer.Option(None, "--format", help="write --out as a checkpoint other runtimes load "
                                          "instead of an nnsqueeze artifact: compressed-tensors, gptq or gguf "
-                                         "(packed causal LMs, see docs/llm.md)"),
+                                         "(packed causal LMs, see docs/llm.md; compressed-tensors also holds FP8 "
+                                         "E4M3 from quantize, docs/formats.md)"),
     overwrite: bool = typer.Option(False, "--overwrite", help=OVERWRITE_HELP),
 ) -> None:
     """Compress a model with a recipe, verify the ONNX export, write the artifact and print the report."""

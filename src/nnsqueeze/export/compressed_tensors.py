@@ -17,6 +17,10 @@ Per packed Linear ``name`` (the ``compressed-tensors`` package defines the names
 loader computes ``(q - z) * s`` in the scale dtype, so float32 scales reproduce nnsqueeze's float32
 weights bit for bit. ``scale_dtype`` (default: the model's float dtype when every scale is exact in
 it, else float32) picks the stored type; a type that would round a scale is an ExportError.
+
+A model whose quantized layers are nnsqueeze's FP8 layers (``quantize`` with ``weights: {format:
+fp8-e4m3}``) is written in the ``float-quantized`` form instead (:mod:`.ct_float`): float8 weights,
+float32 weight scales, static input scales or dynamic activations. One form per checkpoint.
 """
 
 from __future__ import annotations
@@ -28,8 +32,11 @@ import torch
 from safetensors.torch import save as st_save
 from torch import nn
 
+from ..errors import ExportError
+from ..llm.packed import PackedLinear
 from ..ops.rtn import SCALE_DTYPES
 from ..registry import EXPORTERS
+from .ct_float import float_layers, float_parts
 from .hf_formats import (DTYPE_NAMES, Scheme, check_scale_dtype, exact_scales, float_tensors, group_count_ok,
                          hf_config, pack_int32, packed_layers, scheme_of)
 
@@ -43,17 +50,21 @@ def _weights_args(s: Scheme) -> dict[str, Any]:
             "block_structure": None, "dynamic": False, "actorder": None, "observer": "minmax", "observer_kwargs": {}}
 
 
-def quantization_config(schemes: dict[str, Scheme], ignore: list[str]) -> dict[str, Any]:
-    """The ``quantization_config`` of config.json: one config group per scheme, layers by name."""
+def pack_groups(schemes: dict[str, Scheme]) -> dict[str, Any]:
+    """``config_groups`` of packed layers: one group per scheme, layers by name."""
     groups: dict[Scheme, list[str]] = {}
     for name, s in schemes.items():
         groups.setdefault(s, []).append(name)
+    return {f"group_{i}": {"targets": names, "weights": _weights_args(s), "input_activations": None,
+                           "output_activations": None, "format": "pack-quantized"}
+            for i, (s, names) in enumerate(groups.items())}
+
+
+def quantization_config(config_groups: dict[str, Any], ignore: list[str], fmt: str = "pack-quantized") -> dict:
+    """The ``quantization_config`` of config.json (``fmt``: ``pack-quantized`` or ``float-quantized``)."""
     return {
-        "quant_method": "compressed-tensors", "format": "pack-quantized", "quantization_status": "compressed",
-        "config_groups": {f"group_{i}": {"targets": names, "weights": _weights_args(s), "input_activations": None,
-                                         "output_activations": None, "format": "pack-quantized"}
-                          for i, (s, names) in enumerate(groups.items())},
-        "ignore": ignore, "kv_cache_scheme": None, "global_compression_ratio": None,
+        "quant_method": "compressed-tensors", "format": fmt, "quantization_status": "compressed",
+        "config_groups": config_groups, "ignore": ignore, "kv_cache_scheme": None, "global_compression_ratio": None,
         "sparsity_config": {}, "transform_config": {},
     }
 
@@ -72,6 +83,19 @@ def export_compressed_tensors(model: nn.Module, tokenizer: Any = None, config: A
     """``(files, info)``: ``model.safetensors`` and ``config.json`` of a compressed-tensors checkpoint."""
     check_scale_dtype(scale_dtype, f"{FMT}.scale_dtype")
     cfg = hf_config(model, config, FMT)
+    tied = bool(getattr(cfg, "tie_word_embeddings", False))
+    fp8 = float_layers(model)
+    if fp8:   # FP8 layers: compressed-tensors' float-quantized form (export/ct_float.py)
+        if any(isinstance(m, PackedLinear) for m in model.modules()):
+            raise ExportError(f"format {FMT!r}", "the model has both FP8 and packed int layers; nnsqueeze writes "
+                              "one compressed-tensors form per checkpoint",
+                              fix="quantize every layer the same way (FP8 with `quantize`, or int with rtn/gptq)")
+        dt = SCALE_DTYPES[scale_dtype] if scale_dtype is not None else torch.float32
+        parts, groups, fp8_schemes = float_parts(model, fp8, tied, dt)
+        ignore = [n for n, mod in model.named_modules() if isinstance(mod, nn.Linear) and n not in fp8]
+        tensors = {**float_tensors(model, fp8), **parts}
+        return _finish(cfg, tensors, quantization_config(groups, ignore, "float-quantized"),
+                       {"scale_dtype": DTYPE_NAMES[dt], "layers": fp8_schemes}, tied)
     layers = packed_layers(model, FMT)
     dt = _scale_dtype(model, layers, scale_dtype)
     tensors = float_tensors(model, layers)
@@ -88,15 +112,19 @@ def export_compressed_tensors(model: nn.Module, tokenizer: Any = None, config: A
         if m.bias is not None:
             tensors[f"{name}.bias"] = m.bias.detach().contiguous()
     ignore = [n for n, mod in model.named_modules() if isinstance(mod, nn.Linear) and n not in layers]
+    info = {"scale_dtype": DTYPE_NAMES[dt], "layers": {n: str(s) for n, s in schemes.items()}}
+    return _finish(cfg, tensors, quantization_config(pack_groups(schemes), ignore), info, tied)
+
+
+def _finish(cfg: Any, tensors: dict[str, torch.Tensor], qc: dict[str, Any], info: dict[str, Any],
+            tied: bool) -> tuple[dict[str, bytes | str], dict[str, Any]]:
     d = cfg.to_dict()
-    d["quantization_config"] = quantization_config(schemes, ignore)
+    d["quantization_config"] = qc
     if "transformers_version" not in d:
         import transformers
 
         d["transformers_version"] = transformers.__version__
-    info = {"scale_dtype": DTYPE_NAMES[dt], "layers": {n: str(s) for n, s in schemes.items()}}
     # weights tied to the embedding (lm_head) are stored once, as transformers does
-    tied = getattr(cfg, "tie_word_embeddings", False)
     if tied and "lm_head.weight" in tensors and "model.embed_tokens.weight" in tensors:
         del tensors["lm_head.weight"]
     return {"model.safetensors": st_save(tensors, metadata={"format": "pt"}),

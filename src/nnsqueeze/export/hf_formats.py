@@ -14,7 +14,9 @@ Formats (one module each, registered in :data:`nnsqueeze.registry.EXPORTERS` und
 
 - ``compressed-tensors`` (:mod:`.compressed_tensors`): ``pack-quantized`` int4/int8, group or
   channel strategy, symmetric or asymmetric; scales stored exactly (float32 unless the scales are
-  all exact in the model's dtype).
+  all exact in the model's dtype); or ``float-quantized`` FP8 E4M3 (:mod:`.ct_float`: per-tensor or
+  per-channel weights, static or dynamic per-tensor / per-token activations) from the ``quantize``
+  step's ``fp8-e4m3`` format.
 - ``gptq`` (:mod:`.gptq_format`): ``qweight``/``qzeros``/``scales``/``g_idx``; v1 (``gptq``) for
   symmetric, v2 (``gptq_v2``) for asymmetric; scales are float16.
 - ``gguf`` (:mod:`.gguf_format`): ``Q4_0``/``Q8_0`` (symmetric, group 32, float16 scales) for the

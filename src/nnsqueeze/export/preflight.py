@@ -18,7 +18,10 @@ and the layers it selects (``targets``/``ignore``; a layer packed by an earlier 
 again): whole groups (all formats), ``scale_dtype: fp16`` (``gptq``, ``gguf``: they store float16
 scales), one scheme per checkpoint and word-aligned sizes (``gptq``), symmetric int4/int8 in groups
 of 32 without bias on a LLaMA model (``gguf``), ``share_scales: true`` and whole q/k/v and gate/up
-groups (``awq``: its scales fold into the ops before the layers). A ``rotate`` step with
+groups (``awq``: its scales fold into the ops before the layers). For compressed-tensors, a
+``quantize`` step with a float format instead (``float-quantized``): FP8 E4M3 weights and
+activations (E5M2 and the MX / NVFP4 block formats are refused), Linear layers, no FP8 ``lm_head``
+tied to the embedding; one form per checkpoint (no packing step beside it). A ``rotate`` step with
 ``online_hadamard: true`` (a run-time hook no format can express) and steps that leave other layer
 types (e.g. ``quantize``, ``smoothquant``) are refused; a recipe that packs nothing too.
 """
@@ -96,6 +99,7 @@ def check_recipe(model: nn.Module, recipe: Any, format: str) -> None:
                           f"{getattr(cfg, 'model_type', type(model).__name__)!r}",
                           fix="use format compressed-tensors or gptq for this model")
     packed: dict[str, tuple[str, Any, nn.Module]] = {}   # layer -> (where, config, module)
+    fp8: list[str] = []                                    # the FP8 quantize steps (compressed-tensors)
     for i, entry in enumerate(r.steps):
         where, c = f"steps[{i}].{entry.name}", entry.config
         if entry.name == "rotate":
@@ -104,6 +108,10 @@ def check_recipe(model: nn.Module, recipe: Any, format: str) -> None:
                                   f"run-time op that {format} cannot express", fix="use online_hadamard: false")
             continue
         if entry.name in FLOAT_STEPS or (entry.name in PACKING and not c.pack):
+            continue
+        if entry.name == "quantize" and format == "compressed-tensors" and c.weights.format != "int":
+            fp8.append(where)
+            _check_fp8(where, STEPS.get(entry.name)(c, i), model, bool(getattr(cfg, "tie_word_embeddings", False)))
             continue
         if entry.name not in PACKING:
             raise ExportError(where, f"{format} holds packed weight-only layers (rtn/gptq/awq with pack: true) and "
@@ -114,8 +122,14 @@ def check_recipe(model: nn.Module, recipe: Any, format: str) -> None:
             packed.setdefault(n, (where, c, m))
         if entry.name == "awq":
             _check_awq(where, c, [n for n, (w, _, _) in packed.items() if w == where])
+    if fp8 and packed:
+        raise ExportError(fp8[0], f"the recipe makes FP8 layers and packed int layers, and nnsqueeze writes one "
+                          f"{format} form per checkpoint", fix="quantize every layer the same way")
+    if fp8:
+        return
     if not packed:
-        raise ExportError("recipe", f"no step packs weights, and {format} stores packed weight-only layers",
+        also = " (or FP8 layers: quantize with fp8-e4m3)" if format == "compressed-tensors" else ""
+        raise ExportError("recipe", f"no step packs weights, and {format} stores packed weight-only layers{also}",
                           fix="add a step like `rtn: {bits: 4, group_size: 128}` or `gptq: {..., pack: true}`")
     by_step: dict[str, list[tuple[str, Any, nn.Module]]] = {}
     for n, (where, c, m) in packed.items():
@@ -123,6 +137,26 @@ def check_recipe(model: nn.Module, recipe: Any, format: str) -> None:
     schemes = {(c.bits, c.group_size, c.symmetric) for _, c, _ in packed.values()}
     for where, items in by_step.items():
         _check_step(where, items, format, len(schemes))
+
+
+def _check_fp8(where: str, step: Any, model: nn.Module, tied: bool) -> None:
+    """A ``quantize`` step with a float format, for compressed-tensors' float-quantized form: FP8 E4M3
+    weights and activations, Linear layers only, no FP8 lm_head tied to the embedding."""
+    from .ct_float import check_float_args
+
+    c = step.config
+    gran = c.weights.granularity if c.weights.granularity in ("per-tensor", "per-channel") else "per-channel"
+    acts = c.activations.args(c.calibration.method) if c.activations.format != "none" else None
+    check_float_args(f"{where}.weights.format" if c.weights.format != "fp8-e4m3" else f"{where}.activations.format",
+                     c.weights.args(), acts,
+                     fix=f"{step.registered_name}: {{weights: {{format: fp8-e4m3, granularity: {gran}}}}}")
+    for n, m in step.select(model, None, supported=(nn.Linear, nn.Conv1d, nn.Conv2d)).layers:   # quantize's
+        if type(m) in (nn.Conv1d, nn.Conv2d):   # (a Linear subclass is skipped by the run, not quantized)
+            raise ExportError(f"{where}.targets", f"selects {n}, a {type(m).__name__}; compressed-tensors' schemes "
+                              "target Linear layers", fix="use targets: [Linear]")
+        if tied and n == "lm_head":
+            raise ExportError(f"{where}.targets", "selects lm_head, whose weight is tied to the (float) input "
+                              "embedding, which compressed-tensors stores once", fix="add ignore: [lm_head]")
 
 
 def _check_awq(where: str, c: Any, names: list[str]) -> None:
