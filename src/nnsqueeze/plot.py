@@ -157,19 +157,20 @@ def weight_histogram(kind: str, info: dict, st: dict[str, torch.Tensor]) -> Weig
         convert(mod, sch.args(), ActScheme.from_dict(info.get("act_scheme")).args(None))
         mod.unpack_state(st, "")
         _load(mod, st)
-        codes = mod.weight_codes().to(torch.int64).reshape(-1)
-        if sch.levels != "uniform":
+        codes, a = mod.weight_codes().to(torch.int64).reshape(-1), mod.qargs
+        if a.nonuniform:  # codes are table indices 0..level_count-1
             lv = mod.weight_levels_.detach().float()
-            return WeightHist(kind, torch.bincount(codes, minlength=lv.numel()), 0, lv.numel() - 1,
+            return WeightHist(kind, torch.bincount(codes, minlength=a.level_count), a.qmin, a.qmax,
                               (float(lv.min()), float(lv.max())), lv)
-        qmin, qmax = mod.weight_qrange
-        return WeightHist(kind, torch.bincount(codes - qmin, minlength=qmax - qmin + 1), qmin, qmax, (qmin, qmax))
+        return WeightHist(kind, torch.bincount(codes - a.qmin, minlength=a.qmax - a.qmin + 1), a.qmin, a.qmax,
+                          (a.qmin, a.qmax))
     if kind == "dynamic":
         mod = _stand_in_weight(*q.shape)
         convert(mod, QuantArgs(bits=int(info["bits"]), symmetric=bool(info["signed"])), DYNAMIC_UINT8)
         mod.unpack_state(st, "")
         _load(mod, st)
-        codes, (qmin, qmax) = mod.weight_codes().to(torch.int64).reshape(-1), mod.qmin_qmax
+        codes, a = mod.weight_codes().to(torch.int64).reshape(-1), mod.qargs
+        qmin, qmax = a.qmin, a.qmax
         return WeightHist(kind, torch.bincount(codes - qmin, minlength=qmax - qmin + 1), qmin, qmax, (qmin, qmax))
     if kind in ("weight-only", "packed"):
         bits = int(info["bits"])
@@ -184,8 +185,11 @@ def weight_histogram(kind: str, info: dict, st: dict[str, torch.Tensor]) -> Weig
             convert(mod, args)  # the stored weight IS the packed codes; its unpack_state restores the zero points
         mod.unpack_state(st, "")
         _load(mod, st)
-        codes, qmax = mod.weight_codes().to(torch.int64).reshape(-1), (1 << bits) - 1
-        lo = 1 if info["symmetric"] else 0  # symmetric grids clip at codes 1..2^bits-1 (zero point 2^(bits-1))
+        # stored unsigned (MatMulNBits' layout) whatever the grid: codes 0..2^bits-1, zero point
+        # 2^(bits-1) for a symmetric grid, which clips at codes 1..2^bits-1
+        a = mod.qargs
+        codes, qmax = mod.weight_codes().to(torch.int64).reshape(-1), (1 << a.bits) - 1
+        lo = 1 if a.symmetric else 0
         return WeightHist(kind, torch.bincount(codes, minlength=qmax + 1), 0, qmax, (lo, qmax))
     if kind == "embedding":
         emb = nn.utils.skip_init(nn.Embedding, *q.shape)
@@ -194,8 +198,9 @@ def weight_histogram(kind: str, info: dict, st: dict[str, torch.Tensor]) -> Weig
         convert(emb, QuantArgs())  # int8 per row, symmetric
         emb.unpack_state(st, "")
         _load(emb, st)
-        codes = emb.weight_codes().to(torch.int64).reshape(-1)
-        return WeightHist(kind, torch.bincount(codes + 128, minlength=256), -128, 127, (-127, 127))
+        codes, a = emb.weight_codes().to(torch.int64).reshape(-1), emb.qargs
+        return WeightHist(kind, torch.bincount(codes - a.qmin, minlength=a.qmax - a.qmin + 1), a.qmin, a.qmax,
+                          (-a.qmax, a.qmax))  # symmetric: the scale maps absmax to qmax
     return None
 
 
@@ -226,11 +231,11 @@ def _crafted(where: str) -> Iterator[None]:
 
 
 def _act_schemes(manifest: dict) -> dict[str, Any]:
-    """Layer -> its input's ActScheme (from the quantize-like records; absent: uint8)."""
+    """Layer -> its input's QuantArgs (from the quantize-like records' ``act_scheme``; absent: uint8)."""
     from .quant.act_scheme import ActScheme
 
-    return {n: ActScheme.from_dict(info.get("act_scheme")) for n, (kind, info) in _layer_kinds(manifest).items()
-            if kind == "static"}
+    return {n: ActScheme.from_dict(info.get("act_scheme")).args(None)
+            for n, (kind, info) in _layer_kinds(manifest).items() if kind == "static"}
 
 
 def _float_act_formats(manifest: dict) -> dict[str, str]:
@@ -251,7 +256,7 @@ def _float_act_formats(manifest: dict) -> dict[str, str]:
 def _act_ranges(sd: dict[str, torch.Tensor], schemes: dict[str, Any] | None = None,
                 floats: dict[str, str] | None = None) -> dict[str, tuple[float, float]]:
     """Layer -> float clipping range of its input quantizer: ``[(qmin - zp) * s, (qmax - zp) * s]``
-    with the layer's code range (``schemes``: layer -> ActScheme; absent: uint8 0..255), or
+    with the layer's code range (``schemes``: layer -> its input's QuantArgs; absent: uint8 0..255), or
     ``[-max * s, max * s]`` for a float format (``floats``: layer -> format, e.g. fp8-e4m3: max 448)."""
     from .ops.fp8 import get_format
 
@@ -264,7 +269,7 @@ def _act_ranges(sd: dict[str, torch.Tensor], schemes: dict[str, Any] | None = No
                 out[name] = (-top, top)
                 continue
             sch = (schemes or {}).get(name)
-            qmin, qmax = sch.qrange if sch is not None else (0, 255)
+            qmin, qmax = (sch.qmin, sch.qmax) if sch is not None else (0, 255)
             zp = sd.get(key.replace("input_scale_", "input_zero_point_"))
             z = float(zp) if zp is not None else 0.0
             out[name] = ((qmin - z) * float(s), (qmax - z) * float(s))
@@ -368,5 +373,4 @@ def plot_artifact(path: str | Path) -> list[Path]:
 def _act_format(sch: Any) -> str:
     if sch is None:
         return "uint8"
-    qmin, qmax = sch.qrange
-    return f"{'int' if qmin < 0 else 'uint'}{sch.bits} {qmin}..{qmax}"
+    return f"{'int' if sch.signed_codes else 'uint'}{sch.bits} {sch.qmin}..{sch.qmax}"

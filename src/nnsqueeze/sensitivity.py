@@ -43,16 +43,14 @@ from .metrics import get_metric
 from .quant.args import QuantArgs
 from .targets import select
 
-# Candidate formats -> quantize step weight settings.
-FORMATS: dict[str, dict[str, Any]] = {
-    "int8": {"bits": 8}, "int7": {"bits": 7}, "int6": {"bits": 6}, "int5": {"bits": 5}, "int4": {"bits": 4},
-    "int3": {"bits": 3}, "int2": {"bits": 2},
-    "int4-mse": {"bits": 4, "clip": "mse"}, "int3-mse": {"bits": 3, "clip": "mse"},
-    "int2-mse": {"bits": 2, "clip": "mse"},
-    "nf4": {"bits": 4, "levels": "nf4"}, "pow2-4": {"bits": 4, "levels": "pow2"},
-    "kmeans4": {"bits": 4, "levels": "kmeans"},
-    "int4-g32": {"bits": 4, "granularity": "per-group", "group_size": 32},
-    "int4-g128": {"bits": 4, "granularity": "per-group", "group_size": 128},
+# Int candidate formats -> the weights' QuantArgs (activations: the quantize step's default uint8);
+# quantize_weights() turns one into the quantize step's `weights` keys.
+FORMATS: dict[str, QuantArgs] = {
+    **{f"int{b}": QuantArgs(bits=b) for b in (8, 7, 6, 5, 4, 3, 2)},
+    **{f"int{b}-mse": QuantArgs(bits=b, clip="mse") for b in (4, 3, 2)},
+    "nf4": QuantArgs(bits=4, levels="nf4"), "pow2-4": QuantArgs(bits=4, levels="pow2"),
+    "kmeans4": QuantArgs(bits=4, levels="kmeans"),
+    "int4-g32": QuantArgs(bits=4, granularity="group(32)"), "int4-g128": QuantArgs(bits=4, granularity="group(128)"),
 }
 
 # Float candidate formats -> the quantize step's {weights, activations} (docs/formats.md). FP8 is
@@ -89,7 +87,29 @@ def format_args(name: str) -> QuantArgs | None:
     if name not in FORMATS:
         raise RecipeError("sensitivity.formats", f"unknown format {name!r}",
                           fix=f"use one of {', '.join(ALL_FORMATS)} or fp32")
-    return QuantArgs(**FORMATS[name])
+    return FORMATS[name]
+
+
+def quantize_weights(args: QuantArgs) -> dict[str, Any]:
+    """The ``quantize`` step's ``weights`` keys for int weight ``args`` (only those off the defaults).
+
+        >>> quantize_weights(FORMATS["int4-g32"]), quantize_weights(FORMATS["nf4"])
+        ({'bits': 4, 'granularity': 'per-group', 'group_size': 32}, {'bits': 4, 'levels': 'nf4'})
+    """
+    if args.format != "int":
+        raise ValueError(f"{args.describe()}: the quantize step's int weight keys take the int format only")
+    w: dict[str, Any] = {"bits": args.bits}
+    if args.granularity != "channel":
+        w["granularity"] = f"per-{args.granularity}"
+    if args.granularity == "group":
+        w["group_size"] = args.group_size
+    if not args.symmetric:
+        w["symmetric"] = False
+    if args.nonuniform:
+        w["levels"] = args.levels
+    if args.clip != "none":
+        w["clip"] = args.clip
+    return w
 
 
 _quiet = logging.getLogger("nnsqueeze.sensitivity.trial")
@@ -239,7 +259,7 @@ def sensitivity(
                     q = quantize_copy(ref, calib, targets=[name], calibration=calibration, device=device,
                                       **FLOAT_FORMATS[fmt])
                 else:
-                    weights = resolve_reduce_range({**FORMATS[fmt], "reduce_range": reduce_range})
+                    weights = resolve_reduce_range({**quantize_weights(FORMATS[fmt]), "reduce_range": reduce_range})
                     q = quantize_copy(ref, calib, targets=[name], weights=weights, calibration=calibration,
                                       device=device)
                 row: dict[str, Any] = {"layer": name, "type": cls, "format": fmt,

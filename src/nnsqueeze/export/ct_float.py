@@ -80,7 +80,7 @@ def check_float_args(where: str, wargs: QuantArgs, aargs: QuantArgs | None, fix:
 
 
 def _check_layer(name: str, m: FloatQuantMixin, tied: bool) -> None:
-    check_float_args(name, m.wargs, m.aargs)
+    check_float_args(name, m.qargs, m.act_qargs)
     if not isinstance(m, nn.Linear):
         raise ExportError(name, f"is an FP8 {type(m).__name__}; compressed-tensors' schemes target Linear layers",
                           fix="quantize with targets: [Linear]")
@@ -121,18 +121,18 @@ def float_parts(model: nn.Module, layers: dict[str, FloatQuantMixin], tied: bool
     groups: dict[str, tuple[dict, list[str]]] = {}
     schemes: dict[str, str] = {}
     for name, m in layers.items():
-        channel = m.wargs.granularity == "channel"
-        codes = fp8_quantize(m._masked().detach(), m.weight_scale_, m.wargs.format, 0 if channel else None)
+        channel = m.qargs.granularity == "channel"
+        codes = fp8_quantize(m._masked().detach(), m.weight_scale_, m.qargs.format, 0 if channel else None)
         tensors[f"{name}.weight"] = codes.view(torch.float8_e4m3fn).contiguous()
         tensors[f"{name}.weight_scale"] = _scale(name, m.weight_scale_, scale_dtype, (-1, 1) if channel else (1,))
-        if m.aargs is not None and not m.aargs.dynamic:
+        if m.act_qargs is not None and not m.act_qargs.dynamic:
             tensors[f"{name}.input_scale"] = _scale(name, m.input_scale_, scale_dtype, (1,))
         if m.bias is not None:
             tensors[f"{name}.bias"] = m.bias.detach().contiguous()
-        w, a = _weights(m.wargs), _activations(m.aargs)
+        w, a = _weights(m.qargs), _activations(m.act_qargs)
         key = repr((sorted(w.items()), None if a is None else sorted(a.items())))
         groups.setdefault(key, ({"weights": w, "input_activations": a}, []))[1].append(name)
-        schemes[name] = f"{m.wargs.describe()} / {m.aargs.describe() if m.aargs else 'float activations'}"
+        schemes[name] = f"{m.qargs.describe()} / {m.act_qargs.describe() if m.act_qargs else 'float activations'}"
     config_groups = {f"group_{i}": {"targets": names, **args, "output_activations": None, "format": "float-quantized"}
                      for i, (args, names) in enumerate(groups.values())}
     return tensors, config_groups, schemes

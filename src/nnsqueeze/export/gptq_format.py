@@ -49,7 +49,7 @@ def layer_tensors(name: str, m: nn.Module, s: Scheme) -> dict[str, torch.Tensor]
                               "codes per int32 word without padding", fix="keep this layer in float (ignore it)")
     scale = exact_scales(name, m, torch.float16, FMT, s.recipe(scale_dtype="fp16"))
     zp = m.weight_zero_point_.to(torch.int32) - (1 if s.symmetric else 0)   # v1 stores z - 1
-    g = m.group_size if m.group_size > 0 else m.in_features
+    g = s.group_size if s.group_size > 0 else m.in_features
     # codes (N, K) packed along K -> (N, K / per) -> transposed to (K / per, N)
     out = {f"{name}.qweight": pack_int32(m.weight_codes(), s.bits).T.contiguous(),
            f"{name}.qzeros": pack_int32(zp.T.contiguous(), s.bits),

@@ -76,7 +76,9 @@ class Scheme:
 
 
 def scheme_of(m: PackedLinear) -> Scheme:
-    return Scheme(int(m.bits), int(m.group_size) if m.group_size > 0 else -1, bool(m.symmetric))
+    """The layer's grid, read from its declared ``qargs`` (int, channel or group(n))."""
+    a = m.qargs
+    return Scheme(a.bits, a.group_size if a.granularity == "group" else -1, a.symmetric)
 
 
 def packed_layers(model: nn.Module, fmt: str) -> dict[str, PackedLinear]:
@@ -95,7 +97,7 @@ def packed_layers(model: nn.Module, fmt: str) -> dict[str, PackedLinear]:
 
 def group_count_ok(name: str, m: PackedLinear, fmt: str) -> None:
     """Formats that store whole groups only: ``in_features`` must be a multiple of the group size."""
-    g = m.group_size
+    g = scheme_of(m).group_size
     if g > 0 and m.in_features % g:
         raise ExportError(name, f"in_features {m.in_features} is not a multiple of group_size {g}: {fmt} "
                           "has no shorter last group",

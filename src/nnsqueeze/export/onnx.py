@@ -241,7 +241,7 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, example_inputs: Any, 
     custom_opsets: dict[str, int] = {}
     for m in hints:
         custom_opsets.update(m.onnx_custom_opsets)
-    if any(stores_lowbit(m.wscheme) for _, m in fake_quant_modules(model)):
+    if any(stores_lowbit(m.qargs) for _, m in fake_quant_modules(model)):
         custom_opsets.setdefault(LOWBIT_DOMAIN, 1)   # export/lowbit.py's markers, replaced before writing
     user_model = model
     if _wants_no_cache(model):  # export and verify the logits of a causal LM, without its cache

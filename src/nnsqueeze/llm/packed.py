@@ -50,7 +50,7 @@ import torch.nn.functional as F
 from ..ops.int4 import pack_int4, unpack_int4
 from ..ops.rtn import dequantize_groups
 from ..quant.args import QuantArgs
-from ..quant.convert import register, weight_only_args
+from ..quant.convert import register
 from ..quant.swap import swap_class
 from ..quant.weight_only import WeightOnlyLinear, codes_of
 from . import gemv as _gemv
@@ -223,7 +223,7 @@ def pack_linear_(mod: WeightOnlyLinear) -> PackedLinear:
 @register((WeightOnlyLinear, PackedLinear), "int-weight-only")
 def _pack(mod: WeightOnlyLinear, args: QuantArgs, aargs: None) -> PackedLinear:
     """``convert(layer, args)`` of a weight-only layer with its own args: its packed form."""
-    own = weight_only_args(mod.bits, mod.group_size, mod.symmetric)
+    own = mod.qargs
     if args != own:
         raise ValueError(f"a {type(mod).__name__} holds {own.describe()} codes, not {args.describe()}: "
                          "convert the float layer instead")

@@ -33,6 +33,7 @@ How the exported ONNX graph computes exactly the simulated codes (:func:`act_qdq
 
 from __future__ import annotations
 
+import functools
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -101,19 +102,25 @@ class ActScheme:
         return asdict(self)
 
     def args(self, observer: str | None = "minmax") -> QuantArgs:
-        """This format as :class:`~nnsqueeze.quant.args.QuantArgs`; ``observer``: the step's calibration method."""
-        return QuantArgs(bits=self.bits, symmetric=self.symmetric, granularity="tensor", observer=observer)
+        """This format as :class:`~nnsqueeze.quant.args.QuantArgs`; ``observer``: the step's calibration
+        method (one cached object per scheme and observer)."""
+        return _args(self, observer)
 
     @classmethod
     def from_args(cls, a: QuantArgs) -> "ActScheme":
         """The format of int per-tensor static args (what the fake-quant layers take); ValueError for others."""
-        if a.format != "int" or a.granularity != "tensor" or a.levels != "uniform" or a.dynamic:
+        if a.format != "int" or a.granularity != "tensor" or a.nonuniform or a.dynamic:
             raise ValueError(f"{a.describe()} has no ActScheme (int, uniform, per tensor, static)")
         return cls(bits=a.bits, symmetric=a.symmetric)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any] | None) -> "ActScheme":
         return cls(**d) if d else cls()
+
+
+@functools.lru_cache(maxsize=None)
+def _args(scheme: ActScheme, observer: str | None) -> QuantArgs:
+    return QuantArgs(bits=scheme.bits, symmetric=scheme.symmetric, granularity="tensor", observer=observer)
 
 
 class _ActQDQ(torch.autograd.Function):

@@ -46,9 +46,11 @@ import re
 from dataclasses import dataclass
 from typing import Any, Literal
 
+import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from ..errors import RecipeError
+from ..ops.quant import NF4_LEVELS, code_range, pow2_levels
 
 
 @dataclass(frozen=True)
@@ -77,6 +79,13 @@ FORMATS: dict[str, FormatInfo] = {
     "bf16": FormatInfo("half", 16, None, ()),
 }
 INT_BITS = (2, 3, 4, 5, 6, 7, 8, 16)
+# Level tables (``levels`` other than uniform): how many entries a ``bits``-bit table holds, and its
+# starting values in [-1, 1] (None: learned from the weights, k-means). A new level kind is one
+# entry in each, and the name in ``QuantArgs.levels``.
+LEVEL_COUNT = {"pow2": lambda bits: (1 << bits) - 1, "nf4": lambda bits: 16, "kmeans": lambda bits: 1 << bits}
+LEVEL_INIT = {"pow2": pow2_levels, "nf4": lambda bits: torch.tensor(NF4_LEVELS),
+              "kmeans": lambda bits: torch.linspace(-1, 1, 1 << bits)}
+LEARNED_LEVELS = ("kmeans",)
 GRANULARITIES = ("tensor", "channel", "group", "block", "token")
 _SIZED = re.compile(r"(group|block)\((\d+)\)")
 # the spellings of the older scheme types
@@ -138,7 +147,7 @@ class QuantArgs(BaseModel):
             put("bits", info.bits)
             if not self.symmetric:
                 raise ValueError(f"{fmt} is a sign-magnitude float format: symmetric only (no zero point)")
-            if self.levels != "uniform":
+            if self.nonuniform:
                 raise ValueError(f"levels {self.levels} applies to the int format only; {fmt} has its own values")
             if self.clip != "none":
                 raise ValueError(f"clip: {self.clip} applies to the int format only")
@@ -161,7 +170,7 @@ class QuantArgs(BaseModel):
             raise ValueError(f"group_size is for group(n) granularity, not {gran}")
         if self.levels == "nf4" and self.bits != 4:
             raise ValueError("levels nf4 is a 4-bit table: use bits 4")
-        if self.levels != "uniform" and self.clip != "none":
+        if self.nonuniform and self.clip != "none":
             raise ValueError("clip: mse applies to uniform levels only")
         if self.clip == "none" and (self.clip_grid is not None or self.clip_min is not None):
             raise ValueError("clip_grid / clip_min need clip: mse")
@@ -189,11 +198,64 @@ class QuantArgs(BaseModel):
     def granularity_text(self) -> str:
         return f"{self.granularity}({self.group_size})" if self.granularity in ("group", "block") else self.granularity
 
+    # -- the integer grid (the fake-quant layers, records, exporters and plots read these) ------
+    @property
+    def nonuniform(self) -> bool:
+        """Values from a level table (``pow2``, ``nf4``, ``kmeans``) times a row scale; the codes are
+        unsigned table indices. False: a uniform integer grid (codes times scale, minus zero point)."""
+        return self.levels != "uniform"
+
+    @property
+    def learned_levels(self) -> bool:
+        """The level table is learned from the weights (k-means) rather than fixed."""
+        return self.levels in LEARNED_LEVELS
+
+    @property
+    def level_count(self) -> int | None:
+        """Entries of the level table (None: a uniform grid)."""
+        return LEVEL_COUNT[self.levels](self.bits) if self.nonuniform else None
+
+    def initial_levels(self) -> torch.Tensor | None:
+        """The level table's starting values, sorted in [-1, 1] (float32); None for a uniform grid."""
+        return LEVEL_INIT[self.levels](self.bits).to(torch.float32) if self.nonuniform else None
+
+    @property
+    def has_zero_point(self) -> bool:
+        """An integer zero point per scale: uniform asymmetric grids."""
+        return not self.nonuniform and not self.symmetric
+
+    @property
+    def signed_codes(self) -> bool:
+        """Codes are signed integers (uniform symmetric); asymmetric codes and table indices are unsigned."""
+        return self.symmetric and not self.nonuniform
+
+    @property
+    def qmin(self) -> int:
+        """Lowest stored code: ``-2**(bits-1)`` (signed), 0 (unsigned, table indices)."""
+        return 0 if self.nonuniform else code_range(self.bits, self.symmetric)[0]
+
+    @property
+    def qmax(self) -> int:
+        """Highest stored code: ``2**(bits-1) - 1`` (signed), ``2**bits - 1`` (unsigned), the last table index."""
+        return self.level_count - 1 if self.nonuniform else code_range(self.bits, self.symmetric)[1]
+
+    @property
+    def int8_kernels(self) -> bool:
+        """ONNX Runtime can run an int weight of these args as int8 codes (QLinearConv/QGemm):
+        uniform, symmetric, one scale per channel or tensor."""
+        return (self.format == "int" and not self.nonuniform and self.symmetric
+                and self.granularity in ("channel", "tensor"))
+
+    @property
+    def grid_text(self) -> str:
+        """``sym`` / ``asym`` for a uniform grid, else the level kind (``nf4``, ``pow2``, ``kmeans``)."""
+        return self.levels if self.nonuniform else ("sym" if self.symmetric else "asym")
+
     def describe(self) -> str:
         """Short text for reports, e.g. ``int8 channel sym``, ``fp8-e4m3 tensor``, ``mxfp4 block(32)``."""
         if self.format != "int":
             return f"{self.format} {self.granularity_text}" + (" dynamic" if self.dynamic else "")
-        kind = ("sym" if self.symmetric else "asym") if self.levels == "uniform" else self.levels
+        kind = self.grid_text
         extra = (" mse-clip" if self.clip == "mse" else "") + (f" {self.scale_dtype}-scales"
                                                              if self.scale_dtype != "fp32" else "")
         return f"int{self.bits} {self.granularity_text} {kind}{extra}" + (" dynamic" if self.dynamic else "")
@@ -233,3 +295,13 @@ class QuantArgs(BaseModel):
                    granularity=f"group({grid.group_size})" if grid.group_size else "channel",
                    clip="mse" if clip else "none", clip_grid=grid.clip_grid if clip else None,
                    clip_min=grid.clip_min if clip else None)
+
+
+# ONNX DynamicQuantizeLinear's activations: uint8 per tensor, range taken at run time
+DYNAMIC_UINT8 = QuantArgs(symmetric=False, granularity="tensor", dynamic=True)
+
+
+def weight_only_args(bits: int, group_size: int | None, symmetric: bool) -> QuantArgs:
+    """Args of a weight-only layer in its own terms (``group_size`` None or <= 0: one group per row)."""
+    gran = f"group({group_size})" if group_size is not None and group_size > 0 else "channel"
+    return QuantArgs(bits=bits, symmetric=symmetric, granularity=gran)

@@ -45,7 +45,7 @@ from torch import nn
 
 from ..errors import ModelError
 from .act_scheme import ActScheme
-from .args import QuantArgs
+from .args import DYNAMIC_UINT8, QuantArgs, weight_only_args
 from .dynamic import convert_dynamic_
 from .embedding import convert_embedding_
 from .floatq import FLOAT_MODULE_MAP, convert_float_
@@ -55,11 +55,12 @@ from .scheme import WeightScheme
 from .weight_only import convert_weight_only_
 
 Converter = Callable[..., nn.Module]  # (module, args, aargs, **options) -> the converted module
+__all__ = ["CONVERTERS", "DYNAMIC_UINT8", "KINDS", "args_kind", "convert", "half_args", "register",
+           "weight_only_args"]
 KINDS = ("int-static", "int-dynamic", "int-weight-only", "float", "half")
 CONVERTERS: dict[tuple[type, str], Converter] = {}
 HALF_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
 _HALF_NAMES = {"float16": "fp16", "bfloat16": "bf16"}  # the half step's recipe and record spelling
-DYNAMIC_UINT8 = QuantArgs(symmetric=False, granularity="tensor", dynamic=True)  # ONNX DynamicQuantizeLinear
 
 
 def register(module_types: type | tuple[type, ...], kind: str) -> Callable[[Converter], Converter]:
@@ -108,12 +109,6 @@ def convert(module: nn.Module, args: QuantArgs, aargs: QuantArgs | None = None, 
 def half_args(dtype: str) -> QuantArgs:
     """``fp16`` / ``bf16`` args of the half step's ``dtype`` ('float16' or 'bfloat16')."""
     return QuantArgs(format=_HALF_NAMES[dtype])
-
-
-def weight_only_args(bits: int, group_size: int | None, symmetric: bool) -> QuantArgs:
-    """Args of a weight-only layer in its own terms (``group_size`` None or <= 0: one group per row)."""
-    gran = f"group({group_size})" if group_size is not None and group_size > 0 else "channel"
-    return QuantArgs(bits=bits, symmetric=symmetric, granularity=gran)
 
 
 def _weight_only_group(args: QuantArgs) -> int:

@@ -44,6 +44,7 @@ from torch import nn
 from ..ops.dynamic import dynamic_qparams, dynamic_quantize, int_linear
 from ..ops.equalize import fold_scales
 from ..ops.quant import dequantize, fake_quantize_ste, qparams, qrange, quantize, sqnr_db
+from .args import DYNAMIC_UINT8, QuantArgs
 from .protocol import Packable, QuantizedModule
 from .swap import swap_class
 
@@ -134,6 +135,16 @@ class DynamicQuantLinear(QuantizedModule, Packable, nn.Linear):
     def _smoothed_input(self, x: Tensor) -> Tensor:
         r = getattr(self, "input_multiplier_", None)
         return x if r is None else x * r.to(x.dtype)
+
+    @property
+    def qargs(self) -> QuantArgs:
+        """int ``bits`` per output channel, symmetric when ``signed``."""
+        return QuantArgs(bits=self.bits, symmetric=self.signed)
+
+    @property
+    def act_qargs(self) -> QuantArgs:
+        """uint8 per tensor, range taken at run time (ONNX DynamicQuantizeLinear)."""
+        return DYNAMIC_UINT8
 
     @property
     def qmin_qmax(self) -> tuple[int, int]:

@@ -22,7 +22,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..ops.quant import dequantize, qparams, quantize, sqnr_db
-from .protocol import Packable, QuantizedModule
+from .args import QuantArgs
+from .protocol import Packable, QuantizedModule, layer_bits
 from .swap import swap_class
 
 Tensor = torch.Tensor
@@ -52,12 +53,20 @@ class _GatherInt8Fn(torch.autograd.Function):
         return g.op("Mul", rows, g.op("Gather", scales, ids, axis_i=0))
 
 
+_INT8_ROWS = QuantArgs()
+
+
 class QuantEmbedding(QuantizedModule, Packable, nn.Embedding):
     onnx_quantized = True
 
     def _setup(self) -> None:
         self.register_buffer("weight_scale_", torch.ones(self.num_embeddings, device=self.weight.device))
         self.refresh_weight_qparams_()
+
+    @property
+    def qargs(self) -> QuantArgs:
+        """int8 per row, symmetric (the scales are also rounded up to fp16 values, :func:`fp16_ceil`)."""
+        return _INT8_ROWS
 
     @torch.no_grad()
     def refresh_weight_qparams_(self) -> None:
@@ -130,7 +139,7 @@ def convert_embeddings(model: nn.Module, ignore: list[str], where: str, ctx, ste
         convert_embedding_(mod)
         names.append(name)
         sqnr = mod.weight_sqnr_db()
-        ctx.report.layer(name, bits=8, act_bits=None, scheme="w8 per-row sym embedding (weight-only)",
+        ctx.report.layer(name, **layer_bits(mod), scheme="w8 per-row sym embedding (weight-only)",
                          weight_sqnr_db=round(sqnr, 2) if abs(sqnr) != float("inf") and sqnr == sqnr else None)
     return names
 

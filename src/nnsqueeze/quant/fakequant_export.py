@@ -44,7 +44,7 @@ class FakeQuantExportMixin:
             # which re-quantizes the input to 8 bits (measured: 1 output step off the simulation).
             # The grid values as a float constant are exact.
             w = cache["weight"]
-        elif stores_lowbit(self.wscheme):
+        elif stores_lowbit(self.qargs):
             w = lowbit_weight(self, cache["weight"], cache["group"])
         else:  # int8 kernels: Q/DQ that export/qdq.py folds into int8 codes
             zp = torch.zeros(self.weight.shape[0], dtype=torch.int32, device=self.weight.device)
@@ -76,5 +76,5 @@ class FakeQuantExportMixin:
         # learned or clipped (the exporter's Q/DQ uses the full int8 range).
         w = self.fake_quant_weight()
         # per-group: the group length L as a plain int (shapes read while tracing would be graph values)
-        group = self.weight_groups()[1] if self.wscheme.granularity == "per-group" else 0
+        group = self.weight_groups()[1] if self.qargs.granularity == "group" else 0
         return {"weight": w.detach().clone(), "bias": None if b is None else b.detach().clone(), "group": group}

@@ -31,7 +31,7 @@ Tensor = torch.Tensor
 
 
 class FakeQuantWeightMixin:
-    """Weight maths of the fake-quant layers; the state it reads (``wscheme``, ``weight_bits``,
+    """Weight maths of the fake-quant layers; the state it reads (``qargs``, ``weight_bits``,
     ``weight_frozen``, the qparam buffers) is set by :func:`nnsqueeze.quant.modules.convert_`."""
 
     weight: nn.Parameter
@@ -75,8 +75,9 @@ class FakeQuantWeightMixin:
         mask = self.weight_row_mask()
         if mask is not None:
             norm = norm[mask]  # real weights only
-        centroids, _ = kmeans1d(norm, 1 << self.weight_bits, init="linear")
-        lv = torch.full((1 << self.weight_bits,), float(centroids[-1]))  # pad (when fewer distinct values)
+        k = self.qargs.level_count
+        centroids, _ = kmeans1d(norm, k, init="linear")
+        lv = torch.full((k,), float(centroids[-1]))  # pad (when fewer distinct values)
         lv[:centroids.numel()] = centroids
         self.weight_levels_.copy_(torch.sort(lv).values)
 
@@ -86,15 +87,15 @@ class FakeQuantWeightMixin:
         ``weight_frozen`` (learned scales or codes) unless ``force``."""
         if self.weight_frozen and not force:
             return
-        sc = self.wscheme
+        sc = self.qargs
         rows = self.weight_rows(self.effective_weight().detach().float())
-        if sc.levels != "uniform":
+        if sc.nonuniform:
             (scale,) = self.per_row(lambda r: (r.abs().amax(1),), rows)
-            if sc.granularity == "per-tensor":
+            if sc.granularity == "tensor":
                 scale = scale.amax().expand_as(scale)
             self.weight_scale_.copy_(scale.clamp(min=EPS))
             return
-        if sc.granularity == "per-tensor":
+        if sc.granularity == "tensor":
             rows_for_range = rows.reshape(1, -1)
         else:
             rows_for_range = rows
@@ -104,7 +105,7 @@ class FakeQuantWeightMixin:
         def stats(r):
             return row_qparams(r, sc.bits, sc.symmetric, **clip)
         # per-group: a partial last group gets its own scale/zero point from its own values only
-        scale, zp = stats(rows_for_range) if sc.granularity == "per-tensor" else self.per_row(stats, rows)
+        scale, zp = stats(rows_for_range) if sc.granularity == "tensor" else self.per_row(stats, rows)
         self.weight_scale_.copy_(scale.expand(rows.shape[0]))
         if not sc.symmetric:
             self.weight_zero_point_.copy_(zp.expand(rows.shape[0]))
@@ -116,7 +117,7 @@ class FakeQuantWeightMixin:
     def fake_quant_weight(self) -> Tensor:
         w = self.effective_weight()
         rows = self.weight_rows(w)
-        if self.wscheme.levels != "uniform":
+        if self.qargs.nonuniform:
             return self.weight_from_rows(fake_quantize_levels(rows, self.weight_scale_, self.weight_levels_, axis=0))
         qmin, qmax = self.weight_qrange
         lsq = self._parameters.get("weight_step")
@@ -130,18 +131,18 @@ class FakeQuantWeightMixin:
         and level indices."""
         w = self.effective_weight().detach()
         rows = self.weight_rows(w)
-        if self.wscheme.levels != "uniform":
+        if self.qargs.nonuniform:
             s = self.weight_scale_[:, None]
             return self.weight_from_rows(nearest_level(rows.float() / s, self.weight_levels_).to(torch.uint8))
         qmin, qmax = self.weight_qrange
         q = quantize(rows, self.weight_scale_, self._weight_zp(), qmin, qmax, axis=0)
-        return self.weight_from_rows(q.to(torch.int8 if self.wscheme.symmetric else torch.uint8))
+        return self.weight_from_rows(q.to(torch.int8 if self.qargs.signed_codes else torch.uint8))
 
     @torch.no_grad()
     def set_weight_codes_(self, codes: Tensor) -> None:
         """Make the weight exactly ``dequantize(codes)`` (uniform grids; e.g. AdaRound's learned codes)
         and freeze the scales, so that nearest rounding reproduces ``codes``. No BN may be attached."""
-        if self._modules.get("bn") is not None or self.wscheme.levels != "uniform":
+        if self._modules.get("bn") is not None or self.qargs.nonuniform:
             raise ValueError("set_weight_codes_ needs a uniform grid and no attached BatchNorm")
         if tuple(codes.shape) == tuple(self.weight.shape):
             codes = self.weight_rows(codes)  # codes given in the weight's shape -> (R, L) rows
@@ -157,7 +158,7 @@ class FakeQuantWeightMixin:
         """The bias the simulation adds: int32 codes of scale ``input_scale_ * weight_scale_`` when
         ORT runs int8 kernels (what they add to the accumulator), else the float bias."""
         b = self.effective_bias()
-        if b is None or not self.wscheme.int8_kernels:
+        if b is None or not self.qargs.int8_kernels:
             return b
         return fake_quantize_bias(b, self.input_scale_, self.weight_scale_)
 
@@ -173,7 +174,7 @@ class FakeQuantWeightMixin:
         """Fake-quantize an already BN-folded weight (QAT with an attached BN, batch statistics)."""
         rows = self.weight_rows(w_folded)
         qmin, qmax = self.weight_qrange
-        if self.wscheme.levels != "uniform":
+        if self.qargs.nonuniform:
             return self.weight_from_rows(fake_quantize_levels(rows, self.weight_scale_, self.weight_levels_, axis=0))
         lsq = self._parameters.get("weight_step")
         if lsq is not None:

@@ -154,6 +154,14 @@ class FloatQuantMixin(QuantizedModule, Packable):
             self.weight_tensor_scale_.copy_(nvfp4_tensor_scale(w.abs().amax() if w.numel() else 0.0))
 
     # -- the protocol ---------------------------------------------------------------------------
+    @property
+    def qargs(self) -> QuantArgs:
+        return self.wargs
+
+    @property
+    def act_qargs(self) -> QuantArgs | None:
+        return self.aargs
+
     def qparams(self) -> dict[str, Tensor]:
         return {b: self._buffers[b] for b in QPARAM_BUFFERS if self._buffers.get(b) is not None}
 

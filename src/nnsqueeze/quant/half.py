@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .args import QuantArgs
 from .protocol import QuantizedModule
 from .swap import swap_class
 
@@ -70,11 +71,19 @@ class _Bf16ConvFn(torch.autograd.Function):
         return _round_bf16(g, y)
 
 
+_HALF_ARGS = {torch.float16: QuantArgs(format="fp16"), torch.bfloat16: QuantArgs(format="bf16")}
+
+
 class HalfMixin(QuantizedModule):
     """Forward in the weight's half type; inputs and outputs keep the caller's dtype."""
 
     onnx_quantized = True  # verify the export with reduced-precision tolerances
     _float_class: type | None = None
+
+    @property
+    def qargs(self) -> QuantArgs:
+        """``fp16`` or ``bf16``: the weight's dtype (weights and compute cast, no scales)."""
+        return _HALF_ARGS[self.weight.dtype]  # type: ignore[attr-defined]
 
     def dequantized_weight(self) -> Tensor:
         """The half weight widened to float32 (exact)."""

@@ -47,7 +47,8 @@ INT4_FOR_INT8_KERNEL_SCHEMES = True
 
 
 def stores_lowbit(scheme: Any) -> bool:
-    """True when a layer with this :class:`~nnsqueeze.quant.scheme.WeightScheme` exports through
+    """True when a layer with these weight :class:`~nnsqueeze.quant.args.QuantArgs` (the layer's
+    ``qargs``; a :class:`~nnsqueeze.quant.scheme.WeightScheme` reads the same) exports through
     :func:`lowbit_weight`: every scheme without int8 kernels, and 2..4-bit ones with."""
     return not scheme.int8_kernels or (INT4_FOR_INT8_KERNEL_SCHEMES and scheme.bits <= 4)
 
@@ -57,12 +58,12 @@ def lowbit_weight(layer: Any, w: Tensor, group: int = 0) -> Tensor:
     :func:`~nnsqueeze.export.lowbit.lowbit_postprocess` with the layer's scale (R,), and zero points (R,) int32 (uniform
     asymmetric) or level table (K,) (non-uniform), and ``group``: the group length L of per-group rows
     (0 otherwise; a plain int computed before tracing, see ``FakeQuantMixin.export_constants``)."""
-    sc = layer.wscheme
+    sc = layer.qargs
     scale = layer.weight_scale_.detach().float().clone()
-    table = sc.levels != "uniform"
+    table = sc.nonuniform
     if table:
         extra = layer.weight_levels_.detach().float().clone()
-    elif not sc.symmetric:
+    elif sc.has_zero_point:
         extra = layer.weight_zero_point_.detach().to(torch.int32).clone()
     else:
         extra = None

@@ -44,8 +44,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..ops.lsq import lsq_fake_quantize
-from ..ops.quant import EPS, NF4_LEVELS, fake_quantize_ste, pow2_levels, qrange
+from ..ops.quant import EPS, fake_quantize_ste, qrange
 from .act_scheme import ActScheme
+from .args import QuantArgs
 from .fakequant_calib import FakeQuantCalibrationMixin
 from .fakequant_export import ACT_QMAX, ACT_QMIN, FakeQuantExportMixin
 from .fold import bn_train_forward
@@ -82,6 +83,8 @@ class FakeQuantMixin(FakeQuantWeightMixin, FakeQuantCalibrationMixin, FakeQuantE
     weight_bits: int = 8
     wscheme: WeightScheme = WeightScheme()
     ascheme: ActScheme = ActScheme()  # activation codes (input, and output when quantized)
+    _qargs: QuantArgs                # wscheme.args() and ascheme.args(None), set with them (qargs, act_qargs)
+    _act_qargs: QuantArgs
     weight_frozen: bool = False      # True: weight scales/codes were set (AdaRound, LSQ), never re-derived
     act: str | None = None          # "relu" or None
     quant_output: bool = False
@@ -101,28 +104,40 @@ class FakeQuantMixin(FakeQuantWeightMixin, FakeQuantCalibrationMixin, FakeQuantE
             self.onnx_custom_opsets = {"com.microsoft": 1}
         scheme = scheme or WeightScheme(bits=weight_bits)
         qrange(scheme.bits, signed=True)  # validates bits
-        self.wscheme, self.weight_bits = scheme, scheme.bits
+        self.wscheme, self.weight_bits, self._qargs = scheme, scheme.bits, scheme.args()
+        self._act_qargs = self.ascheme.args(None)
         self.act, self.quant_output = act, bool(quant_output)
         self._observers, self._export_cache, self._input_sum, self._input_mean = None, None, None, None
         self.weight_frozen = False
         dev = self.weight.device
         rows = self.weight_rows_count()
         self.register_buffer("weight_scale_", torch.ones(rows, device=dev))
-        if scheme.levels == "uniform" and not scheme.symmetric:
+        args = scheme.args()
+        if args.has_zero_point:
             self.register_buffer("weight_zero_point_", torch.zeros(rows, dtype=torch.int32, device=dev))
-        if scheme.levels != "uniform":
-            k = 16 if scheme.levels == "nf4" else (1 << scheme.bits) - (scheme.levels == "pow2")
-            init = pow2_levels(scheme.bits) if scheme.levels == "pow2" else (
-                torch.tensor(NF4_LEVELS) if scheme.levels == "nf4" else torch.linspace(-1, 1, k))
-            self.register_buffer("weight_levels_", init.to(dev))
+        levels = args.initial_levels()  # None: a uniform grid
+        if levels is not None:
+            self.register_buffer("weight_levels_", levels.to(dev))
         self.register_buffer("input_scale_", torch.ones((), device=dev))
         self.register_buffer("input_zero_point_", torch.zeros((), dtype=torch.int32, device=dev))
         if self.quant_output:
             self.register_buffer("output_scale_", torch.ones((), device=dev))
             self.register_buffer("output_zero_point_", torch.zeros((), dtype=torch.int32, device=dev))
-        if scheme.levels == "kmeans":
+        if args.learned_levels:
             self.learn_levels_()
         self.refresh_weight_scale_()
+
+    @property
+    def qargs(self) -> QuantArgs:
+        """The weight's :class:`~nnsqueeze.quant.args.QuantArgs` (``wscheme.args()``, set with it by
+        ``convert_``: the forward reads it several times a call)."""
+        return self._qargs
+
+    @property
+    def act_qargs(self) -> QuantArgs:
+        """The input's (and quantized output's) :class:`~nnsqueeze.quant.args.QuantArgs`: int, per
+        tensor, static (the observer is the step's, kept in its record, not by the layer)."""
+        return self._act_qargs
 
     @property
     def weight_qrange(self) -> tuple[int, int]:
@@ -149,8 +164,9 @@ class FakeQuantMixin(FakeQuantWeightMixin, FakeQuantCalibrationMixin, FakeQuantE
         """Back to the plain float layer (same object); qparam buffers are dropped."""
         for b in QPARAM_BUFFERS:
             self._buffers.pop(b, None)
-        for a in ("weight_bits", "wscheme", "ascheme", "onnx_custom_opsets", "weight_frozen", "act", "quant_output",
-                  "onnx_verify_mean", "_observers", "_export_cache", "_input_sum", "_input_mean"):
+        for a in ("weight_bits", "wscheme", "ascheme", "_qargs", "_act_qargs", "onnx_custom_opsets", "weight_frozen",
+                  "act", "quant_output", "onnx_verify_mean", "_observers", "_export_cache", "_input_sum",
+                  "_input_mean"):
             self.__dict__.pop(a, None)
         cls = self._float_class
         self.__dict__.pop("_float_class", None)
@@ -169,7 +185,7 @@ class FakeQuantMixin(FakeQuantWeightMixin, FakeQuantCalibrationMixin, FakeQuantE
     def runs_integer(self) -> bool:
         """True when ONNX Runtime runs this layer as one fused integer kernel (QLinearConv/QGemm with a
         quantized output), whose requantization :mod:`nnsqueeze.quant.integer` reproduces exactly."""
-        return (self.quant_output and self.wscheme.int8_kernels and not stores_lowbit(self.wscheme)
+        return (self.quant_output and self.qargs.int8_kernels and not stores_lowbit(self.qargs)
                 and self.ascheme.bits <= 8 and self._modules.get("bn") is None)
 
     def _quant_act(self, x: Tensor, which: str) -> Tensor:

@@ -41,20 +41,17 @@ class PackingMixin:
                 w = torch.where(mask.to(torch.bool), w, torch.zeros((), dtype=w.dtype, device=w.device))
             scale = sd[prefix + "weight_scale_"]
             rows = self.weight_rows(w)  # (R, L); a partial last group's padding is dropped below
-            if self.wscheme.levels != "uniform":
+            a = self.qargs
+            if a.nonuniform:  # codes are level indices
                 q = nearest_level(rows.float() / scale[:, None], sd[prefix + "weight_levels_"])
-                qmin = 0
             else:
-                qmin, qmax = self.weight_qrange
                 zp = sd.get(prefix + "weight_zero_point_", torch.zeros_like(scale, dtype=torch.int32))
-                q = quantize(rows, scale, zp, qmin, qmax, axis=0)
+                q = quantize(rows, scale, zp, a.qmin, a.qmax, axis=0)
             q = self.weight_from_rows(q)  # codes in the weight's shape: one code per real weight
-            if self.wscheme.bits <= 4:  # two codes per byte (offset to 0..15), flattened
-                sd[key] = pack_int4((q - qmin).to(torch.uint8).reshape(-1))
-            elif self.wscheme.levels != "uniform":
-                sd[key] = q.to(torch.uint8).reshape(w.shape)
+            if a.bits <= 4:  # two codes per byte (offset to 0..15), flattened
+                sd[key] = pack_int4((q - a.qmin).to(torch.uint8).reshape(-1))
             else:
-                sd[key] = q.to(torch.int8 if self.wscheme.symmetric else torch.uint8).reshape(w.shape)
+                sd[key] = q.to(torch.int8 if a.signed_codes else torch.uint8).reshape(w.shape)
         if mask is not None and mask.dtype == torch.bool:
             sd[mkey] = torch.from_numpy(np.packbits(mask.detach().cpu().numpy().reshape(-1)))
 
@@ -64,12 +61,11 @@ class PackingMixin:
         key, mkey = prefix + "weight", prefix + "weight_mask"
         q, mask = sd.get(key), sd.get(mkey)
         if q is not None and q.dtype in (torch.int8, torch.uint8):
-            scale = sd[prefix + "weight_scale_"]
-            if self.wscheme.bits <= 4 and q.dim() == 1 and q.numel() == (self.weight.numel() + 1) // 2:
-                qmin = 0 if self.wscheme.levels != "uniform" else self.weight_qrange[0]
-                q = unpack_int4(q, self.weight.numel()).to(torch.int32) + qmin
+            scale, a = sd[prefix + "weight_scale_"], self.qargs
+            if a.bits <= 4 and q.dim() == 1 and q.numel() == (self.weight.numel() + 1) // 2:
+                q = unpack_int4(q, self.weight.numel()).to(torch.int32) + a.qmin
             q = self.weight_rows(q.reshape(self.weight.shape).to(torch.int32))  # (R, L), padding decoded then dropped
-            if self.wscheme.levels != "uniform":
+            if a.nonuniform:
                 w = sd[prefix + "weight_levels_"][q.long()] * scale[:, None]
             else:
                 zp = sd.get(prefix + "weight_zero_point_", torch.zeros_like(scale, dtype=torch.int32))

@@ -1,6 +1,6 @@
 """How a fake-quant layer's weight is cut into rows that each get one scale (mixed into
 :class:`nnsqueeze.quant.modules.FakeQuantMixin`): the geometry of :mod:`nnsqueeze.ops.rtn` applied to
-``self.weight`` under ``self.wscheme``.
+``self.weight`` under ``self.qargs``.
 
 Per-channel: one row per output channel. Per-group: each output channel's ``D = C_in/groups * k``
 weights are cut into ``G = ceil(D / group_size)`` rows; a short last group is zero-padded in the
@@ -27,14 +27,14 @@ Tensor = torch.Tensor
 
 
 class WeightRowsMixin:
-    """Row geometry of ``self.weight`` under ``self.wscheme`` (see :mod:`nnsqueeze.ops.rtn`)."""
+    """Row geometry of ``self.weight`` under ``self.qargs`` (see :mod:`nnsqueeze.ops.rtn`)."""
 
     weight: torch.nn.Parameter
 
     def weight_groups(self) -> tuple[int, int, int]:
         """``(G, L, pad)`` of :func:`nnsqueeze.ops.rtn.group_shape` for one output channel
         (per-channel/per-tensor: ``G = 1, L = D``)."""
-        return rtn.group_shape(self.weight[0].numel(), self.wscheme.group_size)
+        return rtn.group_shape(self.weight[0].numel(), self.qargs.group_size)
 
     def weight_rows_count(self) -> int:
         """Rows of the weight's (R, L) view: C_out, or C_out * G for per-group schemes."""
@@ -42,17 +42,17 @@ class WeightRowsMixin:
 
     def weight_rows(self, w: Tensor) -> Tensor:
         """``w`` (C_out, ...) viewed as (R, L) rows; a partial last group is zero-padded."""
-        return rtn.to_rows(w, self.wscheme.group_size)
+        return rtn.to_rows(w, self.qargs.group_size)
 
     def weight_from_rows(self, rows: Tensor) -> Tensor:
         """Inverse of :meth:`weight_rows`: (R, L) rows back to the weight's shape, padding dropped."""
-        return rtn.from_rows(rows, self.weight.shape, self.wscheme.group_size)
+        return rtn.from_rows(rows, self.weight.shape, self.qargs.group_size)
 
     def weight_row_mask(self) -> Tensor | None:
         """Bool (R, L): True on real weights, False on padding; None when there is no padding."""
-        return rtn.rows_mask(self.weight.shape[0], self.weight[0].numel(), self.wscheme.group_size,
+        return rtn.rows_mask(self.weight.shape[0], self.weight[0].numel(), self.qargs.group_size,
                              self.weight.device)
 
     def per_row(self, fn: Callable[[Tensor], tuple[Tensor, ...]], rows: Tensor) -> tuple[Tensor, ...]:
         """:func:`nnsqueeze.ops.rtn.per_group` on the (R, L) rows of :meth:`weight_rows`."""
-        return rtn.per_group(fn, rows, self.weight[0].numel(), self.wscheme.group_size)
+        return rtn.per_group(fn, rows, self.weight[0].numel(), self.qargs.group_size)

@@ -30,8 +30,11 @@ decoded in the graph and run in float kernels, computing exactly the simulated n
 
 from __future__ import annotations
 
+import functools
 from dataclasses import asdict, dataclass
 from typing import Any
+
+from pydantic import ValidationError
 
 from .args import QuantArgs
 
@@ -60,29 +63,33 @@ class WeightScheme:
             raise ValueError(f"group_size must be >= 1, got {self.group_size}")
         if self.levels not in LEVELS:
             raise ValueError(f"levels must be one of {LEVELS}, got {self.levels!r}")
-        if self.levels == "nf4" and self.bits != 4:
-            raise ValueError("levels nf4 is a 4-bit table: use bits 4")
         if self.clip not in CLIPS:
             raise ValueError(f"clip must be one of {CLIPS}, got {self.clip!r}")
-        if self.clip != "none" and self.levels != "uniform":
-            raise ValueError("clip: mse applies to uniform levels only")
+        try:  # the combinations (nf4 is 4-bit, clip needs uniform levels) are QuantArgs' rules
+            _args(self)
+        except ValidationError as e:
+            raise ValueError(e.errors()[0]["msg"].removeprefix("Value error, ")) from None
 
     @property
     def int8_kernels(self) -> bool:
         """True when ONNX Runtime can run the weight as int8 codes (QLinearConv/QGemm)."""
-        return self.levels == "uniform" and self.symmetric and self.granularity != "per-group"
+        return self.args().int8_kernels
 
     def describe(self) -> str:
+        """The record / report spelling (``w4 per-channel sym``); :meth:`QuantArgs.describe` is the new one."""
         g = f"g{self.group_size}" if self.granularity == "per-group" else self.granularity
-        kind = ("sym" if self.symmetric else "asym") if self.levels == "uniform" else self.levels
         clip = " mse-clip" if self.clip == "mse" else ""
-        return f"w{self.bits} {g} {kind}{clip}"
+        return f"w{self.bits} {g} {self.args().grid_text}{clip}"
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
     def args(self) -> QuantArgs:
-        """This scheme as :class:`~nnsqueeze.quant.args.QuantArgs` (the one scheme type)."""
+        """This scheme as :class:`~nnsqueeze.quant.args.QuantArgs` (the one scheme type); one object
+        per scheme (cached: the layers read it on every forward)."""
+        return _args(self)
+
+    def _to_args(self) -> QuantArgs:
         return QuantArgs(bits=self.bits, symmetric=self.symmetric, granularity=self.granularity,
                          group_size=self.group_size, levels=self.levels, clip=self.clip)
 
@@ -98,3 +105,8 @@ class WeightScheme:
     @classmethod
     def from_dict(cls, d: dict[str, Any] | None, bits: int = 8) -> "WeightScheme":
         return cls(**d) if d else cls(bits=bits)
+
+
+@functools.lru_cache(maxsize=None)
+def _args(scheme: WeightScheme) -> QuantArgs:
+    return scheme._to_args()

@@ -32,6 +32,7 @@ from torch import nn
 from ..ops.int4 import pack_int4, unpack_int4
 from ..ops.rtn import QuantGrid, dequantize_groups, quantize_groups
 from ..ops.quant import sqnr_db
+from .args import QuantArgs, weight_only_args
 from .protocol import Packable, QuantizedModule
 from .swap import swap_class
 
@@ -98,6 +99,12 @@ class WeightOnlyLinear(QuantizedModule, Packable, nn.Linear):
         self.register_buffer("weight_scale_", torch.ones(n, groups, device=dev))
         self.register_buffer("weight_zero_point_", torch.zeros(n, groups, dtype=torch.uint8, device=dev))
         self.refresh_weight_qparams_()
+
+    @property
+    def qargs(self) -> QuantArgs:
+        """int ``bits``, ``group(group_size)`` (channel: one group per row); activations stay float.
+        Stored as unsigned codes (``MatMulNBits``' layout) whatever ``symmetric`` says."""
+        return weight_only_args(self.bits, self.group_size, self.symmetric)
 
     @torch.no_grad()
     def refresh_weight_qparams_(self) -> None:

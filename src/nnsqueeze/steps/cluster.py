@@ -78,6 +78,12 @@ class ClusteredMixin(QuantizedModule, Packable):
 
     centroids: nn.Parameter
 
+    @property
+    def qargs(self) -> None:
+        """None: a k-entry centroid table shared by the whole layer, with its own codes, is no
+        :class:`~nnsqueeze.quant.args.QuantArgs` scheme (it has no scale or bit width)."""
+        return None
+
     def dequantized_weight(self) -> torch.Tensor:
         return self._decoded()
 

@@ -32,12 +32,12 @@ def format_bytes(layer: nn.Module, fmt: str) -> int:
         return 4 * (n_w + n_b)
     if fmt in HALF_FORMATS:  # the half step stores weight and bias in 16 bits
         return 2 * (n_w + n_b)
-    bits = FORMATS[fmt]["bits"]
-    codes = (n_w + 1) // 2 if bits <= 4 else n_w
+    args = FORMATS[fmt]
+    codes = (n_w + 1) // 2 if args.bits <= 4 else n_w
     rows = layer.weight.shape[0]
-    group = FORMATS[fmt].get("group_size")   # per-group: one fp32 scale per group of each row
+    group = args.group_size   # per-group: one fp32 scale per group of each row
     scales = rows * (-(-(n_w // rows) // group) if group else 1)
-    return codes + 4 * scales + 4 * n_b + (64 if FORMATS[fmt].get("levels") else 0)
+    return codes + 4 * scales + 4 * n_b + (64 if args.nonuniform else 0)
 
 
 def cheapest_allocation(options: dict[str, list[tuple[str, int, float]]], limit: float,

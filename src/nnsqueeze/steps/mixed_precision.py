@@ -99,10 +99,10 @@ class MixedPrecision(Step):
         return float_onnx_limit(list(self.config.formats))
 
     def _qconfig(self, alloc: dict[str, str]) -> Any:
-        from ..sensitivity import FORMATS
+        from ..sensitivity import FORMATS, quantize_weights
 
         ints = [n for n, f in alloc.items() if f in FORMATS]
-        lw = {n: {**FORMATS[alloc[n]], "reduce_range": self._rr} for n in ints}
+        lw = {n: {**quantize_weights(FORMATS[alloc[n]]), "reduce_range": self._rr} for n in ints}
         return Quantize.Config.model_validate({
             "targets": ints or list(self.config.targets),
             "ignore": list(self.config.ignore) + [n for n in alloc if n not in lw], "layer_weights": lw,

@@ -69,7 +69,7 @@ class QatConfig(QuantizeConfig):
 
 def add_lsq_(layer: nn.Module) -> None:
     """Learnable step sizes initialized from the calibrated scales (uniform weight grids only)."""
-    if layer.wscheme.levels == "uniform" and "weight_step" not in layer._parameters:
+    if not layer.qargs.nonuniform and "weight_step" not in layer._parameters:
         layer.register_parameter("weight_step", nn.Parameter(layer.weight_scale_.detach().clone()))
     for which in ("input", "output"):
         buf = layer._buffers.get(f"{which}_scale_")
@@ -122,7 +122,7 @@ def grid_distance(layer: nn.Module) -> torch.Tensor:
     rows = layer.weight_rows(w)
     s = layer.weight_scale_.detach()
     with torch.no_grad():
-        if layer.wscheme.levels != "uniform":
+        if layer.qargs.nonuniform:
             q = fake_quantize_levels(rows, s, layer.weight_levels_, axis=0)
         else:
             qmin, qmax = layer.weight_qrange

@@ -72,6 +72,7 @@ from ..data import as_batches, call_model, forward_samples, split, take, to_devi
 from ..errors import DataError, ModelError, RecipeError
 from ..isa import weight_range
 from ..quant.fold import fold_batchnorm, refold_structure
+from ..quant.protocol import layer_bits
 from ..quant.convert import convert
 from ..quant.modules import MODULE_MAP
 from ..quant.act_scheme import ActScheme
@@ -161,7 +162,7 @@ def _mark_float_boundaries(mods: list[nn.Module]) -> None:
     then, which deep nets amplify on some outputs (EfficientNet-Lite0, 3 such layers: up to 0.31 on
     the logits, 4 steps are 0.25). The export then checks the mean difference, as for dynamic
     quantization; all-integer models keep the max check (exact integer simulation)."""
-    wide = [m for m in mods if m.ascheme.bits > 8]
+    wide = [m for m in mods if m.act_qargs.bits > 8]
     if wide and len(wide) < len(mods):
         for m in wide:
             m.onnx_verify_mean = True
@@ -216,7 +217,7 @@ class Quantize(Step):
                 weight_scheme(w)
             except ValueError as e:
                 raise RecipeError(f"{where}.{key}", str(e), fix=f"supported: {SUPPORTED_TEXT}") from None
-            if w.adaround is not None and w.levels != "uniform":
+            if w.adaround is not None and weight_scheme(w).args().nonuniform:
                 raise RecipeError(f"{where}.{key}.adaround", "AdaRound learns rounding on a uniform grid",
                                   fix="use levels: uniform with adaround, or drop adaround")
         acts = [("activations", a)] + [(f"layer_activations.{k}", v) for k, v in self.config.layer_activations.items()]
@@ -416,12 +417,10 @@ class Quantize(Step):
                 record_layers[lname]["weight_shape"] = list(mod.weight.shape)
             sqnr = mod.weight_sqnr_db()
             extra = {"adaround": adaround_stats[lname]} if lname in adaround_stats else {}
-            asch = mod.ascheme
-            ctx.report.layer(lname, bits=mod.weight_bits, act_bits=asch.bits,
-                             scheme=f"{sch.describe()} / {asch.describe()}",
-                             ort_kernels="int8" if sch.int8_kernels and asch.int8_kernels else (
-                                 "float (16-bit activations)" if not asch.int8_kernels
-                                 else "float (weights pre-quantized)"),
+            asch, wide = mod.ascheme, mod.act_qargs.bits > 8   # 16-bit codes: no int8 kernels
+            ctx.report.layer(lname, **layer_bits(mod), scheme=f"{sch.describe()} / {asch.describe()}",
+                             ort_kernels="int8" if mod.qargs.int8_kernels and not wide else (
+                                 "float (16-bit activations)" if wide else "float (weights pre-quantized)"),
                              weight_sqnr_db=round(sqnr, 2) if sqnr == sqnr and abs(sqnr) != float("inf") else None,
                              **extra)
         if not record_layers:

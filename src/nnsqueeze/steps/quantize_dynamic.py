@@ -61,6 +61,7 @@ from ..isa import weight_range
 from ..llm.smoothquant import AbsMaxAccumulator, smooth_scales
 from ..ops.dynamic import outlier_channels
 from ..quant.args import QuantArgs
+from ..quant.protocol import layer_bits
 from ..quant.convert import DYNAMIC_UINT8, convert
 from ..quant.dynamic import dynamic_fake_linear
 from ..quant.embedding import convert_embeddings, rebuild_embeddings
@@ -180,7 +181,7 @@ class QuantizeDynamic(Step):
                 extra["float_channels"] = len(idx)
             sqnr = mod.weight_sqnr_db()
             kind = f"w{bits} per-channel {'sym' if signed else 'asym'}"
-            ctx.report.layer(lname, bits=bits, act_bits=8, scheme=f"{kind} / a8 dynamic per-tensor asym",
+            ctx.report.layer(lname, **layer_bits(mod), scheme=f"{kind} / a8 dynamic per-tensor asym",
                              weight_sqnr_db=round(sqnr, 2) if abs(sqnr) != float("inf") and sqnr == sqnr else None,
                              **extra)
         if not layers:

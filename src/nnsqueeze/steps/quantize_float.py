@@ -40,6 +40,7 @@ from ..data import forward_samples
 from ..errors import DataError, ModelError, RecipeError
 from ..ops.quant import sqnr_db
 from ..quant.args import QuantArgs
+from ..quant.protocol import layer_bits
 from ..quant.convert import convert
 from ..quant.floatq import FLOAT_MODULE_MAP
 from ..registry import OBSERVERS
@@ -90,7 +91,7 @@ def run_float(step: Any, model: nn.Module, ctx: Any, layers: list[tuple[str, nn.
         record_layers[lname] = {"type": mod._float_class.__name__, "weights": wargs.to_dict(),
                                 "activations": None if aargs is None else aargs.to_dict()}
         sqnr = sqnr_db(refs[lname], mod.dequantized_weight().detach())
-        ctx.report.layer(lname, bits=wargs.bits, act_bits=None if aargs is None else aargs.bits,
+        ctx.report.layer(lname, **layer_bits(mod),
                          scheme=f"{wargs.describe()} / {aargs.describe() if aargs else 'float activations'}",
                          ort_kernels="float (fp8 Q/DQ)" if mod.onnx_unsupported is None else "none on CPU",
                          weight_sqnr_db=round(sqnr, 2) if sqnr == sqnr and abs(sqnr) != float("inf") else None)

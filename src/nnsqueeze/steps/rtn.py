@@ -55,6 +55,7 @@ from ..llm.sequential import find_blocks, get_weight, is_linear, set_weight
 from ..ops.quant import sqnr_db
 from ..ops.rtn import rtn_quantize
 from ..quant.embedding import convert_embeddings, rebuild_embeddings
+from ..quant.protocol import layer_bits
 from ..quant.convert import convert, weight_only_args
 from ..quant.weight_only import WeightOnlyLinear
 from ..registry import STEPS
@@ -321,7 +322,7 @@ class WeightOnly(RTN):
         c = self.config
         convert(mod, weight_only_args(c.bits, c.group_size, c.symmetric))
         sqnr = mod.weight_sqnr_db()
-        ctx.report.layer(name, bits=c.bits, act_bits=None, scheme=self._scheme_text(),
+        ctx.report.layer(name, **layer_bits(mod), scheme=self._scheme_text(),
                          weight_sqnr_db=round(sqnr, 2) if abs(sqnr) != float("inf") and sqnr == sqnr else None)
 
     def finish(self, model: nn.Module, ctx: Any) -> None:

@@ -83,6 +83,15 @@ class SharedMixin(Packable):
             if key in sd and prefix + attr not in sd:
                 sd[prefix + attr] = sd[key]
 
+    def pack(self) -> dict[str, torch.Tensor]:
+        """Refused: the tied tensors are stored under the leader's keys, outside this layer."""
+        raise ModelError(type(self).__name__, f"its {', '.join(self.shared_from_)} are stored under "
+                         f"{', '.join(self.shared_from_.values())}, another layer's keys",
+                         fix="pack the whole model's state dict (nnsqueeze.artifact.pack_state)")
+
+    def unpack(self, packed: Any) -> None:
+        self.pack()  # the same refusal
+
 
 # __module__ given: ABCMeta (Packable's metaclass) would otherwise name the creating frame's module, abc
 _CLASSES: dict[type, type] = {b: type(f"Shared{b.__name__}", (SharedMixin, b), {"__module__": __name__})
