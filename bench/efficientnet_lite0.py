@@ -29,6 +29,7 @@ import statistics
 import sys
 import tempfile
 import time
+from collections import Counter
 from datetime import date
 
 import numpy as np
@@ -38,7 +39,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import nnsqueeze as nsq  # noqa: E402
 from nnsqueeze.env import cpu_model  # noqa: E402
-from nnsqueeze.export.ort import OrtModule, make_session  # noqa: E402
+from nnsqueeze.export.ort import OrtModule, make_session, optimized_op_types  # noqa: E402
 from nnsqueeze.isa import describe  # noqa: E402
 
 from demo_vs_ort import ort_static  # noqa: E402
@@ -158,6 +159,9 @@ def evaluate(run: dict, args) -> None:
             timing = "- | - | - | -"
         print(f"| {k} | {100 * agree:.1f}% | {kl(ref, out):.4f} | {timing} | {sizes[k]:,} | "
               f"{secs.get(k, 0):.0f} |")
+    for k, p in paths.items():  # what ORT runs after its fusions: float ops between int8 kernels cost time
+        ops = Counter(optimized_op_types(p))
+        print(f"# {k}: ORT runs " + ", ".join(f"{o} x{c}" for o, c in sorted(ops.items())))
     for k, sim in sims.items():
         d = (outs[k] - sim).abs()
         step = float(sim.max() - sim.min()) / 255

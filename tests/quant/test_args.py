@@ -155,6 +155,7 @@ _A8 = QuantArgs(bits=8, symmetric=False, granularity="tensor", observer="minmax"
 PRESETS = {  # preset -> [(step, part, QuantArgs)]; part: weights / activations / args / activation_args
     "int8": [("quantize", "weights", _W8), ("quantize", "activations", _A8)],
     "int8-mobile": [("quantize", "weights", _W8), ("quantize", "activations", _A8)],
+    "int8-residual": [("quantize", "weights", _W8), ("quantize", "activations", _A8)],
     "prune-int8": [("quantize", "weights", _W8), ("quantize", "activations", _A8)],
     "w4a8-adaround": [("quantize", "weights", QuantArgs(bits=4, clip="mse")), ("quantize", "activations", _A8)],
     "int4-qat": [("qat", "weights", QuantArgs(bits=4)), ("qat", "activations", _A8)],

@@ -131,13 +131,31 @@ class OpQuant(ActQuantState, QuantizedOp):
 
 
 class QuantAdd(OpQuant):
-    """``a + b`` with both inputs and the output fake-quantized (ORT: ``QLinearAdd``)."""
+    """``a + b`` with both inputs and the output fake-quantized (ORT: ``QLinearAdd``). In eval,
+    uint8 codes of two same-shape inputs add as ORT's kernel adds them
+    (:func:`~nnsqueeze.quant.integer.qlinear_add_codes`: float32 ratios and fmas, not
+    ``Q(DQ(a) + DQ(b))``, which lands on the other side of a rounding boundary now and then)."""
 
     kind = "add"
     quant_output = True
 
     def _op(self, a, b):
         return a + b
+
+    def forward(self, a: Any, b: Any) -> Any:
+        if self._observers is not None or self.unsupported_ is not None or self.training \
+                or torch.onnx.is_in_onnx_export() or not self.ascheme.is_default \
+                or not (isinstance(a, Tensor) and isinstance(b, Tensor)) or a.shape != b.shape:
+            return super().forward(a, b)
+        from .integer import qlinear_add_codes
+
+        q = qlinear_add_codes(a, b, self.a_scale_, self.a_zero_point_, self.b_scale_, self.b_zero_point_,
+                              self.output_scale_, self.output_zero_point_, ACT_QMIN, ACT_QMAX)
+        y = ((q - self.output_zero_point_.float()) * self.output_scale_.float()).to(a.dtype)
+        if torch.is_grad_enabled() and (a.requires_grad or b.requires_grad):
+            y_sim = super().forward(a, b)  # same values, the float simulation's straight-through gradients
+            y = y_sim + (y - y_sim).detach()
+        return y
 
 
 class QuantMatMul(OpQuant):
@@ -248,6 +266,59 @@ def restore_op(gm: torch.fx.GraphModule, mod_name: str) -> None:
     gm.recompile()
 
 
+_PASS = (nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d)
+
+
+def _module(gm: torch.fx.GraphModule, node: Any) -> nn.Module | None:
+    return gm.get_submodule(node.target) if isinstance(node, torch.fx.Node) and node.op == "call_module" else None
+
+
+def tie_add_qparams(gm: torch.fx.GraphModule) -> int:
+    """Give each :class:`QuantAdd` input the output qparams of the quantized layer or add that
+    produces it, and each quantized layer reading an add's output (through Identity/Dropout/a zero
+    pad) that add's output qparams. Calibrated apart, the same tensor gets two slightly different
+    scales, and ONNX Runtime then runs a float DequantizeLinear -> QuantizeLinear between the
+    integer kernels; tied, the pair is an exact round trip that the export removes. Returns how
+    many qparam pairs were tied."""
+    from .modules import FakeQuantMixin
+
+    def source(node: Any) -> nn.Module | None:  # the quantized-output module a value comes from
+        m = _module(gm, node)
+        while isinstance(m, _PASS) and len(node.args) == 1:
+            node = node.args[0]
+            m = _module(gm, node)
+        if isinstance(m, QuantAdd) and m.unsupported_ is None and m.ascheme.is_default:
+            return m
+        if isinstance(m, FakeQuantMixin) and m.quant_output and m.ascheme.is_default:
+            return m
+        return None
+
+    def copy_from(dst: nn.Module, which: str, src: nn.Module) -> None:
+        dst._buffers[f"{which}_scale_"].copy_(src.output_scale_)
+        dst._buffers[f"{which}_zero_point_"].copy_(src.output_zero_point_)
+
+    tied = 0
+    with torch.no_grad():
+        for node in gm.graph.nodes:  # topological: a producer is tied before its readers copy from it
+            m = _module(gm, node)
+            if isinstance(m, QuantAdd) and m.unsupported_ is None and m.ascheme.is_default:
+                for which, arg in zip(("a", "b"), node.args[:2]):
+                    src = source(arg)
+                    if src is not None:
+                        copy_from(m, which, src)
+                        tied += 1
+            elif isinstance(m, FakeQuantMixin) and m.ascheme.is_default and node.args:
+                arg, pad = node.args[0], False
+                while isinstance(_module(gm, arg), (*_PASS, nn.ZeroPad2d, nn.ZeroPad1d)):
+                    pad = pad or not isinstance(_module(gm, arg), _PASS)
+                    arg = arg.args[0]
+                src = source(arg)
+                if isinstance(src, QuantAdd) and (not pad or int(src.output_zero_point_) in range(0, 256)):
+                    copy_from(m, "input", src)
+                    tied += 1
+    return tied
+
+
 def op_modules(model: nn.Module) -> list[tuple[str, OpQuant]]:
     return [(n, m) for n, m in model.named_modules() if isinstance(m, OpQuant)]
 
@@ -311,6 +382,8 @@ def quantize_ops(model: nn.Module, ops: Iterable[str], batches: list, make_obser
             if kept:
                 model = gm
                 record["fx"] = kept
+                if "add" in kept.values():
+                    figures["add_qparams_tied"] = tie_add_qparams(gm)
                 if not scheme.is_default:  # default records stay as they were
                     record["act_scheme"] = scheme.to_dict()
                 figures["quantized_ops"] = {k: sum(v == k for v in kept.values()) for k in fx_ops}
