@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from nnsqueeze.context import Context
+from nnsqueeze.errors import NnsqueezeError
 from nnsqueeze.llm import gemv, packed
 from nnsqueeze.llm.packed import PackedLinear, pack_linear_
 from nnsqueeze.llm.tiny import TinyLlama
@@ -144,3 +145,47 @@ def test_other_instruction_sets_match_float64(march, monkeypatch):
         bound = REL * (x.double().abs() @ w.double().abs().T) + 1e-7
         y = gemv.gemv(lib, bits, x, blob, s, z, gs, None, 2)
         assert ((y.double() - ref).abs() <= bound).all()
+
+
+@pytest.mark.parametrize("mode", packed.PREFILL_MODES)
+@pytest.mark.parametrize("n,k,g,bits,sym,bias", [(37, 301, -1, 4, False, True), (300, 130, 16, 4, True, False),
+                                                 (45, 200, 64, 8, False, True)])
+def test_prefill_paths_match_float64_without_a_whole_float_matrix(mode, n, k, g, bits, sym, bias, monkeypatch):
+    """Many rows: every prefill path against float64; ``tiles`` never dequantizes more than one tile."""
+    lib_or_skip()
+    monkeypatch.setenv("NNSQUEEZE_PACKED_PREFILL", mode)
+    monkeypatch.setattr(packed, "TILE_BYTES", 16 * 4 * k + 4 * k)   # 17 rows: several tiles and a short last one
+    torch.manual_seed(3)
+    layer, w = make_packed(n=n, k=k, g=g, bits=bits, sym=sym)
+    if not bias:
+        layer.bias = None
+    seen = []
+    real = gemv.dequantize
+    monkeypatch.setattr(gemv, "dequantize", lambda *a, **kw: seen.append(a[4].shape[0]) or real(*a, **kw))
+    x = torch.randn(2, 33, k, generator=torch.Generator().manual_seed(4))
+    ref = x.double() @ w.double().T + (layer.bias.double() if bias else 0)
+    bound = REL * (x.double().abs() @ w.double().abs().T) + 1e-6
+    with torch.no_grad():
+        y = layer(x)
+    assert y.shape == (2, 33, n) and y.is_contiguous() and ((y.double() - ref).abs() <= bound).all()
+    expected = {"tiles": [17] * (n // 17) + ([n % 17] if n % 17 else []), "codes": [], "full": [n]}[mode]
+    assert seen == expected
+
+
+def test_unknown_prefill_mode_is_logged(monkeypatch, caplog):
+    monkeypatch.setattr(packed, "_warned", set())
+    monkeypatch.setenv("NNSQUEEZE_PACKED_PREFILL", "bogus")
+    with caplog.at_level(logging.WARNING, logger="nnsqueeze"):
+        assert packed.prefill_mode() == "tiles"
+    assert any("NNSQUEEZE_PACKED_PREFILL='bogus'" in r.message for r in caplog.records)
+
+
+def test_dequantize_out_buffer_is_checked():
+    lib = lib_or_skip()
+    q, s, z = codes(5, 64, 32, 4, True)
+    blob = pack_int4(q)
+    with pytest.raises(NnsqueezeError, match="contiguous float32"):
+        gemv.dequantize(lib, 4, 64, blob, s, z, 32, 1, out=torch.empty(5, 63))
+    out = torch.empty(5, 64)
+    assert gemv.dequantize(lib, 4, 64, blob, s, z, 32, 1, out=out) is out
+    assert torch.equal(out, dequantize_groups(q, s, z, 32))

@@ -43,6 +43,8 @@ from pathlib import Path
 
 import torch
 
+from ..errors import ModelError
+
 SOURCE = r"""
 #include <stdint.h>
 #include <stdlib.h>
@@ -285,9 +287,16 @@ def gemv(lib, bits: int, x: torch.Tensor, codes: torch.Tensor, scale: torch.Tens
 
 
 def dequantize(lib, bits: int, k: int, codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
-               gsize: int, threads: int) -> torch.Tensor:
-    """float32 (N, K) ``(q - z) * s``: the same values as :func:`nnsqueeze.ops.rtn.dequantize_groups`."""
+               gsize: int, threads: int, out: torch.Tensor | None = None) -> torch.Tensor:
+    """float32 (N, K) ``(q - z) * s``: the same values as :func:`nnsqueeze.ops.rtn.dequantize_groups`.
+
+    ``codes``/``scale``/``zero`` may be a block of consecutive rows (a row slice stays contiguous);
+    ``out``, if given, is a contiguous float32 (N, K) buffer that is written and returned."""
     n = codes.shape[0]
-    out = torch.empty(n, k, dtype=torch.float32)
+    if out is None:
+        out = torch.empty(n, k, dtype=torch.float32)
+    elif out.shape != (n, k) or out.dtype != torch.float32 or not out.is_contiguous():
+        raise ModelError("gemv.dequantize", f"out is {out.dtype} {tuple(out.shape)}, contiguous={out.is_contiguous()}",
+                         fix=f"pass a contiguous float32 ({n}, {k}) tensor, or out=None")
     lib.nsq_dequant(bits, n, k, scale.shape[1], gsize, _ptr(codes), _ptr(scale), _ptr(zero), _ptr(out), threads)
     return out

@@ -22,8 +22,12 @@ float32 and ``weight_zero_point_`` (N, G) uint8. No float copy of the weight is 
 Forward (float32 activations on CPU, no gradient needed), by number of activation rows ``M``:
 
 - ``M <= SMALL_M`` (token-by-token decoding): :func:`nnsqueeze.llm.gemv.gemv` reads the codes;
-- larger ``M`` (prompt prefill, perplexity): the weight is dequantized into a temporary float32
-  matrix (one pass in C) and multiplied with ``F.linear``, which is faster once rows are many;
+- larger ``M`` (prompt prefill, perplexity), by ``NNSQUEEZE_PACKED_PREFILL``: ``tiles`` (default)
+  dequantizes blocks of output rows of about ``TILE_BYTES`` (cache-sized, one buffer reused) in C and
+  multiplies each with torch's float GEMM, so no whole float matrix is ever built; ``codes`` runs the
+  matrix-vector kernel over all ``M`` rows (a blocked int4 GEMM reading the codes: each weight row is
+  read once, converted once per activation row); ``full`` dequantizes the whole matrix per call (the
+  old path, kept for the benchmark). ``bench/smollm2_decode.py`` measures the three (BENCHMARKS.md);
 - anything else (no C compiler, CUDA tensors, other dtypes, autograd): dequantize with torch ops
   and ``F.linear``. This fallback is logged once as a warning (never silent); results are the same
   to float rounding, only slower.
@@ -56,6 +60,8 @@ Tensor = torch.Tensor
 log = logging.getLogger("nnsqueeze")
 
 SMALL_M = 4          # activation rows up to which the matrix-vector kernel beats dequantize + matmul
+TILE_BYTES = 1 << 18  # float32 bytes of one dequantized tile on the prefill path (fits L2)
+PREFILL_MODES = ("tiles", "codes", "full")
 _warned: set[str] = set()
 
 
@@ -85,6 +91,15 @@ def backend() -> tuple[str, object | None, str]:
             found = ("dequant", None, why) if lib is None else ("c", lib, "")
         _backends[want] = found
     return found
+
+
+def prefill_mode() -> str:
+    """``NNSQUEEZE_PACKED_PREFILL``: how the C backend multiplies many rows (see the module docstring)."""
+    mode = os.environ.get("NNSQUEEZE_PACKED_PREFILL", "tiles")
+    if mode not in PREFILL_MODES:
+        _warn_once(f"prefill{mode}", f"NNSQUEEZE_PACKED_PREFILL={mode!r} is not one of {PREFILL_MODES}: using 'tiles'")
+        return "tiles"
+    return mode
 
 
 def fallback_reason() -> str | None:
@@ -130,10 +145,8 @@ class PackedLinear(WeightOnlyLinear):
             if x2.shape[0] <= SMALL_M:  # token-by-token decoding: read the codes directly
                 y = _gemv.gemv(lib, self.bits, x2, self.weight, self.weight_scale_, self.weight_zero_point_,
                                self._gsize(), self.bias, threads)
-            else:                       # many rows: one dequantization, then a float matmul
-                w = _gemv.dequantize(lib, self.bits, k, self.weight, self.weight_scale_, self.weight_zero_point_,
-                                     self._gsize(), threads)
-                y = F.linear(x2, w, self.bias)
+            else:                       # many rows (prefill)
+                y = self._prefill(lib, x2, threads)
             return y.reshape(*x.shape[:-1], self.out_features)
         if fast and name == "dequant":
             _warn_once("kernel", f"packed int{self.bits} kernel unavailable ({why}): PackedLinear dequantizes its "
@@ -151,6 +164,26 @@ class PackedLinear(WeightOnlyLinear):
         else:
             y = F.linear(x2, self.dequantized_weight().to(x.dtype), self.bias)
         return y.reshape(*x.shape[:-1], self.out_features)
+
+    # -- many activation rows ----------------------------------------------------------------
+    def _prefill(self, lib, x2: Tensor, threads: int) -> Tensor:
+        mode = prefill_mode()
+        k, n, gs = self.in_features, self.out_features, self._gsize()
+        w, s, z = self.weight, self.weight_scale_, self.weight_zero_point_
+        if mode == "codes":
+            return _gemv.gemv(lib, self.bits, x2, w, s, z, gs, self.bias, threads)
+        if mode == "full":
+            return F.linear(x2, _gemv.dequantize(lib, self.bits, k, w, s, z, gs, threads), self.bias)
+        rows = min(n, max(16, TILE_BYTES // (4 * k)))
+        buf = torch.empty(rows, k, dtype=torch.float32)
+        yt = torch.empty(n, x2.shape[0], dtype=torch.float32)          # y transposed: tiles write whole rows
+        xt = x2.T
+        for a in range(0, n, rows):
+            b = min(n, a + rows)
+            tile = _gemv.dequantize(lib, self.bits, k, w[a:b], s[a:b], z[a:b], gs, threads, out=buf[:b - a])
+            torch.mm(tile, xt, out=yt[a:b])
+        y = yt.T.contiguous()
+        return y.add_(self.bias) if self.bias is not None else y
 
     # -- torch's own int4 CPU kernel (benchmark comparison) ------------------------------------
     def _aten_ok(self) -> bool:
