@@ -36,6 +36,12 @@ An optional ``input_scale_`` buffer (in,) (AWQ with ``pack: true``, :func:`add_i
 the input first: the codes then quantize ``W * s`` and the layer computes ``(x / s) @ Q(W * s).T``
 (the ONNX export emits the same ``Div`` before ``MatMulNBits``).
 
+``NNSQUEEZE_PACKED_ACT=int8`` (opt-in) makes the decode path round each activation row to int8 per
+weight group (scale absmax / 127) and use integer dot products (AVX512-VNNI / AVX-VNNI, or AVX2 for
+int4 codes), as llama.cpp does for Q4 weights: several times less work per weight than converting
+codes to float, at an added error of at most ``absmax_g / 254`` per input (:func:`nnsqueeze.llm.gemv.gemv_a8`);
+where the build has no such path, the float kernel runs (logged once).
+
 ``NNSQUEEZE_PACKED_BACKEND`` selects the kernel: ``auto`` (default, the C kernel), ``aten`` (torch's
 ``_weight_int4pack_mm_for_cpu``, kept for the benchmark: int4 only, a group size of 32..256 dividing
 K, and it builds its own repacked copy of the weight; other layers dequantize, logged), or
@@ -143,8 +149,7 @@ class PackedLinear(WeightOnlyLinear):
         if name == "c":
             x2, threads = x2.contiguous(), torch.get_num_threads()
             if x2.shape[0] <= SMALL_M:  # token-by-token decoding: read the codes directly
-                y = _gemv.gemv(lib, self.bits, x2, self.weight, self.weight_scale_, self.weight_zero_point_,
-                               self._gsize(), self.bias, threads)
+                y = self._decode(lib, x2, threads)
             else:                       # many rows (prefill)
                 y = self._prefill(lib, x2, threads)
             return y.reshape(*x.shape[:-1], self.out_features)
@@ -164,6 +169,17 @@ class PackedLinear(WeightOnlyLinear):
         else:
             y = F.linear(x2, self.dequantized_weight().to(x.dtype), self.bias)
         return y.reshape(*x.shape[:-1], self.out_features)
+
+    def _decode(self, lib, x2: Tensor, threads: int) -> Tensor:
+        args = (self.bits, x2, self.weight, self.weight_scale_, self.weight_zero_point_, self._gsize(), self.bias,
+                threads)
+        if os.environ.get("NNSQUEEZE_PACKED_ACT", "float") == "int8":
+            y = _gemv.gemv_a8(lib, *args)
+            if y is not None:
+                return y
+            _warn_once(f"a8-{self.bits}", f"NNSQUEEZE_PACKED_ACT=int8: no integer kernel for int{self.bits} codes "
+                       "on this CPU build (needs AVX2; int8 codes need VNNI): float activations instead")
+        return _gemv.gemv(lib, *args)
 
     # -- many activation rows ----------------------------------------------------------------
     def _prefill(self, lib, x2: Tensor, threads: int) -> Tensor:
