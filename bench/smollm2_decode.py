@@ -95,10 +95,13 @@ def bytes_per_token(model, context: int) -> int:
 
 
 @torch.no_grad()
-def decode(model, prompt, new: int) -> tuple[float, list[int]]:
-    """(seconds for ``new`` greedy single-token steps after the prefill, the tokens)."""
+def decode(model, prompt, new: int, on_start=None) -> tuple[float, list[int]]:
+    """(seconds for ``new`` greedy single-token steps after the prefill, the tokens); ``on_start()`` is
+    called between the prefill and the first step."""
     out = model(prompt, use_cache=True)
     past, tok, toks = out.past_key_values, out.logits[:, -1:].argmax(-1), []
+    if on_start:
+        on_start()
     t = time.perf_counter()
     for _ in range(new):
         out = model(tok, past_key_values=past, use_cache=True)
@@ -116,6 +119,39 @@ def prefill_rate(model, prompt, runs: int) -> float:
         model(prompt, use_cache=True)
         times.append(time.perf_counter() - t)
     return prompt.shape[1] / statistics.median(times)
+
+
+@torch.no_grad()
+def breakdown(model, prompt, new: int) -> dict[str, float]:
+    """Milliseconds per decode step in: the decoder blocks' Linears, lm_head, attention without its
+    projections, and everything else (norms, MLP activation, rotary, cache, Python), by forward hooks."""
+    spent = {"block Linears": 0.0, "lm_head": 0.0, "attention core": 0.0}
+    start: dict[int, float] = {}
+
+    def pre(mod, *_):
+        start[id(mod)] = time.perf_counter()
+
+    def post(key, sign=1.0):
+        def hook(mod, *_):
+            spent[key] += sign * (time.perf_counter() - start[id(mod)])
+        return hook
+
+    hooks = []
+    for name, mod in model.named_modules():
+        key = ("lm_head" if name == "lm_head" else "block Linears" if isinstance(mod, nn.Linear)
+               else "attention core" if name.endswith("self_attn") else None)
+        if key:
+            hooks += [mod.register_forward_pre_hook(pre), mod.register_forward_hook(post(key))]
+        if key == "block Linears" and "self_attn" in name:          # projections are not the attention core
+            hooks.append(mod.register_forward_hook(post("attention core", -1.0)))
+    try:
+        total = decode(model, prompt, new, on_start=lambda: spent.update(dict.fromkeys(spent, 0.0)))[0]
+    finally:
+        for h in hooks:
+            h.remove()
+    out = {k: 1e3 * v / new for k, v in spent.items()}
+    out["everything else"] = 1e3 * total / new - sum(out.values())
+    return out
 
 
 def llama_cpp_rate(fp32, tok, prompt, new: int, runs: int, threads: int, tmp: Path) -> tuple[float | None, str]:
@@ -151,6 +187,7 @@ def main(argv=None) -> None:
     ap.add_argument("--runs", type=int, default=5)
     ap.add_argument("--new", type=int, default=32)
     ap.add_argument("--prefill-len", type=int, default=128)
+    ap.add_argument("--profile", action="store_true", help="only the per-step time breakdown (1st thread count)")
     ap.add_argument("--lock", default="/tmp/cpu.lock", help="file locked shared to prepare, exclusively to time")
     args = ap.parse_args(argv)
     lock = open(args.lock, "a+")
@@ -185,6 +222,19 @@ def main(argv=None) -> None:
           f"{cpu_model()} ({isa_flags()}); torch {torch.__version__}; {start}; prompt 16, {args.new} new tokens, "
           f"median of {args.runs}; int4 C kernel greedy tokens == dequantize-per-call: {same}; int8 activations: "
           f"first {agree} of {args.new} greedy tokens equal to float activations (int4 blocks, lm_head fp32)")
+    if args.profile:
+        torch.set_num_threads(args.threads[0])
+        print(f"\nms per decode step, {args.threads[0]} thread(s), forward hooks (median of {args.runs}):")
+        print("| variant | block Linears | lm_head | attention core | everything else | total |")
+        print("|---|---|---|---|---|---|")
+        for name, model, act in rows:
+            os.environ["NNSQUEEZE_PACKED_ACT"] = act
+            breakdown(model, prompt, 4)
+            runs = [breakdown(model, prompt, args.new) for _ in range(args.runs)]
+            cells = {k: statistics.median(r[k] for r in runs) for k in runs[0]}
+            print(f"| {name} | " + " | ".join(f"{v:.2f}" for v in cells.values()) + f" | {sum(cells.values()):.2f} |")
+        fcntl.flock(lock, fcntl.LOCK_UN)
+        return
     with tempfile.TemporaryDirectory() as tmp:
         for t in args.threads:
             torch.set_num_threads(t)
