@@ -206,7 +206,9 @@ def main(argv=None) -> None:
     gen = torch.Generator().manual_seed(0)
     prompt = torch.randint(5, fp32.config.vocab_size, (1, 16), generator=gen)
     long_prompt = torch.randint(5, fp32.config.vocab_size, (1, args.prefill_len), generator=gen)
-    # the C kernel must pick the greedy tokens of dequantize-per-call on the same packed model
+    # the C kernel must pick the greedy tokens of dequantize-per-call on the same packed model (one
+    # thread: this part is not timed and shares the machine)
+    torch.set_num_threads(1)
     os.environ["NNSQUEEZE_PACKED_BACKEND"] = "dequant"
     ref = decode(blocks, prompt, 8)[1]
     os.environ["NNSQUEEZE_PACKED_BACKEND"] = "auto"
