@@ -99,6 +99,23 @@ def backend() -> tuple[str, object | None, str]:
     return found
 
 
+_export_check: list = []
+
+
+def _in_onnx_export() -> bool:
+    """``torch.onnx.is_in_onnx_export()`` without the two imports it runs on every call (the decode
+    path asks ~200 times per token); the public function where torch's internals differ."""
+    if not _export_check:
+        try:
+            from torch.onnx._internal.exporter import _flags
+            from torch.onnx._internal.torchscript_exporter._globals import GLOBALS
+
+            _export_check.append(lambda: GLOBALS.in_onnx_export or _flags._is_onnx_exporting)
+        except ImportError:
+            _export_check.append(torch.onnx.is_in_onnx_export)
+    return _export_check[0]()
+
+
 def prefill_mode() -> str:
     """``NNSQUEEZE_PACKED_PREFILL``: how the C backend multiplies many rows (see the module docstring)."""
     mode = os.environ.get("NNSQUEEZE_PACKED_PREFILL", "tiles")
@@ -138,11 +155,12 @@ class PackedLinear(WeightOnlyLinear):
         s_in = self._buffers.get("input_scale_")
         if s_in is not None:  # AWQ: the codes quantize W * s, so the input is divided by s first
             x = x / s_in
-        if torch.onnx.is_in_onnx_export():
+        if _in_onnx_export():
             return self._export_forward(x)
-        fast = (x.dtype == torch.float32 and x.device.type == "cpu" and self.weight.device.type == "cpu"
-                and self.weight_scale_.dtype == torch.float32
-                and (self.bias is None or self.bias.dtype == torch.float32)
+        bufs, bias = self._buffers, self.bias
+        fast = (x.dtype == torch.float32 and x.device.type == "cpu" and bufs["weight"].device.type == "cpu"
+                and bufs["weight_scale_"].dtype == torch.float32
+                and (bias is None or bias.dtype == torch.float32)
                 and not (x.requires_grad and torch.is_grad_enabled()))
         name, lib, why = backend() if fast else ("dequant", None, "")
         x2 = x.reshape(-1, k)
