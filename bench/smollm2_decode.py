@@ -192,6 +192,7 @@ def main(argv=None) -> None:
     args = ap.parse_args(argv)
     lock = open(args.lock, "a+")
     fcntl.flock(lock, fcntl.LOCK_SH)
+    torch.set_num_threads(1)            # preparing is not timed and shares the machine
     fp32, tok = load_model(str(smollm2.model_dir()))
     fp32.eval()
     blocks = quantize(copy.deepcopy(fp32), [("rtn", G64)])
@@ -206,9 +207,21 @@ def main(argv=None) -> None:
     gen = torch.Generator().manual_seed(0)
     prompt = torch.randint(5, fp32.config.vocab_size, (1, 16), generator=gen)
     long_prompt = torch.randint(5, fp32.config.vocab_size, (1, args.prefill_len), generator=gen)
-    # the C kernel must pick the greedy tokens of dequantize-per-call on the same packed model (one
-    # thread: this part is not timed and shares the machine)
-    torch.set_num_threads(1)
+    if args.profile:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        torch.set_num_threads(args.threads[0])
+        print(f"\nms per decode step, {args.threads[0]} thread(s), forward hooks (median of {args.runs}):")
+        print("| variant | block Linears | lm_head | attention core | everything else | total |")
+        print("|---|---|---|---|---|---|")
+        for name, model, act in rows:
+            os.environ["NNSQUEEZE_PACKED_ACT"] = act
+            breakdown(model, prompt, 4)
+            runs = [breakdown(model, prompt, args.new) for _ in range(args.runs)]
+            cells = {k: statistics.median(r[k] for r in runs) for k in runs[0]}
+            print(f"| {name} | " + " | ".join(f"{v:.2f}" for v in cells.values()) + f" | {sum(cells.values()):.2f} |")
+        fcntl.flock(lock, fcntl.LOCK_UN)
+        return
+    # the C kernel must pick the greedy tokens of dequantize-per-call on the same packed model
     os.environ["NNSQUEEZE_PACKED_BACKEND"] = "dequant"
     ref = decode(blocks, prompt, 8)[1]
     os.environ["NNSQUEEZE_PACKED_BACKEND"] = "auto"
@@ -224,19 +237,6 @@ def main(argv=None) -> None:
           f"{cpu_model()} ({isa_flags()}); torch {torch.__version__}; {start}; prompt 16, {args.new} new tokens, "
           f"median of {args.runs}; int4 C kernel greedy tokens == dequantize-per-call: {same}; int8 activations: "
           f"first {agree} of {args.new} greedy tokens equal to float activations (int4 blocks, lm_head fp32)")
-    if args.profile:
-        torch.set_num_threads(args.threads[0])
-        print(f"\nms per decode step, {args.threads[0]} thread(s), forward hooks (median of {args.runs}):")
-        print("| variant | block Linears | lm_head | attention core | everything else | total |")
-        print("|---|---|---|---|---|---|")
-        for name, model, act in rows:
-            os.environ["NNSQUEEZE_PACKED_ACT"] = act
-            breakdown(model, prompt, 4)
-            runs = [breakdown(model, prompt, args.new) for _ in range(args.runs)]
-            cells = {k: statistics.median(r[k] for r in runs) for k in runs[0]}
-            print(f"| {name} | " + " | ".join(f"{v:.2f}" for v in cells.values()) + f" | {sum(cells.values()):.2f} |")
-        fcntl.flock(lock, fcntl.LOCK_UN)
-        return
     with tempfile.TemporaryDirectory() as tmp:
         for t in args.threads:
             torch.set_num_threads(t)
