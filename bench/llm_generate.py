@@ -226,8 +226,16 @@ def main() -> None:
     ap.add_argument("--variants", type=int, nargs="+", help="rows to run (indices, default all); 0 = fp32 always runs")
     ap.add_argument("--memory", action="store_true", help="also the peak-memory tables (subprocesses)")
     ap.add_argument("--memory-only", action="store_true")
+    ap.add_argument("--model", choices=["pylm", "smollm2"], default="pylm",
+                    help="smollm2: decode speed at the memory limit on SmolLM2-135M (bench/smollm2_decode.py)")
     ap.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.model == "smollm2":
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        from smollm2_decode import main as smollm2_main
+
+        smollm2_main(["--threads", *map(str, args.threads), "--runs", str(args.runs), "--new", str(args.new)])
+        return
     if args.child:
         kind, *rest = args.child
         r = (child_compress(rest[0], rest[1], rest[2], rest[3] or None) if kind == "compress"

@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from nnsqueeze.context import Context
+from nnsqueeze.errors import NnsqueezeError
 from nnsqueeze.llm import gemv, packed
 from nnsqueeze.llm.packed import PackedLinear, pack_linear_
 from nnsqueeze.llm.tiny import TinyLlama
@@ -144,3 +145,112 @@ def test_other_instruction_sets_match_float64(march, monkeypatch):
         bound = REL * (x.double().abs() @ w.double().abs().T) + 1e-7
         y = gemv.gemv(lib, bits, x, blob, s, z, gs, None, 2)
         assert ((y.double() - ref).abs() <= bound).all()
+
+
+@pytest.mark.parametrize("mode", packed.PREFILL_MODES)
+@pytest.mark.parametrize("n,k,g,bits,sym,bias", [(37, 301, -1, 4, False, True), (300, 130, 16, 4, True, False),
+                                                 (45, 200, 64, 8, False, True)])
+def test_prefill_paths_match_float64_without_a_whole_float_matrix(mode, n, k, g, bits, sym, bias, monkeypatch):
+    """Many rows: every prefill path against float64; ``tiles`` never dequantizes more than one tile."""
+    lib_or_skip()
+    monkeypatch.setenv("NNSQUEEZE_PACKED_PREFILL", mode)
+    monkeypatch.setattr(packed, "TILE_BYTES", 16 * 4 * k + 4 * k)   # 17 rows: several tiles and a short last one
+    torch.manual_seed(3)
+    layer, w = make_packed(n=n, k=k, g=g, bits=bits, sym=sym)
+    if not bias:
+        layer.bias = None
+    seen = []
+    real = gemv.dequantize
+    monkeypatch.setattr(gemv, "dequantize", lambda *a, **kw: seen.append(a[4].shape[0]) or real(*a, **kw))
+    x = torch.randn(2, 33, k, generator=torch.Generator().manual_seed(4))
+    ref = x.double() @ w.double().T + (layer.bias.double() if bias else 0)
+    bound = REL * (x.double().abs() @ w.double().abs().T) + 1e-6
+    with torch.no_grad():
+        y = layer(x)
+    assert y.shape == (2, 33, n) and y.is_contiguous() and ((y.double() - ref).abs() <= bound).all()
+    expected = {"tiles": [17] * (n // 17) + ([n % 17] if n % 17 else []), "codes": [], "full": [n]}[mode]
+    assert seen == expected
+
+
+def test_unknown_prefill_mode_is_logged(monkeypatch, caplog):
+    monkeypatch.setattr(packed, "_warned", set())
+    monkeypatch.setenv("NNSQUEEZE_PACKED_PREFILL", "bogus")
+    with caplog.at_level(logging.WARNING, logger="nnsqueeze"):
+        assert packed.prefill_mode() == "tiles"
+    assert any("NNSQUEEZE_PACKED_PREFILL='bogus'" in r.message for r in caplog.records)
+
+
+def test_dequantize_out_buffer_is_checked():
+    lib = lib_or_skip()
+    q, s, z = codes(5, 64, 32, 4, True)
+    blob = pack_int4(q)
+    with pytest.raises(NnsqueezeError, match="contiguous float32"):
+        gemv.dequantize(lib, 4, 64, blob, s, z, 32, 1, out=torch.empty(5, 63))
+    out = torch.empty(5, 64)
+    assert gemv.dequantize(lib, 4, 64, blob, s, z, 32, 1, out=out) is out
+    assert torch.equal(out, dequantize_groups(q, s, z, 32))
+
+
+def a8_reference(x, w, gs):
+    """float64 y for ``x`` rounded to int8 per group (scale absmax / 127, ties to even) and the
+    closed-form bound of that rounding against the float64 product with the unrounded ``x``."""
+    m, k = x.shape
+    groups = -(-k // gs)
+    xp = torch.nn.functional.pad(x, (0, groups * gs - k)).view(m, groups, gs)
+    amax = xp.abs().amax(-1, keepdim=True)
+    inv = torch.where(amax > 0, 127.0 / amax, torch.zeros_like(amax))            # float32, as the kernel
+    xq = (torch.round(xp * inv).clamp(-127, 127).double() * (amax.double() / 127)).view(m, -1)[:, :k]
+    wg = torch.nn.functional.pad(w.abs(), (0, groups * gs - k)).view(w.shape[0], groups, gs).sum(-1).double()
+    return xq @ w.double().T, 0.5001 * (amax.squeeze(-1).double() / 127) @ wg.T
+
+
+@pytest.mark.parametrize("n,k,g,bits,sym", SHAPES + [(40, 576, 64, 4, True)])
+@pytest.mark.parametrize("march", ["native", "haswell", "x86-64"])   # VNNI (here), AVX2 maddubs, none
+def test_int8_activation_kernel_matches_float64(n, k, g, bits, sym, march, monkeypatch):
+    import platform
+    if march != "native" and platform.machine() != "x86_64":
+        pytest.skip("explicit -march builds are x86-64 only")
+    lib_or_skip()
+    monkeypatch.setattr(gemv, "FLAGS", ["-O3", f"-march={march}", "-fopenmp", "-fPIC", "-shared"])
+    monkeypatch.setattr(gemv, "_cache", {})
+    lib, why = gemv.load_kernel()
+    assert lib is not None, why
+    q, s, z = codes(n, k, g, bits, sym)
+    gs = k if g <= 0 else g
+    w = dequantize_groups(q, s, z, g)
+    blob = pack_int4(q) if bits == 4 else q
+    x = torch.randn(3, k, generator=torch.Generator().manual_seed(1))
+    x[1, :gs] = 0                                                                  # an all-zero group
+    bias = torch.randn(n, generator=torch.Generator().manual_seed(2))
+    for threads in (1, 2):
+        y = gemv.gemv_a8(lib, bits, x, blob, s, z, gs, bias, threads)
+        flags = open("/proc/cpuinfo").read() if march == "native" else ""
+        has_int = march == "haswell" and bits == 4 or march == "native" and (bits == 4 or "vnni" in flags)
+        if not has_int:
+            assert y is None                                                       # caller falls back
+            continue
+        emulated, bound = a8_reference(x, w, gs)
+        emulated = emulated + bias.double()
+        exact = x.double() @ w.double().T + bias.double()
+        fp_err = REL * (x.double().abs() @ w.double().abs().T) + 1e-6
+        assert y.shape == (3, n) and ((y.double() - emulated).abs() <= fp_err).all()   # the int8 rounding, nothing else
+        assert ((y.double() - exact).abs() <= bound + fp_err).all()                    # closed-form error bound
+
+
+def test_int8_activations_are_opt_in_and_fall_back_logged(monkeypatch, caplog):
+    lib_or_skip()
+    layer, w = make_packed(n=23, k=320, g=64, bits=4, sym=True)
+    x = torch.randn(1, 320, generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        y_float = layer(x)
+        monkeypatch.setenv("NNSQUEEZE_PACKED_ACT", "int8")
+        y_int8 = layer(x)
+        emulated, _ = a8_reference(x, w, 64)
+        assert not torch.equal(y_float, y_int8)
+        assert ((y_int8.double() - emulated - layer.bias.double()).abs()
+                <= REL * (x.double().abs() @ w.double().abs().T) + 1e-6).all()
+        monkeypatch.setattr(gemv, "gemv_a8", lambda *a: None)                     # a build without the path
+        monkeypatch.setattr(packed, "_warned", set())
+        with caplog.at_level(logging.WARNING, logger="nnsqueeze"):
+            assert torch.equal(layer(x), y_float)
+    assert any("float activations instead" in r.message for r in caplog.records)

@@ -8,7 +8,7 @@ only be faster if nothing unpacks the codes to a float matrix first. torch 2.13 
 BENCHMARKS.md), and they restrict shapes (N a multiple of 16, K a multiple of the group, groups
 32..256, int8 per-row only).
 
-The kernel below is ~130 lines of C (AVX-512 or AVX2/FMA intrinsics where the compiler targets
+The kernels below are ~240 lines of C (AVX-512 or AVX2/FMA intrinsics where the compiler targets
 them, plain loops elsewhere), compiled once with the system C compiler (``cc -O3 -march=native``,
 OpenMP over output rows) into ``$NNSQUEEZE_CACHE/kernels/`` (default
 ``~/.cache/nnsqueeze``), keyed by the source, the flags and the CPU's feature flags, and called
@@ -43,10 +43,13 @@ from pathlib import Path
 
 import torch
 
+from ..errors import ModelError
+
 SOURCE = r"""
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+#include <math.h>
 #if defined(__AVX512F__) && defined(__AVX512BW__)
 #include <immintrin.h>
 #define NSQ_SIMD 1
@@ -172,6 +175,120 @@ int nsq_gemv(int bits, int M, int N, int K, int G, int g, const uint8_t* W, cons
   return 0;
 }
 
+/* ---- int8 activations (opt-in): x rounded to int8 per group, integer dot products (as llama.cpp's Q8 x Q4) ----
+   Per group of the activation row: d = absmax / 127, xq = round(x / d) in [-127, 127]. Then
+   y[m, n] = sum_g s[n, g] d[m, g] (sum_{k in g} q[n, k] xq[k] - z[n, g] sum_{k in g} xq[k]) + b[n].
+   u8 x s8 products: AVX512-VNNI / AVX-VNNI vpdpbusd, or AVX2 vpmaddubsw + vpmaddwd (int4 codes only:
+   255 x 127 x 2 would saturate its 16-bit pair sums). */
+#if defined(__AVX2__) && ((defined(__AVX512VNNI__) && defined(__AVX512VL__)) || defined(__AVXVNNI__))
+#include <immintrin.h>
+#define NSQ_A8 1
+#define NSQ_A8_INT8 1
+#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
+static inline __m256i dp32(__m256i a, __m256i u, __m256i s) { return _mm256_dpbusd_epi32(a, u, s); }
+static inline __m128i dp16(__m128i a, __m128i u, __m128i s) { return _mm_dpbusd_epi32(a, u, s); }
+#else
+static inline __m256i dp32(__m256i a, __m256i u, __m256i s) { return _mm256_dpbusd_avx_epi32(a, u, s); }
+static inline __m128i dp16(__m128i a, __m128i u, __m128i s) { return _mm_dpbusd_avx_epi32(a, u, s); }
+#endif
+#elif defined(__AVX2__)
+#include <immintrin.h>
+#define NSQ_A8 1
+#define NSQ_A8_INT8 0
+static inline __m256i dp32(__m256i a, __m256i u, __m256i s) {
+  return _mm256_add_epi32(a, _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1)));
+}
+static inline __m128i dp16(__m128i a, __m128i u, __m128i s) {
+  return _mm_add_epi32(a, _mm_madd_epi16(_mm_maddubs_epi16(u, s), _mm_set1_epi16(1)));
+}
+#else
+#define NSQ_A8 0
+#define NSQ_A8_INT8 0
+#endif
+#define LD32(p) _mm256_loadu_si256((const __m256i*)(p))
+#define LD16(p) _mm_loadu_si128((const __m128i*)(p))
+
+/* Same arguments as nsq_gemv. Returns 1 when out of memory, 2 when this build has no integer path
+   for these codes (no AVX2; int8 codes without VNNI): the caller then uses nsq_gemv. */
+int nsq_gemv_a8(int bits, int M, int N, int K, int G, int g, const uint8_t* W, const float* S,
+                const uint8_t* Z, const float* x, const float* bias, float* y, int threads) {
+#if !NSQ_A8
+  (void)bits; (void)M; (void)N; (void)K; (void)G; (void)g; (void)W; (void)S; (void)Z; (void)x; (void)bias;
+  (void)y; (void)threads;
+  return 2;
+#else
+  if (bits == 8 && !NSQ_A8_INT8) return 2;
+  int KB = bits == 4 ? (K + 1) / 2 : K, gb = bits == 4 ? (g + 1) / 2 : g;
+  int8_t* xe = calloc((size_t)M * KB, 1);                    /* int8 inputs of low nibbles (or all, bits 8) */
+  int8_t* xo = bits == 4 ? calloc((size_t)M * KB, 1) : NULL; /* inputs of high nibbles (0 past K) */
+  float* dx = malloc(sizeof(float) * (size_t)M * G);
+  int32_t* xs = malloc(sizeof(int32_t) * (size_t)M * G);
+  if (!xe || !dx || !xs || (bits == 4 && !xo)) { free(xe); free(xo); free(dx); free(xs); return 1; }
+  for (int m = 0; m < M; m++) {
+    const float* xr = x + (size_t)m * K;
+    for (int gi = 0; gi < G; gi++) {
+      int a = gi * g, b = a + g < K ? a + g : K, t = 0;
+      float amax = 0.f;
+      for (int k = a; k < b; k++) { float v = xr[k] < 0 ? -xr[k] : xr[k]; if (v > amax) amax = v; }
+      float d = amax / 127.f, inv = amax > 0.f ? 127.f / amax : 0.f;
+      for (int k = a; k < b; k++) {
+        float r = nearbyintf(xr[k] * inv);
+        int q = r > 127.f ? 127 : (r < -127.f ? -127 : (int)r);
+        t += q;
+        if (bits == 8) xe[(size_t)m * KB + k] = (int8_t)q;
+        else if (k & 1) xo[(size_t)m * KB + k / 2] = (int8_t)q;
+        else xe[(size_t)m * KB + k / 2] = (int8_t)q;
+      }
+      dx[(size_t)m * G + gi] = d;
+      xs[(size_t)m * G + gi] = t;
+    }
+  }
+  #pragma omp parallel for num_threads(threads) schedule(static) if(threads > 1)
+  for (int n = 0; n < N; n++) {
+    const uint8_t* w = W + (size_t)n * KB;
+    const __m256i m15 = _mm256_set1_epi8(15);
+    for (int m = 0; m < M; m++) {
+      const int8_t* e = xe + (size_t)m * KB;
+      const int8_t* o = bits == 4 ? xo + (size_t)m * KB : NULL;
+      __m256 tot = _mm256_setzero_ps();
+      float rest = 0.f;
+      for (int gi = 0; gi < G; gi++) {
+        int a = gi * gb, b = a + gb < KB ? a + gb : KB, i = a;
+        __m256i acc = _mm256_setzero_si256();
+        __m128i acc16 = _mm_setzero_si128();
+        int32_t tail = 0;
+        for (; i + 32 <= b; i += 32) {
+          __m256i v = LD32(w + i);
+          if (bits == 4) {
+            acc = dp32(acc, _mm256_and_si256(v, m15), LD32(e + i));
+            acc = dp32(acc, _mm256_and_si256(_mm256_srli_epi16(v, 4), m15), LD32(o + i));
+          } else acc = dp32(acc, v, LD32(e + i));
+        }
+        for (; i + 16 <= b; i += 16) {
+          __m128i v = LD16(w + i), m15h = _mm256_castsi256_si128(m15);
+          if (bits == 4) {
+            acc16 = dp16(acc16, _mm_and_si128(v, m15h), LD16(e + i));
+            acc16 = dp16(acc16, _mm_and_si128(_mm_srli_epi16(v, 4), m15h), LD16(o + i));
+          } else acc16 = dp16(acc16, v, LD16(e + i));
+        }
+        if (bits == 4) for (; i < b; i++) tail += (int32_t)(w[i] & 15) * e[i] + (int32_t)(w[i] >> 4) * o[i];
+        else for (; i < b; i++) tail += (int32_t)w[i] * e[i];
+        acc = _mm256_add_epi32(acc, _mm256_zextsi128_si256(acc16));
+        float sd = S[(size_t)n * G + gi] * dx[(size_t)m * G + gi];
+        tot = _mm256_fmadd_ps(_mm256_cvtepi32_ps(acc), _mm256_set1_ps(sd), tot);
+        rest += sd * (float)(tail - (int32_t)Z[(size_t)n * G + gi] * xs[(size_t)m * G + gi]);
+      }
+      __m128 u = _mm_add_ps(_mm256_castps256_ps128(tot), _mm256_extractf128_ps(tot, 1));
+      u = _mm_add_ps(u, _mm_movehl_ps(u, u));
+      u = _mm_add_ss(u, _mm_shuffle_ps(u, u, 1));
+      y[(size_t)m * N + n] = _mm_cvtss_f32(u) + rest + (bias ? bias[n] : 0.f);
+    }
+  }
+  free(xe); free(xo); free(dx); free(xs);
+  return 0;
+#endif
+}
+
 /* Dequantize to float (N, K): the batched (prefill) path multiplies this with a float matmul.
    Same arithmetic as the torch reference ((float)q - (float)z) * s, so the values are identical. */
 void nsq_dequant(int bits, int N, int K, int G, int g, const uint8_t* W, const float* S, const uint8_t* Z,
@@ -257,6 +374,8 @@ def load_kernel() -> tuple[object | None, str]:
                 i, p = ctypes.c_int, ctypes.c_void_p
                 lib.nsq_gemv.argtypes = [i, i, i, i, i, i, p, p, p, p, p, p, i]
                 lib.nsq_gemv.restype = ctypes.c_int
+                lib.nsq_gemv_a8.argtypes = lib.nsq_gemv.argtypes
+                lib.nsq_gemv_a8.restype = ctypes.c_int
                 lib.nsq_dequant.argtypes = [i, i, i, i, i, p, p, p, p, i]
                 lib.nsq_dequant.restype = None
                 result = (lib, "")
@@ -284,10 +403,33 @@ def gemv(lib, bits: int, x: torch.Tensor, codes: torch.Tensor, scale: torch.Tens
     return y
 
 
-def dequantize(lib, bits: int, k: int, codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
-               gsize: int, threads: int) -> torch.Tensor:
-    """float32 (N, K) ``(q - z) * s``: the same values as :func:`nnsqueeze.ops.rtn.dequantize_groups`."""
+def gemv_a8(lib, bits: int, x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
+            gsize: int, bias: torch.Tensor | None, threads: int) -> torch.Tensor | None:
+    """:func:`gemv` with ``x`` rounded to int8 per group (scale absmax / 127) and integer dot products,
+    as llama.cpp multiplies Q4 weights; ``None`` when this build has no integer path for ``bits``
+    (no AVX2; int8 codes without VNNI). Error per output at most ``sum_g (absmax_g / 254) * sum_{k in g}
+    |w[n, k]|`` beyond float rounding."""
+    m, k = x.shape
     n = codes.shape[0]
-    out = torch.empty(n, k, dtype=torch.float32)
+    y = torch.empty(m, n, dtype=torch.float32)
+    rc = lib.nsq_gemv_a8(bits, m, n, k, scale.shape[1], gsize, _ptr(codes), _ptr(scale), _ptr(zero), _ptr(x),
+                         _ptr(bias), _ptr(y), threads)
+    if rc == 1:
+        raise MemoryError("nsq_gemv_a8: out of memory for the activation scratch buffers")
+    return None if rc == 2 else y
+
+
+def dequantize(lib, bits: int, k: int, codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
+               gsize: int, threads: int, out: torch.Tensor | None = None) -> torch.Tensor:
+    """float32 (N, K) ``(q - z) * s``: the same values as :func:`nnsqueeze.ops.rtn.dequantize_groups`.
+
+    ``codes``/``scale``/``zero`` may be a block of consecutive rows (a row slice stays contiguous);
+    ``out``, if given, is a contiguous float32 (N, K) buffer that is written and returned."""
+    n = codes.shape[0]
+    if out is None:
+        out = torch.empty(n, k, dtype=torch.float32)
+    elif out.shape != (n, k) or out.dtype != torch.float32 or not out.is_contiguous():
+        raise ModelError("gemv.dequantize", f"out is {out.dtype} {tuple(out.shape)}, contiguous={out.is_contiguous()}",
+                         fix=f"pass a contiguous float32 ({n}, {k}) tensor, or out=None")
     lib.nsq_dequant(bits, n, k, scale.shape[1], gsize, _ptr(codes), _ptr(scale), _ptr(zero), _ptr(out), threads)
     return out

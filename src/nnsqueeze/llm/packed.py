@@ -22,8 +22,12 @@ float32 and ``weight_zero_point_`` (N, G) uint8. No float copy of the weight is 
 Forward (float32 activations on CPU, no gradient needed), by number of activation rows ``M``:
 
 - ``M <= SMALL_M`` (token-by-token decoding): :func:`nnsqueeze.llm.gemv.gemv` reads the codes;
-- larger ``M`` (prompt prefill, perplexity): the weight is dequantized into a temporary float32
-  matrix (one pass in C) and multiplied with ``F.linear``, which is faster once rows are many;
+- larger ``M`` (prompt prefill, perplexity), by ``NNSQUEEZE_PACKED_PREFILL``: ``tiles`` (default)
+  dequantizes blocks of output rows of about ``TILE_BYTES`` (cache-sized, one buffer reused) in C and
+  multiplies each with torch's float GEMM, so no whole float matrix is ever built; ``codes`` runs the
+  matrix-vector kernel over all ``M`` rows (a blocked int4 GEMM reading the codes: each weight row is
+  read once, converted once per activation row); ``full`` dequantizes the whole matrix per call (the
+  old path, kept for the benchmark). ``bench/smollm2_decode.py`` measures the three (BENCHMARKS.md);
 - anything else (no C compiler, CUDA tensors, other dtypes, autograd): dequantize with torch ops
   and ``F.linear``. This fallback is logged once as a warning (never silent); results are the same
   to float rounding, only slower.
@@ -31,6 +35,12 @@ Forward (float32 activations on CPU, no gradient needed), by number of activatio
 An optional ``input_scale_`` buffer (in,) (AWQ with ``pack: true``, :func:`add_input_scale_`) divides
 the input first: the codes then quantize ``W * s`` and the layer computes ``(x / s) @ Q(W * s).T``
 (the ONNX export emits the same ``Div`` before ``MatMulNBits``).
+
+``NNSQUEEZE_PACKED_ACT=int8`` (opt-in) makes the decode path round each activation row to int8 per
+weight group (scale absmax / 127) and use integer dot products (AVX512-VNNI / AVX-VNNI, or AVX2 for
+int4 codes), as llama.cpp does for Q4 weights: several times less work per weight than converting
+codes to float, at an added error of at most ``absmax_g / 254`` per input (:func:`nnsqueeze.llm.gemv.gemv_a8`);
+where the build has no such path, the float kernel runs (logged once).
 
 ``NNSQUEEZE_PACKED_BACKEND`` selects the kernel: ``auto`` (default, the C kernel), ``aten`` (torch's
 ``_weight_int4pack_mm_for_cpu``, kept for the benchmark: int4 only, a group size of 32..256 dividing
@@ -59,6 +69,8 @@ Tensor = torch.Tensor
 log = logging.getLogger("nnsqueeze")
 
 SMALL_M = 4          # activation rows up to which the matrix-vector kernel beats dequantize + matmul
+TILE_BYTES = 1 << 18  # float32 bytes of one dequantized tile on the prefill path (fits L2)
+PREFILL_MODES = ("tiles", "codes", "full")
 _warned: set[str] = set()
 
 
@@ -88,6 +100,32 @@ def backend() -> tuple[str, object | None, str]:
             found = ("dequant", None, why) if lib is None else ("c", lib, "")
         _backends[want] = found
     return found
+
+
+_export_check: list = []
+
+
+def _in_onnx_export() -> bool:
+    """``torch.onnx.is_in_onnx_export()`` without the two imports it runs on every call (the decode
+    path asks ~200 times per token); the public function where torch's internals differ."""
+    if not _export_check:
+        try:
+            from torch.onnx._internal.exporter import _flags
+            from torch.onnx._internal.torchscript_exporter._globals import GLOBALS
+
+            _export_check.append(lambda: GLOBALS.in_onnx_export or _flags._is_onnx_exporting)
+        except ImportError:
+            _export_check.append(torch.onnx.is_in_onnx_export)
+    return _export_check[0]()
+
+
+def prefill_mode() -> str:
+    """``NNSQUEEZE_PACKED_PREFILL``: how the C backend multiplies many rows (see the module docstring)."""
+    mode = os.environ.get("NNSQUEEZE_PACKED_PREFILL", "tiles")
+    if mode not in PREFILL_MODES:
+        _warn_once(f"prefill{mode}", f"NNSQUEEZE_PACKED_PREFILL={mode!r} is not one of {PREFILL_MODES}: using 'tiles'")
+        return "tiles"
+    return mode
 
 
 def fallback_reason() -> str | None:
@@ -120,23 +158,21 @@ class PackedLinear(WeightOnlyLinear):
         s_in = self._buffers.get("input_scale_")
         if s_in is not None:  # AWQ: the codes quantize W * s, so the input is divided by s first
             x = x / s_in
-        if torch.onnx.is_in_onnx_export():
+        if _in_onnx_export():
             return self._export_forward(x)
-        fast = (x.dtype == torch.float32 and x.device.type == "cpu" and self.weight.device.type == "cpu"
-                and self.weight_scale_.dtype == torch.float32
-                and (self.bias is None or self.bias.dtype == torch.float32)
+        bufs, bias = self._buffers, self.bias
+        fast = (x.dtype == torch.float32 and x.device.type == "cpu" and bufs["weight"].device.type == "cpu"
+                and bufs["weight_scale_"].dtype == torch.float32
+                and (bias is None or bias.dtype == torch.float32)
                 and not (x.requires_grad and torch.is_grad_enabled()))
         name, lib, why = backend() if fast else ("dequant", None, "")
         x2 = x.reshape(-1, k)
         if name == "c":
             x2, threads = x2.contiguous(), torch.get_num_threads()
             if x2.shape[0] <= SMALL_M:  # token-by-token decoding: read the codes directly
-                y = _gemv.gemv(lib, self.bits, x2, self.weight, self.weight_scale_, self.weight_zero_point_,
-                               self._gsize(), self.bias, threads)
-            else:                       # many rows: one dequantization, then a float matmul
-                w = _gemv.dequantize(lib, self.bits, k, self.weight, self.weight_scale_, self.weight_zero_point_,
-                                     self._gsize(), threads)
-                y = F.linear(x2, w, self.bias)
+                y = self._decode(lib, x2, threads)
+            else:                       # many rows (prefill)
+                y = self._prefill(lib, x2, threads)
             return y.reshape(*x.shape[:-1], self.out_features)
         if fast and name == "dequant":
             _warn_once("kernel", f"packed int{self.bits} kernel unavailable ({why}): PackedLinear dequantizes its "
@@ -154,6 +190,37 @@ class PackedLinear(WeightOnlyLinear):
         else:
             y = F.linear(x2, self.dequantized_weight().to(x.dtype), self.bias)
         return y.reshape(*x.shape[:-1], self.out_features)
+
+    def _decode(self, lib, x2: Tensor, threads: int) -> Tensor:
+        args = (self.bits, x2, self.weight, self.weight_scale_, self.weight_zero_point_, self._gsize(), self.bias,
+                threads)
+        if os.environ.get("NNSQUEEZE_PACKED_ACT", "float") == "int8":
+            y = _gemv.gemv_a8(lib, *args)
+            if y is not None:
+                return y
+            _warn_once(f"a8-{self.bits}", f"NNSQUEEZE_PACKED_ACT=int8: no integer kernel for int{self.bits} codes "
+                       "on this CPU build (needs AVX2; int8 codes need VNNI): float activations instead")
+        return _gemv.gemv(lib, *args)
+
+    # -- many activation rows ----------------------------------------------------------------
+    def _prefill(self, lib, x2: Tensor, threads: int) -> Tensor:
+        mode = prefill_mode()
+        k, n, gs = self.in_features, self.out_features, self._gsize()
+        w, s, z = self.weight, self.weight_scale_, self.weight_zero_point_
+        if mode == "codes":
+            return _gemv.gemv(lib, self.bits, x2, w, s, z, gs, self.bias, threads)
+        if mode == "full":
+            return F.linear(x2, _gemv.dequantize(lib, self.bits, k, w, s, z, gs, threads), self.bias)
+        rows = min(n, max(16, TILE_BYTES // (4 * k)))
+        buf = torch.empty(rows, k, dtype=torch.float32)
+        yt = torch.empty(n, x2.shape[0], dtype=torch.float32)          # y transposed: tiles write whole rows
+        xt = x2.T
+        for a in range(0, n, rows):
+            b = min(n, a + rows)
+            tile = _gemv.dequantize(lib, self.bits, k, w[a:b], s[a:b], z[a:b], gs, threads, out=buf[:b - a])
+            torch.mm(tile, xt, out=yt[a:b])
+        y = yt.T.contiguous()
+        return y.add_(self.bias) if self.bias is not None else y
 
     # -- torch's own int4 CPU kernel (benchmark comparison) ------------------------------------
     def _aten_ok(self) -> bool:
