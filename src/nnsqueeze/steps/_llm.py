@@ -83,7 +83,8 @@ class QuantScheme(StepConfig):
         clip = getattr(self, "clip", None)
         search = {} if clip is None else {"clip": "mse", "clip_grid": clip.grid, "clip_min": clip.min_ratio}
         return QuantArgs(bits=self.bits, symmetric=self.symmetric, scale_dtype=self.scale_dtype,
-                         granularity=f"group({self.group_size})" if self.group_size else "channel", **search)
+                         granularity=f"group({self.group_size})" if self.group_size else "channel",
+                         full_range=self.full_range, **search)
 
 
 class ClipConfig(BaseModel):

@@ -304,7 +304,7 @@ class WeightOnlyConfig(StepConfig):
 
     def args(self) -> QuantArgs:
         """The weights' :class:`~nnsqueeze.quant.args.QuantArgs` (activations stay float)."""
-        return QuantArgs(bits=self.bits, symmetric=self.symmetric,
+        return QuantArgs(bits=self.bits, symmetric=self.symmetric, full_range=self.full_range,
                          granularity="channel" if self.group_size < 0 else f"group({self.group_size})")
 
 
