@@ -23,7 +23,11 @@ Wanda at 50% and 2:4. Calibration seconds = the tool's compression call only (no
 Each tool runs with its own defaults otherwise: llm-compressor's symmetric grid is ``absmax / 7.5``
 (the positive end clipped), nnsqueeze's ``absmax / 7`` (ONNX Runtime's); its static activation
 observer is a moving-average min/max (nnsqueeze: the global min/max); its AWQ folds the scales into
-the preceding norm/Linear per mapping, nnsqueeze's searches one scale vector per Linear.
+the preceding norm/Linear per mapping, nnsqueeze's searches one scale vector per Linear. The rows
+``... full range`` run nnsqueeze on llm-compressor's grid (``full_range: true``), ``SmoothQuant a=0.5
+ema`` with its observer (``calibration: {method: ema-minmax}``, one window per batch as oneshot's
+default batch size), ``AWQ+GPTQ (recipe)`` as one recipe, ``awq: {share_scales: true, fold: true}``
+then ``gptq`` (``AWQ+GPTQ``: the older bench-only composition with per-Linear scales, unfolded).
 A setting a tool refuses (llm-compressor: group 128 on 576-wide layers) is a row with its error.
 
 One tool per process (llm-compressor lives in its own venv), then merge::
@@ -65,8 +69,9 @@ EVAL_FILES = ("argparse.py", "asyncio/base_events.py", "collections/__init__.py"
 #: (bits, group) of the weight-only rows, in run order (the head-to-head g64 rows before the 3-bit ones).
 GRIDS = ((4, 128), (4, 64), (3, 128), (3, 64))
 ORDER = ["fp32", "W4 g128", "W4 g64", "W8A8", "50% unstructured", "2:4", "W3 g128", "W3 g64"]
-METHODS = ["fp32", "RTN", "GPTQ (act order)", "AWQ", "AWQ+GPTQ", "rotate+RTN", "rotate+GPTQ+mse clip",
-           "SmoothQuant a=0.5", "SparseGPT", "Wanda"]
+METHODS = ["fp32", "RTN", "RTN full range", "GPTQ (act order)", "GPTQ (act order) full range", "AWQ",
+           "AWQ full range", "AWQ+GPTQ", "AWQ+GPTQ full range", "AWQ+GPTQ (recipe)", "AWQ+GPTQ (recipe) full range",
+           "rotate+RTN", "rotate+GPTQ+mse clip", "SmoothQuant a=0.5", "SmoothQuant a=0.5 ema", "SparseGPT", "Wanda"]
 
 
 # --------------------------------------------------------------------------- data (same for both tools)
@@ -103,6 +108,11 @@ def sha(t: torch.Tensor) -> str:
 
 # --------------------------------------------------------------------------- nnsqueeze
 
+def one_window(run):
+    """``run`` on the same calibration windows, one per batch."""
+    return lambda model, calib: run(model, list(torch.cat(calib).split(1)))
+
+
 def nnsqueeze_methods(n: int) -> list[tuple[str, str, object]]:
     q = lambda steps: via_recipe(with_samples(steps, n))  # noqa: E731
     rot = {"rotate": {"rotation": "hadamard", "seed": 0, "online_hadamard": True}}
@@ -110,16 +120,25 @@ def nnsqueeze_methods(n: int) -> list[tuple[str, str, object]]:
     out: list[tuple[str, str, object]] = [("fp32", "fp32", None)]
     for bits, g in GRIDS:
         wq, wl = {"bits": bits, "group_size": g, "symmetric": True}, f"W{bits} g{g}"
-        out += [(wl, "RTN", via_recipe([{"rtn": {**wq, "pack": False}}])),
-                (wl, "GPTQ (act order)", q([{"gptq": {**wq, "act_order": True, "pack": False}}])),
-                (wl, "AWQ", q([{"awq": wq}])),
-                (wl, "AWQ+GPTQ", awq_gptq(wq))]
+        for tag, full in (("", {}), (" full range", {"full_range": True})):
+            fq = {**wq, **full}
+            out += [(wl, "RTN" + tag, via_recipe([{"rtn": {**fq, "pack": False}}])),
+                    (wl, "GPTQ (act order)" + tag, q([{"gptq": {**fq, "act_order": True, "pack": False}}])),
+                    (wl, "AWQ" + tag, q([{"awq": fq}])),
+                    (wl, "AWQ+GPTQ (recipe)" + tag, q([{"awq": {**fq, "share_scales": True, "fold": True}},
+                                                      {"gptq": {**fq, "act_order": True, "pack": False}}]))]
+        out += [(wl, "AWQ+GPTQ", awq_gptq(wq))]
         if g == 128:
             out += [(wl, "rotate+RTN", via_recipe([rot, {"rtn": {**wq, "pack": False}}])),
                     (wl, "rotate+GPTQ+mse clip", via_recipe([rot, {"gptq": {**wq, "act_order": True, "pack": False,
                                                                              "samples": n, "clip": clip}}]))]
         if (bits, g) == (4, 64):  # the head-to-head rows that need no group: after the first g64 block
             out += [("W8A8", "SmoothQuant a=0.5", q([{"smoothquant": {"alpha": 0.5}}, {"quantize": W8A8}]))]
+            # llm-compressor's static activation observer: a moving average (0.01) of each batch's min/max,
+            # over batches of one window (oneshot's default batch size): the same here, on the same windows.
+            ema = with_samples([{"smoothquant": {"alpha": 0.5}}, {"quantize": W8A8}], n)
+            ema[1]["quantize"]["calibration"]["method"] = "ema-minmax"
+            out += [("W8A8", "SmoothQuant a=0.5 ema", one_window(via_recipe(ema)))]
             out += [("50% unstructured", "SparseGPT", q([{"sparsegpt": {"sparsity": 0.5}}])),
                     ("50% unstructured", "Wanda", q([{"wanda": {"sparsity": 0.5, "report_error": False}}])),
                     ("2:4", "SparseGPT", q([{"sparsegpt": {"pattern": "2:4"}}])),
@@ -211,6 +230,8 @@ def run_tool(a) -> None:
     for scheme, name, fn in (nnsqueeze_methods if a.tool == "nnsqueeze" else llmc_methods)(a.calib):
         if a.only and name != "fp32" and not any(o in (name, scheme) for o in a.only):
             continue
+        if a.schemes and name != "fp32" and scheme not in a.schemes:
+            continue
         row = {"tool": a.tool, "scheme": scheme, "method": name}
         try:
             m, secs = (model, 0.0) if fn is None else fn(model, calib)
@@ -261,6 +282,7 @@ def main() -> None:
     ap.add_argument("--eval-windows", type=int, default=32, help="256-token windows of the comment text scored")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--only", nargs="*", default=None, help="method or scheme names to run (fp32 always runs)")
+    ap.add_argument("--schemes", nargs="*", default=None, help="with --only: keep only these schemes (e.g. 'W4 g64')")
     ap.add_argument("--json", default="bench/results/smollm2-partial.json", help="this tool's rows")
     ap.add_argument("--merge", nargs="+", default=None, help="per-tool JSON files: print the table, write results")
     a = ap.parse_args()

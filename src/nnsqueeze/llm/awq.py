@@ -73,10 +73,11 @@ def quadratic_error(w: Tensor, w_hat: Tensor, hessian: Tensor) -> float:
 @torch.no_grad()
 def awq_search(w: Tensor, abs_mean: Tensor, hessian: Tensor, bits: int = 4, group_size: int | None = 128,
                symmetric: bool = True, n_grid: int = 20, scale_dtype: str = "fp32",
-               alpha: float | None = None, unsigned: bool = False) -> AWQResult:
+               alpha: float | None = None, unsigned: bool = False, full_range: bool = False) -> AWQResult:
     """Search ``alpha`` in ``{0, 1/n_grid, ..., (n_grid-1)/n_grid}``; see the module docstring.
     ``alpha`` given: use that exponent (found by :func:`shared_alpha` for layers sharing an input).
-    ``unsigned``: scale / zero point in the packed storage layout (:mod:`nnsqueeze.ops.rtn`)."""
+    ``unsigned``: scale / zero point in the packed storage layout (:mod:`nnsqueeze.ops.rtn`);
+    ``full_range``: the symmetric grid on the full signed range (same module)."""
     cols = w.shape[1]
     if abs_mean.shape != (cols,) or hessian.shape != (cols, cols):
         raise ValueError(f"awq_search: weight {tuple(w.shape)}, abs_mean {tuple(abs_mean.shape)}, "
@@ -91,7 +92,7 @@ def awq_search(w: Tensor, abs_mean: Tensor, hessian: Tensor, bits: int = 4, grou
     for k, alpha in enumerate(grid):
         s = a ** alpha
         s = (s / (s.max() * s.min()).sqrt()).to(torch.float32)   # centre the scales around 1 (reference)
-        r = rtn_quantize(w32 * s, bits, group_size, symmetric, scale_dtype, unsigned=unsigned)
+        r = rtn_quantize(w32 * s, bits, group_size, symmetric, scale_dtype, unsigned=unsigned, full_range=full_range)
         w_eff = r.weight / s
         err = quadratic_error(w32, w_eff, hessian)
         if k == 0:
@@ -111,7 +112,8 @@ def awq_scales(abs_mean: Tensor, alpha: float) -> Tensor:
 
 @torch.no_grad()
 def shared_alpha(ws: list[Tensor], abs_mean: Tensor, hessian: Tensor, bits: int = 4, group_size: int | None = 128,
-                 symmetric: bool = True, n_grid: int = 20, scale_dtype: str = "fp32") -> float:
+                 symmetric: bool = True, n_grid: int = 20, scale_dtype: str = "fp32",
+                 full_range: bool = False) -> float:
     """The one ``alpha`` minimizing the summed output error of Linears that read the same input
     (q/k/v, gate/up): their scales are then equal and fold into the op before them (AutoAWQ's way)."""
     best = None
@@ -121,8 +123,8 @@ def shared_alpha(ws: list[Tensor], abs_mean: Tensor, hessian: Tensor, bits: int 
         err = 0.0
         for w in ws:
             w32 = w.detach().to(torch.float32)
-            err += quadratic_error(w32, rtn_quantize(w32 * s, bits, group_size, symmetric, scale_dtype).weight / s,
-                                   hessian)
+            q = rtn_quantize(w32 * s, bits, group_size, symmetric, scale_dtype, full_range=full_range).weight
+            err += quadratic_error(w32, q / s, hessian)
         if best is None or err < best[0]:
             best = (err, alpha)
     return best[1]

@@ -110,19 +110,21 @@ def gptq_quantize(w: Tensor, hessian: Tensor, bits: int = 4, group_size: int | N
                   block_size: int = 128, max_damp_percent: float = 10.0,
                   on_note: Callable[[str], None] | None = None, where: str = "gptq",
                   mask: Tensor | None = None, scale_dtype: str = "fp32", clip_grid: int = 1,
-                  clip_min: float = 0.5, clip_weighted: bool = True, unsigned: bool = False) -> GPTQResult:
+                  clip_min: float = 0.5, clip_weighted: bool = True, unsigned: bool = False,
+                  full_range: bool = False) -> GPTQResult:
     """Quantize ``w`` (out, in) with GPTQ given the layer Hessian (in, in). See the module docstring.
 
     ``mask`` (out, in) bool, ``True`` = keep: pruned weights stay exactly 0 (a pruned model's zeros
     would otherwise be revived by the error feedback); their drift is compensated like rounding error.
     ``scale_dtype``: scales representable in that type (see :func:`nnsqueeze.ops.rtn.storable_scale`).
     ``unsigned``: scales / zero points in the packed storage layout (:mod:`nnsqueeze.ops.rtn`).
+    ``full_range``: the symmetric grid on the full signed range (:mod:`nnsqueeze.ops.rtn`).
     """
     if w.dim() != 2 or hessian.shape != (w.shape[1], w.shape[1]):
         raise ValueError(f"gptq_quantize: weight {tuple(w.shape)} and Hessian {tuple(hessian.shape)} do not match")
     if not torch.isfinite(hessian).all():
         raise HessianError(where, "the Hessian has non-finite entries", fix="check the calibration data")
-    grid = QuantGrid(bits, group_size, symmetric, scale_dtype, clip_grid, clip_min, unsigned)
+    grid = QuantGrid(bits, group_size, symmetric, scale_dtype, clip_grid, clip_min, unsigned, full_range=full_range)
     rows, cols = w.shape
     W = w.detach().to(torch.float64).clone()
     H = hessian.detach().to(torch.float64).clone()

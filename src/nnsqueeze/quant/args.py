@@ -7,7 +7,9 @@ One pydantic model (``extra="forbid"``) with the fields every quantizer needs:
   types ``fp16`` / ``bf16`` (the value is cast, no scale); the math is in :mod:`nnsqueeze.ops.fp8`,
   :mod:`nnsqueeze.ops.mx` and :mod:`nnsqueeze.ops.rtn`;
 - ``bits``: 2..8 or 16 for ``int``; fixed by the format otherwise (filled in when left out);
-- ``symmetric``: zero point 0 (the float formats are always symmetric);
+- ``symmetric``: zero point 0 (the float formats are always symmetric); ``full_range`` (``int``,
+  symmetric): scale ``absmax / (2**(b-1) - 0.5)`` over every signed code instead of
+  ``absmax / (2**(b-1) - 1)`` (:mod:`nnsqueeze.ops.rtn`);
 - ``granularity``: ``tensor``, ``channel`` (one scale per output channel, axis 0), ``group`` with
   ``group_size`` inputs per scale (``int`` only), ``block`` with the format's own block (MX: 32,
   NVFP4: 16), or ``token`` (dynamic activations: one scale per slice along the last axis); written
@@ -101,6 +103,7 @@ class QuantArgs(BaseModel):
                     "mxfp4", "nvfp4", "fp16", "bf16"] = "int"
     bits: int | None = Field(None, description="int: 2..8 or 16 (default 8); other formats: their width")
     symmetric: bool = True
+    full_range: bool = Field(False, description="int symmetric: absmax / (2**(b-1) - 0.5), code -2**(b-1) used")
     granularity: str = Field("", description="tensor | channel | group(n) | block(n); default: channel for "
                              "int and fp8, the format's block for MX/NVFP4, tensor for fp16/bf16")
     group_size: int | None = Field(None, ge=1, description="inputs per scale (group/block granularity)")
@@ -174,6 +177,8 @@ class QuantArgs(BaseModel):
             raise ValueError("clip: mse applies to uniform levels only")
         if self.clip == "none" and (self.clip_grid is not None or self.clip_min is not None):
             raise ValueError("clip_grid / clip_min need clip: mse")
+        if self.full_range and (fmt != "int" or not self.symmetric or self.levels != "uniform"):
+            raise ValueError("full_range applies to the symmetric uniform int grid only")
         allowed = info.scale_dtypes
         if self.scale_dtype is not None and self.scale_dtype not in allowed:
             raise ValueError(f"scale_dtype {self.scale_dtype!r} does not fit {fmt}: "
@@ -256,7 +261,8 @@ class QuantArgs(BaseModel):
         if self.format != "int":
             return f"{self.format} {self.granularity_text}" + (" dynamic" if self.dynamic else "")
         kind = self.grid_text
-        extra = (" mse-clip" if self.clip == "mse" else "") + (f" {self.scale_dtype}-scales"
+        extra = (" full-range" if self.full_range else "") + (" mse-clip" if self.clip == "mse" else "") + (
+            f" {self.scale_dtype}-scales"
                                                              if self.scale_dtype != "fp32" else "")
         return f"int{self.bits} {self.granularity_text} {kind}{extra}" + (" dynamic" if self.dynamic else "")
 
@@ -294,14 +300,14 @@ class QuantArgs(BaseModel):
         return cls(bits=grid.bits, symmetric=grid.symmetric, scale_dtype=grid.scale_dtype,
                    granularity=f"group({grid.group_size})" if grid.group_size else "channel",
                    clip="mse" if clip else "none", clip_grid=grid.clip_grid if clip else None,
-                   clip_min=grid.clip_min if clip else None)
+                   clip_min=grid.clip_min if clip else None, full_range=getattr(grid, "full_range", False))
 
 
 # ONNX DynamicQuantizeLinear's activations: uint8 per tensor, range taken at run time
 DYNAMIC_UINT8 = QuantArgs(symmetric=False, granularity="tensor", dynamic=True)
 
 
-def weight_only_args(bits: int, group_size: int | None, symmetric: bool) -> QuantArgs:
+def weight_only_args(bits: int, group_size: int | None, symmetric: bool, full_range: bool = False) -> QuantArgs:
     """Args of a weight-only layer in its own terms (``group_size`` None or <= 0: one group per row)."""
     gran = f"group({group_size})" if group_size is not None and group_size > 0 else "channel"
-    return QuantArgs(bits=bits, symmetric=symmetric, granularity=gran)
+    return QuantArgs(bits=bits, symmetric=symmetric, granularity=gran, full_range=full_range)

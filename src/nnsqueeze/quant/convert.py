@@ -134,7 +134,7 @@ def _dynamic(module: nn.Module, args: QuantArgs, aargs: QuantArgs, *, smooth: to
 
 @register(nn.Linear, "int-weight-only")
 def _weight_only(module: nn.Module, args: QuantArgs, aargs: None) -> nn.Module:
-    return convert_weight_only_(module, args.bits, _weight_only_group(args), args.symmetric)
+    return convert_weight_only_(module, args.bits, _weight_only_group(args), args.symmetric, args.full_range)
 
 
 @register(nn.Embedding, "int-weight-only")

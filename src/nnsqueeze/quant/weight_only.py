@@ -39,11 +39,13 @@ from .swap import swap_class
 Tensor = torch.Tensor
 
 
-def weight_only_qparams(w: Tensor, bits: int, group_size: int, symmetric: bool) -> tuple[Tensor, Tensor]:
+def weight_only_qparams(w: Tensor, bits: int, group_size: int, symmetric: bool,
+                        full_range: bool = False) -> tuple[Tensor, Tensor]:
     """Scales (N, G) float32 and zero points (N, G) int32 of ``w`` (N, K) on this layer's grid:
     :class:`~nnsqueeze.ops.rtn.QuantGrid` in the unsigned (``MatMulNBits``) layout, a zero scale
-    (all-zero group) stored as 1."""
-    grid = QuantGrid(bits, None if group_size <= 0 else group_size, symmetric, unsigned=True, empty_scale=1.0)
+    (all-zero group) stored as 1; ``full_range``: the symmetric grid over every code."""
+    grid = QuantGrid(bits, None if group_size <= 0 else group_size, symmetric, unsigned=True, empty_scale=1.0,
+                     full_range=full_range)
     return grid.qparams(w)
 
 
@@ -85,14 +87,17 @@ class WeightOnlyLinear(QuantizedModule, Packable, nn.Linear):
     bits: int = 4
     group_size: int = 128
     symmetric: bool = True
+    full_range: bool = False   # symmetric grid over every code (nnsqueeze.ops.rtn)
     onnx_custom_opsets = {"com.microsoft": 1}
 
-    def _setup(self, bits: int, group_size: int, symmetric: bool) -> None:
+    def _setup(self, bits: int, group_size: int, symmetric: bool, full_range: bool = False) -> None:
         if bits not in (4, 8):
             raise ValueError(f"weight-only bits must be 4 or 8 (ONNX Runtime MatMulNBits), got {bits}")
         if group_size > 0 and (group_size < 16 or group_size & (group_size - 1)):
             raise ValueError(f"group_size must be a power of two >= 16 or -1 (per row), got {group_size}")
         self.bits, self.group_size, self.symmetric = int(bits), int(group_size), bool(symmetric)
+        if full_range:
+            self.full_range = True   # an instance attribute only when set (the class default is False)
         n, k = self.weight.shape
         groups = 1 if group_size <= 0 else -(-k // group_size)
         dev = self.weight.device
@@ -104,11 +109,11 @@ class WeightOnlyLinear(QuantizedModule, Packable, nn.Linear):
     def qargs(self) -> QuantArgs:
         """int ``bits``, ``group(group_size)`` (channel: one group per row); activations stay float.
         Stored as unsigned codes (``MatMulNBits``' layout) whatever ``symmetric`` says."""
-        return weight_only_args(self.bits, self.group_size, self.symmetric)
+        return weight_only_args(self.bits, self.group_size, self.symmetric, self.full_range)
 
     @torch.no_grad()
     def refresh_weight_qparams_(self) -> None:
-        s, z = weight_only_qparams(self.weight.detach(), self.bits, self.group_size, self.symmetric)
+        s, z = weight_only_qparams(self.weight.detach(), self.bits, self.group_size, self.symmetric, self.full_range)
         self.weight_scale_.copy_(s)
         self.weight_zero_point_.copy_(z.to(torch.uint8))
 
@@ -179,10 +184,10 @@ class WeightOnlyLinear(QuantizedModule, Packable, nn.Linear):
 
 
 def convert_weight_only_(module: nn.Linear, bits: int = 4, group_size: int = 128,
-                         symmetric: bool = True) -> WeightOnlyLinear:
+                         symmetric: bool = True, full_range: bool = False) -> WeightOnlyLinear:
     """Turn a plain ``nn.Linear`` into a :class:`WeightOnlyLinear`, in place (same object)."""
     if type(module) is not nn.Linear:
         raise TypeError(f"weight-only quantization converts plain nn.Linear, not {type(module).__name__}")
     swap_class(module, WeightOnlyLinear)
-    module._setup(bits, group_size, symmetric)
+    module._setup(bits, group_size, symmetric, full_range)
     return module

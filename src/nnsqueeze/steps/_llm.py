@@ -17,7 +17,7 @@ import re
 from typing import Any, Callable, Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from torch import nn
 
 from ..data import take
@@ -58,6 +58,9 @@ class QuantScheme(StepConfig):
     scale_dtype: Literal["fp32", "fp16", "bf16"] = Field(
         "fp32", description="scales are values of this type and codes are chosen against them, so a format "
         "storing fp16 scales (gptq, gguf: nnsqueeze.export.hf_formats) holds the model exactly")
+    full_range: bool = Field(False, description="symmetric only: scale absmax / (2**(bits-1) - 0.5) with codes in "
+                             "[-2**(bits-1), 2**(bits-1) - 1] (llm-compressor's grid, a finer step) instead of "
+                             "absmax / (2**(bits-1) - 1) (ONNX Runtime's); see nnsqueeze.ops.rtn")
 
     @field_validator("group_size")
     @classmethod
@@ -68,12 +71,20 @@ class QuantScheme(StepConfig):
             raise ValueError(f"group_size must be >= 1, -1 or null, got {v}")
         return v
 
+    @model_validator(mode="after")
+    def _full_range(self):
+        if self.full_range and not self.symmetric:
+            raise ValueError("full_range: true applies to symmetric grids (an asymmetric grid already uses every "
+                             "code); set symmetric: true or drop full_range")
+        return self
+
     def args(self) -> QuantArgs:
         """The grid as :class:`~nnsqueeze.quant.args.QuantArgs` (with ``clip`` where the step has one)."""
         clip = getattr(self, "clip", None)
         search = {} if clip is None else {"clip": "mse", "clip_grid": clip.grid, "clip_min": clip.min_ratio}
         return QuantArgs(bits=self.bits, symmetric=self.symmetric, scale_dtype=self.scale_dtype,
-                         granularity=f"group({self.group_size})" if self.group_size else "channel", **search)
+                         granularity=f"group({self.group_size})" if self.group_size else "channel",
+                         full_range=self.full_range, **search)
 
 
 class ClipConfig(BaseModel):

@@ -25,6 +25,16 @@ AutoAWQ does for LLaMA (the open-format exports need this, see :mod:`nnsqueeze.e
 
     steps:
       - awq: {bits: 4, group_size: 128, pack: true, share_scales: true, scale_dtype: fp16}
+
+``fold: true`` (needs ``share_scales: true``, ``pack: false``) makes AWQ a transform for the quantizer
+that follows (llm-compressor's ``AWQModifier`` then ``GPTQModifier``): the scales are searched as
+above, then each Linear keeps the *float* weight ``W * s`` and the ``1 / s`` folds into the norm or
+Linear before it (:mod:`nnsqueeze.llm.awq_fold`); the model computes the same function (to float
+rounding) and the next step quantizes ``W * s`` on the scaled inputs' statistics::
+
+    steps:
+      - awq: {bits: 4, group_size: 64, share_scales: true, fold: true}
+      - gptq: {bits: 4, group_size: 64, act_order: true}
 """
 
 from __future__ import annotations
@@ -35,6 +45,7 @@ from torch import nn
 import torch
 
 from ..llm.awq import AWQAccumulator, awq_search, shared_alpha, siblings
+from ..llm.awq_fold import attention_heads, fold_scales_
 from ..llm.packed import PackedLinear, add_input_scale_
 from ..ops.rtn import rtn_quantize
 from ..llm.sequential import get_weight, set_weight
@@ -52,16 +63,30 @@ class AWQConfig(QuantFields):
     share_scales: bool = Field(False, description="one scale for the Linears reading the same input (q/k/v, "
                                "gate/up) and GQA-consistent o_proj scales, so that they fold into the previous op "
                                "(needed by the open-format exports)")
+    fold: bool = Field(False, description="leave float weights W * s with 1 / s folded into the op before each "
+                       "layer (no quantization): AWQ as a transform for a following rtn/gptq step; needs "
+                       "share_scales: true and pack: false")
 
     _pack_ok = model_validator(mode="after")(check_pack)
+
+    @model_validator(mode="after")
+    def _fold_ok(self):
+        if self.fold and (self.pack or not self.share_scales):
+            raise ValueError("fold: true needs share_scales: true (scales that fold into the previous op) and "
+                             f"pack: false (it quantizes nothing), got share_scales: {self.share_scales}, "
+                             f"pack: {self.pack}")
+        return self
 
 
 @STEPS.register("awq")
 class AWQ(LLMStep):
     needs_float = True
-    quantizes = True
     trainable_after = False
     Config = AWQConfig
+
+    @property
+    def quantizes(self) -> bool:  # fold: true leaves float layers for the quantizer that follows
+        return not self.config.fold
 
     def run(self, model, ctx):
         c = self.config
@@ -82,20 +107,27 @@ class AWQ(LLMStep):
                 if len(group) > 1:
                     if name not in alphas:   # the first of the group searches for all (same input, same stats)
                         a = shared_alpha([get_weight(model.get_submodule(n)) for n in group], mean, acc.hessian,
-                                         c.bits, c.group_size, c.symmetric, c.n_grid, c.scale_dtype)
+                                         c.bits, c.group_size, c.symmetric, c.n_grid, c.scale_dtype,
+                                         full_range=c.full_range)
                         alphas.update(dict.fromkeys(group, a))
                     alpha = alphas[name]
             r = awq_search(w, mean, acc.hessian, c.bits, c.group_size, c.symmetric, c.n_grid, c.scale_dtype, alpha,
-                           unsigned=True)  # zero points in the packed layout
-            set_weight(mod, r.weight)
+                           unsigned=True, full_range=c.full_range)  # zero points in the packed layout
+            if c.fold:
+                scales[name] = r.scales   # folded at the end of the block, the weights stay float
+            else:
+                set_weight(mod, r.weight)
             if c.pack:
                 packs[name], scales[name] = (r.scaled_weight, r.scale, r.zero_point), r.scales
             return {"method": "awq", **scheme_dict(c), "alpha": r.alpha,
                     "error": round(relative_error(w, r.weight, acc.hessian), 6),
-                    "rtn_error": round(relative_error(w, rtn_quantize(w, c.bits, c.group_size, c.symmetric).weight,
-                                                      acc.hessian), 6)}
+                    "rtn_error": round(relative_error(w, rtn_quantize(w, c.bits, c.group_size, c.symmetric,
+                                                                   full_range=c.full_range).weight, acc.hessian), 6)}
 
         def on_block(i, block):  # pack as soon as a block is done (see gptq); the next block sees the packed layers
+            if c.fold:
+                fold_scales_(model, scales, getattr(model, "config", None))
+                scales.clear()
             if packs:
                 pack_layers(model, packs, c, self.where)
                 for name, s in scales.items():
@@ -111,14 +143,16 @@ class AWQ(LLMStep):
         return model
 
     def record(self):
+        fold = {"fold": True} if self.config.fold else {}
         return {"layers": self.layers_, **scheme_dict(self.config), "pack": self.config.pack,
-                "scale_dtype": self.config.scale_dtype, "share_scales": self.config.share_scales}
+                "scale_dtype": self.config.scale_dtype, "share_scales": self.config.share_scales, **fold}
 
     @classmethod
     def rebuild(cls, model: nn.Module, config, record):
         if not record.get("pack"):
             return model  # simulated float weights: nothing structural
-        c = QuantScheme(bits=record["bits"], group_size=record["group_size"], symmetric=record["symmetric"])
+        c = QuantScheme(bits=record["bits"], group_size=record["group_size"], symmetric=record["symmetric"],
+                        full_range=record.get("full_range", False))
         for name in record.get("layers", []):
             mod = recorded_module(model, name, (nn.Module,), "awq record")
             if not isinstance(mod, PackedLinear):
@@ -131,9 +165,7 @@ class AWQ(LLMStep):
 def gqa_mean(model: nn.Module, name: str, mean: torch.Tensor) -> torch.Tensor:
     """``o_proj``'s mean |x| averaged over the query heads sharing a kv head (repeated back), so its
     scales fold into ``v_proj``'s rows; other layers, or no GQA: unchanged."""
-    cfg = getattr(model, "config", None)
-    heads = getattr(cfg, "num_attention_heads", None)
-    kv = getattr(cfg, "num_key_value_heads", None) or heads
+    heads, kv = attention_heads(getattr(model, "config", None))
     if not name.endswith("self_attn.o_proj") or not heads or kv == heads or mean.shape[0] % heads:
         return mean
     hd = mean.shape[0] // heads

@@ -72,11 +72,12 @@ class GPTQ(WeightQuantStep):
                               c.block_size, c.max_damp_percent, on_note=lambda s: ctx.fallback("gptq", s),
                               where=f"{self.where}: {name}", mask=_mask_oi(mod), scale_dtype=c.scale_dtype,
                               clip_weighted=c.clip is None or c.clip.weighted is not False, unsigned=True,
+                              full_range=c.full_range,
                               **clip_args(c.clip))
             set_weight(mod, r.weight)
             if c.pack:
                 packs[name] = (r.weight, r.scale, r.zero_point)
-            rtn = rtn_quantize(w, c.bits, c.group_size, c.symmetric).weight
+            rtn = rtn_quantize(w, c.bits, c.group_size, c.symmetric, full_range=c.full_range).weight
             return {"method": "gptq", **scheme_dict(c), "damp_percent": r.damp_percent,
                     "error": round(relative_error(w, r.weight, acc.hessian), 6),
                     "rtn_error": round(relative_error(w, rtn, acc.hessian), 6)}

@@ -105,7 +105,9 @@ class RTNConfig(QuantScheme):
 
 
 def scheme_dict(c: QuantScheme) -> dict[str, Any]:
-    return {"bits": c.bits, "group_size": c.group_size, "symmetric": c.symmetric}
+    """The grid as recorded (``full_range`` only when set, so older records read the same)."""
+    full = {"full_range": True} if getattr(c, "full_range", False) else {}
+    return {"bits": c.bits, "group_size": c.group_size, "symmetric": c.symmetric, **full}
 
 
 def _as_linear(model: nn.Module, name: str, mod: nn.Module) -> nn.Module:
@@ -129,7 +131,7 @@ def to_weight_only(model: nn.Module, name: str, mod: nn.Module, c: QuantScheme, 
     if type(mod) is not nn.Linear:
         raise RecipeError(f"{where}: {name}", f"pack: true converts plain nn.Linear / Conv1D, not {type(mod).__name__}",
                           fix="set pack: false (simulated float weights) or ignore this layer")
-    return convert(mod, weight_only_args(c.bits, c.group_size, c.symmetric))
+    return convert(mod, weight_only_args(c.bits, c.group_size, c.symmetric, getattr(c, "full_range", False)))
 
 
 @torch.no_grad()
@@ -166,7 +168,8 @@ def note_kernel(ctx: Any, step: str) -> None:
 def _rebuild(model: nn.Module, config: QuantScheme, record: dict[str, Any]) -> nn.Module:
     if not record.get("pack"):
         return model  # simulated float weights: nothing structural
-    c = QuantScheme(bits=record["bits"], group_size=record["group_size"], symmetric=record["symmetric"])
+    c = QuantScheme(bits=record["bits"], group_size=record["group_size"], symmetric=record["symmetric"],
+                    full_range=record.get("full_range", False))
     for name in record.get("layers", []):
         mod = recorded_module(model, name, (nn.Module,), "rtn/gptq record")
         if not isinstance(mod, PackedLinear):  # already rebuilt by an earlier record: nothing to redo
@@ -252,7 +255,8 @@ class RTN(WeightQuantStep):
     def quantize_layer(self, model: nn.Module, name: str, mod: nn.Module, ctx: Any) -> None:
         c = self.config
         w = get_weight(mod)
-        r = rtn_quantize(w, c.bits, c.group_size, c.symmetric, c.scale_dtype, **clip_args(c.clip), unsigned=True)
+        r = rtn_quantize(w, c.bits, c.group_size, c.symmetric, c.scale_dtype, **clip_args(c.clip), unsigned=True,
+                         full_range=c.full_range)
         set_weight(mod, r.weight)
         ctx.report.layer(name, method="rtn", weight_sqnr_db=round(sqnr_db(w, r.weight), 3), **scheme_dict(c))
         if c.pack:
@@ -275,6 +279,8 @@ class WeightOnlyConfig(StepConfig):
     bits: int = Field(4, description="4 or 8 (ONNX Runtime MatMulNBits)")
     group_size: int = Field(128, description="input elements per scale: a power of two >= 16, or -1 (per row)")
     symmetric: bool = True
+    full_range: bool = Field(False, description="symmetric only: the grid over every code, "
+                             "absmax / (2**(bits-1) - 0.5) (nnsqueeze.ops.rtn)")
     embeddings: bool = Field(False, description="also store nn.Embedding tables as per-row int8")
 
     @field_validator("bits")
@@ -291,9 +297,16 @@ class WeightOnlyConfig(StepConfig):
             raise ValueError("must be a power of two >= 16 (e.g. 32, 64, 128) or -1 for one group per row")
         return v
 
+    @model_validator(mode="after")
+    def _full_range(self):
+        if self.full_range and not self.symmetric:
+            raise ValueError("full_range: true applies to symmetric grids (an asymmetric grid already uses every "
+                             "code); set symmetric: true or drop full_range")
+        return self
+
     def args(self) -> QuantArgs:
         """The weights' :class:`~nnsqueeze.quant.args.QuantArgs` (activations stay float)."""
-        return QuantArgs(bits=self.bits, symmetric=self.symmetric,
+        return QuantArgs(bits=self.bits, symmetric=self.symmetric, full_range=self.full_range,
                          granularity="channel" if self.group_size < 0 else f"group({self.group_size})")
 
 
@@ -320,7 +333,7 @@ class WeightOnly(RTN):
 
     def quantize_layer(self, model: nn.Module, name: str, mod: nn.Module, ctx: Any) -> None:
         c = self.config
-        convert(mod, weight_only_args(c.bits, c.group_size, c.symmetric))
+        convert(mod, weight_only_args(c.bits, c.group_size, c.symmetric, c.full_range))
         sqnr = mod.weight_sqnr_db()
         ctx.report.layer(name, **layer_bits(mod), scheme=self._scheme_text(),
                          weight_sqnr_db=round(sqnr, 2) if abs(sqnr) != float("inf") and sqnr == sqnr else None)
@@ -337,13 +350,15 @@ class WeightOnly(RTN):
         if not hasattr(self, "layers_"):
             return {}
         c = self.config
-        info = {"bits": c.bits, "group_size": c.group_size, "symmetric": c.symmetric}
+        info = {"bits": c.bits, "group_size": c.group_size, "symmetric": c.symmetric,
+                **({"full_range": True} if c.full_range else {})}
         return {"layers": {n: dict(info) for n in self.layers_}, "embeddings": self.embeddings_}
 
     @classmethod
     def rebuild(cls, model: nn.Module, config: WeightOnlyConfig, record: dict[str, Any]) -> nn.Module:
         for lname, info in record.get("layers", {}).items():
             mod = recorded_module(model, lname, (nn.Linear,), "weight-only record")
-            convert(mod, weight_only_args(int(info["bits"]), int(info["group_size"]), bool(info["symmetric"])))
+            convert(mod, weight_only_args(int(info["bits"]), int(info["group_size"]), bool(info["symmetric"]),
+                                          bool(info.get("full_range", False))))
         rebuild_embeddings(model, record.get("embeddings", []))
         return model
