@@ -177,7 +177,7 @@ def weight_histogram(kind: str, info: dict, st: dict[str, torch.Tensor]) -> Weig
         k = _packed_len(q, q.shape[0]) if bits == 4 else q.shape[1]
         mod = _stand_in_weight(q.shape[0], k)
         gs = None if info["group_size"] is None else int(info["group_size"])  # None: one group per row
-        args = weight_only_args(bits, gs, bool(info["symmetric"]))
+        args = weight_only_args(bits, gs, bool(info["symmetric"]), bool(info.get("full_range", False)))
         convert(mod, args)
         if kind == "packed":
             from .llm import packed  # noqa: F401  (registers the packed form with convert)

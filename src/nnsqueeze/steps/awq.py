@@ -157,7 +157,7 @@ class AWQ(LLMStep):
             mod = recorded_module(model, name, (nn.Module,), "awq record")
             if not isinstance(mod, PackedLinear):
                 mod = convert(to_weight_only(model, name, mod, c, "awq record"),
-                              weight_only_args(c.bits, c.group_size, c.symmetric))
+                              weight_only_args(c.bits, c.group_size, c.symmetric, c.full_range))
             add_input_scale_(mod)  # the stored scales are loaded with the weights
         return model
 

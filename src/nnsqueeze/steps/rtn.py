@@ -154,7 +154,7 @@ def pack_layers(model: nn.Module, packs: dict[str, tuple[torch.Tensor, torch.Ten
         mod.weight_zero_point_.copy_(zp.to(torch.uint8))
         if mod.weight.dtype == torch.float32 and not torch.equal(mod.dequantized_weight(), q.to(torch.float32)):
             raise RuntimeError(f"{where}: {name}: packed codes do not reproduce the quantized weight")
-        convert(mod, weight_only_args(c.bits, c.group_size, c.symmetric))  # packed: the float weight is dropped
+        convert(mod, weight_only_args(c.bits, c.group_size, c.symmetric, getattr(c, "full_range", False)))  # packed
     return len(packs)
 
 
@@ -173,8 +173,8 @@ def _rebuild(model: nn.Module, config: QuantScheme, record: dict[str, Any]) -> n
     for name in record.get("layers", []):
         mod = recorded_module(model, name, (nn.Module,), "rtn/gptq record")
         if not isinstance(mod, PackedLinear):  # already rebuilt by an earlier record: nothing to redo
-            convert(to_weight_only(model, name, mod, c, "rtn/gptq record"), weight_only_args(c.bits, c.group_size,
-                                                                                      c.symmetric))
+            convert(to_weight_only(model, name, mod, c, "rtn/gptq record"),
+                    weight_only_args(c.bits, c.group_size, c.symmetric, c.full_range))
     return model
 
 
