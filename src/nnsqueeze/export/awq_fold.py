@@ -25,13 +25,10 @@ import torch
 from torch import nn
 
 from ..errors import ExportError
+from ..llm.awq_fold import NORMS, ROWS, fold_role
 from ..llm.packed import PackedLinear
 
 FIX = "quantize with `awq: {..., pack: true, share_scales: true}` (one scale per shared input, GQA-consistent)"
-NORMS = {"self_attn.q_proj": "input_layernorm", "self_attn.k_proj": "input_layernorm",
-         "self_attn.v_proj": "input_layernorm", "mlp.gate_proj": "post_attention_layernorm",
-         "mlp.up_proj": "post_attention_layernorm"}
-ROWS = {"mlp.down_proj": "mlp.up_proj", "self_attn.o_proj": "self_attn.v_proj"}
 
 
 def has_input_scales(model: nn.Module) -> bool:
@@ -39,9 +36,9 @@ def has_input_scales(model: nn.Module) -> bool:
 
 
 def _split(name: str) -> tuple[str, str]:
-    for role in (*NORMS, *ROWS):
-        if name.endswith("." + role):
-            return name[: -len(role) - 1], role
+    found = fold_role(name)
+    if found is not None:
+        return found
     raise ExportError(name, "has AWQ input scales and no op before it to fold them into (LLaMA layout: q/k/v, "
                       "gate/up, down, o projections)", fix="keep this layer out of awq (ignore it), or use rtn/gptq")
 

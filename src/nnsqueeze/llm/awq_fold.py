@@ -41,10 +41,18 @@ ROWS = {"mlp.down_proj": "mlp.up_proj", "self_attn.o_proj": "self_attn.v_proj"}
 FIX = "use `awq: {..., share_scales: true, fold: true}` on a LLaMA-layout model, or fold: false"
 
 
-def _role(name: str) -> tuple[str, str]:
+def fold_role(name: str) -> tuple[str, str] | None:
+    """(block prefix, role) of a projection whose input scale folds into ``NORMS``/``ROWS``, else None."""
     for role in (*NORMS, *ROWS):
         if name.endswith("." + role):
             return name[: -len(role) - 1], role
+    return None
+
+
+def _role(name: str) -> tuple[str, str]:
+    found = fold_role(name)
+    if found is not None:
+        return found
     raise ModelError(name, "has AWQ scales and no op before it to fold them into (LLaMA layout: q/k/v, gate/up, "
                      "down, o projections)", fix="ignore this layer in awq, or use fold: false")
 

@@ -30,6 +30,14 @@ from .base import Step, StepConfig
 from .prune import MASK, Prune, ensure_mask
 
 
+
+def check_full_range(cfg):
+    """The one rule of ``full_range`` on a weight-grid config: symmetric grids only."""
+    if cfg.full_range and not cfg.symmetric:
+        raise ValueError("full_range: true applies to symmetric grids (an asymmetric grid already uses every "
+                         "code); set symmetric: true or drop full_range")
+    return cfg
+
 class LLMStepConfig(StepConfig):
     samples: int = Field(128, ge=1, description="calibration sequences: batches of calib_data are taken "
                          "until at least this many")
@@ -73,10 +81,7 @@ class QuantScheme(StepConfig):
 
     @model_validator(mode="after")
     def _full_range(self):
-        if self.full_range and not self.symmetric:
-            raise ValueError("full_range: true applies to symmetric grids (an asymmetric grid already uses every "
-                             "code); set symmetric: true or drop full_range")
-        return self
+        return check_full_range(self)
 
     def args(self) -> QuantArgs:
         """The grid as :class:`~nnsqueeze.quant.args.QuantArgs` (with ``clip`` where the step has one)."""

@@ -60,7 +60,7 @@ from ..quant.convert import convert, weight_only_args
 from ..quant.weight_only import WeightOnlyLinear
 from ..registry import STEPS
 from ..targets import set_module
-from ._llm import ClipConfig, LLMStep, QuantScheme
+from ._llm import ClipConfig, LLMStep, QuantScheme, check_full_range
 from .base import StepConfig, recorded_module
 
 PACK_FIELD = Field(True, description="store WeightOnlyLinear modules with packed int4/int8 codes "
@@ -299,10 +299,7 @@ class WeightOnlyConfig(StepConfig):
 
     @model_validator(mode="after")
     def _full_range(self):
-        if self.full_range and not self.symmetric:
-            raise ValueError("full_range: true applies to symmetric grids (an asymmetric grid already uses every "
-                             "code); set symmetric: true or drop full_range")
-        return self
+        return check_full_range(self)
 
     def args(self) -> QuantArgs:
         """The weights' :class:`~nnsqueeze.quant.args.QuantArgs` (activations stay float)."""
