@@ -270,7 +270,8 @@ def build_model(spec: str) -> torch.nn.Module:
     lib, _, name = spec.partition(":")
     try:
         if lib == "torchvision":
-            import torchvision.models as zoo
+            from .zoo.tvision import import_torchvision
+            zoo = import_torchvision().models
         else:
             import timm as zoo
     except Exception as e:  # noqa: BLE001 - not installed, or installed but its compiled ops fail to load
