@@ -7,6 +7,8 @@ import os
 import pytest
 import torch
 
+import nnsqueeze  # noqa: F401 - first: declares torchvision's op schemas where its CUDA build cannot load
+
 
 @pytest.fixture(autouse=True)
 def _seed_and_cache(tmp_path_factory, monkeypatch):

@@ -30,6 +30,10 @@ def _drop_cwd_for_main() -> None:
 
 _drop_cwd_for_main()
 
+from .zoo.tvision import prepare as _prepare_torchvision  # noqa: E402
+
+_prepare_torchvision()  # PyPI's CUDA torchvision beside a CPU torch breaks transformers' imports (zoo/tvision.py)
+
 from .artifact import load  # noqa: E402 - the path fix above must come first
 from .errors import (ArtifactError, DataError, ExportError, MetricError, ModelError, NnsqueezeError,  # noqa: E402
                      RecipeError, TargetError)

@@ -8,6 +8,13 @@ detection ops: NMS, RoI align, deformable conv). :func:`import_torchvision` decl
 that the import needs (``nms`` and ``qnms``, without a kernel), logs a warning that says so, and
 imports again. Calling a detection op afterwards still fails, with torchvision's own message.
 
+The same broken install also breaks ``transformers``, which imports torchvision for many of its
+models (``BertModel`` then fails to import). So :func:`prepare` runs when ``nnsqueeze`` is imported:
+where torchvision is installed but not yet imported and its ``_C`` library does not load, it declares
+the schemas before anything imports torchvision. It costs one failed ``dlopen``; a working
+torchvision (CPU or CUDA build beside a matching torch) is left alone. Code that imports
+transformers or torchvision *before* nnsqueeze in such an environment gets torchvision's own error.
+
     >>> from nnsqueeze.zoo.tvision import import_torchvision
     >>> tv = import_torchvision()  # doctest: +SKIP
     >>> tv.models.get_model("resnet18", weights=None)  # doctest: +SKIP
@@ -15,8 +22,11 @@ imports again. Calling a detection op afterwards still fails, with torchvision's
 
 from __future__ import annotations
 
+import ctypes
+import importlib.util
 import logging
 import sys
+from pathlib import Path
 from types import ModuleType
 
 import torch
@@ -51,6 +61,33 @@ def import_torchvision() -> ModuleType:
                 cause, torch.__version__)
     import torchvision
     return torchvision
+
+
+def prepare() -> bool:
+    """Declare the schemas now if torchvision is installed, not yet imported, and its ops cannot load.
+
+    Returns whether it declared them. A torchvision whose ``_C`` loads is left alone: loading it here
+    registers its real ops, as its own import would.
+    """
+    if _LIB is not None or "torchvision" in sys.modules:
+        return False
+    try:
+        spec = importlib.util.find_spec("torchvision")  # locates the package without running it
+    except (ImportError, ValueError):
+        return False
+    if spec is None or not spec.submodule_search_locations:
+        return False
+    libs = [p for d in spec.submodule_search_locations for p in Path(d).glob("_C.*") if p.suffix in (".so", ".pyd")]
+    if not libs:
+        return False
+    try:
+        ctypes.CDLL(str(libs[0]))
+        return False
+    except OSError as e:
+        _declare()
+        log.info("torchvision is installed but its compiled ops do not load (%s); declared torchvision::nms "
+                 "and ::qnms without kernels so torchvision and transformers import", e)
+        return True
 
 
 def _declare() -> None:
