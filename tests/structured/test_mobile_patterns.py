@@ -236,3 +236,17 @@ def test_shuffled_widths_export_to_ort_and_replay(build, tmp_path):
         fresh = StructuredPrune.rebuild(build(), step.config, step.record())
         fresh.load_state_dict(pruned.state_dict())
         assert torch.equal(fresh.eval()(x), want)
+
+
+@pytest.mark.parametrize("cfg", [{"macs": 0.5}, {"ratio": 0.5, "scope": "global"}, {"ratio": 0.5, "round_to": 4}])
+def test_budgets_and_global_scope_keep_the_ties(cfg):
+    torch.manual_seed(0)
+    model, x = randomize_bn(MiniShuffleNet()).double(), torch.randn(2, 3, 8, 8, dtype=torch.float64)
+    orig = copy.deepcopy(model)
+    pruned, step, ctx = prune(model, x, **cfg)
+    fig = ctx.report.steps[-1]["figures"]
+    if "macs" in cfg:
+        assert fig["macs_after"] <= 0.5 * fig["macs_before"]
+    assert fig["macs_after"] < fig["macs_before"]
+    with torch.no_grad():
+        torch.testing.assert_close(pruned(x), zeroed_reference(orig, step.plan_)(x), atol=1e-10, rtol=0)
