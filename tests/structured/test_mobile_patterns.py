@@ -250,3 +250,26 @@ def test_budgets_and_global_scope_keep_the_ties(cfg):
     assert fig["macs_after"] < fig["macs_before"]
     with torch.no_grad():
         torch.testing.assert_close(pruned(x), zeroed_reference(orig, step.plan_)(x), atol=1e-10, rtol=0)
+
+
+def test_chunk_of_a_concatenation_is_tied_not_frozen():
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b, self.c = cbr(3, 4), cbr(3, 6), cbr(5, 3)
+            self.fc = nn.Linear(3, 2)
+
+        def forward(self, x):
+            p, q = torch.cat([self.a(x), self.b(x)], 1).chunk(2, dim=1)   # p: a + b's first channel
+            return self.fc(self.c(p * q).mean((2, 3)))
+
+    g = build_graph(Net(), torch.randn(1, 3, 4, 4))
+    # p * q links a_i with b_{i+1} (i < 4) and b_0 with b_5: every unit has one channel in each piece
+    assert g.skipped == {} and len(g.ties) == 1
+    torch.manual_seed(0)
+    model, x = randomize_bn(Net()).double(), torch.randn(2, 3, 5, 5, dtype=torch.float64)
+    orig = copy.deepcopy(model)
+    pruned, step, _ = prune(model, x, ratio=0.5)
+    assert pruned.c[0].in_channels < 5
+    with torch.no_grad():
+        torch.testing.assert_close(pruned(x), zeroed_reference(orig, step.plan_)(x), atol=1e-10, rtol=0)

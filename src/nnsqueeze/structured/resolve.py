@@ -86,6 +86,27 @@ def _members(module: str, role: str, blocks: list[list[list[int]]]) -> list[Memb
     return out
 
 
+def _plain(b: Builder, spaces: list[int], g: DependencyGraph, fast: dict[int, tuple[int, int, int]]) -> None:
+    """One group for spaces tied channel for channel (the common case), with its folds and blocks."""
+    members = [m for s in spaces for m in b.members[s]]
+    n = max(b.length[s] for s in spaces)
+    period = math.gcd(*[b.period.get(s, b.length[s]) for s in spaces])
+    block = math.lcm(*[b.block.get(s, 1) for s in spaces])
+    if period < n:   # channel c (< period) stands for c, c + period, c + 2*period, ...
+        members = [Member(m.module, m.role, m.offset + k * period * m.expand, m.expand)
+                   for s in spaces for m in b.members[s] for k in range((m.span or b.length[s]) // period)]
+        n = period
+    elif block > 1:  # channel c stands for the block c*block .. c*block + block-1
+        members = [Member(m.module, m.role, m.offset, m.expand * block) for m in members]
+        n //= block
+    else:
+        members = [Member(m.module, m.role, m.offset, m.expand) for m in members]
+    gid = len(g.groups)
+    g.groups.append(Group(gid, n, members))
+    for s in spaces:
+        fast[s] = (gid, period, block)
+
+
 def resolve(b: Builder) -> DependencyGraph:
     """The prunable groups, frozen spaces, skipped layers and count ties of a built graph."""
     roots: dict[int, list[int]] = {}
@@ -96,6 +117,7 @@ def resolve(b: Builder) -> DependencyGraph:
         links.setdefault(b.find(lk[0]), []).append(lk)
     g = DependencyGraph(skipped=dict(b.skipped))
     where: dict[tuple[int, int], tuple[int, int]] = {}      # (space, channel) -> (group id, channel)
+    fast: dict[int, tuple[int, int, int]] = {}              # space -> (group id, period, block) (plain)
     for root, spaces in roots.items():
         members = [(s, m) for s in spaces for m in b.members[s]]
         reason = _reason(b, spaces)
@@ -105,6 +127,10 @@ def resolve(b: Builder) -> DependencyGraph:
                 g.frozen.append((", ".join(layers), reason))
             continue
         if not any(m.role == "out" for _, m in members):
+            continue
+        if all(m.chans is None for _, m in members) and all(
+                type(ca) is range and ca == cb and ca.start == 0 for _, ca, _, cb in links.get(root, [])):
+            _plain(b, spaces, g, fast)   # channel i is channel i everywhere: no per-channel work
             continue
         base, total = {}, 0
         for s in spaces:
@@ -152,10 +178,15 @@ def resolve(b: Builder) -> DependencyGraph:
         for piece in tie:
             counts: dict[int, dict[int, int]] = {}
             for el in piece:
-                if el in where:
+                if el[0] in fast:
+                    gid, period, block = fast[el[0]]
+                    c = el[1] % period // block
+                elif el in where:
                     gid, c = where[el]
-                    counts.setdefault(gid, {})
-                    counts[gid][c] = counts[gid].get(c, 0) + 1
+                else:
+                    continue   # a frozen channel: never removed
+                counts.setdefault(gid, {})
+                counts[gid][c] = counts[gid].get(c, 0) + 1
             pieces.append(counts)
         if any(pieces):
             g.ties.append(pieces)
