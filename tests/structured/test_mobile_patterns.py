@@ -9,7 +9,6 @@ import copy
 
 import pytest
 import torch
-import torch.fx
 import torch.nn.functional as F
 from torch import nn
 
@@ -17,18 +16,10 @@ from nnsqueeze.context import Context
 from nnsqueeze.steps.channel_prune import StructuredPrune
 from nnsqueeze.structured.allocate import enforce_ties
 from nnsqueeze.structured.graph import build_graph
+from nnsqueeze.zoo.tvision import import_torchvision
 from structured_models import randomize_bn
 
-
-def stochastic_depth(x, p: float, mode: str, training: bool = True):
-    """torchvision.ops.stochastic_depth's contract: per-row Bernoulli factor in training, identity in eval."""
-    if not training or p == 0.0:
-        return x
-    keep = torch.empty([x.shape[0]] + [1] * (x.ndim - 1), dtype=x.dtype).bernoulli_(1 - p)
-    return x * keep / (1 - p)
-
-
-torch.fx.wrap("stochastic_depth")   # a leaf function for fx, as torchvision declares its own
+StochasticDepth = import_torchvision().ops.StochasticDepth   # calls the fx-wrapped stochastic_depth
 
 
 def channel_shuffle(x, groups: int):
@@ -102,13 +93,14 @@ class SEBlock(nn.Module):
         self.squeeze, self.excite = nn.Conv2d(24, 6, 1), nn.Conv2d(6, 24, 1)
         self.gate = nn.Hardsigmoid()
         self.project = cbr(24, 8, relu=False)
+        self.drop = StochasticDepth(0.2, "row")
         self.fc = nn.Linear(8, 4)
 
     def forward(self, x):
         x = self.stem(x)
         h = self.dw(self.expand(x))
         h = h * self.gate(self.excite(F.relu(self.squeeze(self.pool(h)))))
-        x = x + stochastic_depth(self.project(h), 0.2, "row", self.training)
+        x = x + self.drop(self.project(h))
         return self.fc(x.mean((2, 3)))
 
 

@@ -47,9 +47,10 @@ POOL_FUNCS = {F.max_pool1d, F.max_pool2d, F.max_pool3d, F.avg_pool1d, F.avg_pool
               F.adaptive_max_pool1d, F.adaptive_max_pool2d}
 SHAPE_QUERIES = {"size", "dim", "numel"}
 # functions that scale whole samples (or the whole batch) by one factor: channels pass through.
-# Matched by name so that the graph needs no torchvision import (torchvision.ops.stochastic_depth
-# is an fx-wrapped leaf function: identity in eval mode, a per-row Bernoulli factor in training).
-PER_SAMPLE_FUNCS = {"stochastic_depth", "drop_path"}
+# Matched by module and name so that the graph needs no torchvision import
+# (torchvision.ops.stochastic_depth is an fx-wrapped leaf function: identity in eval mode, a
+# per-row Bernoulli factor in training; timm's drop_path is the same per-sample factor).
+PER_SAMPLE_FUNCS = {("torchvision.ops.stochastic_depth", "stochastic_depth"), ("timm.layers.drop", "drop_path")}
 
 
 def _index_axis(x: Info, index: Any) -> int | None:
@@ -205,7 +206,7 @@ def function_rule(b: Builder, node: Any, where: str, args: list, ins: list[Info]
         return None  # arithmetic on sizes (``C // groups``): no channels flow through it
     if any(isinstance(a, Split) for a in args) or any(isinstance(v, Split) for v in node.kwargs.values()):
         return _split_rule(b, node, where, args, ins, shape)
-    if not method and getattr(t, "__name__", "") in PER_SAMPLE_FUNCS:
+    if not method and (getattr(t, "__module__", ""), getattr(t, "__name__", "")) in PER_SAMPLE_FUNCS:
         return x
     if shape is None and t is not operator.getitem and not (method and t in ("split", "chunk")) \
             and t not in (torch.split, torch.chunk):
