@@ -114,8 +114,8 @@ def zeroed_reference(model, plan):
     return ref
 
 
-def prune(model, x, **cfg):
-    ctx = Context(example_inputs=x, progress=False)
+def prune(model, x, data=None, **cfg):
+    ctx = Context(example_inputs=x, train_data=data, calib_data=data, progress=False)
     ctx.report.begin_step("structured-prune", cfg)
     step = StructuredPrune(StructuredPrune.Config(**cfg))
     return step.run(model, ctx), step, ctx
@@ -190,12 +190,13 @@ MACS_LEFT = {"MiniShuffleNet": 0.40, "SwapHalves": 0.51, "SEBlock": 0.39}
 
 
 @pytest.mark.parametrize("build", [MiniShuffleNet, SwapHalves, SEBlock])
-@pytest.mark.parametrize("importance", ["l2", "fpgm"])
+@pytest.mark.parametrize("importance", ["l2", "fpgm", "taylor", "energy"])
 def test_pruned_equals_original_with_channels_zeroed(build, importance):
     torch.manual_seed(0)
     model, x = randomize_bn(build()).double(), torch.randn(3, 3, 9, 7, dtype=torch.float64)
     orig = copy.deepcopy(model)
-    pruned, step, ctx = prune(model, x, ratio=0.5, importance=importance)
+    data = [(x, torch.tensor([0, 1, 1]))]   # taylor: gradients of the cross-entropy; energy: activations
+    pruned, step, ctx = prune(model, x, data, ratio=0.5, importance=importance)
     assert [s for s in ctx.report.skipped if "model output" not in s["reason"]] == []
     fig = ctx.report.steps[-1]["figures"]
     assert fig["macs_after"] <= MACS_LEFT[build.__name__] * fig["macs_before"]
