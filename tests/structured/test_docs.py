@@ -9,6 +9,7 @@ import pytest
 
 MODULES = ["nnsqueeze.structured.graph", "nnsqueeze.structured.rules", "nnsqueeze.structured.pruners",
            "nnsqueeze.structured.allocate", "nnsqueeze.structured.spaces",
+           "nnsqueeze.structured.resolve", "nnsqueeze.structured.permute",
            "nnsqueeze.structured.macs", "nnsqueeze.structured.collect", "nnsqueeze.structured.nm",
            "nnsqueeze.structured.attention", "nnsqueeze.structured.importance",
            "nnsqueeze.structured.importance.l1", "nnsqueeze.structured.importance.l2",

@@ -109,7 +109,7 @@ def keep_indices(model: nn.Module, groups: list[Group], pruned: list[torch.Tenso
         if idx.numel() == 0:
             continue
         for mb in g.members:
-            pos = (mb.offset + idx[:, None] * mb.expand + torch.arange(mb.expand)[None, :]).flatten().tolist()
+            pos = torch.tensor(mb.positions(g.size)).reshape(g.size, mb.expand)[idx].flatten().tolist()
             removed.setdefault((mb.module, mb.role), set()).update(pos)
     out = []
     for (name, role), gone in removed.items():
@@ -152,6 +152,8 @@ class StructuredPrune(Step):
         self._blocks: list = []     # Hugging Face blocks of the current run (heads / FFN)
         self._head_groups: set[int] = set()
         self._planned: list[Group] = []
+        self._ties: list[list[dict[int, dict[int, int]]]] = []   # graph ties, by index into _planned
+        self._restored = 0
 
     # ---- pieces ---------------------------------------------------------------------------------
 
@@ -195,6 +197,9 @@ class StructuredPrune(Step):
                 ctx.skip(name, ", ".join(layers), "channels kept: not all coupled layers are targeted")
             else:
                 out.append(g)
+        pos = {g.id: i for i, g in enumerate(out)}
+        self._ties = [[{pos[gid]: chans for gid, chans in piece.items() if gid in pos} for piece in tie]
+                      for tie in graph.ties]
         return out
 
     def _scores(self, model: nn.Module, groups: list[Group], ctx: Any) -> list[torch.Tensor]:
@@ -229,8 +234,11 @@ class StructuredPrune(Step):
         c = self.config
         rounds = [1 if id(g) in self._head_groups else c.round_to for g in self._planned]  # heads: no rounding
         if scope == "global":
-            return allocate.global_plan(scores, ratio, fixed, c.max_ratio, rounds, c.min_channels)
-        return allocate.layer_plan(scores, [ratio if f is None else f for f in fixed], rounds, c.min_channels)
+            plan = allocate.global_plan(scores, ratio, fixed, c.max_ratio, rounds, c.min_channels)
+        else:
+            plan = allocate.layer_plan(scores, [ratio if f is None else f for f in fixed], rounds, c.min_channels)
+        plan, self._restored = allocate.enforce_ties(plan, scores, self._ties)
+        return plan
 
     def _search(self, model, groups, scores, fixed, example, budget: float, key: str, ctx: Any) -> float:
         """Smallest global ratio whose pruned model fits ``budget`` (bisection, 14 rounds)."""
@@ -278,6 +286,9 @@ class StructuredPrune(Step):
             budget = want if want > 1 else want * base
             ratio, scope = self._search(model, groups, scores, fixed, example, budget, key, ctx), "global"
         pruned = self._plan(scores, fixed, ratio, scope)
+        if self._restored:
+            ctx.fallback(self.registered_name, f"{self._restored} channels kept so that the pieces of each chunk "
+                         "of a shuffled tensor stay equal")
         self.plan_ = keep_indices(model, groups, pruned)
         ref = hf.outputs(model, example, self.plan_) if self._blocks else None
         self.attrs_ = self._apply(model, self.plan_)

@@ -52,7 +52,7 @@ def _rows(model: nn.Module, g: Group) -> list[tuple[torch.Tensor, torch.Tensor]]
     out = []
     for mb in g.members:
         mod = model.get_submodule(mb.module)
-        idx = torch.arange(mb.offset, mb.offset + g.size * mb.expand, device=mod.weight.device)
+        idx = torch.tensor(mb.positions(g.size), dtype=torch.long, device=mod.weight.device)
         for name in ("weight", "bias"):
             p = getattr(mod, name, None)
             if p is None:
@@ -77,7 +77,8 @@ class GroupLassoCallback:
             return
         for g in self.groups:
             norm2 = sum(s.double().pow(2).sum(1) for mb in g.members
-                        for s in channel_slices(model.get_submodule(mb.module), mb.role, mb.offset, mb.expand, g.size))
+                        for s in channel_slices(model.get_submodule(mb.module), mb.role, mb.offset, mb.expand, g.size,
+                                              index=mb.index))
             scale = (1 - self.strength / norm2.sqrt().clamp_min(1e-12)).clamp_min(0)
             for p, dim, idx, expand in _rows(model, g):
                 f = scale.repeat_interleave(expand).to(p.dtype)
@@ -92,7 +93,8 @@ class GroupLassoCallback:
         zero = 0
         for g in self.groups:
             n2 = sum(s.pow(2).sum(1) for mb in g.members
-                     for s in channel_slices(model.get_submodule(mb.module), mb.role, mb.offset, mb.expand, g.size))
+                     for s in channel_slices(model.get_submodule(mb.module), mb.role, mb.offset, mb.expand, g.size,
+                                              index=mb.index))
             zero += int((n2 == 0).sum())
         self.figures["zero_channels"] = zero
 

@@ -60,3 +60,38 @@ def global_plan(scores: list[Tensor], ratio: float, fixed: list[float | None], m
             s = scores[i].double() / scores[i].double().mean().clamp_min(1e-12)
             ratios[i] = min(max_ratio, float((s <= thr).sum()) / s.numel())
     return layer_plan(scores, ratios, round_to, min_channels)
+
+
+def enforce_ties(pruned: list[Tensor], scores: list[Tensor],
+                 ties: list[list[dict[int, dict[int, int]]]]) -> tuple[list[Tensor], int]:
+    """Put channels back until every tie's pieces lose equally many positions; returns (plan, restored).
+
+    A tie (``chunk`` of an interleaved tensor, :mod:`.permute`) is a list of pieces, each
+    ``{group: {channel: positions in the piece}}``; a piece that loses more than the others gets its
+    best-scored removed channels back. Only restorations happen, so this ends::
+
+        >>> enforce_ties([torch.tensor([0, 1]), torch.tensor([0])], [torch.tensor([1.0, 2.0, 3.0])] * 2,
+        ...              [[{0: {0: 1, 1: 1}}, {1: {0: 1, 1: 1}}]])
+        ([tensor([0]), tensor([0])], 1)
+    """
+    if not ties:
+        return pruned, 0
+    gone = [set(p.tolist()) for p in pruned]
+    restored, changed = 0, True
+    while changed:
+        changed = False
+        for tie in ties:
+            lost = [sum(k for g, chans in piece.items() for c, k in chans.items() if c in gone[g]) for piece in tie]
+            while max(lost) > min(lost):
+                hi, lo = lost.index(max(lost)), lost.index(min(lost))
+                excess = lost[hi] - lost[lo]
+                # removed channels that weigh more in the piece that lost most than in the one that lost least
+                cand = [(tie[hi][g][c] - tie[lo].get(g, {}).get(c, 0), float(scores[g][c]), -g, -c)
+                        for g, chans in tie[hi].items() for c in chans if c in gone[g]]
+                cand = [x for x in cand if x[0] > 0]
+                fit = [x for x in cand if x[0] <= excess]
+                _, _, g, c = max(fit, key=lambda x: (x[1], x[2], x[3])) if fit else min(cand)
+                gone[-g].discard(-c)
+                lost = [n - piece.get(-g, {}).get(-c, 0) for piece, n in zip(tie, lost)]
+                restored, changed = restored + 1, True
+    return [torch.tensor(sorted(s), dtype=torch.long) for s in gone], restored

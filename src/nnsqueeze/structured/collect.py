@@ -40,8 +40,8 @@ def weight_parts(model: nn.Module, group: Group, fn: Callable | None = None, kin
     parts = []
     for mb in group.members:
         mod = model.get_submodule(mb.module)
-        slices = channel_slices(mod, mb.role, mb.offset, mb.expand, group.size, fn) if fn else \
-            channel_slices(mod, mb.role, mb.offset, mb.expand, group.size)
+        slices = channel_slices(mod, mb.role, mb.offset, mb.expand, group.size, fn, index=mb.index) if fn else \
+            channel_slices(mod, mb.role, mb.offset, mb.expand, group.size, index=mb.index)
         parts += [Part(kind or _kind(mod), mb.role, s) for s in slices]
     return parts
 
@@ -110,7 +110,8 @@ def activations(model: nn.Module, names: list[str], data: Iterable, batches: int
 
 
 def activation_parts(group: Group, acts: dict[str, torch.Tensor]) -> list[Part]:
-    """Rows ``offset + c*expand + j`` of each producer's outputs, one row per channel ``(n, expand*samples)``."""
+    """Rows ``offset + c*expand + j`` (or the member's explicit ``index``) of each producer's outputs,
+    one row per channel ``(n, expand*samples)``."""
     n = group.size
-    return [Part("activation", "out", acts[mb.module][mb.offset: mb.offset + n * mb.expand].reshape(n, -1))
+    return [Part("activation", "out", acts[mb.module][torch.tensor(mb.positions(n))].reshape(n, -1))
             for mb in group.members if mb.role == "out" and mb.module in acts]

@@ -12,7 +12,10 @@ when the group is built: a grouped convolution (``groups=G``) *folds* its input 
 input columns stay aligned); a GroupNorm *blocks* its space (the ``C/G`` channels of one norm group
 go together, so the other groups' statistics are unchanged). A merged space is one prunable **group**.
 
-``chunk(n)`` along channels folds the same way (the pieces stay equal). Anything the graph cannot
+``chunk(n)`` along channels folds the same way (the pieces stay equal). A channel shuffle
+(``view -> transpose -> view``) links the channels every group must share and interleaves them;
+``chunk`` of such a tensor *ties* its pieces to lose equally many channels (:mod:`.permute`). The
+spaces are resolved channel by channel (:mod:`.resolve`). Anything the graph cannot
 prove safe *freezes* the spaces it touches (with a reason): model inputs and outputs, LayerNorm (it
 normalizes across all channels), attention modules, unknown ops, tensor indexing, reshapes other than
 flatten, ``split`` with sizes, shared weights. The per-operation rules are in :mod:`.rules`. Frozen
@@ -29,7 +32,6 @@ groups are left intact and reported, never broken::
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 from torch import nn
@@ -39,7 +41,8 @@ from .attention import ATTENTION
 from .rules import function_rule, module_rule
 # The channel spaces and their union-find are shared with the per-op rules, so they sit below both
 # (structured/spaces.py); re-exported here, where callers have always found the graph's types.
-from .spaces import Builder, DependencyGraph, Group, Info, Member, Seg, infos, node_shape
+from .resolve import resolve
+from .spaces import Builder, DependencyGraph, Group, Info, Member, Seg, Split, infos, node_shape
 
 __all__ = ["Seg", "Member", "Group", "Info", "DependencyGraph", "build_graph"]
 
@@ -105,39 +108,12 @@ def build_graph(model: nn.Module, example_inputs: Any) -> DependencyGraph:
         elif node.op == "call_module" and calls[node.target] > 1 and any(True for _ in mods[node.target].parameters()):
             b.leave(node.target, f"called {calls[node.target]} times in forward(); its channels are kept", *ins)
             out = None
+        elif node.op == "call_module" and any(isinstance(a, Split) for a in args):
+            b.leave(node.target, "input is a channel axis split into groups; its channels are kept", *ins)
         elif node.op == "call_module":
             out = module_rule(b, node.target, mods[node.target], ins[0] if ins else None, ins, shape, node)
         else:
             out = function_rule(b, node, where, args, ins, shape)
         env[node.name] = out
 
-    roots: dict[int, list[int]] = {}
-    for s in range(len(b.parent)):
-        roots.setdefault(b.find(s), []).append(s)
-    g = DependencyGraph(skipped=dict(b.skipped))
-    for spaces in roots.values():
-        members = [m for s in spaces for m in b.members[s]]
-        reasons = [b.frozen[s] for s in spaces if s in b.frozen]
-        n = max(b.length[s] for s in spaces)    # spaces of other lengths join through chunk pieces
-        period = math.gcd(*[b.period.get(s, b.length[s]) for s in spaces])
-        block = math.lcm(*[b.block.get(s, 1) for s in spaces])
-        if period < n and block > 1:
-            reasons.append("grouped convolution and GroupNorm on the same channels")
-        elif block >= n and n > 1:
-            reasons.append("GroupNorm with a single group normalizes across all its channels")
-        if reasons:
-            layers = sorted({m.module for m in members if m.role == "out"})
-            if layers:
-                g.frozen.append((", ".join(layers), reasons[0]))
-            continue
-        if not any(m.role == "out" for m in members):
-            continue
-        if period < n:   # channel c (< period) stands for c, c + period, c + 2*period, ...
-            members = [Member(m.module, m.role, m.offset + k * period * m.expand, m.expand)
-                       for s in spaces for m in b.members[s] for k in range((m.span or b.length[s]) // period)]
-            n = period
-        elif block > 1:  # channel c stands for the block c*block .. c*block + block-1
-            members = [Member(m.module, m.role, m.offset, m.expand * block) for m in members]
-            n //= block
-        g.groups.append(Group(len(g.groups), n, members))
-    return g
+    return resolve(b)

@@ -14,7 +14,7 @@ shape attributes (``out_channels``, ``in_features``, ``num_features``, ``groups`
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 from torch import nn
@@ -107,14 +107,16 @@ def dim_size(module: nn.Module, role: str) -> int:
 
 
 def channel_slices(module: nn.Module, role: str, offset: int, expand: int, n: int,
-                   fn: Callable[[Tensor], Tensor] = lambda t: t.detach()) -> list[Tensor]:
+                   fn: Callable[[Tensor], Tensor] = lambda t: t.detach(),
+                   index: Sequence[int] | None = None) -> list[Tensor]:
     """The weights that belong to channels ``0..n-1`` of a member, each shaped ``(n, -1)``.
 
     ``out`` gives the weight rows (and bias, BN scale/shift); ``in`` gives the input columns
-    ``offset + c*expand + j``. ``fn`` maps each parameter first (e.g. to ``w * grad``).
-    Used by the importance criteria.
+    ``offset + c*expand + j`` (``index``: the ``n * expand`` positions, listed). ``fn`` maps each
+    parameter first (e.g. to ``w * grad``). Used by the importance criteria.
     """
-    idx = torch.arange(offset, offset + n * expand, device=module.weight.device)
+    idx = torch.arange(offset, offset + n * expand, device=module.weight.device) if index is None else \
+        torch.tensor(list(index), dtype=torch.long, device=module.weight.device)
     if isinstance(module, NORMS):
         return [fn(t)[idx].reshape(n, -1) for t in (module.weight, module.bias) if t is not None]
     if isinstance(module, nn.Embedding):

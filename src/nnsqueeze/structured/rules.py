@@ -24,7 +24,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from .attention import ATTENTION
-from .spaces import Builder, Info, Member, Seg, node_shape
+from .permute import chunk_pieces, shuffle, shuffle_groups
+from .spaces import Builder, Info, Member, Seg, Split, node_shape
 
 ELEMENTWISE_MODULES = (nn.ReLU, nn.ReLU6, nn.GELU, nn.SiLU, nn.Sigmoid, nn.Tanh, nn.LeakyReLU, nn.ELU,
                        nn.Hardswish, nn.Hardsigmoid, nn.Hardtanh, nn.Mish, nn.Softplus, nn.Dropout,
@@ -45,6 +46,11 @@ POOL_FUNCS = {F.max_pool1d, F.max_pool2d, F.max_pool3d, F.avg_pool1d, F.avg_pool
               F.adaptive_avg_pool1d, F.adaptive_avg_pool2d, F.adaptive_avg_pool3d,
               F.adaptive_max_pool1d, F.adaptive_max_pool2d}
 SHAPE_QUERIES = {"size", "dim", "numel"}
+# functions that scale whole samples (or the whole batch) by one factor: channels pass through.
+# Matched by module and name so that the graph needs no torchvision import
+# (torchvision.ops.stochastic_depth is an fx-wrapped leaf function: identity in eval mode, a
+# per-row Bernoulli factor in training; timm's drop_path is the same per-sample factor).
+PER_SAMPLE_FUNCS = {("torchvision.ops.stochastic_depth", "stochastic_depth"), ("timm.layers.drop", "drop_path")}
 
 
 def _index_axis(x: Info, index: Any) -> int | None:
@@ -164,10 +170,29 @@ def _flatten(b: Builder, where: str, x: Info | None, start: int, shape: tuple[in
     start = start % x.ndim
     if x.axis == start and len(shape) == start + 1:
         inner = shape[start] // sum(s.length * s.expand for s in x.segs)
-        return Info(start, len(shape), tuple(Seg(s.space, s.length, s.expand * inner, s.span) for s in x.segs))
+        return Info(start, len(shape), tuple(Seg(s.space, s.length, s.expand * inner, s.span, s.chans)
+                                             for s in x.segs))
     if x.axis < start:
         return Info(x.axis, len(shape), x.segs)
     b.leave(where, "flatten/reshape that mixes channels", x)
+    return None
+
+
+def _split_rule(b: Builder, node: Any, where: str, args: list, ins: list[Info],
+                shape: tuple[int, ...] | None) -> Any:
+    """The middle of a channel shuffle (checked as a chain by :func:`~.permute.shuffle_groups`)."""
+    t, method = node.target, node.op == "call_method"
+    sp = args[0] if args and isinstance(args[0], Split) else None
+    if sp is not None:
+        if method and t == "contiguous":
+            return sp
+        if not sp.swapped and ((method and t == "transpose") or t is torch.transpose):
+            return Split(sp.info, sp.groups, True)
+        if sp.swapped and ((method and t in ("view", "reshape")) or t is torch.reshape) \
+                and shape is not None and len(shape) == sp.info.ndim:
+            return shuffle(b, node.name, sp.info, sp.groups)
+    b.leave(f"{node.name} ({where})", "channel axis split into groups and used by an operation the graph does "
+            "not know", *ins)
     return None
 
 
@@ -177,6 +202,12 @@ def function_rule(b: Builder, node: Any, where: str, args: list, ins: list[Info]
     x = args[0] if args and isinstance(args[0], Info) else None
     if method and t in SHAPE_QUERIES or (not method and t in (getattr, len)):
         return None
+    if shape is None and not ins:
+        return None  # arithmetic on sizes (``C // groups``): no channels flow through it
+    if any(isinstance(a, Split) for a in args) or any(isinstance(v, Split) for v in node.kwargs.values()):
+        return _split_rule(b, node, where, args, ins, shape)
+    if not method and (getattr(t, "__module__", ""), getattr(t, "__name__", "")) in PER_SAMPLE_FUNCS:
+        return x
     if shape is None and t is not operator.getitem and not (method and t in ("split", "chunk")) \
             and t not in (torch.split, torch.chunk):
         b.leave(f"{node.name} ({where})", "op with non-tensor output", *ins)
@@ -198,6 +229,9 @@ def function_rule(b: Builder, node: Any, where: str, args: list, ins: list[Info]
             return None
         if tuple(shape) == tuple(node.args[0].meta["tensor_meta"].shape):
             return x
+        g = shuffle_groups(node, x, shape) if not (t == "flatten" or t is torch.flatten) else 0
+        if g:
+            return Split(x, g)
         if t in ("flatten",) or t is torch.flatten:
             start = node.args[1] if len(node.args) > 1 else node.kwargs.get("start_dim", 0)
             return _flatten(b, node.name, x, start, shape)
@@ -255,10 +289,12 @@ def function_rule(b: Builder, node: Any, where: str, args: list, ins: list[Info]
         # piece loses the same channels: fold the space with period C/n, each piece is that period
         n = node.args[1] if len(node.args) > 1 else node.kwargs.get("chunks")
         if t in ("chunk", torch.chunk) and isinstance(n, int) and len(x.segs) == 1 and x.segs[0].expand == 1 \
-                and not x.segs[0].span and x.segs[0].length % n == 0:
+                and not x.segs[0].span and x.segs[0].chans is None and x.segs[0].length % n == 0:
             sg = x.segs[0]
             b.fold(sg.space, sg.length // n)
             return ("pieces", Info(x.axis, x.ndim, (Seg(sg.space, sg.length // n, 1, sg.length // n),)))
+        if t in ("chunk", torch.chunk) and isinstance(n, int) and (len(x.segs) > 1 or x.segs[0].chans is not None):
+            return chunk_pieces(b, node.name, x, n)   # an interleaved tensor: pieces tied to lose equally
         return b.leave(node.name, "split along channels: its sizes are fixed in forward() (chunk(n) of one "
                        "tensor is pruned)", x)
     if t is operator.getitem:

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Sequence
 
 from torch import nn
 
@@ -26,12 +26,17 @@ class Seg:
     """``length`` channels of ``space`` laid out along an axis; each channel spans ``expand`` positions.
 
     ``span`` > 0: a piece of a ``chunk`` along channels: ``length`` channels that stand for channel
-    ``c``, ``c + length``, ... of the (folded) space.
+    ``c``, ``c + length``, ... of the (folded) space. ``chans``: which channels of the space, in this
+    order (a channel shuffle interleaves spaces); None: channels ``0 .. length-1``.
     """
     space: int
     length: int
     expand: int = 1
     span: int = 0
+    chans: tuple[int, ...] | None = None
+
+    def channels(self) -> Sequence[int]:
+        return self.chans if self.chans is not None else range(self.length)
 
 
 @dataclass(frozen=True)
@@ -41,13 +46,24 @@ class Member:
     ``role`` is ``out`` (the layer's output dimension: conv/linear rows, BN/GroupNorm vectors,
     depthwise conv channels, embedding columns) or ``in`` (conv/linear input columns). ``span``
     (internal, 0 = the whole space) is how many channels of its space a member indexes: a grouped
-    conv's weight reads only ``C_in / groups`` input columns, shared by every group.
+    conv's weight reads only ``C_in / groups`` input columns, shared by every group. ``chans``
+    (internal): the channels of its space it indexes, in order, when not ``0 .. span-1``.
+    ``index``: explicit positions, ``expand`` per channel (channel ``c`` is ``index[c*expand:
+    (c+1)*expand]``) when they do not follow ``offset + c*expand + j`` (after a channel shuffle).
     """
     module: str
     role: str
     offset: int
     expand: int = 1
     span: int = 0
+    chans: tuple[int, ...] | None = None
+    index: tuple[int, ...] | None = None
+
+    def positions(self, n: int) -> list[int]:
+        """The ``n * expand`` indices of this layer dimension that channels ``0 .. n-1`` cover, in order."""
+        if self.index is not None:
+            return list(self.index)
+        return list(range(self.offset, self.offset + n * self.expand))
 
 
 @dataclass
@@ -76,6 +92,9 @@ class DependencyGraph:
     groups: list[Group] = field(default_factory=list)
     frozen: list[tuple[str, str]] = field(default_factory=list)   # (layers, reason), one per frozen space
     skipped: dict[str, str] = field(default_factory=dict)         # layer -> reason it is left intact
+    # equal-count ties (chunk pieces): each piece {group id: {channel: positions}} must lose as many
+    # positions as every other piece of its tie
+    ties: list[list[dict[int, dict[int, int]]]] = field(default_factory=list)
 
 
 class Builder:
@@ -94,6 +113,10 @@ class Builder:
         self.period: dict[int, int] = {}   # space -> fold period (grouped conv): c couples with c + k*period
         self.block: dict[int, int] = {}    # space -> block size (GroupNorm): c couples with its block
         self.skipped: dict[str, str] = {}
+        # channel-level couplings, resolved in structured/resolve.py: links (channel i of one list is
+        # channel i of the other) and ties (the pieces lose equally many channels)
+        self.links: list[tuple[int, Sequence[int], int, Sequence[int]]] = []
+        self.ties: list[list[list[tuple[int, int]]]] = []
         owners: dict[int, list[str]] = {}
         for name, mod in model.named_modules():
             for p in mod.parameters(recurse=False):
@@ -121,6 +144,11 @@ class Builder:
         if ra != rb:
             self.parent[rb] = ra
 
+    def link(self, a: int, chans_a: Sequence[int], b: int, chans_b: Sequence[int]) -> None:
+        """Channel ``chans_a[i]`` of space ``a`` is channel ``chans_b[i]`` of space ``b``."""
+        self.links.append((a, chans_a, b, chans_b))
+        self.union(a, b)
+
     def freeze(self, info: Any, reason: str) -> None:
         for i in infos(info):
             for s in i.segs:
@@ -129,7 +157,9 @@ class Builder:
     def member(self, info: Info, module: str, role: str) -> None:
         off = 0
         for s in info.segs:
-            self.members[s.space].append(Member(module, role, off, s.expand, s.span))
+            chans = s.chans if s.chans is not None or s.span or s.length == self.length[s.space] \
+                else tuple(range(s.length))   # the first channels of a space (a piece of a shuffled tensor)
+            self.members[s.space].append(Member(module, role, off, s.expand, s.span, chans))
             off += s.length * s.expand
         if module in self.shared:
             others = ", ".join(x for x in self.shared[module] if x != module)
@@ -154,25 +184,61 @@ class Builder:
             return None
         ref = infos[0]
         for o in infos[1:]:
-            if ((ref.axis - ref.ndim) != (o.axis - o.ndim) or [(s.length, s.expand) for s in ref.segs]
-                    != [(s.length, s.expand) for s in o.segs]):
+            if (ref.axis - ref.ndim) == (o.axis - o.ndim) and [(s.length, s.expand) for s in ref.segs] \
+                    == [(s.length, s.expand) for s in o.segs]:
+                for a, b in zip(ref.segs, o.segs):
+                    self.link(a.space, a.channels(), b.space, b.channels())
+                continue
+            ea, eb = elements(ref), elements(o)
+            if (ref.axis - ref.ndim) != (o.axis - o.ndim) or ea is None or eb is None or len(ea) != len(eb) \
+                    or ref.segs[0].expand != o.segs[0].expand:
                 for i in infos:
                     self.freeze(i, f"{where}: branches with different channel layouts")
                 return None
-            for a, b in zip(ref.segs, o.segs):
-                self.union(a.space, b.space)
+            for (sa, ca), (sb, cb) in zip(ea, eb):   # same channels, cut into other segments
+                self.link(sa, (ca,), sb, (cb,))
         return max(infos, key=lambda i: i.ndim)
+
+
+def elements(info: Info) -> list[tuple[int, int]] | None:
+    """``(space, channel)`` per channel along the axis, or None when the segments' ``expand`` differ."""
+    if len({s.expand for s in info.segs}) > 1:
+        return None
+    return [(s.space, c) for s in info.segs for c in s.channels()]
+
+
+def runs(elems: Sequence[tuple[int, int]], expand: int = 1) -> tuple[Seg, ...]:
+    """The segments of a channel axis given ``(space, channel)`` per channel (consecutive runs merged)."""
+    out: list[tuple[int, list[int]]] = []
+    for space, c in elems:
+        if out and out[-1][0] == space and out[-1][1][-1] + 1 == c:
+            out[-1][1].append(c)
+        else:
+            out.append((space, [c]))
+    return tuple(Seg(sp, len(cs), expand, 0, None if cs[0] == 0 else tuple(cs)) for sp, cs in out)
 
 
 def infos(x: Any) -> list[Info]:
     """Every :class:`Info` in ``x`` (an Info, or nested tuples/lists/dicts of them)."""
     if isinstance(x, Info):
         return [x]
+    if isinstance(x, Split):
+        return [x.info]
     if isinstance(x, (tuple, list)):
         return [i for v in x for i in infos(v)]
     if isinstance(x, dict):
         return [i for v in x.values() for i in infos(v)]
     return []
+
+
+@dataclass(frozen=True)
+class Split:
+    """A channel axis reshaped into ``(groups, C/groups)`` on the way of a channel shuffle (rules.py
+    checks the whole ``view -> transpose -> view`` chain before making one); ``swapped`` after the
+    transpose."""
+    info: Info
+    groups: int
+    swapped: bool = False
 
 
 def node_shape(node: Any) -> tuple[int, ...] | None:
