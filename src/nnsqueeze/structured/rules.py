@@ -68,6 +68,11 @@ def _index_axis(x: Info, index: Any) -> int | None:
     return len(items) + (x.axis - dim)  # the axis is among the untouched trailing dims
 
 
+def _per_sample(t: Any) -> bool:
+    """torchvision's ``stochastic_depth`` (fx-wrapped): drops whole samples, channels pass through."""
+    return getattr(t, "__name__", "") == "stochastic_depth" and getattr(t, "__module__", "").startswith("torchvision.")
+
+
 def module_rule(b: Builder, name: str, mod: nn.Module, x: Info | None, ins: list[Info],
                  shape: tuple[int, ...] | None, node: Any) -> Info | None:
     if isinstance(mod, nn.modules.conv._ConvNd) and not mod.transposed:
@@ -134,6 +139,8 @@ def module_rule(b: Builder, name: str, mod: nn.Module, x: Info | None, ins: list
         if mod.affine:
             b.member(x, name, "out")
         return x
+    if isinstance(mod, nn.LayerNorm) and b.norms and x is not None:
+        return _layer_norm(b, name, mod, x, tuple(mod.normalized_shape))
     if isinstance(mod, CROSS_CHANNEL_NORMS):
         b.leave(name, f"{type(mod).__name__} normalizes across channels; its input channels are kept", *ins)
         return None
@@ -156,6 +163,28 @@ def module_rule(b: Builder, name: str, mod: nn.Module, x: Info | None, ins: list
               if isinstance(mod, ATTENTION) else f"{type(mod).__name__} is not supported by structured pruning")
     b.leave(name, reason, *ins)
     return None
+
+
+def _layer_norm(b: Builder, name: str, mod: nn.Module, x: Info, normalized: tuple) -> Info | None:
+    """``norms: prune``: a LayerNorm over the channel axis alone loses the pruned channels with its weight and
+    bias (it then normalizes over the kept ones)."""
+    if len(normalized) != 1 or x.axis != x.ndim - 1 or not isinstance(mod, nn.LayerNorm):
+        b.leave(name, "LayerNorm over more than the channel axis; its input channels are kept", x)
+        return None
+    b.member(x, name, "out")
+    return x
+
+
+def _param_target(b: Builder, node: Any) -> str | None:
+    """``module.attr`` of a parameter or buffer read by a ``get_attr`` node."""
+    if not (hasattr(node, "op") and node.op == "get_attr" and isinstance(node.target, str)):
+        return None
+    owner, _, attr = node.target.rpartition(".")
+    try:
+        mod = b.model.get_submodule(owner)
+    except AttributeError:
+        return None
+    return node.target if isinstance(getattr(mod, attr, None), torch.Tensor) else None
 
 
 def _flatten(b: Builder, where: str, x: Info | None, start: int, shape: tuple[int, ...] | None) -> Info | None:
@@ -181,14 +210,28 @@ def function_rule(b: Builder, node: Any, where: str, args: list, ins: list[Info]
             and t not in (torch.split, torch.chunk):
         b.leave(f"{node.name} ({where})", "op with non-tensor output", *ins)
         return None
-    if (method and t in UNARY_METHODS) or (not method and t in UNARY_FUNCS):
+    if (method and t in UNARY_METHODS) or (not method and t in UNARY_FUNCS) or _per_sample(t):
         return x
+    if t is F.layer_norm:
+        w = node.args[2] if len(node.args) > 2 else node.kwargs.get("weight")
+        target = _param_target(b, w)
+        owner = target.rpartition(".")[0] if target else None
+        mod = b.model.get_submodule(owner) if owner is not None else None
+        if b.norms and x is not None and owner is not None and isinstance(mod, nn.LayerNorm) \
+                and target == f"{owner}.weight":    # a LayerNorm subclass calling F.layer_norm (LayerNorm2d)
+            return _layer_norm(b, owner, mod, x, tuple(node.args[1]))
+        return b.leave(owner or f"{node.name} ({where})", "LayerNorm normalizes across channels; its input channels "
+                       "are kept" + ("" if b.norms else " (norms: prune removes them with the norm)"), x)
     if (method and t in BINARY_METHODS) or (not method and t in BINARY):
         out = b.union_infos(ins, node.name)
         for a, info in zip(node.args, args):  # an untracked operand with a channel axis pins the channels
             sh = node_shape(a) if info is None and hasattr(a, "meta") else None
             if out is not None and sh is not None and 0 <= len(sh) + out.axis - out.ndim < len(sh) \
                     and sh[len(sh) + out.axis - out.ndim] != 1:
+                target, dim = _param_target(b, a), len(sh) + out.axis - out.ndim
+                if b.norms and target is not None and sh[dim] == sum(s.length * s.expand for s in out.segs):
+                    b.param(out, target, dim)   # layer scale, position embedding: per-channel entries go too
+                    continue
                 b.leave(node.name, "combined with a tensor whose channels the graph does not track", out)
         return out
     if not method and t in POOL_FUNCS:
