@@ -12,6 +12,9 @@ concatenates, ``chunk`` folds, ``flatten``/``transpose``/reductions move the cha
     >>> g = build_graph(nn.Sequential(nn.Linear(3, 4), nn.LayerNorm(4), nn.Linear(4, 2)), torch.randn(2, 3))
     >>> g.groups, g.skipped["1"]
     ([], 'LayerNorm normalizes across channels; its input channels are kept')
+    >>> g = build_graph(nn.Sequential(nn.Linear(3, 4), nn.LayerNorm(4), nn.Linear(4, 2)), torch.randn(2, 3), norms=True)
+    >>> [(grp.size, sorted((m.module, m.role) for m in grp.members)) for grp in g.groups]   # norms: prune
+    [(4, [('0', 'out'), ('1', 'out'), ('2', 'in')])]
 """
 
 from __future__ import annotations
