@@ -161,3 +161,18 @@ def test_layer_norm_and_parameter_shrink_and_bad_roles():
         shrink(blk, "param:missing:0", torch.tensor([0]))
     with pytest.raises(ModelError, match="per-channel tensor"):
         dim_size(blk, "param:layer_scale:7")
+
+
+def test_compress_save_load_reloads_exactly(tmp_path):
+    import nnsqueeze as nsq
+
+    torch.manual_seed(4)
+    model, x, y = _randomize(TinyConvNeXt()), torch.randn(4, 3, 11, 13), torch.randint(0, 5, (4,))
+    recipe = {"steps": [{"structured-prune": {"ratio": 0.5, "norms": "prune"}}], "export": {"onnx": None},
+              "evaluate": {"runs": 1, "warmup": 0}}
+    res = nsq.compress(model, recipe, calib_data=[(x, y)], eval_data=[(x, y)], progress=False)
+    assert res.model.block.ln.normalized_shape == (4,)
+    res.save(tmp_path / "art")
+    loaded = nsq.load(tmp_path / "art", model=TinyConvNeXt())
+    with torch.no_grad():
+        assert torch.equal(loaded.eval()(x), res.model.eval()(x))
