@@ -10,6 +10,7 @@ import pytest
 MODULES = ["nnsqueeze.structured.graph", "nnsqueeze.structured.rules", "nnsqueeze.structured.pruners",
            "nnsqueeze.structured.allocate", "nnsqueeze.structured.spaces",
            "nnsqueeze.structured.macs", "nnsqueeze.structured.collect", "nnsqueeze.structured.nm",
+           "nnsqueeze.structured.shapes",
            "nnsqueeze.structured.attention", "nnsqueeze.structured.importance",
            "nnsqueeze.structured.importance.l1", "nnsqueeze.structured.importance.l2",
            "nnsqueeze.structured.importance.fpgm", "nnsqueeze.structured.importance.bn_scale",

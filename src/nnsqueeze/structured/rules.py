@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import shapes
 from .attention import ATTENTION
 from .spaces import Builder, Info, Member, Seg, node_shape
 
@@ -207,6 +208,12 @@ def function_rule(b: Builder, node: Any, where: str, args: list, ins: list[Info]
                    shape: tuple[int, ...] | None) -> Any:
     t, method = node.target, node.op == "call_method"
     x = args[0] if args and isinstance(args[0], Info) else None
+    if not method and t is getattr and len(node.args) > 1 and node.args[1] == "shape":
+        return shapes.query(x, "shape", None)
+    if method and t == "size":
+        return shapes.query(x, "size", node.args[1] if len(node.args) > 1 else node.kwargs.get("dim"))
+    if t is operator.getitem and isinstance(args[0], shapes.Dims):
+        return shapes.item(b, node.name, args[0], node.args[1])
     if method and t in SHAPE_QUERIES or (not method and t in (getattr, len)):
         return None
     if shape is None and t is not operator.getitem and not (method and t in ("split", "chunk")) \
@@ -239,6 +246,12 @@ def function_rule(b: Builder, node: Any, where: str, args: list, ins: list[Info]
         return out
     if not method and t in POOL_FUNCS:
         return x if x is None or x.axis == 1 else b.leave(node.name, "pooling over channels", x)
+    if (method and t in ("view", "reshape")) or t is torch.reshape:
+        one = len(node.args) == 2 and isinstance(node.args[1], (tuple, list))
+        handled, out = shapes.reshape(b, node.name, x, tuple(node.args[0].meta["tensor_meta"].shape), shape,
+                                      list(node.args[1] if one else node.args[1:]), list(args[1] if one else args[1:]))
+        if handled:
+            return out
     if (method and t in ("flatten", "view", "reshape")) or t is torch.flatten or t is torch.reshape:
         if x is None:
             return None
@@ -262,11 +275,12 @@ def function_rule(b: Builder, node: Any, where: str, args: list, ins: list[Info]
             return b.leave(node.name, "reduction over the channel axis", x)
         axis = x.axis if keep else x.axis - sum(d < x.axis for d in dims)
         return Info(axis, len(shape), x.segs)
-    if (method and t in ("transpose", "permute")) or t in (torch.transpose, torch.permute):
+    if (method and t in ("transpose", "permute", "swapaxes", "swapdims")) or \
+            t in (torch.transpose, torch.permute, torch.swapaxes, torch.swapdims):
         if x is None:
             return None
         rest = list(node.args[1:])
-        if t in ("transpose", torch.transpose):
+        if t in ("transpose", "swapaxes", "swapdims", torch.transpose, torch.swapaxes, torch.swapdims):
             d0, d1 = (r % x.ndim for r in rest[:2])
             perm = list(range(x.ndim))
             perm[d0], perm[d1] = perm[d1], perm[d0]
