@@ -42,6 +42,7 @@ def test_reshape_keeping_the_channel_axis_prunes_and_matches(mode):
     g = build_graph(Partition(mode), torch.randn(2, 3, 4, 6))   # odd window counts below
     got = [(grp.size, sorted((m.module, m.role) for m in grp.members)) for grp in g.groups]
     assert got == [(6, [("a", "out"), ("b", "in")])]
+    assert g.skipped == {}                 # size arithmetic (H // 2) carries no channels: nothing to report
     model, x = Partition(mode).eval(), torch.randn(3, 3, 10, 6)
     ctx = Context(example_inputs=x, progress=False)
     ctx.report.begin_step("structured-prune", {})

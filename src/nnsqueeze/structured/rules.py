@@ -218,7 +218,8 @@ def function_rule(b: Builder, node: Any, where: str, args: list, ins: list[Info]
         return None
     if shape is None and t is not operator.getitem and not (method and t in ("split", "chunk")) \
             and t not in (torch.split, torch.chunk):
-        b.leave(f"{node.name} ({where})", "op with non-tensor output", *ins)
+        if ins:   # arithmetic on sizes, asserts: no channels flow in, nothing to report
+            b.leave(f"{node.name} ({where})", "op with non-tensor output", *ins)
         return None
     if (method and t in UNARY_METHODS) or (not method and t in UNARY_FUNCS) or _per_sample(t):
         return x
@@ -334,5 +335,6 @@ def function_rule(b: Builder, node: Any, where: str, args: list, ins: list[Info]
             return None
         d = (node.args[1] if len(node.args) > 1 else node.kwargs["dim"]) % (x.ndim + 1)
         return Info(x.axis + (d <= x.axis), x.ndim + 1, x.segs)
-    b.leave(f"{node.name} ({where})", "operation not understood by the dependency graph", *ins)
+    if ins:       # an op on tensors whose channels are not tracked (already kept) changes nothing
+        b.leave(f"{node.name} ({where})", "operation not understood by the dependency graph", *ins)
     return None
