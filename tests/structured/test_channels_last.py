@@ -176,3 +176,16 @@ def test_compress_save_load_reloads_exactly(tmp_path):
     loaded = nsq.load(tmp_path / "art", model=TinyConvNeXt())
     with torch.no_grad():
         assert torch.equal(loaded.eval()(x), res.model.eval()(x))
+
+
+def test_a_layers_own_bias_used_as_a_scale_is_not_a_separate_parameter():
+    class BiasScale(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Linear(3, 6), nn.Linear(6, 2)
+
+        def forward(self, x):
+            return self.b(self.a(x) * self.a.bias)   # a's bias, sliced by a's own pruner: no second member
+
+    g = build_graph(BiasScale(), torch.randn(2, 3), norms=True)
+    assert g.groups == [] and any("does not track" in r for r in g.skipped.values())

@@ -36,6 +36,8 @@ ELEMENTWISE_MODULES = (nn.ReLU, nn.ReLU6, nn.GELU, nn.SiLU, nn.Sigmoid, nn.Tanh,
 POOL_MODULES = (nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d,
                 nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d, nn.AdaptiveMaxPool1d,
                 nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d)
+OWN_PRUNER = (nn.modules.conv._ConvNd, nn.Linear, nn.Embedding, nn.modules.batchnorm._BatchNorm, nn.GroupNorm,
+              nn.LayerNorm)
 CROSS_CHANNEL_NORMS = (nn.LayerNorm, nn.GroupNorm, nn.LocalResponseNorm)
 UNARY_FUNCS = {F.relu, torch.relu, F.relu6, F.gelu, F.silu, torch.sigmoid, F.sigmoid, torch.tanh, F.tanh,
                F.leaky_relu, F.hardswish, F.hardsigmoid, F.elu, F.mish, F.dropout, F.dropout1d, F.dropout2d,
@@ -179,14 +181,17 @@ def _layer_norm(b: Builder, name: str, mod: nn.Module, x: Info, normalized: tupl
     return x
 
 
-def _param_target(b: Builder, node: Any) -> str | None:
-    """``module.attr`` of a parameter or buffer read by a ``get_attr`` node."""
+def _param_target(b: Builder, node: Any, layers: bool = False) -> str | None:
+    """``module.attr`` of a parameter or buffer read by a ``get_attr`` node (``layers``: also of a layer
+    whose own pruner slices it)."""
     if not (hasattr(node, "op") and node.op == "get_attr" and isinstance(node.target, str)):
         return None
     owner, _, attr = node.target.rpartition(".")
     try:
         mod = b.model.get_submodule(owner)
     except AttributeError:
+        return None
+    if isinstance(mod, OWN_PRUNER) and not layers:   # a layer's own weight/bias: its pruner slices them with its role
         return None
     return node.target if isinstance(getattr(mod, attr, None), torch.Tensor) else None
 
@@ -225,7 +230,7 @@ def function_rule(b: Builder, node: Any, where: str, args: list, ins: list[Info]
         return x
     if t is F.layer_norm:
         w = node.args[2] if len(node.args) > 2 else node.kwargs.get("weight")
-        target = _param_target(b, w)
+        target = _param_target(b, w, layers=True)
         owner = target.rpartition(".")[0] if target else None
         mod = b.model.get_submodule(owner) if owner is not None else None
         if b.norms and x is not None and owner is not None and isinstance(mod, nn.LayerNorm) \
