@@ -58,7 +58,7 @@ def test_unsupported_layers_raise_typed_errors():
     with pytest.raises(ModelError, match="whole groups"):
         shrink(nn.GroupNorm(2, 4), "out", torch.tensor([0]))
     with pytest.raises(ModelError, match="no pruner"):
-        shrink(nn.LayerNorm(4), "out", torch.tensor([0]))
+        shrink(nn.LayerNorm((4, 4)), "out", torch.tensor([0]))   # over more than one axis
 
 
 def test_grouped_conv_and_groupnorm_match_hand_slicing():

@@ -85,6 +85,11 @@ class StructuredPruneConfig(StepConfig):
     head_ratio: float | None = Field(None, ge=0.0, lt=1.0, description="fraction of attention heads removed "
                                      "(nn.MultiheadAttention; Hugging Face blocks: key/value head groups); "
                                      "default: `ratio`, or none with a budget")
+    norms: Literal["keep", "prune"] = Field("keep", description="prune: channels normalized by a LayerNorm over "
+                                            "the channel axis are pruned with its weight and bias (it then "
+                                            "normalizes over the kept ones: not equal to zeroing them, fine-tune "
+                                            "after), and so are per-channel parameters on them (layer scale, "
+                                            "position embeddings); keep: such channels are left whole")
 
     @model_validator(mode="after")
     def _one_target(self) -> "StructuredPruneConfig":
@@ -160,7 +165,7 @@ class StructuredPrune(Step):
     def _graph(self, model: nn.Module, example: Any, ctx: Any) -> DependencyGraph:
         """The fx dependency graph; for models fx cannot trace, the Hugging Face block patterns."""
         try:
-            graph = build_graph(model, example)
+            graph = build_graph(model, example, norms=self.config.norms == "prune")
         except ModelError as e:
             if "torch.fx cannot trace" not in str(e):
                 raise

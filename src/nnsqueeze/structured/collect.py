@@ -28,8 +28,10 @@ from .macs import eval_mode
 from .pruners import channel_slices
 
 
-def _kind(m: nn.Module) -> str:
-    if isinstance(m, (nn.modules.batchnorm._BatchNorm, nn.GroupNorm)):
+def _kind(m: nn.Module, role: str = "out") -> str:
+    if role.startswith("param:"):
+        return "param"
+    if isinstance(m, (nn.modules.batchnorm._BatchNorm, nn.GroupNorm, nn.LayerNorm)):
         return "bn"
     if isinstance(m, nn.Embedding):
         return "embedding"
@@ -42,7 +44,7 @@ def weight_parts(model: nn.Module, group: Group, fn: Callable | None = None, kin
         mod = model.get_submodule(mb.module)
         slices = channel_slices(mod, mb.role, mb.offset, mb.expand, group.size, fn, index=mb.index) if fn else \
             channel_slices(mod, mb.role, mb.offset, mb.expand, group.size, index=mb.index)
-        parts += [Part(kind or _kind(mod), mb.role, s) for s in slices]
+        parts += [Part(kind or _kind(mod, mb.role), mb.role, s) for s in slices]
     return parts
 
 

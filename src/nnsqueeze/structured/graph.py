@@ -71,10 +71,16 @@ def _trace(model: nn.Module, example_inputs: Any):
     return gm
 
 
-def build_graph(model: nn.Module, example_inputs: Any) -> DependencyGraph:
-    """Trace ``model`` on ``example_inputs`` and return its prunable channel groups."""
+def build_graph(model: nn.Module, example_inputs: Any, norms: bool = False) -> DependencyGraph:
+    """Trace ``model`` on ``example_inputs`` and return its prunable channel groups.
+
+    ``norms``: a LayerNorm over the channel axis (a module, or a LayerNorm subclass calling
+    ``F.layer_norm`` such as torchvision's ``LayerNorm2d``) follows its channels instead of freezing
+    them, and so do parameters multiplied into or added to them along that axis (ConvNeXt's
+    ``layer_scale``, position embeddings): pruned, they lose the same entries.
+    """
     gm = _trace(model, example_inputs)
-    b = Builder(model)
+    b = Builder(model, norms)
     env: dict[str, Any] = {}
     mods = dict(model.named_modules())
 

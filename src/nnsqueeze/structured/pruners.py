@@ -45,11 +45,36 @@ def _weight_names(module: nn.Module) -> set[str]:
     return {"weight"} | {n for n, b in module.named_buffers(recurse=False) if b is not None and b.shape == w.shape}
 
 
+def param_role(module: nn.Module, role: str) -> tuple[str, int] | None:
+    """``param:ATTR:DIM`` (a per-channel parameter or buffer of ``module``) as ``(ATTR, DIM)``; else None."""
+    if not role.startswith("param:"):
+        return None
+    _, attr, dim = role.split(":") if role.count(":") == 2 else ("", "", "")
+    t = getattr(module, attr, None) if attr else None
+    if not isinstance(t, Tensor) or not dim.lstrip("-").isdigit() or not -t.dim() <= int(dim) < t.dim():
+        raise ModelError(type(module).__name__, f"no per-channel tensor for role {role!r}",
+                         fix="load onto the same architecture that was compressed")
+    return attr, int(dim) % t.dim()
+
+
 @torch.no_grad()
 def shrink(module: nn.Module, role: str, keep: Tensor) -> None:
-    """Keep indices ``keep`` (sorted, int64) of ``module``'s ``out`` or ``in`` dimension."""
+    """Keep indices ``keep`` (sorted, int64) of ``module``'s ``out`` or ``in`` dimension, or of the
+    per-channel parameter named by a ``param:ATTR:DIM`` role."""
     keep = torch.as_tensor(keep, dtype=torch.long)
-    if isinstance(module, nn.modules.conv._ConvNd):
+    pr = param_role(module, role)
+    if pr is not None:
+        attr, dim = pr
+        t = getattr(module, attr)
+        new = t.detach().index_select(dim, keep.to(t.device)).clone()
+        if isinstance(t, nn.Parameter):
+            setattr(module, attr, nn.Parameter(new, requires_grad=t.requires_grad))
+        else:
+            module._buffers[attr] = new
+    elif isinstance(module, nn.LayerNorm) and len(module.normalized_shape) == 1:
+        _slice(module, module.normalized_shape[0], 0, keep)
+        module.normalized_shape = (len(keep),)
+    elif isinstance(module, nn.modules.conv._ConvNd):
         if module.transposed:
             raise ModelError(type(module).__name__, "transposed convolutions are not shrunk",
                              fix="ignore this layer")
@@ -92,7 +117,12 @@ def shrink(module: nn.Module, role: str, keep: Tensor) -> None:
 
 
 def dim_size(module: nn.Module, role: str) -> int:
-    """Current size of ``module``'s ``out``/``in`` dimension."""
+    """Current size of ``module``'s ``out``/``in`` dimension (or of a ``param:ATTR:DIM`` role)."""
+    pr = param_role(module, role)
+    if pr is not None:
+        return getattr(module, pr[0]).shape[pr[1]]
+    if isinstance(module, nn.LayerNorm) and len(module.normalized_shape) == 1:
+        return module.normalized_shape[0]
     if isinstance(module, nn.modules.conv._ConvNd):
         return module.out_channels if role == "out" else module.in_channels // module.groups
     if isinstance(module, nn.GroupNorm):
@@ -115,8 +145,14 @@ def channel_slices(module: nn.Module, role: str, offset: int, expand: int, n: in
     ``offset + c*expand + j`` (``index``: the ``n * expand`` positions, listed). ``fn`` maps each
     parameter first (e.g. to ``w * grad``). Used by the importance criteria.
     """
-    idx = torch.arange(offset, offset + n * expand, device=module.weight.device) if index is None else \
-        torch.tensor(list(index), dtype=torch.long, device=module.weight.device)
+    pr = param_role(module, role)
+    t0 = getattr(module, pr[0]) if pr is not None else module.weight
+    idx = torch.arange(offset, offset + n * expand, device=t0.device) if index is None else \
+        torch.tensor(list(index), dtype=torch.long, device=t0.device)
+    if pr is not None:
+        return [fn(t0).movedim(pr[1], 0)[idx].reshape(n, -1)]
+    if isinstance(module, nn.LayerNorm):
+        return [fn(t)[idx].reshape(n, -1) for t in (module.weight, module.bias) if t is not None]
     if isinstance(module, NORMS):
         return [fn(t)[idx].reshape(n, -1) for t in (module.weight, module.bias) if t is not None]
     if isinstance(module, nn.Embedding):

@@ -12,6 +12,9 @@ concatenates, ``chunk`` folds, ``flatten``/``transpose``/reductions move the cha
     >>> g = build_graph(nn.Sequential(nn.Linear(3, 4), nn.LayerNorm(4), nn.Linear(4, 2)), torch.randn(2, 3))
     >>> g.groups, g.skipped["1"]
     ([], 'LayerNorm normalizes across channels; its input channels are kept')
+    >>> g = build_graph(nn.Sequential(nn.Linear(3, 4), nn.LayerNorm(4), nn.Linear(4, 2)), torch.randn(2, 3), norms=True)
+    >>> [(grp.size, sorted((m.module, m.role) for m in grp.members)) for grp in g.groups]   # norms: prune
+    [(4, [('0', 'out'), ('1', 'out'), ('2', 'in')])]
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import shapes
 from .attention import ATTENTION
 from .permute import chunk_pieces, shuffle, shuffle_groups
 from .spaces import Builder, Info, Member, Seg, Split, node_shape
@@ -33,6 +37,8 @@ ELEMENTWISE_MODULES = (nn.ReLU, nn.ReLU6, nn.GELU, nn.SiLU, nn.Sigmoid, nn.Tanh,
 POOL_MODULES = (nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d,
                 nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d, nn.AdaptiveMaxPool1d,
                 nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d)
+OWN_PRUNER = (nn.modules.conv._ConvNd, nn.Linear, nn.Embedding, nn.modules.batchnorm._BatchNorm, nn.GroupNorm,
+              nn.LayerNorm)
 CROSS_CHANNEL_NORMS = (nn.LayerNorm, nn.GroupNorm, nn.LocalResponseNorm)
 UNARY_FUNCS = {F.relu, torch.relu, F.relu6, F.gelu, F.silu, torch.sigmoid, F.sigmoid, torch.tanh, F.tanh,
                F.leaky_relu, F.hardswish, F.hardsigmoid, F.elu, F.mish, F.dropout, F.dropout1d, F.dropout2d,
@@ -72,6 +78,11 @@ def _index_axis(x: Info, index: Any) -> int | None:
             return pos
         dim += 1
     return len(items) + (x.axis - dim)  # the axis is among the untouched trailing dims
+
+
+def _per_sample(t: Any) -> bool:
+    """torchvision's ``stochastic_depth`` (fx-wrapped): drops whole samples, channels pass through."""
+    return getattr(t, "__name__", "") == "stochastic_depth" and getattr(t, "__module__", "").startswith("torchvision.")
 
 
 def module_rule(b: Builder, name: str, mod: nn.Module, x: Info | None, ins: list[Info],
@@ -140,6 +151,8 @@ def module_rule(b: Builder, name: str, mod: nn.Module, x: Info | None, ins: list
         if mod.affine:
             b.member(x, name, "out")
         return x
+    if isinstance(mod, nn.LayerNorm) and b.norms and x is not None:
+        return _layer_norm(b, name, mod, x, tuple(mod.normalized_shape))
     if isinstance(mod, CROSS_CHANNEL_NORMS):
         b.leave(name, f"{type(mod).__name__} normalizes across channels; its input channels are kept", *ins)
         return None
@@ -162,6 +175,31 @@ def module_rule(b: Builder, name: str, mod: nn.Module, x: Info | None, ins: list
               if isinstance(mod, ATTENTION) else f"{type(mod).__name__} is not supported by structured pruning")
     b.leave(name, reason, *ins)
     return None
+
+
+def _layer_norm(b: Builder, name: str, mod: nn.Module, x: Info, normalized: tuple) -> Info | None:
+    """``norms: prune``: a LayerNorm over the channel axis alone loses the pruned channels with its weight and
+    bias (it then normalizes over the kept ones)."""
+    if len(normalized) != 1 or x.axis != x.ndim - 1 or not isinstance(mod, nn.LayerNorm):
+        b.leave(name, "LayerNorm over more than the channel axis; its input channels are kept", x)
+        return None
+    b.member(x, name, "out")
+    return x
+
+
+def _param_target(b: Builder, node: Any, layers: bool = False) -> str | None:
+    """``module.attr`` of a parameter or buffer read by a ``get_attr`` node (``layers``: also of a layer
+    whose own pruner slices it)."""
+    if not (hasattr(node, "op") and node.op == "get_attr" and isinstance(node.target, str)):
+        return None
+    owner, _, attr = node.target.rpartition(".")
+    try:
+        mod = b.model.get_submodule(owner)
+    except AttributeError:
+        return None
+    if isinstance(mod, OWN_PRUNER) and not layers:   # a layer's own weight/bias: its pruner slices them with its role
+        return None
+    return node.target if isinstance(getattr(mod, attr, None), torch.Tensor) else None
 
 
 def _flatten(b: Builder, where: str, x: Info | None, start: int, shape: tuple[int, ...] | None) -> Info | None:
@@ -200,6 +238,12 @@ def function_rule(b: Builder, node: Any, where: str, args: list, ins: list[Info]
                    shape: tuple[int, ...] | None) -> Any:
     t, method = node.target, node.op == "call_method"
     x = args[0] if args and isinstance(args[0], Info) else None
+    if not method and t is getattr and len(node.args) > 1 and node.args[1] == "shape":
+        return shapes.query(x, "shape", None)
+    if method and t == "size":
+        return shapes.query(x, "size", node.args[1] if len(node.args) > 1 else node.kwargs.get("dim"))
+    if t is operator.getitem and isinstance(args[0], shapes.Dims):
+        return shapes.item(b, node.name, args[0], node.args[1])
     if method and t in SHAPE_QUERIES or (not method and t in (getattr, len)):
         return None
     if shape is None and not ins:
@@ -210,20 +254,41 @@ def function_rule(b: Builder, node: Any, where: str, args: list, ins: list[Info]
         return x
     if shape is None and t is not operator.getitem and not (method and t in ("split", "chunk")) \
             and t not in (torch.split, torch.chunk):
-        b.leave(f"{node.name} ({where})", "op with non-tensor output", *ins)
+        if ins:   # arithmetic on sizes, asserts: no channels flow in, nothing to report
+            b.leave(f"{node.name} ({where})", "op with non-tensor output", *ins)
         return None
-    if (method and t in UNARY_METHODS) or (not method and t in UNARY_FUNCS):
+    if (method and t in UNARY_METHODS) or (not method and t in UNARY_FUNCS) or _per_sample(t):
         return x
+    if t is F.layer_norm:
+        w = node.args[2] if len(node.args) > 2 else node.kwargs.get("weight")
+        target = _param_target(b, w, layers=True)
+        owner = target.rpartition(".")[0] if target else None
+        mod = b.model.get_submodule(owner) if owner is not None else None
+        if b.norms and x is not None and owner is not None and isinstance(mod, nn.LayerNorm) \
+                and target == f"{owner}.weight":    # a LayerNorm subclass calling F.layer_norm (LayerNorm2d)
+            return _layer_norm(b, owner, mod, x, tuple(node.args[1]))
+        return b.leave(owner or f"{node.name} ({where})", "LayerNorm normalizes across channels; its input channels "
+                       "are kept" + ("" if b.norms else " (norms: prune removes them with the norm)"), x)
     if (method and t in BINARY_METHODS) or (not method and t in BINARY):
         out = b.union_infos(ins, node.name)
         for a, info in zip(node.args, args):  # an untracked operand with a channel axis pins the channels
             sh = node_shape(a) if info is None and hasattr(a, "meta") else None
             if out is not None and sh is not None and 0 <= len(sh) + out.axis - out.ndim < len(sh) \
                     and sh[len(sh) + out.axis - out.ndim] != 1:
+                target, dim = _param_target(b, a), len(sh) + out.axis - out.ndim
+                if b.norms and target is not None and sh[dim] == sum(s.length * s.expand for s in out.segs):
+                    b.param(out, target, dim)   # layer scale, position embedding: per-channel entries go too
+                    continue
                 b.leave(node.name, "combined with a tensor whose channels the graph does not track", out)
         return out
     if not method and t in POOL_FUNCS:
         return x if x is None or x.axis == 1 else b.leave(node.name, "pooling over channels", x)
+    if (method and t in ("view", "reshape")) or t is torch.reshape:
+        one = len(node.args) == 2 and isinstance(node.args[1], (tuple, list))
+        handled, out = shapes.reshape(b, node.name, x, tuple(node.args[0].meta["tensor_meta"].shape), shape,
+                                      list(node.args[1] if one else node.args[1:]), list(args[1] if one else args[1:]))
+        if handled:
+            return out
     if (method and t in ("flatten", "view", "reshape")) or t is torch.flatten or t is torch.reshape:
         if x is None:
             return None
@@ -250,11 +315,12 @@ def function_rule(b: Builder, node: Any, where: str, args: list, ins: list[Info]
             return b.leave(node.name, "reduction over the channel axis", x)
         axis = x.axis if keep else x.axis - sum(d < x.axis for d in dims)
         return Info(axis, len(shape), x.segs)
-    if (method and t in ("transpose", "permute")) or t in (torch.transpose, torch.permute):
+    if (method and t in ("transpose", "permute", "swapaxes", "swapdims")) or \
+            t in (torch.transpose, torch.permute, torch.swapaxes, torch.swapdims):
         if x is None:
             return None
         rest = list(node.args[1:])
-        if t in ("transpose", torch.transpose):
+        if t in ("transpose", "swapaxes", "swapdims", torch.transpose, torch.swapaxes, torch.swapdims):
             d0, d1 = (r % x.ndim for r in rest[:2])
             perm = list(range(x.ndim))
             perm[d0], perm[d1] = perm[d1], perm[d0]
@@ -310,5 +376,6 @@ def function_rule(b: Builder, node: Any, where: str, args: list, ins: list[Info]
             return None
         d = (node.args[1] if len(node.args) > 1 else node.kwargs["dim"]) % (x.ndim + 1)
         return Info(x.axis + (d <= x.axis), x.ndim + 1, x.segs)
-    b.leave(f"{node.name} ({where})", "operation not understood by the dependency graph", *ins)
+    if ins:       # an op on tensors whose channels are not tracked (already kept) changes nothing
+        b.leave(f"{node.name} ({where})", "operation not understood by the dependency graph", *ins)
     return None

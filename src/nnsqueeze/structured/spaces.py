@@ -103,8 +103,10 @@ class Builder:
     resolves them into groups."""
 
 
-    def __init__(self, model: nn.Module):
+    def __init__(self, model: nn.Module, norms: bool = False):
         self.model = model
+        self.norms = norms                 # LayerNorm over channels and per-channel parameters follow channels
+        self.params: dict[str, int] = {}   # "module.attr" -> the space a per-channel parameter follows
         self.parent: list[int] = []
         self.length: list[int] = []
         self.members: list[list[Member]] = []
@@ -164,6 +166,18 @@ class Builder:
         if module in self.shared:
             others = ", ".join(x for x in self.shared[module] if x != module)
             self.freeze(info, f"{module} shares a weight with {others}")
+
+    def param(self, info: Info, target: str, dim: int) -> None:
+        """A parameter/buffer ``target`` (``module.attr``) whose ``dim`` lines up with ``info``'s channels."""
+        owner, _, attr = target.rpartition(".")
+        if target in self.params:   # used twice: the spaces it meets are one
+            if len(info.segs) == 1 and info.segs[0].expand == 1 and not info.segs[0].span:
+                self.union(self.params[target], info.segs[0].space)
+            else:
+                self.freeze(info, f"{target} is used on concatenated channels")
+            return
+        self.params[target] = info.segs[0].space
+        self.member(info, owner, f"param:{attr}:{dim}")
 
     def fold(self, space: int, period: int) -> None:
         self.period[space] = math.gcd(self.period.get(space, 0), period)
