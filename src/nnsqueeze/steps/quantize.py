@@ -339,8 +339,8 @@ class Quantize(Step):
             equalized = equalize(model, [n for n, _ in layers], eq.method, eq.iterations, eq.alpha,
                                  data=take(data, cfg.calibration.samples), device=ctx.device)
             if not equalized:
-                ctx.fallback(name, f"equalize ({eq.method}): no layer pair found (a pair is Conv->ReLU->Conv "
-                             "or Linear->ReLU->Linear with groups 1)")
+                ctx.fallback(name, f"equalize ({eq.method}): no layer pair found (a pair is Conv->ReLU/ReLU6->Conv "
+                             "or Linear->ReLU->Linear, groups 1 or depthwise; range: a depthwise L2)")
             elif eq.bias_absorption:
                 from ..quant.equalize import absorb_biases
 
