@@ -338,9 +338,16 @@ class Quantize(Step):
             eq = cfg.equalize
             equalized = equalize(model, [n for n, _ in layers], eq.method, eq.iterations, eq.alpha,
                                  data=take(data, cfg.calibration.samples), device=ctx.device)
+            from ..quant.equalize import find_chains
+
+            relu6 = [f"{a}->{b}" for a, b, c in find_chains(model, [n for n, _ in layers]) if c]
+            if relu6:
+                ctx.fallback(name, f"equalize: {len(relu6)} pairs with a ReLU6 between left alone "
+                             f"({', '.join(relu6[:3])}{'...' if len(relu6) > 3 else ''}): scaling across the clip "
+                             "changes the float model (nnsqueeze.quant.equalize)")
             if not equalized:
-                ctx.fallback(name, f"equalize ({eq.method}): no layer pair found (a pair is Conv->ReLU->Conv "
-                             "or Linear->ReLU->Linear with groups 1)")
+                ctx.fallback(name, f"equalize ({eq.method}): no layer pair found (a pair is Conv->ReLU/ReLU6->Conv "
+                             "or Linear->ReLU->Linear, groups 1 or depthwise; range: a depthwise L2)")
             elif eq.bias_absorption:
                 from ..quant.equalize import absorb_biases
 

@@ -141,7 +141,10 @@ class CalibrationConfig(_Strict):
 
 
 class EqualizeConfig(_Strict):
-    method: Literal["cle", "smoothquant"] = "cle"
+    method: Literal["cle", "smoothquant", "range"] = Field(
+        "cle", description="cle: balance weight ranges (Nagel et al. 2019); smoothquant: migrate activation "
+        "outliers into weights; range: scale each channel entering a depthwise conv to the same activation "
+        "maximum (free for per-channel weights); pairs across a ReLU6 are left alone (nnsqueeze.quant.equalize)")
     iterations: int = Field(2, ge=1, description="CLE sweeps over the pairs")
     alpha: float = Field(0.5, ge=0, le=1, description="SmoothQuant migration strength")
     bias_absorption: bool = Field(False, description="after equalizing, move max(0, mean - 3 std) of each "
