@@ -143,6 +143,21 @@ def test_mnasnet_reload_keeps_its_state_dict_version(tmp_path):
         assert torch.equal(loaded(x), result.model.eval()(x))
 
 
+def test_mnasnet_weights_from_safetensors_load(tmp_path):
+    """`--weights w.safetensors` (no `_metadata` either) on torchvision:mnasnet0_5 raised an untyped ValueError."""
+    from safetensors.torch import save_file
+
+    from nnsqueeze.inputs import load_weights
+
+    src = build("mnasnet0_5")
+    save_file({k: v.contiguous() for k, v in src.state_dict().items()}, str(tmp_path / "w.safetensors"))
+    dst = tv.models.get_model("mnasnet0_5", weights=None)
+    load_weights(dst, tmp_path / "w.safetensors")
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert torch.equal(dst.eval()(x), src(x))
+
+
 class _Attention(nn.Module):
     """Self-attention as torchvision's ViT encoder block calls it (batch_first, need_weights=False),
     then a TransformerEncoderLayer (its own fused eval path), at odd sizes."""
