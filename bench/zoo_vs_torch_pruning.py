@@ -7,9 +7,9 @@ anyway). Per tool: MACs and parameters left (fractions of the baseline; MACs by 
 ``FlopCounterMode``, which also sees functional linears and attention matmuls), seconds
 to prune (graph + pruning), and the ONNX Runtime latency gain at batch 1, 1 thread: the three ONNX models
 (baseline, nnsqueeze, Torch-Pruning) timed in interleaved blocks, the gain being the median of the per-block
-baseline/pruned ratios (load from other processes cancels out). "skipped": Conv/Linear layers nnsqueeze names
-in the report's skipped list (channels kept whole, with the reason). A tool that crashes gets its error in the
-row instead of figures::
+baseline/pruned ratios (load from other processes cancels out), denormals flushed to zero (see ``session``).
+"skipped": Conv/Linear layers nnsqueeze names in the report's skipped list (channels kept whole, with the
+reason). A tool that crashes gets its error in the row instead of figures::
 
     pip install torch-pruning==1.6.1 torchvision     # the peer and the zoo
     python bench/zoo_vs_torch_pruning.py [--only resnet18 mnasnet0_5] [--size 224] [--blocks 5]
@@ -39,7 +39,6 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from nnsqueeze.context import Context
 from nnsqueeze.export.onnx import export_onnx
-from nnsqueeze.export.ort import ort_latency_ms
 from nnsqueeze.steps.channel_prune import StructuredPrune
 from nnsqueeze.zoo.tvision import import_torchvision
 
@@ -79,6 +78,30 @@ def macs(model: nn.Module, x: torch.Tensor) -> int:
 
 def params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
+
+
+def session(path: Path, threads: int):
+    """An ONNX Runtime session for timing, denormals flushed to zero: random-init networks (mobile ones
+    especially) carry activations around 1e-11 and below, whose denormal arithmetic would time the weights'
+    accident instead of the architecture (it made two models of equal MACs differ 2-4x here)."""
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.intra_op_num_threads, so.inter_op_num_threads = threads, 1
+    so.add_session_config_entry("session.set_denormal_as_zero", "1")
+    return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+
+
+def latency_ms(sess, feed: dict, runs: int) -> float:
+    """Median wall time of ``runs`` runs after 2 warm-up runs."""
+    for _ in range(2):
+        sess.run(None, feed)
+    times = []
+    for _ in range(runs):
+        t0 = time.perf_counter()
+        sess.run(None, feed)
+        times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
 
 
 def build(name: str) -> nn.Module:
@@ -142,12 +165,15 @@ def measure(name: str, size: int, blocks: int, threads: int) -> dict:
                     return row
                 row[tool]["export_error"] = f"{type(e).__name__}: {str(e)[:120]}"
                 del paths[tool]
-        one = ort_latency_ms(paths["baseline"], x, threads=threads, warmup=2, runs=3)
+        sessions = {t: session(p, threads) for t, p in paths.items()}
+        feed = {sessions["baseline"].get_inputs()[0].name: x.numpy()}
+        one = latency_ms(sessions["baseline"], feed, 3)
         runs = max(5, min(30, int(1000 / max(one, 1e-3))))   # about a second per model and block
         lat: dict[str, list[float]] = {t: [] for t in paths}
         for _ in range(blocks):
-            for tool, p in paths.items():
-                lat[tool].append(ort_latency_ms(p, x, threads=threads, warmup=2, runs=runs))
+            for tool, sess in sessions.items():
+                lat[tool].append(latency_ms(sess, feed, runs))
+        del sessions
     row["latency_ms"] = statistics.median(lat["baseline"])
     for tool in paths:
         if tool != "baseline":
