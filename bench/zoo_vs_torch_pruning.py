@@ -12,7 +12,7 @@ baseline/pruned ratios (load from other processes cancels out), denormals flushe
 reason). A tool that crashes gets its error in the row instead of figures::
 
     pip install torch-pruning==1.6.1 torchvision     # the peer and the zoo
-    python bench/zoo_vs_torch_pruning.py [--only resnet18 mnasnet0_5] [--size 224] [--blocks 5]
+    python bench/zoo_vs_torch_pruning.py [--only resnet18 mnasnet0_5] [--size 224] [--blocks 5] [--tools nnsqueeze]
                                          [--json zoo.json]    # merged: rows of other families are kept
 
 ``--json FILE`` merges this run's rows into FILE (one entry per family, replaced when re-measured) and prints
@@ -46,6 +46,7 @@ ZOO = ["alexnet", "convnext_tiny", "densenet121", "efficientnet_b0", "efficientn
        "maxvit_t", "mnasnet0_5", "mobilenet_v2", "mobilenet_v3_small", "regnet_x_400mf", "regnet_y_400mf", "resnet18",
        "resnext50_32x4d", "shufflenet_v2_x0_5", "squeezenet1_0", "swin_t", "swin_v2_t", "vgg11", "vit_b_16",
        "wide_resnet50_2"]
+TOOLS = ("nnsqueeze", "torch-pruning")
 SIZE = {"inception_v3": 299}   # its own input size; every other family: --size (224)
 
 
@@ -128,7 +129,7 @@ def prune_torch_pruning(model: nn.Module, x: torch.Tensor) -> nn.Module:
     return model
 
 
-def measure(name: str, size: int, blocks: int, threads: int) -> dict:
+def measure(name: str, size: int, blocks: int, threads: int, tools: tuple[str, ...] = TOOLS) -> dict:
     x = torch.randn(1, 3, size, size, generator=torch.Generator().manual_seed(1))
     base = build(name)
     m0, p0 = macs(base, x), params(base)
@@ -136,6 +137,9 @@ def measure(name: str, size: int, blocks: int, threads: int) -> dict:
                  "date": str(datetime.date.today()), "cpu": cpu_name(), "isa": isa(), "threads": threads}
     models = {"baseline": base}
     for tool, fn in (("nnsqueeze", prune_nnsqueeze), ("torch-pruning", prune_torch_pruning)):
+        if tool not in tools:
+            row[tool] = {"not_run": "--tools"}
+            continue
         m = build(name)
         t0 = time.perf_counter()
         try:
@@ -188,8 +192,13 @@ def cell(r: dict, key: str, fmt: str) -> str:
 
 def both(r: dict, key: str, fmt: str, crash: bool = False) -> list[str]:
     """nnsqueeze's and Torch-Pruning's ``key``; a tool that crashed: its error type (``crash``) or "-"."""
-    return [(f"crash ({d['error'].split(':')[0]})" if crash else "-") if "error" in d else cell(d, key, fmt)
-            for d in (r.get("nnsqueeze", {}), r.get("torch-pruning", {}))]
+    def one(d: dict) -> str:
+        if "error" in d:
+            return f"crash ({d['error'].split(':')[0]})" if crash else "-"
+        if "not_run" in d:
+            return "not run" if crash else "-"
+        return cell(d, key, fmt)
+    return [one(r.get(t, {})) for t in TOOLS]
 
 
 def table(rows: list[dict]) -> str:
@@ -223,6 +232,7 @@ def main() -> None:
     ap.add_argument("--size", type=int, default=224, help="input size (inception_v3: 299)")
     ap.add_argument("--blocks", type=int, default=5, help="interleaved latency blocks")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--tools", default=",".join(TOOLS), help="comma-separated: nnsqueeze, torch-pruning")
     ap.add_argument("--json", type=Path, help="merge the rows into this JSON file and print all it holds")
     args = ap.parse_args()
     warnings.filterwarnings("ignore")
@@ -231,7 +241,8 @@ def main() -> None:
     rows = []
     for name in args.only or ZOO:
         t0 = time.perf_counter()
-        rows.append(measure(name, SIZE.get(name, args.size), args.blocks, args.threads))
+        rows.append(measure(name, SIZE.get(name, args.size), args.blocks, args.threads,
+                            tuple(t.strip() for t in args.tools.split(","))))
         print(f"{name}: {time.perf_counter() - t0:.0f} s", file=sys.stderr, flush=True)
         if args.json:  # after every row: a run cut short keeps what it measured
             merged = merge(args.json, rows[-1:])
