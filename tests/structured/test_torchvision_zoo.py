@@ -12,7 +12,7 @@ init, seed 0, the smallest input the architecture and the ONNX exporter accept):
 
 The family list is derived from ``list_models``: a new family fails ``test_every_family_is_covered``
 rather than being left out. ``slow``: the families whose export or prune takes more than a few seconds
-here (224-pixel inputs, 25M+ parameters).
+here (224-pixel inputs, 20M+ parameters).
 """
 
 from __future__ import annotations
