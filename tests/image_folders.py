@@ -57,3 +57,18 @@ def flat_folder(root: Path) -> Path:
     for i in range(5):
         synthetic(root / f"img{i}.png", (30 + 7 * i, 45 - 3 * i), "L" if i == 2 else "RGB", seed=10 + i)
     return root
+
+
+SKIMAGE_PHOTOS = ("astronaut.png", "coffee.png", "chelsea.png", "rocket.jpg", "motorcycle_left.png",
+                  "hubble_deep_field.jpg", "retina.jpg", "camera.png")   # camera: grayscale
+
+
+def skimage_folder(root: Path) -> Path:
+    """Unlabelled: 8 photos that ship with scikit-image, directly in ``root``."""
+    import skimage
+
+    data = Path(skimage.data.__file__).parent
+    root.mkdir(parents=True)
+    for name in SKIMAGE_PHOTOS:
+        shutil.copy(data / name, root / name)
+    return root

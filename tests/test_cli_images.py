@@ -100,3 +100,36 @@ def test_sensitivity_bad_folder_exits_2_and_writes_nothing(project):
     code, text = cli("sensitivity", "--model", "net.py:build", "--data", "images:empty", "--out", "s.json")
     assert code == 2 and "holds 0 image(s)" in text
     assert not (project / "s.json").exists()
+
+
+@pytest.mark.slow  # ~20 s on idle cores: the int8 preset times torch and ONNX Runtime; resnet18 exports twice
+def test_compress_real_torchvision_resnet18_from_the_cli(tmp_path):
+    """Issue 14's acceptance command, as written, on a random-init resnet18 state dict and scikit-image's
+    photos (unlabelled: agreement with fp32); the artifact reloads and matches its ONNX model in ORT."""
+    import numpy as np
+    import onnxruntime as ort
+    import torch
+
+    import nnsqueeze as nsq
+    from nnsqueeze.zoo.tvision import import_torchvision
+
+    models = import_torchvision().models
+    torch.manual_seed(0)
+    torch.save(models.resnet18().state_dict(), tmp_path / "w.pth")
+    image_folders.skimage_folder(tmp_path / "photos")
+    p = subprocess.run([sys.executable, "-m", "nnsqueeze", "compress", "--model", "torchvision:resnet18", "--weights",
+                        "w.pth", "--data", "images:photos/", "--recipe", "int8", "--out", "d", "--image-size", "32"],
+                       capture_output=True, text=True, cwd=tmp_path, timeout=600,
+                       env={**__import__("os").environ, "COLUMNS": "200"})
+    assert p.returncode == 0, p.stderr
+    assert "4 calibration + 4 evaluation" in p.stderr and "agreement" in p.stderr
+    report = json.loads((tmp_path / "d" / "report.json").read_text())
+    assert report["compressed"]["measured"]["metric"] == "agreement" and "accuracy_onnxruntime" in report["compressed"]
+    loaded = nsq.load(tmp_path / "d", models.resnet18())   # the quantized structure replayed, weights loaded
+    x = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ref = loaded(x).numpy()
+    sess = ort.InferenceSession(str(tmp_path / "d" / "model.onnx"), providers=["CPUExecutionProvider"])
+    got = sess.run(None, {sess.get_inputs()[0].name: x.numpy()})[0]
+    step = (ref.max() - ref.min()) / 255   # the export's own check: 4 steps of an 8-bit grid over the output range
+    assert np.abs(got - ref).max() <= 4 * step

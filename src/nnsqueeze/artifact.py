@@ -204,9 +204,11 @@ def load(path: str | os.PathLike, model: nn.Module) -> nn.Module:
         # (missing module, index out of range, a shape torch refuses) is a bad artifact for this model.
         except (KeyError, TypeError, ValueError, AttributeError, IndexError, RuntimeError, OverflowError) as e:
             raise ArtifactError(where, f"cannot replay step: {type(e).__name__}: {quote(str(e))}", fix=fix) from None
+    from .safe_weights import with_versions
+
     sd = read_weights(path)
     try:
-        sd = unpack_state(model, sd)
+        sd = with_versions(unpack_state(model, sd), model)   # e.g. torchvision's MNASNet needs its version
         model.load_state_dict(sd, strict=True)
     except (KeyError, TypeError, ValueError, AttributeError, IndexError, RuntimeError) as e:
         raise ArtifactError(str(path / WEIGHTS), f"weights do not fit the model: {quote(str(e), 400)}",

@@ -99,7 +99,7 @@ def load_weights(model: Any, path: Path) -> None:
     import torch
 
     from .limits import MAX_WEIGHTS_BYTES, open_regular, quote
-    from .safe_weights import read_safetensors
+    from .safe_weights import read_safetensors, with_versions
 
     if path.suffix == ".safetensors":  # every header field checked before a tensor is allocated
         sd = read_safetensors(path, ModelError, what="--weights file")
@@ -115,8 +115,8 @@ def load_weights(model: Any, path: Path) -> None:
         raise ModelError("--weights", f"{path} is not a state_dict (names to tensors), got {got}",
                          fix="save model.state_dict(), not the model, a list or other objects")
     try:
-        model.load_state_dict(sd)
-    except RuntimeError as e:
+        model.load_state_dict(with_versions(sd, model))
+    except (RuntimeError, ValueError) as e:  # ValueError: a module's own check (MNASNet's version)
         raise ModelError("--weights", f"{path} does not fit the model: {quote(str(e), 300)}",
                          fix="check that --model builds the architecture these weights came from") from None
 

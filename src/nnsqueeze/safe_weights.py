@@ -14,6 +14,7 @@ from __future__ import annotations
 import math
 import os
 import struct
+from collections import OrderedDict
 from typing import Any
 
 import torch
@@ -103,3 +104,19 @@ def read_safetensors(path: str | os.PathLike, error: type[NnsqueezeError], what:
             out[name] = t
     return out
 
+
+
+def with_versions(sd: dict[str, torch.Tensor], model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """``sd`` as an ordered state dict carrying ``model``'s per-module ``_version`` metadata.
+
+    ``torch.save`` keeps a state dict's ``_metadata`` (each module's ``_version``), safetensors does not.
+    Most modules load without it, but some refuse: torchvision's MNASNet raises "version should be set to
+    1 or 2 instead of None". A file nnsqueeze reads was written from the same architecture the caller
+    built, so the versions of ``model`` (its own ``state_dict()``'s) are the ones to load with; a dict that
+    already has ``_metadata`` is returned unchanged.
+    """
+    if getattr(sd, "_metadata", None) is not None:
+        return sd
+    out: Any = OrderedDict(sd)
+    out._metadata = getattr(model.state_dict(), "_metadata", None)
+    return out

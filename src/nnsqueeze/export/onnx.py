@@ -26,6 +26,7 @@ then lists the int8 kernels ONNX Runtime fused, e.g. ``{"QGemm": 2, "QLinearConv
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import io
 import os
@@ -208,6 +209,23 @@ def verify_onnx(model: nn.Module, onnx_bytes: bytes, batches: list, quantized: b
     }
 
 
+@contextlib.contextmanager
+def no_attention_fastpath() -> Any:
+    """Turn off the eval fast path of ``nn.MultiheadAttention`` / ``nn.TransformerEncoderLayer`` for a trace.
+
+    In eval mode without gradients those modules call fused kernels (``aten::_native_multi_head_attention``,
+    ``aten::_transformer_encoder_layer_fwd``) that the TorchScript ONNX exporter cannot convert; with the
+    fast path off they run their composite ops, which compute the same function. The user's setting is
+    restored afterwards.
+    """
+    before = torch.backends.mha.get_fastpath_enabled()  # torch >= 2.1; nnsqueeze needs 2.3
+    torch.backends.mha.set_fastpath_enabled(False)
+    try:
+        yield
+    finally:
+        torch.backends.mha.set_fastpath_enabled(before)
+
+
 @EXPORTERS.register("onnx")
 def export_onnx(model: nn.Module, path: str | os.PathLike, example_inputs: Any, opset: int = 17,
                 verify: bool = True, samples: Iterable | None = None, atol: float | None = None,
@@ -270,7 +288,7 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, example_inputs: Any, 
             # unnamed parameters from the signature, which breaks decorated forwards (transformers).
             traced, args = _KwargsAdapter(model, in_names).eval(), tuple(example_inputs[n] for n in in_names)
         try:
-            with export_mode(model), torch.no_grad(), warnings.catch_warnings():
+            with export_mode(model), torch.no_grad(), no_attention_fastpath(), warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 torch.onnx.export(traced, args, buf, dynamo=False, opset_version=opset, input_names=in_names,
                                   output_names=out_names, dynamic_axes=dyn, do_constant_folding=True,
