@@ -4,7 +4,8 @@ their v1 -> v2 zero-point conversion). Three checks per scheme on the tiny rando
 
 - gptqmodel's own dequantization of every layer equals nnsqueeze's weights rounded to float16 (its kernels
   hold the weight in the scales' dtype; the exact ``(q - z) * s`` rounds once to the nearest fp16), bit for bit;
-- logits within 5e-4 (absolute; gptqmodel computes in fp16/bf16, the tiny model's logits are below 1);
+- logits within 5e-4 (absolute; gptqmodel's float32 path multiplies by those fp16 weights, the tiny model's
+  logits are below 1);
 - 16 greedy tokens equal.
 
 Neither package is in the ``dev`` / ``hf`` extras: gptqmodel 7.7 declares ``torch>=2.14.1`` (install it with
