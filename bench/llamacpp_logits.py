@@ -262,16 +262,21 @@ def nnsqueeze_greedy(model, ids: list[int], n: int) -> list[int]:
     return toks
 
 
-def q8_0_inputs(model) -> list:
+def q8_0_inputs(model, noise: int | None = None) -> list:
     """Forward pre-hooks that round every packed layer's input as llama.cpp's ``quantize_row_q8_0`` does
     before its Q4_0/Q8_0 dot products: blocks of 32, ``code = round(x * 127 / absmax)``, value ``code * d``
-    with ``d = absmax / 127`` stored as float16. Returns the handles (``.remove()`` each)."""
+    with ``d = absmax / 127`` stored as float16. ``noise`` (a seed): first move each input by -1, 0 or +1
+    float32 ulp at random, to measure how far rounding flips alone carry the logits. Returns the handles."""
     import torch
 
     from nnsqueeze.llm.packed import PackedLinear
 
+    gen = None if noise is None else torch.Generator().manual_seed(noise)
+
     def hook(mod, args):
         x = args[0]
+        if gen is not None:
+            x = x * (1 + 2.0**-23 * torch.randint(-1, 2, x.shape, generator=gen).to(x.dtype))
         blk = x.reshape(-1, 32)
         amax = blk.abs().amax(-1, keepdim=True)
         inv = torch.where(amax > 0, 127 / amax, torch.zeros_like(amax))
@@ -310,10 +315,13 @@ def accuracy(args, models: list[str]) -> None:
             for bits, qname in ((4, "Q4_0"), (8, "Q8_0")):
                 q = rtn(fp32, bits)
                 ref = reference(q, ids)
-                hooks = q8_0_inputs(q)
-                sim = reference(q, ids)
-                for h in hooks:
-                    h.remove()
+                sims = []
+                for noise in (None, 0):
+                    hooks = q8_0_inputs(q, noise)
+                    sims.append(reference(q, ids))
+                    for h in hooks:
+                        h.remove()
+                sim = sims[0]
                 nsq, nsq_sim = "nnsqueeze packed", "nnsqueeze packed, Q8_0-rounded inputs"
                 if sum(p.numel() for p in fp32.parameters()) <= args.f64_max * 1e6:
                     dense = type(fp32)(fp32.config).double().eval()
@@ -325,6 +333,7 @@ def accuracy(args, models: list[str]) -> None:
                 else:
                     rows.append((qname, f"float64 reference not run (over --f64-max {args.f64_max}M parameters)",
                                  nsq, None, None, None))
+                rows.append((qname, f"{nsq_sim} after ±1-ulp input noise", nsq_sim, sim, *sims[1][:2]))
                 save_pretrained(q, tmp / qname, format="gguf", tokenizer=tok)
                 files = {"export": tmp / qname / "model.gguf"}
                 for ft in ("f32", "f16"):
@@ -333,7 +342,6 @@ def accuracy(args, models: list[str]) -> None:
                 for kind, f in files.items():
                     key = f"{qname}/{kind}"
                     job["logits"][key] = {"gguf": str(f), "ids": ids, "threads": 1, "out": str(tmp / f"{key}.npy")}
-                    (tmp / qname).mkdir(exist_ok=True)
                     rows.append((qname, f"llama.cpp, {kind}.gguf", nsq, ref, key, "tokens"))
                     if kind == "export":
                         rows.append((qname, f"llama.cpp, {kind}.gguf", nsq_sim, sim, key, "tokens"))
