@@ -22,8 +22,9 @@ Measured, all in one process, per thread count (1 and 2):
 - every packed row twice: float activations (default) and ``NNSQUEEZE_PACKED_ACT=int8`` (activations
   rounded to int8 per group, integer dot products, as llama.cpp's Q4 x Q8); the header says for how
   many greedy tokens the two agree;
-- **llama.cpp** (``llama-cpp-python``) on the Q4_0 GGUF nnsqueeze writes (rtn g32 fp16 scales,
-  ``result.save(dir, format="gguf")``), when it is importable; otherwise the row says why.
+- **llama.cpp** (``llama-cpp-python``, or else PyPI's prebuilt ``llama-cpp-cffi`` in its own venv named by
+  ``$LLAMA_CPP_PYTHON``, as ``bench/llamacpp_logits.py`` runs it) on the Q4_0 GGUF nnsqueeze writes (rtn g32
+  fp16 scales, ``result.save(dir, format="gguf")``); when neither is there the row says why.
 
 Timing takes ``--lock`` (default ``/tmp/cpu.lock``) exclusively, after loading and quantizing under a
 shared hold of the same lock::
@@ -155,11 +156,9 @@ def breakdown(model, prompt, new: int) -> dict[str, float]:
 
 
 def llama_cpp_rate(fp32, tok, prompt, new: int, runs: int, threads: int, tmp: Path) -> tuple[float | None, str]:
-    """llama.cpp Q4_0 decode tokens/s on the GGUF nnsqueeze writes, or (None, why not)."""
-    try:
-        import llama_cpp
-    except ImportError as e:
-        return None, f"llama-cpp-python not importable ({e})"
+    """llama.cpp Q4_0 decode tokens/s on the GGUF nnsqueeze writes, or (None, why not): through
+    ``llama-cpp-python`` when importable, else through the prebuilt ``llama-cpp-cffi`` in its own venv
+    (``$LLAMA_CPP_PYTHON``; see ``bench/llamacpp_logits.py``)."""
     path = tmp / "gguf" / "model.gguf"
     if not path.is_file():
         from nnsqueeze.export.hf_formats import save_pretrained
@@ -167,6 +166,17 @@ def llama_cpp_rate(fp32, tok, prompt, new: int, runs: int, threads: int, tmp: Pa
         q = quantize(copy.deepcopy(fp32), [("rtn", {"bits": 4, "group_size": 32, "symmetric": True,
                                                    "scale_dtype": "fp16"})])
         save_pretrained(q, tmp / "gguf", format="gguf", tokenizer=tok)
+    try:
+        import llama_cpp
+    except ImportError as e:
+        from llamacpp_logits import run_llama
+
+        py = os.environ.get("LLAMA_CPP_PYTHON", "/work/venvs/llcpp031/bin/python")
+        if not Path(py).is_file():
+            return None, f"llama-cpp-python not importable ({e}); no llama-cpp-cffi Python at {py} ($LLAMA_CPP_PYTHON)"
+        job = {"speed": {"Q4_0": {"gguf": str(path), "ids": prompt[0].tolist(), "threads": threads, "new": new,
+                                  "runs": runs}}}
+        return run_llama(py, job, tmp)["speed"]["Q4_0"], "llama-cpp-cffi"
     llm = llama_cpp.Llama(model_path=str(path), n_threads=threads, n_ctx=256, n_batch=128, verbose=False)
     ids = prompt[0].tolist()
     rates = []
@@ -256,7 +266,7 @@ def main(argv=None) -> None:
             os.environ["NNSQUEEZE_PACKED_ACT"] = "float"
             rate, what = llama_cpp_rate(fp32, tok, prompt, args.new, args.runs, t, Path(tmp))
             print(f"| llama.cpp Q4_0 (nnsqueeze's GGUF) | - | - | - | {'-' if rate is None else f'{rate:.1f}'} | - | "
-                  f"{what if rate is None else f'{rate / base[0]:.2f}x'} |")
+                  f"{what if rate is None else f'{rate / base[0]:.2f}x ({what})'} |")
             print(f"\nprefill, {args.prefill_len}-token prompt, {t} thread(s):")
             print("| variant | many-row path | prefill tok/s | vs fp32 |")
             print("|---|---|---|---|")
