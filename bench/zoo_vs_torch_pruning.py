@@ -1,7 +1,8 @@
 """torchvision's classification zoo: nnsqueeze's `structured-prune` vs Torch-Pruning, one row per family (issue 14).
 
 For the smallest variant of each family (the list of ``tests/structured/test_torchvision_zoo.py``), both tools
-prune the same random init (seed 0) at a 50% channel ratio with L2 group magnitude, the final classifier kept
+prune the same random init (seed 0) at a 50% channel ratio with L2 group magnitude (nnsqueeze with `norms: prune`:
+a LayerNorm over channels is pruned with them, as Torch-Pruning does), the final classifier kept
 (Torch-Pruning: ``MetaPruner(..., ignored_layers=[last Linear])``; nnsqueeze keeps what reaches the output
 anyway). Per tool: MACs and parameters left (fractions of the baseline; MACs by torch's
 ``FlopCounterMode``, which also sees functional linears and attention matmuls), seconds
@@ -113,7 +114,7 @@ def build(name: str) -> nn.Module:
 def prune_nnsqueeze(model: nn.Module, x: torch.Tensor) -> tuple[nn.Module, int]:
     ctx = Context(example_inputs=x, progress=False)
     ctx.report.begin_step("structured-prune", {})
-    out = StructuredPrune(StructuredPrune.Config(ratio=0.5, importance="l2")).run(model, ctx)
+    out = StructuredPrune(StructuredPrune.Config(ratio=0.5, importance="l2", norms="prune")).run(model, ctx)
     layers = {n for n, m in model.named_modules() if isinstance(m, (nn.modules.conv._ConvNd, nn.Linear))}
     skipped = {part.strip() for s in ctx.report.skipped for part in s["layer"].split(",")} & layers
     return out, len(skipped)
@@ -250,7 +251,8 @@ def main() -> None:
         rows = merged
     r0 = rows[0] if rows else {}
     print(f"\n{r0.get('date')} | {r0.get('cpu')} ({r0.get('isa')}) | torch {torch.__version__} | ORT batch 1, "
-          f"{args.threads} thread(s), {args.blocks} interleaved blocks | ratio 0.5, l2, random init\n")
+          f"{args.threads} thread(s), {args.blocks} interleaved blocks | ratio 0.5, l2 "
+          "(nnsqueeze: norms: prune), random init\n")
     print(table(rows))
 
 
