@@ -26,7 +26,6 @@ import argparse
 import datetime
 import json
 import logging
-import platform
 import statistics
 import sys
 import tempfile
@@ -40,6 +39,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from nnsqueeze.context import Context
 from nnsqueeze.export.onnx import export_onnx
+from nnsqueeze.env import cpu_model
 from nnsqueeze.steps.channel_prune import StructuredPrune
 from nnsqueeze.zoo.tvision import import_torchvision
 
@@ -49,16 +49,6 @@ ZOO = ["alexnet", "convnext_tiny", "densenet121", "efficientnet_b0", "efficientn
        "wide_resnet50_2"]
 TOOLS = ("nnsqueeze", "torch-pruning")
 SIZE = {"inception_v3": 299}   # its own input size; every other family: --size (224)
-
-
-def cpu_name() -> str:
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def isa() -> str:
@@ -135,7 +125,7 @@ def measure(name: str, size: int, blocks: int, threads: int, tools: tuple[str, .
     base = build(name)
     m0, p0 = macs(base, x), params(base)
     row: dict = {"family": name, "input": size, "macs": m0, "params": p0,
-                 "date": str(datetime.date.today()), "cpu": cpu_name(), "isa": isa(), "threads": threads}
+                 "date": str(datetime.date.today()), "cpu": cpu_model(), "isa": isa(), "threads": threads}
     models = {"baseline": base}
     for tool, fn in (("nnsqueeze", prune_nnsqueeze), ("torch-pruning", prune_torch_pruning)):
         if tool not in tools:

@@ -68,7 +68,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..data import as_batches, call_model, forward_samples, split, take, to_device
+from ..data import as_batches, forward_samples, take
 from ..errors import DataError, ModelError, RecipeError
 from ..isa import weight_range
 from ..quant.fold import fold_batchnorm, refold_structure
@@ -80,6 +80,7 @@ from ..quant.args import FORMATS
 from ..quant.scheme import WeightScheme
 from ..registry import OBSERVERS, STEPS
 from .base import Step, record_int, recorded_module
+from .quantize_relu import relu_plan
 from .quantize_config import (  # noqa: F401 - the config types, re-exported where they always were
     SUPPORTED_TEXT, WEIGHT_FORMATS, ActivationsConfig, AdaRoundConfig, CalibrationConfig, EqualizeConfig,
     QuantizeConfig, WeightsConfig, act_scheme, weight_scheme)
@@ -87,75 +88,6 @@ from ..targets import set_module
 
 SUPPORTED = (nn.Linear, nn.Conv1d, nn.Conv2d)
 _CONVS = (nn.Conv1d, nn.Conv2d)
-_TRANSPARENT = (nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d)
-# Activations a conv absorbs: its quantized output starts at 0 (and ends at 6), so ORT drops them.
-_ACTS = {nn.ReLU: "relu", nn.ReLU6: "relu6"}
-
-
-def _relu_plan(model: nn.Module, convs: list[str]) -> dict[str, tuple[str, str | None]]:
-    """For each conv name: (the following activation to absorb, "relu" or "relu6"; name of its
-    nn.ReLU/nn.ReLU6 module when that can become Identity).
-
-    A ReLU or ReLU6 is absorbed when the conv's output (through Identity/Dropout) feeds only that ReLU. The
-    ReLU module is replaced only if it is called once and not shared; otherwise it stays (a second
-    ReLU on non-negative values changes nothing).
-    """
-    plan: dict[str, tuple[bool, str | None]] = {}
-    uses: dict[int, int] = {}
-    for _, m in model.named_modules(remove_duplicate=False):
-        uses[id(m)] = uses.get(id(m), 0) + 1
-    try:
-        import torch.fx
-
-        gm = torch.fx.symbolic_trace(model)
-    except Exception:
-        gm = None
-    if gm is not None:
-        calls: dict[str, int] = {}
-        for node in gm.graph.nodes:
-            if node.op == "call_module":
-                calls[node.target] = calls.get(node.target, 0) + 1
-        wanted = set(convs)
-        for node in gm.graph.nodes:
-            if node.op != "call_module" or node.target not in wanted or calls[node.target] != 1:
-                continue
-            cur = node
-            while len(cur.users) == 1:
-                nxt = next(iter(cur.users))
-                if nxt.op == "call_module" and isinstance(gm.get_submodule(nxt.target), _TRANSPARENT):
-                    cur = nxt
-                    continue
-                if nxt.op == "call_module" and type(gm.get_submodule(nxt.target)) in _ACTS:
-                    relu = gm.get_submodule(nxt.target)
-                    own = calls[nxt.target] == 1 and uses[id(relu)] == 1
-                    plan[node.target] = (_ACTS[type(relu)], nxt.target if own else None)
-                elif (nxt.op == "call_function" and nxt.target in (torch.relu, torch.nn.functional.relu,
-                                                                  torch.relu_)) or \
-                        (nxt.op == "call_method" and nxt.target in ("relu", "relu_")):
-                    plan[node.target] = ("relu", None)
-                elif nxt.op == "call_function" and nxt.target is torch.nn.functional.relu6:
-                    plan[node.target] = ("relu6", None)
-                break
-        return plan
-    # Untraceable model: adjacency inside nn.Sequential.
-    for seq_name, seq in model.named_modules():
-        if not isinstance(seq, nn.Sequential):
-            continue
-        children = list(seq.named_children())
-        prefix = f"{seq_name}." if seq_name else ""
-        for i, (n, _) in enumerate(children):
-            if prefix + n not in convs:
-                continue
-            j = i + 1
-            while j < len(children) and isinstance(children[j][1], _TRANSPARENT):
-                j += 1
-            if j < len(children) and type(children[j][1]) in _ACTS:
-                relu = children[j][1]
-                plan[prefix + n] = (_ACTS[type(relu)], prefix + children[j][0] if uses[id(relu)] == 1 else None)
-    return plan
-
-
-
 def _mark_float_boundaries(mods: list[nn.Module]) -> None:
     """Layers with 16-bit activations run in float in ORT; where integer layers follow them, float
     round-off (ORT's conv vs torch's) moves a few 16-bit codes and, through them, an 8-bit code now and
@@ -180,9 +112,7 @@ def _layer_inputs(model: nn.Module, lname: str, data: Any, samples: int, device:
     store: list[torch.Tensor] = []
     h = model.get_submodule(lname).register_forward_pre_hook(lambda m, args: store.append(args[0].detach()))
     try:
-        for batch in take(data, samples):
-            inputs, _ = split(batch)
-            call_model(model, to_device(inputs, device))
+        forward_samples(model, data, samples, device)
     finally:
         h.remove()
     return torch.cat(store)[:max(samples, 1)] if store else torch.zeros(0)
@@ -359,7 +289,7 @@ class Quantize(Step):
         schemes = self._schemes(layers, ctx)
         aschemes = self._act_schemes(layers, ctx)
 
-        plan = _relu_plan(model, [n for n, m in layers if isinstance(m, _CONVS)])
+        plan = relu_plan(model, [n for n, m in layers if isinstance(m, _CONVS)])
         observer = OBSERVERS.get(cfg.calibration.method)
         # AdaRound reconstructs each layer's float output from its input in the QUANTIZED model
         # (earlier layers already quantized): keep a float copy for the targets.
