@@ -278,9 +278,9 @@ def main() -> None:
     env = environment(THREADS)
     print(f"\nall-MiniLM-L6-v2, {len(sentences)} sentences, batch {BATCH}, {THREADS} threads, "
           f"{args.rounds} pass(es); {date.today()}; CPU: {env.get('cpu')}")
-    from nnsqueeze.export.ort import _cpu_flags
+    from nnsqueeze.isa import cpu_flags
 
-    flags = sorted((_cpu_flags() or set()) & {"avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8", "avx512_bf16"})
+    flags = sorted(cpu_flags() & {"avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8", "avx512_bf16"})
     print(f"int8-relevant CPU flags: {', '.join(flags) or 'unknown'}\n")
     print(f"held-out: the {len(sentences) - n_calib} sentences after the {n_calib} calibration sentences\n")
     print("| system | speed vs torch fp32 (total / median batch) | sent/s | mean cos | min cos | NN@10 "

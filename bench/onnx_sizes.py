@@ -27,6 +27,7 @@ import torch
 from nnsqueeze.context import Context
 from nnsqueeze.env import cpu_model
 from nnsqueeze.export import lowbit
+from nnsqueeze.quant import fakequant_export
 from nnsqueeze.errors import ExportError
 from nnsqueeze.export.onnx import export_onnx, verify_onnx
 from nnsqueeze.export.ort import OrtModule, ort_latency_ms
@@ -74,7 +75,7 @@ def main() -> None:
     test = data["test"]
     x = test[0][0]
     rows = []
-    marker, upgrade = lowbit.lowbit_weight, lowbit._upgrade_to_21
+    marker, upgrade = fakequant_export.lowbit_weight, lowbit._upgrade_to_21
     with tempfile.TemporaryDirectory() as d:
         def run(name: str, model: torch.nn.Module) -> None:
             path = os.path.join(d, "m.onnx")
@@ -96,13 +97,13 @@ def main() -> None:
         for name, w in SCHEMES.items():
             model = quantize(base, w, data)
             if "float constants" in name:   # the traced weight stays a float constant (no marker)
-                lowbit.lowbit_weight = lambda layer, w: w
+                fakequant_export.lowbit_weight = lambda layer, w, *group: w
             if "opset 17 kept" in name:     # as when ONNX's version converter cannot upgrade a model
                 lowbit._upgrade_to_21 = lambda model: "disabled for comparison"
             try:
                 run(name, model)
             finally:
-                lowbit.lowbit_weight, lowbit._upgrade_to_21 = marker, upgrade
+                fakequant_export.lowbit_weight, lowbit._upgrade_to_21 = marker, upgrade
     fp32, int8 = rows[0][1], rows[1][1]
     print(f"# ONNX sizes, demo CNN (MNIST-1D), {date.today()}, {cpu_model()}, {args.threads} thread(s), "
           f"latency median of {args.runs} runs, batch {x.shape[0]}")

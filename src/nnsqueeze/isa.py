@@ -66,6 +66,11 @@ def _proc_flags() -> dict[str, bool] | None:
     return None
 
 
+def cpu_flags() -> set[str]:
+    """This CPU's feature flags as ``/proc/cpuinfo`` lists them (empty where it cannot be read)."""
+    return set(_proc_flags() or ())
+
+
 @lru_cache(maxsize=1)
 def _detect() -> tuple[str, str, str]:
     """(arch, isa, source) of this machine: CPUID via torch first, /proc/cpuinfo as a fallback."""
