@@ -26,12 +26,14 @@ with distillation (as Minitron does). The head size is not touched: q/k/v keep t
     >>> from nnsqueeze.structured.hf import hf_graph
     >>> from nnsqueeze.structured.hidden import find_stream
     >>> cfg = LlamaConfig(vocab_size=40, hidden_size=15, intermediate_size=20, num_hidden_layers=1,
-    ...                   num_attention_heads=2, num_key_value_heads=1, head_dim=6, tie_word_embeddings=True)
-    >>> torch.manual_seed(0); lm = LlamaForCausalLM(cfg).eval()          # doctest: +ELLIPSIS
-    <torch._C.Generator object at ...>
+    ...                   num_attention_heads=3, num_key_value_heads=1, head_dim=6, tie_word_embeddings=True)
+    >>> _ = torch.manual_seed(0)
+    >>> lm = LlamaForCausalLM(cfg).eval()
     >>> s = find_stream(lm, hf_graph(lm), torch.randint(0, 40, (1, 5)))
-    >>> s.width, s.norms, s.ties
-    (15, ['model.layers.0.input_layernorm', 'model.layers.0.post_attention_layernorm', 'model.norm'], [('lm_head', 'model.embed_tokens')])
+    >>> s.width, s.heads, s.ties
+    (15, 3, [('lm_head', 'model.embed_tokens')])
+    >>> s.norms
+    ['model.layers.0.input_layernorm', 'model.layers.0.post_attention_layernorm', 'model.norm']
     >>> sorted({m.role for m in s.group.members})
     ['in', 'out', 'param:weight:0']
 """
@@ -214,9 +216,9 @@ def finish(model: nn.Module, stream: Stream) -> tuple[dict[str, dict[str, int]],
     Returns (module attributes set, the record :func:`replay` needs)."""
     width = model.get_submodule(stream.group.members[0].module).embedding_dim
     attrs = {n: {"hidden_size": width} for n, m in model.named_modules()
-             if not isinstance(getattr(m, "hidden_size", None), bool) and getattr(m, "hidden_size", None) == stream.width}
-    for n, v in attrs.items():
-        setattr(model.get_submodule(n), "hidden_size", v["hidden_size"])
+             if type(getattr(m, "hidden_size", None)) is int and m.hidden_size == stream.width}
+    for n in attrs:
+        model.get_submodule(n).hidden_size = width
     record = {"hidden_size": width, "ties": [list(t) for t in stream.ties], "configs": list(stream.configs)}
     replay(model, record)
     return attrs, record
