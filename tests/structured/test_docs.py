@@ -19,9 +19,9 @@ MODULES = ["nnsqueeze.structured.graph", "nnsqueeze.structured.rules", "nnsqueez
            "nnsqueeze.steps.channel_prune", "nnsqueeze.steps.nm_prune", "nnsqueeze.steps.group_lasso"]
 
 
-@pytest.mark.parametrize("name", MODULES + ["nnsqueeze.structured.hf"])
+@pytest.mark.parametrize("name", MODULES + ["nnsqueeze.structured.hf", "nnsqueeze.structured.hidden"])
 def test_docstring_examples(name):
-    if name.endswith(".hf"):
+    if name.endswith((".hf", ".hidden")):
         pytest.importorskip("transformers")
     result = doctest.testmod(importlib.import_module(name), optionflags=doctest.NORMALIZE_WHITESPACE)
     assert result.attempted > 0 and result.failed == 0

@@ -35,8 +35,10 @@ Hugging Face transformers (``torch.fx`` cannot trace them): :mod:`nnsqueeze.stru
 BERT-like and LLaMA-like attention blocks (one channel = one key/value head with its query heads)
 and feed-forward blocks (neurons; LLaMA's gate and up projections together) by their Linear layout;
 ``head_ratio`` (else ``ratio``) applies to the heads; the modules' ``num_attention_heads`` /
-``all_head_size`` / ``intermediate_size`` attributes follow the new widths. Everything else (the
-residual stream, embeddings, norms, the LM head) is kept and listed as skipped.
+``all_head_size`` / ``intermediate_size`` attributes follow the new widths. The residual stream (embeddings, norms, the
+heads' inputs) is kept and listed as skipped unless ``hidden`` (opt-in) gives the fraction of hidden
+channels removed from all of it at once (:mod:`nnsqueeze.structured.hidden`; ``ratio`` may then be
+left out: heads and FFN stay whole). Norms then normalize over the kept channels: distill after.
 
 Record: the kept indices of every shrunk layer dimension, in order, and the shape attributes set
 on Hugging Face modules; ``rebuild`` replays them on a fresh model without data, so ``nsq.load``
@@ -52,13 +54,13 @@ import torch
 from pydantic import Field, model_validator
 from torch import nn
 
-from ..errors import DataError, ModelError
+from ..errors import DataError, ModelError, RecipeError
 from ..registry import STEPS
 from ..structured import allocate
 from ..structured.attention import ATTENTION, head_parts, prune_heads, unsupported_reason
 from ..structured.collect import accumulate_grads, activation_parts, activations, taylor_parts, weight_parts
 from ..structured.graph import DependencyGraph, Group, build_graph
-from ..structured import hf
+from ..structured import hf, hidden
 from ..structured.hf import HFGraph, hf_graph, set_attrs, sync_attrs
 from ..structured.importance import CRITERIA, NEEDS, Part
 from ..structured.macs import count
@@ -90,11 +92,16 @@ class StructuredPruneConfig(StepConfig):
                                             "normalizes over the kept ones: not equal to zeroing them, fine-tune "
                                             "after), and so are per-channel parameters on them (layer scale, "
                                             "position embeddings); keep: such channels are left whole")
+    hidden: float | None = Field(None, ge=0.0, lt=1.0, description="Hugging Face BERT/LLaMA-like models: fraction "
+                                 "of the hidden size (residual stream: embeddings, norms, every block's input and "
+                                 "output, the heads' inputs) removed; default: kept whole")
 
     @model_validator(mode="after")
     def _one_target(self) -> "StructuredPruneConfig":
         given = [k for k in ("ratio", "params", "macs") if getattr(self, k) is not None]
-        if len(given) != 1:
+        if not given and self.hidden is not None:
+            self.ratio = 0.0            # hidden size only: heads and FFN neurons stay whole
+        elif len(given) != 1:
             raise ValueError(f"give exactly one of ratio, params, macs (got {given or 'none'})")
         for k, v in self.overrides.items():
             if not 0.0 <= v < 1.0:
@@ -159,6 +166,8 @@ class StructuredPrune(Step):
         self._planned: list[Group] = []
         self._ties: list[list[dict[int, dict[int, int]]]] = []   # graph ties, by index into _planned
         self._restored = 0
+        self._stream: hidden.Stream | None = None
+        self.hidden_: dict[str, Any] = {}
 
     # ---- pieces ---------------------------------------------------------------------------------
 
@@ -179,11 +188,34 @@ class StructuredPrune(Step):
                          f"{sum(b.kind == 'ffn' for b in graph.blocks)} feed-forward blocks by neurons)")
         self._blocks = graph.blocks if isinstance(graph, HFGraph) else []
         self._head_groups = {id(b.group) for b in self._blocks if b.kind == "heads"}
+        self._stream = None
+        if self.config.hidden is not None:
+            if not self._blocks:
+                raise ModelError(f"{self.where}.hidden", "hidden-size pruning is for Hugging Face transformers "
+                                 "whose attention blocks are recognised by module patterns; this model is traced "
+                                 "by torch.fx", fix="leave `hidden` unset; `norms: prune` prunes LayerNorm-coupled "
+                                 "channels of traced models")
+            self._stream = hidden.find_stream(model, graph, example, f"{self.where}.hidden")
+            c, s = self.config, self._stream
+            kept = allocate.keep_count(s.width, c.hidden, c.round_to, c.min_channels)
+            if kept % s.heads:
+                ok = [k for k in range(s.heads, s.width + 1, s.heads)
+                      if k % c.round_to == 0 or k == s.width]
+                near = min(ok, key=lambda k: abs(k - kept)) if ok else s.width
+                raise RecipeError(f"{self.where}.hidden", f"hidden: {c.hidden} keeps {kept} of {s.width} hidden "
+                                  f"channels, not a multiple of num_attention_heads={s.heads} (transformers requires "
+                                  "hidden_size % num_attention_heads == 0; head_dim stays "
+                                  f"{s.head_dim})", fix=f"use hidden: {(s.width - near) / s.width:.4f} (keeps {near})")
+            hidden.attach(graph, self._stream)
         return graph
 
     def _apply(self, model: nn.Module, plan: list[tuple[str, str, list[int]]]) -> dict[str, dict[str, int]]:
         apply(model, plan, self.where)
-        return sync_attrs(model, self._blocks)
+        attrs = sync_attrs(model, self._blocks)
+        if hidden.split_plan(plan, self._stream)[1]:
+            more, self.hidden_ = hidden.finish(model, self._stream)
+            attrs.update(more)
+        return attrs
 
     def _groups(self, model: nn.Module, graph: DependencyGraph, ctx: Any, sel: Any) -> list[Group]:
         chosen = set(sel.names)
@@ -218,15 +250,21 @@ class StructuredPrune(Step):
             return scores
         if need == "activations":
             data = ctx.calib_data if ctx.calib_data is not None else ctx.train_data
-            names = sorted({m.module for g in groups for m in g.members if m.role == "out"
+            stream = self._stream.group if self._stream else None
+            names = sorted({m.module for g in groups if g is not stream for m in g.members if m.role == "out"
                             and isinstance(model.get_submodule(m.module), LAYERS)})
+            names += self._stream.norms if any(g is stream for g in groups) else []
             acts = activations(model, names, data or [], c.batches, f"{self.where}.importance")
-            return [crit(activation_parts(g, acts)) for g in groups]
+            return [crit(hidden.activation_parts(self._stream, acts) if g is stream else activation_parts(g, acts))
+                    for g in groups]
         return [crit(weight_parts(model, g)) for g in groups]
 
     def _fixed(self, model: nn.Module, groups: list[Group]) -> list[float | None]:
         out: list[float | None] = []
         for g in groups:
+            if self._stream is not None and g is self._stream.group:
+                out.append(self.config.hidden)
+                continue
             hit = [r for p, r in self.config.overrides.items()
                    for n in _group_layers(model, g) if pattern_matches(p, n, model.get_submodule(n))]
             if not hit and id(g) in self._head_groups and self.config.head_ratio is not None:
@@ -295,8 +333,9 @@ class StructuredPrune(Step):
             ctx.fallback(self.registered_name, f"{self._restored} channels kept so that the pieces of each chunk "
                          "of a shuffled tensor stay equal")
         self.plan_ = keep_indices(model, groups, pruned)
-        ref = hf.outputs(model, example, self.plan_) if self._blocks else None
-        self.attrs_ = self._apply(model, self.plan_)
+        base, stream = hidden.split_plan(self.plan_, self._stream)   # the stream has no zeroing equivalent
+        ref = hf.outputs(model, example, base) if self._blocks else None
+        self.attrs_ = self._apply(model, base)
         if ref is not None:  # module patterns are assumptions: prove this removal equals zeroing the channels
             try:
                 bad = hf.mismatch(ref, hf.outputs(model, example))
@@ -309,6 +348,9 @@ class StructuredPrune(Step):
                                  f"channels (relative deviation {bad:.2e}): a block does not work the way its "
                                  "Linear layout suggests", fix="`ignore` its layers (blocks: "
                                  f"{', '.join(b.owner for b in self._blocks)[:300]})")
+        if stream:
+            self.attrs_.update(self._apply(model, stream))
+            ctx.report.step(hidden_before=self._stream.width, hidden_after=self.hidden_["hidden_size"])
         try:
             after = count(model, example)
         except Exception as e:  # a bug in the graph, never the user's fault: say so loudly
@@ -376,7 +418,8 @@ class StructuredPrune(Step):
         return removed
 
     def record(self) -> dict[str, Any]:
-        return {"shrink": [[n, r, k] for n, r, k in self.plan_], "heads": dict(self.heads_), "attrs": dict(self.attrs_)}
+        rec = {"shrink": [[n, r, k] for n, r, k in self.plan_], "heads": dict(self.heads_), "attrs": dict(self.attrs_)}
+        return rec | ({"hidden": self.hidden_} if self.hidden_ else {})
 
     @classmethod
     def rebuild(cls, model: nn.Module, config: StructuredPruneConfig, record: dict[str, Any]) -> nn.Module:
@@ -395,6 +438,7 @@ class StructuredPrune(Step):
         apply(model, [(n, r, list(k)) for n, r, k in record.get("shrink", [])], "structured-prune record")
         try:
             set_attrs(model, record.get("attrs", {}))
+            hidden.replay(model, record.get("hidden", {}))
         except AttributeError as e:
             raise ModelError("structured-prune record", f"module of a recorded shape attribute not found ({e})",
                              fix="load onto the same architecture that was compressed") from None

@@ -1,0 +1,236 @@
+"""Hidden-size (residual stream) pruning for Hugging Face transformers: one group for the whole stream.
+
+The residual stream of a BERT-like or LLaMA-like model is one channel space shared by every block:
+the embeddings write it (word, position, token-type: their columns), every attention output
+projection and FFN down projection adds to it (their rows and bias), every LayerNorm / RMSNorm
+normalizes it (weight and bias entries), and q/k/v, the FFN up/gate projections and the heads
+(pooler, classifier, LM head) read it (their input columns). Removing hidden channel ``c`` removes
+index ``c`` from all of them at once; a LM head tied to the word embeddings stays tied.
+
+:func:`find_stream` builds that group from the attention / FFN blocks that :mod:`.hf` recognised,
+then *proves* it on the example inputs, on a copy of the model: the writers' entries of a random
+half ``S`` of the channels are set to zero (embedding columns, output-projection rows, norm weights
+and biases), and forward pre-hooks check that every norm and every reader then sees exactly zero in
+``S``. A norm whose input is not zero there is not on the stream (left alone and reported); a block
+projection that reads non-zero there breaks the pattern (``ModelError``); a Linear of the stream's
+width outside the blocks is a reader only when its input is zero in ``S`` and not elsewhere (so a
+classifier reading the pooler's output keeps its width). A writer that was not found leaves the
+stream non-zero in ``S``, and the check fails.
+
+Math caveat: a norm over the pruned stream takes its mean / variance (RMS) over the kept channels
+only, so the model's outputs change even when the removed channels carry little; follow the step
+with distillation (as Minitron does). The head size is not touched: q/k/v keep their out-features.
+
+    >>> import torch
+    >>> from transformers import LlamaConfig, LlamaForCausalLM
+    >>> from nnsqueeze.structured.hf import hf_graph
+    >>> from nnsqueeze.structured.hidden import find_stream
+    >>> cfg = LlamaConfig(vocab_size=40, hidden_size=15, intermediate_size=20, num_hidden_layers=1,
+    ...                   num_attention_heads=3, num_key_value_heads=1, head_dim=6, tie_word_embeddings=True)
+    >>> _ = torch.manual_seed(0)
+    >>> lm = LlamaForCausalLM(cfg).eval()
+    >>> s = find_stream(lm, hf_graph(lm), torch.randint(0, 40, (1, 5)))
+    >>> s.width, s.heads, s.ties
+    (15, 3, [('lm_head', 'model.embed_tokens')])
+    >>> s.norms
+    ['model.layers.0.input_layernorm', 'model.layers.0.post_attention_layernorm', 'model.norm']
+    >>> sorted({m.role for m in s.group.members})
+    ['in', 'out', 'param:weight:0']
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..data import call_model
+from ..errors import ModelError
+from .graph import Group, Member
+from .hf import HFGraph
+from .importance import Part
+from .macs import eval_mode
+
+
+@dataclass
+class Stream:
+    """The residual stream's group and what must follow its width after shrinking."""
+    width: int
+    group: Group
+    head_dim: int
+    heads: int = 1                                             # the kept width must be a multiple of it
+    norms: list[str] = field(default_factory=list)             # stream norms (activation importance)
+    ties: list[tuple[str, str]] = field(default_factory=list)  # (Linear, Embedding) sharing one weight
+    configs: list[str] = field(default_factory=list)           # modules owning a distinct `config`
+    skipped: dict[str, str] = field(default_factory=dict)      # width-H layers left alone, with why
+
+
+def _is_norm(mod: nn.Module, width: int) -> bool:
+    params = list(mod.parameters(recurse=False))
+    return ("norm" in type(mod).__name__.lower() and bool(params) and not any(True for _ in mod.children())
+            and all(p.dim() == 1 and p.shape[0] == width for p in params))
+
+
+def _norm_members(name: str, mod: nn.Module, where: str) -> list[Member]:
+    if isinstance(mod, nn.LayerNorm):
+        return [Member(name, "out", 0, 1)]
+    if hasattr(mod, "normalized_shape"):
+        raise ModelError(where, f"{name} ({type(mod).__name__}) keeps a normalized_shape that hidden pruning "
+                         "cannot update", fix="leave `hidden` unset for this model")
+    return [Member(name, f"param:{p}:0", 0, 1) for p, _ in mod.named_parameters(recurse=False)]
+
+
+def _configs(model: nn.Module) -> list[tuple[str, Any]]:
+    seen: dict[int, tuple[str, Any]] = {}
+    for name, mod in model.named_modules():
+        cfg = getattr(mod, "config", None)
+        if isinstance(getattr(cfg, "hidden_size", None), int) and id(cfg) not in seen:
+            seen[id(cfg)] = (name, cfg)
+    return list(seen.values())
+
+
+@torch.no_grad()
+def _probe(model: nn.Module, example: Any, chans: torch.Tensor, embeddings: list[str], writers: list[str],
+           norms: list[str], watch: list[str]) -> dict[str, tuple[float, float]]:
+    """On a copy with the writers' ``chans`` entries zeroed: per watched module, the largest |input|
+    in ``chans`` and outside them (modules that did not run are absent)."""
+    m = copy.deepcopy(model)
+    rest = torch.ones(m.get_submodule(embeddings[0]).embedding_dim, dtype=torch.bool)
+    rest[chans] = False
+    for n in embeddings:
+        m.get_submodule(n).weight[:, chans] = 0
+    for n in writers:
+        lin = m.get_submodule(n)
+        lin.weight[chans] = 0
+        if lin.bias is not None:
+            lin.bias[chans] = 0
+    for n in norms:
+        for p in m.get_submodule(n).parameters(recurse=False):
+            p[chans] = 0
+    seen: dict[str, tuple[float, float]] = {}
+
+    def hook(name: str):
+        def fn(mod: nn.Module, args: tuple, kwargs: dict) -> None:
+            x = next((a for a in list(args) + list(kwargs.values()) if isinstance(a, torch.Tensor)), None)
+            if x is None or x.shape[-1] != rest.numel():
+                return
+            a, b = seen.get(name, (0.0, 0.0))
+            seen[name] = (max(a, float(x[..., chans].abs().max())), max(b, float(x[..., rest].abs().max())))
+        return fn
+
+    hooks = [m.get_submodule(n).register_forward_pre_hook(hook(n), with_kwargs=True) for n in watch]
+    try:
+        with eval_mode(m):
+            call_model(m, example)
+    finally:
+        for h in hooks:
+            h.remove()
+    return seen
+
+
+def find_stream(model: nn.Module, graph: HFGraph, example: Any, where: str = "structured-prune.hidden") -> Stream:
+    """The residual-stream group of a model whose blocks :func:`~.hf.hf_graph` recognised, checked on
+    ``example`` (see the module docstring); raises ``ModelError`` when the layout does not hold."""
+    fix = "leave `hidden` unset for this model (heads and FFN neurons still prune)"
+    heads = [b for b in graph.blocks if b.kind == "heads"]
+    if not heads:
+        raise ModelError(where, "hidden pruning needs recognised Hugging Face attention blocks; none found", fix=fix)
+    readers = [m.module for b in graph.blocks for m in b.group.members if m.role == "out"]
+    writers = [m.module for b in graph.blocks for m in b.group.members if m.role == "in"]
+    mods = dict(model.named_modules())
+    configs = _configs(model)
+    widths = {cfg.hidden_size for _, cfg in configs} | {mods[n].in_features for n in readers}
+    widths |= {mods[n].out_features for n in writers}
+    if len(widths) != 1:
+        raise ModelError(where, f"the blocks and configs disagree on the hidden size ({sorted(widths)})", fix=fix)
+    width = widths.pop()
+    if width < 2:
+        raise ModelError(where, f"hidden size {width} has nothing to prune", fix=fix)
+    embeddings = [n for n, m in mods.items() if isinstance(m, nn.Embedding) and m.embedding_dim == width]
+    if not embeddings:
+        raise ModelError(where, f"no embedding of width {width} writes the residual stream", fix=fix)
+    norms = [n for n, m in mods.items() if _is_norm(m, width)]
+    block = set(readers) | set(writers)
+    extra = [n for n, m in mods.items() if isinstance(m, nn.Linear) and m.in_features == width and n not in block]
+    chans = torch.sort(torch.randperm(width, generator=torch.Generator().manual_seed(0))[: width // 2]).values
+    seen = _probe(model, example, chans, embeddings, writers, norms, norms + readers + extra)
+    skipped: dict[str, str] = {}
+    on = [n for n in norms if n in seen and seen[n][0] == 0.0]
+    for n in norms:
+        if n not in on:
+            skipped[n] = "hidden width kept: " + ("did not run on the example inputs" if n not in seen else
+                                                  "its input is not the residual stream")
+    if on != norms:
+        seen = _probe(model, example, chans, embeddings, writers, on, on + readers + extra)
+        if any(seen.get(n, (1.0, 0.0))[0] != 0.0 for n in on):
+            raise ModelError(where, "the residual stream's norms could not be told apart", fix=fix)
+    bad = [n for n in readers if seen.get(n, (1.0, 0.0))[0] != 0.0]
+    if bad or not on:
+        raise ModelError(where, f"the residual stream is not what the block layout suggests ({len(bad)} block "
+                         f"inputs, e.g. {bad[:2]}, are not the stream, or a writer was not recognised)", fix=fix)
+    heads_in = [n for n in extra if n in seen and seen[n][0] == 0.0 and seen[n][1] > 0.0]
+    for n in extra:
+        if n not in heads_in:
+            skipped[n] = "hidden width kept: " + ("did not run on the example inputs" if n not in seen else
+                                                  "its input is not the residual stream")
+    emb_w = {id(mods[e].weight): e for e in embeddings}
+    ties = [(n, emb_w[id(m.weight)]) for n, m in mods.items() if isinstance(m, nn.Linear) and id(m.weight) in emb_w]
+    for lin, _ in ties:
+        if lin not in heads_in:
+            raise ModelError(where, f"{lin} shares its weight with an embedding but does not read the stream",
+                             fix=fix)
+    tied = {lin for lin, _ in ties}
+    members = [Member(n, "out", 0, 1) for n in embeddings + writers]
+    members += [mb for n in on for mb in _norm_members(n, mods[n], where)]
+    members += [Member(n, "in", 0, 1) for n in readers + heads_in if n not in tied]
+    n_heads = {int(getattr(cfg, "num_attention_heads", 1) or 1) for _, cfg in configs} or {1}
+    return Stream(width, Group(len(graph.groups), width, members), heads[0].head_dim, max(n_heads), on, ties,
+                  [n for n, _ in configs], skipped)
+
+
+def attach(graph: HFGraph, stream: Stream) -> None:
+    """Add the stream's group to ``graph``; it is no longer frozen, its readers no longer skipped."""
+    graph.groups.append(stream.group)
+    graph.frozen = [f for f in graph.frozen if not f[0].startswith("hidden size")]
+    for n in {m.module for m in stream.group.members} | {lin for lin, _ in stream.ties}:
+        graph.skipped.pop(n, None)
+    graph.skipped.update(stream.skipped)
+
+
+def activation_parts(stream: Stream, acts: dict[str, torch.Tensor]) -> list[Part]:
+    """The stream norms' outputs, one row per hidden channel (Minitron ranks embedding channels so)."""
+    return [Part("activation", "out", acts[n]) for n in stream.norms]
+
+
+def split_plan(plan: list[tuple[str, str, list[int]]], stream: Stream | None) -> tuple[list, list]:
+    """(the heads / FFN entries, the stream's entries) of a plan."""
+    own = {(m.module, m.role) for m in stream.group.members} if stream else set()
+    return [e for e in plan if (e[0], e[1]) not in own], [e for e in plan if (e[0], e[1]) in own]
+
+
+def finish(model: nn.Module, stream: Stream) -> tuple[dict[str, dict[str, int]], dict[str, Any]]:
+    """After the stream's dims were shrunk: retie, set ``hidden_size`` attributes and configs.
+    Returns (module attributes set, the record :func:`replay` needs)."""
+    width = model.get_submodule(stream.group.members[0].module).embedding_dim
+    attrs = {n: {"hidden_size": width} for n, m in model.named_modules()
+             if type(getattr(m, "hidden_size", None)) is int and m.hidden_size == stream.width}
+    for n in attrs:
+        model.get_submodule(n).hidden_size = width
+    record = {"hidden_size": width, "ties": [list(t) for t in stream.ties], "configs": list(stream.configs)}
+    replay(model, record)
+    return attrs, record
+
+
+def replay(model: nn.Module, record: dict[str, Any]) -> None:
+    """Tie the recorded LM heads to their (shrunk) embeddings and set ``config.hidden_size``."""
+    for lin, emb in record.get("ties", []):
+        head, e = model.get_submodule(lin), model.get_submodule(emb)
+        if not isinstance(head, nn.Linear) or not isinstance(e, nn.Embedding):
+            raise ModelError(f"structured-prune record: {lin}", "recorded tie is not a Linear and an Embedding",
+                             fix="load onto the same architecture that was compressed")
+        head.weight, head.in_features = e.weight, e.embedding_dim
+    for name in record.get("configs", []):
+        model.get_submodule(name).config.hidden_size = int(record["hidden_size"])
