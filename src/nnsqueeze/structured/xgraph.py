@@ -62,7 +62,7 @@ aten = torch.ops.aten
 
 UNARY = {"relu", "relu_", "hardtanh", "hardtanh_", "gelu", "silu", "silu_", "sigmoid", "sigmoid_", "tanh",
          "tanh_", "hardswish", "hardswish_", "hardsigmoid", "hardsigmoid_", "leaky_relu", "leaky_relu_", "elu",
-         "elu_", "mish", "softplus", "dropout", "feature_dropout", "alpha_dropout", "neg", "abs", "exp", "clone",
+         "elu_", "mish", "softplus", "dropout", "dropout_", "feature_dropout", "alpha_dropout", "neg", "abs", "exp", "clone",
          "contiguous", "alias", "detach", "detach_", "to", "_to_copy", "lift_fresh_copy", "erf", "rsqrt", "sqrt",
          "reciprocal", "square"}
 BINARY = {"add": operator.add, "add_": operator.add, "sub": operator.sub, "sub_": operator.sub,
@@ -194,6 +194,9 @@ class _Translator:
                 w = n.args[2] if len(n.args) > 2 else None
                 self.env[n] = self._emit(n, "call_function", F.layer_norm, (n.args[0], n.args[1], w))
                 return
+        elif op == "contiguous":   # a method call, as the channel-shuffle chain (permute.py) expects
+            self.env[n] = self._emit(n, "call_method", "contiguous", (n.args[0],))
+            return
         elif op in UNARY or (op == "pow" and not isinstance(n.args[1], torch.fx.Node)):   # pow(x, 2): elementwise
             self.env[n] = self._emit(n, "call_function", torch.relu, (n.args[0],))
             return
