@@ -88,16 +88,14 @@ def main() -> None:
         norms = name in NORMS
         row = [name]
         graphs = []
+        builders = {"fx": build_graph, "export": build_export_graph}
         for kind in ("fx", "export"):
             try:
-                if kind == "fx":
-                    s, g = measure(lambda: build_graph(model, x, norms=norms), a.runs)
-                else:
-                    s, g = measure(lambda: build_export_graph(model, x, norms=norms), a.runs)
+                s, g = measure(lambda f=builders[kind], m=model, i=x, n=norms: f(m, i, norms=n), a.runs)
                 row.append(f"{s:.3f}")
             except ModelError as e:
-                s, g = measure(lambda: hf_graph(model), a.runs)
-                row.append(f"patterns {s:.3f} (fx: {e.problem[:40]}...)")
+                s, g = measure(lambda m=model: hf_graph(m), a.runs)
+                row.append(f"patterns {s:.3f} ({kind}: {e.problem[:40]}...)")
             graphs.append(g)
         for g in graphs:
             row.append(f"{len(g.groups)} / {sum(grp.size for grp in g.groups)} / {len(g.frozen)}")

@@ -31,7 +31,10 @@ fraction of the current model's; found by bisection on the global ratio). A grou
 all its Conv/Linear/Embedding output layers are selected by ``targets`` and none of its layers is
 ignored; groups the graph cannot prove safe are left intact and listed as skipped with the reason.
 
-Hugging Face transformers (``torch.fx`` cannot trace them): :mod:`nnsqueeze.structured.hf` finds
+``graph`` (``auto``): where ``torch.fx`` cannot trace the model, the graph comes from ``torch.export``
+(:mod:`nnsqueeze.structured.xgraph`; attention cores give key/value-head groups), and where that fails
+too, from module patterns; each fallback is noted. Module patterns (Hugging Face transformers that
+neither traces, or ``graph: fx``): :mod:`nnsqueeze.structured.hf` finds
 BERT-like and LLaMA-like attention blocks (one channel = one key/value head with its query heads)
 and feed-forward blocks (neurons; LLaMA's gate and up projections together) by their Linear layout;
 ``head_ratio`` (else ``ratio``) applies to the heads; the modules' ``num_attention_heads`` /

@@ -30,7 +30,7 @@ its channels stay frozen by the ordinary rules::
     >>> m = Attn()
     >>> cores, inner, rejected = find_cores(m, export_program(m, torch.randn(2, 3, 8)))
     >>> [(c.q, c.k, c.v, c.o, c.kv, c.rep, c.d) for c in cores], rejected
-    [('q', 'k', 'v', 'o', 2, 2, 2)], []
+    ([('q', 'k', 'v', 'o', 2, 2, 2)], [])
 """
 
 from __future__ import annotations

@@ -62,8 +62,8 @@ aten = torch.ops.aten
 
 UNARY = {"relu", "relu_", "hardtanh", "hardtanh_", "gelu", "silu", "silu_", "sigmoid", "sigmoid_", "tanh",
          "tanh_", "hardswish", "hardswish_", "hardsigmoid", "hardsigmoid_", "leaky_relu", "leaky_relu_", "elu",
-         "elu_", "mish", "softplus", "dropout", "dropout_", "feature_dropout", "alpha_dropout", "neg", "abs", "exp", "clone",
-         "contiguous", "alias", "detach", "detach_", "to", "_to_copy", "lift_fresh_copy", "erf", "rsqrt", "sqrt",
+         "elu_", "mish", "softplus", "dropout", "dropout_", "feature_dropout", "alpha_dropout", "neg", "abs", "exp",
+         "clone", "alias", "detach", "detach_", "to", "_to_copy", "lift_fresh_copy", "erf", "rsqrt", "sqrt",
          "reciprocal", "square"}
 BINARY = {"add": operator.add, "add_": operator.add, "sub": operator.sub, "sub_": operator.sub,
           "mul": operator.mul, "mul_": operator.mul, "div": operator.truediv, "div_": operator.truediv,
