@@ -11,7 +11,7 @@ MODULES = ["nnsqueeze.structured.graph", "nnsqueeze.structured.rules", "nnsqueez
            "nnsqueeze.structured.allocate", "nnsqueeze.structured.spaces",
            "nnsqueeze.structured.resolve", "nnsqueeze.structured.permute",
            "nnsqueeze.structured.macs", "nnsqueeze.structured.collect", "nnsqueeze.structured.nm",
-           "nnsqueeze.structured.shapes",
+           "nnsqueeze.structured.shapes", "nnsqueeze.structured.xgraph", "nnsqueeze.structured.xattn",
            "nnsqueeze.structured.attention", "nnsqueeze.structured.importance",
            "nnsqueeze.structured.importance.l1", "nnsqueeze.structured.importance.l2",
            "nnsqueeze.structured.importance.fpgm", "nnsqueeze.structured.importance.bn_scale",

@@ -1,6 +1,8 @@
 """Hugging Face blocks: BERT heads + FFN neurons, LLaMA grouped-query KV groups + gated MLP neurons.
 
-Each pruned model must equal the original with the removed heads' output-projection columns and the
+The tests that name the patterns' own report entries pin ``graph: fx`` (torch.fx fails, the patterns
+follow); ``graph: auto`` builds these models' graph from torch.export (test_export_graph.py). Each pruned
+model must equal the original with the removed heads' output-projection columns and the
 removed neurons' down-projection columns set to zero (1e-5), export to ONNX and match in ORT, and
 reload from the artifact (replay + weights) with identical outputs.
 """
@@ -90,7 +92,7 @@ def test_bert_heads_and_ffn_equal_zeroed_original(attn, importance):
     orig = copy.deepcopy(model)
     ctx = Context(example_inputs=x, calib_data=[x], progress=False)
     ctx.report.begin_step("structured-prune", {})
-    step = StructuredPrune(StructuredPrune.Config(ratio=0.5, importance=importance))
+    step = StructuredPrune(StructuredPrune.Config(ratio=0.5, importance=importance, graph="fx"))   # fx -> patterns
     pruned = step.run(model, ctx)
     for layer in pruned.enc.encoder.layer:
         att = layer.attention.self
@@ -109,7 +111,7 @@ def test_bert_heads_and_ffn_equal_zeroed_original(attn, importance):
 def test_llama_gqa_prunes_whole_kv_groups_and_gated_mlp(attn):
     model, ids = Logits(tiny_llama(attn)), torch.randint(0, 40, (2, 9), generator=torch.Generator().manual_seed(1))
     orig = copy.deepcopy(model)
-    pruned, step, ctx = run_step(model, ids, ratio=0.34, head_ratio=0.34)
+    pruned, step, ctx = run_step(model, ids, ratio=0.34, head_ratio=0.34, graph="fx")   # fx -> patterns
     for layer in pruned.lm.model.layers:
         a, mlp = layer.self_attn, layer.mlp
         assert a.k_proj.out_features == a.v_proj.out_features == 2 * 6          # 3 -> 2 KV heads

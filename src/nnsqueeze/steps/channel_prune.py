@@ -31,7 +31,10 @@ fraction of the current model's; found by bisection on the global ratio). A grou
 all its Conv/Linear/Embedding output layers are selected by ``targets`` and none of its layers is
 ignored; groups the graph cannot prove safe are left intact and listed as skipped with the reason.
 
-Hugging Face transformers (``torch.fx`` cannot trace them): :mod:`nnsqueeze.structured.hf` finds
+``graph`` (``auto``): where ``torch.fx`` cannot trace the model, the graph comes from ``torch.export``
+(:mod:`nnsqueeze.structured.xgraph`; attention cores give key/value-head groups), and where that fails
+too, from module patterns; each fallback is noted. Module patterns (Hugging Face transformers that
+neither traces, or ``graph: fx``): :mod:`nnsqueeze.structured.hf` finds
 BERT-like and LLaMA-like attention blocks (one channel = one key/value head with its query heads)
 and feed-forward blocks (neurons; LLaMA's gate and up projections together) by their Linear layout;
 ``head_ratio`` (else ``ratio``) applies to the heads; the modules' ``num_attention_heads`` /
@@ -62,6 +65,7 @@ from ..structured.collect import accumulate_grads, activation_parts, activations
 from ..structured.graph import DependencyGraph, Group, build_graph
 from ..structured import hf, hidden
 from ..structured.hf import HFGraph, hf_graph, set_attrs, sync_attrs
+from ..structured.xgraph import build_export_graph
 from ..structured.importance import CRITERIA, NEEDS, Part
 from ..structured.macs import count
 from ..structured.pruners import dim_size, shrink
@@ -95,6 +99,10 @@ class StructuredPruneConfig(StepConfig):
     hidden: float | None = Field(None, ge=0.0, lt=1.0, description="Hugging Face BERT/LLaMA-like models: fraction "
                                  "of the hidden size (residual stream: embeddings, norms, every block's input and "
                                  "output, the heads' inputs) removed; default: kept whole")
+    graph: Literal["auto", "fx", "export"] = Field("auto", description="how the dependency graph is built: fx "
+                                                   "(torch.fx), export (torch.export, non-strict), auto (torch.fx, "
+                                                   "then torch.export for models fx cannot trace); Hugging Face "
+                                                   "module patterns when neither traces the model")
 
     @model_validator(mode="after")
     def _one_target(self) -> "StructuredPruneConfig":
@@ -168,24 +176,52 @@ class StructuredPrune(Step):
         self._restored = 0
         self._stream: hidden.Stream | None = None
         self.hidden_: dict[str, Any] = {}
+        self.graph_ = ""            # where the last run's groups came from: fx | export | patterns
 
     # ---- pieces ---------------------------------------------------------------------------------
 
     def _graph(self, model: nn.Module, example: Any, ctx: Any) -> DependencyGraph:
-        """The fx dependency graph; for models fx cannot trace, the Hugging Face block patterns."""
-        try:
-            graph = build_graph(model, example, norms=self.config.norms == "prune")
-        except ModelError as e:
-            if "torch.fx cannot trace" not in str(e):
-                raise
+        """The dependency graph from torch.fx and/or torch.export (``graph``); for models neither can trace,
+        the Hugging Face block patterns. Which one was used, and why a fallback happened, is logged."""
+        norms, order = self.config.norms == "prune", {"auto": ("fx", "export"), "fx": ("fx",),
+                                                      "export": ("export",)}[self.config.graph]
+        if self.config.hidden is not None:  # the residual stream is found through the module patterns' blocks
+            if self.config.graph != "auto":
+                raise RecipeError(f"{self.where}.graph", f"hidden-size pruning uses the Hugging Face module "
+                                  f"patterns, not a graph: `graph: {self.config.graph}` cannot apply",
+                                  fix="leave `graph` at auto with `hidden`, or drop `hidden`")
+            order = ()
+        graph, failed = None, []
+        for kind in order:
+            try:
+                graph = build_graph(model, example, norms=norms) if kind == "fx" else \
+                    build_export_graph(model, example, norms=norms)
+                self.graph_ = kind
+                break
+            except ModelError as e:
+                if "cannot trace" not in str(e) and "cannot export" not in str(e):
+                    raise
+                failed.append(e)
+        if graph is None and not failed:  # `hidden`: straight to the patterns (said in the log, not a fallback)
             graph = hf_graph(model)
+            self.graph_ = "patterns"
+        elif graph is None:
+            e = failed[-1]
+            graph = hf_graph(model)
+            self.graph_ = "patterns"
             if not graph.groups:
-                raise ModelError(self.where, f"{e.problem}; and no Hugging Face attention / feed-forward block was "
-                                 "recognised", fix=e.fix) from None
-            ctx.fallback(self.registered_name, "torch.fx cannot trace the model: groups from Hugging Face module "
-                         f"patterns ({sum(b.kind == 'heads' for b in graph.blocks)} attention blocks by KV-head "
-                         "groups, "
-                         f"{sum(b.kind == 'ffn' for b in graph.blocks)} feed-forward blocks by neurons)")
+                raise ModelError(self.where, "; ".join(f.problem for f in failed) + "; and no Hugging Face attention "
+                                 "/ feed-forward block was recognised", fix=e.fix) from None
+            ctx.fallback(self.registered_name, "; ".join(f.problem for f in failed) + ": groups from Hugging Face "
+                         f"module patterns ({sum(b.kind == 'heads' for b in graph.blocks)} attention blocks by "
+                         f"KV-head groups, {sum(b.kind == 'ffn' for b in graph.blocks)} feed-forward blocks by "
+                         "neurons)")
+        elif failed:
+            ctx.fallback(self.registered_name, f"{failed[0].problem}: the dependency graph is built from "
+                         f"torch.{self.graph_}")
+        ctx.log.info("structured-prune: dependency graph from %s", {"fx": "torch.fx", "export": "torch.export",
+                                                                    "patterns": "Hugging Face module patterns"}
+                     [self.graph_])
         self._blocks = graph.blocks if isinstance(graph, HFGraph) else []
         self._head_groups = {id(b.group) for b in self._blocks if b.kind == "heads"}
         self._stream = None
@@ -334,20 +370,24 @@ class StructuredPrune(Step):
                          "of a shuffled tensor stay equal")
         self.plan_ = keep_indices(model, groups, pruned)
         base, stream = hidden.split_plan(self.plan_, self._stream)   # the stream has no zeroing equivalent
-        ref = hf.outputs(model, example, base) if self._blocks else None
+        # module patterns and the exported graph's concrete sizes are assumptions: checked below
+        check = self._blocks or (self.graph_ == "export" and c.norms == "keep")
+        ref = hf.outputs(model, example, base) if check else None
         self.attrs_ = self._apply(model, base)
-        if ref is not None:  # module patterns are assumptions: prove this removal equals zeroing the channels
+        if ref is not None:  # prove this removal equals zeroing the removed channels' consumer columns
+            by = "module patterns" if self.graph_ == "patterns" else "the torch.export graph"
             try:
                 bad = hf.mismatch(ref, hf.outputs(model, example))
             except Exception as e:
-                raise ModelError(self.where, f"the model pruned by module patterns no longer runs ({type(e).__name__}: "
-                                 f"{str(e)[:200]}): a block does not work the way its Linear layout suggests",
-                                 fix="`ignore` its layers") from e
+                raise ModelError(self.where, f"the model pruned by {by} no longer runs ({type(e).__name__}: "
+                                 f"{str(e)[:200]}): a block does not work the way its layout suggests, or a "
+                                 "reshape has a channel count fixed in forward()", fix="`ignore` its layers, or set "
+                                 "`graph: fx`") from e
             if bad is not None:
-                raise ModelError(self.where, f"pruning the recognised blocks changed the outputs beyond the removed "
-                                 f"channels (relative deviation {bad:.2e}): a block does not work the way its "
-                                 "Linear layout suggests", fix="`ignore` its layers (blocks: "
-                                 f"{', '.join(b.owner for b in self._blocks)[:300]})")
+                raise ModelError(self.where, f"pruning the groups found by {by} changed the outputs beyond the "
+                                 f"removed channels (relative deviation {bad:.2e}): a block does not work the way its "
+                                 "layout suggests", fix="`ignore` its layers (blocks: "
+                                 f"{', '.join(b.owner for b in self._blocks)[:300] or 'none'}), or set `graph: fx`")
         if stream:
             self.attrs_.update(self._apply(model, stream))
             ctx.report.step(hidden_before=self._stream.width, hidden_after=self.hidden_["hidden_size"])
@@ -364,7 +404,8 @@ class StructuredPrune(Step):
         heads += self._report_hf_heads(model, groups, pruned, ctx)
         channels = sum(g.size for g in groups)
         removed = sum(int(p.numel()) for p in pruned)
-        ctx.report.step(groups=len(groups), heads_removed=heads, channels=channels, channels_removed=removed,
+        ctx.report.step(groups=len(groups), graph=self.graph_, heads_removed=heads, channels=channels,
+                        channels_removed=removed,
                         ratio=round(ratio, 4),
                         scope=scope, importance=c.importance, params_before=before.total_params,
                         params_after=after.total_params, macs_before=before.total_macs, macs_after=after.total_macs,

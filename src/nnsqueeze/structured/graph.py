@@ -44,7 +44,7 @@ from .rules import function_rule, module_rule
 from .resolve import resolve
 from .spaces import Builder, DependencyGraph, Group, Info, Member, Seg, Split, infos, node_shape
 
-__all__ = ["Seg", "Member", "Group", "Info", "DependencyGraph", "build_graph"]
+__all__ = ["Seg", "Member", "Group", "Info", "DependencyGraph", "build_graph", "walk"]
 
 
 def _trace(model: nn.Module, example_inputs: Any):
@@ -79,7 +79,15 @@ def build_graph(model: nn.Module, example_inputs: Any, norms: bool = False) -> D
     them, and so do parameters multiplied into or added to them along that axis (ConvNeXt's
     ``layer_scale``, position embeddings): pruned, they lose the same entries.
     """
-    gm = _trace(model, example_inputs)
+    return resolve(walk(model, _trace(model, example_inputs).graph.nodes, norms))
+
+
+def walk(model: nn.Module, nodes: Any, norms: bool = False) -> Builder:
+    """Apply the per-operation rules to the nodes of a torch-level fx graph (``call_module`` for the
+    layers, torch functions and tensor methods otherwise, ``tensor_meta`` shapes); the channel spaces
+    are left unresolved (:func:`~.resolve.resolve`). :mod:`.xgraph` feeds it a ``torch.export`` graph
+    translated to this form."""
+    nodes = list(nodes)
     b = Builder(model, norms)
     env: dict[str, Any] = {}
     mods = dict(model.named_modules())
@@ -94,10 +102,10 @@ def build_graph(model: nn.Module, example_inputs: Any, norms: bool = False) -> D
         return None
 
     calls: dict[str, int] = {}
-    for node in gm.graph.nodes:
+    for node in nodes:
         if node.op == "call_module":
             calls[node.target] = calls.get(node.target, 0) + 1
-    for node in gm.graph.nodes:
+    for node in nodes:
         shape = node_shape(node)
         args = [get(a) for a in node.args]
         ins = [i for a in args for i in infos(a)]
@@ -122,4 +130,4 @@ def build_graph(model: nn.Module, example_inputs: Any, norms: bool = False) -> D
             out = function_rule(b, node, where, args, ins, shape)
         env[node.name] = out
 
-    return resolve(b)
+    return b
