@@ -88,7 +88,7 @@ def test_transformers_loads_pruned_model_bit_equal(tmp_path, prune, quant, odd):
     assert set(info["layers"]) == set(masks) and len(masks) >= 14
     pruned = sum(int((~k).sum()) for k in masks.values()) / sum(k.numel() for k in masks.values())
     assert info["global"] == pytest.approx(pruned, abs=1e-6) and 0.45 <= pruned <= 0.55
-    for name, keep in masks.items():   # 2:4 exactly where the weights say so
+    for name in masks:   # 2:4 exactly where the weights say so
         w = _weight(res.model.get_submodule(name))
         assert _is_24(w) is (prune in ("nm", "sparsegpt24")), name
         assert info["layers"][name]["structure"] == ("2:4" if _is_24(w) else "unstructured"), name
