@@ -168,6 +168,8 @@ def test_installed_stack_cannot_load_a_bitmask_checkpoint(tmp_path):
     cfg["quantization_config"]["sparsity_config"] = {"format": "sparse-bitmask", "sparsity_structure": "unstructured",
                                                      "targets": ["Linear"], "ignore": ["lm_head"]}
     (out / "config.json").write_text(json.dumps(cfg))
+    # what the refusal gives up: the bitmask file is smaller than the dense one (values + 1 bit per weight)
+    assert (out / "model.safetensors").stat().st_size < 0.75 * (dense / "model.safetensors").stat().st_size
     loaded = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
     q = loaded.model.layers[0].self_attn.q_proj.weight
     assert not torch.equal(q, model.model.layers[0].self_attn.q_proj.weight)

@@ -13,11 +13,12 @@ zeros are in the weights).
 - ``dense`` (default): the form above. A model that is pruned but not quantized is written with a
   ``quantization_config`` of format ``dense`` and no config group (plain float weights).
 - ``sparse-bitmask`` / ``sparse-24-bitmask`` (values + packed bitmask): an ExportError, before
-  anything is written, naming ``dense``. No loader here opens them: compressed-tensors 0.20 has no
-  sparse compressor (removed upstream; only the config classes remain), transformers 5 reads such a
-  file with the sparse layers' ``weight`` missing and re-initialised at random (a load report, no
-  error; measured: tests/export/test_ct_sparse.py), and vLLM >= 0.19 raises NotImplementedError for
-  Sparse24 checkpoints. For the same reason ``sparsity_config`` stays ``{}``: a ``2:4`` declaration
+  anything is written, naming ``dense``. No current loader opens them: compressed-tensors 0.20 has no
+  sparse compressor (removed upstream in March 2026, llm-compressor #2452 / compressed-tensors #610;
+  only the config classes remain), transformers 5 reads such a file with the sparse layers'
+  ``weight`` missing and re-initialised at random (a load report, no error; measured:
+  tests/export/test_ct_sparse.py), and vLLM raises NotImplementedError for Sparse24 checkpoints since
+  vllm-project/vllm#36799. For the same reason ``sparsity_config`` stays ``{}``: a ``2:4`` declaration
   there makes vLLM refuse a checkpoint it would otherwise load dense.
 
     >>> import torch, transformers
@@ -52,7 +53,7 @@ MASK = "weight_mask"   # the pruning steps' buffer (steps/prune.py); export may 
 NO_LOADER = (
     "has no loader to check it against: compressed-tensors 0.20 ships no sparse compressor (removed upstream), "
     "transformers 5 loads such a file with the sparse layers' weights missing and re-initialised at random, "
-    "and vLLM >= 0.19 refuses Sparse24 checkpoints")
+    "and vLLM refuses Sparse24 checkpoints (vllm-project/vllm#36799)")
 
 
 def structure(keep: torch.Tensor) -> str:
