@@ -21,6 +21,11 @@ it, else float32) picks the stored type; a type that would round a scale is an E
 A model whose quantized layers are nnsqueeze's FP8 layers (``quantize`` with ``weights: {format:
 fp8-e4m3}``) is written in the ``float-quantized`` form instead (:mod:`.ct_float`): float8 weights,
 float32 weight scales, static input scales or dynamic activations. One form per checkpoint.
+
+A pruned model (``sparsegpt``, ``wanda``, ``prune``, ``nm-prune``; :mod:`.ct_sparse`) keeps its zeros
+in these weights; pruned but not quantized, it is written with format ``dense`` (float weights, no
+config group). ``nnsqueeze_export.json`` lists the sparse layers; ``sparsity_config`` stays ``{}``
+and ``sparse_format`` other than ``dense`` (the bitmask forms) is an ExportError: no loader reads them.
 """
 
 from __future__ import annotations
@@ -37,6 +42,7 @@ from ..llm.packed import PackedLinear
 from ..ops.rtn import SCALE_DTYPES
 from ..registry import EXPORTERS
 from .ct_float import float_layers, float_parts
+from .ct_sparse import check_sparse_format, sparse_layers, sparsity_info
 from .hf_formats import (DTYPE_NAMES, Scheme, check_scale_dtype, exact_scales, float_tensors, group_count_ok,
                          hf_config, pack_int32, packed_layers, scheme_of)
 
@@ -61,7 +67,8 @@ def pack_groups(schemes: dict[str, Scheme]) -> dict[str, Any]:
 
 
 def quantization_config(config_groups: dict[str, Any], ignore: list[str], fmt: str = "pack-quantized") -> dict:
-    """The ``quantization_config`` of config.json (``fmt``: ``pack-quantized`` or ``float-quantized``)."""
+    """The ``quantization_config`` of config.json (``fmt``: ``pack-quantized``, ``float-quantized`` or
+    ``dense``)."""
     return {
         "quant_method": "compressed-tensors", "format": fmt, "quantization_status": "compressed",
         "config_groups": config_groups, "ignore": ignore, "kv_cache_scheme": None, "global_compression_ratio": None,
@@ -79,12 +86,26 @@ def _scale_dtype(model: nn.Module, layers: dict, wanted: str | None) -> torch.dt
 
 @EXPORTERS.register(FMT)
 def export_compressed_tensors(model: nn.Module, tokenizer: Any = None, config: Any = None,
-                              scale_dtype: str | None = None) -> tuple[dict[str, bytes | str], dict[str, Any]]:
+                              scale_dtype: str | None = None,
+                              sparse_format: str | None = None) -> tuple[dict[str, bytes | str], dict[str, Any]]:
     """``(files, info)``: ``model.safetensors`` and ``config.json`` of a compressed-tensors checkpoint."""
     check_scale_dtype(scale_dtype, f"{FMT}.scale_dtype")
+    sparse = sparse_layers(model)
+    check_sparse_format(sparse_format, sparse)
     cfg = hf_config(model, config, FMT)
     tied = bool(getattr(cfg, "tie_word_embeddings", False))
+    files, info = _export(model, cfg, tied, scale_dtype, sparse)
+    if sparse:
+        info["sparsity"] = sparsity_info(sparse)
+    return files, info
+
+
+def _export(model: nn.Module, cfg: Any, tied: bool, scale_dtype: str | None,
+            sparse: dict[str, torch.Tensor]) -> tuple[dict[str, bytes | str], dict[str, Any]]:
     fp8 = float_layers(model)
+    if not fp8 and sparse and not any(isinstance(m, PackedLinear) for m in model.modules()):
+        # pruned, not quantized: float weights holding the zeros, format dense (no config group)
+        return _finish(cfg, float_tensors(model, {}), quantization_config({}, [], "dense"), {"form": "dense"}, tied)
     if fp8:   # FP8 layers: compressed-tensors' float-quantized form (export/ct_float.py)
         if any(isinstance(m, PackedLinear) for m in model.modules()):
             raise ExportError(f"format {FMT!r}", "the model has both FP8 and packed int layers; nnsqueeze writes "

@@ -16,7 +16,8 @@ Formats (one module each, registered in :data:`nnsqueeze.registry.EXPORTERS` und
   channel strategy, symmetric or asymmetric; scales stored exactly (float32 unless the scales are
   all exact in the model's dtype); or ``float-quantized`` FP8 E4M3 (:mod:`.ct_float`: per-tensor or
   per-channel weights, static or dynamic per-tensor / per-token activations) from the ``quantize``
-  step's ``fp8-e4m3`` format.
+  step's ``fp8-e4m3`` format. Pruned models (:mod:`.ct_sparse`): the zeros stay in these weights,
+  or a pruned float model is written ``dense``.
 - ``gptq`` (:mod:`.gptq_format`): ``qweight``/``qzeros``/``scales``/``g_idx``; v1 (``gptq``) for
   symmetric, v2 (``gptq_v2``) for asymmetric; scales are float16.
 - ``gguf`` (:mod:`.gguf_format`): ``Q4_0``/``Q8_0`` (symmetric, group 32, float16 scales) for the
@@ -117,11 +118,13 @@ def exact_scales(name: str, m: PackedLinear, dtype: torch.dtype, fmt: str, fix: 
     return out
 
 
-def float_tensors(model: nn.Module, layers: dict[str, PackedLinear]) -> dict[str, torch.Tensor]:
+def float_tensors(model: nn.Module, layers: dict[str, nn.Module]) -> dict[str, torch.Tensor]:
     """Every tensor of the state dict that is not part of a packed layer (embeddings, norms, lm_head,
-    biases of packed layers are kept by the formats themselves)."""
+    biases of packed layers are kept by the formats themselves), less the pruning steps' bool
+    ``weight_mask`` buffers: nnsqueeze's bookkeeping, whose zeros are already in the weights."""
     prefixes = tuple(f"{n}." for n in layers)
-    return {k: v.detach().contiguous() for k, v in model.state_dict().items() if not k.startswith(prefixes)}
+    return {k: v.detach().contiguous() for k, v in model.state_dict().items()
+            if not k.startswith(prefixes) and not k.endswith(".weight_mask")}
 
 
 def hf_config(model: nn.Module, config: Any, fmt: str) -> Any:
@@ -157,7 +160,8 @@ def save_pretrained(model: nn.Module, out: str | Path, format: str = "compressed
     (and only in a directory that an nnsqueeze export wrote), keeping everything else.
 
     ``options`` go to the format: ``scale_dtype`` (compressed-tensors: ``fp32``/``fp16``/``bf16``,
-    default the exact one), ``float_type`` (gguf: ``f32`` default or ``f16`` for the float tensors).
+    default the exact one), ``sparse_format`` (compressed-tensors: ``dense``, the one that loads;
+    see :mod:`.ct_sparse`), ``float_type`` (gguf: ``f32`` default or ``f16`` for the float tensors).
     Returns ``out``.
     """
     from .. import artifact

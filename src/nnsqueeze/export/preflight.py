@@ -23,7 +23,8 @@ groups (``awq``: its scales fold into the ops before the layers). For compressed
 activations (E5M2 and the MX / NVFP4 block formats are refused), Linear layers, no FP8 ``lm_head``
 tied to the embedding; one form per checkpoint (no packing step beside it). A ``rotate`` step with
 ``online_hadamard: true`` (a run-time hook no format can express) and steps that leave other layer
-types (e.g. ``quantize``, ``smoothquant``) are refused; a recipe that packs nothing too.
+types (e.g. ``quantize``, ``smoothquant``) are refused; a recipe that packs nothing too, except a
+pruning-only recipe for compressed-tensors (its ``dense`` form, :mod:`.ct_sparse`).
 """
 
 from __future__ import annotations
@@ -41,7 +42,8 @@ FORMATS = ("compressed-tensors", "gptq", "gguf")
 
 PACKING = ("rtn", "gptq", "awq")
 # steps whose result the formats hold: float-to-float transforms and pruning (zeros in float weights)
-FLOAT_STEPS = ("rotate", "sparsegpt", "wanda", "prune", "nm-prune")
+PRUNING = ("sparsegpt", "wanda", "prune", "nm-prune")
+FLOAT_STEPS = ("rotate", *PRUNING)
 
 
 class _Quiet:
@@ -127,6 +129,8 @@ def check_recipe(model: nn.Module, recipe: Any, format: str) -> None:
                           f"{format} form per checkpoint", fix="quantize every layer the same way")
     if fp8:
         return
+    if not packed and format == "compressed-tensors" and any(e.name in PRUNING for e in r.steps):
+        return   # a pruned float model: compressed-tensors' dense form (export/ct_sparse.py)
     if not packed:
         also = " (or FP8 layers: quantize with fp8-e4m3)" if format == "compressed-tensors" else ""
         raise ExportError("recipe", f"no step packs weights, and {format} stores packed weight-only layers{also}",
