@@ -105,22 +105,23 @@ class Decoder:
         self.vc = torch.zeros_like(self.kc)
         layers = (decode_c.Layer * cfg.num_hidden_layers)()
         for i, ly in enumerate(inner.layers):
-            att, mlp = ly.self_attn, ly.mlp
             for j, n in enumerate(LINEARS):
-                setattr(layers[i], n[:-5], self._lin(getattr(att if j < 4 else mlp, n)))
-            layers[i].ln1, layers[i].ln2 = self._f32(ly.input_layernorm.weight), self._f32(ly.post_attention_layernorm.weight)
+                setattr(layers[i], n[:-5], self._lin(getattr(ly.self_attn if j < 4 else ly.mlp, n)))
+            layers[i].ln1 = self._f32(ly.input_layernorm.weight)
+            layers[i].ln2 = self._f32(ly.post_attention_layernorm.weight)
             layers[i].kc, layers[i].vc = _ptr(self.kc[i]), _ptr(self.vc[i])
-        emb = inner.embed_tokens
-        self.embed = emb if type(emb) is not nn.Embedding else None      # else Python computes the row
-        eps = inner.layers[0].input_layernorm.variance_epsilon if len(inner.layers) else cfg.rms_norm_eps
-        m = decode_c.Model(L=cfg.num_hidden_layers, H=h, KVH=kvh, D=d, hidden=cfg.hidden_size,
-                           inter=cfg.intermediate_size, vocab=model.lm_head.out_features, T=max_len, act8=int(act8),
-                           eps=eps, scaling=getattr(inner.layers[0].self_attn, "scaling", d ** -0.5) if len(inner.layers)
-                           else d ** -0.5, rope_scale=float(getattr(inner.rotary_emb, "attention_scaling", 1.0)),
-                           inv_freq=self._f32(inner.rotary_emb.inv_freq), norm=self._f32(inner.norm.weight),
-                           embed=None if self.embed is not None else self._f32(emb.weight), head=self._lin(model.lm_head))
+        emb, first = inner.embed_tokens, inner.layers[0] if len(inner.layers) else None
+        self.embed = emb if type(emb) is not nn.Embedding else None      # else C reads the row itself
+        m = decode_c.Model(
+            L=cfg.num_hidden_layers, H=h, KVH=kvh, D=d, hidden=cfg.hidden_size, inter=cfg.intermediate_size,
+            vocab=model.lm_head.out_features, T=max_len, act8=int(act8),
+            eps=first.input_layernorm.variance_epsilon if first is not None else cfg.rms_norm_eps,
+            scaling=getattr(first.self_attn, "scaling", d ** -0.5) if first is not None else d ** -0.5,
+            rope_scale=float(getattr(inner.rotary_emb, "attention_scaling", 1.0)),
+            inv_freq=self._f32(inner.rotary_emb.inv_freq), norm=self._f32(inner.norm.weight),
+            embed=None if self.embed is not None else self._f32(emb.weight), head=self._lin(model.lm_head))
         m.layers = ctypes.cast(layers, ctypes.POINTER(decode_c.Layer))
-        self._layers = layers
+        self._layers = layers                                         # the structs must outlive the calls
         self.work = torch.empty(lib.nsq_work_floats(ctypes.byref(m)))
         m.work = _ptr(self.work)
         self.m, self.max_len = m, max_len
@@ -139,8 +140,9 @@ class Decoder:
             z = mod.weight_zero_point_.to(torch.uint8).contiguous()
             self._keep += [w, s, z]
             si = mod._buffers.get("input_scale_")
-            return decode_c.Lin(kind=mod.bits, N=mod.out_features, K=mod.in_features, G=s.shape[1], g=mod._gsize(),
-                                W=_ptr(w), S=_ptr(s), Z=_ptr(z), bias=bias, in_scale=None if si is None else self._f32(si))
+            return decode_c.Lin(kind=mod.bits, N=mod.out_features, K=mod.in_features, G=s.shape[1],
+                                g=mod._gsize(), W=_ptr(w), S=_ptr(s), Z=_ptr(z), bias=bias,
+                                in_scale=None if si is None else self._f32(si))
         return decode_c.Lin(kind=0, N=mod.out_features, K=mod.in_features, G=0, g=0, W=self._f32(mod.weight),
                             bias=bias)
 
