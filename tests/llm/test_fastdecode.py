@@ -63,6 +63,9 @@ CASES = {
     "fp32 tied": lambda: llama(True),
     "int4 g32 tied": lambda: pack(llama(True), 4, 32),
     "int4 g32 untied, lm_head int4, awq scales": lambda: pack(llama(False, seed=1), 4, 32, head=True, awq=True),
+    "int4 g64, K multiples of 32 (AVX-512 table kernel), lm_head int4 per-row": lambda: pack(
+        llama(False, seed=4, hidden_size=64, intermediate_size=96, head_dim=16, num_attention_heads=4), 4, 64,
+        head=True, awq=True),
     "int8 per-row untied, lm_head int8": lambda: pack(llama(False, seed=2), 8, -1, head=True),
     "int8 g16 tied, MHA (kv heads = heads)": lambda: pack(llama(True, seed=3, num_key_value_heads=6), 8, 16),
 }

@@ -56,7 +56,7 @@ static int imax(int a, int b) { return a > b ? a : b; }
 
 long nsq_work_floats(const nsq_model* m) {
   int big = imax(imax(m->hidden, m->inter), m->H * m->D);
-  return 3L * m->hidden + 2L * m->H * m->D + 2L * m->KVH * m->D + 2L * m->inter + big + (long)m->H * m->T + m->D;
+  return 3L * m->hidden + 2L * m->H * m->D + 2L * m->KVH * m->D + 2L * m->inter + 2L * big + (long)m->H * m->T + m->D;
 }
 
 static void gemv_f32(int N, int K, const float* W, const float* x, const float* bias, float* y, int threads) {
@@ -70,13 +70,61 @@ static void gemv_f32(int N, int K, const float* W, const float* x, const float* 
   }
 }
 
-/* y = lin(x); tmp holds x / in_scale when there is one. Returns 0, or 1 when out of memory. */
-static int lin(const nsq_model* m, const nsq_lin* l, const float* x, float* y, float* tmp, int threads) {
+#if defined(__AVX512F__) && defined(__AVX512BW__)
+/* int4 codes, one activation row, AVX-512: per group a 16-entry table lut[c] = (c - z) * s (the torch
+   reference's dequantized values), indexed by vpermps with the codes as they come (it reads the low 4
+   bits of each lane): no int-to-float conversion, no zero-point term. Needs K % 32 == 0 and groups of a
+   multiple of 32 (or one per row): whole 16-byte blocks. eo: scratch of K floats (even, odd inputs). */
+#define NSQ_LUT4 1
+static void gemv4_lut(int N, int K, int G, int g, const uint8_t* W, const float* S, const uint8_t* Z,
+                      const float* x, const float* bias, float* y, float* eo, int threads) {
+  int KB = K / 2, gb = g / 2;
+  float *e = eo, *o = eo + KB;
+  for (int i = 0; i < KB; i++) { e[i] = x[2 * i]; o[i] = x[2 * i + 1]; }
+  #pragma omp parallel for num_threads(threads) schedule(static) if(threads > 1)
+  for (int n = 0; n < N; n++) {
+    const __m512 iota = _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+    const uint8_t* w = W + (size_t)n * KB;
+    __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+    for (int gi = 0; gi < G; gi++) {
+      __m512 lut = _mm512_mul_ps(_mm512_sub_ps(iota, _mm512_set1_ps((float)Z[(size_t)n * G + gi])),
+                                 _mm512_set1_ps(S[(size_t)n * G + gi]));
+      int i = gi * gb, b = i + gb < KB ? i + gb : KB;
+      for (; i + 32 <= b; i += 32) {
+        __m512i c0 = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i*)(w + i)));
+        __m512i c1 = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i*)(w + i + 16)));
+        a0 = _mm512_fmadd_ps(_mm512_permutexvar_ps(c0, lut), _mm512_loadu_ps(e + i), a0);
+        a1 = _mm512_fmadd_ps(_mm512_permutexvar_ps(_mm512_srli_epi32(c0, 4), lut), _mm512_loadu_ps(o + i), a1);
+        a2 = _mm512_fmadd_ps(_mm512_permutexvar_ps(c1, lut), _mm512_loadu_ps(e + i + 16), a2);
+        a3 = _mm512_fmadd_ps(_mm512_permutexvar_ps(_mm512_srli_epi32(c1, 4), lut), _mm512_loadu_ps(o + i + 16), a3);
+      }
+      for (; i < b; i += 16) {
+        __m512i c0 = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i*)(w + i)));
+        a0 = _mm512_fmadd_ps(_mm512_permutexvar_ps(c0, lut), _mm512_loadu_ps(e + i), a0);
+        a1 = _mm512_fmadd_ps(_mm512_permutexvar_ps(_mm512_srli_epi32(c0, 4), lut), _mm512_loadu_ps(o + i), a1);
+      }
+    }
+    y[n] = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(a0, a1), _mm512_add_ps(a2, a3))) + (bias ? bias[n] : 0.f);
+  }
+}
+#else
+#define NSQ_LUT4 0
+#endif
+
+/* y = lin(x); tmp holds x / in_scale when there is one, eo is scratch. Returns 0, or 1 when out of memory. */
+static int lin(const nsq_model* m, const nsq_lin* l, const float* x, float* y, float* tmp, float* eo, int threads) {
   if (l->in_scale) {
     for (int k = 0; k < l->K; k++) tmp[k] = x[k] / l->in_scale[k];
     x = tmp;
   }
   if (l->kind == 0) { gemv_f32(l->N, l->K, (const float*)l->W, x, l->bias, y, threads); return 0; }
+#if NSQ_LUT4
+  if (l->kind == 4 && !m->act8 && l->K % 32 == 0 && (l->G == 1 || l->g % 32 == 0)) {
+    gemv4_lut(l->N, l->K, l->G, l->G == 1 ? l->K : l->g, (const uint8_t*)l->W, l->S, l->Z, x, l->bias, y, eo,
+              threads);
+    return 0;
+  }
+#endif
   if (m->act8) {
     int rc = nsq_gemv_a8(l->kind, 1, l->N, l->K, l->G, l->g, (const uint8_t*)l->W, l->S, l->Z, x, l->bias, y,
                          threads);
@@ -147,7 +195,8 @@ int nsq_step(const nsq_model* m, int token, const float* x_in, int pos, float* l
   int E = m->hidden, HD = m->H * m->D, KD = m->KVH * m->D, D = m->D;
   float *x = m->work, *xn = x + E, *y = xn + E, *q = y + E, *att = q + HD, *k = att + HD, *v = k + KD;
   float *a = v + KD, *b = a + m->inter, *tmp = b + m->inter;
-  float *sc = tmp + imax(imax(E, m->inter), HD), *cs = sc + (size_t)m->H * m->T, *sn = cs + D / 2;
+  int big = imax(imax(E, m->inter), HD);
+  float *eo = tmp + big, *sc = eo + big, *cs = sc + (size_t)m->H * m->T, *sn = cs + D / 2;
   memcpy(x, m->embed ? m->embed + (size_t)token * E : x_in, sizeof(float) * E);
   for (int i = 0; i < D / 2; i++) {
     float f = (float)pos * m->inv_freq[i];
@@ -157,8 +206,8 @@ int nsq_step(const nsq_model* m, int token, const float* x_in, int pos, float* l
   for (int l = 0; l < m->L; l++) {
     const nsq_layer* ly = m->layers + l;
     rmsnorm(x, ly->ln1, m->eps, E, xn);
-    if (lin(m, &ly->q, xn, q, tmp, threads) || lin(m, &ly->k, xn, k, tmp, threads) ||
-        lin(m, &ly->v, xn, v, tmp, threads)) return -1;
+    if (lin(m, &ly->q, xn, q, tmp, eo, threads) || lin(m, &ly->k, xn, k, tmp, eo, threads) ||
+        lin(m, &ly->v, xn, v, tmp, eo, threads)) return -1;
     rope(q, m->H, D, cs, sn);
     rope(k, m->KVH, D, cs, sn);
     for (int j = 0; j < m->KVH; j++) {
@@ -166,16 +215,16 @@ int nsq_step(const nsq_model* m, int token, const float* x_in, int pos, float* l
       memcpy(ly->vc + ((size_t)j * m->T + pos) * D, v + (size_t)j * D, sizeof(float) * D);
     }
     attention(m, ly, pos, q, att, sc, threads);
-    if (lin(m, &ly->o, att, y, tmp, threads)) return -1;
+    if (lin(m, &ly->o, att, y, tmp, eo, threads)) return -1;
     for (int i = 0; i < E; i++) x[i] = x[i] + y[i];
     rmsnorm(x, ly->ln2, m->eps, E, xn);
-    if (lin(m, &ly->gate, xn, a, tmp, threads) || lin(m, &ly->up, xn, b, tmp, threads)) return -1;
+    if (lin(m, &ly->gate, xn, a, tmp, eo, threads) || lin(m, &ly->up, xn, b, tmp, eo, threads)) return -1;
     for (int i = 0; i < m->inter; i++) a[i] = a[i] / (1.f + expf(-a[i])) * b[i];
-    if (lin(m, &ly->down, a, y, tmp, threads)) return -1;
+    if (lin(m, &ly->down, a, y, tmp, eo, threads)) return -1;
     for (int i = 0; i < E; i++) x[i] = x[i] + y[i];
   }
   rmsnorm(x, m->norm, m->eps, E, xn);
-  if (lin(m, &m->head, xn, logits, tmp, threads)) return -1;
+  if (lin(m, &m->head, xn, logits, tmp, eo, threads)) return -1;
   int best = 0;
   for (int i = 1; i < m->vocab; i++) if (logits[i] > logits[best]) best = i;
   return best;
