@@ -245,20 +245,27 @@ def main(argv=None) -> None:
     fp32, tok = load_model(str(smollm2.model_dir()))
     fp32.eval()
     blocks = quantize(copy.deepcopy(fp32), [("rtn", G64)])
-    head8 = quantize(copy.deepcopy(blocks), [("rtn", {"bits": 8, "group_size": None, "symmetric": True,
-                                                      "targets": ["lm_head"]})])
-    head4 = quantize(copy.deepcopy(blocks), [("rtn", {**G64, "targets": ["lm_head"]})])
-    packed = [("int4 g64 blocks, lm_head fp32", blocks), ("int4 g64 blocks, lm_head int8", head8),
-              ("int4 g64 blocks, lm_head int4 g64", head4)]
-    q4_0 = quantize(copy.deepcopy(fp32), [("rtn", {"bits": 4, "group_size": 32, "symmetric": True,
-                                                   "scale_dtype": "fp16"})])      # the Q4_0 GGUF's weights
+    keep = args.variants
+
+    def wanted(name: str) -> bool:
+        return name == "fp32" or keep is None or any(k in name for k in keep)
+
+    heads = {"int8": {"bits": 8, "group_size": None, "symmetric": True}, "int4 g64": G64}
+    packed = [("int4 g64 blocks, lm_head fp32", blocks)]
+    for label, scheme in heads.items():                # quantized only when one of their rows is kept
+        name = f"int4 g64 blocks, lm_head {label}"
+        if any(wanted(name + sfx) for sfx in ("", " + int8 act.", ", C decode loop", " + int8 act., C decode loop")):
+            packed.append((name, quantize(copy.deepcopy(blocks), [("rtn", {**scheme, "targets": ["lm_head"]})])))
+    g32_row = "int4 g32 (the Q4_0 GGUF's weights), lm_head fp32, C decode loop"
+    with_llama = keep is None or any("llama" in k for k in keep)
+    q4_0 = quantize(copy.deepcopy(fp32), [("rtn", {"bits": 4, "group_size": 32, "symmetric": True, "scale_dtype":
+                                                   "fp16"})]) if with_llama or wanted(g32_row) else None
     rows = [("fp32", fp32, "float")] + [(n, m, "float") for n, m in packed] + [
         (n + " + int8 act.", m, "int8") for n, m in packed]
     rows += [("fp32, C decode loop", fp32, "c-float")] + [(n + ", C decode loop", m, "c-float") for n, m in packed]
-    rows += [("int4 g32 (the Q4_0 GGUF's weights), lm_head fp32, C decode loop", q4_0, "c-float")]
+    rows += [(g32_row, q4_0, "c-float")]
     rows += [(n + " + int8 act., C decode loop", m, "c-int8") for n, m in packed]
-    keep = args.variants
-    rows = [r for r in rows if r[0] == "fp32" or keep is None or any(k in r[0] for k in keep)]
+    rows = [r for r in rows if wanted(r[0])]
     assert sum(isinstance(m, PackedLinear) for m in blocks.modules()) == 7 * fp32.config.num_hidden_layers
     gen = torch.Generator().manual_seed(0)
     prompt = torch.randint(5, fp32.config.vocab_size, (1, 16), generator=gen)
@@ -320,7 +327,7 @@ def main(argv=None) -> None:
                 print(f"| {name} | {nb / 1e6:.1f} | {base[1] / nb:.2f}x less | {bw / nb:.1f} | {rate:.1f} | "
                       f"{100 * rate * nb / bw:.0f}% | {rate / base[0]:.2f}x |", flush=True)
             os.environ["NNSQUEEZE_PACKED_ACT"] = "float"
-            if keep is None or any("llama" in k for k in keep):
+            if with_llama:
                 rate, what = llama_cpp_rate(q4_0, tok, prompt, args.new, args.runs, t, Path(tmp))
                 print(f"| llama.cpp Q4_0 (nnsqueeze's GGUF) | - | - | - | {'-' if rate is None else f'{rate:.1f}'} | "
                       f"- | {what if rate is None else f'{rate / base[0]:.2f}x ({what})'} |")

@@ -60,6 +60,7 @@ def pack(model, bits: int, group: int, head: bool = False, awq: bool = False):
 
 CASES = {
     "fp32 untied": lambda: llama(False),
+    "fp32 untied, attention and MLP biases": lambda: llama(False, seed=6, attention_bias=True, mlp_bias=True),
     "fp32 tied": lambda: llama(True),
     "int4 g32 tied": lambda: pack(llama(True), 4, 32),
     "int4 g32 untied, lm_head int4, awq scales": lambda: pack(llama(False, seed=1), 4, 32, head=True, awq=True),
