@@ -22,6 +22,11 @@ Measured, all in one process, per thread count (1 and 2):
 - every packed row twice: float activations (default) and ``NNSQUEEZE_PACKED_ACT=int8`` (activations
   rounded to int8 per group, integer dot products, as llama.cpp's Q4 x Q8); the header says for how
   many greedy tokens the two agree;
+- **C decode loop** rows (:mod:`nnsqueeze.llm.fastdecode`): the same models, the whole token step (all layers,
+  ``lm_head``, argmax) in one C call; prefill by the torch model (its KV cache copied), steps timed alone like
+  the HF rows. One more C row runs the int4 g32 model whose weights the llama.cpp Q4_0 GGUF holds. The header
+  says whether the C loop's greedy tokens equal the HF loop's on the same packed model; the prefill table adds
+  the C loop run token by token over the prompt (``prefill="c"``) against the torch prefill;
 - **llama.cpp** (``llama-cpp-python``, or else PyPI's prebuilt ``llama-cpp-cffi`` in its own venv named by
   ``$LLAMA_CPP_PYTHON``, as ``bench/llamacpp_logits.py`` runs it) on the Q4_0 GGUF nnsqueeze writes (rtn g32
   fp16 scales, ``result.save(dir, format="gguf")``); when neither is there the row says why.
@@ -30,6 +35,7 @@ Timing takes ``--lock`` (default ``/tmp/cpu.lock``) exclusively, after loading a
 shared hold of the same lock::
 
     python bench/smollm2_decode.py --threads 1 2 --runs 5 --new 32
+    python bench/smollm2_decode.py --variants fp32 "C decode loop" llama --no-prefill   # a shorter run
     python bench/llm_generate.py --model smollm2            # the same, through the generate bench
 """
 
@@ -44,6 +50,7 @@ import sys
 import tempfile
 import time
 from datetime import datetime, timezone
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -54,6 +61,7 @@ from llm_generate import quantize  # noqa: E402
 
 from nnsqueeze.env import cpu_model  # noqa: E402
 from nnsqueeze.hf_io import load_model  # noqa: E402
+from nnsqueeze.llm import fastdecode  # noqa: E402
 from nnsqueeze.llm.packed import PackedLinear  # noqa: E402
 from nnsqueeze.zoo import smollm2  # noqa: E402
 
@@ -112,6 +120,35 @@ def decode(model, prompt, new: int, on_start=None) -> tuple[float, list[int]]:
 
 
 @torch.no_grad()
+def decode_c(model, prompt, new: int, act8: bool = False) -> tuple[float, list[int]]:
+    """:func:`decode` through the C decode loop: torch prefill (KV cache copied), then ``new`` C steps."""
+    n = prompt.shape[1]
+    dec = fastdecode.Decoder(model, n + new + 1, act8=act8)
+    out = model(prompt, use_cache=True)
+    if not dec.load_cache(out["cache"] if "cache" in out else out.past_key_values, n):
+        raise RuntimeError("unknown transformers cache layout")
+    tok, toks = int(out.logits[0, -1].argmax()), []
+    t = time.perf_counter()
+    for i in range(new):
+        tok = dec.step(tok, n + i)
+        toks.append(tok)
+    return time.perf_counter() - t, toks
+
+
+@torch.no_grad()
+def prefill_c_rate(model, prompt, runs: int) -> float:
+    """Prompt tokens/s of the C loop run token by token over the prompt (``fastdecode`` ``prefill="c"``)."""
+    times = []
+    for _ in range(runs + 1):
+        dec = fastdecode.Decoder(model, prompt.shape[1])
+        t = time.perf_counter()
+        for pos, tok in enumerate(prompt[0].tolist()):
+            dec.step(tok, pos)
+        times.append(time.perf_counter() - t)
+    return prompt.shape[1] / statistics.median(times[1:])
+
+
+@torch.no_grad()
 def prefill_rate(model, prompt, runs: int) -> float:
     model(prompt, use_cache=True)
     times = []
@@ -155,17 +192,15 @@ def breakdown(model, prompt, new: int) -> dict[str, float]:
     return out
 
 
-def llama_cpp_rate(fp32, tok, prompt, new: int, runs: int, threads: int, tmp: Path) -> tuple[float | None, str]:
-    """llama.cpp Q4_0 decode tokens/s on the GGUF nnsqueeze writes, or (None, why not): through
-    ``llama-cpp-python`` when importable, else through the prebuilt ``llama-cpp-cffi`` in its own venv
-    (``$LLAMA_CPP_PYTHON``; see ``bench/llamacpp_logits.py``)."""
+def llama_cpp_rate(q4_0, tok, prompt, new: int, runs: int, threads: int, tmp: Path) -> tuple[float | None, str]:
+    """llama.cpp Q4_0 decode tokens/s on the GGUF nnsqueeze writes from ``q4_0`` (rtn int4 g32 fp16 scales),
+    or (None, why not): through ``llama-cpp-python`` when importable, else through the prebuilt
+    ``llama-cpp-cffi`` in its own venv (``$LLAMA_CPP_PYTHON``; see ``bench/llamacpp_logits.py``)."""
     path = tmp / "gguf" / "model.gguf"
     if not path.is_file():
         from nnsqueeze.export.hf_formats import save_pretrained
 
-        q = quantize(copy.deepcopy(fp32), [("rtn", {"bits": 4, "group_size": 32, "symmetric": True,
-                                                   "scale_dtype": "fp16"})])
-        save_pretrained(q, tmp / "gguf", format="gguf", tokenizer=tok)
+        save_pretrained(q4_0, tmp / "gguf", format="gguf", tokenizer=tok)
     try:
         import llama_cpp
     except ImportError as e:
@@ -199,6 +234,10 @@ def main(argv=None) -> None:
     ap.add_argument("--prefill-len", type=int, default=128)
     ap.add_argument("--profile", action="store_true", help="only the per-step time breakdown (1st thread count)")
     ap.add_argument("--lock", default="/tmp/cpu.lock", help="file locked shared to prepare, exclusively to time")
+    ap.add_argument("--variants", nargs="+", default=None,
+                    help="time only the rows whose name contains one of these (fp32 always: the baseline); "
+                         "'llama' keeps the llama.cpp row")
+    ap.add_argument("--no-prefill", action="store_true", help="skip the prefill table")
     args = ap.parse_args(argv)
     lock = open(args.lock, "a+")
     fcntl.flock(lock, fcntl.LOCK_SH)
@@ -206,13 +245,27 @@ def main(argv=None) -> None:
     fp32, tok = load_model(str(smollm2.model_dir()))
     fp32.eval()
     blocks = quantize(copy.deepcopy(fp32), [("rtn", G64)])
-    head8 = quantize(copy.deepcopy(blocks), [("rtn", {"bits": 8, "group_size": None, "symmetric": True,
-                                                      "targets": ["lm_head"]})])
-    head4 = quantize(copy.deepcopy(blocks), [("rtn", {**G64, "targets": ["lm_head"]})])
-    packed = [("int4 g64 blocks, lm_head fp32", blocks), ("int4 g64 blocks, lm_head int8", head8),
-              ("int4 g64 blocks, lm_head int4 g64", head4)]
+    keep = args.variants
+
+    def wanted(name: str) -> bool:
+        return name == "fp32" or keep is None or any(k in name for k in keep)
+
+    heads = {"int8": {"bits": 8, "group_size": None, "symmetric": True}, "int4 g64": G64}
+    packed = [("int4 g64 blocks, lm_head fp32", blocks)]
+    for label, scheme in heads.items():                # quantized only when one of their rows is kept
+        name = f"int4 g64 blocks, lm_head {label}"
+        if any(wanted(name + sfx) for sfx in ("", " + int8 act.", ", C decode loop", " + int8 act., C decode loop")):
+            packed.append((name, quantize(copy.deepcopy(blocks), [("rtn", {**scheme, "targets": ["lm_head"]})])))
+    g32_row = "int4 g32 (the Q4_0 GGUF's weights), lm_head fp32, C decode loop"
+    with_llama = keep is None or any("llama" in k for k in keep)
+    q4_0 = quantize(copy.deepcopy(fp32), [("rtn", {"bits": 4, "group_size": 32, "symmetric": True, "scale_dtype":
+                                                   "fp16"})]) if with_llama or wanted(g32_row) else None
     rows = [("fp32", fp32, "float")] + [(n, m, "float") for n, m in packed] + [
         (n + " + int8 act.", m, "int8") for n, m in packed]
+    rows += [("fp32, C decode loop", fp32, "c-float")] + [(n + ", C decode loop", m, "c-float") for n, m in packed]
+    rows += [(g32_row, q4_0, "c-float")]
+    rows += [(n + " + int8 act., C decode loop", m, "c-int8") for n, m in packed]
+    rows = [r for r in rows if wanted(r[0])]
     assert sum(isinstance(m, PackedLinear) for m in blocks.modules()) == 7 * fp32.config.num_hidden_layers
     gen = torch.Generator().manual_seed(0)
     prompt = torch.randint(5, fp32.config.vocab_size, (1, 16), generator=gen)
@@ -223,7 +276,7 @@ def main(argv=None) -> None:
         print(f"\nms per decode step, {args.threads[0]} thread(s), forward hooks (median of {args.runs}):")
         print("| variant | block Linears | lm_head | attention core | everything else | total |")
         print("|---|---|---|---|---|---|")
-        for name, model, act in rows:
+        for name, model, act in [r for r in rows if not r[2].startswith("c-")]:
             os.environ["NNSQUEEZE_PACKED_ACT"] = act
             breakdown(model, prompt, 4)
             runs = [breakdown(model, prompt, args.new) for _ in range(args.runs)]
@@ -240,13 +293,15 @@ def main(argv=None) -> None:
     os.environ["NNSQUEEZE_PACKED_ACT"] = "int8"
     int8_toks = decode(blocks, prompt, args.new)[1]
     agree = next((i for i, (a, b) in enumerate(zip(float_toks, int8_toks)) if a != b), len(float_toks))
+    c_same = decode_c(blocks, prompt, args.new)[1] == float_toks
     context = prompt.shape[1] + args.new // 2
     fcntl.flock(lock, fcntl.LOCK_EX)
     start = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     print(f"SmolLM2-135M-Instruct, {sum(p.numel() for p in fp32.parameters()) / 1e6:.1f}M parameters; CPU: "
           f"{cpu_model()} ({isa_flags()}); torch {torch.__version__}; {start}; prompt 16, {args.new} new tokens, "
           f"median of {args.runs}; int4 C kernel greedy tokens == dequantize-per-call: {same}; int8 activations: "
-          f"first {agree} of {args.new} greedy tokens equal to float activations (int4 blocks, lm_head fp32)")
+          f"first {agree} of {args.new} greedy tokens equal to float activations (int4 blocks, lm_head fp32); "
+          f"C decode loop greedy tokens == HF loop on the same packed model: {c_same}")
     with tempfile.TemporaryDirectory() as tmp:
         for t in args.threads:
             torch.set_num_threads(t)
@@ -255,18 +310,37 @@ def main(argv=None) -> None:
             print("| variant | MB read / token | vs fp32 | limit tok/s | decode tok/s | % of limit | vs fp32 |")
             print("|---|---|---|---|---|---|---|")
             base = None
+            best_c, same_w = 0.0, None
             for name, model, act in rows:
-                os.environ["NNSQUEEZE_PACKED_ACT"] = act
-                decode(model, prompt, 4)
-                rate = statistics.median(args.new / decode(model, prompt, args.new)[0] for _ in range(args.runs))
+                if act.startswith("c-"):
+                    def run(n, model=model, a8=act == "c-int8"):
+                        return decode_c(model, prompt, n, act8=a8)
+                else:
+                    os.environ["NNSQUEEZE_PACKED_ACT"] = act
+                    run = partial(decode, model, prompt)
+                run(4)
+                rate = statistics.median(args.new / run(args.new)[0] for _ in range(args.runs))
+                if act == "c-float" and "int4" in name:
+                    if "g32" in name:
+                        same_w = rate
+                    else:
+                        best_c = max(best_c, rate)
                 nb = bytes_per_token(model, context)
                 base = base or (rate, nb)
                 print(f"| {name} | {nb / 1e6:.1f} | {base[1] / nb:.2f}x less | {bw / nb:.1f} | {rate:.1f} | "
                       f"{100 * rate * nb / bw:.0f}% | {rate / base[0]:.2f}x |", flush=True)
             os.environ["NNSQUEEZE_PACKED_ACT"] = "float"
-            rate, what = llama_cpp_rate(fp32, tok, prompt, args.new, args.runs, t, Path(tmp))
-            print(f"| llama.cpp Q4_0 (nnsqueeze's GGUF) | - | - | - | {'-' if rate is None else f'{rate:.1f}'} | - | "
-                  f"{what if rate is None else f'{rate / base[0]:.2f}x ({what})'} |")
+            if with_llama:
+                rate, what = llama_cpp_rate(q4_0, tok, prompt, args.new, args.runs, t, Path(tmp))
+                print(f"| llama.cpp Q4_0 (nnsqueeze's GGUF) | - | - | - | {'-' if rate is None else f'{rate:.1f}'} | "
+                      f"- | {what if rate is None else f'{rate / base[0]:.2f}x ({what})'} |")
+                if rate and same_w:
+                    print(f"\nC decode loop on the Q4_0 GGUF's weights (int4 g32, lm_head fp32) / llama.cpp Q4_0: "
+                          f"{same_w / rate:.2f}x")
+                if rate and best_c:
+                    print(f"best int4 g64 C decode loop (float activations) / llama.cpp Q4_0: {best_c / rate:.2f}x")
+            if args.no_prefill:
+                continue
             print(f"\nprefill, {args.prefill_len}-token prompt, {t} thread(s):")
             print("| variant | many-row path | prefill tok/s | vs fp32 |")
             print("|---|---|---|---|")
@@ -277,6 +351,9 @@ def main(argv=None) -> None:
                 r = prefill_rate(blocks, long_prompt, args.runs)
                 print(f"| int4 g64 blocks | {mode} | {r:.0f} | {r / p32:.2f}x |", flush=True)
             os.environ.pop("NNSQUEEZE_PACKED_PREFILL")
+            for name, model in [("fp32", fp32), ("int4 g64 blocks", blocks)]:
+                r = prefill_c_rate(model, long_prompt, args.runs)
+                print(f"| {name} | C decode loop, token by token | {r:.0f} | {r / p32:.2f}x |", flush=True)
     fcntl.flock(lock, fcntl.LOCK_UN)
 
 

@@ -28,6 +28,9 @@ def test_demo_llm_tiny(tmp_path, monkeypatch):
     assert m["quantized_fp32_bytes"] / m["quantized_packed_bytes"] > 3
     assert m["model_safetensors_bytes"] < m["model_fp32_bytes"]
     assert m["sample_int4"].startswith("Return a new list containing")
+    # the packed model through the C decode loop (llm/fastdecode.py): the same greedy tokens as generate()
+    assert m["c_loop_tokens_equal"] is True and m["gen_tokens_per_s_int4_c_loop"] > 0
+    assert "C decode loop" in r.output
     assert (out / "nnsqueeze.json").is_file() and (out / "model.safetensors").is_file()
 
 

@@ -10,7 +10,8 @@ with :func:`nnsqueeze.load`, and compared with the fp32 model:
   first token of each window unscored, tail dropped;
 - weight bytes of the quantized Linears (fp32 vs packed codes + scales + zero points) and of the
   whole model (embeddings and ``lm_head`` stay fp32), and the artifact's bytes on disk;
-- greedy generation throughput (``model.generate``, KV cache, median of 3 runs) and a sample.
+- greedy generation throughput (``model.generate``, KV cache, median of 3 runs) and a sample; the packed
+  model also through the C decode loop (:func:`nnsqueeze.llm.fastdecode.generate`, same tokens checked).
 
 The demo's ONNX export is switched off (``export.onnx: null``): the preset's steps are used as
 they are, and the numbers are torch's. ::
@@ -41,15 +42,20 @@ MIN_WEIGHT_RATIO = 3.0       # quantized Linears: >= 3x fewer weight bytes than 
 MIN_SPEED_RATIO = 1.0        # packed generation tokens/s >= fp32
 
 
-def _gen_speed(model, ids: torch.Tensor, new_tokens: int, runs: int = 3) -> tuple[float, torch.Tensor]:
-    """Median tokens/s of greedy generation of exactly ``new_tokens`` tokens, and the output ids."""
+def _gen_speed(model, ids: torch.Tensor, new_tokens: int, runs: int = 3, c_loop: bool = False
+               ) -> tuple[float, torch.Tensor]:
+    """Median tokens/s of greedy generation of exactly ``new_tokens`` tokens, and the output ids:
+    ``model.generate``, or with ``c_loop`` :func:`nnsqueeze.llm.fastdecode.generate` (the C decode loop)."""
+    from .llm import fastdecode
+
+    gen = (lambda i, **kw: fastdecode.generate(model, i, **kw)) if c_loop else model.generate
     kw = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
     times = []
     with torch.inference_mode():
-        model.generate(ids, max_new_tokens=2, do_sample=False, pad_token_id=0)   # warm-up
+        gen(ids, max_new_tokens=2, do_sample=False, pad_token_id=0)   # warm-up
         for _ in range(runs):
             t0 = time.perf_counter()
-            out = model.generate(ids, **kw)
+            out = gen(ids, **kw)
             times.append(time.perf_counter() - t0)
     return new_tokens / statistics.median(times), out
 
@@ -130,6 +136,7 @@ def run_demo_llm(out: str | Path = "nnsqueeze-demo-llm", size: str = "default", 
     n_new = new_tokens or (48 if size == "default" else 12)
     s32, g32 = _gen_speed(model, ids, n_new)
     s4, g4 = _gen_speed(loaded, ids, n_new)
+    s4c, g4c = _gen_speed(loaded, ids, n_new, c_loop=True)
     # fp32 bytes of the same layers: in x out x 4 (the packed module's own ``weight`` may hold codes)
     q32 = sum(loaded.get_submodule(n).in_features * loaded.get_submodule(n).out_features * 4 for n in names)
     m = {
@@ -140,6 +147,7 @@ def run_demo_llm(out: str | Path = "nnsqueeze-demo-llm", size: str = "default", 
         "model_safetensors_bytes": (path / "model.safetensors").stat().st_size,
         "artifact_bytes": sum(f.stat().st_size for f in path.iterdir() if f.is_file()),
         "gen_tokens_per_s_fp32": s32, "gen_tokens_per_s_int4": s4, "new_tokens": n_new,
+        "gen_tokens_per_s_int4_c_loop": s4c, "c_loop_tokens_equal": g4c.tolist() == g4.tolist(),
         "threads": torch.get_num_threads(), "reload_max_abs_diff": diff, "compress_seconds": compress_s,
         "sample_fp32": tok.decode(g32[0]), "sample_int4": tok.decode(g4[0]),
         "train": {k: train_info.get(k) for k in ("seconds", "steps_per_s", "threads", "validation_ppl")},
@@ -161,6 +169,8 @@ def run_demo_llm(out: str | Path = "nnsqueeze-demo-llm", size: str = "default", 
     t.add_row("artifact bytes on disk (all files)", "", f"{m['artifact_bytes']:,}", "")
     t.add_row(f"generation tokens/s (greedy, {n_new} tokens, {m['threads']} threads)", f"{s32:.1f}", f"{s4:.1f}",
               f"{s4 / s32:.2f}x")
+    same = "same tokens" if m["c_loop_tokens_equal"] else "TOKENS DIFFER"
+    t.add_row(f"  the same, C decode loop (llm/fastdecode.py, {same})", "", f"{s4c:.1f}", f"{s4c / s32:.2f}x")
     console.print(t)
     console.print(f"[bold]prompt[/]: {PROMPT!r}")
     console.print(f"[bold]fp32[/]:        {m['sample_fp32']!r}")

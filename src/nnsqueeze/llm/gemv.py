@@ -337,11 +337,11 @@ def _cache_dir() -> Path:
     return Path(root) / "kernels"
 
 
-def _build(cc: str, target: Path) -> None:
+def _build(cc: str, source: str, target: Path) -> None:
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
-        src = Path(tmp) / "gemv.c"
-        src.write_text(SOURCE)
+        src = Path(tmp) / "kernel.c"
+        src.write_text(source)
         out = Path(tmp) / target.name
         proc = subprocess.run([cc, *FLAGS, str(src), "-o", str(out)], capture_output=True, text=True, timeout=120)
         if proc.returncode != 0:
@@ -349,40 +349,53 @@ def _build(cc: str, target: Path) -> None:
         os.replace(out, target)  # atomic: concurrent processes never load a half-written library
 
 
-def load_kernel() -> tuple[object | None, str]:
-    """``(library, "")`` or ``(None, reason)``. Built on first use, then reused from the cache.
-
-    ``NNSQUEEZE_PACKED_KERNEL=0`` disables it (the callers' fallback is then used and logged).
-    """
+def compile_library(stem: str, source: str, declare) -> tuple[object | None, str]:
+    """``(library, "")`` or ``(None, reason)`` for C ``source`` built once into the kernel cache as
+    ``<stem>_<key>.so`` (key: source, flags, compiler, CPU) and reused; ``declare(lib)`` sets the
+    ctypes signatures. ``NNSQUEEZE_PACKED_KERNEL=0`` disables every such library (callers fall back)."""
     if os.environ.get("NNSQUEEZE_PACKED_KERNEL", "1") == "0":
         return None, "disabled by NNSQUEEZE_PACKED_KERNEL=0"
     with _lock:
-        if "lib" in _cache:
-            return _cache["lib"]
+        if stem in _cache:
+            return _cache[stem]
         result: tuple[object | None, str]
         if platform.system() != "Linux" and platform.system() != "Darwin":
             result = (None, f"no build recipe for {platform.system()}")
         elif not (cc := os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")):
             result = (None, "no C compiler found (cc/gcc)")
         else:
-            key = hashlib.sha256("\n".join([SOURCE, " ".join(FLAGS), cc, _cpu_key()]).encode()).hexdigest()[:16]
-            target = _cache_dir() / f"nsq_gemv_{key}.so"
+            key = hashlib.sha256("\n".join([source, " ".join(FLAGS), cc, _cpu_key()]).encode()).hexdigest()[:16]
+            target = _cache_dir() / f"{stem}_{key}.so"
             try:
                 if not target.exists():
-                    _build(cc, target)
+                    _build(cc, source, target)
                 lib = ctypes.CDLL(str(target))
-                i, p = ctypes.c_int, ctypes.c_void_p
-                lib.nsq_gemv.argtypes = [i, i, i, i, i, i, p, p, p, p, p, p, i]
-                lib.nsq_gemv.restype = ctypes.c_int
-                lib.nsq_gemv_a8.argtypes = lib.nsq_gemv.argtypes
-                lib.nsq_gemv_a8.restype = ctypes.c_int
-                lib.nsq_dequant.argtypes = [i, i, i, i, i, p, p, p, p, i]
-                lib.nsq_dequant.restype = None
+                declare(lib)
                 result = (lib, "")
-            except (OSError, RuntimeError, subprocess.SubprocessError) as e:
-                result = (None, f"could not build the packed kernel: {e}")
-        _cache["lib"] = result
+            except (OSError, RuntimeError, subprocess.SubprocessError, AttributeError) as e:
+                result = (None, f"could not build {stem}: {e}")
+        _cache[stem] = result
         return result
+
+
+def declare_gemv(lib) -> None:
+    """ctypes signatures of the functions of :data:`SOURCE` (also part of the decode-loop library)."""
+    i, p = ctypes.c_int, ctypes.c_void_p
+    lib.nsq_gemv.argtypes = [i, i, i, i, i, i, p, p, p, p, p, p, i]
+    lib.nsq_gemv.restype = ctypes.c_int
+    lib.nsq_gemv_a8.argtypes = lib.nsq_gemv.argtypes
+    lib.nsq_gemv_a8.restype = ctypes.c_int
+    lib.nsq_dequant.argtypes = [i, i, i, i, i, p, p, p, p, i]
+    lib.nsq_dequant.restype = None
+
+
+def load_kernel() -> tuple[object | None, str]:
+    """``(library, "")`` or ``(None, reason)``. Built on first use, then reused from the cache.
+
+    ``NNSQUEEZE_PACKED_KERNEL=0`` disables it (the callers' fallback is then used and logged).
+    """
+    lib, why = compile_library("nsq_gemv", SOURCE, declare_gemv)
+    return lib, why.replace("could not build nsq_gemv", "could not build the packed kernel")
 
 
 def _ptr(t: torch.Tensor | None) -> int | None:
