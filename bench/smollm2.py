@@ -71,7 +71,8 @@ GRIDS = ((4, 128), (4, 64), (3, 128), (3, 64))
 ORDER = ["fp32", "W4 g128", "W4 g64", "W8A8", "50% unstructured", "2:4", "W3 g128", "W3 g64"]
 METHODS = ["fp32", "RTN", "RTN full range", "GPTQ (act order)", "GPTQ (act order) full range", "AWQ",
            "AWQ full range", "AWQ+GPTQ", "AWQ+GPTQ full range", "AWQ+GPTQ (recipe)", "AWQ+GPTQ (recipe) full range",
-           "rotate+RTN", "rotate+GPTQ+mse clip", "SmoothQuant a=0.5", "SmoothQuant a=0.5 ema", "SparseGPT", "Wanda"]
+           "rotate+RTN", "rotate+GPTQ+mse clip", "SmoothQuant a=0.5", "SmoothQuant a=0.5 ema",
+           "SmoothQuant a=0.5 ema range", "SparseGPT", "Wanda"]
 
 
 # --------------------------------------------------------------------------- data (same for both tools)
@@ -139,6 +140,10 @@ def nnsqueeze_methods(n: int) -> list[tuple[str, str, object]]:
             ema = with_samples([{"smoothquant": {"alpha": 0.5}}, {"quantize": W8A8}], n)
             ema[1]["quantize"]["calibration"]["method"] = "ema-minmax"
             out += [("W8A8", "SmoothQuant a=0.5 ema", one_window(via_recipe(ema)))]
+            # llm-compressor's smoothing statistic: the per-channel range max - min instead of max |x|
+            rng = copy.deepcopy(ema)
+            rng[0]["smoothquant"]["statistic"] = "range"
+            out += [("W8A8", "SmoothQuant a=0.5 ema range", one_window(via_recipe(rng)))]
             out += [("50% unstructured", "SparseGPT", q([{"sparsegpt": {"sparsity": 0.5}}])),
                     ("50% unstructured", "Wanda", q([{"wanda": {"sparsity": 0.5, "report_error": False}}])),
                     ("2:4", "SparseGPT", q([{"sparsegpt": {"pattern": "2:4"}}])),

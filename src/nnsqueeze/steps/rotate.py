@@ -25,6 +25,15 @@ so loading needs no matrix; the record holds the seed, the sizes and the hooked 
       - rotate: {rotation: hadamard, seed: 0, online_hadamard: true}
       - gptq: {bits: 4, group_size: 128, act_order: true, clip: {method: mse}}
 
+Pair it with a data-aware quantizer (``gptq``), not ``rtn``, on models with massive activations.
+SmolLM2-135M's residual stream has one channel at up to 23,700 (median ``|h|`` about 2) that the
+RMSNorm weights suppress (down to 1e-4). Unrotated, that channel's weight column is scaled by the
+norm weight, or after folding is so small that RTN rounds it to zero with an error no larger than
+itself. Rotated, the channel is spread over every input and RTN's error along it is a full
+quantization step, multiplied by the channel's energy: the reading layers' output error on such
+tokens grows 2-11x, and perplexity with it (tests/steps/test_rotate_rtn.py reproduces it on a
+tiny LLaMA; numbers in BENCHMARKS.md). GPTQ sees the channel in its Hessian and compensates.
+
 Supported: decoder blocks with ``input_layernorm``, ``self_attn.{q,k,v,o}_proj``,
 ``post_attention_layernorm``, ``mlp.{gate,up,down}_proj`` (LLaMA, Mistral, Qwen2, SmolLM, the
 embedded TinyLlama), an RMSNorm without bias, ``embed_tokens`` and ``norm`` next to the blocks and

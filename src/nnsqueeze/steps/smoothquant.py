@@ -18,9 +18,18 @@ must be the very tensor object the norm returned. Linears fed by anything else (
 ``down_proj``: no op to fold ``1/s`` into) are skipped with a reason. After folding, the norm's
 output on the first calibration batch is checked to equal ``old / s``; a norm of another form (e.g.
 ``(1 + w)`` scaling) fails the check and is restored, with a fallback note in the report.
+
+``statistic`` picks the activation figure in the formula: ``absmax`` (default, the paper's
+``max |x_j|``) or ``range``, llm-compressor's per-channel dynamic range ``max x_j - min x_j`` (its
+weight figure ``2 max |W|`` differs from ``max |W|`` by a constant, which cancels: per-channel
+weight and per-tensor activation grids do not change when every ``s_j`` is scaled alike). The two
+differ on channels whose values are one-sided (a massive positive activation): ``range`` then
+smooths them less than symmetric channels of the same ``max |x|``.
 """
 
 from __future__ import annotations
+
+from typing import Literal
 
 import torch
 from pydantic import Field
@@ -40,19 +49,31 @@ def _peak_ratio(absmax) -> float:
 
 class SmoothQuantConfig(LLMStepConfig):
     alpha: float = Field(0.5, ge=0.0, le=1.0, description="migration strength: 0 = none, 1 = all to weights")
+    statistic: Literal["absmax", "range"] = Field("absmax", description="activation figure per channel: max |x| "
+                                                  "(the paper) or max x - min x (llm-compressor)")
 
 
 class _FirstInput(AbsMaxAccumulator):
-    """Per-channel absmax, plus the first batch's input tensor itself (to match it to its norm)."""
+    """Per-channel absmax and min / max, plus the first batch's input tensor itself (to match it to
+    its norm)."""
 
     def __init__(self, cols: int, device: torch.device | str = "cpu"):
         super().__init__(cols, device)
         self.first = None
+        self.lo = torch.full((cols,), float("inf"), dtype=torch.float64, device=device)
+        self.hi = -self.lo
 
     def add(self, x):
         if self.first is None:
             self.first = x
         super().add(x)
+        rows = x.detach().reshape(-1, x.shape[-1])
+        self.lo = torch.minimum(self.lo, rows.amin(0).to(self.lo.device, torch.float64))
+        self.hi = torch.maximum(self.hi, rows.amax(0).to(self.hi.device, torch.float64))
+
+    def statistic(self, kind: str) -> torch.Tensor:
+        """``max |x_j|`` (``absmax``) or ``max x_j - min x_j`` (``range``), float64 (C,)."""
+        return self.absmax if kind == "absmax" else self.hi - self.lo
 
 
 def _is_norm(m: nn.Module) -> bool:
@@ -106,7 +127,7 @@ class SmoothQuant(LLMStep):
         norm, x_in, y_old = norm_io
         mods = [model.get_submodule(n) for n in lnames]
         weights = [get_weight(m) for m in mods]                                 # each (out, in) float32
-        s = smooth_scales(accs[0].absmax, weights, self.config.alpha)           # (in,) float64
+        s = smooth_scales(accs[0].statistic(self.config.statistic), weights, self.config.alpha)  # (in,) f64
         bias = getattr(norm, "bias", None)
         # 1/s into the norm's output channels (weight and bias), s into every Linear's input columns
         (norm_w, norm_b), smoothed = fold_scales(s, [norm.weight, bias], weights)
@@ -131,4 +152,5 @@ class SmoothQuant(LLMStep):
             self.layers_.append(lname)
 
     def record(self):
-        return {"layers": self.layers_, "alpha": self.config.alpha}
+        extra = {} if self.config.statistic == "absmax" else {"statistic": self.config.statistic}
+        return {"layers": self.layers_, "alpha": self.config.alpha, **extra}
