@@ -202,20 +202,17 @@ class StructuredPrune(Step):
                 if "cannot trace" not in str(e) and "cannot export" not in str(e):
                     raise
                 failed.append(e)
-        if graph is None and not failed:  # `hidden`: straight to the patterns (said in the log, not a fallback)
+        if graph is None:  # neither traced (a fallback), or `hidden` went straight to the patterns (logged below)
             graph = hf_graph(model)
             self.graph_ = "patterns"
-        elif graph is None:
-            e = failed[-1]
-            graph = hf_graph(model)
-            self.graph_ = "patterns"
-            if not graph.groups:
+            if failed and not graph.groups:
                 raise ModelError(self.where, "; ".join(f.problem for f in failed) + "; and no Hugging Face attention "
-                                 "/ feed-forward block was recognised", fix=e.fix) from None
-            ctx.fallback(self.registered_name, "; ".join(f.problem for f in failed) + ": groups from Hugging Face "
-                         f"module patterns ({sum(b.kind == 'heads' for b in graph.blocks)} attention blocks by "
-                         f"KV-head groups, {sum(b.kind == 'ffn' for b in graph.blocks)} feed-forward blocks by "
-                         "neurons)")
+                                 "/ feed-forward block was recognised", fix=failed[-1].fix) from None
+            if failed:
+                ctx.fallback(self.registered_name, "; ".join(f.problem for f in failed) + ": groups from Hugging "
+                             f"Face module patterns ({sum(b.kind == 'heads' for b in graph.blocks)} attention blocks "
+                             f"by KV-head groups, {sum(b.kind == 'ffn' for b in graph.blocks)} feed-forward blocks "
+                             "by neurons)")
         elif failed:
             ctx.fallback(self.registered_name, f"{failed[0].problem}: the dependency graph is built from "
                          f"torch.{self.graph_}")
@@ -228,8 +225,8 @@ class StructuredPrune(Step):
         if self.config.hidden is not None:
             if not self._blocks:
                 raise ModelError(f"{self.where}.hidden", "hidden-size pruning is for Hugging Face transformers "
-                                 "whose attention blocks are recognised by module patterns; this model is traced "
-                                 "by torch.fx", fix="leave `hidden` unset; `norms: prune` prunes LayerNorm-coupled "
+                                 "whose attention blocks are recognised by module patterns; none was recognised "
+                                 "in this model", fix="leave `hidden` unset; `norms: prune` prunes LayerNorm-coupled "
                                  "channels of traced models")
             self._stream = hidden.find_stream(model, graph, example, f"{self.where}.hidden")
             c, s = self.config, self._stream
