@@ -5,9 +5,11 @@ directory:
 
 1. **one worker**: ``--workers 1`` (2 threads); wall time.
 2. **two workers**: ``--workers 2`` (1 thread each, two processes on one SQLite study); wall time.
-   Two samplers asking in parallel draw other recipes than one does, so runs 1 and 2 use a space
-   whose trials all cost about the same (:data:`UNIFORM`: the same steps every trial, only ratios and
-   bit widths vary); the table also gives the sum of the trials' own seconds.
+   Two samplers asking in parallel draw other recipes than one does (and a sampler that repeats a
+   recipe gets that trial for free), so runs 1 and 2 run the *same* recipes: ``--enqueue`` gives
+   both the same ``--trials`` param sets (seeded uniform draws from :data:`UNIFORM`, whose trials
+   all run the same steps; only ratios and bit widths vary), and no trial is left to a sampler.
+   ``--repeat N`` runs N (one, two) pairs back to back and reports the median of each.
 3. **killed and resumed** (the shipped ``cnn`` space): ``--workers 1``; when half the trials are
    finished the whole process group gets SIGKILL (no clean-up), then the same command runs again.
    It must end with exactly ``--trials`` finished trials, and every trial finished before the kill
@@ -24,7 +26,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import random
 import signal
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -57,10 +61,19 @@ evaluate: {latency_batch: 256, threads: 2, runs: 10, warmup: 3}
 """
 
 
-def cli(out: Path, trials: int, workers: int, space: str = "cnn") -> list[str]:
+def cli(out: Path, trials: int, workers: int, space: str = "cnn", enqueue: Path | None = None) -> list[str]:
     return [sys.executable, "-m", "nnsqueeze", "-q", "search", "--model", "nnsqueeze.zoo.mnist1d:pretrained",
             "--data", "mnist1d", "--space", space, "--max-drop", "0.02", "--trials", str(trials),
-            "--workers", str(workers), "--no-cache", "--out", str(out)]
+            "--workers", str(workers), "--no-cache", "--out", str(out),
+            *(["--enqueue", str(enqueue)] if enqueue is not None else [])]
+
+
+def fixed_trials(n: int, seed: int = 0) -> list[dict]:
+    """``n`` param sets drawn uniformly from :data:`UNIFORM`'s params (the same for every run)."""
+    rng = random.Random(seed)
+    return [{"structured-prune.ratio": round(rng.uniform(0.1, 0.5), 4),
+             "prune.sparsity": round(rng.uniform(0.3, 0.9), 4),
+             "quantize.weights.bits": rng.choice([4, 8])} for _ in range(n)]
 
 
 def study_of(out: Path) -> optuna.Study:
@@ -77,9 +90,9 @@ def trial_seconds(study: optuna.Study) -> float:
     return sum((t.datetime_complete - t.datetime_start).total_seconds() for t in finished(study))
 
 
-def run(out: Path, trials: int, workers: int, space: str) -> float:
+def run(out: Path, trials: int, workers: int, space: str, enqueue: Path | None = None) -> float:
     t0 = time.perf_counter()
-    subprocess.run(cli(out, trials, workers, space), check=True, stdout=subprocess.DEVNULL)
+    subprocess.run(cli(out, trials, workers, space, enqueue), check=True, stdout=subprocess.DEVNULL)
     return time.perf_counter() - t0
 
 
@@ -121,6 +134,7 @@ def main() -> None:
     ap.add_argument("--trials", type=int, default=24)
     ap.add_argument("--epochs", type=int, default=4, help="distillation epochs per trial in the workers runs "
                     "(more: longer trials, so process start-up weighs less)")
+    ap.add_argument("--repeat", type=int, default=3, help="(one worker, two workers) pairs in the workers part")
     ap.add_argument("--keep", help="keep the three search directories here instead of a temporary one")
     ap.add_argument("--only", choices=["workers", "resume"], help="run one part")
     args = ap.parse_args()
@@ -135,17 +149,26 @@ def main() -> None:
     if args.only in (None, "workers"):
         space = root / "uniform.yaml"
         space.write_text(UNIFORM.replace("EPOCHS", str(args.epochs)))
-        w1 = run(root / "one", args.trials, 1, str(space))
-        s1 = study_of(root / "one")
-        w2 = run(root / "two", args.trials, 2, str(space))
-        s2 = study_of(root / "two")
-        ts1, ts2 = trial_seconds(s1), trial_seconds(s2)
-        print("\n| workers | threads each | finished trials | wall s | sum of trial s | wall / trial-s |")
+        queue = root / "enqueue.json"
+        queue.write_text(json.dumps(fixed_trials(args.trials)))
+        print("\n| pair | workers | threads each | finished trials | wall s | sum of trial s |")
         print("|---|---|---|---|---|---|")
-        print(f"| 1 | {os.cpu_count()} | {len(finished(s1))} | {w1:.0f} | {ts1:.0f} | {w1 / ts1:.2f} |")
-        print(f"| 2 | {max(1, (os.cpu_count() or 1) // 2)} | {len(finished(s2))} | {w2:.0f} | {ts2:.0f} | "
-              f"{w2 / ts2:.2f} |")
-        print(f"\ntwo workers / one worker, wall time: {w2 / w1:.2f}x (target <= 0.6x)")
+        walls: dict[int, list[float]] = {1: [], 2: []}
+        for rep in range(args.repeat):
+            for workers in (1, 2):
+                out = root / f"w{workers}-{rep}"
+                wall = run(out, args.trials, workers, str(space), queue)
+                study = study_of(out)
+                done = finished(study)
+                assert sorted(json.dumps(t.params, sort_keys=True) for t in done) == \
+                    sorted(json.dumps(v, sort_keys=True) for v in fixed_trials(args.trials)), "not the queued trials"
+                walls[workers].append(wall)
+                print(f"| {rep + 1} | {workers} | {max(1, (os.cpu_count() or 1) // workers)} | {len(done)} | "
+                      f"{wall:.1f} | {trial_seconds(study):.1f} |", flush=True)
+        ratios = [b / a for a, b in zip(walls[1], walls[2])]
+        print(f"\nmedian wall: one worker {statistics.median(walls[1]):.1f} s, two workers "
+              f"{statistics.median(walls[2]):.1f} s; two / one: median of the pairs' ratios "
+              f"{statistics.median(ratios):.2f}x (pairs: {', '.join(f'{r:.2f}' for r in ratios)}; target <= 0.6x)")
     if args.only in (None, "resume"):
         r = killed_and_resumed(root / "resume", args.trials)
         print(f"\nkilled (SIGKILL to the process group) after {r['finished_at_kill']} finished trials "

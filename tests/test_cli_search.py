@@ -62,3 +62,22 @@ def test_unreachable_storage_exits_2(tmp_path):
                                         "--storage", "sqlite:////nonexistent-dir/x/db.sqlite"])
     assert r.exit_code == 2 and "cannot open the study storage" in " ".join(r.output.split())
     assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("text, match", [
+    ("- {quantize.weights.bits: 6}\n", "not one of [4, 8]"),
+    ("- {quantize.weights.bitz: 8}\n", "not a param of the space"),
+    ("{quantize.weights.bits: 8}\n", "non-empty list"),
+    (None, "file not found"),
+])
+def test_bad_enqueue_file_exits_2(tmp_path, text, match):
+    sp = _space(tmp_path, "base: [{quantize: {calibration: {samples: 64}}}]\n"
+                          "params: {quantize.weights.bits: {choices: [4, 8]}}\n")
+    q = tmp_path / "queue.yaml"
+    if text is not None:
+        q.write_text(text)
+    out = tmp_path / "out"
+    r = CliRunner().invoke(app, BASE + ["--space", str(sp), "--enqueue", str(q), "--out", str(out)])
+    assert r.exit_code == 2, r.output
+    assert match in " ".join(r.output.split()) and "--enqueue" in r.output and "Traceback" not in r.output
+    assert not out.exists()

@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import multiprocessing as mp
+import os
+import signal
+import subprocess
+import sys
 import time
 
 import pytest
@@ -49,3 +53,50 @@ def test_two_processes_never_time_at_once(tmp_path):
         p.join(60)
     events = sorted((q.get(timeout=5) for _ in range(4)), key=lambda e: e[1])
     assert [e[0] for e in events] == ["in", "out", "in", "out"]  # the intervals do not overlap
+
+
+def _state(pid: int) -> str:
+    """The process's state letter from /proc (R running, S sleeping, T stopped)."""
+    with open(f"/proc/{pid}/stat") as f:
+        return f.read().rsplit(")", 1)[1].split()[0]
+
+
+def _wait_state(pid: int, want: set[str], timeout: float = 5.0) -> str:
+    end = time.monotonic() + timeout
+    while (s := _state(pid)) not in want and time.monotonic() < end:
+        time.sleep(0.01)
+    return s
+
+
+@pytest.mark.skipif(not hasattr(signal, "SIGSTOP") or not os.path.isdir("/proc/self"),
+                    reason="pausing peers needs POSIX signals and /proc (Linux)")
+def test_timing_pauses_registered_peers_and_resumes_them(tmp_path):
+    peer = subprocess.Popen([sys.executable, "-c", "while True: pass"])  # a busy neighbour
+    try:
+        cpu.share(1, tmp_path / "t.lock", tmp_path / "peers")
+        cpu.register(peer.pid, tmp_path / "peers")
+        assert sorted(p.name for p in (tmp_path / "peers").iterdir()) == sorted([str(os.getpid()), str(peer.pid)])
+        with cpu.timing():
+            assert _wait_state(peer.pid, {"T"}) == "T"  # stopped while this process times
+        assert _wait_state(peer.pid, {"R", "S"}) in ("R", "S")  # and running again after
+        with pytest.raises(RuntimeError), cpu.timing():  # a failing timing resumes the peer too
+            raise RuntimeError("boom")
+        assert _wait_state(peer.pid, {"R", "S"}) in ("R", "S")
+    finally:
+        peer.kill()
+        peer.wait()
+    cpu.unshare()
+    assert not (tmp_path / "peers" / str(os.getpid())).exists()  # unshare removes this process's entry
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="start times come from /proc (Linux)")
+def test_stale_peer_files_are_ignored_and_removed(tmp_path):
+    peers = tmp_path / "peers"
+    cpu.share(1, tmp_path / "t.lock", peers)
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    (peers / str(gone.pid)).write_text("1")  # a process that has exited
+    (peers / str(os.getppid())).write_text("0")  # a live pid whose start time does not match: a reused pid
+    with cpu.timing():
+        pass
+    assert sorted(p.name for p in peers.iterdir()) == [str(os.getpid())]

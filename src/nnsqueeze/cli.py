@@ -21,7 +21,7 @@ from typing import Optional
 import typer
 from rich.console import Console
 
-from .errors import DataError, ExportError, ModelError, NnsqueezeError
+from .errors import DataError, ExportError, ModelError, NnsqueezeError, RecipeError
 from .inputs import call_factory, data_from_spec, load_weights, model_from_spec
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -262,6 +262,8 @@ def search(
     cache: bool = typer.Option(True, "--cache/--no-cache", help="share recipe prefixes between trials"),
     overwrite: bool = typer.Option(False, "--overwrite", help="start over in an existing search directory (only "
                                    "the search's own files are removed), or write beside other files"),
+    enqueue: Optional[Path] = typer.Option(None, help="YAML/JSON list of param values ({prune.sparsity: 0.5, ...}) "
+                                           "to run first, before the sampler's trials"),
 ) -> None:
     """Search a space of recipes for the Pareto front of metric, ONNX size and ONNX Runtime latency."""
 
@@ -272,6 +274,7 @@ def search(
 
         check_args(max_drop, target_latency, target_size, trials, workers, sampler, pick)
         sp = load_space(space)  # a bad space fails before the model is built
+        queued = _enqueued(enqueue, sp)
         m = call_factory(model, "--model", ModelError)
         if weights is not None:
             load_weights(m, weights)
@@ -279,7 +282,7 @@ def search(
         res = run(m, sp, train_data=d.get("train"), calib_data=d.get("calib"), eval_data=d.get("eval"),
                   metric=metric, max_drop=max_drop, target_latency=target_latency, target_size=target_size,
                   trials=trials, out=out, workers=workers, sampler=sampler, seed=seed, storage=storage, pick=pick,
-                  overwrite=overwrite, cache=cache, model_spec=model)
+                  overwrite=overwrite, cache=cache, model_spec=model, enqueue=queued)
         c = Console()
         c.print(table(res.front, f"Pareto front ({res.trials} trials, {res.pruned} pruned, "
                                  f"{res.cache_hits} cache hits)"))
@@ -287,6 +290,21 @@ def search(
                 f"front: {out / 'front.json'}, {out / 'front.png'}")
 
     _run(go)
+
+
+def _enqueued(path: Path | None, space) -> list[dict]:
+    """--enqueue FILE: a YAML (or JSON) list of param-value mappings, checked against the space."""
+    if path is None:
+        return []
+    from .recipe import parse_yaml
+
+    if not path.is_file():
+        raise RecipeError(f"--enqueue {path}", "file not found", fix="give a YAML list of param-value mappings")
+    items = parse_yaml(path.read_text(), f"--enqueue {path}")
+    if not isinstance(items, list) or not items:
+        raise RecipeError(f"--enqueue {path}", "expected a non-empty list of param-value mappings",
+                          fix="e.g. '- {prune.sparsity: 0.5, quantize.weights.bits: 8}'")
+    return [space.check_values(v, f"--enqueue {path}: item {i}") for i, v in enumerate(items)]
 
 
 @app.command()

@@ -115,3 +115,23 @@ def test_load_space_file_errors(tmp_path):
     bad.write_text("base: [\n")
     with pytest.raises(RecipeError, match="malformed YAML"):
         load_space(bad)
+
+
+def test_check_values_accepts_what_the_space_can_sample_and_names_what_it_cannot():
+    s = Space({"version": 1, "base": BASE, "params": {
+        "prune": {"optional": True}, "prune.sparsity": [0.3, 0.9], "finetune.epochs": {"int": [1, 3]},
+        "finetune.lr": {"log": [1e-4, 1e-2]}, "quantize.weights.bits": {"choices": [4, 8]}}})
+    ok = s.check_values({"prune": True, "prune.sparsity": 0.45, "finetune.epochs": 2.0, "finetune.lr": 1e-3,
+                         "quantize.weights.bits": 8}, "enqueue[0]")
+    assert ok["finetune.epochs"] == 2 and isinstance(ok["finetune.epochs"], int)
+    assert s.check_values({"quantize.weights.bits": 4}, "q") == {"quantize.weights.bits": 4}  # the rest sampled
+    bad = [({"prune.sparity": 0.5}, "prune.sparity", "not a param"),
+           ({"prune.sparsity": 0.95}, "prune.sparsity", r"outside the param's range \[0.3, 0.9\]"),
+           ({"finetune.epochs": 1.5}, "finetune.epochs", "outside"),
+           ({"finetune.lr": float("nan")}, "finetune.lr", "outside"),
+           ({"quantize.weights.bits": 6}, "quantize.weights.bits", r"not one of \[4, 8\]"),
+           ({"prune": "yes"}, "prune", "not one of"), ({}, "enqueue[3]", "mapping"), ([1], "enqueue[3]", "mapping")]
+    for values, where, problem in bad:
+        with pytest.raises(RecipeError, match=problem) as e:
+            s.check_values(values, "enqueue[3]")
+        assert e.value.where.endswith(where)

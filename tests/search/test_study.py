@@ -156,3 +156,32 @@ def test_measure_skips_torch_latency_only_when_onnx_is_timed(tmp_path):
     kw = dict(eval_data=None, metric=None, latency_inputs=x, threads=1, warmup=0, runs=2, torch_latency=False)
     assert sorted(measure(model, onnx_path=path, **kw)["latency_ms"]) == ["onnxruntime"]
     assert sorted(measure(model, **kw)["latency_ms"]) == ["torch"]  # the only latency there is
+
+
+def test_enqueued_values_run_first_and_once(tmp_path):
+    out = tmp_path / "s"
+    first = [{"prune.sparsity": 0.6, "quantize.weights.bits": 8, "finetune": False},
+             {"prune.sparsity": 0.3, "quantize.weights.bits": 4, "finetune": True}]
+    _search(out, trials=3, enqueue=first)
+    s = json.loads((out / "search.json").read_text())
+    study = optuna.load_study(study_name=s["study_name"], storage=f"sqlite:///{out / 'study.db'}")
+    trials = sorted(study.get_trials(), key=lambda t: t.number)
+    assert [trials[0].params, trials[1].params] == first
+    _search(out, trials=4, enqueue=first)  # resumed with the same list: not queued again
+    params = [t.params for t in study.get_trials()]
+    assert len(params) == 4 and params.count(first[0]) == 1 and params.count(first[1]) == 1
+    with pytest.raises(RecipeError, match="not a param"):
+        _search(tmp_path / "bad", enqueue=[{"prune.spars": 0.5}])
+    assert not (tmp_path / "bad").exists()  # refused before anything is written
+
+
+def test_the_baseline_is_measured_once_per_search(tmp_path):
+    out = tmp_path / "s"
+    _search(out, trials=3)
+    entries = sorted(p.suffix for p in (out / "baselines").iterdir())
+    assert entries == [".json", ".onnx"]  # one key: every trial had the same evaluation settings
+    stored = json.loads(next((out / "baselines").glob("*.json")).read_text())
+    s = json.loads((out / "search.json").read_text())
+    study = optuna.load_study(study_name=s["study_name"], storage=f"sqlite:///{out / 'study.db'}")
+    lat = {t.user_attrs["figures"]["baseline_latency_ms"] for t in study.get_trials() if "figures" in t.user_attrs}
+    assert lat == {stored["figures"]["latency_ms"]["onnxruntime"]}  # every trial compares with that one timing

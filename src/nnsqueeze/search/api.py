@@ -20,11 +20,11 @@ from ..safeio import marker_ok, probe_writable, write_file
 from . import front as fr
 from .cache import PrefixCache, data_key
 from .space import Space, load_space
-from .study import (CACHE, DB, MARKER, SEARCH_FORMAT, TIMING_LOCK, Job, SearchResult, open_storage, redact,
-                    run_workers, study_name)
+from .study import (BASELINES, CACHE, DB, MARKER, PEERS, SEARCH_FORMAT, TIMING_LOCK, Job, SearchResult,
+                    open_storage, redact, run_workers, study_name)
 
 OWNED = (MARKER, DB, DB + ".lock", CACHE, "front.json", "front.png", "best.yaml", "best", "report.html", ".search.lock",
-         TIMING_LOCK)
+         TIMING_LOCK, PEERS, BASELINES)
 
 
 def check_args(max_drop, target_latency, target_size, trials, workers, sampler, pick) -> None:
@@ -90,7 +90,8 @@ def search(model: nn.Module, space: Space | str | Path | dict, *, train_data: It
            target_size: float | None = None, trials: int = 40, out: str | Path, workers: int = 1,
            sampler: str = "nsga2", seed: int = 0, storage: str | None = None, pick: int | None = None,
            overwrite: bool = False, cache: bool = True, higher_is_better: bool = True,
-           heartbeat: int = 5, grace: int = 15, model_spec: str | None = None) -> SearchResult:
+           heartbeat: int = 5, grace: int = 15, model_spec: str | None = None,
+           enqueue: Iterable[dict] | None = None) -> SearchResult:
     """Search ``space`` for recipes on the Pareto front of metric drop, ONNX bytes and ONNX Runtime
     latency, within ``max_drop`` (and ``target_latency`` ms / ``target_size`` bytes when given).
 
@@ -100,7 +101,9 @@ def search(model: nn.Module, space: Space | str | Path | dict, *, train_data: It
     ``grace`` (seconds): how often a running trial proves its worker alive, and how long after its
     last sign of life a trial counts as dead and is re-queued. ``model_spec`` (``MODULE:FACTORY``):
     how spawned workers rebuild the model (then given ``model``'s weights) when its class cannot be
-    imported by name in a new process (the CLI passes its ``--model``)."""
+    imported by name in a new process (the CLI passes its ``--model``). ``enqueue``: param values
+    (``{"prune.sparsity": 0.5, ...}``; params left out are sampled) for the first trials, before the
+    sampler's own, e.g. recipes known to work; each is enqueued once per study, also on resume."""
     from ..data import as_batches
     from ..metrics import get_metric
     from ..pipeline import check_model
@@ -110,6 +113,7 @@ def search(model: nn.Module, space: Space | str | Path | dict, *, train_data: It
     if space.export is not None and space.export.get("onnx", {}) is None:
         raise RecipeError(f"{space.source}: export.onnx", "a search measures the ONNX model; export is off",
                           fix="remove 'export: {onnx: null}' from the space")
+    queued = [space.check_values(v, f"enqueue[{i}]") for i, v in enumerate(enqueue or [])]
     check_model(model)
     train, calib = as_batches(train_data, "train_data"), as_batches(calib_data, "calib_data")
     evald = as_batches(eval_data, "eval_data", required=True)
@@ -139,8 +143,10 @@ def search(model: nn.Module, space: Space | str | Path | dict, *, train_data: It
     out.mkdir(parents=True, exist_ok=True)
     import optuna
 
-    optuna.create_study(study_name=name, storage=open_storage(url, heartbeat, grace),
-                        directions=["minimize"] * 3, load_if_exists=True)
+    study = optuna.create_study(study_name=name, storage=open_storage(url, heartbeat, grace),
+                                directions=["minimize"] * 3, load_if_exists=True)
+    for values in queued:  # once: a resumed search, or a second machine, finds them queued or run
+        study.enqueue_trial(values, skip_if_exists=True)
     if not resume:
         write_file(out / MARKER, json.dumps(marker, indent=2, default=str).encode(), "--out")
     job = Job(model, space.raw, space.source, train, calib, evald, metric, float(max_drop), target_latency,

@@ -268,6 +268,35 @@ class Space:
                 values[key] = trial.suggest_float(key, p.float_[0], p.float_[1], step=p.step)
         return values
 
+    def check_values(self, values: Any, where: str) -> dict[str, Any]:
+        """``values`` (param key -> value, e.g. a trial to enqueue) as valid for this space: every key
+        a param, every value one the param can take; RecipeError naming the first that is not."""
+        if not isinstance(values, dict) or not values:
+            raise RecipeError(where, f"expected a mapping of param -> value, got {values!r}",
+                              fix=f"e.g. {{{next(iter(self.params), 'prune.sparsity')}: ...}}")
+        out: dict[str, Any] = {}
+        for key, v in values.items():
+            p = self.params.get(key)
+            if p is None:
+                raise RecipeError(f"{where}: {key}", "not a param of the space",
+                                  fix=f"params: {', '.join(self.params) or 'none'}")
+            if p.optional is not None or p.choices is not None:
+                allowed = [True, False] if p.optional is not None else p.choices
+                if not any(v == a and type(v) is type(a) for a in allowed):
+                    raise RecipeError(f"{where}: {key}", f"{v!r} is not one of {allowed}", fix="use one of them")
+            else:
+                lo, hi = p.float_ or p.int_ or p.log
+                ok = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+                if p.int_ is not None:
+                    ok = ok and float(v).is_integer()
+                if not ok or not lo <= v <= hi:
+                    raise RecipeError(f"{where}: {key}", f"{v!r} is outside the param's range [{lo}, {hi}]",
+                                      fix=f"give a {'whole ' if p.int_ is not None else ''}number in [{lo}, {hi}]")
+                v = int(v) if p.int_ is not None else float(v)
+            out[key] = v
+        self.recipe(out)  # the values must also make a valid recipe
+        return out
+
     # ------------------------------------------------------------------ checks
 
     def _check(self) -> None:

@@ -20,6 +20,7 @@ import logging
 import math
 import os
 import socket
+import sys
 import threading
 import time
 from dataclasses import dataclass, field
@@ -34,12 +35,15 @@ from ..errors import DataError, MetricError, ModelError, NnsqueezeError, RecipeE
 from ..registry import STEPS
 from ..safeio import file_lock
 from . import front as fr
+from .baselines import SharedBaselines
 from .cache import PrefixCache, data_key, model_key
 from .space import Space, load_space
 
 log = logging.getLogger("nnsqueeze")
 MARKER, DB, CACHE = "search.json", "study.db", "cache"
 TIMING_LOCK = ".timing.lock"  # workers on one machine time latency one at a time
+PEERS = ".workers"  # a file per worker process on this machine: whoever times pauses the others
+BASELINES = "baselines"  # the fp32 figures, measured once per search (nnsqueeze.search.baselines)
 SEARCH_FORMAT = 1
 DONE = ("COMPLETE", "PRUNED")
 
@@ -226,7 +230,8 @@ class _Objective:
         self.sign = 1.0 if job.higher_is_better else -1.0
         self.lims = fr.limits(job.max_drop, job.target_latency, job.target_size)
         self.metric_name = get_metric(job.metric)[1]
-        self.baselines: dict = {}  # the fp32 model's export and figures, measured once per worker
+        # the fp32 model's export and figures: measured once per search, by whichever worker is first
+        self.baselines = SharedBaselines(Path(job.out) / BASELINES)
 
     def drop(self, base: float, value: float) -> float:
         return self.sign * (base - value)
@@ -305,6 +310,9 @@ class _Objective:
             # this recipe does not fit the model (a step selects nothing, a metric fails on it...)
             raise _Pruned(f"{type(e).__name__}: {e}") from None
         trial.set_user_attr("seconds", time.perf_counter() - t0)
+        # where the trial's time went, step by step (steps reused from the cache are not listed)
+        trial.set_user_attr("step_seconds", [[s.get("name"), round(float(s.get("seconds", 0.0)), 3)]
+                                             for s in res.report.get("steps", [])[start.done if start else 0:]])
         trial.set_user_attr("cache_hit", self.cache.hits > hits)
         b, c = res.report["baseline"], res.report["compressed"]
         bl, cl = b["latency_ms"].get("onnxruntime"), c["latency_ms"].get("onnxruntime")
@@ -331,60 +339,80 @@ def _counts(study) -> tuple[int, int]:
 
 def run_worker(job: Job, index: int = 0) -> None:
     """Run trials until the study holds ``job.trials`` finished ones (several workers share it)."""
-    import optuna
-    from optuna.storages import fail_stale_trials
-    from optuna.trial import TrialState
+    _Worker(job, index).run()
 
-    if job.threads:  # one of several workers on this machine: share its cores (nnsqueeze.cpu)
-        torch.set_num_threads(job.threads)
-        cpu.share(job.threads, Path(job.out) / TIMING_LOCK)
-    if isinstance(job.model, _Rebuilt):
-        job.model = job.model.build()
-    space = load_space(_space_from(job))
-    storage = open_storage(job.storage, job.heartbeat, job.grace)
-    lims = fr.limits(job.max_drop, job.target_latency, job.target_size)
-    study = optuna.load_study(study_name=job.study_name, storage=storage,
-                              sampler=_sampler(job.sampler, job.seed + 1000 * index, job.trials, lims))
-    out = Path(job.out)
-    key = data_key(job.train, job.calib, job.evald)
-    objective = _Objective(job, space, PrefixCache(out / CACHE, job.model, key, job.cache))
-    while True:
-        with file_lock(_lock_path(job)):  # one worker at a time counts and asks for a trial
-            for tid in _orphans(storage, study, job.grace):
-                # a process killed between ask and its first heartbeat left a RUNNING trial that
-                # no heartbeat names, which optuna never calls stale: give it one beat, so the
-                # grace period ends it like any dead trial (failed, then re-queued)
-                storage.record_heartbeat(tid)
-            fail_stale_trials(study)  # trials of dead processes: failed, then re-queued as waiting
-            done, running = _counts(study)
-            trial = study.ask() if done + running < job.trials else None
-            if trial is not None:  # beat now, inside the lock: the window above stays as small as it can be
-                storage.record_heartbeat(trial._trial_id)
-        if trial is None:
-            if done >= job.trials:
-                return
-            time.sleep(min(1.0, job.heartbeat))  # the last trials run elsewhere, or await their grace period
-            continue
-        beat = _Heartbeat(storage, trial._trial_id, job.heartbeat)
-        try:
-            values = objective(trial)
-        except _Pruned as p:
+
+class _Worker:
+    """One worker's study, sampler and objective; :meth:`run` asks for and runs trials."""
+
+    def __init__(self, job: Job, index: int):
+        import optuna
+
+        if job.threads:  # one of several workers on this machine: share its cores (nnsqueeze.cpu)
+            torch.set_num_threads(job.threads)
+            cpu.share(job.threads, Path(job.out) / TIMING_LOCK, Path(job.out) / PEERS)
+        if isinstance(job.model, _Rebuilt):
+            job.model = job.model.build()
+        self.job = job
+        self.storage = open_storage(job.storage, job.heartbeat, job.grace)
+        self.lims = fr.limits(job.max_drop, job.target_latency, job.target_size)
+        self.study = optuna.load_study(study_name=job.study_name, storage=self.storage,
+                                       sampler=_sampler(job.sampler, job.seed + 1000 * index, job.trials, self.lims))
+        key = data_key(job.train, job.calib, job.evald)
+        self.objective = _Objective(job, load_space(_space_from(job)),
+                                    PrefixCache(Path(job.out) / CACHE, job.model, key, job.cache))
+
+    def close(self) -> None:
+        """Close the database connections (before a fork: a child must never use its parent's)."""
+        engine = getattr(self.storage, "engine", None)
+        if engine is not None:
+            engine.dispose()
+
+    def run(self, limit: int | None = None) -> None:
+        """Trials until the study holds ``job.trials`` finished ones, or ``limit`` run by this call."""
+        from optuna.storages import fail_stale_trials
+        from optuna.trial import TrialState
+
+        job, storage, study, lims = self.job, self.storage, self.study, self.lims
+        ran = 0
+        while limit is None or ran < limit:
+            with file_lock(_lock_path(job)):  # one worker at a time counts and asks for a trial
+                for tid in _orphans(storage, study, job.grace):
+                    # a process killed between ask and its first heartbeat left a RUNNING trial that
+                    # no heartbeat names, which optuna never calls stale: give it one beat, so the
+                    # grace period ends it like any dead trial (failed, then re-queued)
+                    storage.record_heartbeat(tid)
+                fail_stale_trials(study)  # trials of dead processes: failed, then re-queued as waiting
+                done, running = _counts(study)
+                trial = study.ask() if done + running < job.trials else None
+                if trial is not None:  # beat now, inside the lock: the window above stays as small as it can be
+                    storage.record_heartbeat(trial._trial_id)
+            if trial is None:
+                if done >= job.trials or limit is not None:
+                    return
+                time.sleep(min(1.0, job.heartbeat))  # the last trials run elsewhere, or await their grace period
+                continue
+            ran += 1
+            beat = _Heartbeat(storage, trial._trial_id, job.heartbeat)
+            try:
+                values = self.objective(trial)
+            except _Pruned as p:
+                beat.stop()
+                trial.set_user_attr("pruned", p.reason)
+                if p.drop is not None:
+                    trial.set_user_attr("pruned_drop", p.drop)
+                drop = p.drop if p.drop is not None else math.inf
+                _constrain(trial, list(lims), [drop - job.max_drop] + [0.0] * (len(lims) - 1))
+                study.tell(trial, state=TrialState.PRUNED)
+                log.info("trial %d pruned: %s", trial.number, p.reason)
+                continue
+            except BaseException:
+                beat.stop()
+                study.tell(trial, state=TrialState.FAIL)
+                raise
             beat.stop()
-            trial.set_user_attr("pruned", p.reason)
-            if p.drop is not None:
-                trial.set_user_attr("pruned_drop", p.drop)
-            drop = p.drop if p.drop is not None else math.inf
-            _constrain(trial, list(lims), [drop - job.max_drop] + [0.0] * (len(lims) - 1))
-            study.tell(trial, state=TrialState.PRUNED)
-            log.info("trial %d pruned: %s", trial.number, p.reason)
-            continue
-        except BaseException:
-            beat.stop()
-            study.tell(trial, state=TrialState.FAIL)
-            raise
-        beat.stop()
-        study.tell(trial, values)
-        log.info("trial %d: drop %.4g, %d bytes, %.4g ms", trial.number, *values)
+            study.tell(trial, values)
+            log.info("trial %d: drop %.4g, %d bytes, %.4g ms", trial.number, *values)
 
 
 def _orphans(storage, study, grace: int) -> list[int]:
@@ -421,10 +449,10 @@ def _spawned(job: Job, index: int) -> None:
     try:
         run_worker(job, index)
     except NnsqueezeError as e:
-        import sys
-
         print(f"worker {index}: error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
+    finally:
+        cpu.unshare()
 
 
 def study_name(space: Space, model: nn.Module, data: str, settings: dict[str, Any]) -> str:
@@ -435,27 +463,42 @@ def study_name(space: Space, model: nn.Module, data: str, settings: dict[str, An
 
 
 def run_workers(job: Job, workers: int) -> None:
-    """``workers`` processes on this machine (this one included), each with cpu_count // workers threads."""
+    """``workers`` processes on this machine (this one included), each with cpu_count // workers threads.
+
+    This process first runs one trial alone on every core: it measures the fp32 baseline once,
+    with nothing beside it, and warms up (imports, first export, first ONNX Runtime session). Then
+    it starts the others: forked on Linux, so they begin with all of that done and the model and
+    data in memory, instead of importing everything again (seconds per worker); spawned elsewhere.
+    """
     if workers <= 1:
         run_worker(job, 0)
         return
     import multiprocessing as mp
 
+    main = _Worker(job, 0)
+    main.run(limit=1)
+    main.close()
     job.threads = max(1, (os.cpu_count() or 1) // workers)
-    ctx = mp.get_context("spawn")
-    sent = dataclasses.replace(job, model=_Rebuilt(job.spec, job.model)) if job.spec else job
+    fork = "fork" in mp.get_all_start_methods() and sys.platform.startswith("linux")
+    ctx = mp.get_context("fork" if fork else "spawn")
+    sent = job if fork or not job.spec else dataclasses.replace(job, model=_Rebuilt(job.spec, job.model))
     procs = [ctx.Process(target=_spawned, args=(sent, i), daemon=False) for i in range(1, workers)]
-    for p in procs:
-        p.start()
     old_threads = torch.get_num_threads()
     try:
         torch.set_num_threads(job.threads)
-        run_worker(job, 0)
+        cpu.share(job.threads, Path(job.out) / TIMING_LOCK, Path(job.out) / PEERS)
+        for p in procs:
+            p.start()
+            # registered now, not when it has started up: a timing in this process meanwhile pauses it too
+            cpu.register(p.pid, Path(job.out) / PEERS)
+        main.run()
     finally:
         for p in procs:
-            p.join()
+            if p.pid is not None:
+                p.join()
         cpu.unshare()  # this process goes on alone (the chosen recipe's artifact): all the cores again
         torch.set_num_threads(old_threads)
+        main.close()
     bad = [(i + 1, p.exitcode) for i, p in enumerate(procs) if p.exitcode]
     if bad:
         raise DataError("--workers", f"worker(s) {', '.join(f'{i} (exit {c})' for i, c in bad)} failed",
