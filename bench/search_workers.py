@@ -90,9 +90,11 @@ def trial_seconds(study: optuna.Study) -> float:
     return sum((t.datetime_complete - t.datetime_start).total_seconds() for t in finished(study))
 
 
-def run(out: Path, trials: int, workers: int, space: str, enqueue: Path | None = None) -> float:
+def run(out: Path, trials: int, workers: int, space: str, enqueue: Path | None = None,
+        env: dict | None = None) -> float:
     t0 = time.perf_counter()
-    subprocess.run(cli(out, trials, workers, space, enqueue), check=True, stdout=subprocess.DEVNULL)
+    subprocess.run(cli(out, trials, workers, space, enqueue), check=True, stdout=subprocess.DEVNULL,
+                   env=None if env is None else {**os.environ, **env})
     return time.perf_counter() - t0
 
 
@@ -134,6 +136,7 @@ def main() -> None:
     ap.add_argument("--trials", type=int, default=24)
     ap.add_argument("--epochs", type=int, default=4, help="distillation epochs per trial in the workers runs "
                     "(more: longer trials, so process start-up weighs less)")
+    ap.add_argument("--one-thread", action="store_true", help="also run one worker on 1 thread in each pair")
     ap.add_argument("--repeat", type=int, default=3, help="(one worker, two workers) pairs in the workers part")
     ap.add_argument("--keep", help="keep the three search directories here instead of a temporary one")
     ap.add_argument("--only", choices=["workers", "resume"], help="run one part")
@@ -153,22 +156,29 @@ def main() -> None:
         queue.write_text(json.dumps(fixed_trials(args.trials)))
         print("\n| pair | workers | threads each | finished trials | wall s | sum of trial s |")
         print("|---|---|---|---|---|---|")
-        walls: dict[int, list[float]] = {1: [], 2: []}
+        walls: dict[str, list[float]] = {"1": [], "2": [], "1x1": []}
+        # "1x1": one worker on 1 thread (OMP_NUM_THREADS=1): what a trial gains from its second thread
+        runs = [("1", 1, None), ("2", 2, None)] + ([("1x1", 1, {"OMP_NUM_THREADS": "1"})] if args.one_thread else [])
         for rep in range(args.repeat):
-            for workers in (1, 2):
-                out = root / f"w{workers}-{rep}"
-                wall = run(out, args.trials, workers, str(space), queue)
+            for tag, workers, env in runs:
+                out = root / f"w{tag}-{rep}"
+                wall = run(out, args.trials, workers, str(space), queue, env)
                 study = study_of(out)
                 done = finished(study)
                 assert sorted(json.dumps(t.params, sort_keys=True) for t in done) == \
                     sorted(json.dumps(v, sort_keys=True) for v in fixed_trials(args.trials)), "not the queued trials"
-                walls[workers].append(wall)
-                print(f"| {rep + 1} | {workers} | {max(1, (os.cpu_count() or 1) // workers)} | {len(done)} | "
-                      f"{wall:.1f} | {trial_seconds(study):.1f} |", flush=True)
-        ratios = [b / a for a, b in zip(walls[1], walls[2])]
-        print(f"\nmedian wall: one worker {statistics.median(walls[1]):.1f} s, two workers "
-              f"{statistics.median(walls[2]):.1f} s; two / one: median of the pairs' ratios "
+                walls[tag].append(wall)
+                threads = 1 if env else max(1, (os.cpu_count() or 1) // workers)
+                print(f"| {rep + 1} | {workers} | {threads} | {len(done)} | {wall:.1f} | {trial_seconds(study):.1f} |",
+                      flush=True)
+        ratios = [b / a for a, b in zip(walls["1"], walls["2"])]
+        print(f"\nmedian wall: one worker {statistics.median(walls['1']):.1f} s, two workers "
+              f"{statistics.median(walls['2']):.1f} s; two / one: median of the pairs' ratios "
               f"{statistics.median(ratios):.2f}x (pairs: {', '.join(f'{r:.2f}' for r in ratios)}; target <= 0.6x)")
+        if walls["1x1"]:
+            gain = statistics.median(b / a for a, b in zip(walls["1"], walls["1x1"]))
+            print(f"one worker on 1 thread / on 2 threads: {gain:.2f}x (the second thread's gain); with perfect "
+                  f"sharing two 1-thread workers take {gain / 2:.2f}x the wall time of one 2-thread worker")
     if args.only in (None, "resume"):
         r = killed_and_resumed(root / "resume", args.trials)
         print(f"\nkilled (SIGKILL to the process group) after {r['finished_at_kill']} finished trials "
