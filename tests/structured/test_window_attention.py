@@ -105,6 +105,8 @@ def test_widths_that_do_not_split_into_heads_raise_a_typed_error():
     m.num_heads = 3            # 20 channels do not split into 3 heads
     with pytest.raises(ModelError, match="not a multiple of num_heads=3"):
         prune_heads(m, [0])
+    with pytest.raises(ModelError, match=r"not distinct indices in \[0, 5\)"):
+        prune_heads(layer(True), [1, 5])
 
 
 def tiny_swin(v2: bool) -> torch.nn.Module:

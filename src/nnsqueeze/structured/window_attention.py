@@ -189,6 +189,9 @@ def prune_heads(m: nn.Module, keep: list[int]) -> PrunedWindowAttention:
         raise ModelError(type(m).__name__, f"its heads cannot be pruned: {reason}",
                          fix="leave its heads whole (`ignore` the layer)")
     h, d = m.num_heads, head_dim(m)
+    if not keep or len(set(keep)) != len(keep) or not 0 <= min(keep) <= max(keep) < h:
+        raise ModelError(type(m).__name__, f"heads to keep {sorted(keep)} are not distinct indices in [0, {h})",
+                         fix="keep at least one head, each of the layer's own")
     kt = torch.as_tensor(sorted(keep), dtype=torch.long, device=m.qkv.weight.device)
     new = PrunedWindowAttention(len(keep), d, m.window_size, m.shift_size, m.attention_dropout, m.dropout, _v2(m))
     qb = m.qkv.bias.reshape(3, h, d)[:, kt].reshape(-1) if m.qkv.bias is not None else None
