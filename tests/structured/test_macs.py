@@ -34,3 +34,28 @@ def test_attention_counted_once_closed_form():
     attn = 5 * 16 * 16 + 2 * 5 * 16 * 16 + 5 * 16 * 16 + 2 * 5 * 5 * 16   # q, k+v, out_proj, QK^T + AV
     assert c.per_layer["attn"]["macs"] == attn and "attn.out_proj" not in c.per_layer
     assert c.total_macs == attn + 2 * 5 * 40 * 16 + 3 * 16
+
+
+def test_swin_window_attention_agrees_with_flop_counter_mode():
+    """Swin's attention projections are functional ``F.linear`` calls (no Linear hook fires): counted by the
+    attention layer with QK^T and AV, the total agrees with torch's FlopCounterMode (FLOPs = 2 MACs) within 1%,
+    padded windows and the V2 ``cpb_mlp`` included, before and after head pruning."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from nnsqueeze.structured.window_attention import prune_heads
+    from nnsqueeze.zoo.tvision import import_torchvision
+
+    swin = import_torchvision().models.swin_transformer
+    x = torch.randn(1, 3, 13, 11)
+    for kw in ({}, {"block": swin.SwinTransformerBlockV2, "downsample_layer": swin.PatchMergingV2}):
+        torch.manual_seed(0)
+        m = swin.SwinTransformer(patch_size=[2, 2], embed_dim=20, depths=[2, 2], num_heads=[5, 5],
+                                 window_size=[3, 3], mlp_ratio=2.0, num_classes=7, **kw).eval()
+        for step in range(2):
+            with torch.no_grad(), FlopCounterMode(display=False) as fc:
+                m(x)
+            ours, ref = count(m, x).total_macs, fc.get_total_flops() / 2
+            assert abs(ours - ref) <= 0.01 * ref, (kw, step, ours, ref)
+            assert count(m, x).per_layer["features.1.0.attn"]["macs"] > 0
+            if step == 0:
+                m.features[1][0].attn = prune_heads(m.features[1][0].attn, [0, 3])

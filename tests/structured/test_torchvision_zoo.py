@@ -41,7 +41,7 @@ SLOW = pytest.mark.slow
 # stage); vit_b_16 is built for 32x32 (`image_size=32`, 4 patches).
 # Recipe: `norms: prune` (a LayerNorm over channels loses them too, as in Torch-Pruning; ConvNeXt needs it).
 # Bounds: FLOPs left after pruning, measured with this file's inputs, rounded up to the next 0.01. Swin's
-# 0.95: at 32 px its 7x7 windows are mostly padding, attention dominates and its heads are kept (issue 14).
+# window-attention heads are pruned with the MLPs (0.4986 / 0.4988 left at 32 px; 0.95 when they were kept).
 ZOO: dict[str, tuple[str, int, dict, float, tuple]] = {
     "alexnet": (r"alexnet", 224, {}, 0.28, (SLOW,)),
     "convnext_tiny": (r"convnext_(tiny|small|base|large)", 32, {}, 0.26, (SLOW,)),
@@ -60,8 +60,8 @@ ZOO: dict[str, tuple[str, int, dict, float, tuple]] = {
     "resnext50_32x4d": (r"resnext\d+_\d+x\d+d", 32, {}, 0.27, (SLOW,)),
     "shufflenet_v2_x0_5": (r"shufflenet_v2_x\d_\d", 32, {}, 0.46, ()),
     "squeezenet1_0": (r"squeezenet1_\d", 32, {}, 0.33, ()),
-    "swin_t": (r"swin_[tsb]", 32, {}, 0.95, (SLOW,)),
-    "swin_v2_t": (r"swin_v2_[tsb]", 32, {}, 0.95, (SLOW,)),
+    "swin_t": (r"swin_[tsb]", 32, {}, 0.50, (SLOW,)),
+    "swin_v2_t": (r"swin_v2_[tsb]", 32, {}, 0.50, (SLOW,)),
     "vgg11": (r"vgg\d+(_bn)?", 224, {}, 0.26, (SLOW,)),
     "vit_b_16": (r"vit_[bhl]_\d+", 32, {"image_size": 32}, 0.76, (SLOW,)),
     "wide_resnet50_2": (r"wide_resnet\d+_\d", 32, {}, 0.26, (SLOW,)),

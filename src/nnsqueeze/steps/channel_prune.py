@@ -60,7 +60,7 @@ from torch import nn
 from ..errors import DataError, ModelError, RecipeError
 from ..registry import STEPS
 from ..structured import allocate
-from ..structured.attention import ATTENTION, head_parts, prune_heads, unsupported_reason
+from ..structured.heads import head_parts, head_types, prune_heads, unsupported_reason
 from ..structured.collect import accumulate_grads, activation_parts, activations, taylor_parts, weight_parts
 from ..structured.graph import DependencyGraph, Group, build_graph
 from ..structured import hf, hidden
@@ -161,7 +161,9 @@ class StructuredPrune(Step):
     needs_float = True
     Config = StructuredPruneConfig
     default_targets: ClassVar[list[str]] = ["Conv1d", "Conv2d", "Conv3d", "Linear", "Embedding",
-                                            "MultiheadAttention", "PrunedMultiheadAttention"]
+                                            "MultiheadAttention", "PrunedMultiheadAttention",
+                                            "ShiftedWindowAttention", "ShiftedWindowAttentionV2",
+                                            "PrunedWindowAttention"]
     trains: ClassVar[bool] = False
 
     def __init__(self, config: StructuredPruneConfig, index: int = 0):
@@ -342,7 +344,7 @@ class StructuredPrune(Step):
             raise DataError(f"{self.where}", "structured pruning traces the model and needs example inputs",
                             fix="pass example_inputs=... or calib_data=... to compress()")
         before = count(model, example)
-        sel = self.select(model, ctx, supported=LAYERS + ATTENTION)
+        sel = self.select(model, ctx, supported=LAYERS + head_types())
         groups = self._groups(model, self._graph(model, example, ctx), ctx, sel)
         self._planned = groups
         heads = self._prune_heads(model, sel, ctx)
@@ -433,8 +435,9 @@ class StructuredPrune(Step):
         ratio = c.head_ratio if c.head_ratio is not None else (c.ratio or 0.0)
         crit = c.importance if c.importance in ("l1", "l2", "fpgm") else "l2"
         removed = 0
+        kinds = head_types()
         for name, mod in sel.layers:
-            if not isinstance(mod, ATTENTION):
+            if not isinstance(mod, kinds):
                 continue
             reason = unsupported_reason(mod)
             if reason:

@@ -1,8 +1,9 @@
 """MACs and parameters per layer, counted with forward hooks on one example batch (per sample).
 
 Counted: Conv (``out.numel() * in/groups * kernel``), Linear (``out.numel() * in``), Embedding (0
-MACs), attention (q/k/v and output projections plus ``QK^T`` and ``AV``). Elementwise ops, norms and
-pools are not counted (they are memory-bound and small)::
+MACs), attention (q/k/v and output projections plus ``QK^T`` and ``AV``; ``nn.MultiheadAttention`` and
+torchvision's Swin window attention, whose projections are functional ``F.linear`` calls that no
+Linear hook sees). Elementwise ops, norms and pools are not counted (they are memory-bound and small)::
 
     >>> import torch
     >>> from torch import nn
@@ -24,6 +25,7 @@ from torch import nn
 
 from ..data import call_model
 from .attention import ATTENTION
+from .window_attention import macs as window_macs, window_types
 
 COUNTED = (nn.modules.conv._ConvNd, nn.Linear, nn.Embedding) + ATTENTION
 
@@ -64,6 +66,7 @@ def count(model: nn.Module, example_inputs: Any) -> Counts:
     n = _batch(example_inputs)
     c = Counts(total_params=sum(p.numel() for p in model.parameters()))
     hooks = []
+    windows = window_types()
 
     def hook(name: str):
         def fn(mod: nn.Module, inp: Any, out: Any) -> None:
@@ -80,6 +83,8 @@ def count(model: nn.Module, example_inputs: Any) -> Counts:
                 # projections (q; k and v) + out_proj, then scores and weighted values per query/key pair
                 pairs = tokens_q * k.shape[0 if not mod.batch_first and k.dim() == 3 else -2]
                 macs = tokens_q * inner * e + 2 * tokens_k * inner * e + tokens_q * e * inner + 2 * pairs * inner
+            elif isinstance(mod, windows):
+                macs = window_macs(mod, inp[0])
             else:
                 macs = 0
             e = c.per_layer.setdefault(name, {"macs": 0, "params": sum(p.numel() for p in mod.parameters())})
@@ -93,7 +98,7 @@ def count(model: nn.Module, example_inputs: Any) -> Counts:
             continue
         if isinstance(mod, ATTENTION):  # counted as a whole, not its out_proj again
             skip.update(id(x) for x in mod.modules() if x is not mod)
-        if isinstance(mod, COUNTED):
+        if isinstance(mod, COUNTED + windows):
             hooks.append(mod.register_forward_hook(hook(name)))
     try:
         with eval_mode(model):
