@@ -196,3 +196,18 @@ def test_llama_export_graph_onnx_ort_and_reload(tmp_path):
         assert torch.equal(loaded(ids), ref)
     export_onnx(copy.deepcopy(res.model), tmp_path / "m.onnx", ids)
     torch.testing.assert_close(torch.as_tensor(OrtModule(tmp_path / "m.onnx")(ids)), ref, atol=1e-4, rtol=1e-4)
+
+
+def test_a_causal_lm_returning_its_kv_cache_exports_and_prunes_like_the_patterns():
+    # LlamaForCausalLM itself (no wrapper) returns a DynamicCache, which torch.export cannot flatten:
+    # the export runs with use_cache off, and the model gets its setting back
+    x = llama_ids()
+    model = tiny_llama()
+    assert model.config.use_cache is True
+    ex, ex_step, _ = run_step(model, x, graph="export", ratio=0.34, head_ratio=0.34)
+    assert ex_step.graph_ == "export" and model.config.use_cache is True
+    pat, pat_step, _ = run_step(Logits(tiny_llama()), x, graph="fx", ratio=0.34, head_ratio=0.34)
+    assert sorted((n.removeprefix("lm."), r, list(k)) for n, r, k in pat_step.plan_) == \
+        sorted((n, r, list(k)) for n, r, k in ex_step.plan_)
+    with torch.no_grad():
+        torch.testing.assert_close(ex(x).logits, zeroed(tiny_llama(), ex_step.plan_)(x).logits, atol=1e-5, rtol=0)

@@ -96,13 +96,21 @@ def export_program(model: nn.Module, example_inputs: Any) -> Any:
     """``torch.export.export(model, ..., strict=False)`` in eval mode; a :class:`ModelError` if it fails."""
     args, kwargs = (example_inputs, {}) if isinstance(example_inputs, tuple) else \
         ((), dict(example_inputs)) if isinstance(example_inputs, dict) else ((example_inputs,), {})
+    # A Hugging Face model returns its KV cache (a DynamicCache torch.export cannot flatten) unless
+    # told not to; the cache is no part of the computation the channel rules read.
+    configs = [m.config for m in model.modules() if getattr(getattr(m, "config", None), "use_cache", False) is True]
     try:
+        for c in configs:
+            c.use_cache = False
         with eval_mode(model), torch.no_grad():
             return torch.export.export(model, args, kwargs, strict=False)
     except Exception as e:
         raise ModelError(type(model).__name__, f"torch.export cannot export the model ({type(e).__name__}: "
                          f"{str(e)[:200]})", fix="structured pruning needs a model torch.export (non-strict) or "
                          "torch.fx can trace; set `graph: fx` to use torch.fx") from None
+    finally:
+        for c in configs:
+            c.use_cache = True
 
 
 class _Translator:
