@@ -11,7 +11,7 @@ from collections import Counter
 
 import torch
 import yaml
-from test_quantize_mobile_ops import N_ADDS, TFMobile
+from test_quantize_mobile_ops import N_ADDS, TFMobile, trained_bn
 from torch import nn
 
 import nnsqueeze as nsq
@@ -28,12 +28,7 @@ QAT = {"weights": {"bits": 8, "granularity": "per-channel", "symmetric": True},
 def _model() -> nn.Module:
     torch.manual_seed(0)
     model = TFMobile()
-    for m in model.modules():  # trained-looking BatchNorm statistics
-        if isinstance(m, nn.BatchNorm2d):
-            m.running_mean.uniform_(-0.5, 0.5)
-            m.running_var.uniform_(0.5, 2.0)
-            m.weight.data.uniform_(0.5, 1.5)
-            m.bias.data.uniform_(-0.2, 0.3)
+    trained_bn(model)
     return model.eval()
 
 

@@ -9,6 +9,7 @@ import pytest
 import torch
 from onnx import numpy_helper
 from torch import nn
+from test_quantize_mobile_ops import trained_bn
 
 from nnsqueeze.context import Context
 from nnsqueeze.export.onnx import export_onnx
@@ -64,12 +65,7 @@ class MobileNet(nn.Module):
 def mobile():
     torch.manual_seed(0)
     model = MobileNet()
-    for m in model.modules():  # trained-looking BatchNorm statistics
-        if isinstance(m, nn.BatchNorm2d):
-            m.running_mean.uniform_(-0.5, 0.5)
-            m.running_var.uniform_(0.5, 2.0)
-            m.weight.data.uniform_(0.5, 1.5)
-            m.bias.data.uniform_(-0.2, 0.3)
+    trained_bn(model)
     model.eval()
     calib = [(torch.randn(16, 3, 32, 32), None) for _ in range(2)]
     ctx = Context(calib_data=calib)

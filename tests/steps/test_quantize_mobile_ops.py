@@ -64,16 +64,23 @@ class TFMobile(nn.Module):
 N_PADS, N_ADDS = 2, 4
 
 
-@pytest.fixture(scope="module")
-def quantized():
-    torch.manual_seed(0)
-    model = TFMobile()
-    for m in model.modules():  # trained-looking BatchNorm statistics
+def trained_bn(model: nn.Module) -> nn.Module:
+    """Give ``model``'s BatchNorms trained-looking statistics and affine parameters (random init has
+    mean 0, var 1, weight 1, bias 0), drawn from torch's global generator."""
+    for m in model.modules():
         if isinstance(m, nn.BatchNorm2d):
             m.running_mean.uniform_(-0.5, 0.5)
             m.running_var.uniform_(0.5, 2.0)
             m.weight.data.uniform_(0.5, 1.5)
             m.bias.data.uniform_(-0.2, 0.3)
+    return model
+
+
+@pytest.fixture(scope="module")
+def quantized():
+    torch.manual_seed(0)
+    model = TFMobile()
+    trained_bn(model)
     model.eval()
     ctx = Context(calib_data=[(torch.randn(16, 3, 33, 31), None) for _ in range(2)])
     ctx.report.begin_step("quantize", {})

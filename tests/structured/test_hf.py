@@ -85,6 +85,31 @@ def zeroed(model, plan):
     return ref
 
 
+def mixing_ffn(mid: nn.Module) -> nn.Module:
+    """fc1 -> mid -> fc2 (6 -> 12 -> 6): named like an FFN, but ``mid`` (a norm, a softmax) mixes the
+    neurons, so the FFN pattern does not hold; a data-dependent branch keeps torch.fx from tracing it."""
+
+    class Mlp(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc1, self.ln, self.fc2 = nn.Linear(6, 12), mid, nn.Linear(12, 6)
+
+        def forward(self, x):
+            if x.sum() > -1e9:
+                x = self.fc2(self.ln(self.fc1(x)))
+            return x
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.mlp = Mlp()
+
+        def forward(self, x):
+            return self.mlp(x)
+
+    return Net().eval()
+
+
 @pytest.mark.parametrize("attn", ["eager", "sdpa"])
 @pytest.mark.parametrize("importance", ["l2", "fpgm", "energy"])
 def test_bert_heads_and_ffn_equal_zeroed_original(attn, importance):
@@ -196,24 +221,6 @@ def test_llama_export_ort_and_reload(tmp_path):
 def test_pattern_that_does_not_hold_raises_instead_of_breaking(mid, match):
     from nnsqueeze.errors import ModelError
 
-    class Mlp(nn.Module):              # fc1 -> norm/softmax -> fc2: named like an FFN, but `mid` mixes neurons
-        def __init__(self):
-            super().__init__()
-            self.fc1, self.ln, self.fc2 = nn.Linear(6, 12), mid, nn.Linear(12, 6)
-
-        def forward(self, x):
-            if x.sum() > -1e9:         # data-dependent branch: torch.fx cannot trace it
-                x = self.fc2(self.ln(self.fc1(x)))
-            return x
-
-    class Net(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.mlp = Mlp()
-
-        def forward(self, x):
-            return self.mlp(x)
-
     torch.manual_seed(0)
     with pytest.raises(ModelError, match=match):
-        run_step(Net().eval(), torch.randn(3, 6), ratio=0.5)
+        run_step(mixing_ffn(mid), torch.randn(3, 6), ratio=0.5)

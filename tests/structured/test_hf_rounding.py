@@ -18,24 +18,14 @@ from torch import nn
 
 transformers = pytest.importorskip("transformers")
 
-from nnsqueeze.context import Context  # noqa: E402
 from nnsqueeze.errors import ModelError  # noqa: E402
-from nnsqueeze.steps.channel_prune import StructuredPrune  # noqa: E402
 from nnsqueeze.structured import hf  # noqa: E402
+from test_hf import Logits, mixing_ffn, run_step, zeroed  # noqa: E402
 
 
 @pytest.fixture
 def tight(monkeypatch):
     monkeypatch.setattr(hf, "mismatch", functools.partial(hf.mismatch, rtol=1e-12))
-
-
-class Logits(nn.Module):
-    def __init__(self, lm):
-        super().__init__()
-        self.lm = lm
-
-    def forward(self, input_ids):
-        return self.lm(input_ids=input_ids).logits
 
 
 def odd_llama():                       # wide enough that float32 sums round differently when shorter
@@ -46,13 +36,6 @@ def odd_llama():                       # wide enough that float32 sums round dif
     return Logits(transformers.LlamaForCausalLM(cfg)).eval()
 
 
-def run_step(model, x, **cfg):
-    ctx = Context(example_inputs=x, progress=False)
-    ctx.report.begin_step("structured-prune", cfg)
-    step = StructuredPrune(StructuredPrune.Config(**cfg))
-    return step.run(model, ctx), step, ctx
-
-
 def test_rounding_over_the_bound_is_accepted_and_the_result_is_exact(tight):
     model, ids = odd_llama(), torch.randint(0, 37, (2, 64), generator=torch.Generator().manual_seed(3))
     orig = copy.deepcopy(model)
@@ -60,44 +43,12 @@ def test_rounding_over_the_bound_is_accepted_and_the_result_is_exact(tight):
     fig = ctx.report.steps[-1]["figures"]
     assert 1e-12 < fig["pattern_check_deviation"] <= 4 * fig["pattern_check_float_error"]
     assert fig["heads_removed"] == 8       # one KV group (its 2 query heads) in each of the 4 blocks
-    ref = copy.deepcopy(orig).double()                               # float64: the original, consumer columns zeroed
+    ref = zeroed(orig, step.plan_).double()                          # float64: the original, consumer columns zeroed
     with torch.no_grad():
-        for name, role, keep in step.plan_:
-            if role == "in":
-                w = ref.get_submodule(name).weight
-                w[:, [i for i in range(w.shape[1]) if i not in set(keep)]] = 0
         torch.testing.assert_close(pruned(ids).double(), ref(ids), atol=1e-5, rtol=0)
 
 
 def test_a_wrong_pattern_still_raises_under_the_same_bound(tight):
-    class Mlp(nn.Module):              # fc1 -> softmax -> fc2: named like an FFN, but softmax mixes the neurons
-        def __init__(self):
-            super().__init__()
-            self.fc1, self.mid, self.fc2 = nn.Linear(7, 13), nn.Softmax(-1), nn.Linear(13, 7)
-
-        def forward(self, x):
-            if x.sum() > -1e9:         # data-dependent branch: torch.fx cannot trace it
-                x = self.fc2(self.mid(self.fc1(x)))
-            return x
-
-    class Net(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.mlp = Mlp()
-
-        def forward(self, x):
-            return self.mlp(x)
-
-    torch.manual_seed(0)
+    torch.manual_seed(0)                       # fc1 -> softmax -> fc2: the softmax mixes the neurons
     with pytest.raises(ModelError, match="changed the outputs beyond the removed channels"):
-        run_step(Net().eval(), torch.randn(3, 7), ratio=0.5)
-
-
-def test_float_error_is_the_distance_to_a_float64_forward():
-    torch.manual_seed(0)
-    model, x = nn.Sequential(nn.Linear(9, 5), nn.Tanh(), nn.Linear(5, 3)).eval(), torch.randn(4, 9)
-    with torch.no_grad():
-        got, exact = model(x), copy.deepcopy(model).double()(x.double())
-    want = float((exact.float() - got).abs().max() / (1 + exact.float().abs().max()))
-    assert hf.float_error(model, x, [got]) == pytest.approx(want, rel=1e-6, abs=1e-12)
-    assert hf.float_error(model.double(), x.double(), [exact.float()]) == 0.0      # same computation
+        run_step(mixing_ffn(nn.Softmax(-1)), torch.randn(3, 6), ratio=0.5)

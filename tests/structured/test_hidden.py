@@ -22,6 +22,7 @@ import nnsqueeze as nsq  # noqa: E402
 from nnsqueeze.context import Context  # noqa: E402
 from nnsqueeze.errors import ModelError, RecipeError  # noqa: E402
 from nnsqueeze.steps.channel_prune import StructuredPrune  # noqa: E402
+from test_hf import Logits  # noqa: E402
 
 TOL = {"atol": 1e-5, "rtol": 1e-5}
 
@@ -60,15 +61,6 @@ class Classify(nn.Module):
 
     def forward(self, input_ids, attention_mask):
         return self.cls(self.enc(input_ids=input_ids, attention_mask=attention_mask).pooler_output)
-
-
-class Logits(nn.Module):
-    def __init__(self, lm):
-        super().__init__()
-        self.lm = lm
-
-    def forward(self, input_ids):
-        return self.lm(input_ids=input_ids).logits
 
 
 def bert_inputs(seed=0, b=3, t=7):

@@ -21,7 +21,8 @@ from . import front as fr
 from .cache import PrefixCache, data_key
 from .space import Space, load_space
 from .study import (BASELINES, CACHE, DB, MARKER, PEERS, SEARCH_FORMAT, TIMING_LOCK, Job, SearchResult,
-                    open_storage, redact, run_workers, study_name)
+                    open_storage, redact, study_name)
+from .workers import run_workers
 
 OWNED = (MARKER, DB, DB + ".lock", CACHE, "front.json", "front.png", "best.yaml", "best", "report.html", ".search.lock",
          TIMING_LOCK, PEERS, BASELINES)

@@ -338,20 +338,6 @@ class StructuredPrune(Step):
             lo, hi = (lo, mid) if cost(mid) <= budget else (mid, hi)
         return hi
 
-    def _rounding(self, model: nn.Module, example: Any, got: list[torch.Tensor], bad: float, ctx: Any) -> float | None:
-        """``bad`` if the pattern check's deviation is more than float rounding explains, else None (logged):
-        the pruned model's own distance to its float64 forward, ``err``, bounds each float32 forward's
-        rounding; the check compares two of them, so up to ``4 * err`` (2x margin) is rounding."""
-        if next(model.parameters()).dtype == torch.float64:
-            return bad
-        err = hf.float_error(model, example, got)
-        ctx.report.step(pattern_check_deviation=bad, pattern_check_float_error=err)
-        if bad > 4 * err:
-            return bad
-        log.info("%s: the module-pattern check deviates by %.2e of the output scale, within float rounding (the "
-                 "pruned model's float32 forward is %.2e from its float64 one): accepted", self.where, bad, err)
-        return None
-
     # ---- step -----------------------------------------------------------------------------------
 
     def run(self, model: nn.Module, ctx: Any) -> nn.Module:
@@ -393,15 +379,19 @@ class StructuredPrune(Step):
         if ref is not None:  # prove this removal equals zeroing the removed channels' consumer columns
             by = "module patterns" if self.graph_ == "patterns" else "the torch.export graph"
             try:
-                got = hf.outputs(model, example)
-                bad = hf.mismatch(ref, got)
-                if bad is not None and bad != float("inf"):
-                    bad = self._rounding(model, example, got, bad, ctx)
+                bad, err = hf.deviation(ref, model, example)
             except Exception as e:
                 raise ModelError(self.where, f"the model pruned by {by} no longer runs ({type(e).__name__}: "
                                  f"{str(e)[:200]}): a block does not work the way its layout suggests, or a "
                                  "reshape has a channel count fixed in forward()", fix="`ignore` its layers, or set "
                                  "`graph: fx`") from e
+            if err is not None:
+                ctx.report.step(pattern_check_deviation=bad, pattern_check_float_error=err)
+                if bad <= hf.ROUNDING * err:
+                    log.info("%s: the %s check deviates by %.2e of the output scale, within float rounding (the "
+                             "pruned model's float32 forward is %.2e from its float64 one): accepted", self.where,
+                             by, bad, err)
+                    bad = None
             if bad is not None:
                 raise ModelError(self.where, f"pruning the groups found by {by} changed the outputs beyond the "
                                  f"removed channels (relative deviation {bad:.2e}): a block does not work the way its "

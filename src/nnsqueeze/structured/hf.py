@@ -240,3 +240,19 @@ def float_error(model: nn.Module, example: object, got: list[torch.Tensor]) -> f
     more (a removed channel that mattered moves the outputs by a large fraction of their scale)."""
     exact = outputs(copy.deepcopy(model).double(), _double(example))
     return mismatch(exact, got, rtol=0.0) or 0.0
+
+
+ROUNDING = 4.0  # a deviation up to this many times the pruned model's own float error is rounding
+
+
+def deviation(ref: list[torch.Tensor], model: nn.Module, example: object) -> tuple[float | None, float | None]:
+    """The pattern check: ``(mismatch, float error)`` of ``model``'s outputs on ``example`` against
+    ``ref`` (the zeroed original's). The float error (:func:`float_error`) is measured only where it
+    decides something: a finite mismatch of a model that is not float64. The check compares two
+    float32 forwards, so a mismatch up to :data:`ROUNDING` times the error (2x margin) is rounding."""
+    got = outputs(model, example)
+    bad = mismatch(ref, got)
+    if bad is None or bad == float("inf") or next(model.parameters()).dtype == torch.float64:
+        return bad, None
+    return bad, float_error(model, example, got)
+
