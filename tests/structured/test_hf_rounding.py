@@ -52,3 +52,13 @@ def test_a_wrong_pattern_still_raises_under_the_same_bound(tight):
     torch.manual_seed(0)                       # fc1 -> softmax -> fc2: the softmax mixes the neurons
     with pytest.raises(ModelError, match="changed the outputs beyond the removed channels"):
         run_step(mixing_ffn(nn.Softmax(-1)), torch.randn(3, 6), ratio=0.5)
+
+
+def test_float_error_is_the_distance_to_a_float64_forward():
+    torch.manual_seed(0)
+    model, x = nn.Sequential(nn.Linear(9, 5), nn.Tanh(), nn.Linear(5, 3)).eval(), torch.randn(4, 9)
+    with torch.no_grad():
+        got, exact = model(x), copy.deepcopy(model).double()(x.double())
+    want = float((exact.float() - got).abs().max() / (1 + exact.float().abs().max()))
+    assert hf.float_error(model, x, [got]) == pytest.approx(want, rel=1e-6, abs=1e-12)
+    assert hf.float_error(model.double(), x.double(), [exact.float()]) == 0.0      # same computation
