@@ -192,3 +192,42 @@ def test_decoder_refuses_what_it_cannot_run():
         dec.step(VOCAB, 0)
     with pytest.raises(ModelError, match="prefill"):
         fastdecode.generate(llama(False), prompt(), 3, prefill="gpu")
+
+
+@pytest.mark.parametrize("march,isa", [("haswell", "avx2 maddubs"), ("x86-64", "scalar none")])
+@pytest.mark.parametrize("case", ["int4 g32 untied, lm_head int4, awq scales",
+                                  "int4 g64, K multiples of 32 (AVX-512 table kernel), lm_head int4 per-row",
+                                  "int8 per-row untied, lm_head int8"])
+def test_avx2_and_plain_c_builds_match_float64(case, march, isa, monkeypatch):
+    """This CPU builds the AVX-512 paths with -march=native; an AVX2-only server (no AVX-512, no VNNI)
+    compiles the ``haswell`` branches, a non-AVX CPU the plain C loops: build both here and run a whole
+    decode against the float64 forward (the same bound as the native build)."""
+    import platform
+    import shutil
+    if platform.machine() != "x86_64" or not (shutil.which("cc") or shutil.which("gcc")):
+        pytest.skip("explicit -march builds need an x86-64 machine with a C compiler")
+    monkeypatch.setenv("NNSQUEEZE_KERNEL_MARCH", march)
+    lib, why = decode_c.load()
+    assert lib is not None, why
+    assert lib.nsq_isa().decode() == isa                 # the build took the branch it names
+    model = CASES[case]()
+    ids = prompt()[0].tolist()
+    dec = fastdecode.Decoder(model, len(ids) + STEPS)
+    assert dec.lib is lib
+    seq, logits = list(ids), []
+    for pos in range(len(ids) + STEPS - 1):
+        tok = dec.step(seq[pos], pos)
+        logits.append(dec.logits.clone())
+        if pos >= len(ids) - 1:
+            seq.append(tok)
+    with torch.no_grad():
+        ref = copy.deepcopy(model).to(torch.float64)(torch.tensor([seq[:-1]])).logits[0]
+    err = (torch.stack(logits).double() - ref).abs().amax(-1)
+    assert bool((err <= REL * ref.abs().amax(-1)).all()), f"{case} ({march}): {float(err.max()):.2e}"
+
+
+def test_kernel_march_must_be_a_march_name(monkeypatch):
+    from nnsqueeze.llm import gemv
+    monkeypatch.setenv("NNSQUEEZE_KERNEL_MARCH", "native; rm -rf /")
+    with pytest.raises(ModelError, match="NNSQUEEZE_KERNEL_MARCH"):
+        gemv.flags()

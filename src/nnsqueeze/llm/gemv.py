@@ -35,6 +35,7 @@ import ctypes
 import hashlib
 import os
 import platform
+import re
 import shutil
 import subprocess
 import tempfile
@@ -312,11 +313,34 @@ void nsq_dequant(int bits, int N, int K, int G, int g, const uint8_t* W, const f
     }
   }
 }
+/* Which code paths this build compiled: "<simd> <int8-activation path>", e.g. "avx512 vnni", "avx2 maddubs",
+   "scalar none" (tests check that a -march override took the path it names). */
+const char* nsq_isa(void) {
+#if defined(__AVX512F__) && defined(__AVX512BW__)
+  return NSQ_A8_INT8 ? "avx512 vnni" : "avx512 maddubs";
+#elif NSQ_SIMD
+  return NSQ_A8_INT8 ? "avx2 vnni" : "avx2 maddubs";
+#else
+  return "scalar none";
+#endif
+}
 """
 
 # AVX2 + FMA intrinsics where the CPU has them (x86-64 since 2013), a plain C loop elsewhere. No
 # -ffast-math: it would link crtfastmath, which flushes denormals to zero for the whole process.
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-fPIC", "-shared"]
+MARCH_ENV = "NNSQUEEZE_KERNEL_MARCH"
+
+
+def flags() -> list[str]:
+    """:data:`FLAGS` with ``-march`` taken from ``$NNSQUEEZE_KERNEL_MARCH`` when set: ``haswell`` builds the
+    AVX2 + FMA paths an AVX2-only server runs (no AVX-512, no VNNI) on any AVX2 CPU, ``x86-64`` the plain C
+    loops; the tests use it to check every path on one machine."""
+    march = os.environ.get(MARCH_ENV, "native")
+    if not re.fullmatch(r"[a-z0-9][a-z0-9._-]*", march):
+        raise ModelError(MARCH_ENV, f"{march!r} is not a -march value",
+                         fix="use a GCC -march name such as native, haswell, skylake-avx512 or x86-64")
+    return [f"-march={march}" if f == "-march=native" else f for f in FLAGS]
 
 _lock = threading.Lock()
 _cache: dict[str, tuple[object | None, str]] = {}
@@ -343,7 +367,7 @@ def _build(cc: str, source: str, target: Path) -> None:
         src = Path(tmp) / "kernel.c"
         src.write_text(source)
         out = Path(tmp) / target.name
-        proc = subprocess.run([cc, *FLAGS, str(src), "-o", str(out)], capture_output=True, text=True, timeout=120)
+        proc = subprocess.run([cc, *flags(), str(src), "-o", str(out)], capture_output=True, text=True, timeout=120)
         if proc.returncode != 0:
             raise RuntimeError(f"{cc} failed: {proc.stderr.strip()[:300]}")
         os.replace(out, target)  # atomic: concurrent processes never load a half-written library
@@ -355,16 +379,18 @@ def compile_library(stem: str, source: str, declare) -> tuple[object | None, str
     ctypes signatures. ``NNSQUEEZE_PACKED_KERNEL=0`` disables every such library (callers fall back)."""
     if os.environ.get("NNSQUEEZE_PACKED_KERNEL", "1") == "0":
         return None, "disabled by NNSQUEEZE_PACKED_KERNEL=0"
+    fl = flags()
+    memo = f"{stem} {' '.join(fl)}"           # one library per stem and flags in this process
     with _lock:
-        if stem in _cache:
-            return _cache[stem]
+        if memo in _cache:
+            return _cache[memo]
         result: tuple[object | None, str]
         if platform.system() != "Linux" and platform.system() != "Darwin":
             result = (None, f"no build recipe for {platform.system()}")
         elif not (cc := os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")):
             result = (None, "no C compiler found (cc/gcc)")
         else:
-            key = hashlib.sha256("\n".join([source, " ".join(FLAGS), cc, _cpu_key()]).encode()).hexdigest()[:16]
+            key = hashlib.sha256("\n".join([source, " ".join(fl), cc, _cpu_key()]).encode()).hexdigest()[:16]
             target = _cache_dir() / f"{stem}_{key}.so"
             try:
                 if not target.exists():
@@ -374,7 +400,7 @@ def compile_library(stem: str, source: str, declare) -> tuple[object | None, str
                 result = (lib, "")
             except (OSError, RuntimeError, subprocess.SubprocessError, AttributeError) as e:
                 result = (None, f"could not build {stem}: {e}")
-        _cache[stem] = result
+        _cache[memo] = result
         return result
 
 
@@ -387,6 +413,8 @@ def declare_gemv(lib) -> None:
     lib.nsq_gemv_a8.restype = ctypes.c_int
     lib.nsq_dequant.argtypes = [i, i, i, i, i, p, p, p, p, i]
     lib.nsq_dequant.restype = None
+    lib.nsq_isa.argtypes = []
+    lib.nsq_isa.restype = ctypes.c_char_p
 
 
 def load_kernel() -> tuple[object | None, str]:
