@@ -67,7 +67,7 @@ CASES = {
     "int4 g64, K multiples of 32 (AVX-512 table kernel), lm_head int4 per-row": lambda: pack(
         llama(False, seed=4, hidden_size=64, intermediate_size=96, head_dim=16, num_attention_heads=4), 4, 64,
         head=True, awq=True),
-    "int4 g32, K multiples of 32 (table kernel: groups in pairs, an odd last one), lm_head fp32": lambda: pack(
+    "int4 g32, K multiples of 32 (table kernel, groups in pairs), lm_head fp32": lambda: pack(
         llama(False, seed=7, hidden_size=64, intermediate_size=96, head_dim=16, num_attention_heads=4), 4, 32),
     "int8 per-row untied, lm_head int8": lambda: pack(llama(False, seed=2), 8, -1, head=True),
     "int8 g16 tied, MHA (kv heads = heads)": lambda: pack(llama(True, seed=3, num_key_value_heads=6), 8, 16),
@@ -198,7 +198,7 @@ def test_decoder_refuses_what_it_cannot_run():
 
 @pytest.mark.parametrize("march,isa", [("haswell", "avx2 maddubs"), ("x86-64", "scalar none")])
 @pytest.mark.parametrize("case", ["int4 g32 untied, lm_head int4, awq scales",
-                                  "int4 g32, K multiples of 32 (table kernel: groups in pairs, an odd last one), lm_head fp32",
+                                  "int4 g32, K multiples of 32 (table kernel, groups in pairs), lm_head fp32",
                                   "int4 g64, K multiples of 32 (AVX-512 table kernel), lm_head int4 per-row",
                                   "int8 per-row untied, lm_head int8"])
 def test_avx2_and_plain_c_builds_match_float64(case, march, isa, monkeypatch):

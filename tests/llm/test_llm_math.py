@@ -180,3 +180,44 @@ def test_gptq_keeps_pruned_zeros():
     g = gptq_quantize(w * keep, hessian(x), bits=4, group_size=8, mask=keep, act_order=True, block_size=8)
     assert torch.equal(g.weight != 0, keep & (g.weight != 0)) and ((g.weight == 0) | keep).all()
     assert not (g.weight[~keep] != 0).any()
+
+
+def test_hessian_product_shared_by_layers_reading_one_tensor_is_bit_identical():
+    """q/k/v (gate/up) read the same tensor: the second accumulator reuses the first one's x^T x. The
+    Hessians equal the ones fed fresh copies, bit for bit, and an in-place change of the input (its
+    version counter moves) is never served from the cache."""
+    g = torch.Generator().manual_seed(0)
+    batches = [torch.randn(2, 7, 13, generator=g) for _ in range(3)]
+    shared = [HessianAccumulator(13), HessianAccumulator(13)]
+    fresh = [HessianAccumulator(13), HessianAccumulator(13)]
+    for x in batches:
+        for a in shared:
+            a.add(x)
+        for a in fresh:
+            a.add(x.clone())
+    ref = sum(2 * x.reshape(-1, 13).double().T @ x.reshape(-1, 13).double() for x in batches) / 42
+    for a, b in zip(shared, fresh):
+        assert torch.equal(a.hessian, b.hessian) and a.tokens == 42
+        assert torch.allclose(a.hessian, ref, rtol=1e-12, atol=1e-12)
+    x = torch.randn(5, 13, generator=g)
+    first, second = HessianAccumulator(13), HessianAccumulator(13)
+    first.add(x)
+    x.mul_(2)                                   # same object, new values: must be recomputed
+    second.add(x)
+    assert torch.allclose(second.hessian, 2 * x.double().T @ x.double() / 5, rtol=1e-12, atol=0)
+
+
+def test_relative_errors_match_a_float64_reference():
+    """||X (W - W_hat)^T|| / ||X W^T|| from the Hessian (float32 products, float64 sums) vs float64 on X."""
+    from nnsqueeze.steps._llm import relative_errors
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(301, 37, generator=g) @ torch.randn(37, 37, generator=g)
+    w = torch.randn(23, 37, generator=g)
+    hats = [w + 0.01 * torch.randn(23, 37, generator=g), torch.round(w * 4) / 4, w.clone()]
+    acc = HessianAccumulator(37)
+    acc.add(x)
+    got = relative_errors(w, hats, acc.hessian)
+    x64 = x.double()
+    for e, h in zip(got, hats):
+        ref = float(torch.linalg.norm(x64 @ (w.double() - h.double()).T) / torch.linalg.norm(x64 @ w.double().T))
+        assert abs(e - ref) <= 1e-5 * max(ref, 1e-3)

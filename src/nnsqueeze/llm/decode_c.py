@@ -65,13 +65,19 @@ long nsq_work_floats(const nsq_model* m) {
 #define NSQ_FV 16
 typedef __m512 fvec;
 static inline fvec fv_zero(void) { return _mm512_setzero_ps(); }
-static inline fvec fv_fma(const float* a, const float* b, fvec c) { return _mm512_fmadd_ps(_mm512_loadu_ps(a), _mm512_loadu_ps(b), c); }
-static inline float fv_sum(fvec a, fvec b, fvec c, fvec d) { return _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(a, b), _mm512_add_ps(c, d))); }
+static inline fvec fv_fma(const float* a, const float* b, fvec c) {
+  return _mm512_fmadd_ps(_mm512_loadu_ps(a), _mm512_loadu_ps(b), c);
+}
+static inline float fv_sum(fvec a, fvec b, fvec c, fvec d) {
+  return _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(a, b), _mm512_add_ps(c, d)));
+}
 #elif defined(__AVX2__) && defined(__FMA__)
 #define NSQ_FV 8
 typedef __m256 fvec;
 static inline fvec fv_zero(void) { return _mm256_setzero_ps(); }
-static inline fvec fv_fma(const float* a, const float* b, fvec c) { return _mm256_fmadd_ps(_mm256_loadu_ps(a), _mm256_loadu_ps(b), c); }
+static inline fvec fv_fma(const float* a, const float* b, fvec c) {
+  return _mm256_fmadd_ps(_mm256_loadu_ps(a), _mm256_loadu_ps(b), c);
+}
 static inline float fv_sum(fvec a, fvec b, fvec c, fvec d) {
   __m256 t = _mm256_add_ps(_mm256_add_ps(a, b), _mm256_add_ps(c, d));
   __m128 u = _mm_add_ps(_mm256_castps256_ps128(t), _mm256_extractf128_ps(t, 1));

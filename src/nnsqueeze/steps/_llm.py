@@ -132,11 +132,22 @@ class SparsityFields(LLMStepConfig):
 
 def relative_error(w: torch.Tensor, w_hat: torch.Tensor, hessian: torch.Tensor) -> float:
     """``||X (W - W_hat)^T|| / ||X W^T||`` on the calibration tokens, from ``H = 2/n X^T X``."""
-    h = hessian.double()
-    d = w.double() - w_hat.double()
-    num = float(((d @ h) * d).sum())
-    den = float(((w.double() @ h) * w.double()).sum())
-    return math.sqrt(max(num, 0.0) / den) if den > 0 else 0.0
+    return relative_errors(w, [w_hat], hessian)[0]
+
+
+def relative_errors(w: torch.Tensor, w_hats: list[torch.Tensor], hessian: torch.Tensor) -> list[float]:
+    """:func:`relative_error` of each of ``w_hats``, the denominator computed once.
+
+    The (out, in) @ (in, in) products run in float32 (half the time of float64 on a CPU; these are
+    report figures, rounded to 6 digits), the sums in float64."""
+    h = hessian.float()
+
+    def quad(d: torch.Tensor) -> float:
+        return float(((d @ h) * d).sum(dtype=torch.float64))
+
+    w32 = w.float()
+    den = quad(w32)
+    return [math.sqrt(max(quad(w32 - x.float()), 0.0) / den) if den > 0 else 0.0 for x in w_hats]
 
 
 class LLMStep(Step):

@@ -52,7 +52,7 @@ from ..llm.sequential import get_weight, set_weight
 from ..quant.convert import convert, weight_only_args
 from ..registry import STEPS
 from .base import recorded_module
-from ._llm import LLMStep, QuantFields, QuantScheme, relative_error
+from ._llm import LLMStep, QuantFields, QuantScheme, relative_errors
 from .rtn import check_pack, to_weight_only, pack_layers, scheme_dict, note_kernel
 
 
@@ -119,10 +119,10 @@ class AWQ(LLMStep):
                 set_weight(mod, r.weight)
             if c.pack:
                 packs[name], scales[name] = (r.scaled_weight, r.scale, r.zero_point), r.scales
-            return {"method": "awq", **scheme_dict(c), "alpha": r.alpha,
-                    "error": round(relative_error(w, r.weight, acc.hessian), 6),
-                    "rtn_error": round(relative_error(w, rtn_quantize(w, c.bits, c.group_size, c.symmetric,
-                                                                   full_range=c.full_range).weight, acc.hessian), 6)}
+            rtn = rtn_quantize(w, c.bits, c.group_size, c.symmetric, full_range=c.full_range).weight
+            err, rtn_err = relative_errors(w, [r.weight, rtn], acc.hessian)
+            return {"method": "awq", **scheme_dict(c), "alpha": r.alpha, "error": round(err, 6),
+                    "rtn_error": round(rtn_err, 6)}
 
         def on_block(i, block):  # pack as soon as a block is done (see gptq); the next block sees the packed layers
             if c.fold:

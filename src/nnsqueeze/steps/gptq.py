@@ -30,7 +30,7 @@ from ..llm.gptq import HessianAccumulator, gptq_quantize
 from ..llm.sequential import get_weight, set_weight
 from ..ops.rtn import rtn_quantize
 from ..registry import STEPS
-from ._llm import ClipConfig, QuantFields, relative_error
+from ._llm import ClipConfig, QuantFields, relative_errors
 from .rtn import CLIP_FIELD, PACK_FIELD, check_pack, clip_args, pack_layers, scheme_dict, WeightQuantStep, note_kernel
 
 
@@ -78,9 +78,9 @@ class GPTQ(WeightQuantStep):
             if c.pack:
                 packs[name] = (r.weight, r.scale, r.zero_point)
             rtn = rtn_quantize(w, c.bits, c.group_size, c.symmetric, full_range=c.full_range).weight
+            err, rtn_err = relative_errors(w, [r.weight, rtn], acc.hessian)
             return {"method": "gptq", **scheme_dict(c), "damp_percent": r.damp_percent,
-                    "error": round(relative_error(w, r.weight, acc.hessian), 6),
-                    "rtn_error": round(relative_error(w, rtn, acc.hessian), 6)}
+                    "error": round(err, 6), "rtn_error": round(rtn_err, 6)}
 
         def on_block(i, block):
             # Pack this block's layers now (their float copies in `packs` are freed): the next
