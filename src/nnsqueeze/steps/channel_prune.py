@@ -64,7 +64,7 @@ from ..structured import allocate
 from ..structured.heads import head_parts, head_types, prune_heads, unsupported_reason
 from ..structured.collect import accumulate_grads, activation_parts, activations, taylor_parts, weight_parts
 from ..structured.graph import DependencyGraph, Group, build_graph
-from ..structured import hf, hidden
+from ..structured import hf, hidden, hidden_mha
 from ..structured.hf import HFGraph, hf_graph, set_attrs, sync_attrs
 from ..structured.xgraph import build_export_graph
 from ..structured.importance import CRITERIA, NEEDS, Part
@@ -121,8 +121,13 @@ class StructuredPruneConfig(StepConfig):
 
 
 def _group_layers(model: nn.Module, g: Group) -> list[str]:
-    return sorted({m.module for m in g.members
-                   if m.role == "out" and isinstance(model.get_submodule(m.module), LAYERS)})
+    """The group's output layers, an attention's ``out_proj`` named by its attention (what targets select)."""
+    out = set()
+    for m in g.members:
+        if m.role == "out" and isinstance(model.get_submodule(m.module), LAYERS):
+            parent = m.module.rpartition(".")[0] if m.module.endswith(".out_proj") else None
+            out.add(parent if parent and isinstance(model.get_submodule(parent), head_types()) else m.module)
+    return sorted(out)
 
 
 def keep_indices(model: nn.Module, groups: list[Group], pruned: list[torch.Tensor]) -> list[tuple[str, str, list[int]]]:
@@ -190,7 +195,8 @@ class StructuredPrune(Step):
         the Hugging Face block patterns. Which one was used, and why a fallback happened, is logged."""
         norms, order = self.config.norms == "prune", {"auto": ("fx", "export"), "fx": ("fx",),
                                                       "export": ("export",)}[self.config.graph]
-        if self.config.hidden is not None:  # the residual stream is found through the module patterns' blocks
+        mha = self.config.hidden is not None and hidden_mha.has_attention(model)   # else Hugging Face patterns
+        if self.config.hidden is not None and not mha:  # the stream is found through the module patterns' blocks
             if self.config.graph != "auto":
                 raise RecipeError(f"{self.where}.graph", f"hidden-size pruning uses the Hugging Face module "
                                   f"patterns, not a graph: `graph: {self.config.graph}` cannot apply",
@@ -228,23 +234,20 @@ class StructuredPrune(Step):
         self._head_groups = {id(b.group) for b in self._blocks if b.kind == "heads"}
         self._stream = None
         if self.config.hidden is not None:
-            if not self._blocks:
-                raise ModelError(f"{self.where}.hidden", "hidden-size pruning is for Hugging Face transformers "
-                                 "whose attention blocks are recognised by module patterns; none was recognised "
-                                 "in this model", fix="leave `hidden` unset; `norms: prune` prunes LayerNorm-coupled "
-                                 "channels of traced models")
-            self._stream = hidden.find_stream(model, graph, example, f"{self.where}.hidden")
-            c, s = self.config, self._stream
-            kept = allocate.keep_count(s.width, c.hidden, c.round_to, c.min_channels)
-            if kept % s.heads:
-                ok = [k for k in range(s.heads, s.width + 1, s.heads)
-                      if k % c.round_to == 0 or k == s.width]
-                near = min(ok, key=lambda k: abs(k - kept)) if ok else s.width
-                raise RecipeError(f"{self.where}.hidden", f"hidden: {c.hidden} keeps {kept} of {s.width} hidden "
-                                  f"channels, not a multiple of num_attention_heads={s.heads} (transformers requires "
-                                  "hidden_size % num_attention_heads == 0; head_dim stays "
-                                  f"{s.head_dim})", fix=f"use hidden: {(s.width - near) / s.width:.4f} (keeps {near})")
-            hidden.attach(graph, self._stream)
+            where = f"{self.where}.hidden"
+            if mha:   # nn.MultiheadAttention models (torchvision's ViT): the stream beside the traced graph
+                self._stream = hidden_mha.find_stream(model, example, where, len(graph.groups))
+            elif not self._blocks:
+                raise ModelError(where, "hidden-size pruning is for Hugging Face transformers whose attention "
+                                 "blocks are recognised by module patterns, and for models built on "
+                                 "nn.MultiheadAttention (torchvision's ViT); this model is neither",
+                                 fix="leave `hidden` unset; `norms: prune` prunes LayerNorm-coupled channels of "
+                                 "traced models")
+            else:
+                self._stream = hidden.find_stream(model, graph, example, where)
+            c = self.config
+            hidden.kept_width(self._stream, c.hidden, c.round_to, c.min_channels, where)
+            hidden.attach(graph, self._stream, where)
         return graph
 
     def _apply(self, model: nn.Module, plan: list[tuple[str, str, list[int]]]) -> dict[str, dict[str, int]]:

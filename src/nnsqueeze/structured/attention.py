@@ -16,6 +16,10 @@ Its output equals the original's with the removed heads' ``out_proj`` columns se
     >>> small(x, x, x)[0].shape
     torch.Size([2, 5, 16])
 
+:func:`fit_width` is the other half: after the hidden-size pruning of :mod:`.hidden_mha` took
+``in_proj_weight`` input columns and ``out_proj`` rows away, it gives the layer of that narrower
+``embed_dim`` with its heads (count and ``head_dim``) unchanged.
+
 Supported: ``kdim == vdim == embed_dim`` (packed ``in_proj_weight``), no ``bias_k``/``bias_v``, no
 ``add_zero_attn``, 2-D ``attn_mask`` and ``key_padding_mask``. Anything else is left intact by the
 step (reported with :func:`unsupported_reason`).
@@ -28,6 +32,8 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from ..errors import ModelError
 
 Tensor = torch.Tensor
 
@@ -114,13 +120,28 @@ def prune_heads(m: nn.Module, keep: list[int]) -> PrunedMultiheadAttention:
     """A :class:`PrunedMultiheadAttention` holding heads ``keep`` (sorted) of ``m``."""
     h, d = m.num_heads, m.head_dim
     keep_t = torch.as_tensor(sorted(keep), dtype=torch.long)
-    new = PrunedMultiheadAttention(m.embed_dim, len(keep), d, bias=m.in_proj_bias is not None,
+    new = PrunedMultiheadAttention(m.in_proj_weight.shape[1], len(keep), d, bias=m.in_proj_bias is not None,
                                    batch_first=m.batch_first, dropout=m.dropout)
     new.to(device=m.in_proj_weight.device, dtype=m.in_proj_weight.dtype)
     new.in_proj_weight.copy_(m.in_proj_weight.reshape(3, h, d, -1)[:, keep_t].reshape(3 * len(keep) * d, -1))
     if m.in_proj_bias is not None:
         new.in_proj_bias.copy_(m.in_proj_bias.reshape(3, h, d)[:, keep_t].reshape(-1))
         new.out_proj.bias.copy_(m.out_proj.bias)
-    new.out_proj.weight.copy_(m.out_proj.weight.reshape(m.embed_dim, h, d)[:, keep_t].reshape(m.embed_dim, -1))
+    e = m.out_proj.out_features
+    new.out_proj.weight.copy_(m.out_proj.weight.reshape(e, h, d)[:, keep_t].reshape(e, -1))
     new.train(m.training)
     return new
+
+
+def fit_width(m: nn.Module, where: str = "structured-prune") -> PrunedMultiheadAttention:
+    """``m`` after its stream side was shrunk (``in_proj_weight`` columns, ``out_proj`` rows): a
+    :class:`PrunedMultiheadAttention` whose ``embed_dim`` is that width, every head kept."""
+    w = getattr(m, "in_proj_weight", None)
+    width = w.shape[1] if w is not None else -1
+    if width != m.out_proj.out_features:
+        raise ModelError(where, f"{type(m).__name__}: in_proj_weight reads {width} channels but out_proj writes "
+                         f"{m.out_proj.out_features}", fix="load onto the same architecture that was compressed")
+    if isinstance(m, PrunedMultiheadAttention):
+        m.embed_dim = width
+        return m
+    return prune_heads(m, list(range(m.num_heads)))
