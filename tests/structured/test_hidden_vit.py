@@ -73,7 +73,8 @@ def sliced(model, keep, heads=None, mlp=None):
         a, h = b + "self_attention.", model.encoder.layers[i].self_attention.num_heads
         d = sd[a + "in_proj_weight"].shape[0] // 3 // h
         hk = torch.tensor((heads or {}).get(b + "self_attention", list(range(h))))
-        sd[a + "in_proj_weight"] = sd[a + "in_proj_weight"].reshape(3, h, d, -1)[:, hk].reshape(-1, sd[a + "in_proj_weight"].shape[1])[:, k]
+        w = sd[a + "in_proj_weight"]
+        sd[a + "in_proj_weight"] = w.reshape(3, h, d, -1)[:, hk].reshape(-1, w.shape[1])[:, k]
         sd[a + "in_proj_bias"] = sd[a + "in_proj_bias"].reshape(3, h, d)[:, hk].reshape(-1)
         w = sd[a + "out_proj.weight"]
         sd[a + "out_proj.weight"] = w.reshape(w.shape[0], h, d)[:, hk].reshape(w.shape[0], -1)[k]
@@ -96,8 +97,9 @@ def vit_ref(sd, img, patch, head_dim, layers=2):
     for i in range(layers):
         b = f"encoder.layers.encoder_layer_{i}."
         y = layer_norm(sd, b + "ln_1", x)
+        a = b + "self_attention."
         q, k, v = (F.linear(y, w, bias).unflatten(-1, (-1, head_dim)).transpose(1, 2) for w, bias in
-                   zip(sd[b + "self_attention.in_proj_weight"].chunk(3), sd[b + "self_attention.in_proj_bias"].chunk(3)))
+                   zip(sd[a + "in_proj_weight"].chunk(3), sd[a + "in_proj_bias"].chunk(3)))
         att = torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(head_dim), -1) @ v
         x = x + F.linear(att.transpose(1, 2).flatten(2), sd[b + "self_attention.out_proj.weight"],
                          sd[b + "self_attention.out_proj.bias"])
@@ -137,7 +139,8 @@ def test_vit_hidden_equals_float64_reference(shape, heads):
         assert blk.mlp[3].out_features == width
         assert blk.mlp[0].out_features == s["mlp_dim"] - (round(s["mlp_dim"] * 0.4) if heads else 0)
     members = {(m.module, m.role) for m in step._stream.group.members}
-    assert len(members) == 3 + 2 * 2 + 5 + 2 * 2 + 1     # conv, class token, pos; out_proj, fc2; norms; in_proj, fc1; head
+    # conv, class token, pos; out_proj, fc2; norms; in_proj, fc1; head
+    assert len(members) == 3 + 2 * 2 + 5 + 2 * 2 + 1
     assert all(k == keep for n, r, k in step.plan_ if (n, r) in members)
     mlp = {n: k for n, r, k in step.plan_ if r == "out" and n.endswith("mlp.0")}
     with torch.no_grad():
