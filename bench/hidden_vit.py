@@ -2,7 +2,11 @@
 
 Rows: the hidden size (residual stream) alone, heads + MLP neurons alone (``ratio``, as in
 ``bench/zoo_vs_torch_pruning.py``), and both; l2 importance. Per row: the kept hidden width, MACs and
-parameters left (fractions of the baseline; MACs by torch's ``FlopCounterMode``, as the zoo bench). Torch-Pruning
+parameters left (fractions of the baseline). MACs are nnsqueeze's count (``structured/macs.py``: module hooks,
+``nn.MultiheadAttention`` counted whole: projections, scores and weighted values), not torch's ``FlopCounterMode``:
+in eval mode without gradients ``nn.MultiheadAttention`` takes its fused fast path, which ``FlopCounterMode``
+counts as 0 MACs, while the pruned ``PrunedMultiheadAttention`` is counted in full (the two counts agree on
+``PrunedMultiheadAttention``), so a baseline/pruned ratio from it would be wrong. Torch-Pruning
 1.6.1 at a 50% ratio prunes vit_b_16's hidden size, heads and MLP together to 0.2618 of the MACs
 (``tests/structured/test_tv_transformers.py``), comparable to the ``ratio 0.5 + hidden 0.5`` row.
 ``--latency`` also exports each model to ONNX and times it in ONNX Runtime (batch 1, ``--threads``, interleaved
@@ -27,17 +31,22 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from zoo_vs_torch_pruning import isa, latency_ms, macs, params, session  # noqa: E402
+from zoo_vs_torch_pruning import isa, latency_ms, params, session  # noqa: E402
 
 from nnsqueeze.context import Context  # noqa: E402
 from nnsqueeze.env import cpu_model  # noqa: E402
 from nnsqueeze.export.onnx import export_onnx  # noqa: E402
+from nnsqueeze.structured.macs import count  # noqa: E402
 from nnsqueeze.steps.channel_prune import StructuredPrune  # noqa: E402
 from nnsqueeze.zoo.tvision import import_torchvision  # noqa: E402
 
 ROWS = {"hidden 0.25": {"hidden": 0.25}, "hidden 0.5": {"hidden": 0.5}, "ratio 0.5": {"ratio": 0.5},
         "ratio 0.5 + hidden 0.25": {"ratio": 0.5, "hidden": 0.25},
         "ratio 0.5 + hidden 0.5": {"ratio": 0.5, "hidden": 0.5}}
+
+
+def macs(model: torch.nn.Module, x: torch.Tensor) -> int:
+    return count(model, x).total_macs
 
 
 def build() -> torch.nn.Module:

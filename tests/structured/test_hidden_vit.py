@@ -223,3 +223,31 @@ def test_a_stream_writer_the_shapes_do_not_list_is_a_model_error():
     m.att = nn.MultiheadAttention(12, 2, add_bias_kv=True, batch_first=True)
     with pytest.raises(ModelError, match="does not support this attention layer .bias_k"):
         run_step(m, torch.randn(2, 4, 5), hidden=0.5)
+
+
+@pytest.mark.slow
+def test_vit_b_16_architecture_hidden_heads_and_mlp_export_and_rebuild(tmp_path):
+    """torchvision's vit_b_16 itself (12 blocks, 12 heads of 64), at image_size 32 (4 patches) to stay small."""
+    from nnsqueeze.export.onnx import export_onnx
+    from nnsqueeze.structured.macs import count
+
+    def build():
+        torch.manual_seed(0)
+        return import_torchvision().models.get_model("vit_b_16", weights=None, image_size=32).eval()
+
+    x = images(seed=2, b=1)
+    model = build()
+    before = count(model, x)
+    pruned, step, ctx = run_step(model, x, hidden=0.25, ratio=0.5)
+    assert pruned.hidden_dim == 576 and pruned.conv_proj.out_channels == 576
+    for blk in pruned.encoder.layers:
+        att = blk.self_attention
+        assert (att.embed_dim, att.num_heads, att.head_dim, blk.mlp[0].out_features) == (576, 6, 64, 1536)
+    after = count(pruned, x)
+    # per block: attention 4 * 576 * 384 per token + scores; MLP 2 * 576 * 1536 per token: under half the MACs
+    assert after.total_macs < 0.5 * before.total_macs and after.total_params < 0.4 * before.total_params
+    export_onnx(pruned, tmp_path / "m.onnx", x)          # verifies ONNX Runtime against torch
+    fresh = StructuredPrune.rebuild(build(), step.config, step.record())
+    fresh.load_state_dict(pruned.state_dict())
+    with torch.no_grad():
+        assert torch.equal(fresh.eval()(x), pruned(x))
