@@ -138,7 +138,7 @@ def test_vit_hidden_equals_float64_reference(shape, heads):
         assert blk.ln_1.weight.shape == blk.ln_2.bias.shape == (width,) and blk.mlp[0].in_features == width
         assert blk.mlp[3].out_features == width
         assert blk.mlp[0].out_features == s["mlp_dim"] - (round(s["mlp_dim"] * 0.4) if heads else 0)
-    members = {(m.module, m.role) for m in step._stream.group.members}
+    members = {(m.module, m.role) for m in step._streams[0].group.members}
     # conv, class token, pos; out_proj, fc2; norms; in_proj, fc1; head
     assert len(members) == 3 + 2 * 2 + 5 + 2 * 2 + 1
     assert all(k == keep for n, r, k in step.plan_ if (n, r) in members)

@@ -16,9 +16,8 @@ Its output equals the original's with the removed heads' ``out_proj`` columns se
     >>> small(x, x, x)[0].shape
     torch.Size([2, 5, 16])
 
-:func:`fit_width` is the other half: after the hidden-size pruning of :mod:`.hidden_mha` took
-``in_proj_weight`` input columns and ``out_proj`` rows away, it gives the layer of that narrower
-``embed_dim`` with its heads (count and ``head_dim``) unchanged.
+Its ``embed_dim`` is read from ``in_proj_weight``, so hidden-size pruning (:mod:`.hidden_attn`) narrows
+the stream side (``in_proj_weight`` input columns, ``out_proj`` rows) in place, heads and ``head_dim`` unchanged.
 
 Supported: ``kdim == vdim == embed_dim`` (packed ``in_proj_weight``), no ``bias_k``/``bias_v``, no
 ``add_zero_attn``, 2-D ``attn_mask`` and ``key_padding_mask``. Anything else is left intact by the
@@ -33,8 +32,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..errors import ModelError
-
 Tensor = torch.Tensor
 
 
@@ -42,13 +39,18 @@ class PrunedMultiheadAttention(nn.Module):
     def __init__(self, embed_dim: int, num_heads: int, head_dim: int, bias: bool = True,
                  batch_first: bool = False, dropout: float = 0.0):
         super().__init__()
-        self.embed_dim, self.num_heads, self.head_dim = embed_dim, num_heads, head_dim
+        self.num_heads, self.head_dim = num_heads, head_dim
         self.batch_first, self.dropout = batch_first, dropout
         inner = num_heads * head_dim
         self.in_proj_weight = nn.Parameter(torch.empty(3 * inner, embed_dim))
         self.in_proj_bias = nn.Parameter(torch.zeros(3 * inner)) if bias else None
         self.out_proj = nn.Linear(inner, embed_dim, bias=bias)
         nn.init.xavier_uniform_(self.in_proj_weight)
+
+    @property
+    def embed_dim(self) -> int:
+        """The stream width, read from the weights (hidden-size pruning narrows it in place)."""
+        return self.in_proj_weight.shape[1]
 
     def forward(self, query: Tensor, key: Tensor, value: Tensor, key_padding_mask: Tensor | None = None,
                 need_weights: bool = True, attn_mask: Tensor | None = None, average_attn_weights: bool = True,
@@ -132,16 +134,3 @@ def prune_heads(m: nn.Module, keep: list[int]) -> PrunedMultiheadAttention:
     new.train(m.training)
     return new
 
-
-def fit_width(m: nn.Module, where: str = "structured-prune") -> PrunedMultiheadAttention:
-    """``m`` after its stream side was shrunk (``in_proj_weight`` columns, ``out_proj`` rows): a
-    :class:`PrunedMultiheadAttention` whose ``embed_dim`` is that width, every head kept."""
-    w = getattr(m, "in_proj_weight", None)
-    width = w.shape[1] if w is not None else -1
-    if width != m.out_proj.out_features:
-        raise ModelError(where, f"{type(m).__name__}: in_proj_weight reads {width} channels but out_proj writes "
-                         f"{m.out_proj.out_features}", fix="load onto the same architecture that was compressed")
-    if isinstance(m, PrunedMultiheadAttention):
-        m.embed_dim = width
-        return m
-    return prune_heads(m, list(range(m.num_heads)))

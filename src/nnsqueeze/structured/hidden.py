@@ -50,12 +50,14 @@ from torch import nn
 from ..data import call_model
 from ..errors import ModelError, RecipeError
 from . import allocate
-from .attention import ATTENTION, fit_width
+from .attention import PrunedMultiheadAttention
 from .graph import Group, Member
+from .heads import head_types, prune_heads
 from .hf import HFGraph
 from .importance import Part
 from .macs import eval_mode
 from .pruners import dim_size, param_role
+from .window_attention import PrunedWindowAttention
 
 
 @dataclass
@@ -119,27 +121,29 @@ def set_entries(mod: nn.Module, role: str, chans: torch.Tensor, value: float = 0
 
 
 @torch.no_grad()
-def probe(model: nn.Module, example: Any, width: int, chans: torch.Tensor, zero: list[tuple[str, str]],
-          watch: list[str], tags: dict[tuple[str, str], int] | None = None) -> dict[str, torch.Tensor]:
-    """Run a copy of ``model`` whose ``zero`` members write zeros to stream channels ``chans`` (the
-    ``tags`` members write 1.0 to their one channel instead). Per watched module that ran: the largest
-    |input| of each of the ``width`` channels, over every tensor argument of that width."""
+def probe(model: nn.Module, example: Any, width: int, chans: torch.Tensor, zero: list[tuple],
+          watch: list, tags: dict[tuple[str, str], int] | None = None) -> dict[str, torch.Tensor]:
+    """Run a copy of ``model`` whose ``zero`` members ``(module, role[, positions])`` write zeros to stream
+    channels ``chans`` (or to their own ``positions``); the ``tags`` members write 1.0 to their one channel
+    instead. Per watched module (a name, or ``(name, width)`` for an input of another width) that ran: the
+    largest |input| of each channel, over every tensor argument of that width."""
     m = copy.deepcopy(model)
-    for name, role in zero:
-        set_entries(m.get_submodule(name), role, chans)
+    for name, role, *pos in zero:
+        set_entries(m.get_submodule(name), role, pos[0] if pos else chans)
     for (name, role), c in (tags or {}).items():
         set_entries(m.get_submodule(name), role, torch.tensor([c]), 1.0)
     seen: dict[str, torch.Tensor] = {}
 
-    def hook(name: str):
+    def hook(name: str, w: int):
         def fn(mod: nn.Module, args: tuple, kwargs: dict) -> None:
             for x in list(args) + list(kwargs.values()):
-                if isinstance(x, torch.Tensor) and x.dim() > 0 and x.shape[-1] == width:
-                    top = x.detach().abs().reshape(-1, width).amax(0).double()
+                if isinstance(x, torch.Tensor) and x.dim() > 0 and x.shape[-1] == w:
+                    top = x.detach().abs().reshape(-1, w).amax(0).double()
                     seen[name] = torch.maximum(seen[name], top) if name in seen else top
         return fn
 
-    hooks = [m.get_submodule(n).register_forward_pre_hook(hook(n), with_kwargs=True) for n in watch]
+    pairs = [(n, width) if isinstance(n, str) else n for n in watch]
+    hooks = [m.get_submodule(n).register_forward_pre_hook(hook(n, w), with_kwargs=True) for n, w in pairs]
     try:
         with eval_mode(m):
             call_model(m, example)
@@ -242,22 +246,27 @@ def kept_width(stream: Stream, ratio: float, round_to: int, min_channels: int,
     return kept
 
 
-def attach(graph: Any, stream: Stream, where: str = "structured-prune.hidden") -> None:
-    """Add the stream's group to ``graph``; it is no longer frozen, its layers no longer skipped."""
-    mine = {(m.module, m.role) for m in stream.group.members}
+def attach(graph: Any, streams: list[Stream], where: str = "structured-prune.hidden",
+           modules: set[str] | None = None) -> None:
+    """Add the streams' groups to ``graph``; they are no longer frozen, their layers no longer skipped (nor the
+    graph nodes, not in ``modules``, that froze them)."""
+    mine = {(m.module, m.role) for s in streams for m in s.group.members}
     clash = [(m.module, m.role) for g in graph.groups for m in g.members if (m.module, m.role) in mine]
     if clash:
-        raise ModelError(where, f"{clash[0][0]} ({clash[0][1]}) is both on the residual stream and in another channel "
+        raise ModelError(where, f"{clash[0][0]} ({clash[0][1]}) is both on a residual stream and in another channel "
                          "group", fix="leave `hidden` unset for this model")
-    graph.groups.append(stream.group)
-    writers = {m.module for m in stream.group.members if m.role == "out"}
+    writers = {m.module for s in streams for m in s.group.members if m.role == "out"}
     gone = [f for f in graph.frozen if f[0].startswith("hidden size") or set(f[0].split(", ")) <= writers]
     graph.frozen = [f for f in graph.frozen if f not in gone]
-    causes = {f[1].split(":")[0] for f in gone}     # the graph nodes that froze the stream's space
-    for n in {m.module for m in stream.group.members} | {lin for lin, _ in stream.ties} | set(stream.attention) \
-            | causes:
+    for s in streams:
+        graph.groups.append(s.group)
+        graph.skipped.update(s.skipped)
+    # graph nodes (not modules) that froze a space: kept only where a remaining frozen space cites them
+    cited = {f[1].split(":")[0] for f in graph.frozen}
+    nodes = {n for n in graph.skipped if modules is not None and n not in modules and n not in cited}
+    for n in {m for m, _ in mine} | {lin for s in streams for lin, _ in s.ties} | \
+            {a for s in streams for a in s.attention} | nodes:
         graph.skipped.pop(n, None)
-    graph.skipped.update(stream.skipped)
 
 
 def activation_parts(stream: Stream, acts: dict[str, torch.Tensor]) -> list[Part]:
@@ -265,45 +274,61 @@ def activation_parts(stream: Stream, acts: dict[str, torch.Tensor]) -> list[Part
     return [Part("activation", "out", acts[n]) for n in stream.norms]
 
 
-def split_plan(plan: list[tuple[str, str, list[int]]], stream: Stream | None) -> tuple[list, list]:
-    """(the heads / FFN entries, the stream's entries) of a plan."""
-    own = {(m.module, m.role) for m in stream.group.members} if stream else set()
+def split_plan(plan: list[tuple[str, str, list[int]]], streams: list[Stream]) -> tuple[list, list]:
+    """(the heads / FFN entries, the streams' entries) of a plan."""
+    own = {(m.module, m.role) for s in streams for m in s.group.members}
     return [e for e in plan if (e[0], e[1]) not in own], [e for e in plan if (e[0], e[1]) in own]
 
 
-def finish(model: nn.Module, stream: Stream) -> tuple[dict[str, dict[str, int]], dict[str, Any]]:
-    """After the stream's dims were shrunk: retie, rebuild the attention layers on the narrower width,
-    set the width attributes (``hidden_size``; torchvision: ``hidden_dim``) and configs.
-    Returns (module attributes set, the record :func:`replay` needs)."""
-    first = stream.group.members[0]
-    width = dim_size(model.get_submodule(first.module), first.role)
-    attrs = {n: {a: width for a in stream.attrs if type(getattr(m, a, None)) is int and getattr(m, a) == stream.width}
-             for n, m in model.named_modules()}
-    attrs = {n: v for n, v in attrs.items() if v}
+def prepare(model: nn.Module, names: list[str], where: str = "structured-prune record") -> None:
+    """Before the stream is shrunk: the attention layers ``names`` (``nn.MultiheadAttention``, torchvision's
+    window attention) become their pruned forms with every head, whose stream width follows the weights."""
+    for name in names:
+        try:
+            mod = model.get_submodule(name)
+        except AttributeError:
+            raise ModelError(f"{where}: {name}", "attention layer not found",
+                             fix="load onto the same architecture that was compressed") from None
+        if isinstance(mod, (PrunedMultiheadAttention, PrunedWindowAttention)):
+            continue
+        if not isinstance(mod, head_types()):
+            raise ModelError(f"{where}: {name}", f"{type(mod).__name__} is not an attention layer",
+                             fix="load onto the same architecture that was compressed")
+        parent, _, leaf = name.rpartition(".")
+        setattr(model.get_submodule(parent), leaf, prune_heads(mod, list(range(mod.num_heads))))
+
+
+def finish(model: nn.Module, streams: list[Stream]) -> tuple[dict[str, dict[str, int]], dict[str, Any]]:
+    """After the streams' dims were shrunk: retie, set the width attributes (``hidden_size``; torchvision's
+    ViT: ``hidden_dim``) and configs. Returns (module attributes set, the record :func:`replay` needs)."""
+    attrs: dict[str, dict[str, int]] = {}
+    widths = []
+    for stream in streams:
+        first = stream.group.members[0]
+        width = dim_size(model.get_submodule(first.module), first.role)
+        widths.append(width)
+        for n, m in model.named_modules():
+            for a in stream.attrs:
+                if type(getattr(m, a, None)) is int and getattr(m, a) == stream.width:
+                    attrs.setdefault(n, {})[a] = width
     for n, values in attrs.items():
         for a, v in values.items():
             setattr(model.get_submodule(n), a, v)
-    record = {"hidden_size": width, "ties": [list(t) for t in stream.ties], "configs": list(stream.configs)}
-    record |= {"attention": list(stream.attention)} if stream.attention else {}
+    s0 = streams[0]
+    record = {"hidden_size": widths[0], "ties": [list(t) for t in s0.ties], "configs": list(s0.configs)}
+    attention = [a for s in streams for a in s.attention]
+    record |= ({"attention": attention} if attention else {}) | ({"widths": widths} if len(streams) > 1 else {})
     replay(model, record)
     return attrs, record
 
 
 def replay(model: nn.Module, record: dict[str, Any]) -> None:
-    """Tie the recorded LM heads to their (shrunk) embeddings, give the recorded attention layers their
-    narrower ``embed_dim`` and set ``config.hidden_size``."""
+    """Tie the recorded LM heads to their (shrunk) embeddings and set ``config.hidden_size``."""
     for lin, emb in record.get("ties", []):
         head, e = model.get_submodule(lin), model.get_submodule(emb)
         if not isinstance(head, nn.Linear) or not isinstance(e, nn.Embedding):
             raise ModelError(f"structured-prune record: {lin}", "recorded tie is not a Linear and an Embedding",
                              fix="load onto the same architecture that was compressed")
         head.weight, head.in_features = e.weight, e.embedding_dim
-    for name in record.get("attention", []):
-        mod = model.get_submodule(name)
-        if not isinstance(mod, ATTENTION):
-            raise ModelError(f"structured-prune record: {name}", f"{type(mod).__name__} is not an "
-                             "nn.MultiheadAttention", fix="load onto the same architecture that was compressed")
-        parent, _, leaf = name.rpartition(".")
-        setattr(model.get_submodule(parent), leaf, fit_width(mod, f"structured-prune record: {name}"))
     for name in record.get("configs", []):
         model.get_submodule(name).config.hidden_size = int(record["hidden_size"])
