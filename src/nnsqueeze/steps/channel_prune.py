@@ -40,8 +40,9 @@ and feed-forward blocks (neurons; LLaMA's gate and up projections together) by t
 ``head_ratio`` (else ``ratio``) applies to the heads; the modules' ``num_attention_heads`` /
 ``all_head_size`` / ``intermediate_size`` attributes follow the new widths. The residual stream (embeddings, norms, the
 heads' inputs) is kept and listed as skipped unless ``hidden`` (opt-in) gives the fraction of hidden
-channels removed from all of it at once (:mod:`nnsqueeze.structured.hidden`; ``ratio`` may then be
-left out: heads and FFN stay whole). Norms then normalize over the kept channels: distill after.
+channels removed from all of it at once (:mod:`nnsqueeze.structured.hidden`; torchvision's ViT and Swin,
+one stream per Swin stage: :mod:`nnsqueeze.structured.hidden_attn`; ``ratio`` may then be left out: heads
+and FFN stay whole). Norms then normalize over the kept channels: distill after.
 
 Record: the kept indices of every shrunk layer dimension, in order, and the shape attributes set
 on Hugging Face modules; ``rebuild`` replays them on a fresh model without data, so ``nsq.load``
@@ -99,9 +100,10 @@ class StructuredPruneConfig(StepConfig):
                                             "normalizes over the kept ones: not equal to zeroing them, fine-tune "
                                             "after), and so are per-channel parameters on them (layer scale, "
                                             "position embeddings); keep: such channels are left whole")
-    hidden: float | None = Field(None, ge=0.0, lt=1.0, description="Hugging Face BERT/LLaMA-like models: fraction "
-                                 "of the hidden size (residual stream: embeddings, norms, every block's input and "
-                                 "output, the heads' inputs) removed; default: kept whole")
+    hidden: float | None = Field(None, ge=0.0, lt=1.0, description="Hugging Face BERT/LLaMA-like models, "
+                                 "torchvision's ViT and Swin (per stage): fraction of the hidden size (residual "
+                                 "stream: embeddings, norms, every block's input and output, the heads' inputs) "
+                                 "removed; default: kept whole")
     graph: Literal["auto", "fx", "export"] = Field("auto", description="how the dependency graph is built: fx "
                                                    "(torch.fx), export (torch.export, non-strict), auto (torch.fx, "
                                                    "then torch.export for models fx cannot trace); Hugging Face "
@@ -195,8 +197,8 @@ class StructuredPrune(Step):
         the Hugging Face block patterns. Which one was used, and why a fallback happened, is logged."""
         norms, order = self.config.norms == "prune", {"auto": ("fx", "export"), "fx": ("fx",),
                                                       "export": ("export",)}[self.config.graph]
-        mha = self.config.hidden is not None and hidden_attn.has_attention(model)   # else Hugging Face patterns
-        if self.config.hidden is not None and not mha:  # the stream is found through the module patterns' blocks
+        attn = self.config.hidden is not None and hidden_attn.has_attention(model)   # else Hugging Face patterns
+        if self.config.hidden is not None and not attn:  # the stream is found through the module patterns' blocks
             if self.config.graph != "auto":
                 raise RecipeError(f"{self.where}.graph", f"hidden-size pruning uses the Hugging Face module "
                                   f"patterns, not a graph: `graph: {self.config.graph}` cannot apply",
@@ -235,12 +237,13 @@ class StructuredPrune(Step):
         self._streams = []
         if self.config.hidden is not None:
             where = f"{self.where}.hidden"
-            if mha:   # nn.MultiheadAttention models (torchvision's ViT): the stream beside the traced graph
+            if attn:   # attention-layer models (torchvision's ViT, Swin): the streams beside the traced graph
                 self._streams = hidden_attn.find_streams(model, example, where, len(graph.groups))
             elif not self._blocks:
                 raise ModelError(where, "hidden-size pruning is for Hugging Face transformers whose attention "
                                  "blocks are recognised by module patterns, and for models built on "
-                                 "nn.MultiheadAttention (torchvision's ViT); this model is neither",
+                                 "nn.MultiheadAttention or torchvision's window attention (ViT, Swin); this model "
+                                 "is neither",
                                  fix="leave `hidden` unset; `norms: prune` prunes LayerNorm-coupled channels of "
                                  "traced models")
             else:

@@ -133,4 +133,3 @@ def prune_heads(m: nn.Module, keep: list[int]) -> PrunedMultiheadAttention:
     new.out_proj.weight.copy_(m.out_proj.weight.reshape(e, h, d)[:, keep_t].reshape(e, -1))
     new.train(m.training)
     return new
-
