@@ -186,7 +186,7 @@ def test_llama_hidden_equals_float64_reference(heads):
         assert a.o_proj.out_features == mlp.down_proj.out_features == mlp.gate_proj.in_features == 15
         assert layer.input_layernorm.weight.shape == layer.post_attention_layernorm.weight.shape == (15,)
         assert mlp.up_proj.out_features == (18 if heads else 26)
-    members = {(m.module, m.role) for m in step._stream.group.members}   # embedding, o/down, norms, q/k/v/gate/up
+    members = {(m.module, m.role) for m in step._streams[0].group.members}   # embedding, o/down, norms, q/k/v/gate/up
     assert len(members) == 1 + 2 * 2 + 5 + 2 * 5 and all(k == keep for n, r, k in step.plan_ if (n, r) in members)
     with torch.no_grad():
         torch.testing.assert_close(pruned(x).double(), llama_ref(sliced(orig, step.plan_), x), **TOL)

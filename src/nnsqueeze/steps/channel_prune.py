@@ -40,8 +40,9 @@ and feed-forward blocks (neurons; LLaMA's gate and up projections together) by t
 ``head_ratio`` (else ``ratio``) applies to the heads; the modules' ``num_attention_heads`` /
 ``all_head_size`` / ``intermediate_size`` attributes follow the new widths. The residual stream (embeddings, norms, the
 heads' inputs) is kept and listed as skipped unless ``hidden`` (opt-in) gives the fraction of hidden
-channels removed from all of it at once (:mod:`nnsqueeze.structured.hidden`; ``ratio`` may then be
-left out: heads and FFN stay whole). Norms then normalize over the kept channels: distill after.
+channels removed from all of it at once (:mod:`nnsqueeze.structured.hidden`; torchvision's ViT and Swin,
+one stream per Swin stage: :mod:`nnsqueeze.structured.hidden_attn`; ``ratio`` may then be left out: heads
+and FFN stay whole). Norms then normalize over the kept channels: distill after.
 
 Record: the kept indices of every shrunk layer dimension, in order, and the shape attributes set
 on Hugging Face modules; ``rebuild`` replays them on a fresh model without data, so ``nsq.load``
@@ -64,7 +65,7 @@ from ..structured import allocate
 from ..structured.heads import head_parts, head_types, prune_heads, unsupported_reason
 from ..structured.collect import accumulate_grads, activation_parts, activations, taylor_parts, weight_parts
 from ..structured.graph import DependencyGraph, Group, build_graph
-from ..structured import hf, hidden
+from ..structured import hf, hidden, hidden_attn
 from ..structured.hf import HFGraph, hf_graph, set_attrs, sync_attrs
 from ..structured.xgraph import build_export_graph
 from ..structured.importance import CRITERIA, NEEDS, Part
@@ -99,9 +100,10 @@ class StructuredPruneConfig(StepConfig):
                                             "normalizes over the kept ones: not equal to zeroing them, fine-tune "
                                             "after), and so are per-channel parameters on them (layer scale, "
                                             "position embeddings); keep: such channels are left whole")
-    hidden: float | None = Field(None, ge=0.0, lt=1.0, description="Hugging Face BERT/LLaMA-like models: fraction "
-                                 "of the hidden size (residual stream: embeddings, norms, every block's input and "
-                                 "output, the heads' inputs) removed; default: kept whole")
+    hidden: float | None = Field(None, ge=0.0, lt=1.0, description="Hugging Face BERT/LLaMA-like models, "
+                                 "torchvision's ViT and Swin (per stage): fraction of the hidden size (residual "
+                                 "stream: embeddings, norms, every block's input and output, the heads' inputs) "
+                                 "removed; default: kept whole")
     graph: Literal["auto", "fx", "export"] = Field("auto", description="how the dependency graph is built: fx "
                                                    "(torch.fx), export (torch.export, non-strict), auto (torch.fx, "
                                                    "then torch.export for models fx cannot trace); Hugging Face "
@@ -121,8 +123,13 @@ class StructuredPruneConfig(StepConfig):
 
 
 def _group_layers(model: nn.Module, g: Group) -> list[str]:
-    return sorted({m.module for m in g.members
-                   if m.role == "out" and isinstance(model.get_submodule(m.module), LAYERS)})
+    """The group's output layers, an attention's own (``out_proj``, ``proj``) named by it (what targets select)."""
+    out = set()
+    for m in g.members:
+        if m.role == "out" and isinstance(model.get_submodule(m.module), LAYERS):
+            parent = m.module.rpartition(".")[0]
+            out.add(parent if parent and isinstance(model.get_submodule(parent), head_types()) else m.module)
+    return sorted(out)
 
 
 def keep_indices(model: nn.Module, groups: list[Group], pruned: list[torch.Tensor]) -> list[tuple[str, str, list[int]]]:
@@ -179,7 +186,7 @@ class StructuredPrune(Step):
         self._planned: list[Group] = []
         self._ties: list[list[dict[int, dict[int, int]]]] = []   # graph ties, by index into _planned
         self._restored = 0
-        self._stream: hidden.Stream | None = None
+        self._streams: list[hidden.Stream] = []   # residual streams (`hidden`): one, or one per Swin stage
         self.hidden_: dict[str, Any] = {}
         self.graph_ = ""            # where the last run's groups came from: fx | export | patterns
 
@@ -190,7 +197,8 @@ class StructuredPrune(Step):
         the Hugging Face block patterns. Which one was used, and why a fallback happened, is logged."""
         norms, order = self.config.norms == "prune", {"auto": ("fx", "export"), "fx": ("fx",),
                                                       "export": ("export",)}[self.config.graph]
-        if self.config.hidden is not None:  # the residual stream is found through the module patterns' blocks
+        attn = self.config.hidden is not None and hidden_attn.has_attention(model)   # else Hugging Face patterns
+        if self.config.hidden is not None and not attn:  # the stream is found through the module patterns' blocks
             if self.config.graph != "auto":
                 raise RecipeError(f"{self.where}.graph", f"hidden-size pruning uses the Hugging Face module "
                                   f"patterns, not a graph: `graph: {self.config.graph}` cannot apply",
@@ -226,32 +234,34 @@ class StructuredPrune(Step):
                      [self.graph_])
         self._blocks = graph.blocks if isinstance(graph, HFGraph) else []
         self._head_groups = {id(b.group) for b in self._blocks if b.kind == "heads"}
-        self._stream = None
+        self._streams = []
         if self.config.hidden is not None:
-            if not self._blocks:
-                raise ModelError(f"{self.where}.hidden", "hidden-size pruning is for Hugging Face transformers "
-                                 "whose attention blocks are recognised by module patterns; none was recognised "
-                                 "in this model", fix="leave `hidden` unset; `norms: prune` prunes LayerNorm-coupled "
-                                 "channels of traced models")
-            self._stream = hidden.find_stream(model, graph, example, f"{self.where}.hidden")
-            c, s = self.config, self._stream
-            kept = allocate.keep_count(s.width, c.hidden, c.round_to, c.min_channels)
-            if kept % s.heads:
-                ok = [k for k in range(s.heads, s.width + 1, s.heads)
-                      if k % c.round_to == 0 or k == s.width]
-                near = min(ok, key=lambda k: abs(k - kept)) if ok else s.width
-                raise RecipeError(f"{self.where}.hidden", f"hidden: {c.hidden} keeps {kept} of {s.width} hidden "
-                                  f"channels, not a multiple of num_attention_heads={s.heads} (transformers requires "
-                                  "hidden_size % num_attention_heads == 0; head_dim stays "
-                                  f"{s.head_dim})", fix=f"use hidden: {(s.width - near) / s.width:.4f} (keeps {near})")
-            hidden.attach(graph, self._stream)
+            where = f"{self.where}.hidden"
+            if attn:   # attention-layer models (torchvision's ViT, Swin): the streams beside the traced graph
+                self._streams = hidden_attn.find_streams(model, example, where, len(graph.groups))
+            elif not self._blocks:
+                raise ModelError(where, "hidden-size pruning is for Hugging Face transformers whose attention "
+                                 "blocks are recognised by module patterns, and for models built on "
+                                 "nn.MultiheadAttention or torchvision's window attention (ViT, Swin); this model "
+                                 "is neither",
+                                 fix="leave `hidden` unset; `norms: prune` prunes LayerNorm-coupled channels of "
+                                 "traced models")
+            else:
+                self._streams = [hidden.find_stream(model, graph, example, where)]
+            c = self.config
+            for s in self._streams:
+                hidden.kept_width(s, c.hidden, c.round_to, c.min_channels, where)
+            hidden.attach(graph, self._streams, where, {n for n, _ in model.named_modules()})
         return graph
 
     def _apply(self, model: nn.Module, plan: list[tuple[str, str, list[int]]]) -> dict[str, dict[str, int]]:
+        streams = bool(hidden.split_plan(plan, self._streams)[1])
+        if streams:   # attention layers on a stream take the pruned forms whose width follows the weights
+            hidden.prepare(model, [a for s in self._streams for a in s.attention], self.where)
         apply(model, plan, self.where)
         attrs = sync_attrs(model, self._blocks)
-        if hidden.split_plan(plan, self._stream)[1]:
-            more, self.hidden_ = hidden.finish(model, self._stream)
+        if streams:
+            more, self.hidden_ = hidden.finish(model, self._streams)
             attrs.update(more)
         return attrs
 
@@ -288,19 +298,19 @@ class StructuredPrune(Step):
             return scores
         if need == "activations":
             data = ctx.calib_data if ctx.calib_data is not None else ctx.train_data
-            stream = self._stream.group if self._stream else None
-            names = sorted({m.module for g in groups if g is not stream for m in g.members if m.role == "out"
+            streams = {id(s.group): s for s in self._streams}
+            names = sorted({m.module for g in groups if id(g) not in streams for m in g.members if m.role == "out"
                             and isinstance(model.get_submodule(m.module), LAYERS)})
-            names += self._stream.norms if any(g is stream for g in groups) else []
+            names += [n for g in groups if id(g) in streams for n in streams[id(g)].norms]
             acts = activations(model, names, data or [], c.batches, f"{self.where}.importance")
-            return [crit(hidden.activation_parts(self._stream, acts) if g is stream else activation_parts(g, acts))
-                    for g in groups]
+            return [crit(hidden.activation_parts(streams[id(g)], acts) if id(g) in streams else
+                         activation_parts(g, acts)) for g in groups]
         return [crit(weight_parts(model, g)) for g in groups]
 
     def _fixed(self, model: nn.Module, groups: list[Group]) -> list[float | None]:
         out: list[float | None] = []
         for g in groups:
-            if self._stream is not None and g is self._stream.group:
+            if any(g is s.group for s in self._streams):
                 out.append(self.config.hidden)
                 continue
             hit = [r for p, r in self.config.overrides.items()
@@ -371,7 +381,7 @@ class StructuredPrune(Step):
             ctx.fallback(self.registered_name, f"{self._restored} channels kept so that the pieces of each chunk "
                          "of a shuffled tensor stay equal")
         self.plan_ = keep_indices(model, groups, pruned)
-        base, stream = hidden.split_plan(self.plan_, self._stream)   # the stream has no zeroing equivalent
+        base, stream = hidden.split_plan(self.plan_, self._streams)   # the stream has no zeroing equivalent
         # module patterns and the exported graph's concrete sizes are assumptions: checked below
         check = self._blocks or (self.graph_ == "export" and c.norms == "keep")
         ref = hf.outputs(model, example, base) if check else None
@@ -399,7 +409,9 @@ class StructuredPrune(Step):
                                  f"{', '.join(b.owner for b in self._blocks)[:300] or 'none'}), or set `graph: fx`")
         if stream:
             self.attrs_.update(self._apply(model, stream))
-            ctx.report.step(hidden_before=self._stream.width, hidden_after=self.hidden_["hidden_size"])
+            ctx.report.step(hidden_before=self._streams[0].width, hidden_after=self.hidden_["hidden_size"])
+            if len(self._streams) > 1:
+                ctx.report.step(hidden_widths=[[s.width, w] for s, w in zip(self._streams, self.hidden_["widths"])])
         try:
             after = count(model, example)
         except Exception as e:  # a bug in the graph, never the user's fault: say so loudly
@@ -486,6 +498,7 @@ class StructuredPrune(Step):
                                  fix="load onto the same architecture that was compressed")
             set_module(model, name, prune_heads(mod, record_indices(keep, mod.num_heads,
                                                                     f"structured-prune record: heads: {name}")))
+        hidden.prepare(model, list(record.get("hidden", {}).get("attention", [])))
         apply(model, [(n, r, list(k)) for n, r, k in record.get("shrink", [])], "structured-prune record")
         try:
             set_attrs(model, record.get("attrs", {}))

@@ -16,6 +16,9 @@ Its output equals the original's with the removed heads' ``out_proj`` columns se
     >>> small(x, x, x)[0].shape
     torch.Size([2, 5, 16])
 
+Its ``embed_dim`` is read from ``in_proj_weight``, so hidden-size pruning (:mod:`.hidden_attn`) narrows
+the stream side (``in_proj_weight`` input columns, ``out_proj`` rows) in place, heads and ``head_dim`` unchanged.
+
 Supported: ``kdim == vdim == embed_dim`` (packed ``in_proj_weight``), no ``bias_k``/``bias_v``, no
 ``add_zero_attn``, 2-D ``attn_mask`` and ``key_padding_mask``. Anything else is left intact by the
 step (reported with :func:`unsupported_reason`).
@@ -36,13 +39,18 @@ class PrunedMultiheadAttention(nn.Module):
     def __init__(self, embed_dim: int, num_heads: int, head_dim: int, bias: bool = True,
                  batch_first: bool = False, dropout: float = 0.0):
         super().__init__()
-        self.embed_dim, self.num_heads, self.head_dim = embed_dim, num_heads, head_dim
+        self.num_heads, self.head_dim = num_heads, head_dim
         self.batch_first, self.dropout = batch_first, dropout
         inner = num_heads * head_dim
         self.in_proj_weight = nn.Parameter(torch.empty(3 * inner, embed_dim))
         self.in_proj_bias = nn.Parameter(torch.zeros(3 * inner)) if bias else None
         self.out_proj = nn.Linear(inner, embed_dim, bias=bias)
         nn.init.xavier_uniform_(self.in_proj_weight)
+
+    @property
+    def embed_dim(self) -> int:
+        """The stream width, read from the weights (hidden-size pruning narrows it in place)."""
+        return self.in_proj_weight.shape[1]
 
     def forward(self, query: Tensor, key: Tensor, value: Tensor, key_padding_mask: Tensor | None = None,
                 need_weights: bool = True, attn_mask: Tensor | None = None, average_attn_weights: bool = True,
@@ -114,13 +122,14 @@ def prune_heads(m: nn.Module, keep: list[int]) -> PrunedMultiheadAttention:
     """A :class:`PrunedMultiheadAttention` holding heads ``keep`` (sorted) of ``m``."""
     h, d = m.num_heads, m.head_dim
     keep_t = torch.as_tensor(sorted(keep), dtype=torch.long)
-    new = PrunedMultiheadAttention(m.embed_dim, len(keep), d, bias=m.in_proj_bias is not None,
+    new = PrunedMultiheadAttention(m.in_proj_weight.shape[1], len(keep), d, bias=m.in_proj_bias is not None,
                                    batch_first=m.batch_first, dropout=m.dropout)
     new.to(device=m.in_proj_weight.device, dtype=m.in_proj_weight.dtype)
     new.in_proj_weight.copy_(m.in_proj_weight.reshape(3, h, d, -1)[:, keep_t].reshape(3 * len(keep) * d, -1))
     if m.in_proj_bias is not None:
         new.in_proj_bias.copy_(m.in_proj_bias.reshape(3, h, d)[:, keep_t].reshape(-1))
         new.out_proj.bias.copy_(m.out_proj.bias)
-    new.out_proj.weight.copy_(m.out_proj.weight.reshape(m.embed_dim, h, d)[:, keep_t].reshape(m.embed_dim, -1))
+    e = m.out_proj.out_features
+    new.out_proj.weight.copy_(m.out_proj.weight.reshape(e, h, d)[:, keep_t].reshape(e, -1))
     new.train(m.training)
     return new

@@ -48,11 +48,16 @@ import torch
 from torch import nn
 
 from ..data import call_model
-from ..errors import ModelError
+from ..errors import ModelError, RecipeError
+from . import allocate
+from .attention import PrunedMultiheadAttention
 from .graph import Group, Member
+from .heads import head_types, prune_heads
 from .hf import HFGraph
 from .importance import Part
 from .macs import eval_mode
+from .pruners import dim_size, param_role
+from .window_attention import PrunedWindowAttention
 
 
 @dataclass
@@ -66,6 +71,8 @@ class Stream:
     ties: list[tuple[str, str]] = field(default_factory=list)  # (Linear, Embedding) sharing one weight
     configs: list[str] = field(default_factory=list)           # modules owning a distinct `config`
     skipped: dict[str, str] = field(default_factory=dict)      # width-H layers left alone, with why
+    attention: list[str] = field(default_factory=list)         # nn.MultiheadAttention layers on the stream
+    attrs: tuple[str, ...] = ("hidden_size",)                  # int module attributes that follow the width
 
 
 def _is_norm(mod: nn.Module, width: int) -> bool:
@@ -93,35 +100,50 @@ def _configs(model: nn.Module) -> list[tuple[str, Any]]:
 
 
 @torch.no_grad()
-def _probe(model: nn.Module, example: Any, chans: torch.Tensor, embeddings: list[str], writers: list[str],
-           norms: list[str], watch: list[str]) -> dict[str, tuple[float, float]]:
-    """On a copy with the writers' ``chans`` entries zeroed: per watched module, the largest |input|
-    in ``chans`` and outside them (modules that did not run are absent)."""
-    m = copy.deepcopy(model)
-    rest = torch.ones(m.get_submodule(embeddings[0]).embedding_dim, dtype=torch.bool)
-    rest[chans] = False
-    for n in embeddings:
-        m.get_submodule(n).weight[:, chans] = 0
-    for n in writers:
-        lin = m.get_submodule(n)
-        lin.weight[chans] = 0
-        if lin.bias is not None:
-            lin.bias[chans] = 0
-    for n in norms:
-        for p in m.get_submodule(n).parameters(recurse=False):
-            p[chans] = 0
-    seen: dict[str, tuple[float, float]] = {}
+def set_entries(mod: nn.Module, role: str, chans: torch.Tensor, value: float = 0.0) -> None:
+    """Set what ``mod`` writes to stream channels ``chans``: a Conv/Linear's output rows and bias (``out``),
+    an Embedding's columns, a norm's weight and bias, or a ``param:ATTR:DIM`` slice. A non-zero ``value``
+    (a tag) makes those channels constant: the rows read nothing and the bias holds ``value`` (a layer
+    without bias: every weight of the row does)."""
+    pr = param_role(mod, role)
+    if pr is not None:
+        getattr(mod, pr[0]).index_fill_(pr[1], chans, value)
+    elif isinstance(mod, nn.Embedding):
+        mod.weight[:, chans] = value
+    elif isinstance(mod, (nn.Linear, nn.modules.conv._ConvNd)) and role == "out":
+        bias = getattr(mod, "bias", None)
+        mod.weight[chans] = value if bias is None else 0.0
+        if bias is not None:
+            bias[chans] = value
+    else:   # a norm: every own parameter is per channel
+        for p in mod.parameters(recurse=False):
+            p[chans] = value
 
-    def hook(name: str):
+
+@torch.no_grad()
+def probe(model: nn.Module, example: Any, width: int, chans: torch.Tensor, zero: list[tuple],
+          watch: list, tags: dict[tuple[str, str], int] | None = None) -> dict[str, torch.Tensor]:
+    """Run a copy of ``model`` whose ``zero`` members ``(module, role[, positions])`` write zeros to stream
+    channels ``chans`` (or to their own ``positions``); the ``tags`` members write 1.0 to their one channel
+    instead. Per watched module (a name, or ``(name, width)`` for an input of another width) that ran: the
+    largest |input| of each channel, over every tensor argument of that width."""
+    m = copy.deepcopy(model)
+    for name, role, *pos in zero:
+        set_entries(m.get_submodule(name), role, pos[0] if pos else chans)
+    for (name, role), c in (tags or {}).items():
+        set_entries(m.get_submodule(name), role, torch.tensor([c]), 1.0)
+    seen: dict[str, torch.Tensor] = {}
+
+    def hook(name: str, w: int):
         def fn(mod: nn.Module, args: tuple, kwargs: dict) -> None:
-            x = next((a for a in list(args) + list(kwargs.values()) if isinstance(a, torch.Tensor)), None)
-            if x is None or x.shape[-1] != rest.numel():
-                return
-            a, b = seen.get(name, (0.0, 0.0))
-            seen[name] = (max(a, float(x[..., chans].abs().max())), max(b, float(x[..., rest].abs().max())))
+            for x in list(args) + list(kwargs.values()):
+                if isinstance(x, torch.Tensor) and x.dim() > 0 and x.shape[-1] == w:
+                    top = x.detach().abs().reshape(-1, w).amax(0).double()
+                    seen[name] = torch.maximum(seen[name], top) if name in seen else top
         return fn
 
-    hooks = [m.get_submodule(n).register_forward_pre_hook(hook(n), with_kwargs=True) for n in watch]
+    pairs = [(n, width) if isinstance(n, str) else n for n in watch]
+    hooks = [m.get_submodule(n).register_forward_pre_hook(hook(n, w), with_kwargs=True) for n, w in pairs]
     try:
         with eval_mode(m):
             call_model(m, example)
@@ -129,6 +151,18 @@ def _probe(model: nn.Module, example: Any, chans: torch.Tensor, embeddings: list
         for h in hooks:
             h.remove()
     return seen
+
+
+def _probe(model: nn.Module, example: Any, chans: torch.Tensor, embeddings: list[str], writers: list[str],
+           norms: list[str], watch: list[str]) -> dict[str, tuple[float, float]]:
+    """On a copy with the writers' ``chans`` entries zeroed: per watched module, the largest |input|
+    in ``chans`` and outside them (modules that did not run are absent)."""
+    width = model.get_submodule(embeddings[0]).embedding_dim
+    rest = torch.ones(width, dtype=torch.bool)
+    rest[chans] = False
+    zero = [(n, "out") for n in embeddings + writers] + [(n, "norm") for n in norms]
+    return {n: (float(v[chans].max()), float(v[rest].max()) if rest.any() else 0.0)
+            for n, v in probe(model, example, width, chans, zero, watch).items()}
 
 
 def find_stream(model: nn.Module, graph: HFGraph, example: Any, where: str = "structured-prune.hidden") -> Stream:
@@ -191,13 +225,48 @@ def find_stream(model: nn.Module, graph: HFGraph, example: Any, where: str = "st
                   [n for n, _ in configs], skipped)
 
 
-def attach(graph: HFGraph, stream: Stream) -> None:
-    """Add the stream's group to ``graph``; it is no longer frozen, its readers no longer skipped."""
-    graph.groups.append(stream.group)
-    graph.frozen = [f for f in graph.frozen if not f[0].startswith("hidden size")]
-    for n in {m.module for m in stream.group.members} | {lin for lin, _ in stream.ties}:
+def kept_width(stream: Stream, ratio: float, round_to: int, min_channels: int,
+               where: str = "structured-prune.hidden") -> int:
+    """The stream's kept width for ``hidden: ratio``; ``RecipeError`` when that width does not fit."""
+    kept = allocate.keep_count(stream.width, ratio, round_to, min_channels)
+    fix = "use a `hidden` ratio that keeps 2 or more channels and removes at least one"
+    if kept == stream.width and ratio > 0:
+        raise RecipeError(where, f"hidden: {ratio} removes none of the {stream.width} hidden channels (round_to="
+                          f"{round_to}, min_channels={min_channels})", fix=fix)
+    if kept < 2:
+        raise RecipeError(where, f"hidden: {ratio} keeps {kept} of {stream.width} hidden channels: a LayerNorm over "
+                          "one channel outputs its bias whatever the input", fix=fix)
+    if kept % stream.heads:
+        ok = [k for k in range(stream.heads, stream.width + 1, stream.heads) if k % round_to == 0 or k == stream.width]
+        near = min(ok, key=lambda k: abs(k - kept)) if ok else stream.width
+        raise RecipeError(where, f"hidden: {ratio} keeps {kept} of {stream.width} hidden channels, not a multiple of "
+                          f"num_attention_heads={stream.heads} (transformers requires hidden_size % "
+                          f"num_attention_heads == 0; head_dim stays {stream.head_dim})",
+                          fix=f"use hidden: {(stream.width - near) / stream.width:.4f} (keeps {near})")
+    return kept
+
+
+def attach(graph: Any, streams: list[Stream], where: str = "structured-prune.hidden",
+           modules: set[str] | None = None) -> None:
+    """Add the streams' groups to ``graph``; they are no longer frozen, their layers no longer skipped (nor the
+    graph nodes, not in ``modules``, that froze them)."""
+    mine = {(m.module, m.role) for s in streams for m in s.group.members}
+    clash = [(m.module, m.role) for g in graph.groups for m in g.members if (m.module, m.role) in mine]
+    if clash:
+        raise ModelError(where, f"{clash[0][0]} ({clash[0][1]}) is both on a residual stream and in another channel "
+                         "group", fix="leave `hidden` unset for this model")
+    writers = {m.module for s in streams for m in s.group.members if m.role == "out"}
+    gone = [f for f in graph.frozen if f[0].startswith("hidden size") or set(f[0].split(", ")) <= writers]
+    graph.frozen = [f for f in graph.frozen if f not in gone]
+    for s in streams:
+        graph.groups.append(s.group)
+        graph.skipped.update(s.skipped)
+    # graph nodes (not modules) that froze a space: kept only where a remaining frozen space cites them
+    cited = {f[1].split(":")[0] for f in graph.frozen}
+    nodes = {n for n in graph.skipped if modules is not None and n not in modules and n not in cited}
+    for n in {m for m, _ in mine} | {lin for s in streams for lin, _ in s.ties} | \
+            {a for s in streams for a in s.attention} | nodes:
         graph.skipped.pop(n, None)
-    graph.skipped.update(stream.skipped)
 
 
 def activation_parts(stream: Stream, acts: dict[str, torch.Tensor]) -> list[Part]:
@@ -205,21 +274,50 @@ def activation_parts(stream: Stream, acts: dict[str, torch.Tensor]) -> list[Part
     return [Part("activation", "out", acts[n]) for n in stream.norms]
 
 
-def split_plan(plan: list[tuple[str, str, list[int]]], stream: Stream | None) -> tuple[list, list]:
-    """(the heads / FFN entries, the stream's entries) of a plan."""
-    own = {(m.module, m.role) for m in stream.group.members} if stream else set()
+def split_plan(plan: list[tuple[str, str, list[int]]], streams: list[Stream]) -> tuple[list, list]:
+    """(the heads / FFN entries, the streams' entries) of a plan."""
+    own = {(m.module, m.role) for s in streams for m in s.group.members}
     return [e for e in plan if (e[0], e[1]) not in own], [e for e in plan if (e[0], e[1]) in own]
 
 
-def finish(model: nn.Module, stream: Stream) -> tuple[dict[str, dict[str, int]], dict[str, Any]]:
-    """After the stream's dims were shrunk: retie, set ``hidden_size`` attributes and configs.
-    Returns (module attributes set, the record :func:`replay` needs)."""
-    width = model.get_submodule(stream.group.members[0].module).embedding_dim
-    attrs = {n: {"hidden_size": width} for n, m in model.named_modules()
-             if type(getattr(m, "hidden_size", None)) is int and m.hidden_size == stream.width}
-    for n in attrs:
-        model.get_submodule(n).hidden_size = width
-    record = {"hidden_size": width, "ties": [list(t) for t in stream.ties], "configs": list(stream.configs)}
+def prepare(model: nn.Module, names: list[str], where: str = "structured-prune record") -> None:
+    """Before the stream is shrunk: the attention layers ``names`` (``nn.MultiheadAttention``, torchvision's
+    window attention) become their pruned forms with every head, whose stream width follows the weights."""
+    for name in names:
+        try:
+            mod = model.get_submodule(name)
+        except AttributeError:
+            raise ModelError(f"{where}: {name}", "attention layer not found",
+                             fix="load onto the same architecture that was compressed") from None
+        if isinstance(mod, (PrunedMultiheadAttention, PrunedWindowAttention)):
+            continue
+        if not isinstance(mod, head_types()):
+            raise ModelError(f"{where}: {name}", f"{type(mod).__name__} is not an attention layer",
+                             fix="load onto the same architecture that was compressed")
+        parent, _, leaf = name.rpartition(".")
+        setattr(model.get_submodule(parent), leaf, prune_heads(mod, list(range(mod.num_heads))))
+
+
+def finish(model: nn.Module, streams: list[Stream]) -> tuple[dict[str, dict[str, int]], dict[str, Any]]:
+    """After the streams' dims were shrunk: retie, set the width attributes (``hidden_size``; torchvision's
+    ViT: ``hidden_dim``) and configs. Returns (module attributes set, the record :func:`replay` needs)."""
+    attrs: dict[str, dict[str, int]] = {}
+    widths = []
+    for stream in streams:
+        first = stream.group.members[0]
+        width = dim_size(model.get_submodule(first.module), first.role)
+        widths.append(width)
+        for n, m in model.named_modules():
+            for a in stream.attrs:
+                if type(getattr(m, a, None)) is int and getattr(m, a) == stream.width:
+                    attrs.setdefault(n, {})[a] = width
+    for n, values in attrs.items():
+        for a, v in values.items():
+            setattr(model.get_submodule(n), a, v)
+    s0 = streams[0]
+    record = {"hidden_size": widths[0], "ties": [list(t) for t in s0.ties], "configs": list(s0.configs)}
+    attention = [a for s in streams for a in s.attention]
+    record |= ({"attention": attention} if attention else {}) | ({"widths": widths} if len(streams) > 1 else {})
     replay(model, record)
     return attrs, record
 
