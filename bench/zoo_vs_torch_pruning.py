@@ -62,9 +62,16 @@ def isa() -> str:
 
 def macs(model: nn.Module, x: torch.Tensor) -> int:
     """MACs of one forward, by torch's own FlopCounterMode (aten ops: also the functional linears and the
-    attention matmuls that module hooks miss, e.g. in Swin's shifted-window attention)."""
-    with torch.no_grad(), FlopCounterMode(display=False) as fc:
-        model(x)
+    attention matmuls that module hooks miss, e.g. in Swin's shifted-window attention). The fused eval-mode
+    fast path of ``nn.MultiheadAttention`` (``aten::_native_multi_head_attention``) has no formula there and
+    counts 0, so it is switched off while counting: the same math through linears and matmuls."""
+    was = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(False)
+    try:
+        with torch.no_grad(), FlopCounterMode(display=False) as fc:
+            model(x)
+    finally:
+        torch.backends.mha.set_fastpath_enabled(was)
     return fc.get_total_flops() // 2
 
 
