@@ -62,7 +62,7 @@ from torch import nn
 from ..errors import DataError, ModelError, RecipeError
 from ..registry import STEPS
 from ..structured import allocate
-from ..structured.heads import head_parts, head_types, prune_heads, unsupported_reason
+from ..structured.heads import head_parts, head_types, num_heads, prune_heads, unsupported_reason
 from ..structured.collect import accumulate_grads, activation_parts, activations, taylor_parts, weight_parts
 from ..structured.graph import DependencyGraph, Group, build_graph
 from ..structured import hf, hidden, hidden_attn
@@ -173,7 +173,8 @@ class StructuredPrune(Step):
     default_targets: ClassVar[list[str]] = ["Conv1d", "Conv2d", "Conv3d", "Linear", "Embedding",
                                             "MultiheadAttention", "PrunedMultiheadAttention",
                                             "ShiftedWindowAttention", "ShiftedWindowAttentionV2",
-                                            "PrunedWindowAttention"]
+                                            "PrunedWindowAttention", "RelativePositionalMultiHeadAttention",
+                                            "PrunedRelativeAttention"]
     trains: ClassVar[bool] = False
 
     def __init__(self, config: StructuredPruneConfig, index: int = 0):
@@ -466,7 +467,7 @@ class StructuredPrune(Step):
                 ctx.skip(self.registered_name, name, f"heads kept: {reason}")
                 continue
             r = min([v for p, v in c.overrides.items() if pattern_matches(p, name, mod)] or [ratio])
-            n = mod.num_heads
+            n = num_heads(mod)
             gone = allocate.lowest(CRITERIA[crit]([Part("linear", "out", t) for t in head_parts(mod)]),
                                    allocate.keep_count(n, r, 1, c.min_channels))
             if gone.numel() == 0:
@@ -493,10 +494,10 @@ class StructuredPrune(Step):
             except AttributeError:
                 raise ModelError(f"structured-prune record: {name}", "attention layer not found",
                                  fix="load onto the same architecture that was compressed") from None
-            if not hasattr(mod, "num_heads"):
+            if not isinstance(mod, head_types()):
                 raise ModelError(f"structured-prune record: {name}", f"{type(mod).__name__} is not an attention layer",
                                  fix="load onto the same architecture that was compressed")
-            set_module(model, name, prune_heads(mod, record_indices(keep, mod.num_heads,
+            set_module(model, name, prune_heads(mod, record_indices(keep, num_heads(mod),
                                                                     f"structured-prune record: heads: {name}")))
         hidden.prepare(model, list(record.get("hidden", {}).get("attention", [])))
         apply(model, [(n, r, list(k)) for n, r, k in record.get("shrink", [])], "structured-prune record")

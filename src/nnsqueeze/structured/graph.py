@@ -38,6 +38,7 @@ from torch import nn
 
 from ..errors import ModelError
 from .attention import ATTENTION
+from .maxvit_attention import relative_types
 from .rules import function_rule, module_rule
 # The channel spaces and their union-find are shared with the per-op rules, so they sit below both
 # (structured/spaces.py); re-exported here, where callers have always found the graph's types.
@@ -52,8 +53,10 @@ def _trace(model: nn.Module, example_inputs: Any):
     from torch.fx.passes.shape_prop import ShapeProp
 
     class _Tracer(torch.fx.Tracer):
-        def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-            return isinstance(m, ATTENTION) or super().is_leaf_module(m, qualname)
+        def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:   # attention whose heads are pruned inside
+            return isinstance(m, ATTENTION + leaves) or super().is_leaf_module(m, qualname)
+
+    leaves = relative_types()
 
     try:
         gm = torch.fx.GraphModule(model, _Tracer().trace(model))

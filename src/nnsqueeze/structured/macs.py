@@ -3,7 +3,8 @@
 Counted: Conv (``out.numel() * in/groups * kernel``), Linear (``out.numel() * in``), Embedding (0
 MACs), attention (q/k/v and output projections plus ``QK^T`` and ``AV``; ``nn.MultiheadAttention`` and
 torchvision's Swin window attention, whose projections are functional ``F.linear`` calls that no
-Linear hook sees). Elementwise ops, norms and pools are not counted (they are memory-bound and small)::
+Linear hook sees; torchvision's MaxViT attention: ``QK^T`` and ``AV``, its ``to_qkv`` / ``merge`` being
+Linear modules counted as such). Elementwise ops, norms and pools are not counted (they are memory-bound and small)::
 
     >>> import torch
     >>> from torch import nn
@@ -25,6 +26,7 @@ from torch import nn
 
 from ..data import call_model
 from .attention import ATTENTION
+from .maxvit_attention import macs as relative_macs, relative_types
 from .window_attention import macs as window_macs, window_types
 
 COUNTED = (nn.modules.conv._ConvNd, nn.Linear, nn.Embedding) + ATTENTION
@@ -67,6 +69,7 @@ def count(model: nn.Module, example_inputs: Any) -> Counts:
     c = Counts(total_params=sum(p.numel() for p in model.parameters()))
     hooks = []
     windows = window_types()
+    relative = relative_types()
 
     def hook(name: str):
         def fn(mod: nn.Module, inp: Any, out: Any) -> None:
@@ -85,9 +88,12 @@ def count(model: nn.Module, example_inputs: Any) -> Counts:
                 macs = tokens_q * inner * e + 2 * tokens_k * inner * e + tokens_q * e * inner + 2 * pairs * inner
             elif isinstance(mod, windows):
                 macs = window_macs(mod, inp[0])
+            elif isinstance(mod, relative):
+                macs = relative_macs(mod, inp[0])
             else:
                 macs = 0
-            e = c.per_layer.setdefault(name, {"macs": 0, "params": sum(p.numel() for p in mod.parameters())})
+            own = mod.parameters(recurse=not isinstance(mod, relative))   # MaxViT's Linears have their own rows
+            e = c.per_layer.setdefault(name, {"macs": 0, "params": sum(p.numel() for p in own)})
             e["macs"] += macs // n
             c.total_macs += macs // n
         return fn
@@ -98,7 +104,7 @@ def count(model: nn.Module, example_inputs: Any) -> Counts:
             continue
         if isinstance(mod, ATTENTION):  # counted as a whole, not its out_proj again
             skip.update(id(x) for x in mod.modules() if x is not mod)
-        if isinstance(mod, COUNTED + windows):
+        if isinstance(mod, COUNTED + windows + relative):
             hooks.append(mod.register_forward_hook(hook(name)))
     try:
         with eval_mode(model):

@@ -28,6 +28,7 @@ from torch import nn
 
 from . import shapes
 from .attention import ATTENTION
+from .maxvit_attention import relative_types
 from .permute import chunk_pieces, shuffle, shuffle_groups
 from .spaces import Builder, Info, Member, Seg, Split, node_shape
 
@@ -171,8 +172,9 @@ def module_rule(b: Builder, name: str, mod: nn.Module, x: Info | None, ins: list
     if isinstance(mod, nn.Flatten):
         return _flatten(b, name, x, mod.start_dim, shape)
 
-    reason = ("attention: its embed_dim channels are kept (heads are pruned inside the layer)"
-              if isinstance(mod, ATTENTION) else f"{type(mod).__name__} is not supported by structured pruning")
+    heads = isinstance(mod, ATTENTION + relative_types())
+    reason = ("attention: its embed_dim channels are kept (heads are pruned inside the layer)" if heads
+              else f"{type(mod).__name__} is not supported by structured pruning")
     b.leave(name, reason, *ins)
     return None
 
