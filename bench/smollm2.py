@@ -7,7 +7,8 @@ calibration windows, same perplexity protocol (:mod:`nnsqueeze.llm.perplexity`, 
 - **calibration**: ``--calib`` (32) windows of 256 tokens of standard-library *docstrings* (the
   ``module:`` documents of :mod:`nnsqueeze.zoo.pycorpus`, sorted by name, tokenized with SmolLM2's
   tokenizer, joined by EOS, cut into non-overlapping windows; ``--calib`` of them drawn with seed 0,
-  kept in stream order);
+  kept in stream order, or in the order ``--calib-order`` gives; both tools see them in that order:
+  llm-compressor gets them as a ``DataLoader``, not shuffled);
 - **perplexity text**: the ``#`` comments of a fixed, ordered list of stdlib files (:data:`EVAL_FILES`;
   one comment per line, files joined by a blank line), a text disjoint from the docstrings; the first
   ``--eval-windows`` non-overlapping 256-token windows, the first token of each unscored. The
