@@ -7,7 +7,8 @@ calibration windows, same perplexity protocol (:mod:`nnsqueeze.llm.perplexity`, 
 - **calibration**: ``--calib`` (32) windows of 256 tokens of standard-library *docstrings* (the
   ``module:`` documents of :mod:`nnsqueeze.zoo.pycorpus`, sorted by name, tokenized with SmolLM2's
   tokenizer, joined by EOS, cut into non-overlapping windows; ``--calib`` of them drawn with seed 0,
-  kept in stream order);
+  kept in stream order, or in the order ``--calib-order`` gives; both tools see them in that order:
+  llm-compressor gets them as a ``DataLoader``, not shuffled);
 - **perplexity text**: the ``#`` comments of a fixed, ordered list of stdlib files (:data:`EVAL_FILES`;
   one comment per line, files joined by a blank line), a text disjoint from the docstrings; the first
   ``--eval-windows`` non-overlapping 256-token windows, the first token of each unscored. The
@@ -154,18 +155,24 @@ def nnsqueeze_methods(n: int) -> list[tuple[str, str, object]]:
 # --------------------------------------------------------------------------- llm-compressor
 
 def llmc_run(recipe_fn):
-    """``run(model, calib)`` for llm-compressor's ``oneshot`` on the same windows (its fake-quantized /
-    masked model is evaluated as it is)."""
+    """``run(model, calib)`` for llm-compressor's ``oneshot`` on the same windows, one per batch, in the same
+    order as nnsqueeze sees them (its fake-quantized / masked model is evaluated as it is).
+
+    The windows go in as a ``DataLoader`` (which ``oneshot`` uses as given): from a ``Dataset`` it would draw
+    them through a ``RandomSampler`` on torch's global generator, in an order that depends on whatever ran
+    before in the process, and its static activation observer (a moving average of each batch's min/max,
+    dominated by the first batch) makes the W8A8 perplexity depend on that order (59.5-62.8 over five
+    orders on SmolLM2-135M, BENCHMARKS.md)."""
     def run(model, calib):
-        from datasets import Dataset
         from llmcompressor import oneshot
+        from torch.utils.data import DataLoader
 
         model = copy.deepcopy(model)
         rows = torch.cat(calib)
-        ds = Dataset.from_dict({"input_ids": rows.tolist(), "attention_mask": torch.ones_like(rows).tolist()})
+        batches = [{"input_ids": r, "attention_mask": torch.ones_like(r)} for r in rows]
         t0 = time.perf_counter()
-        oneshot(model=model, dataset=ds, recipe=recipe_fn(), max_seq_length=rows.shape[1],
-                num_calibration_samples=rows.shape[0])
+        oneshot(model=model, dataset=DataLoader(batches, batch_size=1, shuffle=False), recipe=recipe_fn(),
+                max_seq_length=rows.shape[1], num_calibration_samples=rows.shape[0])
         return model.eval(), time.perf_counter() - t0
     return run
 
@@ -220,11 +227,16 @@ def run_tool(a) -> None:
     torch.set_num_threads(a.threads)
     model, tok = load_model(smollm2.model_dir(), task="causal-lm")
     calib_t = calibration(tok, a.calib)
+    if a.calib_order != "stream":  # the same windows in another order (order-sensitive observers, e.g. ema-minmax)
+        order = [int(i) for i in a.calib_order.split(",")]
+        if sorted(order) != list(range(a.calib)):
+            raise SystemExit(f"--calib-order must be a permutation of 0..{a.calib - 1}, got {a.calib_order}")
+        calib_t = calib_t[order]
     calib = list(calib_t.split(8))
     val = eval_tokens(tok)
     val_used = val[: a.eval_windows * SEQ_LEN]
     meta = {"tool": a.tool, "date": str(date.today()), "cpu": cpu_model(), "threads": a.threads,
-            "calib_windows": a.calib, "seq_len": SEQ_LEN, "calib_sha": sha(calib_t),
+            "calib_windows": a.calib, "calib_order": a.calib_order, "seq_len": SEQ_LEN, "calib_sha": sha(calib_t),
             "eval_files": list(EVAL_FILES), "eval_text_tokens": val.numel(), "eval_windows": a.eval_windows,
             "eval_sha": sha(val_used), "torch": torch.__version__}
     if a.tool == "llmcompressor":
@@ -286,6 +298,8 @@ def main() -> None:
     ap.add_argument("--calib", type=int, default=32, help="calibration windows of 256 tokens")
     ap.add_argument("--eval-windows", type=int, default=32, help="256-token windows of the comment text scored")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--calib-order", default="stream", help="'stream' (drawn windows in stream order) or a "
+                    "comma-separated permutation of 0..calib-1: the order both tools see the windows in")
     ap.add_argument("--only", nargs="*", default=None, help="method or scheme names to run (fp32 always runs)")
     ap.add_argument("--schemes", nargs="*", default=None, help="with --only: keep only these schemes (e.g. 'W4 g64')")
     ap.add_argument("--json", default="bench/results/smollm2-partial.json", help="this tool's rows")
