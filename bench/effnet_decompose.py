@@ -16,6 +16,7 @@ Modes:
 - ``decompose``: all quantized / weights only (activations float) / activations only (weights float);
 - ``sites``: every site left float in turn (``--split val`` only: ranking on validation), sorted by KL gain;
 - ``weights``: every layer's weight left float in turn, same;
+- ``clip``: per site, the share of values outside its calibrated range on each split;
 - ``keep``: one row with the sites / weights named by ``--float-site`` / ``--float-weight`` left float.
 
     python bench/effnet_decompose.py --mode decompose
@@ -134,6 +135,51 @@ def floated(q: nn.Module, handles=(), weights=(), biases=None):
                 m.__dict__.pop(k, None)
 
 
+@contextlib.contextmanager
+def clip_stats(q: nn.Module, site_map: dict):
+    """Inside: every quantizer counts the values outside its grid's range (float simulation). Yields
+    site -> [clipped below, clipped above, values, largest |x| / range edge] (the site's first handle)."""
+    stats: dict[str, list] = {}
+    first = {hs[0]: site for site, hs in site_map.items()}
+    touched = []
+
+    def count(x, s, z, qmin, qmax, site):
+        lo, hi = float((qmin - z) * s), float((qmax - z) * s)
+        st = stats.setdefault(site, [0, 0, 0, 0.0])
+        st[0] += int((x < lo).sum())
+        st[1] += int((x > hi).sum())
+        st[2] += x.numel()
+        st[3] = max(st[3], float(x.max()) / hi if hi > 0 else 0.0, float(x.min()) / lo if lo < 0 else 0.0)
+
+    for name, m in q.named_modules():
+        if isinstance(m, FakeQuantMixin):
+            touched.append(m)
+            m.runs_integer = lambda: False
+
+            def qa(x, which, m=m, name=name):
+                if (name, which) in first:
+                    count(x, m._buffers[f"{which}_scale_"], m._buffers[f"{which}_zero_point_"], *m.act_qrange,
+                          first[(name, which)])
+                return type(m)._quant_act(m, x, which)
+            m._quant_act = qa
+        elif isinstance(m, OpQuant):
+            touched.append(m)
+            m.forward = (lambda a, b, m=m: OpQuant.forward(m, a, b))
+
+            def fq(x, which, m=m, name=name):
+                if (name, which) in first:
+                    count(x, m._buffers[f"{which}_scale_"], m._buffers[f"{which}_zero_point_"], *m.ascheme.qrange,
+                          first[(name, which)])
+                return OpQuant._fq(m, x, which)
+            m._fq = fq
+    try:
+        yield stats
+    finally:
+        for m in touched:
+            for k in ("runs_integer", "_quant_act", "forward", "_fq"):
+                m.__dict__.pop(k, None)
+
+
 class _Recorder(torch.fx.Interpreter):
     """Runs the graph and keeps the values of the nodes in ``keep``."""
 
@@ -180,7 +226,7 @@ class SuffixRunner:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--mode", choices=["decompose", "sites", "weights", "keep"], default="decompose")
+    ap.add_argument("--mode", choices=["decompose", "sites", "weights", "keep", "clip"], default="decompose")
     ap.add_argument("--variant", default="base", help=f"the quantize config, one of {sorted(VARIANTS)}")
     ap.add_argument("--split", choices=["both", "val"], default="both")
     ap.add_argument("--only", action="append", help="sites/weights modes: names containing this (repeatable)")
@@ -215,8 +261,9 @@ def main() -> None:
         print(f"| {label} | {cells} |", flush=True)
         return res
 
-    print("| variant | " + " | ".join(f"{k} agree | {k} KL" for k in splits) + " |")
-    print("|---" * (1 + 2 * len(splits)) + "|")
+    if args.mode in ("decompose", "keep"):
+        print("| variant | " + " | ".join(f"{k} agree | {k} KL" for k in splits) + " |")
+        print("|---" * (1 + 2 * len(splits)) + "|")
     every = [h for hs in site_map.values() for h in hs]
     if args.mode == "decompose":
         measure("all quantized")
@@ -225,6 +272,21 @@ def main() -> None:
         measure("nothing quantized (check: = fp32)", handles=every, weights=layers)
         adds = [h for n, hs in site_map.items() for h in hs if n.startswith("nsq_")]
         measure("activations quantized except residual-add sites", handles=adds, weights=layers)
+        return
+    if args.mode == "clip":
+        out = {}
+        for k, x in splits.items():
+            with clip_stats(q, site_map) as st:
+                run(q, x)
+            out[k] = st
+        print("\n# values outside each site's calibrated range (float simulation), per split: % below / % above, "
+              "largest |x| / range edge")
+        print("| site | " + " | ".join(f"{k} % below | {k} % above | {k} max/edge" for k in out) + " |")
+        print("|---" * (1 + 3 * len(out)) + "|")
+        for site in site_map:
+            cells = [f"{100 * st[site][0] / st[site][2]:.3f} | {100 * st[site][1] / st[site][2]:.3f} | "
+                     f"{st[site][3]:.2f}" for st in out.values()]
+            print(f"| {site} | " + " | ".join(cells) + " |")
         return
     if args.mode == "keep":
         unknown = [s for s in args.float_site if s not in site_map]
