@@ -52,6 +52,7 @@ VARIANTS = {
     "int8": _with(ops=[]),                                  # the int8 preset (float residual adds)
     "no-bias-corr": _with(bias_correction=False),
     "per-tensor-w": _with(weights={"granularity": "per-tensor"}),
+    "w-clip-mse": _with(weights={"clip": "mse"}),           # each weight row's clipping ratio searched (MSE)
     "mse": _with(calibration={"method": "mse"}),
     "percentile": _with(calibration={"method": "percentile"}),
     "kl": _with(calibration={"method": "kl"}),
@@ -81,8 +82,10 @@ def main() -> None:
     ap.add_argument("--val", type=int, default=128)
     ap.add_argument("--eval", type=int, default=256)
     ap.add_argument("--variant", action="append", help=f"one of {sorted(VARIANTS)} (default: all)")
+    ap.add_argument("--threads", type=int, default=1, help="torch threads")
     ap.add_argument("--list", action="store_true")
     args = ap.parse_args()
+    torch.set_num_threads(args.threads)
     if args.list:
         for k, v in VARIANTS.items():
             print(k, v)
