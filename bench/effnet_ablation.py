@@ -61,6 +61,10 @@ VARIANTS = {
     "act-eq": _with(equalize={"method": "range"}),          # a no-op here: every pair has a ReLU6 between
     "adaround": _with(weights={"adaround": {"iters": 500, "samples": 128, "batch": 32}}),
     "adaround-2k": _with(weights={"adaround": {"iters": 2000, "samples": 128, "batch": 32}}),
+    # AdaRound on the first conv alone (bench/effnet_decompose.py: the first layer's input and output are the
+    # activation sites that matter on the validation split), with mse calibration
+    "mse-adaround-stem": _with(calibration={"method": "mse"}, layer_weights={
+        "_conv_stem.1": {"adaround": {"iters": 500, "samples": 128, "batch": 32}}}),
     "wide-1": _with(wide_first=1),
     "wide-3": _with(wide_first=3),
 }
