@@ -233,6 +233,9 @@ def main() -> None:
     ap.add_argument("--float-site", action="append", default=[])
     ap.add_argument("--float-weight", action="append", default=[])
     ap.add_argument("--check", type=int, default=0, help="sites/weights: compare N suffix runs with whole runs")
+    ap.add_argument("--input-range", type=float, nargs=2, metavar=("LO", "HI"),
+                    help="set the network input's uint8 grid to [LO, HI] after calibration (e.g. the range "
+                    "normalization gives [0, 1] pixels: -2.1179 2.6400)")
     ap.add_argument("--calib", type=int, default=128)
     ap.add_argument("--val", type=int, default=128)
     ap.add_argument("--eval", type=int, default=256)
@@ -248,6 +251,14 @@ def main() -> None:
     t = time.perf_counter()
     q = quantize(VARIANTS[args.variant], calib)
     biases = float_biases(q)
+    if args.input_range:
+        stem = next(m for _, m in q.named_modules() if isinstance(m, FakeQuantMixin))
+        lo, hi = args.input_range
+        scale = (hi - lo) / 255
+        with torch.no_grad():
+            stem.input_scale_.fill_(scale)
+            stem.input_zero_point_.fill_(int(round(-lo / scale)))
+        print(f"# network input grid set to [{lo}, {hi}]: scale {scale:.6f}, zero point {int(stem.input_zero_point_)}")
     site_map = sites(q)
     layers = list(biases)
     print(f"# EfficientNet-Lite0, quantize variant {args.variant!r}, {args.calib} calibration crops, "
