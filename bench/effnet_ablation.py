@@ -65,6 +65,11 @@ VARIANTS = {
     # activation sites that matter on the validation split), with mse calibration
     "mse-adaround-stem": _with(calibration={"method": "mse"}, layer_weights={
         "_conv_stem.1": {"adaround": {"iters": 500, "samples": 128, "batch": 32}}}),
+    "mse-adaround-stem-2k": _with(calibration={"method": "mse"}, layer_weights={
+        "_conv_stem.1": {"adaround": {"iters": 2000, "samples": 128, "batch": 32}}}),
+    "mse-adaround-first3": _with(calibration={"method": "mse"}, layer_weights={  # the weight ranking's top 3
+        k: {"adaround": {"iters": 500, "samples": 128, "batch": 32}}
+        for k in ("_conv_stem.1", "_blocks.0._depthwise_conv", "_blocks.0._project_conv")}),
     "wide-1": _with(wide_first=1),
     "wide-3": _with(wide_first=3),
 }
