@@ -52,6 +52,7 @@ VARIANTS = {
     "int8": _with(ops=[]),                                  # the int8 preset (float residual adds)
     "no-bias-corr": _with(bias_correction=False),
     "per-tensor-w": _with(weights={"granularity": "per-tensor"}),
+    "w-clip-mse": _with(weights={"clip": "mse"}),           # each weight row's clipping ratio searched (MSE)
     "mse": _with(calibration={"method": "mse"}),
     "percentile": _with(calibration={"method": "percentile"}),
     "kl": _with(calibration={"method": "kl"}),
@@ -60,6 +61,15 @@ VARIANTS = {
     "act-eq": _with(equalize={"method": "range"}),          # a no-op here: every pair has a ReLU6 between
     "adaround": _with(weights={"adaround": {"iters": 500, "samples": 128, "batch": 32}}),
     "adaround-2k": _with(weights={"adaround": {"iters": 2000, "samples": 128, "batch": 32}}),
+    # AdaRound on the first conv alone (bench/effnet_decompose.py: the first layer's input and output are the
+    # activation sites that matter on the validation split), with mse calibration
+    "mse-adaround-stem": _with(calibration={"method": "mse"}, layer_weights={
+        "_conv_stem.1": {"adaround": {"iters": 500, "samples": 128, "batch": 32}}}),
+    "mse-adaround-stem-2k": _with(calibration={"method": "mse"}, layer_weights={
+        "_conv_stem.1": {"adaround": {"iters": 2000, "samples": 128, "batch": 32}}}),
+    "mse-adaround-first3": _with(calibration={"method": "mse"}, layer_weights={  # the weight ranking's top 3
+        k: {"adaround": {"iters": 500, "samples": 128, "batch": 32}}
+        for k in ("_conv_stem.1", "_blocks.0._depthwise_conv", "_blocks.0._project_conv")}),
     "wide-1": _with(wide_first=1),
     "wide-3": _with(wide_first=3),
 }
@@ -81,8 +91,10 @@ def main() -> None:
     ap.add_argument("--val", type=int, default=128)
     ap.add_argument("--eval", type=int, default=256)
     ap.add_argument("--variant", action="append", help=f"one of {sorted(VARIANTS)} (default: all)")
+    ap.add_argument("--threads", type=int, default=1, help="torch threads")
     ap.add_argument("--list", action="store_true")
     args = ap.parse_args()
+    torch.set_num_threads(args.threads)
     if args.list:
         for k, v in VARIANTS.items():
             print(k, v)
