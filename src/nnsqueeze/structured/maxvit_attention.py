@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import ModelError
-from .window_attention import _linear
+from .window_attention import keep_packed_heads, packed_head_parts
 
 Tensor = torch.Tensor
 
@@ -92,13 +92,7 @@ def unsupported_reason(m: nn.Module) -> str | None:
 
 def head_parts(m: nn.Module) -> list[Tensor]:
     """Per head (rows): its q, k, v rows of ``to_qkv`` (+ biases) and its ``merge`` input columns."""
-    h, d = m.n_heads, m.head_dim
-    w = m.to_qkv.weight.detach().reshape(3, h, d, -1)
-    parts = [w[i].reshape(h, -1) for i in range(3)]
-    if m.to_qkv.bias is not None:
-        parts += [b.reshape(h, -1) for b in m.to_qkv.bias.detach().reshape(3, h, d)]
-    parts.append(m.merge.weight.detach().reshape(-1, h, d).transpose(0, 1).reshape(h, -1))
-    return parts
+    return packed_head_parts(m.to_qkv, m.merge, m.n_heads, m.head_dim)
 
 
 @torch.no_grad()
@@ -108,16 +102,9 @@ def prune_heads(m: nn.Module, keep: list[int]) -> PrunedRelativeAttention:
     if reason:
         raise ModelError(type(m).__name__, f"its heads cannot be pruned: {reason}",
                          fix="leave its heads whole (`ignore` the layer)")
-    h, d = m.n_heads, m.head_dim
-    if not keep or len(set(keep)) != len(keep) or not 0 <= min(keep) <= max(keep) < h:
-        raise ModelError(type(m).__name__, f"heads to keep {sorted(keep)} are not distinct indices in [0, {h})",
-                         fix="keep at least one head, each of the layer's own")
-    kt = torch.as_tensor(sorted(keep), dtype=torch.long, device=m.to_qkv.weight.device)
-    new = PrunedRelativeAttention(len(keep), d, m.max_seq_len, m.size, m.scale_factor)
-    qb = m.to_qkv.bias.reshape(3, h, d)[:, kt].reshape(-1) if m.to_qkv.bias is not None else None
-    new.to_qkv = _linear(m.to_qkv, m.to_qkv.weight.reshape(3, h, d, -1)[:, kt].reshape(3 * len(keep) * d, -1), qb)
-    new.merge = _linear(m.merge, m.merge.weight.reshape(-1, h, d)[:, kt].reshape(m.merge.out_features, -1),
-                        m.merge.bias)
+    kt, qkv, merge = keep_packed_heads(m, m.to_qkv, m.merge, m.n_heads, m.head_dim, keep)
+    new = PrunedRelativeAttention(len(keep), m.head_dim, m.max_seq_len, m.size, m.scale_factor)
+    new.to_qkv, new.merge = qkv, merge
     t = m.relative_position_bias_table
     new.relative_position_bias_table = nn.Parameter(t[:, kt].clone(), requires_grad=t.requires_grad)
     for name, buf in m.named_buffers(recurse=False):

@@ -161,24 +161,43 @@ def unsupported_reason(m: nn.Module) -> str | None:
     return None
 
 
-def head_parts(m: nn.Module) -> list[Tensor]:
-    """Per head (rows): its q, k, v rows of ``qkv`` (+ biases) and its ``proj`` input columns."""
-    h, d = m.num_heads, head_dim(m)
-    w = m.qkv.weight.detach().reshape(3, h, d, -1)
+def packed_head_parts(qkv: nn.Linear, proj: nn.Linear, h: int, d: int) -> list[Tensor]:
+    """Per head (rows) of a packed ``qkv`` Linear (q, k, v blocks of ``h`` heads of ``d``) and its output
+    projection: the head's q, k, v rows (+ biases) and its ``proj`` input columns."""
+    w = qkv.weight.detach().reshape(3, h, d, -1)
     parts = [w[i].reshape(h, -1) for i in range(3)]
-    if m.qkv.bias is not None:
-        parts += [b.reshape(h, -1) for b in m.qkv.bias.detach().reshape(3, h, d)]
-    parts.append(m.proj.weight.detach().reshape(-1, h, d).transpose(0, 1).reshape(h, -1))
+    if qkv.bias is not None:
+        parts += [b.reshape(h, -1) for b in qkv.bias.detach().reshape(3, h, d)]
+    parts.append(proj.weight.detach().reshape(-1, h, d).transpose(0, 1).reshape(h, -1))
     return parts
 
 
-def _linear(src: nn.Linear, weight: Tensor, bias: Tensor | None) -> nn.Linear:
+def head_parts(m: nn.Module) -> list[Tensor]:
+    """Per head (rows): its q, k, v rows of ``qkv`` (+ biases) and its ``proj`` input columns."""
+    return packed_head_parts(m.qkv, m.proj, m.num_heads, head_dim(m))
+
+
+def copy_linear(src: nn.Linear, weight: Tensor, bias: Tensor | None) -> nn.Linear:
+    """A Linear holding copies of ``weight`` / ``bias``, with ``src``'s requires_grad and training mode."""
     new = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, device=weight.device, dtype=weight.dtype)
     new.weight = nn.Parameter(weight.clone(), requires_grad=src.weight.requires_grad)
     if bias is not None:
         new.bias = nn.Parameter(bias.clone(), requires_grad=src.bias.requires_grad)
     new.train(src.training)
     return new
+
+
+def keep_packed_heads(m: nn.Module, qkv: nn.Linear, proj: nn.Linear, h: int, d: int,
+                      keep: list[int]) -> tuple[Tensor, nn.Linear, nn.Linear]:
+    """``(kept head indices, qkv, proj)`` of attention ``m`` holding heads ``keep`` only (validated)."""
+    if not keep or len(set(keep)) != len(keep) or not 0 <= min(keep) <= max(keep) < h:
+        raise ModelError(type(m).__name__, f"heads to keep {sorted(keep)} are not distinct indices in [0, {h})",
+                         fix="keep at least one head, each of the layer's own")
+    kt = torch.as_tensor(sorted(keep), dtype=torch.long, device=qkv.weight.device)
+    qb = qkv.bias.reshape(3, h, d)[:, kt].reshape(-1) if qkv.bias is not None else None
+    new_qkv = copy_linear(qkv, qkv.weight.reshape(3, h, d, -1)[:, kt].reshape(3 * len(keep) * d, -1), qb)
+    new_proj = copy_linear(proj, proj.weight.reshape(-1, h, d)[:, kt].reshape(proj.out_features, -1), proj.bias)
+    return kt, new_qkv, new_proj
 
 
 @torch.no_grad()
@@ -189,19 +208,14 @@ def prune_heads(m: nn.Module, keep: list[int]) -> PrunedWindowAttention:
         raise ModelError(type(m).__name__, f"its heads cannot be pruned: {reason}",
                          fix="leave its heads whole (`ignore` the layer)")
     h, d = m.num_heads, head_dim(m)
-    if not keep or len(set(keep)) != len(keep) or not 0 <= min(keep) <= max(keep) < h:
-        raise ModelError(type(m).__name__, f"heads to keep {sorted(keep)} are not distinct indices in [0, {h})",
-                         fix="keep at least one head, each of the layer's own")
-    kt = torch.as_tensor(sorted(keep), dtype=torch.long, device=m.qkv.weight.device)
+    kt, qkv, proj = keep_packed_heads(m, m.qkv, m.proj, h, d, keep)
     new = PrunedWindowAttention(len(keep), d, m.window_size, m.shift_size, m.attention_dropout, m.dropout, _v2(m))
-    qb = m.qkv.bias.reshape(3, h, d)[:, kt].reshape(-1) if m.qkv.bias is not None else None
-    new.qkv = _linear(m.qkv, m.qkv.weight.reshape(3, h, d, -1)[:, kt].reshape(3 * len(keep) * d, -1), qb)
-    new.proj = _linear(m.proj, m.proj.weight.reshape(-1, h, d)[:, kt].reshape(m.proj.out_features, -1), m.proj.bias)
+    new.qkv, new.proj = qkv, proj
     if new.v2:
         last = m.cpb_mlp[-1]
         new.cpb_mlp = copy.deepcopy(m.cpb_mlp)     # its other layers unchanged; the last one loses rows
         lb = last.bias[kt] if last.bias is not None else None
-        new.cpb_mlp[len(m.cpb_mlp) - 1] = _linear(last, last.weight[kt], lb)
+        new.cpb_mlp[len(m.cpb_mlp) - 1] = copy_linear(last, last.weight[kt], lb)
         new.logit_scale = nn.Parameter(m.logit_scale[kt].clone(), requires_grad=m.logit_scale.requires_grad)
     else:
         t = m.relative_position_bias_table
