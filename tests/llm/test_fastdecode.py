@@ -74,6 +74,18 @@ CASES = {
 }
 
 
+def decode(model, ids: list[int]):
+    """Feed ``ids`` then STEPS greedy tokens through the C decoder: (sequence, per-step logits, decoder)."""
+    dec = fastdecode.Decoder(model, len(ids) + STEPS)
+    seq, logits = list(ids), []
+    for pos in range(len(ids) + STEPS - 1):
+        tok = dec.step(seq[pos], pos)
+        logits.append(dec.logits.clone())
+        if pos >= len(ids) - 1:
+            seq.append(tok)
+    return seq, torch.stack(logits), dec
+
+
 def prompt(n=7, seed=0):
     return torch.randint(1, VOCAB, (1, n), generator=torch.Generator().manual_seed(seed))
 
@@ -84,14 +96,7 @@ def test_step_logits_match_float64_and_torch(case):
     model = CASES[case]()
     assert fastdecode.unsupported(model) is None
     ids = prompt()[0].tolist()
-    dec = fastdecode.Decoder(model, len(ids) + STEPS)
-    seq, logits = list(ids), []
-    for pos in range(len(ids) + STEPS - 1):
-        tok = dec.step(seq[pos], pos)
-        logits.append(dec.logits.clone())
-        if pos >= len(ids) - 1:
-            seq.append(tok)
-    got = torch.stack(logits)
+    seq, got, _ = decode(model, ids)
     x = torch.tensor([seq[:-1]])
     with torch.no_grad():
         ref64 = copy.deepcopy(model).to(torch.float64)(x).logits[0]
@@ -214,18 +219,11 @@ def test_avx2_and_plain_c_builds_match_float64(case, march, isa, monkeypatch):
     assert lib is not None, why
     assert lib.nsq_isa().decode() == isa                 # the build took the branch it names
     model = CASES[case]()
-    ids = prompt()[0].tolist()
-    dec = fastdecode.Decoder(model, len(ids) + STEPS)
+    seq, got, dec = decode(model, prompt()[0].tolist())
     assert dec.lib is lib
-    seq, logits = list(ids), []
-    for pos in range(len(ids) + STEPS - 1):
-        tok = dec.step(seq[pos], pos)
-        logits.append(dec.logits.clone())
-        if pos >= len(ids) - 1:
-            seq.append(tok)
     with torch.no_grad():
         ref = copy.deepcopy(model).to(torch.float64)(torch.tensor([seq[:-1]])).logits[0]
-    err = (torch.stack(logits).double() - ref).abs().amax(-1)
+    err = (got.double() - ref).abs().amax(-1)
     assert bool((err <= REL * ref.abs().amax(-1)).all()), f"{case} ({march}): {float(err.max()):.2e}"
 
 

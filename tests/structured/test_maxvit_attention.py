@@ -24,6 +24,7 @@ from nnsqueeze.structured.heads import head_parts as dispatched_parts, num_heads
 from nnsqueeze.structured.macs import count
 from nnsqueeze.structured.maxvit_attention import PrunedRelativeAttention, head_parts, prune_heads
 from nnsqueeze.zoo.tvision import import_torchvision
+from test_window_attention import close, zeroed as zeroed_heads
 
 maxvit = import_torchvision().models.maxvit
 TOL = 1e-10   # float64 vs float64: max |diff| <= TOL * max |reference|
@@ -42,16 +43,7 @@ def layer() -> torch.nn.Module:
 
 def zeroed(m: torch.nn.Module, keep: list[int], d: int) -> torch.nn.Module:
     """Float64 copy of ``m`` with every head outside ``keep`` cut off at ``merge`` (its input columns zeroed)."""
-    ref = copy.deepcopy(m).double()
-    with torch.no_grad():
-        for h in range(ref.n_heads):
-            if h not in keep:
-                ref.merge.weight[:, h * d:(h + 1) * d] = 0
-    return ref
-
-
-def close(a: torch.Tensor, b: torch.Tensor, tol: float) -> bool:
-    return float((a - b).abs().max()) <= tol * float(b.abs().max())
+    return zeroed_heads(m, keep, d, out="merge", heads="n_heads")
 
 
 def test_pruned_layer_equals_original_with_removed_heads_zeroed():

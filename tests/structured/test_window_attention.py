@@ -36,13 +36,14 @@ def layer(v2: bool) -> torch.nn.Module:
     return m
 
 
-def zeroed(m: torch.nn.Module, keep: list[int], d: int) -> torch.nn.Module:
-    """Float64 copy of ``m`` with every head outside ``keep`` cut off at ``proj`` (its input columns zeroed)."""
+def zeroed(m: torch.nn.Module, keep: list[int], d: int, out: str = "proj", heads: str = "num_heads") -> torch.nn.Module:
+    """Float64 copy of ``m`` with every head outside ``keep`` cut off at its output projection ``out`` (its
+    input columns zeroed); ``heads``: the attribute holding the head count (MaxViT: ``merge``, ``n_heads``)."""
     ref = copy.deepcopy(m).double()
     with torch.no_grad():
-        for h in range(ref.num_heads):
+        for h in range(getattr(ref, heads)):
             if h not in keep:
-                ref.proj.weight[:, h * d:(h + 1) * d] = 0
+                getattr(ref, out).weight[:, h * d:(h + 1) * d] = 0
     return ref
 
 
