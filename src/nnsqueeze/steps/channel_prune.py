@@ -52,7 +52,6 @@ restores the pruned shapes and then loads the weights.
 from __future__ import annotations
 
 import copy
-import logging
 from typing import Any, ClassVar, Literal
 
 import torch
@@ -74,8 +73,6 @@ from ..structured.pruners import dim_size, shrink
 from ..targets import pattern_matches
 from .base import Step, StepConfig, record_indices
 from ..targets import set_module
-
-log = logging.getLogger("nnsqueeze")
 
 LAYERS = (nn.modules.conv._ConvNd, nn.Linear, nn.Embedding)
 
@@ -389,25 +386,9 @@ class StructuredPrune(Step):
         self.attrs_ = self._apply(model, base)
         if ref is not None:  # prove this removal equals zeroing the removed channels' consumer columns
             by = "module patterns" if self.graph_ == "patterns" else "the torch.export graph"
-            try:
-                bad, err = hf.deviation(ref, model, example)
-            except Exception as e:
-                raise ModelError(self.where, f"the model pruned by {by} no longer runs ({type(e).__name__}: "
-                                 f"{str(e)[:200]}): a block does not work the way its layout suggests, or a "
-                                 "reshape has a channel count fixed in forward()", fix="`ignore` its layers, or set "
-                                 "`graph: fx`") from e
+            bad, err = hf.check_removal(ref, model, example, by, [b.owner for b in self._blocks], self.where)
             if err is not None:
                 ctx.report.step(pattern_check_deviation=bad, pattern_check_float_error=err)
-                if bad <= hf.ROUNDING * err:
-                    log.info("%s: the %s check deviates by %.2e of the output scale, within float rounding (the "
-                             "pruned model's float32 forward is %.2e from its float64 one): accepted", self.where,
-                             by, bad, err)
-                    bad = None
-            if bad is not None:
-                raise ModelError(self.where, f"pruning the groups found by {by} changed the outputs beyond the "
-                                 f"removed channels (relative deviation {bad:.2e}): a block does not work the way its "
-                                 "layout suggests", fix="`ignore` its layers (blocks: "
-                                 f"{', '.join(b.owner for b in self._blocks)[:300] or 'none'}), or set `graph: fx`")
         if stream:
             self.attrs_.update(self._apply(model, stream))
             ctx.report.step(hidden_before=self._streams[0].width, hidden_after=self.hidden_["hidden_size"])

@@ -38,14 +38,18 @@ BERT (FFN neurons, then KV-head groups)::
 from __future__ import annotations
 
 import copy
+import logging
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
 from ..data import call_model
+from ..errors import ModelError
 from .graph import DependencyGraph, Group, Member
 from .macs import eval_mode
+
+log = logging.getLogger("nnsqueeze")
 
 #: attribute names that hold a head count / width on attention modules, and the FFN width
 HEAD_ATTRS = ("num_attention_heads", "num_heads")
@@ -256,3 +260,25 @@ def deviation(ref: list[torch.Tensor], model: nn.Module, example: object) -> tup
         return bad, None
     return bad, float_error(model, example, got)
 
+
+
+def check_removal(ref: list[torch.Tensor], model: nn.Module, example: object, by: str, owners: list[str],
+                  where: str) -> tuple[float | None, float | None]:
+    """Run the pattern check (:func:`deviation`) on the pruned ``model``; ``by`` names what found the groups,
+    ``owners`` the recognised blocks. Raises :class:`ModelError` when the model no longer runs or its outputs
+    moved beyond the removed channels; a deviation within :data:`ROUNDING` times its float error is accepted
+    (logged). Returns ``(deviation, float error)`` for the report."""
+    try:
+        bad, err = deviation(ref, model, example)
+    except Exception as e:
+        raise ModelError(where, f"the model pruned by {by} no longer runs ({type(e).__name__}: {str(e)[:200]}): a "
+                         "block does not work the way its layout suggests, or a reshape has a channel count fixed "
+                         "in forward()", fix="`ignore` its layers, or set `graph: fx`") from e
+    if err is not None and bad <= ROUNDING * err:
+        log.info("%s: the %s check deviates by %.2e of the output scale, within float rounding (the pruned model's "
+                 "float32 forward is %.2e from its float64 one): accepted", where, by, bad, err)
+    elif bad is not None:
+        raise ModelError(where, f"pruning the groups found by {by} changed the outputs beyond the removed channels "
+                         f"(relative deviation {bad:.2e}): a block does not work the way its layout suggests",
+                         fix=f"`ignore` its layers (blocks: {', '.join(owners)[:300] or 'none'}), or set `graph: fx`")
+    return bad, err
