@@ -151,3 +151,29 @@ def test_nonzero_pad_is_left_alone():
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     assert qdq_postprocess(model)["pads_folded"] == 0
     assert [n.op_type for n in model.graph.node].count("Pad") == 1
+
+
+@pytest.mark.ort_isa
+@pytest.mark.parametrize("method,ops", [("mse", ["add"]), ("mse", []), ("percentile", ["add"]), ("kl", ["add"])])
+def test_clipping_calibration_equal_to_the_simulation(method, ops, tmp_path):
+    """A clipping method gives a ZeroPad2d'ed conv input another range than the output it pads (the
+    pad's zeros enter its observer); ORT runs the producer's codes and scale there, so the step ties
+    them, and ORT equals the simulation as with minmax (untied: 0.3-0.7 steps of the logit range)."""
+    torch.manual_seed(0)
+    model = trained_bn(TFMobile()).eval()
+    ctx = Context(calib_data=[(torch.randn(16, 3, 33, 31), None) for _ in range(2)])
+    ctx.report.begin_step("quantize", {})
+    q = Quantize(Quantize.Config(ops=ops, calibration={"method": method})).run(copy.deepcopy(model), ctx)
+    assert ctx.report.steps[-1]["figures"]["inputs_tied"] >= 1
+    assert any("take the qparams" in n["note"] for n in ctx.report.notes)
+    dw, expand = q.get_submodule("blocks.2.dw.1"), q.get_submodule("blocks.2.expand.0")
+    assert torch.equal(dw.input_scale_, expand.output_scale_)  # the padded conv reads its producer's codes
+    torch.manual_seed(1)
+    x = torch.randn(8, 3, 33, 31)
+    path = tmp_path / "q.onnx"
+    export_onnx(q, path, x, samples=[torch.randn(5, 3, 33, 31)])
+    with torch.no_grad():
+        ref = q(x)
+    got = OrtModule(path)(x)
+    step = float(ref.max() - ref.min()) / 255
+    assert (got - ref).abs().max() <= 0.02 * step

@@ -78,6 +78,7 @@ from ..quant.modules import MODULE_MAP
 from ..quant.act_scheme import ActScheme
 from ..quant.args import FORMATS
 from ..quant.scheme import WeightScheme
+from ..quant.tie_inputs import tie_layer_inputs
 from ..registry import OBSERVERS, STEPS
 from .base import Step, record_int, recorded_module
 from .quantize_relu import relu_plan
@@ -326,6 +327,13 @@ class Quantize(Step):
             if mod.finish_calibration(bias_correction=cfg.bias_correction and not adaround) is not None:
                 n_corrected += 1
             done.append((lname, mod))
+        for lname, mod in done:  # the conv applies its ReLU/ReLU6 itself: the module after it goes
+            relu_name = plan.get(lname, (None, None))[1]
+            if relu_name is not None:
+                set_module(model, relu_name, nn.Identity())
+                relu_removed.append(relu_name)
+        # one tensor, one qparams: what ORT runs where a pad sits between two quantized layers
+        tied = tie_layer_inputs(model, lambda: forward_samples(model, data, 1, ctx.device))
         for lname, mod in done:  # in registration (usually execution) order: later layers see earlier codes
             c = schemes[lname][1].adaround
             if c is None:
@@ -341,10 +349,6 @@ class Quantize(Step):
         _mark_float_boundaries([m for _, m in done])
         for lname, mod in done:
             sch, wcfg = schemes[lname]
-            relu_name = plan.get(lname, (None, None))[1]
-            if relu_name is not None:
-                set_module(model, relu_name, nn.Identity())
-                relu_removed.append(relu_name)
             record_layers[lname] = {"type": mod._float_class.__name__, "act": mod.act,
                                     "quant_output": mod.quant_output, "weight_bits": mod.weight_bits,
                                     "scheme": sch.to_dict()}
@@ -386,6 +390,11 @@ class Quantize(Step):
             weight_bits=bits_used[0] if len(bits_used) == 1 else bits_used,
             scheme=f"{weight_scheme(cfg.weights, bits_used[-1]).describe()}, {' + '.join(acts_used)}"
                    + (", int32 bias" if weight_scheme(cfg.weights).int8_kernels else ""))
+        if tied:
+            figures["inputs_tied"] = len(tied)
+            ctx.report.note(name, f"{len(tied)} layer inputs take the qparams of the quantized output they read "
+                            f"(through a pad or pass-through; ORT runs one set per tensor): "
+                            f"{', '.join(f'{c}<-{p}' for c, p in tied[:4])}{'...' if len(tied) > 4 else ''}")
         if equalized:
             figures["equalized_pairs"] = equalized
         if adaround_stats:
