@@ -52,7 +52,8 @@ class HessianError(NnsqueezeError):
 
 
 class HessianAccumulator:
-    """Running ``H = 2/n sum_t x_t x_t^T`` over ``n`` tokens (float64), fed batch by batch.
+    """Running ``H = 2/n sum_t x_t x_t^T`` over ``n`` tokens (float64; each batch's product in
+    float32, as the activations are), fed batch by batch.
 
     Layers that read the very same input tensor (a block's q/k/v projections, gate/up) share one
     ``x^T x`` product: the last product is kept with a weak reference to its input and that input's
@@ -61,7 +62,7 @@ class HessianAccumulator:
     of a LLaMA block.
     """
 
-    _last: tuple[weakref.ref, int, Tensor] | None = None   # (input, its _version, float64 x^T x)
+    _last: tuple[weakref.ref, int, Tensor] | None = None   # (input, its _version, x^T x as float64)
 
     def __init__(self, columns: int, device: torch.device | str = "cpu"):
         self.hessian = torch.zeros(columns, columns, dtype=torch.float64, device=device)
@@ -72,8 +73,10 @@ class HessianAccumulator:
         if (last is not None and last[0]() is src and last[1] == src._version
                 and last[2].device == self.hessian.device and last[2].shape == self.hessian.shape):
             return last[2]
-        x = src.detach().reshape(-1, src.shape[-1]).to(self.hessian.device, torch.float64)
-        xtx = x.T @ x
+        # The product in float32 (3x faster than float64 here; relative error ~3e-7 at 8k tokens, far
+        # below the 1% dampening), the running mean in float64.
+        x = src.detach().reshape(-1, src.shape[-1]).to(self.hessian.device, torch.float32)
+        xtx = (x.T @ x).double()
         HessianAccumulator._last = (weakref.ref(src), src._version, xtx)
         return xtx
 
@@ -101,17 +104,22 @@ class GPTQResult:
 
 def inverse_cholesky(h: Tensor, damp_percent: float, max_damp_percent: float,
                       on_note: Callable[[str], None] | None, where: str) -> tuple[Tensor, float]:
-    """Upper Cholesky factor of ``(H + λI)^-1``, raising λ tenfold until it factorizes."""
+    """Upper Cholesky factor ``U`` of ``(H + λI)^-1`` (``U^T U = (H + λI)^-1``), raising λ tenfold
+    until it factorizes.
+
+    With ``J`` the order reversal, ``J (H + λI) J = L L^T`` gives ``U = J L^-1 J``: upper triangular
+    with a positive diagonal and ``U^T U = J L^-T L^-1 J = (H + λI)^-1``, so it is the unique factor,
+    from one Cholesky and one triangular solve (1.6x faster than inverting and factorizing again;
+    equal to 5e-15 relative)."""
     mean_diag = float(torch.diagonal(h).mean())
     eye = torch.eye(h.shape[0], dtype=h.dtype, device=h.device)
     p = damp_percent
     while True:
         damped = h + (p * mean_diag) * eye
-        lower, info = torch.linalg.cholesky_ex(damped)
+        lower, info = torch.linalg.cholesky_ex(damped.flip(0, 1))
         if int(info) == 0:
-            hinv = torch.cholesky_inverse(lower)
-            upper, info = torch.linalg.cholesky_ex(hinv, upper=True)
-            if int(info) == 0 and torch.isfinite(upper).all():
+            upper = torch.linalg.solve_triangular(lower, eye, upper=False).flip(0, 1)
+            if torch.isfinite(upper).all():
                 return upper, p
         nxt = p * 10 if p > 0 else 1e-3  # from no dampening at all, start small
         if nxt > max_damp_percent + 1e-12:
@@ -173,12 +181,15 @@ def gptq_quantize(w: Tensor, hessian: Tensor, bits: int = 4, group_size: int | N
 
     U, used = inverse_cholesky(H, damp_percent, max_damp_percent, on_note, where)  # (in, in) upper
     Q = torch.zeros_like(W)
-    loss = 0.0
+    qmin, qmax = grid.qmin_qmax
+    loss = torch.zeros((), dtype=W.dtype, device=W.device)
+    cur_g, sg, zg = -1, None, None
     for i1 in range(0, cols, block_size):
         i2 = min(i1 + block_size, cols)
         W1 = W[:, i1:i2].clone()          # (out, B) block being quantized, updated in place
         Err1 = torch.zeros_like(W1)       # (out, B) scaled errors, propagated to later blocks at the end
         U1 = U[i1:i2, i1:i2]
+        diag = torch.diagonal(U1).tolist()
         for i in range(i2 - i1):
             col, g = i1 + i, group_of[i1 + i]
             if not act_order and col % gsize == 0:
@@ -188,22 +199,26 @@ def gptq_quantize(w: Tensor, hessian: Tensor, bits: int = 4, group_size: int | N
                 if cur.shape[1] < gsize:
                     cur = torch.cat([cur, W[:, i2:i2 + gsize - cur.shape[1]]], 1)
                 scale[:, g], zero[:, g] = grid.params(cur.float(), None if imp is None else imp[col:col + cur.shape[1]])
+                cur_g = -1
+            if g != cur_g:  # (out,) float32 group params, converted once per group, not per column
+                cur_g, sg, zg = g, scale[:, g].float(), zero[:, g].float()
             wcol = W1[:, i]
-            q = grid.fake(wcol.float().unsqueeze(1), scale[:, g], zero[:, g]).squeeze(1).double()
+            # grid.fake on one column, inlined (the same float32 operations): the per-call overhead of
+            # the tiny ops is most of this loop's time
+            q = (((torch.round(wcol.float() / sg) + zg).clamp_(qmin, qmax) - zg) * sg).double()
             if keep is not None:
                 q = torch.where(keep[:, col], q, torch.zeros_like(q))
             Q[:, col] = q
-            d = U1[i, i]
-            err = (wcol - q) / d
-            loss += float((err * err).sum()) / 2
+            err = (wcol - q) / diag[i]
             # Push this column's error onto the block's remaining columns (row i of the factor).
             W1[:, i:] -= err.unsqueeze(1) * U1[i, i:].unsqueeze(0)
             Err1[:, i] = err
+        loss += (Err1 * Err1).sum() / 2
         # Lazy batch update of all later columns at once: (out, B) @ (B, rest).
         W[:, i2:] -= Err1 @ U[i1:i2, i2:]
     if perm is not None:
         Q = Q[:, torch.argsort(perm)]
-    return GPTQResult(Q.to(torch.float32), scale, zero, perm, used, loss)
+    return GPTQResult(Q.to(torch.float32), scale, zero, perm, used, float(loss))
 
 
 def output_error(x: Tensor, w: Tensor, w_hat: Tensor) -> float:

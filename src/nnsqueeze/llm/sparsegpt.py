@@ -79,12 +79,13 @@ def sparsegpt_prune(w: Tensor, hessian: Tensor, sparsity: float = 0.5, prune_n: 
     W[:, dead] = 0.0
     U, used = inverse_cholesky(H, damp_percent, max_damp_percent, on_note, where)
     pruned = torch.zeros(rows, cols, dtype=torch.bool, device=W.device)
-    loss = 0.0
+    loss = torch.zeros((), dtype=W.dtype, device=W.device)
     for i1 in range(0, cols, block_size):
         i2 = min(i1 + block_size, cols)
         W1 = W[:, i1:i2].clone()                # (out, B)
         Err1 = torch.zeros_like(W1)
         U1 = U[i1:i2, i1:i2]
+        diag = torch.diagonal(U1).tolist()      # Python floats: no 0-dim tensor per column
         if not nm:
             # OBS saliency over the whole block (weights as they are after earlier blocks' updates).
             sal = W1 ** 2 / torch.diagonal(U1).unsqueeze(0) ** 2
@@ -99,14 +100,13 @@ def sparsegpt_prune(w: Tensor, hessian: Tensor, sparsity: float = 0.5, prune_n: 
                 prune1[:, i:i + prune_m].scatter_(1, idx, True)
             wcol = W1[:, i]
             q = torch.where(prune1[:, i], torch.zeros_like(wcol), wcol)
-            d = U1[i, i]
-            err = (wcol - q) / d
-            loss += float((err * err).sum()) / 2
+            err = (wcol - q) / diag[i]
             W1[:, i:] -= err.unsqueeze(1) * U1[i, i:].unsqueeze(0)
             W1[:, i] = q
             Err1[:, i] = err
+        loss += (Err1 * Err1).sum() / 2
         W[:, i1:i2] = W1
         pruned[:, i1:i2] = prune1
         W[:, i2:] -= Err1 @ U[i1:i2, i2:]
     W[pruned] = 0.0
-    return SparseGPTResult(W.to(torch.float32), ~pruned, used, loss)
+    return SparseGPTResult(W.to(torch.float32), ~pruned, used, float(loss))

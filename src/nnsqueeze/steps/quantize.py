@@ -327,7 +327,7 @@ class Quantize(Step):
             if mod.finish_calibration(bias_correction=cfg.bias_correction and not adaround) is not None:
                 n_corrected += 1
             done.append((lname, mod))
-        for lname, mod in done:  # the conv applies its ReLU/ReLU6 itself: the module after it goes
+        for lname, _ in done:  # the conv applies its ReLU/ReLU6 itself: the module after it goes
             relu_name = plan.get(lname, (None, None))[1]
             if relu_name is not None:
                 set_module(model, relu_name, nn.Identity())
