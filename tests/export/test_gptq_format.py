@@ -53,3 +53,23 @@ def test_fp32_scales_are_refused_before_writing(packed, tmp_path):
         save_pretrained(res.model, tmp_path / "gptq", format="gptq")
     assert "rtn: {bits: 4, group_size: 32, symmetric: true, scale_dtype: fp16}" in str(e.value)
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("bits,group,sym", [(4, 32, True), (4, 16, False), (8, 32, False)])
+def test_fp16_exact_scales_dequantize_equal_in_fp16_arithmetic(packed, tmp_path, bits, group, sym):
+    """gptqmodel's CPU kernels compute ``(q - z) * s`` in fp16 (the scales' dtype). With
+    ``scale_dtype: fp16-exact`` that fp16 product equals nnsqueeze's float32 weight for every weight;
+    with plain fp16 scales it does not (the product needs up to 15 significant bits)."""
+    def fp16_dequant(res):
+        out = res.save(tmp_path / f"gptq-{id(res)}", format="gptq")
+        sd = load_file(out / "model.safetensors")
+        for name, m in ((n, m) for n, m in res.model.named_modules() if isinstance(m, PackedLinear)):
+            q = unpack(sd[f"{name}.qweight"], bits, 0)
+            z = unpack(sd[f"{name}.qzeros"], bits, 1) + (1 if sym else 0)
+            g = sd[f"{name}.g_idx"].long()
+            yield name, m, ((q - z[g]).half() * sd[f"{name}.scales"][g]).float()   # fp16 multiply
+
+    for name, m, w16 in fp16_dequant(packed(bits, group, sym, "fp16-exact")):
+        assert torch.equal(w16.T, m.dequantized_weight()), name
+    assert any(not torch.equal(w16.T, m.dequantized_weight())
+               for _, m, w16 in fp16_dequant(packed(bits, group, sym, "fp16")))

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from nnsqueeze.ops import rtn
-from nnsqueeze.ops.quant import EPS
+from nnsqueeze.ops.quant import EPS, qrange
 from nnsqueeze.ops.rtn import (QuantGrid, dequantize_groups, from_rows, per_group, quantize_groups, rows_mask,
                                row_qparams, rtn_quantize, to_rows)
 
@@ -92,7 +92,7 @@ def test_unsigned_layout_against_float64_reference(bits, group, symmetric):
 
 
 @pytest.mark.parametrize("bits,symmetric", [(4, True), (8, False), (3, True)])
-@pytest.mark.parametrize("scale_dtype", ["fp32", "fp16", "bf16"])
+@pytest.mark.parametrize("scale_dtype", ["fp32", "fp16", "bf16", "fp16-exact"])
 def test_unsigned_is_the_signed_grid_shifted(bits, symmetric, scale_dtype):
     w = _w((9, 70), 3)
     a = rtn_quantize(w, bits, 32, symmetric, scale_dtype, clip_grid=5)
@@ -173,3 +173,32 @@ def test_grid_rejects_bad_options():
 def test_docstring_examples():
     result = doctest.testmod(rtn, optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE)
     assert result.attempted > 0 and result.failed == 0
+
+
+@pytest.mark.parametrize("bits,symmetric,full_range", [(4, True, False), (4, True, True), (4, False, False),
+                                                      (3, True, False), (3, False, False), (8, True, False),
+                                                      (2, False, False)])
+def test_fp16_exact_scales_make_every_dequantized_weight_an_fp16_value(bits, symmetric, full_range):
+    """fp16-exact: (q - z) * s computed in fp16 (as gptqmodel's CPU kernels do) equals the float32 value
+    for every code of the range, the scale still covers the range (>= the fp16 scale, codes in range), and
+    it is at most 2**(code_bits - 10) relative above it. Odd row lengths and magnitudes from 1e-6 to 1e3
+    (the 2**-14 floor: every product stays a normal fp16 value)."""
+    g = torch.Generator().manual_seed(bits)
+    w = torch.randn(11, 77, generator=g) * torch.logspace(-6, 3, 11).unsqueeze(1)
+    plain = rtn_quantize(w, bits, 16, symmetric, "fp16", full_range=full_range)
+    exact = rtn_quantize(w, bits, 16, symmetric, "fp16-exact", full_range=full_range)
+    s = exact.scale
+    assert torch.equal(s.half().float(), s) and (s >= plain.scale).all() and (s >= 2.0 ** -14).all()
+    code_bits = bits - 1 if symmetric else bits
+    normal = plain.scale >= 2.0 ** -14
+    assert (s[normal] <= plain.scale[normal] * (1 + 2.0 ** (code_bits - 10))).all()
+    qmin, qmax = qrange(bits, symmetric)
+    z = exact.zero_point.float().repeat_interleave(16, dim=1)[:, :77]
+    k = exact.codes.float() - z                                        # every code difference in use
+    assert exact.codes.min() >= qmin and exact.codes.max() <= qmax
+    sc = s.repeat_interleave(16, dim=1)[:, :77]
+    assert torch.equal((k.half() * sc.half()).float(), exact.weight)   # fp16 arithmetic = float32 weights
+    span = torch.arange(qmin - qmax, qmax - qmin + 1, dtype=torch.float32).unsqueeze(1)
+    allk = span[span.abs().squeeze(1) < 2 ** code_bits + (1 if symmetric else 0)]  # the whole reachable range
+    prod = allk * s.reshape(1, -1)
+    assert torch.equal((allk.half() * s.reshape(1, -1).half()).float(), prod)

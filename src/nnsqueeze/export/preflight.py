@@ -178,13 +178,16 @@ def _check_awq(where: str, c: Any, names: list[str]) -> None:
                               fix="select (or ignore) q/k/v together and gate/up together")
 
 
+FP16_SCALES = ("fp16", "fp16-exact")  # both store float16 scales
+
+
 def _check_step(where: str, items: list[tuple[str, Any, nn.Module]], fmt: str, n_schemes: int) -> None:
     c = items[0][1]
     g, ins = c.group_size, [_in_features(m) for _, _, m in items]
     if fmt == "gguf":
         fit = f"{where.split('.')[-1]}: {{bits: {4 if c.bits <= 4 else 8}, group_size: 32, symmetric: true, " \
               "scale_dtype: fp16}"
-        if c.bits not in (4, 8) or not c.symmetric or g != 32 or c.scale_dtype != "fp16":
+        if c.bits not in (4, 8) or not c.symmetric or g != 32 or c.scale_dtype not in FP16_SCALES:
             scheme = f"int{c.bits} {'per-row' if g is None else f'g{g}'} " \
                      f"{'symmetric' if c.symmetric else 'asymmetric'} {c.scale_dtype} scales"
             raise ExportError(where, f"GGUF's Q4_0/Q8_0 are symmetric with groups of 32 and float16 scales; this "
@@ -196,9 +199,10 @@ def _check_step(where: str, items: list[tuple[str, Any, nn.Module]], fmt: str, n
         if n_schemes > 1:
             raise ExportError(where, "gptq holds one scheme per checkpoint and the recipe's packing steps use "
                               f"{n_schemes}", fix="quantize every layer with the same bits/group_size/symmetric")
-        if c.scale_dtype != "fp16":
+        if c.scale_dtype not in FP16_SCALES:
             raise ExportError(f"{where}.scale_dtype", f"gptq stores float16 scales and this step chooses codes "
-                              f"against {c.scale_dtype} scales", fix="set scale_dtype: fp16")
+                              f"against {c.scale_dtype} scales", fix="set scale_dtype: fp16 (or fp16-exact: "
+                              "every dequantized weight an fp16 value too, for loaders that dequantize in fp16)")
         per = 32 // c.bits
         for n, _, m in items:
             if _in_features(m) % per or _out_features(m) % per:

@@ -55,8 +55,10 @@ def _lowest_k(scores: Tensor, k: int) -> Tensor:
 @torch.no_grad()
 def sparsegpt_prune(w: Tensor, hessian: Tensor, sparsity: float = 0.5, prune_n: int = 0, prune_m: int = 0,
                     damp_percent: float = 0.01, block_size: int = 128, max_damp_percent: float = 10.0,
-                    on_note: Callable[[str], None] | None = None, where: str = "sparsegpt") -> SparseGPTResult:
-    """Prune ``w`` (out, in) to ``sparsity`` (unstructured) or N:M (``prune_n``/``prune_m`` > 0)."""
+                    on_note: Callable[[str], None] | None = None, where: str = "sparsegpt",
+                    dtype: torch.dtype = torch.float32) -> SparseGPTResult:
+    """Prune ``w`` (out, in) to ``sparsity`` (unstructured) or N:M (``prune_n``/``prune_m`` > 0).
+    ``dtype``: of the inverse factor and the updates (float32 as the reference does, or float64)."""
     rows, cols = w.shape
     if hessian.shape != (cols, cols):
         raise ValueError(f"sparsegpt_prune: weight {tuple(w.shape)} and Hessian {tuple(hessian.shape)} do not match")
@@ -72,8 +74,8 @@ def sparsegpt_prune(w: Tensor, hessian: Tensor, sparsity: float = 0.5, prune_n: 
         raise ModelError(where, f"sparsity must be in [0, 1), got {sparsity}", fix="use e.g. 0.5")
     if not torch.isfinite(hessian).all():
         raise HessianError(where, "the Hessian has non-finite entries", fix="check the calibration data")
-    W = w.detach().to(torch.float64).clone()
-    H = hessian.detach().to(torch.float64).clone()
+    W = w.detach().to(dtype).clone()
+    H = hessian.detach().to(dtype).clone()
     dead = torch.diagonal(H) == 0
     H[dead, dead] = 1.0
     W[:, dead] = 0.0

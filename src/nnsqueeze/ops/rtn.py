@@ -34,7 +34,8 @@ artifacts do not change).
 
 ``scale_dtype`` (``"fp16"``, ``"bf16"``; default ``"fp32"``) makes every scale a value of that type,
 rounded *up* so the range still fits, and chooses the codes against it (GPTQ / GGUF files store fp16
-scales exactly). MSE clipping (``clip_grid`` > 1): per row, the range is shrunk to ``[r lo, r hi]``
+scales exactly); ``"fp16-exact"`` also makes every dequantized weight an fp16 value
+(:func:`storable_scale`), for loaders that dequantize in fp16. MSE clipping (``clip_grid`` > 1): per row, the range is shrunk to ``[r lo, r hi]``
 for ``clip_grid`` ratios ``r`` evenly spaced from 1 down to ``clip_min``, and the ratio with the
 smallest squared error (float64, weighted per column by ``importance``, e.g. GPTQ's Hessian
 diagonal) wins; ratio 1 is tried first and wins ties, so clipping never raises the error::
@@ -63,7 +64,8 @@ from .quant import code_range, qrange, range_qparams
 
 Tensor = torch.Tensor
 
-SCALE_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+SCALE_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16,
+                "fp16-exact": torch.float16}   # stored as fp16; see storable_scale
 
 
 # -- geometry ----------------------------------------------------------------------------------
@@ -125,15 +127,32 @@ def per_group(fn: Callable[[Tensor], tuple[Tensor, ...]], rows: Tensor, columns:
 
 
 # -- one row's grid ----------------------------------------------------------------------------
-def storable_scale(scale: Tensor, scale_dtype: str = "fp32") -> Tensor:
+def storable_scale(scale: Tensor, scale_dtype: str = "fp32", code_bits: int = 4) -> Tensor:
     """``scale`` (float32, > 0) as the nearest value of ``scale_dtype`` that is >= it, in float32.
 
     Rounding up keeps ``absmax / scale`` inside the code range. A scale above the type's largest
     finite value (fp16: 65504) raises ValueError: no scale of that type covers the range.
+
+    ``"fp16-exact"``: an fp16 scale with at most ``11 - code_bits`` significant bits and at least
+    2**-14, so that every dequantized weight ``(q - z) * s`` with ``|q - z| < 2**code_bits`` is
+    itself a normal fp16 value. Loaders that dequantize in fp16 (gptqmodel's CPU kernels, exllama)
+    then compute exactly nnsqueeze's float32 weights; plain fp16 scales leave them up to 2**-11
+    relative apart (on SmolLM2's logits: 0.04). The scale grows by under ``2**(code_bits - 10)``
+    relative (4-bit symmetric, 3 code bits: 0.8%)::
+
+        >>> s = storable_scale(torch.tensor([0.0123456]), "fp16-exact", code_bits=3)
+        >>> k = torch.arange(-8, 8, dtype=torch.float32)
+        >>> bool(((k * s).half().float() == k * s).all()), float(s) >= 0.0123456
+        (True, True)
     """
     dt = SCALE_DTYPES[scale_dtype]
     if dt == torch.float32:
         return scale
+    if scale_dtype == "fp16-exact":
+        keep = max(1, 11 - code_bits)  # significant bits: fp16 has 11, the code difference takes code_bits
+        _, exp = torch.frexp(scale.float())                     # scale = m * 2**exp, m in [0.5, 1)
+        quantum = torch.ldexp(torch.ones_like(scale, dtype=torch.float32), exp - keep)
+        scale = torch.clamp(torch.ceil(scale.float() / quantum) * quantum, min=2.0 ** -14)  # exact in float32
     r = scale.to(dt)
     below = r.to(torch.float32) < scale
     r = torch.where(below, torch.nextafter(r, torch.full_like(r, float("inf"))), r)
@@ -176,7 +195,8 @@ def _range_grid(lo: Tensor, hi: Tensor, bits: int, symmetric: bool, unsigned: bo
         zp = (torch.zeros_like(scale, dtype=torch.int32) if symmetric
               else torch.clamp(torch.round(qmin - lo0 / scale), qmin, qmax).to(torch.int32))
     if scale_dtype != "fp32":
-        scale = storable_scale(scale, scale_dtype)
+        # |q - z| < 2**code_bits: symmetric codes reach 2**(b-1) only as a power of two (exact anyway)
+        scale = storable_scale(scale, scale_dtype, code_bits=bits - 1 if symmetric else bits)
         if not symmetric:  # the zero point is the code of real 0 under the stored scale
             zp = torch.clamp(torch.round(qmin - torch.clamp(lo.float(), max=0.0) / scale), qmin, qmax).to(torch.int32)
     if symmetric and unsigned:

@@ -63,9 +63,11 @@ class QuantScheme(StepConfig):
     bits: int = Field(4, ge=2, le=8)
     group_size: int | None = Field(128, description="input channels per scale; null or -1: one per row")
     symmetric: bool = True
-    scale_dtype: Literal["fp32", "fp16", "bf16"] = Field(
+    scale_dtype: Literal["fp32", "fp16", "bf16", "fp16-exact"] = Field(
         "fp32", description="scales are values of this type and codes are chosen against them, so a format "
-        "storing fp16 scales (gptq, gguf: nnsqueeze.export.hf_formats) holds the model exactly")
+        "storing fp16 scales (gptq, gguf: nnsqueeze.export.hf_formats) holds the model exactly; fp16-exact: "
+        "fp16 scales with few enough significant bits that every dequantized weight is an fp16 value too, so "
+        "loaders that dequantize in fp16 (gptqmodel) compute the same weights (nnsqueeze.ops.rtn.storable_scale)")
     full_range: bool = Field(False, description="symmetric only: scale absmax / (2**(bits-1) - 0.5) with codes in "
                              "[-2**(bits-1), 2**(bits-1) - 1] (llm-compressor's grid, a finer step) instead of "
                              "absmax / (2**(bits-1) - 1) (ONNX Runtime's); see nnsqueeze.ops.rtn")
@@ -141,13 +143,11 @@ def relative_errors(w: torch.Tensor, w_hats: list[torch.Tensor], hessian: torch.
     The (out, in) @ (in, in) products run in float32 (half the time of float64 on a CPU; these are
     report figures, rounded to 6 digits), the sums in float64."""
     h = hessian.float()
-
-    def quad(d: torch.Tensor) -> float:
-        return float(((d @ h) * d).sum(dtype=torch.float64))
-
     w32 = w.float()
-    den = quad(w32)
-    return [math.sqrt(max(quad(w32 - x.float()), 0.0) / den) if den > 0 else 0.0 for x in w_hats]
+    d = torch.cat([w32] + [w32 - x.float() for x in w_hats])   # ((1 + k) out, in): one product for all
+    quads = ((d @ h) * d).sum(1, dtype=torch.float64).reshape(1 + len(w_hats), -1).sum(1).tolist()
+    den = quads[0]
+    return [math.sqrt(max(q, 0.0) / den) if den > 0 else 0.0 for q in quads[1:]]
 
 
 class LLMStep(Step):
