@@ -115,8 +115,8 @@ def main(argv=None) -> None:
     print(f"\nSmolLM2-135M-Instruct; {cpu_model()}; {args.threads} threads; torch {torch.__version__}, transformers "
           f"{transformers.__version__}, optimum {optimum.version.__version__}, gptqmodel {gptqmodel.__version__}; "
           f"{start}; prompt {prompt.shape[1]} tokens, {args.new} greedy tokens\n")
-    print("| scheme (rtn, fp16 scales unless named) | backend: gptqmodel kernel | load s | max abs logit diff | relative "
-          "| argmax equal | greedy tokens equal |")
+    print("| scheme (rtn, fp16 scales unless named) | backend: gptqmodel kernel | load s | max abs logit diff "
+          "| relative | argmax equal | greedy tokens equal |")
     print("|---|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['scheme']} | {r['backend']}: {r['kernel']} | {r['load_s']:.1f} | {r['max_diff']:.2e} | "

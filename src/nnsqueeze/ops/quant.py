@@ -160,8 +160,9 @@ def fake_quantize_bias(bias: Tensor, input_scale: Tensor, weight_scale: Tensor) 
 def sqnr_db(x: Tensor, x_hat: Tensor) -> float:
     """Signal-to-quantization-noise ratio ``10 log10(sum x^2 / sum (x - x_hat)^2)`` in dB (float64);
     ``inf`` when exact, ``nan`` when ``x`` is all zeros and exact."""
-    x64, e = x.double(), (x.double() - x_hat.double())
-    sig, noise = float((x64 * x64).sum()), float((e * e).sum())
+    x64 = x.detach().double().reshape(-1)
+    e = x64 - x_hat.detach().double().reshape(-1)
+    sig, noise = float(torch.dot(x64, x64)), float(torch.dot(e, e))  # BLAS dot: 2x a float64 sum()
     if noise == 0.0:
         return math.inf if sig > 0 else math.nan
     return 10.0 * math.log10(sig / noise) if sig > 0 else -math.inf

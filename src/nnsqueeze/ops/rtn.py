@@ -35,10 +35,11 @@ artifacts do not change).
 ``scale_dtype`` (``"fp16"``, ``"bf16"``; default ``"fp32"``) makes every scale a value of that type,
 rounded *up* so the range still fits, and chooses the codes against it (GPTQ / GGUF files store fp16
 scales exactly); ``"fp16-exact"`` also makes every dequantized weight an fp16 value
-(:func:`storable_scale`), for loaders that dequantize in fp16. MSE clipping (``clip_grid`` > 1): per row, the range is shrunk to ``[r lo, r hi]``
-for ``clip_grid`` ratios ``r`` evenly spaced from 1 down to ``clip_min``, and the ratio with the
-smallest squared error (float64, weighted per column by ``importance``, e.g. GPTQ's Hessian
-diagonal) wins; ratio 1 is tried first and wins ties, so clipping never raises the error::
+(:func:`storable_scale`), for loaders that dequantize in fp16. MSE clipping (``clip_grid`` > 1): per
+row, the range is shrunk to ``[r lo, r hi]`` for ``clip_grid`` ratios ``r`` evenly spaced from 1 down
+to ``clip_min``, and the ratio with the smallest squared error (float64, weighted per column by
+``importance``, e.g. GPTQ's Hessian diagonal) wins; ratio 1 is tried first and wins ties, so clipping
+never raises the error::
 
     >>> import torch
     >>> from nnsqueeze.ops.rtn import rtn_quantize
@@ -304,19 +305,38 @@ def _expand(p: Tensor, columns: int, group_size: int | None) -> Tensor:
     return p.to(torch.float32).repeat_interleave(length, dim=1)[:, :columns]
 
 
+def _grouped(t: Tensor, p: Tensor, group_size: int | None) -> tuple[Tensor, Tensor] | None:
+    """``t`` (N, K) as (N, G, length) and ``p`` (N, G) as (N, G, 1) float32 when the groups tile K
+    exactly (views, no copy of the parameters per column); None for a short last group."""
+    n, k = t.shape
+    groups, length, pad = group_shape(k, group_size)
+    if pad or p.shape != (n, groups):
+        return None
+    return t.reshape(n, groups, length), p.to(torch.float32).unsqueeze(-1)
+
+
 def quantize_groups(w: Tensor, scale: Tensor, zero_point: Tensor, group_size: int | None,
                     qmin: int, qmax: int) -> Tensor:
     """Codes (int32, (N, K)) ``clamp(round(w / scale) + zp, qmin, qmax)`` of ``w`` (N, K), group
     parameters (N, G)."""
+    w32 = w.detach().to(torch.float32)
+    g = _grouped(w32, scale, group_size)
+    if g is not None:  # the same float32 operations, broadcast over each group
+        q = torch.round(g[0] / g[1]) + zero_point.to(torch.float32).unsqueeze(-1)
+        return torch.clamp(q, qmin, qmax).to(torch.int32).reshape(w.shape)
     k = w.shape[1]
-    q = torch.round(w.detach().to(torch.float32) / _expand(scale, k, group_size)) + _expand(zero_point, k, group_size)
+    q = torch.round(w32 / _expand(scale, k, group_size)) + _expand(zero_point, k, group_size)
     return torch.clamp(q, qmin, qmax).to(torch.int32)
 
 
 def dequantize_groups(q: Tensor, scale: Tensor, zero_point: Tensor, group_size: int | None) -> Tensor:
     """float32 ``(q - zp) * scale`` of codes ``q`` (N, K), group parameters (N, G)."""
+    q32 = q.to(torch.float32)
+    g = _grouped(q32, scale, group_size)
+    if g is not None:
+        return ((g[0] - zero_point.to(torch.float32).unsqueeze(-1)) * g[1]).reshape(q.shape)
     k = q.shape[1]
-    return (q.to(torch.float32) - _expand(zero_point, k, group_size)) * _expand(scale, k, group_size)
+    return (q32 - _expand(zero_point, k, group_size)) * _expand(scale, k, group_size)
 
 
 @dataclass
