@@ -14,9 +14,10 @@ tests' TF-style mobile CNN with ``calibration: {method: mse}``: 0.5-0.7 8-bit st
 range between ORT and the simulation, exact (1.5e-5) once tied. The producer's range is the one to
 keep: it is what ORT runs, and it was calibrated on the unpadded values.
 
-Pass-through modules followed: ``Identity``, ``Dropout*``, ``Flatten`` and zero ``ConstantPad``/
-``ZeroPad`` (1d/2d/3d). Functional pads inside a ``forward`` are not seen (module hooks); the
-quantize step reports how many inputs were tied. ::
+Pass-through modules followed: ``Identity``, ``Dropout*``, ``Flatten``, zero ``ConstantPad``/
+``ZeroPad`` (1d/2d/3d), and a ``ReLU``/``ReLU6`` module after a layer that applies that clamp
+itself. Functional pads inside a ``forward`` are not seen (module hooks); the quantize step reports
+how many inputs were tied::
 
     >>> import torch
     >>> from torch import nn
@@ -50,6 +51,16 @@ def _passes(m: nn.Module) -> bool:
     return isinstance(m, _PASS) or (isinstance(m, _PADS) and float(getattr(m, "value", 0.0)) == 0.0)
 
 
+def _clamps_nothing(m: nn.Module, src: nn.Module) -> bool:
+    """A ReLU / ReLU6 module after a layer that already applies that clamp (its fused ``act``): the
+    module is then an identity on the layer's output (EfficientNet's blocks call one shared ReLU6
+    module after each conv, so the module stays while the conv applies the clamp itself)."""
+    act = getattr(src, "act", None)
+    if type(m) is nn.ReLU:
+        return act in ("relu", "relu6")
+    return type(m) is nn.ReLU6 and act == "relu6"
+
+
 def _produces_codes(m: nn.Module) -> bool:
     return isinstance(m, FakeQuantMixin) and bool(m.quant_output) and m._observers is None
 
@@ -71,8 +82,10 @@ def tie_layer_inputs(model: nn.Module, run: Callable[[], object]) -> list[tuple[
             return
         if _produces_codes(m):
             src = m
-        elif _passes(m) and args and isinstance(args[0], torch.Tensor):
-            src = source.get(id(args[0]))
+        elif args and isinstance(args[0], torch.Tensor) and id(args[0]) in source:
+            src = source[id(args[0])]
+            if not (_passes(m) or _clamps_nothing(m, src)):
+                return
         else:
             return
         if src is not None:
@@ -86,7 +99,7 @@ def tie_layer_inputs(model: nn.Module, run: Callable[[], object]) -> list[tuple[
             pairs.append((m, src))
 
     handles = [m.register_forward_hook(after) for m in model.modules()
-               if _produces_codes(m) or _passes(m)]
+               if _produces_codes(m) or _passes(m) or type(m) in (nn.ReLU, nn.ReLU6)]
     handles += [m.register_forward_pre_hook(before) for m in model.modules() if isinstance(m, FakeQuantMixin)]
     try:
         run()
