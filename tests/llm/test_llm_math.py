@@ -224,3 +224,23 @@ def test_relative_errors_match_a_float64_reference():
     for e, h in zip(got, hats):
         ref = float(torch.linalg.norm(x64 @ (w.double() - h.double()).T) / torch.linalg.norm(x64 @ w.double().T))
         assert abs(e - ref) <= 1e-5 * max(ref, 1e-3)
+
+
+@pytest.mark.parametrize("dtype,rtol", [(torch.float64, 1e-9), (torch.float32, 1e-4)])
+@pytest.mark.parametrize("act_order,group_size,dead,masked", [(False, 8, False, False), (True, 5, True, False),
+                                                               (True, None, False, True), (False, 16, True, True)])
+def test_gptq_quad_error_equals_the_hessian_quadratic_form(dtype, rtol, act_order, group_size, dead, masked):
+    """``quad_error`` (from GPTQ's own per-column losses, less the dampening's share) equals
+    tr((W - Q) H (W - Q)^T) on the undamped Hessian, computed directly in float64; odd shapes, a dead
+    input (its H row/column zero), pruned weights kept at zero."""
+    x = correlated(301, 21, seed=3)
+    if dead:
+        x[:, 4] = 0.0
+    h = hessian(x)
+    w = torch.randn(11, 21, generator=torch.Generator().manual_seed(4))
+    mask = (torch.rand(11, 21, generator=torch.Generator().manual_seed(5)) > 0.3) if masked else None
+    r = gptq_quantize(w, h, bits=3, group_size=group_size, act_order=act_order, mask=mask, dtype=dtype,
+                      damp_percent=0.05)
+    d = w.double() - r.weight.double()
+    direct = float(((d @ h) * d).sum())
+    assert r.quad_error == pytest.approx(direct, rel=rtol)

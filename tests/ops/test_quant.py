@@ -180,3 +180,12 @@ def test_fake_quant_per_channel_int8_axis1_equals_onnxruntime():
     q_ort, y_ort = _ort_qdq(w.numpy(), scale.numpy(), zp.numpy().astype(np.int8), 1)
     assert np.array_equal(quantize(w, scale, zp, -128, 127, axis=1).numpy(), q_ort.astype(np.int32))
     assert np.array_equal(fake_quantize(w, scale, zp, -128, 127, axis=1).numpy(), y_ort)
+
+
+@pytest.mark.parametrize("shape", [(7,), (13, 29), (1536, 577)])
+def test_sqnr_db_float32_path_within_1e_5_db_of_float64(shape):
+    g = torch.Generator().manual_seed(len(shape))
+    x = torch.randn(*shape, generator=g) * 3
+    x_hat = x + 0.01 * torch.randn(*shape, generator=g)
+    assert sqnr_db(x, x_hat, exact=False) == pytest.approx(sqnr_db(x, x_hat), abs=1e-5)
+    assert sqnr_db(x, x, exact=False) == math.inf

@@ -157,12 +157,17 @@ def fake_quantize_bias(bias: Tensor, input_scale: Tensor, weight_scale: Tensor) 
     return y + (bias - bias.detach()) if bias.requires_grad else y
 
 
-def sqnr_db(x: Tensor, x_hat: Tensor) -> float:
+def sqnr_db(x: Tensor, x_hat: Tensor, exact: bool = True) -> float:
     """Signal-to-quantization-noise ratio ``10 log10(sum x^2 / sum (x - x_hat)^2)`` in dB (float64);
-    ``inf`` when exact, ``nan`` when ``x`` is all zeros and exact."""
-    x64 = x.detach().double().reshape(-1)
-    e = x64 - x_hat.detach().double().reshape(-1)
-    sig, noise = float(torch.dot(x64, x64)), float(torch.dot(e, e))  # BLAS dot: 2x a float64 sum()
+    ``inf`` when exact, ``nan`` when ``x`` is all zeros and exact. ``exact=False``: float32 difference
+    and pairwise float32 sums (about 1e-7 relative, 1e-6 dB: a report figure; 5x faster)."""
+    if exact:
+        x64 = x.detach().double().reshape(-1)
+        e = x64 - x_hat.detach().double().reshape(-1)
+        sig, noise = float(torch.dot(x64, x64)), float(torch.dot(e, e))  # BLAS dot: 2x a float64 sum()
+    else:
+        x32 = x.detach().float()
+        sig, noise = float(x32.pow(2).sum()), float((x32 - x_hat.detach().float()).pow(2).sum())
     if noise == 0.0:
         return math.inf if sig > 0 else math.nan
     return 10.0 * math.log10(sig / noise) if sig > 0 else -math.inf

@@ -137,8 +137,10 @@ def relative_error(w: torch.Tensor, w_hat: torch.Tensor, hessian: torch.Tensor) 
     return relative_errors(w, [w_hat], hessian)[0]
 
 
-def relative_errors(w: torch.Tensor, w_hats: list[torch.Tensor], hessian: torch.Tensor) -> list[float]:
-    """:func:`relative_error` of each of ``w_hats``, the denominator computed once.
+def relative_errors(w: torch.Tensor, w_hats: list[torch.Tensor], hessian: torch.Tensor,
+                    known: list[float] = ()) -> list[float]:
+    """:func:`relative_error` of each of ``w_hats``, the denominator computed once; ``known``: numerators
+    ``tr((W - W_hat) H (W - W_hat)^T)`` already known (e.g. GPTQ's ``quad_error``), their errors first.
 
     The (out, in) @ (in, in) products run in float32 (half the time of float64 on a CPU; these are
     report figures, rounded to 6 digits), the sums in float64."""
@@ -147,7 +149,7 @@ def relative_errors(w: torch.Tensor, w_hats: list[torch.Tensor], hessian: torch.
     d = torch.cat([w32] + [w32 - x.float() for x in w_hats])   # ((1 + k) out, in): one product for all
     quads = ((d @ h) * d).sum(1, dtype=torch.float64).reshape(1 + len(w_hats), -1).sum(1).tolist()
     den = quads[0]
-    return [math.sqrt(max(q, 0.0) / den) if den > 0 else 0.0 for q in quads[1:]]
+    return [math.sqrt(max(q, 0.0) / den) if den > 0 else 0.0 for q in list(known) + quads[1:]]
 
 
 class LLMStep(Step):

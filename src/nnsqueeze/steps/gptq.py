@@ -78,7 +78,7 @@ class GPTQ(WeightQuantStep):
             if c.pack:
                 packs[name] = (r.weight, r.scale, r.zero_point)
             rtn = rtn_quantize(w, c.bits, c.group_size, c.symmetric, full_range=c.full_range).weight
-            err, rtn_err = relative_errors(w, [r.weight, rtn], acc.hessian)
+            err, rtn_err = relative_errors(w, [rtn], acc.hessian, known=[r.quad_error])
             return {"method": "gptq", **scheme_dict(c), "damp_percent": r.damp_percent,
                     "error": round(err, 6), "rtn_error": round(rtn_err, 6)}
 

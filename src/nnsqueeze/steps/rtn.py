@@ -258,7 +258,8 @@ class RTN(WeightQuantStep):
         r = rtn_quantize(w, c.bits, c.group_size, c.symmetric, c.scale_dtype, **clip_args(c.clip), unsigned=True,
                          full_range=c.full_range)
         set_weight(mod, r.weight)
-        ctx.report.layer(name, method="rtn", weight_sqnr_db=round(sqnr_db(w, r.weight), 3), **scheme_dict(c))
+        sqnr = round(sqnr_db(w, r.weight, exact=False), 3)   # a report figure: float32 sums
+        ctx.report.layer(name, method="rtn", weight_sqnr_db=sqnr, **scheme_dict(c))
         if c.pack:
             pack_layers(model, {name: (r.weight, r.scale, r.zero_point)}, c, self.where)
 
