@@ -9,11 +9,10 @@ import torch
 from torch import nn
 
 from nnsqueeze.context import Context
-from nnsqueeze.export.onnx import export_onnx
-from nnsqueeze.export.ort import OrtModule
 from nnsqueeze.quant.modules import convert_
 from nnsqueeze.quant.tie_inputs import _clamps_nothing, tie_layer_inputs
 from nnsqueeze.steps.quantize import Quantize
+from ort_parity import ort_vs_sim  # tests/ is on sys.path (rootdir conftest)
 
 
 class SharedAct(nn.Module):
@@ -54,13 +53,7 @@ def test_shared_relu6_and_pad_tied_and_ort_equal(method, tmp_path):
     assert torch.equal(dw.input_zero_point_, expand.output_zero_point_)
     assert torch.equal(q.project.input_scale_, dw.output_scale_)
     torch.manual_seed(1)
-    x = torch.randn(6, 3, 17, 15) * 2
-    path = tmp_path / "q.onnx"
-    export_onnx(q, path, x, samples=[torch.randn(3, 3, 17, 15)])
-    with torch.no_grad():
-        ref = q(x)
-    got = OrtModule(path)(x)
-    step = float(ref.max() - ref.min()) / 255
+    got, ref, step = ort_vs_sim(q, torch.randn(6, 3, 17, 15) * 2, [torch.randn(3, 3, 17, 15)], tmp_path / "q.onnx")
     assert (got - ref).abs().max() <= 0.02 * step
 
 

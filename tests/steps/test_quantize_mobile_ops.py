@@ -15,6 +15,7 @@ from nnsqueeze.export.onnx import export_onnx
 from nnsqueeze.export.ort import OrtModule, optimized_op_types
 from nnsqueeze.export.qdq import qdq_postprocess
 from nnsqueeze.steps.quantize import Quantize
+from ort_parity import ort_vs_sim  # tests/ is on sys.path (rootdir conftest)
 
 
 def cbr(cin, cout, k=1, stride=1, groups=1, act=True, pad=None):
@@ -173,10 +174,5 @@ def test_clipping_calibration_equal_to_the_simulation(method, ops, tmp_path):
     assert torch.equal(dw.input_scale_, expand.output_scale_)  # the padded conv reads its producer's codes
     torch.manual_seed(1)
     x = torch.randn(8, 3, 33, 31)
-    path = tmp_path / "q.onnx"
-    export_onnx(q, path, x, samples=[torch.randn(5, 3, 33, 31)])
-    with torch.no_grad():
-        ref = q(x)
-    got = OrtModule(path)(x)
-    step = float(ref.max() - ref.min()) / 255
+    got, ref, step = ort_vs_sim(q, x, [torch.randn(5, 3, 33, 31)], tmp_path / "q.onnx")
     assert (got - ref).abs().max() <= 0.02 * step

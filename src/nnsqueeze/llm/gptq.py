@@ -46,7 +46,7 @@ from typing import Callable
 import torch
 
 from ..errors import NnsqueezeError
-from ..ops.rtn import QuantGrid
+from ..ops.rtn import QuantGrid, fake_values
 
 Tensor = torch.Tensor
 
@@ -210,9 +210,9 @@ def gptq_quantize(w: Tensor, hessian: Tensor, bits: int = 4, group_size: int | N
             if g != cur_g:  # (out,) float32 group params, converted once per group, not per column
                 cur_g, sg, zg = g, scale[:, g].float(), zero[:, g].float()
             wcol = W1[:, i]
-            # grid.fake on one column, inlined (the same float32 operations): the per-call overhead of
-            # the tiny ops is most of this loop's time
-            q = (((torch.round(wcol.float() / sg) + zg).clamp_(qmin, qmax) - zg) * sg).to(dtype)
+            # grid.fake on one column with the group's float32 params converted once: the per-call
+            # overhead of the tiny ops is most of this loop's time
+            q = fake_values(wcol.float(), sg, zg, qmin, qmax).to(dtype)
             if keep is not None:
                 q = torch.where(keep[:, col], q, torch.zeros_like(q))
             Q[:, col] = q

@@ -87,17 +87,18 @@ def sparsegpt_prune(w: Tensor, hessian: Tensor, sparsity: float = 0.5, prune_n: 
         W1 = W[:, i1:i2].clone()                # (out, B)
         Err1 = torch.zeros_like(W1)
         U1 = U[i1:i2, i1:i2]
-        diag = torch.diagonal(U1).tolist()      # Python floats: no 0-dim tensor per column
+        du = torch.diagonal(U1)
+        diag = du.tolist()                      # Python floats: no 0-dim tensor per column
         if not nm:
             # OBS saliency over the whole block (weights as they are after earlier blocks' updates).
-            sal = W1 ** 2 / torch.diagonal(U1).unsqueeze(0) ** 2
+            sal = W1 ** 2 / du.unsqueeze(0) ** 2
             prune1 = _lowest_k(sal, int(round(sparsity * sal.numel())))
         else:
             prune1 = torch.zeros_like(W1, dtype=torch.bool)
         for i in range(i2 - i1):
             if nm and i % prune_m == 0:
                 # N:M: choose within the next M columns using the weights updated so far.
-                seg = W1[:, i:i + prune_m] ** 2 / torch.diagonal(U1)[i:i + prune_m].unsqueeze(0) ** 2
+                seg = W1[:, i:i + prune_m] ** 2 / du[i:i + prune_m].unsqueeze(0) ** 2
                 idx = torch.argsort(seg, dim=1, stable=True)[:, :prune_n]
                 prune1[:, i:i + prune_m].scatter_(1, idx, True)
             wcol = W1[:, i]

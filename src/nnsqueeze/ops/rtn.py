@@ -205,12 +205,16 @@ def _range_grid(lo: Tensor, hi: Tensor, bits: int, symmetric: bool, unsigned: bo
     return scale, zp
 
 
+def fake_values(x: Tensor, s: Tensor, z: Tensor, qmin: int, qmax: int) -> Tensor:
+    """``(clamp(round(x / s) + z, qmin, qmax) - z) * s`` on float32 tensors that broadcast (no
+    conversions: GPTQ's column loop calls it with its group's parameters converted once)."""
+    return (torch.clamp(torch.round(x / s) + z, qmin, qmax) - z) * s
+
+
 def fake_rows(rows: Tensor, scale: Tensor, zero_point: Tensor, qmin: int, qmax: int) -> Tensor:
     """Quantize-dequantize ``rows`` (R, L) with per-row ``scale`` / ``zero_point`` (R,), float32."""
-    s = scale.to(torch.float32).unsqueeze(1)
-    z = zero_point.to(torch.float32).unsqueeze(1)
-    q = torch.clamp(torch.round(rows.to(torch.float32) / s) + z, qmin, qmax)
-    return (q - z) * s
+    return fake_values(rows.to(torch.float32), scale.to(torch.float32).unsqueeze(1),
+                       zero_point.to(torch.float32).unsqueeze(1), qmin, qmax)
 
 
 def row_qparams(rows: Tensor, bits: int, symmetric: bool, *, scale_dtype: str = "fp32", clip_grid: int = 1,
