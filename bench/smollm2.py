@@ -6,7 +6,7 @@ calibration windows, same perplexity protocol (:mod:`nnsqueeze.llm.perplexity`, 
 
 - **calibration**: ``--calib`` (32) windows of 256 tokens of standard-library *docstrings* (the
   ``module:`` documents of :mod:`nnsqueeze.zoo.pycorpus`, sorted by name, tokenized with SmolLM2's
-  tokenizer, joined by EOS, cut into non-overlapping windows; ``--calib`` of them drawn with seed 0,
+  tokenizer, joined by EOS, cut into non-overlapping windows; ``--calib`` of them drawn with ``--calib-seed`` (0),
   kept in stream order, or in the order ``--calib-order`` gives; both tools see them in that order:
   llm-compressor gets them as a ``DataLoader``, not shuffled);
 - **perplexity text**: the ``#`` comments of a fixed, ordered list of stdlib files (:data:`EVAL_FILES`;
@@ -226,7 +226,7 @@ def run_tool(a) -> None:
     torch.manual_seed(0)
     torch.set_num_threads(a.threads)
     model, tok = load_model(smollm2.model_dir(), task="causal-lm")
-    calib_t = calibration(tok, a.calib)
+    calib_t = calibration(tok, a.calib, seed=a.calib_seed)
     if a.calib_order != "stream":  # the same windows in another order (order-sensitive observers, e.g. ema-minmax)
         order = [int(i) for i in a.calib_order.split(",")]
         if sorted(order) != list(range(a.calib)):
@@ -236,7 +236,8 @@ def run_tool(a) -> None:
     val = eval_tokens(tok)
     val_used = val[: a.eval_windows * SEQ_LEN]
     meta = {"tool": a.tool, "date": str(date.today()), "cpu": cpu_model(), "threads": a.threads,
-            "calib_windows": a.calib, "calib_order": a.calib_order, "seq_len": SEQ_LEN, "calib_sha": sha(calib_t),
+            "calib_windows": a.calib, "calib_seed": a.calib_seed, "calib_order": a.calib_order,
+            "seq_len": SEQ_LEN, "calib_sha": sha(calib_t),
             "eval_files": list(EVAL_FILES), "eval_text_tokens": val.numel(), "eval_windows": a.eval_windows,
             "eval_sha": sha(val_used), "torch": torch.__version__}
     if a.tool == "llmcompressor":
@@ -265,7 +266,7 @@ def run_tool(a) -> None:
 
 def merge(paths: list[str], out_dir: Path) -> None:
     runs = [json.loads(Path(p).read_text()) for p in paths]  # same data and settings, or refuse
-    for k in ("calib_sha", "eval_sha", "threads", "calib_windows", "eval_windows"):
+    for k in ("calib_sha", "eval_sha", "threads", "calib_windows", "eval_windows"):  # calib_sha covers the seed
         if len({r[k] for r in runs}) != 1:
             raise SystemExit(f"runs differ in {k}: {[r[k] for r in runs]}")
     # A later file's row replaces an earlier one of the same tool, scheme and method (a re-run).
@@ -298,6 +299,7 @@ def main() -> None:
     ap.add_argument("--calib", type=int, default=32, help="calibration windows of 256 tokens")
     ap.add_argument("--eval-windows", type=int, default=32, help="256-token windows of the comment text scored")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--calib-seed", type=int, default=0, help="which windows are drawn (both tools: the same ones)")
     ap.add_argument("--calib-order", default="stream", help="'stream' (drawn windows in stream order) or a "
                     "comma-separated permutation of 0..calib-1: the order both tools see the windows in")
     ap.add_argument("--only", nargs="*", default=None, help="method or scheme names to run (fp32 always runs)")

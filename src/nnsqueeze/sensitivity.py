@@ -15,8 +15,12 @@ first; nothing is written::
     >>> model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 3)).eval()
     >>> calib = [(torch.randn(32, 8), torch.randint(0, 3, (32,)))]
     >>> rows = sensitivity(model, calib, formats=("int8", "int4"))   # no metric: SQNR, ~6 dB per bit
-    >>> [(r["layer"], r["format"], round(r["sqnr_db"])) for r in rows]
-    [('0', 'int4', 26), ('2', 'int4', 28), ('0', 'int8', 47), ('2', 'int8', 51)]
+    >>> [(r["layer"], r["format"], round(r["sqnr_db"])) for r in rows][:2]
+    [('0', 'int4', 26), ('2', 'int4', 28)]
+    >>> [(r["layer"], r["format"], r["sqnr_db"] > 40) for r in rows][2:]   # 47 and 51 dB with VNNI
+    [('0', 'int8', True), ('2', 'int8', True)]
+
+(On x86 CPUs without VNNI, int8 uses 7-bit weight codes, :mod:`nnsqueeze.isa`: about 3 dB less.)
     >>> rows = sensitivity(model, calib, eval_data=calib, metric="accuracy")
     >>> rows[0]["layer"], rows[0]["metric_drop"]
     ('0', 0.0)

@@ -114,3 +114,37 @@ def test_workers_opening_a_new_database_together_all_succeed(tmp_path):
                  for _ in range(3)]
         for p in procs:
             assert p.wait(timeout=120) == 0, p.stderr.read().decode()[-1500:]
+
+
+@pytest.mark.parametrize("when", ["during", "after"])
+def test_a_trial_failed_elsewhere_while_it_runs_is_dropped_not_fatal(tmp_path, monkeypatch, caplog, when):
+    # On an overloaded machine a worker's heartbeat thread can starve past `grace`: another worker then fails
+    # its trial as stale (and re-queues it). The worker still running it used to crash on its next write to
+    # the trial ("Trial#N has already finished", then "Cannot tell a FAIL trial"); it now drops the result.
+    from optuna.trial import TrialState
+
+    from nnsqueeze.search import workers
+
+    hit: list[int] = []
+
+    class FailedElsewhere(workers._Objective):
+        def __call__(self, trial):
+            def fail():  # what fail_stale_trials in another process does
+                hit.append(trial.number)
+                trial.study._storage.set_trial_state_values(trial._trial_id, state=TrialState.FAIL)
+
+            if not hit and when == "during":
+                fail()
+            out = super().__call__(trial)
+            if not hit and when == "after":
+                fail()
+            return out
+
+    monkeypatch.setattr(workers, "_Objective", FailedElsewhere)
+    with caplog.at_level("WARNING", logger="nnsqueeze"):
+        res = _search(tmp_path / "s", trials=3)
+    assert res.trials == 3 and len(_finished(tmp_path / "s")) == 3
+    s = json.loads((tmp_path / "s" / "search.json").read_text())
+    study = optuna.load_study(study_name=s["study_name"], storage=f"sqlite:///{tmp_path / 's' / 'study.db'}")
+    assert hit == [0] and study.trials[0].state.name == "FAIL"
+    assert "trial 0 was failed by another worker while this one ran it" in caplog.text

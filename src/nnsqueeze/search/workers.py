@@ -138,21 +138,58 @@ class _Worker:
                 values = self.objective(trial)
             except _Pruned as p:
                 beat.stop()
-                trial.set_user_attr("pruned", p.reason)
-                if p.drop is not None:
-                    trial.set_user_attr("pruned_drop", p.drop)
-                drop = p.drop if p.drop is not None else math.inf
-                _constrain(trial, list(lims), [drop - job.max_drop] + [0.0] * (len(lims) - 1))
-                study.tell(trial, state=TrialState.PRUNED)
-                log.info("trial %d pruned: %s", trial.number, p.reason)
+
+                def pruned(trial=trial, p=p) -> None:
+                    trial.set_user_attr("pruned", p.reason)
+                    if p.drop is not None:
+                        trial.set_user_attr("pruned_drop", p.drop)
+                    drop = p.drop if p.drop is not None else math.inf
+                    _constrain(trial, list(lims), [drop - job.max_drop] + [0.0] * (len(lims) - 1))
+                    study.tell(trial, state=TrialState.PRUNED)
+
+                if _tell(storage, trial, pruned, job.grace):
+                    log.info("trial %d pruned: %s", trial.number, p.reason)
                 continue
+            except Exception:
+                beat.stop()
+                if _taken(storage, trial):  # the objective's own writes found it failed elsewhere
+                    _dropped(trial, job.grace)
+                    continue
+                study.tell(trial, state=TrialState.FAIL)
+                raise
             except BaseException:
                 beat.stop()
                 study.tell(trial, state=TrialState.FAIL)
                 raise
             beat.stop()
-            study.tell(trial, values)
-            log.info("trial %d: drop %.4g, %d bytes, %.4g ms", trial.number, *values)
+            if _tell(storage, trial, lambda trial=trial, values=values: study.tell(trial, values), job.grace):
+                log.info("trial %d: drop %.4g, %d bytes, %.4g ms", trial.number, *values)
+
+
+def _taken(storage, trial) -> bool:
+    """Whether another worker finished ``trial`` while this one ran it: with no heartbeat recorded for
+    ``grace`` seconds (a starved heartbeat thread on an overloaded machine) it was failed as stale and
+    re-queued, so a copy with the same parameters runs again."""
+    return storage.get_trial(trial._trial_id).state.is_finished()
+
+
+def _dropped(trial, grace: int) -> None:
+    log.warning("trial %d was failed by another worker while this one ran it (no heartbeat recorded for %d s: "
+                "an overloaded machine?); its result is dropped and the re-queued copy runs it again (a longer "
+                "grace avoids this)", trial.number, grace)
+
+
+def _tell(storage, trial, tell, grace: int) -> bool:
+    """Run ``tell`` (which records the trial's result); False, with a warning, when the trial was already
+    failed by another worker (:func:`_taken`); any other error propagates."""
+    try:
+        tell()
+    except Exception:
+        if not _taken(storage, trial):
+            raise
+        _dropped(trial, grace)
+        return False
+    return True
 
 
 def _orphans(storage, study, grace: int) -> list[int]:
