@@ -148,6 +148,34 @@ def test_swin_hidden_per_stage_equals_float64_reference(v2, heads):
 
 
 @pytest.mark.parametrize("v2", [False, True])
+def test_swin_hidden_fraction_per_stage(v2):
+    # one fraction per stage: 15 - 3 and 30 - 15 channels kept; the same float64 reference as above
+    m, x = model(v2), images()
+    orig = copy.deepcopy(m).double()
+    pruned, step, ctx = run_step(m, x, hidden=[0.2, 0.5], ratio=0.4)
+    keeps = keeps_of(step)
+    assert [len(k) for k in keeps] == [12, 15]
+    assert ctx.report.steps[-1]["figures"]["hidden_widths"] == [[15, 12], [30, 15]]
+    assert pruned.features[2].reduction.in_features == 48 and pruned.head.in_features == 15
+    neurons = {n: kp for n, r, kp in step.plan_ if r == "out" and n.endswith("mlp.0")}
+    with torch.no_grad():
+        torch.testing.assert_close(pruned(x).double(), swin_ref(orig, x, keeps, v2, step.heads_, neurons), **TOL)
+    # a zero keeps that stage whole
+    pruned, _, ctx = run_step(model(v2), x, hidden=[0.0, 0.5])
+    assert ctx.report.steps[-1]["figures"]["hidden_widths"] == [[15, 15], [30, 15]]
+    assert pruned.features[1][0].norm1.normalized_shape == (15,) and pruned.head.in_features == 15
+
+
+def test_swin_hidden_list_must_name_every_stage():
+    with pytest.raises(nsq.RecipeError, match=r"3 fractions for this model's 2 residual stream\(s\), of widths "
+                       r"\[15, 30\]"):
+        run_step(model(False), images(), hidden=[0.2, 0.2, 0.2])
+    for bad in ([], [0.2, 1.0], [-0.1, 0.2]):
+        with pytest.raises(ValueError, match="hidden"):
+            StructuredPrune.Config(hidden=bad)
+
+
+@pytest.mark.parametrize("v2", [False, True])
 def test_swin_hidden_onnx_runtime_and_reload_are_exact(v2, tmp_path):
     from nnsqueeze.export.ort import OrtModule
 

@@ -97,10 +97,11 @@ class StructuredPruneConfig(StepConfig):
                                             "normalizes over the kept ones: not equal to zeroing them, fine-tune "
                                             "after), and so are per-channel parameters on them (layer scale, "
                                             "position embeddings); keep: such channels are left whole")
-    hidden: float | None = Field(None, ge=0.0, lt=1.0, description="Hugging Face BERT/LLaMA-like models, "
-                                 "torchvision's ViT and Swin (per stage): fraction of the hidden size (residual "
-                                 "stream: embeddings, norms, every block's input and output, the heads' inputs) "
-                                 "removed; default: kept whole")
+    hidden: float | list[float] | None = Field(
+        None, description="Hugging Face BERT/LLaMA-like models, torchvision's ViT and Swin (per stage): fraction "
+        "of the hidden size (residual stream: embeddings, norms, every block's input and output, the heads' inputs) "
+        "removed, in [0, 1); a list gives one fraction per stream in model order (Swin: one per stage, e.g. "
+        "[0.25, 0.25, 0.5, 0.5]); default: kept whole")
     graph: Literal["auto", "fx", "export"] = Field("auto", description="how the dependency graph is built: fx "
                                                    "(torch.fx), export (torch.export, non-strict), auto (torch.fx, "
                                                    "then torch.export for models fx cannot trace); Hugging Face "
@@ -108,6 +109,12 @@ class StructuredPruneConfig(StepConfig):
 
     @model_validator(mode="after")
     def _one_target(self) -> "StructuredPruneConfig":
+        fracs = self.hidden if isinstance(self.hidden, list) else [] if self.hidden is None else [self.hidden]
+        if isinstance(self.hidden, list) and not fracs:
+            raise ValueError("hidden: an empty list (give one fraction per residual stream, or one number)")
+        for v in fracs:
+            if not 0.0 <= v < 1.0:
+                raise ValueError(f"hidden: {v} is not a fraction in [0, 1)")
         given = [k for k in ("ratio", "params", "macs") if getattr(self, k) is not None]
         if not given and self.hidden is not None:
             self.ratio = 0.0            # hidden size only: heads and FFN neurons stay whole
@@ -185,6 +192,7 @@ class StructuredPrune(Step):
         self._ties: list[list[dict[int, dict[int, int]]]] = []   # graph ties, by index into _planned
         self._restored = 0
         self._streams: list[hidden.Stream] = []   # residual streams (`hidden`): one, or one per Swin stage
+        self._hidden_fracs: list[float] = []      # the `hidden` fraction of each stream
         self.hidden_: dict[str, Any] = {}
         self.graph_ = ""            # where the last run's groups came from: fx | export | patterns
 
@@ -247,10 +255,22 @@ class StructuredPrune(Step):
             else:
                 self._streams = [hidden.find_stream(model, graph, example, where)]
             c = self.config
-            for s in self._streams:
-                hidden.kept_width(s, c.hidden, c.round_to, c.min_channels, where)
+            self._hidden_fracs = self._per_stream(self._streams, where)
+            for s, frac in zip(self._streams, self._hidden_fracs):
+                hidden.kept_width(s, frac, c.round_to, c.min_channels, where)
             hidden.attach(graph, self._streams, where, {n for n, _ in model.named_modules()})
         return graph
+
+    def _per_stream(self, streams: list[hidden.Stream], where: str) -> list[float]:
+        """The `hidden` fraction of each stream: one number for all, or a list with one per stream."""
+        h = self.config.hidden
+        if not isinstance(h, list):
+            return [float(h)] * len(streams)
+        if len(h) != len(streams):
+            raise RecipeError(where, f"{len(h)} fractions for this model's {len(streams)} residual stream(s), of "
+                              f"widths {[s.width for s in streams]}",
+                              fix="give one fraction per stream, in model order, or one number for all")
+        return [float(v) for v in h]
 
     def _apply(self, model: nn.Module, plan: list[tuple[str, str, list[int]]]) -> dict[str, dict[str, int]]:
         streams = bool(hidden.split_plan(plan, self._streams)[1])
@@ -308,8 +328,9 @@ class StructuredPrune(Step):
     def _fixed(self, model: nn.Module, groups: list[Group]) -> list[float | None]:
         out: list[float | None] = []
         for g in groups:
-            if any(g is s.group for s in self._streams):
-                out.append(self.config.hidden)
+            frac = [f for s, f in zip(self._streams, self._hidden_fracs) if g is s.group]
+            if frac:
+                out.append(frac[0])
                 continue
             hit = [r for p, r in self.config.overrides.items()
                    for n in _group_layers(model, g) if pattern_matches(p, n, model.get_submodule(n))]
