@@ -78,12 +78,14 @@ METHODS = ["fp32", "RTN", "RTN full range", "GPTQ (act order)", "GPTQ (act order
 
 # --------------------------------------------------------------------------- data (same for both tools)
 
-def calibration(tok, n: int, seed: int = 0) -> torch.Tensor:
-    """``n`` windows (n, 256) of stdlib docstrings, drawn with ``seed`` from the joined stream."""
+def calibration(tok, n: int, seed: int = 0, eos: int | None = None) -> torch.Tensor:
+    """``n`` windows (n, 256) of stdlib docstrings joined by ``eos`` (default: the tokenizer's), drawn with
+    ``seed`` from the joined stream."""
     ids: list[int] = []
+    eos = tok.eos_token_id if eos is None else eos
     for d in pycorpus.documents():
         if d.name.startswith("module:"):
-            ids += tok(d.text, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+            ids += tok(d.text, add_special_tokens=False)["input_ids"] + [eos]
     windows = torch.tensor(ids[: len(ids) // SEQ_LEN * SEQ_LEN]).view(-1, SEQ_LEN)
     pick = torch.randperm(len(windows), generator=torch.Generator().manual_seed(seed))[:n].sort().values
     return windows[pick]
@@ -225,8 +227,12 @@ def llmc_methods(n: int) -> list[tuple[str, str, object]]:
 def run_tool(a) -> None:
     torch.manual_seed(0)
     torch.set_num_threads(a.threads)
-    model, tok = load_model(smollm2.model_dir(), task="causal-lm")
-    calib_t = calibration(tok, a.calib, seed=a.calib_seed)
+    # One converted directory for both tools (--model-dir): each venv's own conversion can differ. The
+    # separator is the config's eos_token_id: transformers 5.17 (llm-compressor's pin) reads the GGUF-converted
+    # tokenizer's eos as <|im_start|> (1), 5.25 as <|im_end|> (2, the config's), which changed the windows.
+    model_dir = Path(a.model_dir) if a.model_dir else smollm2.model_dir()
+    model, tok = load_model(model_dir, task="causal-lm")
+    calib_t = calibration(tok, a.calib, seed=a.calib_seed, eos=model.config.eos_token_id)
     if a.calib_order != "stream":  # the same windows in another order (order-sensitive observers, e.g. ema-minmax)
         order = [int(i) for i in a.calib_order.split(",")]
         if sorted(order) != list(range(a.calib)):
@@ -236,8 +242,8 @@ def run_tool(a) -> None:
     val = eval_tokens(tok)
     val_used = val[: a.eval_windows * SEQ_LEN]
     meta = {"tool": a.tool, "date": str(date.today()), "cpu": cpu_model(), "threads": a.threads,
-            "calib_windows": a.calib, "calib_seed": a.calib_seed, "calib_order": a.calib_order,
-            "seq_len": SEQ_LEN, "calib_sha": sha(calib_t),
+            "model_dir": str(model_dir), "calib_windows": a.calib, "calib_seed": a.calib_seed,
+            "calib_order": a.calib_order, "seq_len": SEQ_LEN, "calib_sha": sha(calib_t),
             "eval_files": list(EVAL_FILES), "eval_text_tokens": val.numel(), "eval_windows": a.eval_windows,
             "eval_sha": sha(val_used), "torch": torch.__version__}
     if a.tool == "llmcompressor":
@@ -299,6 +305,8 @@ def main() -> None:
     ap.add_argument("--calib", type=int, default=32, help="calibration windows of 256 tokens")
     ap.add_argument("--eval-windows", type=int, default=32, help="256-token windows of the comment text scored")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--model-dir", default=None, help="the SmolLM2 Hugging Face directory (default: the zoo's "
+                    "cached conversion in this environment); give both tools the same one")
     ap.add_argument("--calib-seed", type=int, default=0, help="which windows are drawn (both tools: the same ones)")
     ap.add_argument("--calib-order", default="stream", help="'stream' (drawn windows in stream order) or a "
                     "comma-separated permutation of 0..calib-1: the order both tools see the windows in")
