@@ -150,15 +150,11 @@ class _Worker:
                 if _tell(storage, trial, pruned, job.grace):
                     log.info("trial %d pruned: %s", trial.number, p.reason)
                 continue
-            except Exception:
+            except BaseException as e:
                 beat.stop()
-                if _taken(storage, trial):  # the objective's own writes found it failed elsewhere
+                if isinstance(e, Exception) and _taken(storage, trial):  # the objective's writes found it failed
                     _dropped(trial, job.grace)
                     continue
-                study.tell(trial, state=TrialState.FAIL)
-                raise
-            except BaseException:
-                beat.stop()
                 study.tell(trial, state=TrialState.FAIL)
                 raise
             beat.stop()

@@ -52,7 +52,7 @@ restores the pruned shapes and then loads the weights.
 from __future__ import annotations
 
 import copy
-from typing import Any, ClassVar, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 import torch
 from pydantic import Field, model_validator
@@ -77,6 +77,9 @@ from ..targets import set_module
 LAYERS = (nn.modules.conv._ConvNd, nn.Linear, nn.Embedding)
 
 
+_Fraction = Annotated[float, Field(ge=0.0, lt=1.0)]   # a `hidden` fraction
+
+
 class StructuredPruneConfig(StepConfig):
     importance: Literal["l1", "l2", "fpgm", "bn-scale", "taylor", "apoz", "energy"] = "l2"
     ratio: float | None = Field(None, ge=0.0, lt=1.0, description="fraction of channels removed")
@@ -97,7 +100,7 @@ class StructuredPruneConfig(StepConfig):
                                             "normalizes over the kept ones: not equal to zeroing them, fine-tune "
                                             "after), and so are per-channel parameters on them (layer scale, "
                                             "position embeddings); keep: such channels are left whole")
-    hidden: float | list[float] | None = Field(
+    hidden: _Fraction | Annotated[list[_Fraction], Field(min_length=1)] | None = Field(
         None, description="Hugging Face BERT/LLaMA-like models, torchvision's ViT and Swin (per stage): fraction "
         "of the hidden size (residual stream: embeddings, norms, every block's input and output, the heads' inputs) "
         "removed, in [0, 1); a list gives one fraction per stream in model order (Swin: one per stage, e.g. "
@@ -109,12 +112,6 @@ class StructuredPruneConfig(StepConfig):
 
     @model_validator(mode="after")
     def _one_target(self) -> "StructuredPruneConfig":
-        fracs = self.hidden if isinstance(self.hidden, list) else [] if self.hidden is None else [self.hidden]
-        if isinstance(self.hidden, list) and not fracs:
-            raise ValueError("hidden: an empty list (give one fraction per residual stream, or one number)")
-        for v in fracs:
-            if not 0.0 <= v < 1.0:
-                raise ValueError(f"hidden: {v} is not a fraction in [0, 1)")
         given = [k for k in ("ratio", "params", "macs") if getattr(self, k) is not None]
         if not given and self.hidden is not None:
             self.ratio = 0.0            # hidden size only: heads and FFN neurons stay whole
@@ -255,22 +252,11 @@ class StructuredPrune(Step):
             else:
                 self._streams = [hidden.find_stream(model, graph, example, where)]
             c = self.config
-            self._hidden_fracs = self._per_stream(self._streams, where)
+            self._hidden_fracs = hidden.fractions(c.hidden, self._streams, where)
             for s, frac in zip(self._streams, self._hidden_fracs):
                 hidden.kept_width(s, frac, c.round_to, c.min_channels, where)
             hidden.attach(graph, self._streams, where, {n for n, _ in model.named_modules()})
         return graph
-
-    def _per_stream(self, streams: list[hidden.Stream], where: str) -> list[float]:
-        """The `hidden` fraction of each stream: one number for all, or a list with one per stream."""
-        h = self.config.hidden
-        if not isinstance(h, list):
-            return [float(h)] * len(streams)
-        if len(h) != len(streams):
-            raise RecipeError(where, f"{len(h)} fractions for this model's {len(streams)} residual stream(s), of "
-                              f"widths {[s.width for s in streams]}",
-                              fix="give one fraction per stream, in model order, or one number for all")
-        return [float(v) for v in h]
 
     def _apply(self, model: nn.Module, plan: list[tuple[str, str, list[int]]]) -> dict[str, dict[str, int]]:
         streams = bool(hidden.split_plan(plan, self._streams)[1])

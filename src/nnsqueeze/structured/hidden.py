@@ -225,6 +225,18 @@ def find_stream(model: nn.Module, graph: HFGraph, example: Any, where: str = "st
                   [n for n, _ in configs], skipped)
 
 
+def fractions(hidden: float | list[float], streams: list[Stream],
+              where: str = "structured-prune.hidden") -> list[float]:
+    """The `hidden` fraction of each stream: one number for all, or a list with one per stream (in model order)."""
+    if not isinstance(hidden, list):
+        return [float(hidden)] * len(streams)
+    if len(hidden) != len(streams):
+        raise RecipeError(where, f"{len(hidden)} fractions for this model's {len(streams)} residual stream(s), of "
+                          f"widths {[s.width for s in streams]}",
+                          fix="give one fraction per stream, in model order, or one number for all")
+    return [float(v) for v in hidden]
+
+
 def kept_width(stream: Stream, ratio: float, round_to: int, min_channels: int,
                where: str = "structured-prune.hidden") -> int:
     """The stream's kept width for ``hidden: ratio``; ``RecipeError`` when that width does not fit."""
