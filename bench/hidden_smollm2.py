@@ -37,6 +37,7 @@ kept ones exactly). The max |logit difference| is printed and stored.
 Figures (perplexity, params, MACs) do not depend on machine load; no timing is reported::
 
     python bench/hidden_smollm2.py                     # hidden 0.25, 24 distillation steps, 1 thread
+    python bench/hidden_smollm2.py --importance energy --steps 64   # BENCHMARKS.md's activation-importance rows
     python bench/hidden_smollm2.py --hidden 0.5 --steps 200 --lr 1e-4 --macs-arm
 """
 
