@@ -85,8 +85,8 @@ def sparsegpt_prune(w: Tensor, hessian: Tensor, sparsity: float = 0.5, prune_n: 
     for i1 in range(0, cols, block_size):
         i2 = min(i1 + block_size, cols)
         # The block transposed, (B, out): column i is the contiguous row T[i] and the columns right of it
-        # the contiguous rows T[i:], so the per-column update is one dense rank-1 update (3x faster
-        # than on the strided (out, B) view). Same products and sums, in the same order: same results.
+        # the contiguous rows T[i:], so the per-column update is one dense rank-1 update (1.3-1.5x faster
+        # per layer than on the strided (out, B) view). Same products and sums in the same order: same results.
         T = W[:, i1:i2].T.contiguous()          # (B, out)
         Err1 = torch.zeros_like(T)              # (B, out) scaled errors
         U1 = U[i1:i2, i1:i2]
@@ -95,19 +95,16 @@ def sparsegpt_prune(w: Tensor, hessian: Tensor, sparsity: float = 0.5, prune_n: 
         if not nm:
             # OBS saliency over the whole block (weights as they are after earlier blocks' updates).
             sal = T ** 2 / du.unsqueeze(1) ** 2
-            prune1 = _lowest_k(sal.T, int(round(sparsity * sal.numel()))).T   # (B, out), ties by (out, B) index
-            cut = prune1.to(T.dtype)            # (B, out) 1 where pruned
+            # (B, out) 1 where pruned; ties broken by the (out, B) index
+            cut = _lowest_k(sal.T, int(round(sparsity * sal.numel()))).T.to(T.dtype)
         else:
-            prune1 = torch.zeros_like(T, dtype=torch.bool)
-            cut = torch.zeros_like(T)
+            cut = torch.zeros_like(T)           # filled M columns at a time below
         for i in range(i2 - i1):
             if nm and i % prune_m == 0:
                 # N:M: choose within the next M columns using the weights updated so far.
                 seg = T[i:i + prune_m].T ** 2 / du[i:i + prune_m].unsqueeze(0) ** 2     # (out, M)
                 idx = torch.argsort(seg, dim=1, stable=True)[:, :prune_n]
-                m = torch.zeros_like(seg, dtype=torch.bool).scatter_(1, idx, True)
-                prune1[i:i + prune_m] = m.T
-                cut[i:i + prune_m] = m.T
+                cut[i:i + prune_m] = torch.zeros_like(seg).scatter_(1, idx, 1.0).T
             # The column's error: the weight where pruned, 0 where kept, over the factor's diagonal. The
             # update leaves column i at w - err * diag = 0 where pruned (exact zeros are set at the end)
             # and w where kept.
@@ -117,7 +114,7 @@ def sparsegpt_prune(w: Tensor, hessian: Tensor, sparsity: float = 0.5, prune_n: 
             T[i:] -= U1[i, i:].unsqueeze(1) * err.unsqueeze(0)
         loss += (Err1 * Err1).sum() / 2
         W[:, i1:i2] = T.T
-        pruned[:, i1:i2] = prune1.T
+        pruned[:, i1:i2] = cut.T.bool()
         W[:, i2:] -= Err1.T.contiguous() @ U[i1:i2, i2:]   # (out, B) @ (B, rest), as the original layout
     W[pruned] = 0.0
     return SparseGPTResult(W.to(torch.float32), ~pruned, used, float(loss))
