@@ -81,14 +81,26 @@ static inline float hsum(const vacc tot[2]) { return _mm512_reduce_add_ps(_mm512
 typedef __m256 vacc;
 static inline vacc vzero(void) { return _mm256_setzero_ps(); }
 static inline __m256 cvt8(__m128i b) { return _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(b)); }
+/* The 16 bytes at w as 32 int4 codes in float: lo[j] / hi[j] = low / high nibbles of bytes 8j..8j+7. Each byte
+   is zero-extended to a 32-bit lane straight from memory, then its nibbles are an and and a shift in that lane:
+   fewer shuffles than splitting the nibbles first (1.3-1.4x faster int4 kernels on an AVX2-only AMD EPYC,
+   bench/int4_kernel.py), and the same floats. */
+static inline void nib16(const uint8_t* w, __m256 lo[2], __m256 hi[2]) {
+  const __m256i m15 = _mm256_set1_epi32(15);
+  __m256i d0 = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i*)w));
+  __m256i d1 = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i*)(w + 8)));
+  lo[0] = _mm256_cvtepi32_ps(_mm256_and_si256(d0, m15));
+  hi[0] = _mm256_cvtepi32_ps(_mm256_srli_epi32(d0, 4));
+  lo[1] = _mm256_cvtepi32_ps(_mm256_and_si256(d1, m15));
+  hi[1] = _mm256_cvtepi32_ps(_mm256_srli_epi32(d1, 4));
+}
 static inline void dot_int4_16(const uint8_t* w, const float* e, const float* o, vacc acc[2]) {
-  const __m128i m15 = _mm_set1_epi8(15);
-  __m128i b = _mm_loadu_si128((const __m128i*)w);
-  __m128i l = _mm_and_si128(b, m15), h = _mm_and_si128(_mm_srli_epi16(b, 4), m15);
-  acc[0] = _mm256_fmadd_ps(_mm256_loadu_ps(e), cvt8(l), acc[0]);
-  acc[1] = _mm256_fmadd_ps(_mm256_loadu_ps(o), cvt8(h), acc[1]);
-  acc[0] = _mm256_fmadd_ps(_mm256_loadu_ps(e + 8), cvt8(_mm_srli_si128(l, 8)), acc[0]);
-  acc[1] = _mm256_fmadd_ps(_mm256_loadu_ps(o + 8), cvt8(_mm_srli_si128(h, 8)), acc[1]);
+  __m256 lo[2], hi[2];
+  nib16(w, lo, hi);
+  acc[0] = _mm256_fmadd_ps(_mm256_loadu_ps(e), lo[0], acc[0]);
+  acc[1] = _mm256_fmadd_ps(_mm256_loadu_ps(o), hi[0], acc[1]);
+  acc[0] = _mm256_fmadd_ps(_mm256_loadu_ps(e + 8), lo[1], acc[0]);
+  acc[1] = _mm256_fmadd_ps(_mm256_loadu_ps(o + 8), hi[1], acc[1]);
 }
 static inline void dot_int8_16(const uint8_t* w, const float* e, vacc acc[2]) {
   __m128i b = _mm_loadu_si128((const __m128i*)w);
