@@ -257,13 +257,16 @@ def main(argv=None) -> None:
         if any(wanted(name + sfx) for sfx in ("", " + int8 act.", ", C decode loop", " + int8 act., C decode loop")):
             packed.append((name, quantize(copy.deepcopy(blocks), [("rtn", {**scheme, "targets": ["lm_head"]})])))
     g32_row = "int4 g32 (the Q4_0 GGUF's weights), lm_head fp32, C decode loop"
+    g32_row8 = g32_row.replace(", C", " + int8 act., C")
     with_llama = keep is None or any("llama" in k for k in keep)
-    q4_0 = quantize(copy.deepcopy(fp32), [("rtn", {"bits": 4, "group_size": 32, "symmetric": True, "scale_dtype":
-                                                   "fp16"})]) if with_llama or wanted(g32_row) else None
+    q4_0 = None
+    if with_llama or wanted(g32_row) or wanted(g32_row8):
+        q4_0 = quantize(copy.deepcopy(fp32), [("rtn", {"bits": 4, "group_size": 32, "symmetric": True,
+                                                       "scale_dtype": "fp16"})])
     rows = [("fp32", fp32, "float")] + [(n, m, "float") for n, m in packed] + [
         (n + " + int8 act.", m, "int8") for n, m in packed]
     rows += [("fp32, C decode loop", fp32, "c-float")] + [(n + ", C decode loop", m, "c-float") for n, m in packed]
-    rows += [(g32_row, q4_0, "c-float")]
+    rows += [(g32_row, q4_0, "c-float"), (g32_row8, q4_0, "c-int8")]
     rows += [(n + " + int8 act., C decode loop", m, "c-int8") for n, m in packed]
     rows = [r for r in rows if wanted(r[0])]
     assert sum(isinstance(m, PackedLinear) for m in blocks.modules()) == 7 * fp32.config.num_hidden_layers
@@ -310,7 +313,7 @@ def main(argv=None) -> None:
             print("| variant | MB read / token | vs fp32 | limit tok/s | decode tok/s | % of limit | vs fp32 |")
             print("|---|---|---|---|---|---|---|")
             base = None
-            best_c, same_w = 0.0, None
+            best_c, same_w, same_w8 = 0.0, None, None
             for name, model, act in rows:
                 if act.startswith("c-"):
                     def run(n, model=model, a8=act == "c-int8"):
@@ -325,6 +328,8 @@ def main(argv=None) -> None:
                         same_w = rate
                     else:
                         best_c = max(best_c, rate)
+                if act == "c-int8" and "g32" in name:
+                    same_w8 = rate
                 nb = bytes_per_token(model, context)
                 base = base or (rate, nb)
                 print(f"| {name} | {nb / 1e6:.1f} | {base[1] / nb:.2f}x less | {bw / nb:.1f} | {rate:.1f} | "
@@ -337,6 +342,9 @@ def main(argv=None) -> None:
                 if rate and same_w:
                     print(f"\nC decode loop on the Q4_0 GGUF's weights (int4 g32, lm_head fp32) / llama.cpp Q4_0: "
                           f"{same_w / rate:.2f}x")
+                if rate and same_w8:
+                    print(f"the same with int8 activations (as llama.cpp's Q8 x Q4_0) / llama.cpp Q4_0: "
+                          f"{same_w8 / rate:.2f}x")
                 if rate and best_c:
                     print(f"best int4 g64 C decode loop (float activations) / llama.cpp Q4_0: {best_c / rate:.2f}x")
             if args.no_prefill:
