@@ -13,7 +13,9 @@ Measured, all in one process, per thread count (1 and 2):
   read + written per copy, median of ``--runs`` x 3 copies;
 - **decode tokens/s**: prefill a fixed 16-token prompt, then ``--new`` single-token forwards with the
   KV cache, each next token the argmax (greedy); tokens / wall time of those forwards only, median
-  of ``--runs`` after a warm-up;
+  of ``--runs`` after a warm-up. The rows and llama.cpp are timed round-robin (each round times every
+  row once, then llama.cpp once), so a slow or fast phase of a shared host falls on all of them, and
+  each ratio to llama.cpp is the median of its per-round ratios;
 - **bytes read per token**: every Linear's stored weight (packed codes + scales + zero points, or the
   float matrix), the norms, one embedding row and the KV cache at the mean context length; the
   **limit** is bandwidth / bytes per token;
@@ -24,7 +26,8 @@ Measured, all in one process, per thread count (1 and 2):
   many greedy tokens the two agree;
 - **C decode loop** rows (:mod:`nnsqueeze.llm.fastdecode`): the same models, the whole token step (all layers,
   ``lm_head``, argmax) in one C call; prefill by the torch model (its KV cache copied), steps timed alone like
-  the HF rows. One more C row runs the int4 g32 model whose weights the llama.cpp Q4_0 GGUF holds. The header
+  the HF rows. Two more C rows run the int4 g32 model whose weights the llama.cpp Q4_0 GGUF holds, with float and
+  with int8 activations. The header
   says whether the C loop's greedy tokens equal the HF loop's on the same packed model; the prefill table adds
   the C loop run token by token over the prompt (``prefill="c"``) against the torch prefill;
 - **llama.cpp** (``llama-cpp-python``, or else PyPI's prebuilt ``llama-cpp-cffi`` in its own venv named by
@@ -50,7 +53,6 @@ import sys
 import tempfile
 import time
 from datetime import datetime, timezone
-from functools import partial
 from pathlib import Path
 
 import torch
@@ -312,41 +314,52 @@ def main(argv=None) -> None:
             print(f"\n{t} thread(s): copy bandwidth {bw / 1e9:.1f} GB/s (read + write, 256 MiB arrays, median)")
             print("| variant | MB read / token | vs fp32 | limit tok/s | decode tok/s | % of limit | vs fp32 |")
             print("|---|---|---|---|---|---|---|")
-            base = None
-            best_c, same_w, same_w8 = 0.0, None, None
+            # Round-robin: each round times every row once, then llama.cpp once, so that a slow or fast phase
+            # of a shared host falls on all of them; the ratios to llama.cpp are taken within a round.
+            runners = {}
             for name, model, act in rows:
                 if act.startswith("c-"):
                     def run(n, model=model, a8=act == "c-int8"):
                         return decode_c(model, prompt, n, act8=a8)
                 else:
-                    os.environ["NNSQUEEZE_PACKED_ACT"] = act
-                    run = partial(decode, model, prompt)
+                    def run(n, model=model, act=act):
+                        os.environ["NNSQUEEZE_PACKED_ACT"] = act
+                        return decode(model, prompt, n)
                 run(4)
-                rate = statistics.median(args.new / run(args.new)[0] for _ in range(args.runs))
-                if act == "c-float" and "int4" in name:
-                    if "g32" in name:
-                        same_w = rate
+                runners[name] = run
+            rates = {name: [] for name in runners}
+            llama, what = [], ""
+            for _ in range(args.runs):
+                for name, run in runners.items():
+                    rates[name].append(args.new / run(args.new)[0])
+                if with_llama:
+                    r, what = llama_cpp_rate(q4_0, tok, prompt, args.new, 1, t, Path(tmp))
+                    if r is None:
+                        with_llama = False
                     else:
-                        best_c = max(best_c, rate)
-                if act == "c-int8" and "g32" in name:
-                    same_w8 = rate
+                        llama.append(r)
+            os.environ["NNSQUEEZE_PACKED_ACT"] = "float"
+            base = None
+            for name, model, _ in rows:
+                rate = statistics.median(rates[name])
                 nb = bytes_per_token(model, context)
                 base = base or (rate, nb)
                 print(f"| {name} | {nb / 1e6:.1f} | {base[1] / nb:.2f}x less | {bw / nb:.1f} | {rate:.1f} | "
                       f"{100 * rate * nb / bw:.0f}% | {rate / base[0]:.2f}x |", flush=True)
-            os.environ["NNSQUEEZE_PACKED_ACT"] = "float"
-            if with_llama:
-                rate, what = llama_cpp_rate(q4_0, tok, prompt, args.new, args.runs, t, Path(tmp))
-                print(f"| llama.cpp Q4_0 (nnsqueeze's GGUF) | - | - | - | {'-' if rate is None else f'{rate:.1f}'} | "
-                      f"- | {what if rate is None else f'{rate / base[0]:.2f}x ({what})'} |")
-                if rate and same_w:
-                    print(f"\nC decode loop on the Q4_0 GGUF's weights (int4 g32, lm_head fp32) / llama.cpp Q4_0: "
-                          f"{same_w / rate:.2f}x")
-                if rate and same_w8:
-                    print(f"the same with int8 activations (as llama.cpp's Q8 x Q4_0) / llama.cpp Q4_0: "
-                          f"{same_w8 / rate:.2f}x")
-                if rate and best_c:
-                    print(f"best int4 g64 C decode loop (float activations) / llama.cpp Q4_0: {best_c / rate:.2f}x")
+            if what and not llama:
+                print(f"| llama.cpp Q4_0 (nnsqueeze's GGUF) | - | - | - | - | - | {what} |")
+            if llama:
+                rate = statistics.median(llama)
+                print(f"| llama.cpp Q4_0 (nnsqueeze's GGUF) | - | - | - | {rate:.1f} | - | "
+                      f"{rate / base[0]:.2f}x ({what}) |\n")
+                g64 = [n for n, _, a in rows if a == "c-float" and "int4 g64" in n]
+                for label, name in [("C decode loop on the Q4_0 GGUF's weights (int4 g32, lm_head fp32)", g32_row),
+                                    ("the same with int8 activations (as llama.cpp's Q8 x Q4_0)", g32_row8)] + [
+                                        (f"{n} (float activations)", n) for n in g64]:
+                    if name in rates:
+                        per = [a / b for a, b in zip(rates[name], llama)]
+                        print(f"{label} / llama.cpp Q4_0: {statistics.median(per):.2f}x (median of {len(per)} "
+                              f"rounds; range {min(per):.2f}-{max(per):.2f})")
             if args.no_prefill:
                 continue
             print(f"\nprefill, {args.prefill_len}-token prompt, {t} thread(s):")
