@@ -204,7 +204,9 @@ def a8_reference(x, w, gs):
     return xq @ w.double().T, 0.5001 * (amax.squeeze(-1).double() / 127) @ wg.T
 
 
-@pytest.mark.parametrize("n,k,g,bits,sym", SHAPES + [(40, 576, 64, 4, True)])
+# (9, 480, 96): groups of three 16-byte blocks, an odd count of them (5), so the two-group step and the general
+# loop both run; (40, 576, 64): SmolLM2's hidden size
+@pytest.mark.parametrize("n,k,g,bits,sym", SHAPES + [(40, 576, 64, 4, True), (9, 480, 96, 4, False)])
 @pytest.mark.parametrize("march", ["native", "haswell", "x86-64"])   # VNNI (here), AVX2 maddubs, none
 def test_int8_activation_kernel_matches_float64(n, k, g, bits, sym, march, monkeypatch):
     import platform
