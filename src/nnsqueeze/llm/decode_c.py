@@ -177,15 +177,10 @@ static void gemv4_lut(int N, int K, int G, int g, const uint8_t* W, const float*
    Same conditions as the AVX-512 kernel. Fixed trip counts for groups of 32 and 64: the general nsq_gemv loop
    takes 1.21x (g32) / 1.13x (g64) its time on one token's layers (bench/int4_kernel.py, AMD EPYC, AVX2). */
 #define NSQ_I4F 1
-/* nib16 (16 bytes to 32 float codes) is nsq_gemv's, from the AVX2 branch of gemv.py's source this one follows */
+/* fma_int4_16 is nsq_gemv's, from the AVX2 branch of gemv.py's source this one follows */
 /* v[0..3] += the 32 codes of the 16 bytes at w times their inputs: low nibbles meet e, high ones o */
 static inline void i4f_dot16(const uint8_t* w, const float* e, const float* o, __m256* v) {
-  __m256 lo[2], hi[2];
-  nib16(w, lo, hi);
-  v[0] = _mm256_fmadd_ps(_mm256_loadu_ps(e), lo[0], v[0]);
-  v[1] = _mm256_fmadd_ps(_mm256_loadu_ps(o), hi[0], v[1]);
-  v[2] = _mm256_fmadd_ps(_mm256_loadu_ps(e + 8), lo[1], v[2]);
-  v[3] = _mm256_fmadd_ps(_mm256_loadu_ps(o + 8), hi[1], v[3]);
+  fma_int4_16(w, e, o, &v[0], &v[1], &v[2], &v[3]);
 }
 static inline __m256 i4f_sum(const __m256* v) {
   return _mm256_add_ps(_mm256_add_ps(v[0], v[1]), _mm256_add_ps(v[2], v[3]));

@@ -94,13 +94,19 @@ static inline void nib16(const uint8_t* w, __m256 lo[2], __m256 hi[2]) {
   lo[1] = _mm256_cvtepi32_ps(_mm256_and_si256(d1, m15));
   hi[1] = _mm256_cvtepi32_ps(_mm256_srli_epi32(d1, 4));
 }
-static inline void dot_int4_16(const uint8_t* w, const float* e, const float* o, vacc acc[2]) {
+/* *a0 += e[0..8) lo[0], *a1 += o[0..8) hi[0], *a2 += e[8..16) lo[1], *a3 += o[8..16) hi[1], in that order (a2, a3
+   may be a0, a1): the 32 codes of the 16 bytes at w times their inputs, low nibbles meeting e, high ones o */
+static inline void fma_int4_16(const uint8_t* w, const float* e, const float* o, __m256* a0, __m256* a1,
+                               __m256* a2, __m256* a3) {
   __m256 lo[2], hi[2];
   nib16(w, lo, hi);
-  acc[0] = _mm256_fmadd_ps(_mm256_loadu_ps(e), lo[0], acc[0]);
-  acc[1] = _mm256_fmadd_ps(_mm256_loadu_ps(o), hi[0], acc[1]);
-  acc[0] = _mm256_fmadd_ps(_mm256_loadu_ps(e + 8), lo[1], acc[0]);
-  acc[1] = _mm256_fmadd_ps(_mm256_loadu_ps(o + 8), hi[1], acc[1]);
+  *a0 = _mm256_fmadd_ps(_mm256_loadu_ps(e), lo[0], *a0);
+  *a1 = _mm256_fmadd_ps(_mm256_loadu_ps(o), hi[0], *a1);
+  *a2 = _mm256_fmadd_ps(_mm256_loadu_ps(e + 8), lo[1], *a2);
+  *a3 = _mm256_fmadd_ps(_mm256_loadu_ps(o + 8), hi[1], *a3);
+}
+static inline void dot_int4_16(const uint8_t* w, const float* e, const float* o, vacc acc[2]) {
+  fma_int4_16(w, e, o, &acc[0], &acc[1], &acc[0], &acc[1]);
 }
 static inline void dot_int8_16(const uint8_t* w, const float* e, vacc acc[2]) {
   __m128i b = _mm_loadu_si128((const __m128i*)w);
