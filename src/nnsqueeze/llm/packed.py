@@ -39,7 +39,7 @@ the input first: the codes then quantize ``W * s`` and the layer computes ``(x /
 ``NNSQUEEZE_PACKED_ACT=int8`` (opt-in) makes the decode path round each activation row to int8 per
 weight group (scale absmax / 127) and use integer dot products (AVX512-VNNI / AVX-VNNI, or AVX2 for
 int4 codes), as llama.cpp does for Q4 weights: less work per weight than converting codes to float
-(1.1-1.4x faster than the float kernel on an AVX2-only CPU, bench/int4_kernel.py), at an added error
+(1.2-1.3x faster than the float kernel on an AVX2-only CPU, bench/int4_kernel.py), at an added error
 of at most ``absmax_g / 254`` per input (:func:`nnsqueeze.llm.gemv.gemv_a8`); where the build has no
 such path, the float kernel runs (logged once).
 
