@@ -328,14 +328,14 @@ def main(argv=None) -> None:
                 run(4)
                 runners[name] = run
             rates = {name: [] for name in runners}
-            llama, what = [], ""
+            llama, what, try_llama = [], "", with_llama    # stop asking llama.cpp once it says why it cannot run
             for _ in range(args.runs):
                 for name, run in runners.items():
                     rates[name].append(args.new / run(args.new)[0])
-                if with_llama:
+                if try_llama:
                     r, what = llama_cpp_rate(q4_0, tok, prompt, args.new, 1, t, Path(tmp))
                     if r is None:
-                        with_llama = False
+                        try_llama = False
                     else:
                         llama.append(r)
             os.environ["NNSQUEEZE_PACKED_ACT"] = "float"
