@@ -100,3 +100,27 @@ def test_stale_peer_files_are_ignored_and_removed(tmp_path):
     with cpu.timing():
         pass
     assert sorted(p.name for p in peers.iterdir()) == [str(os.getpid())]
+
+
+def test_timed_median_keeps_warmup_and_runs_without_a_budget():
+    calls = []
+    ms, n = cpu.timed_median(lambda: calls.append(1), warmup=2, runs=5)
+    assert (len(calls), n) == (7, 5) and ms >= 0
+
+
+@pytest.mark.parametrize("budget,expect_runs", [(0.25, 5), (0.01, cpu.MIN_RUNS), (100.0, 20)])
+def test_timed_median_fits_slow_calls_into_the_budget(budget, expect_runs, monkeypatch):
+    """Calls of 50 ms (a fake clock): a budget of 0.25 s allows 5 runs; never fewer than 3; a large budget
+    changes nothing."""
+    clock = [0.0]
+    monkeypatch.setattr(cpu.time, "perf_counter", lambda: clock[0])
+    calls = []
+
+    def slow():
+        calls.append(1)
+        clock[0] += 0.05
+
+    ms, n = cpu.timed_median(slow, warmup=5, runs=20, budget_s=budget)
+    warm = 5 if expect_runs == 20 else 1
+    assert n == expect_runs and len(calls) == warm + n
+    assert ms == pytest.approx(50.0)

@@ -24,6 +24,8 @@ from rich.console import Console
 from .errors import DataError, ExportError, ModelError, NnsqueezeError, RecipeError
 from .inputs import call_factory, data_from_spec, load_weights, model_from_spec
 
+log = logging.getLogger("nnsqueeze")
+
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Make trained PyTorch models smaller and faster, measured and verified in ONNX Runtime.")
 console = Console(stderr=True)
@@ -114,7 +116,10 @@ def compress(
             load_weights(m, weights)
         if format is not None:  # a scheme the format cannot hold fails now, not after the whole run
             from .export.hf_formats import check_recipe
+            from .export.preflight import fit_groups
 
+            for msg in fit_groups(m, r, format):
+                log.warning(msg)
             check_recipe(m, r, format)
         if hf_io.is_text_path(data):
             if tokenizer is None:

@@ -22,8 +22,10 @@ import contextlib
 import logging
 import os
 import signal
+import statistics
+import time
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Callable, Iterator
 
 from .safeio import file_lock
 
@@ -127,3 +129,27 @@ def timing() -> Iterator[None]:
             for pid in stopped:  # also when the timing fails: a worker left stopped would never finish
                 with contextlib.suppress(ProcessLookupError, PermissionError):
                     os.kill(pid, signal.SIGCONT)
+
+
+MIN_RUNS = 3  # timed calls a latency budget never goes below
+
+
+def timed_median(fn: Callable[[], Any], warmup: int, runs: int, budget_s: float | None = None) -> tuple[float, int]:
+    """``(median ms, timed calls)`` of ``fn`` after ``warmup`` calls. With ``budget_s``, the first call's time
+    caps the rest: when ``warmup + runs`` calls would take longer than the budget, one warm-up and
+    ``max(3, budget / call)`` timed calls run instead."""
+    if warmup > 0 and budget_s is not None:
+        t = time.perf_counter()
+        fn()
+        first = time.perf_counter() - t
+        if first * (warmup + runs) > budget_s:
+            warmup, runs = 1, max(MIN_RUNS, min(runs, int(budget_s / max(first, 1e-9))))
+        warmup -= 1
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(runs):
+        t = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t) * 1e3)
+    return statistics.median(times), runs

@@ -1,8 +1,10 @@
 """Measure a model the way the report states it: metric, parameters, bytes, latency.
 
 Latency is the median of ``runs`` timed calls after ``warmup`` calls, at a stated batch size and
-thread count, in torch and in ONNX Runtime. Bytes are those of real files: the ONNX model and the
-safetensors weight archive.
+thread count, in torch and in ONNX Runtime. With ``budget_s``, a slow model (one call of a language
+model on a batch of long windows takes seconds) gets fewer calls: one warm-up and as many timed calls as
+fit the budget, at least 3; the figures say how many ran (``latency_runs``). Bytes are those of real
+files: the ONNX model and the safetensors weight archive.
 
     >>> import os, tempfile, torch
     >>> from torch import nn
@@ -22,8 +24,6 @@ safetensors weight archive.
 
 from __future__ import annotations
 
-import statistics
-import time
 from contextlib import contextmanager
 from typing import Any, Callable, Iterable
 
@@ -66,22 +66,15 @@ def torch_threads(n: int):
         torch.set_num_threads(old)
 
 
-def _median_ms(fn: Callable[[], Any], warmup: int, runs: int) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(runs):
-        t = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - t) * 1e3)
-    return statistics.median(times)
-
-
 @torch.inference_mode()
-def torch_latency_ms(model: nn.Module, inputs: Any, threads: int, warmup: int = 5, runs: int = 20) -> float:
+def torch_latency_ms(model: nn.Module, inputs: Any, threads: int, warmup: int = 5, runs: int = 20,
+                     budget_s: float | None = None, with_runs: bool = False) -> float | tuple[float, int]:
+    """Median ms of ``model(inputs)``; ``(ms, timed calls)`` with ``with_runs``
+    (see :func:`nnsqueeze.cpu.timed_median`)."""
     model.eval()
     with cpu.timing(), torch_threads(threads):  # workers sharing the machine take turns (nnsqueeze.cpu)
-        return _median_ms(lambda: call_model(model, inputs), warmup, runs)
+        ms, n = cpu.timed_median(lambda: call_model(model, inputs), warmup, runs, budget_s)
+    return (ms, n) if with_runs else ms
 
 
 def measure(
@@ -96,12 +89,14 @@ def measure(
     onnx_path: str | None = None,
     archive_bytes: int | None = None,
     torch_latency: bool = True,
+    budget_s: float | None = None,
 ) -> dict[str, Any]:
     """Figures for one model; ONNX figures (size, ORT latency, ORT metric) when ``onnx_path`` is given.
 
     ``torch_latency=False`` leaves the torch model untimed when ONNX Runtime times the exported one (the
     torch time of a fake-quant model measures the simulation, and it is the costliest figure here); with
-    no ONNX model it is timed regardless, as the only latency there is.
+    no ONNX model it is timed regardless, as the only latency there is. ``budget_s`` caps each latency
+    figure's time (:func:`nnsqueeze.cpu.timed_median`); ``latency_runs`` says how many timed calls each took.
     """
     import os
 
@@ -111,14 +106,16 @@ def measure(
         with torch.inference_mode():
             out["accuracy_torch"] = float(metric(model, eval_data))
         out["accuracy"] = out["accuracy_torch"]
-    latency = {}
+    latency, used = {}, {}
     if torch_latency or onnx_path is None:
-        latency["torch"] = torch_latency_ms(model, latency_inputs, threads, warmup, runs)
+        latency["torch"], used["torch"] = torch_latency_ms(model, latency_inputs, threads, warmup, runs, budget_s,
+                                                           with_runs=True)
     if onnx_path is not None:
         from .export.ort import OrtModule, ort_latency_ms
 
         out["size_bytes"] = os.path.getsize(onnx_path)
-        latency["onnxruntime"] = ort_latency_ms(onnx_path, latency_inputs, threads=threads, warmup=warmup, runs=runs)
+        latency["onnxruntime"], used["onnxruntime"] = ort_latency_ms(
+            onnx_path, latency_inputs, threads=threads, warmup=warmup, runs=runs, budget_s=budget_s, with_runs=True)
         if metric is not None and eval_data is not None:
             # The deployable figure: the metric of the exported model run by ONNX Runtime.
             out["accuracy_onnxruntime"] = float(metric(OrtModule(onnx_path, threads=threads), eval_data))
@@ -126,6 +123,7 @@ def measure(
     if archive_bytes is not None:
         out["archive_bytes"] = archive_bytes
     out["latency_ms"] = latency
+    out["latency_runs"] = used
     return out
 
 

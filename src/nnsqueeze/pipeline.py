@@ -335,6 +335,7 @@ def compress(
                                                      verify=onnx_cfg.verify, samples=samples)
                 rb.baseline = measure(work, eval_data=eval_data, metric=metric_fn, latency_inputs=lat_inputs,
                                       threads=ev.threads, warmup=ev.warmup, runs=ev.runs, onnx_path=base_onnx,
+                                      budget_s=ev.latency_budget_s,
                                       archive_bytes=len(artifact.weights_bytes(work)),
                                       torch_latency=ev.torch_latency)
                 if baselines is not None:
@@ -383,8 +384,10 @@ def compress(
                 rb.note("export", "ONNX export disabled by the recipe (export.onnx: null)")
             rb.compressed = measure(work, eval_data=eval_data, metric=metric_fn, latency_inputs=lat_inputs,
                                     threads=ev.threads, warmup=ev.warmup, runs=ev.runs, onnx_path=comp_onnx,
+                                    budget_s=ev.latency_budget_s,
                                     archive_bytes=len(artifact.weights_bytes(work)), torch_latency=ev.torch_latency)
         rb.compressed["measured"] = measured
+        _note_budget(rb, ev)
         if base_onnx is not None and comp_onnx is not None:
             inputs = GuardInputs(recipe=recipe, report=rb, ctx=ctx, exporter=exporter, samples=samples,
                                  latency_inputs=lat_inputs, eval_data=eval_data, metric=metric_fn, tmp=Path(tmp),
@@ -415,6 +418,16 @@ def _flag_regressions(rb: ReportBuilder) -> None:
     for n in rb.notes:
         if n["step"] == "evaluate":
             log.warning(n["note"])
+
+
+def _note_budget(rb: ReportBuilder, ev: Any) -> None:
+    """Latency figures timed with fewer runs than the recipe asks (``evaluate.latency_budget_s``) say so."""
+    cut = [f"{which} {rt}: {n} runs" for which, figs in (("baseline", rb.baseline), ("compressed", rb.compressed))
+           for rt, n in (figs or {}).get("latency_runs", {}).items() if n < ev.runs]
+    if cut:
+        rb.note("latency", f"one call took longer than latency_budget_s ({ev.latency_budget_s:g} s) allows for "
+                f"{ev.warmup} warm-up + {ev.runs} runs, so fewer were timed ({'; '.join(cut)}; 1 warm-up each); "
+                "set evaluate.latency_budget_s: null for all of them")
 
 
 def _batch_size(inputs: Any) -> int | None:

@@ -53,6 +53,10 @@ class EvaluateConfig(_Strict):
     threads: int = Field(2, ge=1, description="intra-op threads for torch and ONNX Runtime timing")
     warmup: int = Field(5, ge=0)
     runs: int = Field(20, ge=1, description="timed runs; the median is reported")
+    latency_budget_s: float | None = Field(30.0, gt=0, description="seconds one latency figure may take: when "
+                                           "warmup + runs calls would take longer (a language model on long "
+                                           "windows), one warm-up and as many runs as fit, at least 3; the "
+                                           "report's latency_runs says how many ran. null: always warmup + runs")
     per_step: bool = Field(True, description="evaluate the metric after every step")
     torch_latency: bool = Field(True, description="time the torch model too (for fake-quant models: the "
                                 "simulation's speed, not the deployed one); false skips it when an ONNX model is "

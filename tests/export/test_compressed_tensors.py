@@ -61,3 +61,37 @@ def test_decompressor_gives_nnsqueeze_weights(packed, tmp_path, bits, group, sym
         w = PackedQuantizationCompressor.decompress(part, group_cfg)["weight"]
         assert torch.equal(w, m.dequantized_weight()), name
     assert torch.equal(sd["lm_head.weight"], res.model.lm_head.weight)
+
+
+def test_uneven_groups_smaller_loads_bit_equal_with_two_group_sizes(tokenizer, ids, tmp_path):
+    """group_size 64 on the tiny LLaMA's down_proj (96 inputs) leaves a short group, which compressed-tensors
+    cannot hold; ``uneven_groups: smaller`` gives that layer group 32 (the others keep 64). The checkpoint has
+    one config group per size, and transformers loads it to nnsqueeze's logits and greedy tokens bit for bit.
+    The nnsqueeze artifact reloads to the same packed layers too."""
+    import nnsqueeze as nsq
+    from llm_fixtures import hf_llama
+
+    step = {"rtn": {"bits": 4, "group_size": 64, "uneven_groups": "smaller"}}
+    res = nsq.compress(hf_llama(), {"version": 1, "steps": [step], "export": {"onnx": None},
+                                    "evaluate": {"warmup": 0, "runs": 1, "per_step": False}},
+                       metric=None, progress=False, example_inputs=ids[:1])
+    groups = {n: m.group_size for n, m in _layers(res.model).items()}
+    assert {g for n, g in groups.items() if n.endswith("down_proj")} == {32}
+    assert {g for n, g in groups.items() if not n.endswith("down_proj")} == {64}
+    fallbacks = " ".join(str(s) for s in res.report["skipped"] + res.report["notes"])
+    assert "does not divide 96 inputs, so 2 layers (model.layers.0.mlp.down_proj, model.layers.1.mlp.down_proj) " \
+           "use group_size 32" in fallbacks
+    out = res.save(tmp_path / "ct", format="compressed-tensors", tokenizer=tokenizer)
+    qc = json.loads((out / "config.json").read_text())["quantization_config"]
+    sizes = sorted(g["weights"]["group_size"] for g in qc["config_groups"].values())
+    assert sizes == [32, 64]
+    loaded = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
+    with torch.no_grad():
+        assert torch.equal(loaded(ids).logits, res.model(ids).logits)
+        kw = dict(max_new_tokens=16, do_sample=False, pad_token_id=0)
+        assert torch.equal(loaded.generate(ids[:1], **kw), res.model.generate(ids[:1], **kw))
+    art = res.save(tmp_path / "art")
+    back = nsq.load(art, hf_llama())
+    assert {n: m.group_size for n, m in _layers(back).items()} == groups
+    with torch.no_grad():
+        assert torch.equal(back(ids).logits, res.model(ids).logits)

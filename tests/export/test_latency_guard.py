@@ -46,9 +46,10 @@ def _fake_ort_latency(int8_ms: float, float_ms: float):
     """ORT latency by graph content: graphs with run-time int8 quantization take ``int8_ms``."""
     import onnx
 
-    def fake(path, inputs, threads=None, warmup=5, runs=20):
+    def fake(path, inputs, threads=None, warmup=5, runs=20, budget_s=None, with_runs=False):
         proto = onnx.load_from_string(path) if isinstance(path, (bytes, bytearray)) else onnx.load(str(path))
-        return int8_ms if any(n.op_type == "DynamicQuantizeLinear" for n in proto.graph.node) else float_ms
+        ms = int8_ms if any(n.op_type == "DynamicQuantizeLinear" for n in proto.graph.node) else float_ms
+        return (ms, runs) if with_runs else ms
     return fake
 
 

@@ -33,12 +33,18 @@ def _data(n=2, b=16):
     return [(torch.randn(b, 6, generator=g), torch.zeros(b, dtype=torch.long)) for _ in range(n)]
 
 
-def _latency_by_int8_layers(path, inputs, threads=None, warmup=5, runs=20):
+def _latency_by_int8_layers(path, inputs, threads=None, warmup=5, runs=20, budget_s=None, with_runs=False):
     """Whole-model ORT latency by graph content: both layers int8 3.0 ms, one 0.9 ms, none 1.0 ms."""
     import onnx
 
     proto = onnx.load(str(path))
-    return {2: 3.0, 1: 0.9, 0: 1.0}[sum(n.op_type == "DynamicQuantizeLinear" for n in proto.graph.node)]
+    ms = {2: 3.0, 1: 0.9, 0: 1.0}[sum(n.op_type == "DynamicQuantizeLinear" for n in proto.graph.node)]
+    return (ms, runs) if with_runs else ms
+
+
+def _fixed_latency(pick):
+    """An ORT latency of ``pick(path)`` ms, in the shape the caller asks for."""
+    return lambda path, *a, with_runs=False, **k: (pick(path), 20) if with_runs else pick(path)
 
 
 @pytest.fixture
@@ -57,7 +63,7 @@ def test_guard_appends_a_revert_record_and_leaves_the_step_record(guarded, monke
     assert res.report["export"]["latency_guard"]["chosen"] == "slow layers in float"
     (step, rev) = res.records
     # the step's record is exactly what the same step records without a guard
-    monkeypatch.setattr(ort_mod, "ort_latency_ms", lambda *a, **k: 1.0)
+    monkeypatch.setattr(ort_mod, "ort_latency_ms", _fixed_latency(lambda path: 1.0))
     plain = nsq.compress(_mlp(), {**RECIPE, "latency_guard": False}, calib_data=_data(), progress=False)
     assert plain.records == [step] and sorted(step["record"]["layers"]) == ["0", "2"]
     assert rev["name"] == "revert" and rev["config"] == {}
@@ -119,7 +125,8 @@ def test_a_bad_revert_record_is_an_artifact_error(guarded, tmp_path):
 
 def test_fallback_to_the_baseline_keeps_no_step_record(monkeypatch, tmp_path):
     # Only the fp32 baseline graph is fast, so no partial configuration wins.
-    monkeypatch.setattr(ort_mod, "ort_latency_ms", lambda path, *a, **k: 1.0 if "baseline" in str(path) else 2.0)
+    monkeypatch.setattr(ort_mod, "ort_latency_ms",
+                        _fixed_latency(lambda path: 1.0 if "baseline" in str(path) else 2.0))
     model = _mlp()
     res = nsq.compress(model, RECIPE, calib_data=_data(), progress=False)
     assert res.report["export"]["latency_guard"]["chosen"] == "baseline"

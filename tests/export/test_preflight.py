@@ -81,3 +81,38 @@ def test_recipes_that_fit_pass(smol_shaped, recipe, fmt):
 def test_gguf_needs_llama(smol_shaped):
     gpt2 = transformers.GPT2LMHeadModel(transformers.GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64))
     assert "not 'gpt2'" in _error(gpt2, [{"rtn": {"bits": 4, "group_size": 32, "scale_dtype": "fp16"}}], "gguf")
+
+
+def test_fit_groups_gives_576_wide_layers_group_64_for_compressed_tensors(smol_shaped):
+    """The CLI's --format compressed-tensors with w4-g128-gptq on SmolLM2's shapes: the step gets
+    ``uneven_groups: smaller`` (q/k/v/o/gate/up: 64; down_proj, 1536 inputs: 128) and then fits."""
+    from nnsqueeze.export.preflight import fit_groups
+    from nnsqueeze.recipe import load_recipe
+
+    r = load_recipe("w4-g128-gptq")
+    (msg,) = fit_groups(smol_shaped, r, "compressed-tensors")
+    assert "steps[0].gptq: group_size 128 does not divide the inputs of 6 layers" in msg
+    assert "576 inputs: group_size 64" in msg and "uneven_groups: short" in msg
+    c = r.steps[0].config
+    assert c.uneven_groups == "smaller" and c.group_for(576) == 64 and c.group_for(1536) == 128
+    check_recipe(smol_shaped, r, "compressed-tensors")   # now fits
+    assert fit_groups(smol_shaped, r, "compressed-tensors") == []   # set: left alone
+    for fmt in ("gptq", "gguf"):   # one group size per checkpoint: not changed, refused by check_recipe
+        r = load_recipe("w4-g128-gptq")
+        assert fit_groups(smol_shaped, r, fmt) == [] and r.steps[0].config.uneven_groups == "short"
+
+
+def test_uneven_groups_short_set_in_the_recipe_is_refused_with_both_fixes(smol_shaped):
+    from nnsqueeze.export.preflight import fit_groups
+    from nnsqueeze.recipe import load_recipe
+
+    r = load_recipe([{"gptq": {"bits": 4, "group_size": 128, "pack": True, "uneven_groups": "short"}}])
+    assert fit_groups(smol_shaped, r, "compressed-tensors") == []
+    msg = _error(smol_shaped, r, "compressed-tensors")
+    assert "use group_size 64" in msg and "or uneven_groups: smaller" in msg
+
+
+def test_uneven_groups_smaller_is_refused_by_one_group_formats(smol_shaped):
+    msg = _error(smol_shaped, [{"rtn": {"bits": 4, "group_size": 128, "scale_dtype": "fp16",
+                                        "uneven_groups": "smaller"}}], "gptq")
+    assert "steps[0].rtn.uneven_groups" in msg and "several group sizes and gptq holds one" in msg

@@ -155,6 +155,7 @@ def test_prefill_paths_match_float64_without_a_whole_float_matrix(mode, n, k, g,
     lib_or_skip()
     monkeypatch.setenv("NNSQUEEZE_PACKED_PREFILL", mode)
     monkeypatch.setattr(packed, "TILE_BYTES", 16 * 4 * k + 4 * k)   # 17 rows: several tiles and a short last one
+    monkeypatch.setattr(packed, "MIN_TILE_ROWS", 1)
     torch.manual_seed(3)
     layer, w = make_packed(n=n, k=k, g=g, bits=bits, sym=sym)
     if not bias:

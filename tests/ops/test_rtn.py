@@ -202,3 +202,15 @@ def test_fp16_exact_scales_make_every_dequantized_weight_an_fp16_value(bits, sym
     allk = span[span.abs().squeeze(1) < 2 ** code_bits + (1 if symmetric else 0)]  # the whole reachable range
     prod = allk * s.reshape(1, -1)
     assert torch.equal((allk.half() * s.reshape(1, -1).half()).float(), prod)
+
+
+@pytest.mark.parametrize("columns,group,want", [(576, 128, 64), (1536, 128, 128), (96, 64, 32), (48, 128, 16),
+                                                (40, 32, None), (4096, 128, 128)])
+def test_smaller_group_is_the_largest_dividing_power_of_two(columns, group, want):
+    from nnsqueeze.ops.rtn import smaller_group
+
+    got = smaller_group(columns, group)
+    assert got == want
+    larger = [p for p in (2 ** b for b in range(4, 31)) if p <= group and (got is None or p > got)]
+    assert all(columns % p for p in larger)   # no larger power of two >= 16 up to group divides
+    assert got is None or columns % got == 0

@@ -227,6 +227,7 @@ class LatencyGuard(Guard):
         ev = g.recipe.evaluate
         return g.measure(model, eval_data=g.eval_data, metric=g.metric, latency_inputs=g.latency_inputs,
                        threads=ev.threads, warmup=ev.warmup, runs=ev.runs, onnx_path=path,
+                       budget_s=ev.latency_budget_s,
                        archive_bytes=len(weights_bytes(model)), torch_latency=ev.torch_latency)
 
     def _candidate(self, name: str, model: nn.Module, reverted: list[str], g: GuardInputs) -> Candidate:

@@ -20,9 +20,7 @@ tensors, so metrics written for the torch model work on the exported one unchang
 from __future__ import annotations
 
 import os
-import statistics
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
@@ -164,20 +162,16 @@ def optimized_op_types(path_or_bytes: str | os.PathLike | bytes, threads: int | 
 
 
 def ort_latency_ms(path: str | os.PathLike | bytes, inputs: Any, threads: int | None = None,
-                   warmup: int = 5, runs: int = 20) -> float:
-    """Median wall time of one ``session.run`` on ``inputs`` (tensor, tuple or dict), in ms."""
+                   warmup: int = 5, runs: int = 20, budget_s: float | None = None,
+                   with_runs: bool = False) -> float | tuple[float, int]:
+    """Median wall time of one ``session.run`` on ``inputs`` (tensor, tuple or dict), in ms; ``(ms, timed
+    calls)`` with ``with_runs``. ``budget_s``: see :func:`nnsqueeze.cpu.timed_median`."""
     if runs < 1:
         raise DataError("ort_latency_ms", "runs must be >= 1", fix="use e.g. runs=20")
     # the session is built outside the timing lock: only the runs need the machine to themselves
     m = OrtModule(path if isinstance(path, (bytes, bytearray)) else Path(path), threads=threads, timed=True)
     feeds = m.feeds(**inputs) if isinstance(inputs, dict) else m.feeds(*_flat_tensors([inputs]))
     with cpu.timing():  # workers sharing the machine take turns, the others paused (nnsqueeze.cpu)
-        for _ in range(warmup):
-            m.session.run(None, feeds)
-        times = []
-        for _ in range(runs):
-            t0 = time.perf_counter()
-            m.session.run(None, feeds)
-            times.append((time.perf_counter() - t0) * 1e3)
-    del m
-    return float(statistics.median(times))
+        ms, n = cpu.timed_median(lambda: m.session.run(None, feeds), warmup, runs, budget_s)
+    m.session = None   # the session's memory goes now, not at the caller's next collection
+    return (float(ms), n) if with_runs else float(ms)

@@ -10,8 +10,12 @@ after it and the nearest scheme that fits.
     ...
     nnsqueeze.errors.ExportError: steps[0].gptq.group_size: group_size 128 does not divide the inputs of 7 selected
     layers (64, 96): compressed-tensors has no shorter last group
-      fix: group_size 32 divides every selected layer's inputs (64, 96): use group_size 32
+      fix: group_size 32 divides every selected layer's inputs (64, 96): use group_size 32, or uneven_groups: smaller (a
+    smaller group for those layers only)
     >>> check_recipe(model, [{"gptq": {"bits": 4, "group_size": 32, "pack": True}}], "compressed-tensors")  # fits
+
+:func:`fit_groups` sets ``uneven_groups: smaller`` for compressed-tensors where a step does not say (the
+CLI's ``--format`` calls it before :func:`check_recipe`, and logs what it changed).
 
 What is checked, per packing step (``rtn``/``gptq`` with ``pack: true``, ``awq`` with ``pack: true``)
 and the layers it selects (``targets``/``ignore``; a layer packed by an earlier step is not packed
@@ -195,6 +199,9 @@ def _check_step(where: str, items: list[tuple[str, Any, nn.Module]], fmt: str, n
         for n, _, m in items:
             if getattr(m, "bias", None) is not None:
                 raise ExportError(n, "has a bias, which llama GGUF files do not hold", fix="export a LLaMA model")
+    if fmt in ("gptq", "gguf") and g is not None and len({c.group_for(k) for k in ins}) > 1:
+        raise ExportError(f"{where}.uneven_groups", f"uneven_groups: smaller gives these layers several group "
+                          f"sizes and {fmt} holds one", fix="use a group_size dividing every layer's inputs")
     if fmt == "gptq":
         if n_schemes > 1:
             raise ExportError(where, "gptq holds one scheme per checkpoint and the recipe's packing steps use "
@@ -210,7 +217,40 @@ def _check_step(where: str, items: list[tuple[str, Any, nn.Module]], fmt: str, n
                                   f"int{c.bits} codes per int32 word without padding", fix=f"ignore {n} in {where}")
     if g is not None:
         bad = sorted({k for k in ins if k % g})
-        if bad:
+        if bad and (fmt != "compressed-tensors" or getattr(c, "uneven_groups", "short") == "short"):
+            also = "" if fmt != "compressed-tensors" else ", or uneven_groups: smaller (a smaller group for those " \
+                "layers only)"
+            one = "" if fmt == "compressed-tensors" else " and one group size per checkpoint"
             raise ExportError(f"{where}.group_size", f"group_size {g} does not divide the inputs of "
                               f"{sum(k % g != 0 for k in ins)} selected layers ({', '.join(map(str, bad))}): {fmt} "
-                              "has no shorter last group", fix=nearest_group(ins, g))
+                              f"has no shorter last group{one}", fix=nearest_group(ins, g) + also)
+        for k in bad:
+            c.group_for(k)   # a width no smaller group fits: the RecipeError now, before the run
+
+
+def fit_groups(model: nn.Module, recipe: Any, format: str) -> list[str]:
+    """For compressed-tensors (no shorter last group, one scheme per layer group): each packing step of
+    ``recipe`` (a loaded :class:`~nnsqueeze.recipe.Recipe`, changed in place) whose ``group_size`` leaves
+    a shorter last group on some selected layer, and that does not set ``uneven_groups`` itself, gets
+    ``uneven_groups: smaller``. Returns one message per changed step, to log; the run then reports each
+    layer whose group changed. Other formats hold one group size and are left to :func:`check_recipe`."""
+    from ..registry import STEPS
+
+    if format != "compressed-tensors":
+        return []
+    out = []
+    for i, entry in enumerate(recipe.steps):
+        c = entry.config
+        if entry.name not in PACKING or not c.pack or c.group_size is None or "uneven_groups" in c.model_fields_set:
+            continue
+        ins = [_in_features(m) for _, m in _layers(STEPS.get(entry.name)(c, i), model)]
+        bad = sorted({k for k in ins if k % c.group_size})
+        if not bad:
+            continue
+        entry.config = c.model_copy(update={"uneven_groups": "smaller"})
+        groups = ", ".join(f"{k} inputs: group_size {entry.config.group_for(k)}" for k in bad)
+        out.append(f"steps[{i}].{entry.name}: group_size {c.group_size} does not divide the inputs of "
+                   f"{sum(k % c.group_size != 0 for k in ins)} layers and {format} has no shorter last group, so "
+                   f"those layers get a smaller group ({groups}); the rest keep {c.group_size}. Set uneven_groups: "
+                   "short in the recipe to refuse instead")
+    return out

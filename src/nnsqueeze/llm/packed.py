@@ -23,8 +23,9 @@ Forward (float32 activations on CPU, no gradient needed), by number of activatio
 
 - ``M <= SMALL_M`` (token-by-token decoding): :func:`nnsqueeze.llm.gemv.gemv` reads the codes;
 - larger ``M`` (prompt prefill, perplexity), by ``NNSQUEEZE_PACKED_PREFILL``: ``tiles`` (default)
-  dequantizes blocks of output rows of about ``TILE_BYTES`` (cache-sized, one buffer reused) in C and
-  multiplies each with torch's float GEMM, so no whole float matrix is ever built; ``codes`` runs the
+  dequantizes blocks of output rows of about ``TILE_BYTES`` but at least ``MIN_TILE_ROWS`` (one buffer
+  reused) in C and multiplies each with torch's float GEMM, so no whole float matrix of a layer wider
+  than that is built; ``codes`` runs the
   matrix-vector kernel over all ``M`` rows (a blocked int4 GEMM reading the codes: each weight row is
   read once, converted once per activation row); ``full`` dequantizes the whole matrix per call (the
   old path, kept for the benchmark). ``bench/smollm2_decode.py`` measures the three (BENCHMARKS.md);
@@ -71,6 +72,7 @@ log = logging.getLogger("nnsqueeze")
 
 SMALL_M = 4          # activation rows up to which the matrix-vector kernel beats dequantize + matmul
 TILE_BYTES = 1 << 18  # float32 bytes of one dequantized tile on the prefill path (fits L2)
+MIN_TILE_ROWS = 256  # but never fewer rows than this (see _prefill)
 PREFILL_MODES = ("tiles", "codes", "full")
 _warned: set[str] = set()
 
@@ -212,15 +214,19 @@ class PackedLinear(WeightOnlyLinear):
             return _gemv.gemv(lib, self.bits, x2, w, s, z, gs, self.bias, threads)
         if mode == "full":
             return F.linear(x2, _gemv.dequantize(lib, self.bits, k, w, s, z, gs, threads), self.bias)
-        rows = min(n, max(16, TILE_BYTES // (4 * k)))
+        # Blocks of at least 256 output rows: thinner GEMMs lose more to MKL's blocking than the dequantized
+        # tile saves (measured on 2 threads at M 128 and 2048, SmolLM2's shapes). Each block's product is
+        # written straight into its columns of y (one whole-matrix block writes y itself).
+        rows = min(n, max(MIN_TILE_ROWS, TILE_BYTES // (4 * k)))
         buf = torch.empty(rows, k, dtype=torch.float32)
-        yt = torch.empty(n, x2.shape[0], dtype=torch.float32)          # y transposed: tiles write whole rows
-        xt = x2.T
+        y = torch.empty(x2.shape[0], n, dtype=torch.float32)
         for a in range(0, n, rows):
             b = min(n, a + rows)
             tile = _gemv.dequantize(lib, self.bits, k, w[a:b], s[a:b], z[a:b], gs, threads, out=buf[:b - a])
-            torch.mm(tile, xt, out=yt[a:b])
-        y = yt.T.contiguous()
+            if b - a == n:
+                torch.mm(x2, tile.T, out=y)
+            else:
+                y[:, a:b] = torch.mm(x2, tile.T)
         return y.add_(self.bias) if self.bias is not None else y
 
     # -- torch's own int4 CPU kernel (benchmark comparison) ------------------------------------

@@ -80,6 +80,14 @@ def group_shape(columns: int, group_size: int | None) -> tuple[int, int, int]:
     return g, length, g * length - columns
 
 
+def smaller_group(columns: int, group_size: int) -> int | None:
+    """The largest power of two >= 16 and <= ``group_size`` that divides ``columns`` (None if none does):
+    the group a layer gets where ``group_size`` leaves a shorter last group and the storage format has
+    none (``uneven_groups: smaller``). ``smaller_group(576, 128) == 64``; ``smaller_group(1536, 128) == 128``."""
+    fits = [p for p in (1 << b for b in range(4, 31)) if p <= group_size and columns % p == 0]
+    return max(fits) if fits else None
+
+
 def to_rows(w: Tensor, group_size: int | None) -> Tensor:
     """``w`` (N, ...) as ``(N * G, L)`` rows, one per group; a short last group is zero-padded."""
     flat = w.reshape(w.shape[0], -1)                          # (N, K)

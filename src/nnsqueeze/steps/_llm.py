@@ -21,10 +21,11 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from torch import nn
 
 from ..data import take
-from ..errors import DataError, TargetError
+from ..errors import DataError, RecipeError, TargetError
 from ..llm.offload import parse_bytes
 from ..llm.packed import PackedLinear
-from ..llm.sequential import find_blocks, is_linear, run_sequential, set_weight
+from ..llm.sequential import find_blocks, get_weight, is_linear, run_sequential, set_weight
+from ..ops.rtn import smaller_group
 from ..quant.args import QuantArgs
 from .base import Step, StepConfig
 from .prune import MASK, Prune, ensure_mask
@@ -71,6 +72,23 @@ class QuantScheme(StepConfig):
     full_range: bool = Field(False, description="symmetric only: scale absmax / (2**(bits-1) - 0.5) with codes in "
                              "[-2**(bits-1), 2**(bits-1) - 1] (llm-compressor's grid, a finer step) instead of "
                              "absmax / (2**(bits-1) - 1) (ONNX Runtime's); see nnsqueeze.ops.rtn")
+    uneven_groups: Literal["short", "smaller"] = Field(
+        "short", description="a layer whose inputs group_size does not divide (SmolLM2's 576 at 128): short keeps "
+        "a shorter last group; smaller gives that layer the largest power of two >= 16 below group_size that "
+        "divides its inputs (64 at 576), for formats without short groups (compressed-tensors, vLLM). The CLI's "
+        "--format compressed-tensors picks smaller unless the recipe sets this; every layer changed is reported")
+
+    def group_for(self, columns: int) -> int | None:
+        """The group size of a layer with ``columns`` inputs (see ``uneven_groups``); a RecipeError if
+        ``smaller`` finds no power of two >= 16 dividing them."""
+        g = self.group_size
+        if g is None or columns % g == 0 or self.uneven_groups == "short":
+            return g
+        fit = smaller_group(columns, g)
+        if fit is None:
+            raise RecipeError("uneven_groups", f"no power of two >= 16 up to group_size {g} divides {columns} inputs",
+                              fix="use group_size: null (one scale per row), or uneven_groups: short")
+        return fit
 
     @field_validator("group_size")
     @classmethod
@@ -92,6 +110,21 @@ class QuantScheme(StepConfig):
         return QuantArgs(bits=self.bits, symmetric=self.symmetric, scale_dtype=self.scale_dtype,
                          granularity=f"group({self.group_size})" if self.group_size else "channel",
                          full_range=self.full_range, **search)
+
+
+def note_groups(ctx: Any, step: str, c: QuantScheme, layers: list[tuple[str, nn.Module]]) -> None:
+    """Report the layers ``uneven_groups: smaller`` gives a smaller group (one line per input width),
+    before any calibration: a width that no group fits raises here, not halfway through the run."""
+    by: dict[tuple[int, int | None], list[str]] = {}
+    for n, m in layers:
+        k = get_weight(m).shape[1]
+        g = c.group_for(k)
+        if g != c.group_size:
+            by.setdefault((k, g), []).append(n)
+    for (k, g), names in sorted(by.items()):
+        more = f", {names[1]}, ..." if len(names) > 2 else (f", {names[1]}" if len(names) == 2 else "")
+        ctx.fallback(step, f"uneven_groups: smaller: group_size {c.group_size} does not divide {k} inputs, so "
+                     f"{len(names)} layers ({names[0]}{more}) use group_size {g}")
 
 
 class ClipConfig(BaseModel):

@@ -52,8 +52,8 @@ from ..llm.sequential import get_weight, set_weight
 from ..quant.convert import convert, weight_only_args
 from ..registry import STEPS
 from .base import recorded_module
-from ._llm import LLMStep, QuantFields, QuantScheme, relative_errors
-from .rtn import check_pack, to_weight_only, pack_layers, scheme_dict, note_kernel
+from ._llm import LLMStep, QuantFields, note_groups, relative_errors
+from .rtn import check_pack, to_weight_only, pack_layers, recorded_scheme, scheme_dict, note_kernel
 
 
 class AWQConfig(QuantFields):
@@ -92,6 +92,7 @@ class AWQ(LLMStep):
         c = self.config
         layers = self.block_layers(model, ctx)
         self.layers_ = [n for n, _ in layers]
+        note_groups(ctx, "awq", c, layers)
 
         packs, scales = {}, {}
 
@@ -107,21 +108,21 @@ class AWQ(LLMStep):
                 if len(group) > 1:
                     if name not in alphas:   # the first of the group searches for all (same input, same stats)
                         a = shared_alpha([get_weight(model.get_submodule(n)) for n in group], mean, acc.hessian,
-                                         c.bits, c.group_size, c.symmetric, c.n_grid, c.scale_dtype,
+                                         c.bits, c.group_for(w.shape[1]), c.symmetric, c.n_grid, c.scale_dtype,
                                          full_range=c.full_range)
                         alphas.update(dict.fromkeys(group, a))
                     alpha = alphas[name]
-            r = awq_search(w, mean, acc.hessian, c.bits, c.group_size, c.symmetric, c.n_grid, c.scale_dtype, alpha,
-                           unsigned=True, full_range=c.full_range)  # zero points in the packed layout
+            r = awq_search(w, mean, acc.hessian, c.bits, c.group_for(w.shape[1]), c.symmetric, c.n_grid,
+                           c.scale_dtype, alpha, unsigned=True, full_range=c.full_range)  # zero points: packed layout
             if c.fold:
                 scales[name] = r.scales   # folded at the end of the block, the weights stay float
             else:
                 set_weight(mod, r.weight)
             if c.pack:
                 packs[name], scales[name] = (r.scaled_weight, r.scale, r.zero_point), r.scales
-            rtn = rtn_quantize(w, c.bits, c.group_size, c.symmetric, full_range=c.full_range).weight
+            rtn = rtn_quantize(w, c.bits, c.group_for(w.shape[1]), c.symmetric, full_range=c.full_range).weight
             err, rtn_err = relative_errors(w, [r.weight, rtn], acc.hessian)
-            return {"method": "awq", **scheme_dict(c), "alpha": r.alpha, "error": round(err, 6),
+            return {"method": "awq", **scheme_dict(c, w.shape[1]), "alpha": r.alpha, "error": round(err, 6),
                     "rtn_error": round(rtn_err, 6)}
 
         def on_block(i, block):  # pack as soon as a block is done (see gptq); the next block sees the packed layers
@@ -151,13 +152,12 @@ class AWQ(LLMStep):
     def rebuild(cls, model: nn.Module, config, record):
         if not record.get("pack"):
             return model  # simulated float weights: nothing structural
-        c = QuantScheme(bits=record["bits"], group_size=record["group_size"], symmetric=record["symmetric"],
-                        full_range=record.get("full_range", False))
+        c = recorded_scheme(record)
         for name in record.get("layers", []):
             mod = recorded_module(model, name, (nn.Module,), "awq record")
             if not isinstance(mod, PackedLinear):
-                mod = convert(to_weight_only(model, name, mod, c, "awq record"),
-                              weight_only_args(c.bits, c.group_size, c.symmetric, c.full_range))
+                mod = to_weight_only(model, name, mod, c, "awq record")
+                mod = convert(mod, weight_only_args(c.bits, c.group_for(mod.in_features), c.symmetric, c.full_range))
             add_input_scale_(mod)  # the stored scales are loaded with the weights
         return model
 

@@ -30,7 +30,7 @@ from ..llm.gptq import HessianAccumulator, gptq_quantize
 from ..llm.sequential import get_weight, set_weight
 from ..ops.rtn import rtn_quantize
 from ..registry import STEPS
-from ._llm import ClipConfig, QuantFields, relative_errors
+from ._llm import ClipConfig, QuantFields, note_groups, relative_errors
 from .rtn import CLIP_FIELD, PACK_FIELD, check_pack, clip_args, pack_layers, scheme_dict, WeightQuantStep, note_kernel
 
 
@@ -64,11 +64,13 @@ class GPTQ(WeightQuantStep):
         c = self.config
         layers = self.block_layers(model, ctx)
         self.layers_ = [n for n, _ in layers]
+        note_groups(ctx, "gptq", c, layers)
         packs = {}
 
         def apply(name, mod, acc):
             w = get_weight(mod)
-            r = gptq_quantize(w, acc.hessian, c.bits, c.group_size, c.symmetric, c.damp_percent, c.act_order,
+            g = c.group_for(w.shape[1])
+            r = gptq_quantize(w, acc.hessian, c.bits, g, c.symmetric, c.damp_percent, c.act_order,
                               c.block_size, c.max_damp_percent, on_note=lambda s: ctx.fallback("gptq", s),
                               where=f"{self.where}: {name}", mask=_mask_oi(mod), scale_dtype=c.scale_dtype,
                               clip_weighted=c.clip is None or c.clip.weighted is not False, unsigned=True,
@@ -77,9 +79,9 @@ class GPTQ(WeightQuantStep):
             set_weight(mod, r.weight)
             if c.pack:
                 packs[name] = (r.weight, r.scale, r.zero_point)
-            rtn = rtn_quantize(w, c.bits, c.group_size, c.symmetric, full_range=c.full_range).weight
+            rtn = rtn_quantize(w, c.bits, g, c.symmetric, full_range=c.full_range).weight
             err, rtn_err = relative_errors(w, [rtn], acc.hessian, known=[r.quad_error])
-            return {"method": "gptq", **scheme_dict(c), "damp_percent": r.damp_percent,
+            return {"method": "gptq", **scheme_dict(c, w.shape[1]), "damp_percent": r.damp_percent,
                     "error": round(err, 6), "rtn_error": round(rtn_err, 6)}
 
         def on_block(i, block):

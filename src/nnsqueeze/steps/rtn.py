@@ -60,7 +60,7 @@ from ..quant.convert import convert, weight_only_args
 from ..quant.weight_only import WeightOnlyLinear
 from ..registry import STEPS
 from ..targets import set_module
-from ._llm import ClipConfig, LLMStep, QuantScheme, check_full_range
+from ._llm import ClipConfig, LLMStep, QuantScheme, check_full_range, note_groups
 from .base import StepConfig, recorded_module
 
 PACK_FIELD = Field(True, description="store WeightOnlyLinear modules with packed int4/int8 codes "
@@ -104,10 +104,19 @@ class RTNConfig(QuantScheme):
     _clip_ok = model_validator(mode="after")(_check_rtn_clip)
 
 
-def scheme_dict(c: QuantScheme) -> dict[str, Any]:
-    """The grid as recorded (``full_range`` only when set, so older records read the same)."""
+def scheme_dict(c: QuantScheme, columns: int | None = None) -> dict[str, Any]:
+    """The grid as recorded (``full_range`` and ``uneven_groups`` only when set, so older records read the
+    same); with ``columns``, one layer's: its own group size (``uneven_groups``)."""
     full = {"full_range": True} if getattr(c, "full_range", False) else {}
-    return {"bits": c.bits, "group_size": c.group_size, "symmetric": c.symmetric, **full}
+    if getattr(c, "uneven_groups", "short") != "short":
+        full["uneven_groups"] = c.uneven_groups
+    g = c.group_size if columns is None else group_of(c, columns)
+    return {"bits": c.bits, "group_size": g, "symmetric": c.symmetric, **full}
+
+
+def group_of(c: Any, columns: int) -> int | None:
+    """A layer's group size: :meth:`QuantScheme.group_for` (configs without it: their ``group_size``)."""
+    return c.group_for(columns) if hasattr(c, "group_for") else c.group_size
 
 
 def _as_linear(model: nn.Module, name: str, mod: nn.Module) -> nn.Module:
@@ -131,7 +140,8 @@ def to_weight_only(model: nn.Module, name: str, mod: nn.Module, c: QuantScheme, 
     if type(mod) is not nn.Linear:
         raise RecipeError(f"{where}: {name}", f"pack: true converts plain nn.Linear / Conv1D, not {type(mod).__name__}",
                           fix="set pack: false (simulated float weights) or ignore this layer")
-    return convert(mod, weight_only_args(c.bits, c.group_size, c.symmetric, getattr(c, "full_range", False)))
+    return convert(mod, weight_only_args(c.bits, group_of(c, mod.in_features), c.symmetric,
+                                         getattr(c, "full_range", False)))
 
 
 @torch.no_grad()
@@ -154,7 +164,8 @@ def pack_layers(model: nn.Module, packs: dict[str, tuple[torch.Tensor, torch.Ten
         mod.weight_zero_point_.copy_(zp.to(torch.uint8))
         if mod.weight.dtype == torch.float32 and not torch.equal(mod.dequantized_weight(), q.to(torch.float32)):
             raise RuntimeError(f"{where}: {name}: packed codes do not reproduce the quantized weight")
-        convert(mod, weight_only_args(c.bits, c.group_size, c.symmetric, getattr(c, "full_range", False)))  # packed
+        convert(mod, weight_only_args(c.bits, group_of(c, mod.in_features), c.symmetric,
+                                      getattr(c, "full_range", False)))  # packed
     return len(packs)
 
 
@@ -165,16 +176,21 @@ def note_kernel(ctx: Any, step: str) -> None:
         ctx.fallback(step, f"packed-weight kernel unavailable ({why}); packed layers dequantize on every call")
 
 
+def recorded_scheme(record: dict[str, Any]) -> QuantScheme:
+    """The grid a packing step's record names (:func:`scheme_dict`)."""
+    return QuantScheme(bits=record["bits"], group_size=record["group_size"], symmetric=record["symmetric"],
+                       full_range=record.get("full_range", False), uneven_groups=record.get("uneven_groups", "short"))
+
+
 def _rebuild(model: nn.Module, config: QuantScheme, record: dict[str, Any]) -> nn.Module:
     if not record.get("pack"):
         return model  # simulated float weights: nothing structural
-    c = QuantScheme(bits=record["bits"], group_size=record["group_size"], symmetric=record["symmetric"],
-                    full_range=record.get("full_range", False))
+    c = recorded_scheme(record)
     for name in record.get("layers", []):
         mod = recorded_module(model, name, (nn.Module,), "rtn/gptq record")
         if not isinstance(mod, PackedLinear):  # already rebuilt by an earlier record: nothing to redo
-            convert(to_weight_only(model, name, mod, c, "rtn/gptq record"),
-                    weight_only_args(c.bits, c.group_size, c.symmetric, c.full_range))
+            mod = to_weight_only(model, name, mod, c, "rtn/gptq record")
+            convert(mod, weight_only_args(c.bits, c.group_for(mod.in_features), c.symmetric, c.full_range))
     return model
 
 
@@ -255,11 +271,11 @@ class RTN(WeightQuantStep):
     def quantize_layer(self, model: nn.Module, name: str, mod: nn.Module, ctx: Any) -> None:
         c = self.config
         w = get_weight(mod)
-        r = rtn_quantize(w, c.bits, c.group_size, c.symmetric, c.scale_dtype, **clip_args(c.clip), unsigned=True,
-                         full_range=c.full_range)
+        r = rtn_quantize(w, c.bits, c.group_for(w.shape[1]), c.symmetric, c.scale_dtype, **clip_args(c.clip),
+                         unsigned=True, full_range=c.full_range)
         set_weight(mod, r.weight)
         sqnr = round(sqnr_db(w, r.weight, exact=False), 3)   # a report figure: float32 sums
-        ctx.report.layer(name, method="rtn", weight_sqnr_db=sqnr, **scheme_dict(c))
+        ctx.report.layer(name, method="rtn", weight_sqnr_db=sqnr, **scheme_dict(c, w.shape[1]))
         if c.pack:
             pack_layers(model, {name: (r.weight, r.scale, r.zero_point)}, c, self.where)
 
@@ -269,7 +285,10 @@ class RTN(WeightQuantStep):
 
     def run(self, model, ctx):
         self.layers_ = []
-        for name, mod in self.layers(model, ctx):
+        layers = self.layers(model, ctx)
+        if hasattr(self.config, "group_for"):
+            note_groups(ctx, self.registered_name, self.config, layers)
+        for name, mod in layers:
             self.quantize_layer(model, name, mod, ctx)
             self.layers_.append(name)
         self.finish(model, ctx)
