@@ -68,6 +68,28 @@ def test_scheme_the_format_cannot_hold_fails_before_the_run(work):
     assert "perplexity" not in p.stdout and not (work / "bad").exists()   # refused before any run or write
 
 
+def test_group_the_format_lacks_is_fitted_for_compressed_tensors_and_reported(work):
+    """group_size 64 leaves the tiny LLaMA's down_proj (96 inputs) a short group: --format compressed-tensors
+    gives those layers group 32 (warned, reported, in the checkpoint); a recipe that says
+    uneven_groups: short is refused before the run."""
+    (work / "g64.yaml").write_text(RECIPE.replace("group_size: 32", "group_size: 64"))
+    p = nsq("compress", "--model", "llm", "--data", "text.txt", "--seq-len", "32", "--samples", "4",
+            "--recipe", "g64.yaml", "--format", "compressed-tensors", "--out", "ct-g64", cwd=work)
+    assert p.returncode == 0, p.stderr[-2000:]
+    err = " ".join(p.stderr.split())
+    assert "steps[0].gptq: group_size 64 does not divide the inputs of 2 layers" in err
+    assert "(96 inputs: group_size 32)" in err
+    qc = json.loads((work / "ct-g64" / "config.json").read_text())["quantization_config"]
+    assert sorted(g["weights"]["group_size"] for g in qc["config_groups"].values()) == [32, 64]
+    report = json.loads((work / "ct-g64" / "nnsqueeze_report.json").read_text())
+    assert any("use group_size 32" in str(r) for r in report["skipped"] + report["notes"])
+    (work / "short.yaml").write_text(RECIPE.replace("group_size: 32", "group_size: 64, uneven_groups: short"))
+    p = nsq("compress", "--model", "llm", "--data", "text.txt", "--seq-len", "32", "--samples", "4",
+            "--recipe", "short.yaml", "--format", "compressed-tensors", "--out", "bad", cwd=work)
+    assert p.returncode == 2 and "Traceback" not in p.stderr
+    assert "or uneven_groups: smaller" in " ".join(p.stderr.split()) and not (work / "bad").exists()
+
+
 FP8_RECIPE = """version: 1
 steps:
   - quantize: {weights: {format: WFMT, granularity: per-channel},

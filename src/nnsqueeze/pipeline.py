@@ -69,7 +69,8 @@ class CompressionResult:
         unless ``overwrite``, which replaces only the artifact's own files and keeps the rest.
 
         ``format`` (``"compressed-tensors"``, ``"gptq"``, ``"gguf"``): instead, a packed causal LM as a
-        checkpoint other loaders open, with ``tokenizer``'s files; see
+        checkpoint other loaders open, with ``tokenizer``'s files and the run's ``nnsqueeze_report.json``,
+        ``nnsqueeze_report.md`` and ``nnsqueeze_recipe.yaml``; see
         :func:`nnsqueeze.export.hf_formats.save_pretrained` (``options`` go there).
         """
         import json
@@ -77,8 +78,10 @@ class CompressionResult:
         if format is not None:
             from .export.hf_formats import save_pretrained
 
+            extra = {"nnsqueeze_report.json": self.report.to_json(), "nnsqueeze_report.md": self.report.to_markdown(),
+                     "nnsqueeze_recipe.yaml": self.recipe.to_yaml()}
             return save_pretrained(self.model, out, format=format, tokenizer=tokenizer, overwrite=overwrite,
-                                   **options)
+                                   extra=extra, **options)
         artifact.check_out(out, overwrite)  # before the (possibly large) files are serialized
         files: dict[str, bytes | str] = {
             artifact.WEIGHTS: artifact.weights_bytes(self.model),

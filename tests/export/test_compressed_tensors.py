@@ -85,6 +85,8 @@ def test_uneven_groups_smaller_loads_bit_equal_with_two_group_sizes(tokenizer, i
     qc = json.loads((out / "config.json").read_text())["quantization_config"]
     sizes = sorted(g["weights"]["group_size"] for g in qc["config_groups"].values())
     assert sizes == [32, 64]
+    assert "uneven_groups: smaller" in (out / "nnsqueeze_recipe.yaml").read_text()   # the run's record travels
+    assert json.loads((out / "nnsqueeze_report.json").read_text())["skipped"] == res.report["skipped"]
     loaded = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
     with torch.no_grad():
         assert torch.equal(loaded(ids).logits, res.model(ids).logits)

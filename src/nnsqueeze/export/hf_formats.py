@@ -153,7 +153,8 @@ def _generation_config(model: nn.Module, config: Any) -> str:
 
 
 def save_pretrained(model: nn.Module, out: str | Path, format: str = "compressed-tensors", tokenizer: Any = None,
-                    config: Any = None, overwrite: bool = False, **options: Any) -> Path:
+                    config: Any = None, overwrite: bool = False, extra: dict[str, bytes | str] | None = None,
+                    **options: Any) -> Path:
     """Write ``model`` (packed by nnsqueeze) in ``format`` to the directory ``out``; see the module docstring.
 
     A non-empty ``out`` is refused unless ``overwrite``, which replaces only the files an export writes
@@ -162,7 +163,8 @@ def save_pretrained(model: nn.Module, out: str | Path, format: str = "compressed
     ``options`` go to the format: ``scale_dtype`` (compressed-tensors: ``fp32``/``fp16``/``bf16``,
     default the exact one), ``sparse_format`` (compressed-tensors: ``dense``, the one that loads;
     see :mod:`.ct_sparse`), ``float_type`` (gguf: ``f32`` default or ``f16`` for the float tensors).
-    Returns ``out``.
+    ``extra``: more files for the directory, by name (``CompressionResult.save`` adds the run's report and
+    recipe). Returns ``out``.
     """
     from .. import artifact
     from ..registry import EXPORTERS
@@ -183,6 +185,10 @@ def save_pretrained(model: nn.Module, out: str | Path, format: str = "compressed
         cfg = hf_config(model, config, format)
         files["generation_config.json"] = _generation_config(model, cfg)
         files.update(_tokenizer_files(tokenizer))
+    clash = sorted(set(extra or {}) & set(files))
+    if clash:
+        raise ExportError("extra", f"{clash[0]} is a file the {format} export writes itself", fix="rename it")
+    files.update(extra or {})
     from .. import __version__
 
     # format_version marks the directory as ours (safeio.marker_ok), so overwrite may replace it later
