@@ -362,6 +362,18 @@ int nsq_gemv_a8(int bits, int M, int N, int K, int G, int g, const uint8_t* W, c
 
 /* Dequantize to float (N, K): the batched (prefill) path multiplies this with a float matmul.
    Same arithmetic as the torch reference ((float)q - (float)z) * s, so the values are identical. */
+#if defined(__AVX2__)
+/* (q - z) * s of the 8 codes at w (int8) or the 16 int4 codes of the 8 bytes at w (low nibble first) into r:
+   the scalar loop's operations in the same order, so the same floats. */
+static inline __m256 dq8(__m256i q, __m256 z, __m256 s) { return _mm256_mul_ps(_mm256_sub_ps(_mm256_cvtepi32_ps(q), z), s); }
+static inline void dq4_16(const uint8_t* w, __m256 z, __m256 s, float* r) {
+  __m256i d = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i*)w));
+  __m256i lo = _mm256_and_si256(d, _mm256_set1_epi32(15)), hi = _mm256_srli_epi32(d, 4);
+  __m256i a = _mm256_unpacklo_epi32(lo, hi), b = _mm256_unpackhi_epi32(lo, hi);  /* l0 h0 l1 h1 | l4 h4 l5 h5 */
+  _mm256_storeu_ps(r, dq8(_mm256_permute2x128_si256(a, b, 0x20), z, s));
+  _mm256_storeu_ps(r + 8, dq8(_mm256_permute2x128_si256(a, b, 0x31), z, s));
+}
+#endif
 void nsq_dequant(int bits, int N, int K, int G, int g, const uint8_t* W, const float* S, const uint8_t* Z,
                  float* out, int threads) {
   int KB = bits == 4 ? (K + 1) / 2 : K;
@@ -371,10 +383,17 @@ void nsq_dequant(int bits, int N, int K, int G, int g, const uint8_t* W, const f
     float* r = out + (size_t)n * K;
     for (int gi = 0; gi < G; gi++) {
       float s = S[(size_t)n * G + gi], z = (float)Z[(size_t)n * G + gi];
-      int a = gi * g, b = a + g < K ? a + g : K;
-      if (bits == 8) { for (int k = a; k < b; k++) r[k] = ((float)w[k] - z) * s; continue; }
+      int a = gi * g, b = a + g < K ? a + g : K, k = a;
+#if defined(__AVX2__)
+      __m256 vz = _mm256_set1_ps(z), vs = _mm256_set1_ps(s);
+      if (bits == 8)
+        for (; k + 8 <= b; k += 8) _mm256_storeu_ps(r + k, dq8(_mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i*)(w + k))), vz, vs));
+      else
+        for (; k + 16 <= b; k += 16) dq4_16(w + (k >> 1), vz, vs, r + k);
+#endif
+      if (bits == 8) { for (; k < b; k++) r[k] = ((float)w[k] - z) * s; continue; }
       /* groups start at even k (g even, or a single group), so whole bytes belong to one group */
-      for (int k = a; k + 1 < b; k += 2) {
+      for (; k + 1 < b; k += 2) {
         uint8_t v = w[k >> 1];
         r[k] = ((float)(v & 15) - z) * s;
         r[k + 1] = ((float)(v >> 4) - z) * s;
