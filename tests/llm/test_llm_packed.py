@@ -257,3 +257,17 @@ def test_int8_activations_are_opt_in_and_fall_back_logged(monkeypatch, caplog):
         with caplog.at_level(logging.WARNING, logger="nnsqueeze"):
             assert torch.equal(layer(x), y_float)
     assert any("float activations instead" in r.message for r in caplog.records)
+
+
+@pytest.mark.parametrize("n,k,g,bits,sym", SHAPES)
+def test_packed_layers_count_their_weights_as_parameters(n, k, g, bits, sym):
+    """count_params of a packed layer: out * in weights (+ bias), the zeros those whose code is the zero
+    point (against the dequantized weight, computed independently)."""
+    from nnsqueeze.evaluate import count_params
+
+    torch.manual_seed(0)
+    layer, w = make_packed(n=n, k=k, g=g, bits=bits, sym=sym)
+    total, nonzero = count_params(layer)
+    nb = 0 if layer.bias is None else layer.bias.numel()
+    assert total == n * k + nb
+    assert nonzero == int(torch.count_nonzero(w)) + (0 if layer.bias is None else int(torch.count_nonzero(layer.bias)))
