@@ -365,7 +365,9 @@ int nsq_gemv_a8(int bits, int M, int N, int K, int G, int g, const uint8_t* W, c
 #if defined(__AVX2__)
 /* (q - z) * s of the 8 codes at w (int8) or the 16 int4 codes of the 8 bytes at w (low nibble first) into r:
    the scalar loop's operations in the same order, so the same floats. */
-static inline __m256 dq8(__m256i q, __m256 z, __m256 s) { return _mm256_mul_ps(_mm256_sub_ps(_mm256_cvtepi32_ps(q), z), s); }
+static inline __m256 dq8(__m256i q, __m256 z, __m256 s) {
+  return _mm256_mul_ps(_mm256_sub_ps(_mm256_cvtepi32_ps(q), z), s);
+}
 static inline void dq4_16(const uint8_t* w, __m256 z, __m256 s, float* r) {
   __m256i d = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i*)w));
   __m256i lo = _mm256_and_si256(d, _mm256_set1_epi32(15)), hi = _mm256_srli_epi32(d, 4);
@@ -387,7 +389,8 @@ void nsq_dequant(int bits, int N, int K, int G, int g, const uint8_t* W, const f
 #if defined(__AVX2__)
       __m256 vz = _mm256_set1_ps(z), vs = _mm256_set1_ps(s);
       if (bits == 8)
-        for (; k + 8 <= b; k += 8) _mm256_storeu_ps(r + k, dq8(_mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i*)(w + k))), vz, vs));
+        for (; k + 8 <= b; k += 8)
+          _mm256_storeu_ps(r + k, dq8(_mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i*)(w + k))), vz, vs));
       else
         for (; k + 16 <= b; k += 16) dq4_16(w + (k >> 1), vz, vs, r + k);
 #endif
