@@ -228,7 +228,7 @@ def test_avx2_and_plain_c_builds_match_float64(case, march, isa, monkeypatch):
 
 
 def test_kernel_march_must_be_a_march_name(monkeypatch):
-    from nnsqueeze.llm import gemv
+    from nnsqueeze.llm import cbuild
     monkeypatch.setenv("NNSQUEEZE_KERNEL_MARCH", "native; rm -rf /")
     with pytest.raises(ModelError, match="NNSQUEEZE_KERNEL_MARCH"):
-        gemv.flags()
+        cbuild.flags()

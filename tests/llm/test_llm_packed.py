@@ -11,7 +11,7 @@ from torch import nn
 
 from nnsqueeze.context import Context
 from nnsqueeze.errors import NnsqueezeError
-from nnsqueeze.llm import gemv, packed
+from nnsqueeze.llm import cbuild, gemv, packed
 from nnsqueeze.llm.packed import PackedLinear, pack_linear_
 from nnsqueeze.llm.tiny import TinyLlama
 from nnsqueeze.ops.int4 import pack_int4
@@ -90,7 +90,7 @@ def test_packed_linear_paths_agree_with_reference(bits, sym, monkeypatch):
 def test_fallback_is_logged_and_reported(monkeypatch, caplog):
     monkeypatch.setattr(packed, "_backends", {})
     monkeypatch.setattr(packed, "_warned", set())
-    monkeypatch.setattr(gemv, "_cache", {})
+    monkeypatch.setattr(cbuild, "_cache", {})
     monkeypatch.setenv("NNSQUEEZE_PACKED_KERNEL", "0")
     layer, w = make_packed()
     x = torch.randn(1, 301)
@@ -130,8 +130,8 @@ def test_other_instruction_sets_match_float64(march, monkeypatch):
     import shutil
     if platform.machine() != "x86_64" or not (shutil.which("cc") or shutil.which("gcc")):
         pytest.skip("needs an x86-64 machine with a C compiler")
-    monkeypatch.setattr(gemv, "FLAGS", ["-O3", f"-march={march}", "-fopenmp", "-fPIC", "-shared"])
-    monkeypatch.setattr(gemv, "_cache", {})
+    monkeypatch.setattr(cbuild, "FLAGS", ["-O3", f"-march={march}", "-fopenmp", "-fPIC", "-shared"])
+    monkeypatch.setattr(cbuild, "_cache", {})
     lib, why = gemv.load_kernel()
     assert lib is not None, why
     for n, k, g, bits, sym in SHAPES[:4] + SHAPES[-2:]:
@@ -214,8 +214,8 @@ def test_int8_activation_kernel_matches_float64(n, k, g, bits, sym, march, monke
     if march != "native" and platform.machine() != "x86_64":
         pytest.skip("explicit -march builds are x86-64 only")
     lib_or_skip()
-    monkeypatch.setattr(gemv, "FLAGS", ["-O3", f"-march={march}", "-fopenmp", "-fPIC", "-shared"])
-    monkeypatch.setattr(gemv, "_cache", {})
+    monkeypatch.setattr(cbuild, "FLAGS", ["-O3", f"-march={march}", "-fopenmp", "-fPIC", "-shared"])
+    monkeypatch.setattr(cbuild, "_cache", {})
     lib, why = gemv.load_kernel()
     assert lib is not None, why
     q, s, z = codes(n, k, g, bits, sym)

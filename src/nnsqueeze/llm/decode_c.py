@@ -25,6 +25,7 @@ from __future__ import annotations
 import ctypes
 
 from . import gemv as _gemv
+from .cbuild import compile_library
 
 DECODE_SOURCE = r"""
 #ifdef _OPENMP
@@ -404,4 +405,4 @@ def _declare(lib) -> None:
 def load() -> tuple[object | None, str]:
     """``(library, "")`` or ``(None, reason)``: the decode-step library, built once and cached like
     :func:`nnsqueeze.llm.gemv.load_kernel` (same flags, same ``NNSQUEEZE_PACKED_KERNEL=0`` switch)."""
-    return _gemv.compile_library("nsq_decode", SOURCE, _declare)
+    return compile_library("nsq_decode", SOURCE, _declare)
