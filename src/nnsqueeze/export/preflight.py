@@ -39,6 +39,7 @@ from typing import Any
 from torch import nn
 
 from ..errors import ExportError
+from ..ops.rtn import smaller_group
 
 # The open formats :func:`nnsqueeze.export.hf_formats.save_pretrained` writes (one exporter module each).
 # Here, below hf_formats, which imports this module: the pre-flight needs the names, not the writers.
@@ -82,8 +83,7 @@ def _out_features(m: nn.Module) -> int:
 
 def nearest_group(sizes: list[int], wanted: int) -> str:
     """The largest packable group size (a power of two >= 16, at most ``wanted``) dividing every size."""
-    g = math.gcd(*sizes)
-    fit = max((p for p in (2 ** k for k in range(4, 15)) if p <= wanted and g % p == 0), default=None)
+    fit = smaller_group(math.gcd(*sizes), wanted)
     shown = ", ".join(map(str, sorted(set(sizes))))
     if fit is None:
         return f"use group_size: null (one scale per row): no power-of-two group >= 16 divides ({shown})"
@@ -217,7 +217,7 @@ def _check_step(where: str, items: list[tuple[str, Any, nn.Module]], fmt: str, n
                                   f"int{c.bits} codes per int32 word without padding", fix=f"ignore {n} in {where}")
     if g is not None:
         bad = sorted({k for k in ins if k % g})
-        if bad and (fmt != "compressed-tensors" or getattr(c, "uneven_groups", "short") == "short"):
+        if bad and (fmt != "compressed-tensors" or c.uneven_groups == "short"):
             also = "" if fmt != "compressed-tensors" else ", or uneven_groups: smaller (a smaller group for those " \
                 "layers only)"
             one = "" if fmt == "compressed-tensors" else " and one group size per checkpoint"

@@ -150,12 +150,10 @@ class PackedLinear(WeightOnlyLinear):
     def param_counts(self) -> tuple[int, int]:
         """(weights + bias, non-zero of them) as computed, for the report: the packed codes are buffers, not
         parameters, and each still stands for one weight (an int4 weight is a parameter in 4 bits)."""
-        zeros = int((self.weight_codes() == self.weight_zero_point_.repeat_interleave(
-            self._gsize(), dim=1)[:, :self.in_features]).sum())
+        nz = int(torch.count_nonzero(self.dequantized_weight()))
         bias = self.bias
         n_b, nz_b = (0, 0) if bias is None else (bias.numel(), int(torch.count_nonzero(bias.detach())))
-        n = self.out_features * self.in_features
-        return n + n_b, n - zeros + nz_b
+        return self.out_features * self.in_features + n_b, nz + nz_b
 
     def weight_sqnr_db(self) -> float:
         raise TypeError("PackedLinear keeps no float weight to compare with; measure before packing")

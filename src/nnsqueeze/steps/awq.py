@@ -101,6 +101,7 @@ class AWQ(LLMStep):
 
         def apply(name, mod, acc):
             w = get_weight(mod)
+            g = c.group_for(w.shape[1])
             mean, alpha = acc.abs_mean, None
             if c.share_scales:
                 mean = gqa_mean(model, name, mean)
@@ -108,19 +109,19 @@ class AWQ(LLMStep):
                 if len(group) > 1:
                     if name not in alphas:   # the first of the group searches for all (same input, same stats)
                         a = shared_alpha([get_weight(model.get_submodule(n)) for n in group], mean, acc.hessian,
-                                         c.bits, c.group_for(w.shape[1]), c.symmetric, c.n_grid, c.scale_dtype,
+                                         c.bits, g, c.symmetric, c.n_grid, c.scale_dtype,
                                          full_range=c.full_range)
                         alphas.update(dict.fromkeys(group, a))
                     alpha = alphas[name]
-            r = awq_search(w, mean, acc.hessian, c.bits, c.group_for(w.shape[1]), c.symmetric, c.n_grid,
-                           c.scale_dtype, alpha, unsigned=True, full_range=c.full_range)  # zero points: packed layout
+            r = awq_search(w, mean, acc.hessian, c.bits, g, c.symmetric, c.n_grid, c.scale_dtype, alpha,
+                           unsigned=True, full_range=c.full_range)  # zero points in the packed layout
             if c.fold:
                 scales[name] = r.scales   # folded at the end of the block, the weights stay float
             else:
                 set_weight(mod, r.weight)
             if c.pack:
                 packs[name], scales[name] = (r.scaled_weight, r.scale, r.zero_point), r.scales
-            rtn = rtn_quantize(w, c.bits, c.group_for(w.shape[1]), c.symmetric, full_range=c.full_range).weight
+            rtn = rtn_quantize(w, c.bits, g, c.symmetric, full_range=c.full_range).weight
             err, rtn_err = relative_errors(w, [r.weight, rtn], acc.hessian)
             return {"method": "awq", **scheme_dict(c, w.shape[1]), "alpha": r.alpha, "error": round(err, 6),
                     "rtn_error": round(rtn_err, 6)}

@@ -108,15 +108,10 @@ def scheme_dict(c: QuantScheme, columns: int | None = None) -> dict[str, Any]:
     """The grid as recorded (``full_range`` and ``uneven_groups`` only when set, so older records read the
     same); with ``columns``, one layer's: its own group size (``uneven_groups``)."""
     full = {"full_range": True} if getattr(c, "full_range", False) else {}
-    if getattr(c, "uneven_groups", "short") != "short":
+    if c.uneven_groups != "short":
         full["uneven_groups"] = c.uneven_groups
-    g = c.group_size if columns is None else group_of(c, columns)
+    g = c.group_size if columns is None else c.group_for(columns)
     return {"bits": c.bits, "group_size": g, "symmetric": c.symmetric, **full}
-
-
-def group_of(c: Any, columns: int) -> int | None:
-    """A layer's group size: :meth:`QuantScheme.group_for` (configs without it: their ``group_size``)."""
-    return c.group_for(columns) if hasattr(c, "group_for") else c.group_size
 
 
 def _as_linear(model: nn.Module, name: str, mod: nn.Module) -> nn.Module:
@@ -140,7 +135,7 @@ def to_weight_only(model: nn.Module, name: str, mod: nn.Module, c: QuantScheme, 
     if type(mod) is not nn.Linear:
         raise RecipeError(f"{where}: {name}", f"pack: true converts plain nn.Linear / Conv1D, not {type(mod).__name__}",
                           fix="set pack: false (simulated float weights) or ignore this layer")
-    return convert(mod, weight_only_args(c.bits, group_of(c, mod.in_features), c.symmetric,
+    return convert(mod, weight_only_args(c.bits, c.group_for(mod.in_features), c.symmetric,
                                          getattr(c, "full_range", False)))
 
 
@@ -164,7 +159,7 @@ def pack_layers(model: nn.Module, packs: dict[str, tuple[torch.Tensor, torch.Ten
         mod.weight_zero_point_.copy_(zp.to(torch.uint8))
         if mod.weight.dtype == torch.float32 and not torch.equal(mod.dequantized_weight(), q.to(torch.float32)):
             raise RuntimeError(f"{where}: {name}: packed codes do not reproduce the quantized weight")
-        convert(mod, weight_only_args(c.bits, group_of(c, mod.in_features), c.symmetric,
+        convert(mod, weight_only_args(c.bits, c.group_for(mod.in_features), c.symmetric,
                                       getattr(c, "full_range", False)))  # packed
     return len(packs)
 
